@@ -1,0 +1,26 @@
+//! The contract shared by `fleet-controller`, `fleetctl` and `fleet-agent`: the gRPC types
+//! generated from `fleet.proto`, the artifact format (`fleet.toml` and the tarball rules), and
+//! the rules for names, versions and durations.
+//!
+//! **Architecture Invariant:** controller and agent never depend on each other; this crate is
+//! all they share. It does no I/O beyond reading an artifact it is handed.
+#![forbid(unsafe_code)]
+
+pub mod artifact;
+pub mod duration;
+pub mod manifest;
+pub mod names;
+
+/// Types and service stubs generated from `proto/fleet.proto`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("fleet.v1");
+}
+
+/// Unix time in milliseconds, the one clock format on the wire and in the store.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
