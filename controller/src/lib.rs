@@ -1,1 +1,28 @@
-//! placeholder
+//! fleet's controller side: the daemon `fleet-controller` (store, artifact store, rollout
+//! engine, gRPC API) and the CLI `fleetctl` (`cli`).
+//!
+//! **Architecture Invariant:** the controller shares nothing with the agent but `fleet-proto`.
+//! The planner knows nothing of gRPC or the store; generated types stop at `api`.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod artifacts;
+pub mod cli;
+pub mod config;
+pub mod fleet_state;
+pub mod model;
+pub mod planner;
+pub mod rollout;
+pub mod server;
+pub mod store;
+
+/// Resolves on the first SIGTERM or SIGINT: the one way a fleet process is asked to stop.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,164 @@
+//! Conversions between domain records and the generated wire types, in one place.
+
+use crate::fleet_state::{Assignment, FleetState, InstanceStatus};
+use crate::model::{EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
+use fleet_proto::pb;
+
+pub fn release(r: &ReleaseRecord) -> pb::Release {
+    pb::Release {
+        app: r.app.clone(),
+        version: r.version.clone(),
+        artifact_digest: r.artifact_digest.clone(),
+        artifact_size: r.artifact_size,
+        env: r.env.clone().into_iter().collect(),
+        created_unix_ms: r.created_unix_ms,
+        created_by: r.created_by.clone(),
+    }
+}
+
+pub fn instance(i: &InstanceStatus) -> pb::InstanceReport {
+    pb::InstanceReport {
+        app: i.app.clone(),
+        version: i.version.clone(),
+        state: i.state.clone(),
+        message: i.message.clone(),
+        since_unix_ms: i.since_unix_ms,
+        restarts: i.restarts,
+        rollout_id: i.rollout_id.clone(),
+    }
+}
+
+/// Checks and converts an instance report from an agent.
+pub fn instance_from(r: pb::InstanceReport) -> Result<InstanceStatus, String> {
+    fleet_proto::names::check_app(&r.app).map_err(|e| e.to_string())?;
+    fleet_proto::names::check_version(&r.version).map_err(|e| e.to_string())?;
+    const STATES: [&str; 9] = [
+        "fetching",
+        "unpacking",
+        "starting",
+        "checking",
+        "running",
+        "stopping",
+        "stopped",
+        "failed",
+        "crashed",
+    ];
+    if !STATES.contains(&r.state.as_str()) {
+        return Err(format!("instance state {:?} is unknown", r.state));
+    }
+    let mut message = r.message;
+    if message.len() > 4096 {
+        let mut cut = 4096;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    Ok(InstanceStatus {
+        app: r.app,
+        version: r.version,
+        state: r.state,
+        message,
+        since_unix_ms: r.since_unix_ms,
+        restarts: r.restarts,
+        rollout_id: r.rollout_id.chars().take(64).collect(),
+    })
+}
+
+pub fn assignment(a: &Assignment) -> pb::Assignment {
+    pb::Assignment {
+        app: a.app.clone(),
+        version: a.version.clone(),
+        artifact_digest: a.artifact_digest.clone(),
+        artifact_size: a.artifact_size,
+        env: a.env.clone().into_iter().collect(),
+        rollout_id: a.rollout_id.clone(),
+        generation: a.generation,
+        smoke_timeout_ms: a.smoke_timeout_ms,
+    }
+}
+
+/// A host as `hosts` and `status` show it: desired releases joined with live reports.
+pub fn host(fleet: &FleetState, h: &HostRecord, only_app: Option<&str>) -> pb::Host {
+    let connected = fleet.is_connected(&h.name);
+    let instances = fleet.instances(&h.name);
+    let mut apps: Vec<String> = h.desired.keys().chain(instances.keys()).cloned().collect();
+    apps.sort();
+    apps.dedup();
+    pb::Host {
+        name: h.name.clone(),
+        labels: h.labels.clone().into_iter().collect(),
+        advertise_addr: h.advertise_addr.clone(),
+        state: if connected { "ready" } else { "lost" }.to_string(),
+        connected,
+        last_seen_unix_ms: fleet.last_seen(&h.name).unwrap_or(h.last_seen_unix_ms),
+        apps: apps
+            .into_iter()
+            .filter(|app| only_app.is_none_or(|only| only == app))
+            .map(|app| pb::HostApp {
+                desired_version: h
+                    .desired
+                    .get(&app)
+                    .map(|d| d.version.clone())
+                    .unwrap_or_default(),
+                actual: instances.get(&app).map(instance),
+                app,
+            })
+            .collect(),
+    }
+}
+
+pub fn rollout(r: &RolloutRecord) -> pb::Rollout {
+    pb::Rollout {
+        id: r.id.clone(),
+        app: r.app.clone(),
+        version: r.version.clone(),
+        state: r.state.as_str().to_string(),
+        started_by: r.started_by.clone(),
+        started_unix_ms: r.started_unix_ms,
+        finished_unix_ms: r.finished_unix_ms,
+        waves: r
+            .waves
+            .iter()
+            .map(|w| pb::Wave {
+                state: w.state.as_str().to_string(),
+                hosts: w
+                    .hosts
+                    .iter()
+                    .map(|h| pb::WaveHost {
+                        host: h.host.clone(),
+                        previous_version: h.previous_version.clone().unwrap_or_default(),
+                        result: h.result.as_str().to_string(),
+                        message: h.message.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        current_wave: r.current_wave as u32,
+        message: r.message.clone(),
+        request: Some(pb::StartRolloutRequest {
+            app: r.app.clone(),
+            version: r.version.clone(),
+            selector: r.policy.selector.clone().into_iter().collect(),
+            canary: r.policy.canary,
+            batch: r.policy.batch.to_text(),
+            pause_after_canary_ms: r.policy.pause_after_canary_ms,
+            smoke_timeout_ms: r.policy.smoke_timeout_ms,
+            no_auto_rollback: !r.policy.auto_rollback,
+            detach: false,
+        }),
+        is_rollback: r.is_rollback,
+    }
+}
+
+pub fn event(e: &EventRecord) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        unix_ms: e.unix_ms,
+        actor: e.actor.clone(),
+        kind: e.kind.clone(),
+        app: e.app.clone(),
+        host: e.host.clone(),
+        message: e.message.clone(),
+    }
+}

@@ -1,0 +1,499 @@
+//! `FleetService`: what fleetctl calls. Releases, rollouts and their live progress, rollback,
+//! and the read verbs (hosts, status, history, events).
+
+use super::{actor_of, convert, rollout_status, store_status};
+use crate::artifacts::ArtifactStoreError;
+use crate::fleet_state::FleetState;
+use crate::model::{Batch, ReleaseRecord, RolloutPolicy};
+use crate::rollout::{self, Progress, Rollouts, StartRequest};
+use crate::store::ReleaseInsert;
+use fleet_proto::names;
+use fleet_proto::pb::{self, create_release_request::Body as ReleaseBody};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+const MAX_SMOKE_TIMEOUT_MS: u64 = 3_600_000;
+const MAX_PAUSE_AFTER_CANARY_MS: u64 = 24 * 3_600_000;
+const DEFAULT_BATCH: Batch = Batch::Percent(25);
+
+pub struct FleetApi {
+    pub fleet: Arc<FleetState>,
+    pub rollouts: Arc<Rollouts>,
+    /// Turns true when the controller shuts down, ending `events --follow` streams.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+type ProgressStream = ReceiverStream<Result<pb::RolloutProgress, Status>>;
+
+fn bad(message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(message.to_string())
+}
+
+fn check_app(app: &str) -> Result<(), Status> {
+    names::check_app(app).map_err(bad)
+}
+
+/// Forwards a rollout's progress to a client until the rollout ends (or at once, detached).
+fn progress_stream(
+    fleet: Arc<FleetState>,
+    id: String,
+    mut rx: broadcast::Receiver<Progress>,
+    detach: bool,
+) -> ProgressStream {
+    let (tx, out) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let progress = match rx.recv().await {
+                Ok(progress) => progress,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("a client following rollout {id} missed {n} progress lines");
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    // The executor is gone; send the final record as stored.
+                    if let Ok(Some(record)) = fleet.store.get_rollout(&id) {
+                        let _ = tx
+                            .send(Ok(pb::RolloutProgress {
+                                rollout: Some(convert::rollout(&record)),
+                                line: String::new(),
+                            }))
+                            .await;
+                    }
+                    return;
+                }
+            };
+            let done = progress.rollout.state.is_final();
+            let message = pb::RolloutProgress {
+                rollout: Some(convert::rollout(&progress.rollout)),
+                line: progress.line,
+            };
+            if tx.send(Ok(message)).await.is_err() || done || detach {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(out)
+}
+
+fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Status> {
+    let mut selector = BTreeMap::new();
+    for (key, value) in &request.selector {
+        names::check_label(key, value).map_err(bad)?;
+        selector.insert(key.clone(), value.clone());
+    }
+    if request.canary > 1000 {
+        return Err(bad(format!(
+            "canary {} is too large: use at most 1000 hosts",
+            request.canary
+        )));
+    }
+    let batch = if request.batch.is_empty() {
+        DEFAULT_BATCH
+    } else {
+        Batch::parse(&request.batch).map_err(bad)?
+    };
+    if request.smoke_timeout_ms > MAX_SMOKE_TIMEOUT_MS {
+        return Err(bad("smoke timeout is over 1h: use a shorter one"));
+    }
+    if request.pause_after_canary_ms > MAX_PAUSE_AFTER_CANARY_MS {
+        return Err(bad("pause after canary is over 24h: use a shorter one"));
+    }
+    Ok(RolloutPolicy {
+        selector,
+        canary: request.canary,
+        batch,
+        pause_after_canary_ms: request.pause_after_canary_ms,
+        smoke_timeout_ms: request.smoke_timeout_ms,
+        auto_rollback: !request.no_auto_rollback,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::fleet_service_server::FleetService for FleetApi {
+    async fn create_release(
+        &self,
+        request: Request<Streaming<pb::CreateReleaseRequest>>,
+    ) -> Result<Response<pb::CreateReleaseResponse>, Status> {
+        let actor = actor_of(&request);
+        let mut stream = request.into_inner();
+        let header = match stream.message().await?.and_then(|m| m.body) {
+            Some(ReleaseBody::Header(header)) => header,
+            _ => {
+                return Err(bad(
+                    "the first message of a release upload must be its header",
+                ))
+            }
+        };
+        check_app(&header.app)?;
+        names::check_version(&header.version).map_err(bad)?;
+        let mut env = BTreeMap::new();
+        for (key, value) in header.env {
+            if !names::check_env_key(&key) || value.contains('\0') || value.len() > 4096 {
+                return Err(bad(format!(
+                    "environment variable {key:?} is invalid: names are letters, digits and '_', values at most 4096 bytes"
+                )));
+            }
+            env.insert(key, value);
+        }
+
+        let artifacts = self.fleet.artifacts.clone();
+        let mut upload = artifacts
+            .begin_upload()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        while let Some(message) = stream.message().await? {
+            match message.body {
+                Some(ReleaseBody::Chunk(bytes)) => {
+                    tokio::task::block_in_place(|| upload.write(&bytes)).map_err(|e| match e {
+                        ArtifactStoreError::TooLarge { .. } => bad(e),
+                        other => Status::internal(other.to_string()),
+                    })?
+                }
+                _ => {
+                    return Err(bad(
+                        "a release upload carries one header, then only artifact bytes",
+                    ))
+                }
+            }
+        }
+        let stored = tokio::task::spawn_blocking(move || artifacts.finish_upload(upload))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| match e {
+                ArtifactStoreError::Invalid(e) => bad(format!("{e}")),
+                other => Status::internal(other.to_string()),
+            })?;
+
+        let record = ReleaseRecord {
+            app: header.app.clone(),
+            version: header.version.clone(),
+            artifact_digest: stored.digest.clone(),
+            artifact_size: stored.size,
+            env,
+            created_unix_ms: fleet_proto::now_unix_ms(),
+            created_by: actor.clone(),
+        };
+        match self.fleet.store.insert_release(&record).map_err(store_status)? {
+            ReleaseInsert::Created => {
+                self.fleet.event(
+                    &actor,
+                    "release.created",
+                    &record.app,
+                    "",
+                    format!("release {}@{} created by {actor}: {}", record.app, record.version, record.artifact_digest),
+                );
+                Ok(Response::new(pb::CreateReleaseResponse {
+                    release: Some(convert::release(&record)),
+                    created: true,
+                }))
+            }
+            ReleaseInsert::Exists(existing)
+                if existing.artifact_digest == record.artifact_digest && existing.env == record.env =>
+            {
+                Ok(Response::new(pb::CreateReleaseResponse {
+                    release: Some(convert::release(&existing)),
+                    created: false,
+                }))
+            }
+            ReleaseInsert::Exists(existing) => Err(Status::already_exists(format!(
+                "{}@{} already exists with {}{}: a version is immutable, create a new version instead",
+                existing.app,
+                existing.version,
+                existing.artifact_digest,
+                if existing.artifact_digest == record.artifact_digest { " and other config" } else { "" },
+            ))),
+        }
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        let app = request.into_inner().app;
+        check_app(&app)?;
+        let releases = self.fleet.store.list_releases(&app).map_err(store_status)?;
+        Ok(Response::new(pb::ListReleasesResponse {
+            releases: releases.iter().map(convert::release).collect(),
+        }))
+    }
+
+    async fn list_hosts(
+        &self,
+        _request: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        let hosts = self.fleet.store.list_hosts().map_err(store_status)?;
+        Ok(Response::new(pb::ListHostsResponse {
+            hosts: hosts
+                .iter()
+                .map(|h| convert::host(&self.fleet, h, None))
+                .collect(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let app = request.into_inner().app;
+        let only_app = if app.is_empty() {
+            None
+        } else {
+            check_app(&app)?;
+            Some(app.as_str())
+        };
+        let hosts = self.fleet.store.list_hosts().map_err(store_status)?;
+        let hosts = hosts
+            .iter()
+            .map(|h| convert::host(&self.fleet, h, only_app))
+            .filter(|h| only_app.is_none() || !h.apps.is_empty())
+            .collect();
+        let active_rollouts = self
+            .fleet
+            .store
+            .list_rollouts(only_app)
+            .map_err(store_status)?
+            .iter()
+            .filter(|r| !r.state.is_final())
+            .map(convert::rollout)
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            hosts,
+            active_rollouts,
+        }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let request = request.into_inner();
+        check_app(&request.app)?;
+        let limit = if request.limit == 0 {
+            20
+        } else {
+            request.limit as usize
+        };
+        let rollouts = self
+            .fleet
+            .store
+            .list_rollouts(Some(&request.app))
+            .map_err(store_status)?;
+        Ok(Response::new(pb::HistoryResponse {
+            rollouts: rollouts.iter().take(limit).map(convert::rollout).collect(),
+        }))
+    }
+
+    type StartRolloutStream = ProgressStream;
+
+    async fn start_rollout(
+        &self,
+        request: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<Self::StartRolloutStream>, Status> {
+        let actor = actor_of(&request);
+        let request = request.into_inner();
+        check_app(&request.app)?;
+        names::check_version(&request.version).map_err(bad)?;
+        let policy = parse_policy(&request)?;
+        let start = StartRequest {
+            app: request.app,
+            version: request.version,
+            policy,
+            actor,
+        };
+        let (record, rx) = rollout::start(&self.fleet, &self.rollouts, start)
+            .await
+            .map_err(rollout_status)?;
+        Ok(Response::new(progress_stream(
+            self.fleet.clone(),
+            record.id,
+            rx,
+            request.detach,
+        )))
+    }
+
+    type RollbackStream = ProgressStream;
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<Self::RollbackStream>, Status> {
+        let actor = actor_of(&request);
+        let request = request.into_inner();
+        check_app(&request.app)?;
+        let to_version = if request.to_version.is_empty() {
+            None
+        } else {
+            names::check_version(&request.to_version).map_err(bad)?;
+            Some(request.to_version)
+        };
+        let (record, rx) =
+            rollout::start_rollback(&self.fleet, &self.rollouts, &request.app, to_version, actor)
+                .await
+                .map_err(rollout_status)?;
+        Ok(Response::new(progress_stream(
+            self.fleet.clone(),
+            record.id,
+            rx,
+            request.detach,
+        )))
+    }
+
+    type WatchRolloutStream = ProgressStream;
+
+    async fn watch_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let id = request.into_inner().id;
+        let record = self
+            .fleet
+            .store
+            .get_rollout(&id)
+            .map_err(store_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("no rollout {id}: see `fleetctl history APP`"))
+            })?;
+        let rx = self.rollouts.subscribe(&id);
+        let (tx, out) = mpsc::channel(64);
+        let first = pb::RolloutProgress {
+            rollout: Some(convert::rollout(&record)),
+            line: format!(
+                "rollout {id} of {}@{} is {}",
+                record.app,
+                record.version,
+                record.state.as_str()
+            ),
+        };
+        let _ = tx.send(Ok(first)).await;
+        match rx {
+            Some(rx) if !record.state.is_final() => {
+                let mut inner = progress_stream(self.fleet.clone(), id, rx, false).into_inner();
+                tokio::spawn(async move {
+                    while let Some(item) = inner.recv().await {
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            _ => drop(tx),
+        }
+        Ok(Response::new(ReceiverStream::new(out)))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let id = request.into_inner().id;
+        let record = self
+            .fleet
+            .store
+            .get_rollout(&id)
+            .map_err(store_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("no rollout {id}: see `fleetctl history APP`"))
+            })?;
+        Ok(Response::new(convert::rollout(&record)))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let actor = actor_of(&request);
+        let record = rollout::pause(
+            &self.fleet,
+            &self.rollouts,
+            &request.into_inner().id,
+            &actor,
+        )
+        .map_err(rollout_status)?;
+        Ok(Response::new(convert::rollout(&record)))
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let actor = actor_of(&request);
+        let record = rollout::resume(
+            &self.fleet,
+            &self.rollouts,
+            &request.into_inner().id,
+            &actor,
+        )
+        .map_err(rollout_status)?;
+        Ok(Response::new(convert::rollout(&record)))
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let actor = actor_of(&request);
+        let record = rollout::abort(
+            &self.fleet,
+            &self.rollouts,
+            &request.into_inner().id,
+            &actor,
+        )
+        .map_err(rollout_status)?;
+        Ok(Response::new(convert::rollout(&record)))
+    }
+
+    type EventsStream = ReceiverStream<Result<pb::Event, Status>>;
+
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let request = request.into_inner();
+        let limit = if request.limit == 0 {
+            50
+        } else {
+            request.limit.min(10_000) as usize
+        };
+        // Subscribe before reading the log so no event falls between the two.
+        let mut live = self.fleet.subscribe_events();
+        let recent = self
+            .fleet
+            .store
+            .recent_events(limit)
+            .map_err(store_status)?;
+        let (tx, out) = mpsc::channel(256);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last_seq = 0;
+            for event in &recent {
+                last_seq = event.seq;
+                if tx.send(Ok(convert::event(event))).await.is_err() {
+                    return;
+                }
+            }
+            if !request.follow {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    event = live.recv() => match event {
+                        Ok(event) if event.seq > last_seq => {
+                            last_seq = event.seq;
+                            if tx.send(Ok(convert::event(&event))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = shutdown.changed() => return,
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out)))
+    }
+}

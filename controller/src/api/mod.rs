@@ -1,0 +1,41 @@
+//! The gRPC edge of the controller. Requests are validated here and turned into domain
+//! values; domain errors become `tonic::Status` here. Nothing past this module sees a
+//! generated type or a `Status`.
+
+pub mod agent_service;
+pub mod convert;
+pub mod fleet_service;
+
+use crate::rollout::RolloutError;
+use crate::store::StoreError;
+use tonic::{Request, Status};
+
+/// The metadata key fleetctl puts the operator's name in.
+pub const ACTOR_HEADER: &str = "x-fleet-actor";
+
+/// Who made a request: the `x-fleet-actor` header, checked to be short printable text.
+pub fn actor_of<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get(ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+pub fn store_status(e: StoreError) -> Status {
+    tracing::error!("{e}");
+    Status::internal(format!(
+        "{e}; the controller's data directory may be damaged or full"
+    ))
+}
+
+pub fn rollout_status(e: RolloutError) -> Status {
+    match e {
+        RolloutError::Invalid(m) => Status::invalid_argument(m),
+        RolloutError::NotFound(m) => Status::not_found(m),
+        RolloutError::Conflict(m) => Status::failed_precondition(m),
+        RolloutError::Store(e) => store_status(e),
+    }
+}

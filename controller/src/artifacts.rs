@@ -1,0 +1,170 @@
+//! The content-addressed artifact store: `DATA/artifacts/sha256/<hex>`. An upload is streamed
+//! to a temporary file while it is hashed (never whole in memory), checked as a release
+//! artifact, and only then renamed into place under its digest. A stored artifact never
+//! changes; the same bytes uploaded twice are stored once.
+
+use fleet_proto::artifact::{self, ArtifactError, Limits};
+use fleet_proto::manifest::Manifest;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ArtifactStoreError {
+    #[error("artifact store at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("artifact is over the {limit} byte limit")]
+    TooLarge { limit: u64 },
+    #[error(transparent)]
+    Invalid(#[from] ArtifactError),
+}
+
+/// The largest artifact accepted.
+pub const MAX_ARTIFACT_BYTES: u64 = 4 << 30;
+
+#[derive(Debug, Clone)]
+pub struct ArtifactStore {
+    root: PathBuf,
+}
+
+/// An upload in progress: bytes go to a temporary file and into the hash.
+pub struct Upload {
+    file: std::io::BufWriter<std::fs::File>,
+    temp: tempfile::TempPath,
+    hasher: Sha256,
+    size: u64,
+}
+
+/// An artifact that is stored and checked.
+#[derive(Debug, Clone)]
+pub struct StoredArtifact {
+    pub digest: String,
+    pub size: u64,
+    pub manifest: Manifest,
+}
+
+impl ArtifactStore {
+    pub fn open(data_dir: &Path) -> Result<ArtifactStore, ArtifactStoreError> {
+        let root = data_dir.join("artifacts");
+        for dir in [root.join("sha256"), root.join("tmp")] {
+            std::fs::create_dir_all(&dir).map_err(|source| ArtifactStoreError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(ArtifactStore { root })
+    }
+
+    fn io(&self, source: std::io::Error) -> ArtifactStoreError {
+        ArtifactStoreError::Io {
+            path: self.root.clone(),
+            source,
+        }
+    }
+
+    /// Starts an upload into a temporary file (removed if the upload is dropped unfinished).
+    pub fn begin_upload(&self) -> Result<Upload, ArtifactStoreError> {
+        let named =
+            tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(|e| self.io(e))?;
+        let (file, temp) = named.into_parts();
+        Ok(Upload {
+            file: std::io::BufWriter::with_capacity(1 << 20, file),
+            temp,
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Finishes an upload: checks the artifact (gzip tarball, safe entries, valid fleet.toml)
+    /// and stores it under its digest.
+    pub fn finish_upload(&self, upload: Upload) -> Result<StoredArtifact, ArtifactStoreError> {
+        let Upload {
+            file,
+            temp,
+            hasher,
+            size,
+        } = upload;
+        let file = file.into_inner().map_err(|e| self.io(e.into_error()))?;
+        file.sync_all().map_err(|e| self.io(e))?;
+        drop(file);
+        let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let reader = std::io::BufReader::new(std::fs::File::open(&temp).map_err(|e| self.io(e))?);
+        let manifest = artifact::read_artifact(reader, None, Limits::default())?;
+        let path = self.path_of(&digest).expect("digest was just computed");
+        if path.exists() {
+            // Same bytes already stored: keep the existing file, drop the temporary one.
+            drop(temp);
+        } else {
+            temp.persist(&path).map_err(|e| self.io(e.error))?;
+        }
+        Ok(StoredArtifact {
+            digest,
+            size,
+            manifest,
+        })
+    }
+
+    /// Where the artifact with `digest` lives, or None when the digest is malformed.
+    pub fn path_of(&self, digest: &str) -> Option<PathBuf> {
+        if !artifact::check_digest(digest) {
+            return None;
+        }
+        Some(self.root.join("sha256").join(&digest["sha256:".len()..]))
+    }
+}
+
+impl Upload {
+    /// Appends bytes to the upload.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), ArtifactStoreError> {
+        self.size += bytes.len() as u64;
+        if self.size > MAX_ARTIFACT_BYTES {
+            return Err(ArtifactStoreError::TooLarge {
+                limit: MAX_ARTIFACT_BYTES,
+            });
+        }
+        self.hasher.update(bytes);
+        self.file
+            .write_all(bytes)
+            .map_err(|source| ArtifactStoreError::Io {
+                path: self.temp.to_path_buf(),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_by_digest_and_refuses_bad_artifacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let bytes =
+            artifact::build_artifact(&[("fleet.toml", b"[process]\ncommand = [\"x\"]\n", 0o644)])
+                .unwrap();
+        let mut upload = store.begin_upload().unwrap();
+        upload.write(&bytes).unwrap();
+        let stored = store.finish_upload(upload).unwrap();
+        assert_eq!(stored.digest, artifact::digest_of(&bytes));
+        assert_eq!(
+            std::fs::read(store.path_of(&stored.digest).unwrap()).unwrap(),
+            bytes
+        );
+
+        let mut upload = store.begin_upload().unwrap();
+        upload.write(b"not a tarball").unwrap();
+        assert!(store.finish_upload(upload).is_err());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("artifacts/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert!(store.path_of("sha256:../../etc").is_none());
+    }
+}

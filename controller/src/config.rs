@@ -1,0 +1,100 @@
+//! `controller.toml`: where the controller listens and keeps its data. Read once at start and
+//! validated; a relative `data_dir` is taken relative to the file's own directory.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// The name of the file the controller writes its bound address to, beside `controller.toml`.
+pub const ADDR_FILE: &str = "controller.addr";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}; create it with `fleetctl init --dir DIR`")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The file as written by `fleetctl init`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerFile {
+    pub listen: String,
+    pub data_dir: String,
+    /// How often agents send a heartbeat, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_ms: Option<u64>,
+}
+
+/// The validated configuration the controller runs with.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Where the bound address is written once listening (`controller.addr`).
+    pub addr_file: PathBuf,
+    pub heartbeat_interval_ms: u64,
+}
+
+impl ControllerConfig {
+    /// Reads and validates `controller.toml`.
+    pub fn load(path: &Path) -> Result<ControllerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let file: ControllerFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let listen = check_listen(&file.listen).map_err(invalid)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let data_dir = base.join(&file.data_dir);
+        let heartbeat_interval_ms = file.heartbeat_interval_ms.unwrap_or(5_000);
+        if !(100..=60_000).contains(&heartbeat_interval_ms) {
+            return Err(invalid(
+                "heartbeat_interval_ms must be between 100 and 60000".into(),
+            ));
+        }
+        Ok(ControllerConfig {
+            listen,
+            data_dir,
+            addr_file: base.join(ADDR_FILE),
+            heartbeat_interval_ms,
+        })
+    }
+}
+
+/// Parses a listen address and refuses anything but loopback: until mutual TLS protects the
+/// API, the controller must not be reachable from other machines.
+pub fn check_listen(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("listen address {text:?} is not IP:PORT, like 127.0.0.1:7700"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "listen address {addr} is not loopback: until mTLS lands the controller listens only on 127.0.0.0/8 or ::1"
+        ));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_must_be_loopback() {
+        assert!(check_listen("127.0.0.1:7700").is_ok());
+        assert!(check_listen("[::1]:0").is_ok());
+        assert!(check_listen("0.0.0.0:7700").is_err());
+        assert!(check_listen("10.0.0.1:7700").is_err());
+        assert!(check_listen("localhost").is_err());
+    }
+}

@@ -1,0 +1,353 @@
+//! `FleetState`: what the controller knows right now. It joins the durable store (hosts'
+//! desired releases, releases, rollouts, events) with what only lives while agents are
+//! connected (their sessions and the instances they last reported), and it is the one place
+//! that changes a host's desired state and tells its agent.
+//!
+//! Waiters (the rollout executor) watch `changes()`, which ticks on every report, connect and
+//! disconnect, so they wake on facts instead of polling.
+
+use crate::artifacts::ArtifactStore;
+use crate::model::{EventRecord, HostRecord};
+use crate::store::{Store, StoreError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use tokio::sync::{broadcast, watch};
+
+/// One app's instance on a host, as its agent last reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceStatus {
+    pub app: String,
+    pub version: String,
+    pub state: String,
+    pub message: String,
+    pub since_unix_ms: i64,
+    pub restarts: u32,
+    pub rollout_id: String,
+}
+
+/// What the agent of a host is told to run for one app.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub app: String,
+    pub version: String,
+    pub artifact_digest: String,
+    pub artifact_size: u64,
+    pub env: BTreeMap<String, String>,
+    pub rollout_id: String,
+    pub generation: u64,
+    pub smoke_timeout_ms: u64,
+}
+
+/// A host's registration as its agent sent it.
+#[derive(Debug, Clone)]
+pub struct HostHello {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub advertise_addr: String,
+    pub instances: Vec<InstanceStatus>,
+}
+
+struct LiveHost {
+    session: u64,
+    desired_tx: watch::Sender<Vec<Assignment>>,
+    instances: BTreeMap<String, InstanceStatus>,
+    last_seen_unix_ms: i64,
+}
+
+#[derive(Default)]
+struct Live {
+    hosts: HashMap<String, LiveHost>,
+    next_session: u64,
+}
+
+pub struct FleetState {
+    pub store: Store,
+    pub artifacts: ArtifactStore,
+    pub heartbeat_interval_ms: u64,
+    live: Mutex<Live>,
+    /// Serialises read-modify-write of host records (two rollouts of different apps may touch
+    /// one host at once).
+    host_writes: tokio::sync::Mutex<()>,
+    changes: watch::Sender<u64>,
+    events: broadcast::Sender<EventRecord>,
+}
+
+/// A connected agent's session: its number (a newer session of the same host replaces it) and
+/// the channel its desired state arrives on.
+pub struct Session {
+    pub id: u64,
+    pub desired: watch::Receiver<Vec<Assignment>>,
+}
+
+impl FleetState {
+    pub fn new(store: Store, artifacts: ArtifactStore, heartbeat_interval_ms: u64) -> FleetState {
+        FleetState {
+            store,
+            artifacts,
+            heartbeat_interval_ms,
+            live: Mutex::new(Live::default()),
+            host_writes: tokio::sync::Mutex::new(()),
+            changes: watch::channel(0).0,
+            events: broadcast::channel(1024).0,
+        }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Ticks whenever a host connects, disconnects or reports.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// New events as they are recorded.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<EventRecord> {
+        self.events.subscribe()
+    }
+
+    /// Records an event in the log and tells followers. A store failure is logged, not
+    /// returned: the event log must never stop a deploy.
+    pub fn event(
+        &self,
+        actor: &str,
+        kind: &str,
+        app: &str,
+        host: &str,
+        message: impl Into<String>,
+    ) {
+        let event = EventRecord {
+            seq: 0,
+            unix_ms: fleet_proto::now_unix_ms(),
+            actor: actor.to_string(),
+            kind: kind.to_string(),
+            app: app.to_string(),
+            host: host.to_string(),
+            message: message.into(),
+        };
+        match self.store.append_event(event) {
+            Ok(event) => {
+                tracing::info!(kind = %event.kind, app = %event.app, host = %event.host, "{}", event.message);
+                let _ = self.events.send(event);
+            }
+            Err(e) => tracing::error!("cannot record event: {e}"),
+        }
+    }
+
+    /// Registers a connecting agent: records the host (keeping its desired state), replaces
+    /// any older session of the same host, and hands back the desired state to send.
+    pub async fn host_connected(&self, hello: HostHello) -> Result<Session, StoreError> {
+        let now = fleet_proto::now_unix_ms();
+        let record = {
+            let _guard = self.host_writes.lock().await;
+            let mut record = self.store.get_host(&hello.name)?.unwrap_or(HostRecord {
+                name: hello.name.clone(),
+                labels: BTreeMap::new(),
+                advertise_addr: String::new(),
+                registered_unix_ms: now,
+                last_seen_unix_ms: now,
+                desired: BTreeMap::new(),
+            });
+            let is_new = record.advertise_addr.is_empty();
+            record.labels = hello.labels.clone();
+            record.advertise_addr = hello.advertise_addr.clone();
+            record.last_seen_unix_ms = now;
+            self.store.put_host(&record)?;
+            if is_new {
+                self.event(
+                    &hello.name,
+                    "host.registered",
+                    "",
+                    &hello.name,
+                    format!(
+                        "host {} registered, advertising {}",
+                        hello.name, hello.advertise_addr
+                    ),
+                );
+            }
+            record
+        };
+        let assignments = self.assignments_for(&record);
+        let (desired_tx, desired) = watch::channel(assignments);
+        let id = {
+            let mut live = self.live();
+            live.next_session += 1;
+            let id = live.next_session;
+            live.hosts.insert(
+                hello.name.clone(),
+                LiveHost {
+                    session: id,
+                    desired_tx,
+                    instances: hello
+                        .instances
+                        .into_iter()
+                        .map(|i| (i.app.clone(), i))
+                        .collect(),
+                    last_seen_unix_ms: now,
+                },
+            );
+            id
+        };
+        self.event(
+            &hello.name,
+            "host.connected",
+            "",
+            &hello.name,
+            format!("host {} connected", hello.name),
+        );
+        self.bump();
+        Ok(Session { id, desired })
+    }
+
+    /// Records an instance transition reported by a host's current session.
+    pub fn host_reported(&self, host: &str, session: u64, status: InstanceStatus) {
+        let notable = matches!(status.state.as_str(), "crashed" | "failed");
+        {
+            let mut live = self.live();
+            let Some(live_host) = live.hosts.get_mut(host).filter(|h| h.session == session) else {
+                return;
+            };
+            live_host.last_seen_unix_ms = fleet_proto::now_unix_ms();
+            live_host
+                .instances
+                .insert(status.app.clone(), status.clone());
+        }
+        if notable {
+            self.event(
+                host,
+                &format!("instance.{}", status.state),
+                &status.app,
+                host,
+                format!(
+                    "{}@{} on {}: {}: {}",
+                    status.app, status.version, host, status.state, status.message
+                ),
+            );
+        }
+        self.bump();
+    }
+
+    pub fn host_heartbeat(&self, host: &str, session: u64) {
+        let mut live = self.live();
+        if let Some(live_host) = live.hosts.get_mut(host).filter(|h| h.session == session) {
+            live_host.last_seen_unix_ms = fleet_proto::now_unix_ms();
+        }
+    }
+
+    /// Forgets a session when its stream ends (unless a newer one already replaced it).
+    pub fn host_disconnected(&self, host: &str, session: u64) {
+        let last_seen = {
+            let mut live = self.live();
+            match live.hosts.get(host) {
+                Some(h) if h.session == session => {
+                    live.hosts.remove(host).map(|h| h.last_seen_unix_ms)
+                }
+                _ => None,
+            }
+        };
+        if let Some(last_seen) = last_seen {
+            if let Ok(Some(mut record)) = self.store.get_host(host) {
+                record.last_seen_unix_ms = last_seen;
+                let _ = self.store.put_host(&record);
+            }
+            self.event(
+                host,
+                "host.disconnected",
+                "",
+                host,
+                format!("host {host} disconnected"),
+            );
+            self.bump();
+        }
+    }
+
+    pub fn is_connected(&self, host: &str) -> bool {
+        self.live().hosts.contains_key(host)
+    }
+
+    /// When the host was last heard from while connected.
+    pub fn last_seen(&self, host: &str) -> Option<i64> {
+        self.live().hosts.get(host).map(|h| h.last_seen_unix_ms)
+    }
+
+    /// The instance of `app` on `host` as last reported, if the host is connected.
+    pub fn instance(&self, host: &str, app: &str) -> Option<InstanceStatus> {
+        self.live().hosts.get(host)?.instances.get(app).cloned()
+    }
+
+    /// Every instance a connected host reported.
+    pub fn instances(&self, host: &str) -> BTreeMap<String, InstanceStatus> {
+        self.live()
+            .hosts
+            .get(host)
+            .map(|h| h.instances.clone())
+            .unwrap_or_default()
+    }
+
+    /// Reads the named hosts, lets `change` edit them, and writes them (with `also`, the
+    /// rollout record that explains the change) in one transaction; then tells their agents.
+    pub async fn update_hosts(
+        &self,
+        names: &[String],
+        change: impl FnMut(&mut HostRecord),
+        rollout: &crate::model::RolloutRecord,
+    ) -> Result<Vec<HostRecord>, StoreError> {
+        let mut change = change;
+        let hosts = {
+            let _guard = self.host_writes.lock().await;
+            let mut hosts = Vec::with_capacity(names.len());
+            for name in names {
+                if let Some(mut host) = self.store.get_host(name)? {
+                    change(&mut host);
+                    hosts.push(host);
+                }
+            }
+            self.store.put_hosts_and_rollout(&hosts, rollout)?;
+            hosts
+        };
+        for host in &hosts {
+            self.push_desired(host);
+        }
+        Ok(hosts)
+    }
+
+    /// Sends a host's desired state to its agent, if connected.
+    pub fn push_desired(&self, host: &HostRecord) {
+        let assignments = self.assignments_for(host);
+        let live = self.live();
+        if let Some(live_host) = live.hosts.get(&host.name) {
+            live_host.desired_tx.send_replace(assignments);
+        }
+    }
+
+    fn assignments_for(&self, host: &HostRecord) -> Vec<Assignment> {
+        let mut out = Vec::with_capacity(host.desired.len());
+        for (app, desired) in &host.desired {
+            match self.store.get_release(app, &desired.version) {
+                Ok(Some(release)) => out.push(Assignment {
+                    app: app.clone(),
+                    version: desired.version.clone(),
+                    artifact_digest: release.artifact_digest,
+                    artifact_size: release.artifact_size,
+                    env: release.env,
+                    rollout_id: desired.rollout_id.clone(),
+                    generation: desired.generation,
+                    smoke_timeout_ms: desired.smoke_timeout_ms,
+                }),
+                Ok(None) => tracing::error!(
+                    "host {} wants {app}@{} which has no release record",
+                    host.name,
+                    desired.version
+                ),
+                Err(e) => tracing::error!("cannot read release {app}@{}: {e}", desired.version),
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,224 @@
+//! The controller's domain records: hosts, releases, rollouts and events, as the store keeps
+//! them. They know nothing of gRPC; `api::convert` turns them into wire types at the edge.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A registered host and what the controller wants it to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub advertise_addr: String,
+    pub registered_unix_ms: i64,
+    pub last_seen_unix_ms: i64,
+    /// The desired release of each app on this host.
+    pub desired: BTreeMap<String, Desired>,
+}
+
+/// One app's desired release on one host, as sent to the agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Desired {
+    pub version: String,
+    pub rollout_id: String,
+    /// Bumped by every rollout that touches the host, so the agent starts a fresh instance.
+    pub generation: u64,
+    pub smoke_timeout_ms: u64,
+}
+
+/// An immutable release: an app version pointing at an artifact digest and its config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReleaseRecord {
+    pub app: String,
+    pub version: String,
+    pub artifact_digest: String,
+    pub artifact_size: u64,
+    pub env: BTreeMap<String, String>,
+    pub created_unix_ms: i64,
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Running,
+    Paused,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Aborted,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Paused => "paused",
+            RolloutState::Succeeded => "succeeded",
+            RolloutState::Failed => "failed",
+            RolloutState::RolledBack => "rolled_back",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
+    /// Whether the rollout has ended and will never change again.
+    pub fn is_final(self) -> bool {
+        !matches!(self, RolloutState::Running | RolloutState::Paused)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WaveState {
+    Pending,
+    Running,
+    Passed,
+    Failed,
+}
+
+impl WaveState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaveState::Pending => "pending",
+            WaveState::Running => "running",
+            WaveState::Passed => "passed",
+            WaveState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HostResult {
+    Pending,
+    Deploying,
+    Passed,
+    Failed,
+    RolledBack,
+}
+
+impl HostResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostResult::Pending => "pending",
+            HostResult::Deploying => "deploying",
+            HostResult::Passed => "passed",
+            HostResult::Failed => "failed",
+            HostResult::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// How many hosts a wave after the canary takes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Batch {
+    Hosts(u32),
+    Percent(u32),
+}
+
+impl Batch {
+    /// Parses `N` or `P%`.
+    pub fn parse(text: &str) -> Result<Batch, String> {
+        let bad =
+            || format!("batch {text:?} is invalid: write a host count like 2 or a share like 25%");
+        if let Some(percent) = text.strip_suffix('%') {
+            let p: u32 = percent.parse().map_err(|_| bad())?;
+            if !(1..=100).contains(&p) {
+                return Err(bad());
+            }
+            Ok(Batch::Percent(p))
+        } else {
+            let n: u32 = text.parse().map_err(|_| bad())?;
+            if n == 0 {
+                return Err(bad());
+            }
+            Ok(Batch::Hosts(n))
+        }
+    }
+
+    pub fn to_text(self) -> String {
+        match self {
+            Batch::Hosts(n) => n.to_string(),
+            Batch::Percent(p) => format!("{p}%"),
+        }
+    }
+}
+
+/// What the operator asked for when starting a rollout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutPolicy {
+    pub selector: BTreeMap<String, String>,
+    pub canary: u32,
+    pub batch: Batch,
+    pub pause_after_canary_ms: u64,
+    pub smoke_timeout_ms: u64,
+    pub auto_rollback: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WaveHost {
+    pub host: String,
+    /// The version the host ran before this rollout touched it, if any.
+    pub previous_version: Option<String>,
+    pub result: HostResult,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Wave {
+    pub hosts: Vec<WaveHost>,
+    pub state: WaveState,
+}
+
+/// A rollout: its plan, where it stands, and each host's result. Persisted after every step,
+/// so a restarted controller finds it where it stood.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub app: String,
+    pub version: String,
+    pub state: RolloutState,
+    pub started_by: String,
+    pub started_unix_ms: i64,
+    pub finished_unix_ms: i64,
+    pub waves: Vec<Wave>,
+    pub current_wave: usize,
+    pub message: String,
+    pub policy: RolloutPolicy,
+    pub is_rollback: bool,
+    /// Orders rollouts and numbers the generations they hand to agents.
+    pub seq: u64,
+}
+
+/// One line of the event log: who did what, to which app or host, when.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventRecord {
+    pub seq: u64,
+    pub unix_ms: i64,
+    pub actor: String,
+    pub kind: String,
+    pub app: String,
+    pub host: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches() {
+        for (text, expect) in [
+            ("2", Some(Batch::Hosts(2))),
+            ("25%", Some(Batch::Percent(25))),
+            ("100%", Some(Batch::Percent(100))),
+            ("0", None),
+            ("0%", None),
+            ("101%", None),
+            ("-1", None),
+            ("x", None),
+        ] {
+            assert_eq!(Batch::parse(text).ok(), expect, "{text:?}");
+        }
+    }
+}

@@ -1,0 +1,977 @@
+//! The rollout engine: starts, runs, pauses, resumes, aborts and rolls back rollouts.
+//!
+//! A rollout is planned once (`planner`), persisted, then driven wave by wave by one task
+//! (`execute`). For each wave it changes the hosts' desired release (persisted together with
+//! the rollout record), waits until every host of the wave reported `running` for this
+//! rollout (its smoke checks passed) or until one failed or the deadline passed, and only
+//! then widens. A failure halts the rollout and, unless disabled, puts every host it touched
+//! back on the release it ran before. A restarted controller finds running rollouts in the
+//! store and continues them at the wave they stood at; paused ones stay paused.
+
+use crate::fleet_state::FleetState;
+use crate::model::{
+    Batch, Desired, HostResult, RolloutPolicy, RolloutRecord, RolloutState, Wave, WaveHost,
+    WaveState,
+};
+use crate::planner;
+use crate::store::StoreError;
+use fleet_proto::duration::format_duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::{broadcast, watch};
+
+/// How long a wave may take when the operator gave no `--smoke-timeout`.
+const DEFAULT_WAVE_DEADLINE: Duration = Duration::from_secs(300);
+/// Added to `--smoke-timeout` for the fetch and start before the checks.
+const FETCH_AND_START_ALLOWANCE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Error)]
+pub enum RolloutError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    pub app: String,
+    pub version: String,
+    pub policy: RolloutPolicy,
+    pub actor: String,
+}
+
+/// One step of a rollout, as shown live to the operator.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub rollout: RolloutRecord,
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Run,
+    Pause,
+    Abort,
+}
+
+struct Handle {
+    app: String,
+    control: watch::Sender<(Control, String)>,
+    progress: broadcast::Sender<Progress>,
+}
+
+/// The rollouts under way, by id. At most one per app.
+#[derive(Default)]
+pub struct Rollouts {
+    active: Mutex<HashMap<String, Handle>>,
+}
+
+impl Rollouts {
+    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The running rollout of `app`, if any.
+    pub fn active_for_app(&self, app: &str) -> Option<String> {
+        self.active()
+            .iter()
+            .find(|(_, h)| h.app == app)
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Follows an active rollout's progress; None when it is not running.
+    pub fn subscribe(&self, id: &str) -> Option<broadcast::Receiver<Progress>> {
+        self.active().get(id).map(|h| h.progress.subscribe())
+    }
+
+    fn control(&self, id: &str, control: Control, actor: &str) -> bool {
+        match self.active().get(id) {
+            Some(handle) => {
+                handle.control.send_replace((control, actor.to_string()));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Starts a rollout; returns its record and a receiver of its progress.
+pub async fn start(
+    fleet: &Arc<FleetState>,
+    rollouts: &Arc<Rollouts>,
+    request: StartRequest,
+) -> Result<(RolloutRecord, broadcast::Receiver<Progress>), RolloutError> {
+    start_on(fleet, rollouts, request, None).await
+}
+
+/// Starts a rollout over the hosts the selector matches, narrowed to `only` when given (a
+/// rollback goes only to the hosts that run the app).
+async fn start_on(
+    fleet: &Arc<FleetState>,
+    rollouts: &Arc<Rollouts>,
+    request: StartRequest,
+    only: Option<Vec<String>>,
+) -> Result<(RolloutRecord, broadcast::Receiver<Progress>), RolloutError> {
+    let is_rollback = only.is_some();
+    let StartRequest {
+        app,
+        version,
+        policy,
+        actor,
+    } = request;
+    if fleet.store.get_release(&app, &version)?.is_none() {
+        return Err(RolloutError::NotFound(format!(
+            "release {app}@{version} does not exist: create it with `fleetctl release create {app} {version} ARTIFACT`"
+        )));
+    }
+    let mut host_names: Vec<String> = fleet
+        .store
+        .list_hosts()?
+        .into_iter()
+        .filter(|h| planner::matches(&policy.selector, &h.labels))
+        .filter(|h| only.as_ref().is_none_or(|only| only.contains(&h.name)))
+        .map(|h| h.name)
+        .collect();
+    host_names.sort();
+    if host_names.is_empty() {
+        return Err(RolloutError::Invalid(if policy.selector.is_empty() {
+            "no hosts are registered: start fleet-agent on your hosts first".to_string()
+        } else {
+            format!(
+                "no host matches the selector {}: see `fleetctl hosts` for their labels",
+                selector_text(&policy.selector)
+            )
+        }));
+    }
+    let waves: Vec<Wave> = planner::plan_waves(&host_names, policy.canary, policy.batch)
+        .into_iter()
+        .map(|hosts| Wave {
+            hosts: hosts
+                .into_iter()
+                .map(|host| WaveHost {
+                    host,
+                    previous_version: None,
+                    result: HostResult::Pending,
+                    message: String::new(),
+                })
+                .collect(),
+            state: WaveState::Pending,
+        })
+        .collect();
+
+    // Reserve the app before anything is written, so two starts cannot both pass the check.
+    let (control, control_rx) = watch::channel((Control::Run, String::new()));
+    let (progress, progress_rx) = broadcast::channel(256);
+    {
+        let mut active = rollouts.active();
+        if let Some((id, _)) = active.iter().find(|(_, h)| h.app == app) {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {id} of {app} is still under way: wait for it (`fleetctl rollout status {id}`) or stop it with `fleetctl rollout abort {id}`"
+            )));
+        }
+        active.insert(
+            format!("reserved-{app}"),
+            Handle {
+                app: app.clone(),
+                control: control.clone(),
+                progress: progress.clone(),
+            },
+        );
+    }
+    let reserved = format!("reserved-{app}");
+    let seq = match fleet.store.next_seq("rollout") {
+        Ok(seq) => seq,
+        Err(e) => {
+            rollouts.active().remove(&reserved);
+            return Err(e.into());
+        }
+    };
+    let record = RolloutRecord {
+        id: format!("r{seq}"),
+        app: app.clone(),
+        version: version.clone(),
+        state: RolloutState::Running,
+        started_by: actor.clone(),
+        started_unix_ms: fleet_proto::now_unix_ms(),
+        finished_unix_ms: 0,
+        waves,
+        current_wave: 0,
+        message: String::new(),
+        policy,
+        is_rollback,
+        seq,
+    };
+    if let Err(e) = fleet.store.put_rollout(&record) {
+        rollouts.active().remove(&reserved);
+        return Err(e.into());
+    }
+    {
+        let mut active = rollouts.active();
+        if let Some(handle) = active.remove(&reserved) {
+            active.insert(record.id.clone(), handle);
+        }
+    }
+    let kind = if is_rollback {
+        "rollback.started"
+    } else {
+        "rollout.started"
+    };
+    fleet.event(
+        &actor,
+        kind,
+        &app,
+        "",
+        format!(
+            "{} {} of {app}@{version} started by {actor}: {}",
+            if is_rollback { "rollback" } else { "rollout" },
+            record.id,
+            plan_text(&record)
+        ),
+    );
+    let first = Progress {
+        rollout: record.clone(),
+        line: format!(
+            "{} {}: {app} {version} on {} hosts: {}",
+            if is_rollback { "rollback" } else { "rollout" },
+            record.id,
+            host_names.len(),
+            plan_text(&record)
+        ),
+    };
+    let _ = progress.send(first);
+    let executor = Executor {
+        fleet: fleet.clone(),
+        rollouts: rollouts.clone(),
+        record: record.clone(),
+        control: control_rx,
+        progress,
+        resumed: false,
+    };
+    tokio::spawn(executor.run());
+    Ok((record, progress_rx))
+}
+
+/// Starts a rollback: a one-wave rollout of an earlier release to every host that runs `app`.
+pub async fn start_rollback(
+    fleet: &Arc<FleetState>,
+    rollouts: &Arc<Rollouts>,
+    app: &str,
+    to_version: Option<String>,
+    actor: String,
+) -> Result<(RolloutRecord, broadcast::Receiver<Progress>), RolloutError> {
+    let hosts: Vec<_> = fleet
+        .store
+        .list_hosts()?
+        .into_iter()
+        .filter(|h| h.desired.contains_key(app))
+        .collect();
+    if hosts.is_empty() {
+        return Err(RolloutError::Invalid(format!(
+            "no host runs {app}: there is nothing to roll back"
+        )));
+    }
+    let current = most_common(hosts.iter().map(|h| h.desired[app].version.clone()));
+    let target = match to_version {
+        Some(version) => version,
+        None => fleet
+            .store
+            .list_rollouts(Some(app))?
+            .into_iter()
+            .filter(|r| r.state == RolloutState::Succeeded && r.version != current)
+            .map(|r| r.version)
+            .next()
+            .ok_or_else(|| {
+                RolloutError::Invalid(format!(
+                    "{app} has no earlier release that a rollout completed: name one with `fleetctl rollback {app} --to VERSION`"
+                ))
+            })?,
+    };
+    let policy = RolloutPolicy {
+        selector: Default::default(),
+        canary: 0,
+        batch: Batch::Percent(100),
+        pause_after_canary_ms: 0,
+        smoke_timeout_ms: 0,
+        auto_rollback: false,
+    };
+    let request = StartRequest {
+        app: app.to_string(),
+        version: target,
+        policy,
+        actor,
+    };
+    start_on(
+        fleet,
+        rollouts,
+        request,
+        Some(hosts.into_iter().map(|h| h.name).collect()),
+    )
+    .await
+}
+
+/// Asks a rollout to pause before its next wave.
+pub fn pause(
+    fleet: &FleetState,
+    rollouts: &Rollouts,
+    id: &str,
+    actor: &str,
+) -> Result<RolloutRecord, RolloutError> {
+    control(fleet, rollouts, id, Control::Pause, actor)
+}
+
+/// Lets a paused rollout go on.
+pub fn resume(
+    fleet: &FleetState,
+    rollouts: &Rollouts,
+    id: &str,
+    actor: &str,
+) -> Result<RolloutRecord, RolloutError> {
+    control(fleet, rollouts, id, Control::Run, actor)
+}
+
+/// Stops a rollout where it stands; hosts keep what they run.
+pub fn abort(
+    fleet: &FleetState,
+    rollouts: &Rollouts,
+    id: &str,
+    actor: &str,
+) -> Result<RolloutRecord, RolloutError> {
+    control(fleet, rollouts, id, Control::Abort, actor)
+}
+
+fn control(
+    fleet: &FleetState,
+    rollouts: &Rollouts,
+    id: &str,
+    control: Control,
+    actor: &str,
+) -> Result<RolloutRecord, RolloutError> {
+    let record = fleet.store.get_rollout(id)?.ok_or_else(|| {
+        RolloutError::NotFound(format!("no rollout {id}: see `fleetctl history APP`"))
+    })?;
+    if record.state.is_final() {
+        return Err(RolloutError::Conflict(format!(
+            "rollout {id} has already ended ({})",
+            record.state.as_str()
+        )));
+    }
+    if !rollouts.control(id, control, actor) {
+        return Err(RolloutError::Conflict(format!(
+            "rollout {id} is not under way on this controller"
+        )));
+    }
+    Ok(record)
+}
+
+/// Picks up the rollouts a previous controller process left under way.
+pub fn recover(fleet: &Arc<FleetState>, rollouts: &Arc<Rollouts>) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for record in fleet.store.list_rollouts(None)? {
+        if record.state.is_final() {
+            continue;
+        }
+        let initial = if record.state == RolloutState::Paused {
+            Control::Pause
+        } else {
+            Control::Run
+        };
+        let (control, control_rx) = watch::channel((initial, "controller".to_string()));
+        let (progress, _) = broadcast::channel(256);
+        rollouts.active().insert(
+            record.id.clone(),
+            Handle {
+                app: record.app.clone(),
+                control,
+                progress: progress.clone(),
+            },
+        );
+        fleet.event(
+            "controller",
+            "rollout.recovered",
+            &record.app,
+            "",
+            format!(
+                "controller restarted: rollout {} of {}@{} continues at wave {}/{} ({})",
+                record.id,
+                record.app,
+                record.version,
+                record.current_wave + 1,
+                record.waves.len(),
+                record.state.as_str()
+            ),
+        );
+        let executor = Executor {
+            fleet: fleet.clone(),
+            rollouts: rollouts.clone(),
+            record,
+            control: control_rx,
+            progress,
+            resumed: true,
+        };
+        tokio::spawn(executor.run());
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn selector_text(selector: &std::collections::BTreeMap<String, String>) -> String {
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn plan_text(record: &RolloutRecord) -> String {
+    record
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(idx, wave)| {
+            let names: Vec<&str> = wave.hosts.iter().map(|h| h.host.as_str()).collect();
+            let label = if idx == 0 && record.policy.canary > 0 {
+                "canary "
+            } else {
+                ""
+            };
+            format!("{label}[{}]", names.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+fn most_common(values: impl Iterator<Item = String>) -> String {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for v in values {
+        *counts.entry(v).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(v, _)| v)
+        .unwrap_or_default()
+}
+
+/// How one host stands in the wave being waited on.
+#[derive(Debug, Clone, PartialEq)]
+enum HostOutcome {
+    Waiting,
+    Passed,
+    Failed(String),
+}
+
+enum WaitEnd {
+    Done,
+    Deadline,
+    Aborted(String),
+}
+
+/// Drives one rollout from where its record stands to its end.
+struct Executor {
+    fleet: Arc<FleetState>,
+    rollouts: Arc<Rollouts>,
+    record: RolloutRecord,
+    control: watch::Receiver<(Control, String)>,
+    progress: broadcast::Sender<Progress>,
+    /// True when picked up after a controller restart: hosts get a grace period to reconnect.
+    resumed: bool,
+}
+
+impl Executor {
+    async fn run(mut self) {
+        let result = self.drive().await;
+        if let Err(e) = result {
+            self.record.message = format!("halted: the store failed: {e}");
+            self.record.state = RolloutState::Failed;
+            self.finish(format!("rollout {} halted: {e}", self.record.id))
+                .await;
+        }
+        self.rollouts.active().remove(&self.record.id);
+    }
+
+    fn emit(&self, line: String) {
+        tracing::info!(rollout = %self.record.id, "{line}");
+        let _ = self.progress.send(Progress {
+            rollout: self.record.clone(),
+            line,
+        });
+    }
+
+    fn save(&self) -> Result<(), StoreError> {
+        self.fleet.store.put_rollout(&self.record)
+    }
+
+    fn wave_label(&self, idx: usize) -> String {
+        let n = self.record.waves.len();
+        if idx == 0 && self.record.policy.canary > 0 && !self.record.is_rollback {
+            format!("canary (wave 1/{n})")
+        } else {
+            format!("wave {}/{n}", idx + 1)
+        }
+    }
+
+    async fn drive(&mut self) -> Result<(), StoreError> {
+        let wave_deadline = if self.record.policy.smoke_timeout_ms > 0 {
+            Duration::from_millis(self.record.policy.smoke_timeout_ms) + FETCH_AND_START_ALLOWANCE
+        } else {
+            DEFAULT_WAVE_DEADLINE
+        };
+        if self.record.state == RolloutState::Paused {
+            self.emit(format!(
+                "rollout {} is paused at wave {}/{}: `fleetctl rollout resume {}` to go on",
+                self.record.id,
+                self.record.current_wave + 1,
+                self.record.waves.len(),
+                self.record.id
+            ));
+        }
+        while self.record.current_wave < self.record.waves.len() {
+            // Between waves: honour pause and abort.
+            if let Some(actor) = self.gate().await? {
+                return self.aborted(actor).await;
+            }
+            let idx = self.record.current_wave;
+            let started = Instant::now();
+            if self.record.waves[idx].state == WaveState::Pending {
+                self.begin_wave(idx).await?;
+            } else {
+                self.emit(format!(
+                    "{}: continuing after a controller restart",
+                    self.wave_label(idx)
+                ));
+            }
+            let fresh = !std::mem::take(&mut self.resumed);
+            match self.wait_wave(idx, started + wave_deadline, fresh).await {
+                WaitEnd::Aborted(actor) => return self.aborted(actor).await,
+                WaitEnd::Done | WaitEnd::Deadline => {}
+            }
+            let wave = &self.record.waves[idx];
+            let failed: Vec<String> = wave
+                .hosts
+                .iter()
+                .filter(|h| h.result != HostResult::Passed)
+                .map(|h| format!("{}: {}", h.host, h.message))
+                .collect();
+            if failed.is_empty() {
+                self.record.waves[idx].state = WaveState::Passed;
+                self.record.current_wave += 1;
+                self.save()?;
+                self.emit(format!(
+                    "{} passed in {}",
+                    self.wave_label(idx),
+                    format_duration(started.elapsed())
+                ));
+                if idx == 0
+                    && self.record.policy.canary > 0
+                    && self.record.policy.pause_after_canary_ms > 0
+                    && self.record.current_wave < self.record.waves.len()
+                {
+                    let pause = Duration::from_millis(self.record.policy.pause_after_canary_ms);
+                    self.emit(format!(
+                        "canary passed: waiting {} before widening",
+                        format_duration(pause)
+                    ));
+                    if let Some(actor) = self.hold(pause).await {
+                        return self.aborted(actor).await;
+                    }
+                }
+            } else {
+                self.record.waves[idx].state = WaveState::Failed;
+                let why = failed.join("; ");
+                self.record.message = format!("{} failed: {why}", self.wave_label(idx));
+                self.save()?;
+                self.emit(format!("{} failed: {why}", self.wave_label(idx)));
+                self.fleet.event(
+                    &self.record.started_by,
+                    "rollout.halted",
+                    &self.record.app,
+                    "",
+                    format!(
+                        "rollout {} of {}@{} halted: {}",
+                        self.record.id, self.record.app, self.record.version, self.record.message
+                    ),
+                );
+                return if self.record.policy.auto_rollback {
+                    self.roll_back(wave_deadline).await
+                } else {
+                    self.record.state = RolloutState::Failed;
+                    self.record.message.push_str(&format!(
+                        "; auto-rollback is off: hosts keep what they run; roll back with `fleetctl rollback {}`",
+                        self.record.app
+                    ));
+                    let line = format!("rollout {} failed", self.record.id);
+                    self.finish(line).await;
+                    Ok(())
+                };
+            }
+        }
+        self.record.state = RolloutState::Succeeded;
+        self.record.message = format!(
+            "{}@{} runs on {} hosts",
+            self.record.app,
+            self.record.version,
+            self.record
+                .waves
+                .iter()
+                .map(|w| w.hosts.len())
+                .sum::<usize>()
+        );
+        let line = format!(
+            "rollout {} succeeded: {}",
+            self.record.id, self.record.message
+        );
+        self.finish(line).await;
+        Ok(())
+    }
+
+    /// Waits while paused; returns the actor who aborted, if someone did.
+    async fn gate(&mut self) -> Result<Option<String>, StoreError> {
+        loop {
+            let (control, actor) = self.control.borrow_and_update().clone();
+            match control {
+                Control::Abort => return Ok(Some(actor)),
+                Control::Run => {
+                    if self.record.state == RolloutState::Paused {
+                        self.record.state = RolloutState::Running;
+                        self.save()?;
+                        self.fleet.event(
+                            &actor,
+                            "rollout.resumed",
+                            &self.record.app,
+                            "",
+                            format!("rollout {} resumed by {actor}", self.record.id),
+                        );
+                        self.emit(format!("resumed by {actor}"));
+                    }
+                    return Ok(None);
+                }
+                Control::Pause => {
+                    if self.record.state != RolloutState::Paused {
+                        self.record.state = RolloutState::Paused;
+                        self.save()?;
+                        self.fleet.event(
+                            &actor,
+                            "rollout.paused",
+                            &self.record.app,
+                            "",
+                            format!(
+                                "rollout {} paused by {actor} before wave {}",
+                                self.record.id,
+                                self.record.current_wave + 1
+                            ),
+                        );
+                        self.emit(format!("paused by {actor} before wave {}/{}: `fleetctl rollout resume {}` to go on", self.record.current_wave + 1, self.record.waves.len(), self.record.id));
+                    }
+                    if self.control.changed().await.is_err() {
+                        return Ok(Some("controller".to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits `pause` unless paused or aborted meanwhile; returns the aborting actor.
+    async fn hold(&mut self, pause: Duration) -> Option<String> {
+        let until = tokio::time::Instant::now() + pause;
+        loop {
+            if let (Control::Abort, actor) = self.control.borrow_and_update().clone() {
+                return Some(actor);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return None,
+                changed = self.control.changed() => if changed.is_err() { return None },
+            }
+        }
+    }
+
+    /// Points the wave's hosts at the new release, recording what each ran before. Only this
+    /// executor changes this app's desired release on these hosts (one rollout per app), so
+    /// the previous versions read first cannot change before the write.
+    async fn begin_wave(&mut self, idx: usize) -> Result<(), StoreError> {
+        let app = self.record.app.clone();
+        let mut names = Vec::with_capacity(self.record.waves[idx].hosts.len());
+        for entry in &mut self.record.waves[idx].hosts {
+            let host = self.fleet.store.get_host(&entry.host)?;
+            entry.previous_version =
+                host.and_then(|h| h.desired.get(&app).map(|d| d.version.clone()));
+            entry.result = HostResult::Deploying;
+            names.push(entry.host.clone());
+        }
+        self.record.waves[idx].state = WaveState::Running;
+        let desired = Desired {
+            version: self.record.version.clone(),
+            rollout_id: self.record.id.clone(),
+            generation: self.record.seq,
+            smoke_timeout_ms: self.record.policy.smoke_timeout_ms,
+        };
+        self.fleet
+            .update_hosts(
+                &names,
+                |host| {
+                    host.desired.insert(app.clone(), desired.clone());
+                },
+                &self.record,
+            )
+            .await?;
+        self.emit(format!(
+            "{}: deploying {}@{} to {}",
+            self.wave_label(idx),
+            self.record.app,
+            self.record.version,
+            names.join(", ")
+        ));
+        Ok(())
+    }
+
+    fn deploy_outcome(&self, host: &str, fresh: bool) -> HostOutcome {
+        let Some(instance) = self.fleet.instance(host, &self.record.app) else {
+            if fresh && !self.fleet.is_connected(host) {
+                return HostOutcome::Failed(format!("host {host} is not connected"));
+            }
+            return HostOutcome::Waiting;
+        };
+        if instance.rollout_id != self.record.id || instance.version != self.record.version {
+            if fresh && !self.fleet.is_connected(host) {
+                return HostOutcome::Failed(format!("host {host} is not connected"));
+            }
+            return HostOutcome::Waiting;
+        }
+        match instance.state.as_str() {
+            "running" => HostOutcome::Passed,
+            "failed" => HostOutcome::Failed(instance.message),
+            _ => HostOutcome::Waiting,
+        }
+    }
+
+    /// Waits until every host of the wave passed or failed, the deadline passed, or an abort.
+    async fn wait_wave(&mut self, idx: usize, deadline: Instant, fresh: bool) -> WaitEnd {
+        let mut changes = self.fleet.changes();
+        let deadline = tokio::time::Instant::from_std(deadline);
+        loop {
+            changes.borrow_and_update();
+            let mut waiting = 0;
+            let mut newly = Vec::new();
+            for h_idx in 0..self.record.waves[idx].hosts.len() {
+                let host = self.record.waves[idx].hosts[h_idx].host.clone();
+                if self.record.waves[idx].hosts[h_idx].result != HostResult::Deploying {
+                    continue;
+                }
+                match self.deploy_outcome(&host, fresh) {
+                    HostOutcome::Waiting => waiting += 1,
+                    HostOutcome::Passed => {
+                        let entry = &mut self.record.waves[idx].hosts[h_idx];
+                        entry.result = HostResult::Passed;
+                        entry.message = "smoke checks passed".to_string();
+                        newly.push(format!("{host} passed smoke checks"));
+                    }
+                    HostOutcome::Failed(why) => {
+                        let entry = &mut self.record.waves[idx].hosts[h_idx];
+                        entry.result = HostResult::Failed;
+                        entry.message = why.clone();
+                        newly.push(format!("{host} failed: {why}"));
+                    }
+                }
+            }
+            if !newly.is_empty() {
+                if let Err(e) = self.save() {
+                    tracing::error!("cannot save rollout {}: {e}", self.record.id);
+                }
+                for line in newly {
+                    self.emit(line);
+                }
+            }
+            let any_failed = self.record.waves[idx]
+                .hosts
+                .iter()
+                .any(|h| h.result == HostResult::Failed);
+            if waiting == 0 || any_failed {
+                return WaitEnd::Done;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    for entry in &mut self.record.waves[idx].hosts {
+                        if entry.result == HostResult::Deploying {
+                            entry.result = HostResult::Failed;
+                            entry.message = if self.fleet.is_connected(&entry.host) {
+                                "did not pass its smoke checks before the deadline".to_string()
+                            } else {
+                                "did not report before the deadline: host not connected".to_string()
+                            };
+                        }
+                    }
+                    return WaitEnd::Deadline;
+                }
+                _ = changes.changed() => {}
+                changed = self.control.changed() => {
+                    if changed.is_ok() {
+                        if let (Control::Abort, actor) = self.control.borrow().clone() {
+                            return WaitEnd::Aborted(actor);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts every host this rollout touched back on the release it ran before.
+    async fn roll_back(&mut self, deadline: Duration) -> Result<(), StoreError> {
+        let app = self.record.app.clone();
+        let mut touched: Vec<(usize, usize)> = Vec::new();
+        for (w_idx, wave) in self.record.waves.iter().enumerate() {
+            for (h_idx, host) in wave.hosts.iter().enumerate() {
+                if matches!(
+                    host.result,
+                    HostResult::Deploying | HostResult::Passed | HostResult::Failed
+                ) {
+                    touched.push((w_idx, h_idx));
+                }
+            }
+        }
+        let previous: HashMap<String, Option<String>> = touched
+            .iter()
+            .map(|&(w, h)| {
+                let entry = &self.record.waves[w].hosts[h];
+                (entry.host.clone(), entry.previous_version.clone())
+            })
+            .collect();
+        let names: Vec<String> = previous.keys().cloned().collect();
+        self.emit(format!(
+            "rolling back {} to the releases they ran before",
+            names.join(", ")
+        ));
+        let rollout_id = self.record.id.clone();
+        let generation = self.record.seq;
+        let snapshot = self.record.clone();
+        self.fleet
+            .update_hosts(
+                &names,
+                |host| match previous.get(&host.name).cloned().flatten() {
+                    Some(version) => {
+                        host.desired.insert(
+                            app.clone(),
+                            Desired {
+                                version,
+                                rollout_id: rollout_id.clone(),
+                                generation,
+                                smoke_timeout_ms: 0,
+                            },
+                        );
+                    }
+                    None => {
+                        host.desired.remove(&app);
+                    }
+                },
+                &snapshot,
+            )
+            .await?;
+
+        // Wait until each host runs its previous release again (or has stopped the app).
+        let mut changes = self.fleet.changes();
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            changes.borrow_and_update();
+            let mut all_back = true;
+            for &(w, h) in &touched {
+                let entry = &self.record.waves[w].hosts[h];
+                if entry.result == HostResult::RolledBack {
+                    continue;
+                }
+                let instance = self.fleet.instance(&entry.host, &app);
+                let back = match &entry.previous_version {
+                    Some(version) => instance.is_some_and(|i| {
+                        &i.version == version && i.rollout_id == rollout_id && i.state == "running"
+                    }),
+                    None => {
+                        instance.is_none_or(|i| matches!(i.state.as_str(), "stopped" | "failed"))
+                    }
+                };
+                if back {
+                    let entry = &mut self.record.waves[w].hosts[h];
+                    entry.result = HostResult::RolledBack;
+                    entry.message = match &entry.previous_version {
+                        Some(v) => format!("{} (rolled back to {v})", entry.message),
+                        None => format!(
+                            "{} (rolled back: {app} stopped, it ran no earlier release)",
+                            entry.message
+                        ),
+                    };
+                    let line = format!(
+                        "{} is back on {}",
+                        entry.host,
+                        entry.previous_version.as_deref().unwrap_or("nothing")
+                    );
+                    self.emit(line);
+                } else {
+                    all_back = false;
+                }
+            }
+            if all_back {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                _ = changes.changed() => {}
+            }
+        }
+        let not_back: Vec<String> = touched
+            .iter()
+            .map(|&(w, h)| &self.record.waves[w].hosts[h])
+            .filter(|e| e.result != HostResult::RolledBack)
+            .map(|e| e.host.clone())
+            .collect();
+        self.record.state = RolloutState::RolledBack;
+        if !not_back.is_empty() {
+            self.record.message.push_str(&format!(
+                "; rollback did not finish on {} before the deadline: check `fleetctl status {}`",
+                not_back.join(", "),
+                app
+            ));
+        }
+        let line = format!(
+            "rollout {} rolled back: {}",
+            self.record.id, self.record.message
+        );
+        self.finish(line).await;
+        Ok(())
+    }
+
+    async fn aborted(&mut self, actor: String) -> Result<(), StoreError> {
+        self.record.state = RolloutState::Aborted;
+        self.record.message = format!(
+            "aborted by {actor} at wave {}/{}: hosts keep what they run; roll back with `fleetctl rollback {}`",
+            (self.record.current_wave + 1).min(self.record.waves.len()),
+            self.record.waves.len(),
+            self.record.app
+        );
+        let line = format!("rollout {} {}", self.record.id, self.record.message);
+        self.finish(line).await;
+        Ok(())
+    }
+
+    async fn finish(&mut self, line: String) {
+        self.record.finished_unix_ms = fleet_proto::now_unix_ms();
+        if let Err(e) = self.save() {
+            tracing::error!("cannot save the end of rollout {}: {e}", self.record.id);
+        }
+        let kind = format!("rollout.{}", self.record.state.as_str());
+        self.fleet.event(
+            &self.record.started_by,
+            &kind,
+            &self.record.app,
+            "",
+            format!(
+                "rollout {} of {}@{}: {}",
+                self.record.id, self.record.app, self.record.version, self.record.message
+            ),
+        );
+        self.emit(line);
+    }
+}

@@ -1,0 +1,328 @@
+//! The embedded store: hosts, releases, rollouts and the event log in one redb file in the data
+//! directory. Every write is a transaction that is fsynced before it returns, so a controller
+//! killed at any moment restarts with every record it acknowledged.
+//!
+//! This is the one narrow interface to state: a deployment that outgrows one controller can put
+//! another implementation (etcd) behind the same methods. Records are stored as JSON so the
+//! file stays readable with any redb tool and survives added fields.
+
+use crate::model::{EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{de::DeserializeOwned, Serialize};
+use std::path::Path;
+use thiserror::Error;
+
+const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// The file name of the store inside the data directory.
+pub const STORE_FILE: &str = "fleet.redb";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Db(Box<redb::Error>),
+    #[error("store record {key} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> StoreError {
+        StoreError::Db(Box::new(e))
+    }
+}
+
+fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(Box::new(e.into()))
+}
+
+/// What `insert_release` found.
+#[derive(Debug, PartialEq)]
+pub enum ReleaseInsert {
+    Created,
+    /// The same version already exists; the caller compares it with what it tried to create.
+    Exists(ReleaseRecord),
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn release_key(app: &str, version: &str) -> String {
+    format!("{app}/{version}")
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records always serialise")
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(data_dir.join(STORE_FILE)).map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
+        {
+            txn.open_table(HOSTS).map_err(db_err)?;
+            txn.open_table(RELEASES).map_err(db_err)?;
+            txn.open_table(ROLLOUTS).map_err(db_err)?;
+            txn.open_table(EVENTS).map_err(db_err)?;
+            txn.open_table(COUNTERS).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(Store { db })
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(table).map_err(db_err)?;
+        match table.get(key).map_err(db_err)? {
+            Some(value) => Ok(Some(decode(key, value.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(table).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err)? {
+            let (key, value) = item.map_err(db_err)?;
+            out.push(decode(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn get_host(&self, name: &str) -> Result<Option<HostRecord>, StoreError> {
+        self.get(HOSTS, name)
+    }
+
+    /// Every host, ordered by name.
+    pub fn list_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        self.all(HOSTS)
+    }
+
+    pub fn put_host(&self, host: &HostRecord) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(HOSTS)?;
+            table.insert(host.name.as_str(), encode(host).as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Writes hosts' desired state and the rollout that changed it in one transaction, so the
+    /// record of a wave and the assignments it made never disagree after a crash.
+    pub fn put_hosts_and_rollout(
+        &self,
+        hosts: &[HostRecord],
+        rollout: &RolloutRecord,
+    ) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(HOSTS)?;
+            for host in hosts {
+                table.insert(host.name.as_str(), encode(host).as_slice())?;
+            }
+            drop(table);
+            let mut table = txn.open_table(ROLLOUTS)?;
+            table.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn get_release(
+        &self,
+        app: &str,
+        version: &str,
+    ) -> Result<Option<ReleaseRecord>, StoreError> {
+        self.get(RELEASES, &release_key(app, version))
+    }
+
+    /// The releases of one app, oldest first.
+    pub fn list_releases(&self, app: &str) -> Result<Vec<ReleaseRecord>, StoreError> {
+        let prefix = format!("{app}/");
+        let mut releases: Vec<ReleaseRecord> = self
+            .all::<ReleaseRecord>(RELEASES)?
+            .into_iter()
+            .filter(|r| release_key(&r.app, &r.version).starts_with(&prefix))
+            .collect();
+        releases.sort_by_key(|r| r.created_unix_ms);
+        Ok(releases)
+    }
+
+    /// Records a release unless its version exists; check and insert are one transaction, so
+    /// two uploads of one version can never both win.
+    pub fn insert_release(&self, release: &ReleaseRecord) -> Result<ReleaseInsert, StoreError> {
+        let key = release_key(&release.app, &release.version);
+        let mut outcome = ReleaseInsert::Created;
+        self.write(|txn| {
+            let mut table = txn.open_table(RELEASES)?;
+            let existing = table.get(key.as_str())?.map(|v| v.value().to_vec());
+            match existing {
+                Some(bytes) => {
+                    outcome = ReleaseInsert::Exists(
+                        serde_json::from_slice(&bytes)
+                            .map_err(|e| redb::Error::Corrupted(format!("release {key}: {e}")))?,
+                    )
+                }
+                None => {
+                    table.insert(key.as_str(), encode(release).as_slice())?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    pub fn get_rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        self.get(ROLLOUTS, id)
+    }
+
+    pub fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(ROLLOUTS)?;
+            table.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Every rollout (of one app, when given), newest first.
+    pub fn list_rollouts(&self, app: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError> {
+        let mut rollouts: Vec<RolloutRecord> = self
+            .all::<RolloutRecord>(ROLLOUTS)?
+            .into_iter()
+            .filter(|r| app.is_none_or(|app| r.app == app))
+            .collect();
+        rollouts.sort_by(|a, b| b.seq.cmp(&a.seq));
+        Ok(rollouts)
+    }
+
+    /// The next number of a named counter, starting at 1; durable once returned.
+    pub fn next_seq(&self, counter: &str) -> Result<u64, StoreError> {
+        let mut next = 0;
+        self.write(|txn| {
+            let mut table = txn.open_table(COUNTERS)?;
+            let current = table.get(counter)?.map(|v| v.value()).unwrap_or(0);
+            next = current + 1;
+            table.insert(counter, next)?;
+            Ok(())
+        })?;
+        Ok(next)
+    }
+
+    /// Appends an event, numbering it; returns it with its number.
+    pub fn append_event(&self, mut event: EventRecord) -> Result<EventRecord, StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(EVENTS)?;
+            let last = table.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+            event.seq = last + 1;
+            table.insert(event.seq, encode(&event).as_slice())?;
+            Ok(())
+        })?;
+        Ok(event)
+    }
+
+    /// The newest `limit` events, oldest first.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(EVENTS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err)?.rev().take(limit) {
+            let (key, value) = item.map_err(db_err)?;
+            out.push(decode(&key.value().to_string(), value.value())?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn write(
+        &self,
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        body(&txn)?;
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn release(version: &str, digest: &str) -> ReleaseRecord {
+        ReleaseRecord {
+            app: "web".into(),
+            version: version.into(),
+            artifact_digest: digest.into(),
+            artifact_size: 1,
+            env: BTreeMap::new(),
+            created_unix_ms: 1,
+            created_by: "test".into(),
+        }
+    }
+
+    #[test]
+    fn releases_are_inserted_once_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(
+                store.insert_release(&release("1.0", "a")).unwrap(),
+                ReleaseInsert::Created
+            );
+            assert_eq!(
+                store.insert_release(&release("1.0", "b")).unwrap(),
+                ReleaseInsert::Exists(release("1.0", "a"))
+            );
+            assert_eq!(store.next_seq("rollout").unwrap(), 1);
+            assert_eq!(store.next_seq("rollout").unwrap(), 2);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.list_releases("web").unwrap(),
+            vec![release("1.0", "a")]
+        );
+        assert!(store.list_releases("we").unwrap().is_empty());
+        assert_eq!(store.next_seq("rollout").unwrap(), 3);
+    }
+
+    #[test]
+    fn events_are_numbered_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for n in 0..5 {
+            let event = EventRecord {
+                seq: 0,
+                unix_ms: n,
+                actor: "a".into(),
+                kind: "k".into(),
+                app: String::new(),
+                host: String::new(),
+                message: format!("m{n}"),
+            };
+            assert_eq!(store.append_event(event).unwrap().seq, n as u64 + 1);
+        }
+        let recent = store.recent_events(2).unwrap();
+        assert_eq!(recent.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+    }
+}
