@@ -32,11 +32,23 @@ pub enum StoreError {
     },
 }
 
-impl From<redb::Error> for StoreError {
-    fn from(e: redb::Error) -> StoreError {
-        StoreError::Db(Box::new(e))
-    }
+macro_rules! from_redb {
+    ($($error:ty),*) => {$(
+        impl From<$error> for StoreError {
+            fn from(e: $error) -> StoreError {
+                StoreError::Db(Box::new(e.into()))
+            }
+        }
+    )*};
 }
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
@@ -211,7 +223,7 @@ impl Store {
             .into_iter()
             .filter(|r| app.is_none_or(|app| r.app == app))
             .collect();
-        rollouts.sort_by(|a, b| b.seq.cmp(&a.seq));
+        rollouts.sort_by_key(|r| std::cmp::Reverse(r.seq));
         Ok(rollouts)
     }
 
@@ -255,7 +267,7 @@ impl Store {
 
     fn write(
         &self,
-        body: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         body(&txn)?;

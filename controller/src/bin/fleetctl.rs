@@ -1,2 +1,24 @@
-//! placeholder
-fn main() {}
+//! `fleetctl`, the CLI: parses the command line, starts the async runtime and hands over to
+//! `fleet_controller::cli::run`, which returns the exit code of the CLI contract.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = fleet_controller::cli::args::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(fleet_controller::cli::client::EXIT_FAILED);
+        }
+    };
+    let exit_code = runtime.block_on(fleet_controller::cli::run(cli));
+    // Do not wait for a `events --follow` or progress stream still open in the background.
+    runtime.shutdown_background();
+    std::process::ExitCode::from(exit_code)
+}

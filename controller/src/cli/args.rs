@@ -1,0 +1,425 @@
+//! fleetctl's command line: the clap definitions of every verb and flag, and the parsers that
+//! check names, versions, durations, selectors, batches and `--env` pairs before anything is
+//! sent, so bad input fails at once with exit code 2 and a message that says what to write.
+
+use crate::cli::output::OutputFormat;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The default address `fleetctl init` tells the controller to listen on.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+/// Hosts in the first wave when `--canary` is not given.
+pub const DEFAULT_CANARY: u32 = 1;
+/// Hosts per later wave when `--batch` is not given.
+pub const DEFAULT_BATCH: &str = "25%";
+
+/// fleetctl: deploy versioned releases to a fleet of hosts through fleet-controller.
+#[derive(Debug, Parser)]
+#[command(name = "fleetctl", version)]
+pub struct Cli {
+    /// Directory holding client.toml (written by `fleetctl init`) [default: ~/.config/fleet]
+    #[arg(long, global = true, env = "FLEET_CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// The controller's URL, e.g. http://127.0.0.1:7700 (overrides DIR/client.toml)
+    #[arg(long, global = true, env = "FLEET_CONTROLLER", value_name = "URL")]
+    pub controller: Option<String>,
+
+    /// Print results as text tables or as JSON (the proto response message) for scripts
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write controller.toml and client.toml for a new controller
+    Init(InitArgs),
+    /// Create releases
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// List the releases of an app
+    Releases {
+        #[arg(value_parser = parse_app)]
+        app: String,
+    },
+    /// List the hosts and what they run
+    Hosts,
+    /// What runs where, since when, and the rollouts in progress
+    Status {
+        /// Only this app
+        #[arg(value_parser = parse_app)]
+        app: Option<String>,
+    },
+    /// The rollouts of an app, newest first, with each host's result
+    History {
+        #[arg(value_parser = parse_app)]
+        app: String,
+        /// At most this many rollouts (0: the controller's default)
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// The event log: every change and who made it
+    Events {
+        /// Keep printing new events as they happen (Ctrl-C stops)
+        #[arg(long)]
+        follow: bool,
+        /// At most this many past events (0: the controller's default)
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Roll a release out wave by wave, or act on a running rollout
+    Rollout(RolloutArgs),
+    /// Roll an app back to the release it ran before (or to --to VERSION)
+    Rollback(RollbackArgs),
+    /// Start a whole local fleet (a controller and N hosts) on this machine, deploy the example
+    /// web app to it, and clean everything up again
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where to write the files [default: the config dir]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// The address the controller listens on (loopback only until mTLS lands)
+    #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Upload an artifact (.tar.gz with fleet.toml at its root) as APP@VERSION
+    Create(ReleaseCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseCreateArgs {
+    #[arg(value_parser = parse_app)]
+    pub app: String,
+    #[arg(value_parser = parse_version)]
+    pub version: String,
+    /// The artifact file
+    pub artifact: PathBuf,
+    /// Configuration stored with the release and given to every instance (repeatable)
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct RolloutArgs {
+    #[command(subcommand)]
+    pub action: Option<RolloutAction>,
+
+    /// The app to roll out
+    #[arg(required = true, value_parser = parse_app)]
+    pub app: Option<String>,
+    /// The release version to roll out (created with `fleetctl release create`)
+    #[arg(required = true, value_parser = parse_version)]
+    pub version: Option<String>,
+    /// Only hosts with these labels, e.g. env=prod,zone=a [default: every host]
+    #[arg(long, value_name = "k=v,...", value_parser = parse_selector)]
+    pub selector: Option<Selector>,
+    /// Hosts in the first (canary) wave; 0 for no canary wave
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CANARY)]
+    pub canary: u32,
+    /// Hosts per later wave: a count N or a share P% of the selected hosts
+    #[arg(long, value_name = "N|P%", default_value = DEFAULT_BATCH, value_parser = parse_batch)]
+    pub batch: String,
+    /// Wait this long after the canary wave passed before widening, e.g. 5m
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]
+    pub pause_after_canary: Option<Duration>,
+    /// Give the smoke checks of each host at most this long, e.g. 90s [default: fleet.toml's]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]
+    pub smoke_timeout: Option<Duration>,
+    /// Halt on failure but leave the hosts that took the new release on it
+    #[arg(long)]
+    pub no_auto_rollback: bool,
+    /// Print the rollout id and return at once instead of following the progress
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Show a rollout's state and each host's result
+    Status { rollout_id: String },
+    /// Stop widening a rollout after the current wave
+    Pause { rollout_id: String },
+    /// Continue a paused rollout
+    Resume { rollout_id: String },
+    /// Stop a rollout (hosts go back to their previous release unless --no-auto-rollback)
+    Abort { rollout_id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[arg(value_parser = parse_app)]
+    pub app: String,
+    /// Roll back to this version instead of the one that ran before
+    #[arg(long = "to", value_name = "VERSION", value_parser = parse_version)]
+    pub to_version: Option<String>,
+    /// Print the rollout id and return at once instead of following the progress
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many hosts (agents) to start, 1 to 20
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub hosts: u32,
+}
+
+/// A label selector: hosts must carry every one of these labels.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Selector(pub Vec<(String, String)>);
+
+/// Checks an app name.
+pub fn parse_app(text: &str) -> Result<String, String> {
+    fleet_proto::names::check_app(text)
+        .map(|()| text.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Checks a release version.
+pub fn parse_version(text: &str) -> Result<String, String> {
+    fleet_proto::names::check_version(text)
+        .map(|()| text.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Parses a duration like `90s` or `5m`.
+pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    fleet_proto::duration::parse_duration(text)
+}
+
+/// Parses `k=v,k2=v2`; an empty selector is refused (leave the flag out to select every host).
+pub fn parse_selector(text: &str) -> Result<Selector, String> {
+    let labels = fleet_proto::names::parse_labels(text).map_err(|e| e.to_string())?;
+    if labels.is_empty() {
+        return Err(
+            "selector is empty: write it like env=prod,zone=a, or leave --selector out to select every host"
+                .to_string(),
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (key, _) in &labels {
+        if !seen.insert(key.as_str()) {
+            return Err(format!(
+                "selector names label {key:?} twice: a host has one value per label"
+            ));
+        }
+    }
+    Ok(Selector(labels))
+}
+
+/// Parses a batch size: `N` hosts (N > 0) or `P%` of the selected hosts (1 to 100), and returns
+/// it in the form the controller reads.
+pub fn parse_batch(text: &str) -> Result<String, String> {
+    let bad = || {
+        format!(
+            "batch {text:?} is invalid: write a host count like 2 or a share like 25% (1% to 100%)"
+        )
+    };
+    let text = text.trim();
+    if let Some(percent) = text.strip_suffix('%') {
+        let percent: u32 = all_digits(percent).ok_or_else(bad)?;
+        if (1..=100).contains(&percent) {
+            return Ok(format!("{percent}%"));
+        }
+        return Err(bad());
+    }
+    let count: u32 = all_digits(text).ok_or_else(bad)?;
+    if count == 0 {
+        return Err(bad());
+    }
+    Ok(count.to_string())
+}
+
+fn all_digits(text: &str) -> Option<u32> {
+    if text.is_empty() || text.len() > 9 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Parses one `--env KEY=VALUE`; the value may hold anything, `=` included.
+pub fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| {
+        format!("--env {text:?} is invalid: write it as KEY=VALUE, e.g. --env LOG_LEVEL=debug")
+    })?;
+    if !fleet_proto::names::check_env_key(key) {
+        return Err(format!(
+            "environment variable name {key:?} is invalid: use letters, digits and '_', not starting with a digit"
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn batches() {
+        for (text, expect) in [
+            ("1", Some("1")),
+            ("25", Some("25")),
+            ("25%", Some("25%")),
+            ("1%", Some("1%")),
+            ("100%", Some("100%")),
+            ("007", Some("7")),
+            ("0", None),
+            ("0%", None),
+            ("101%", None),
+            ("-1", None),
+            ("%", None),
+            ("", None),
+            ("2.5", None),
+            ("50 %", None),
+            ("9999999999", None),
+        ] {
+            assert_eq!(parse_batch(text).ok().as_deref(), expect, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn selectors() {
+        assert_eq!(
+            parse_selector("env=prod,zone=a").unwrap(),
+            Selector(vec![
+                ("env".into(), "prod".into()),
+                ("zone".into(), "a".into())
+            ])
+        );
+        assert!(parse_selector("").is_err());
+        assert!(parse_selector("env").is_err());
+        assert!(parse_selector("env=prod,env=staging").is_err());
+        assert!(parse_selector("Env=prod").is_err());
+    }
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(
+            parse_env_pair("DATABASE_URL=postgres://x?a=b").unwrap(),
+            ("DATABASE_URL".into(), "postgres://x?a=b".into())
+        );
+        assert_eq!(
+            parse_env_pair("EMPTY=").unwrap(),
+            ("EMPTY".into(), "".into())
+        );
+        assert!(parse_env_pair("NOVALUE").is_err());
+        assert!(parse_env_pair("1BAD=x").is_err());
+        assert!(parse_env_pair("BAD-KEY=x").is_err());
+        assert!(parse_env_pair("=x").is_err());
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("fleetctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn rollout_takes_app_and_version_or_a_subcommand() {
+        let cli = parse(&[
+            "rollout",
+            "web",
+            "1.4.2",
+            "--selector",
+            "env=prod",
+            "--canary",
+            "2",
+            "--batch",
+            "50%",
+            "--pause-after-canary",
+            "5m",
+            "--smoke-timeout",
+            "90s",
+            "--no-auto-rollback",
+        ])
+        .unwrap();
+        let Command::Rollout(rollout) = cli.command else {
+            panic!("not a rollout")
+        };
+        assert!(rollout.action.is_none());
+        assert_eq!(rollout.app.as_deref(), Some("web"));
+        assert_eq!(rollout.version.as_deref(), Some("1.4.2"));
+        assert_eq!(rollout.canary, 2);
+        assert_eq!(rollout.batch, "50%");
+        assert_eq!(rollout.pause_after_canary, Some(Duration::from_secs(300)));
+        assert_eq!(rollout.smoke_timeout, Some(Duration::from_secs(90)));
+        assert!(rollout.no_auto_rollback);
+
+        let cli = parse(&["rollout", "web", "1.4.2"]).unwrap();
+        let Command::Rollout(rollout) = cli.command else {
+            panic!("not a rollout")
+        };
+        assert_eq!(rollout.canary, DEFAULT_CANARY);
+        assert_eq!(rollout.batch, DEFAULT_BATCH);
+
+        for action in ["status", "pause", "resume", "abort"] {
+            let cli = parse(&["rollout", action, "r-123"]).unwrap();
+            let Command::Rollout(rollout) = cli.command else {
+                panic!("not a rollout")
+            };
+            assert!(rollout.action.is_some(), "{action}");
+        }
+
+        for bad in [
+            &["rollout"][..],
+            &["rollout", "web"],
+            &["rollout", "Web", "1.0"],
+            &["rollout", "web", "1/0"],
+            &["rollout", "web", "1.0", "--batch", "0"],
+            &["rollout", "web", "1.0", "--smoke-timeout", "soon"],
+            &["rollout", "web", "1.0", "--selector", "env"],
+            &["rollout", "status"],
+        ] {
+            let error = parse(bad).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn global_flags_and_other_verbs() {
+        let cli = parse(&[
+            "--output",
+            "json",
+            "release",
+            "create",
+            "web",
+            "1.0.0",
+            "web.tar.gz",
+            "--env",
+            "A=1",
+            "--env",
+            "B=2",
+        ])
+        .unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+        let Command::Release(ReleaseCommand::Create(create)) = cli.command else {
+            panic!("not release create")
+        };
+        assert_eq!(create.env.len(), 2);
+
+        let cli = parse(&["status", "--controller", "http://127.0.0.1:1"]).unwrap();
+        assert_eq!(cli.controller.as_deref(), Some("http://127.0.0.1:1"));
+        assert!(parse(&["demo", "--hosts", "0"]).is_err());
+        assert!(parse(&["demo", "--hosts", "21"]).is_err());
+        assert!(parse(&["demo", "--hosts", "20"]).is_ok());
+        assert!(parse(&["release", "create", "web", "..", "x"]).is_err());
+        assert!(parse(&["release", "create", "web", "1", "x", "--env", "1=x"]).is_err());
+        assert!(parse(&["rollback", "web", "--to", "1.0.0", "--detach"]).is_ok());
+        assert!(parse(&["events", "--follow", "--limit", "10"]).is_ok());
+    }
+}

@@ -1,0 +1,347 @@
+//! How fleetctl reaches the controller: where the controller's URL comes from (`--controller`,
+//! `FLEET_CONTROLLER`, `DIR/client.toml`), the connection, the `x-fleet-actor` metadata sent on
+//! every call, and `CliError`, which maps every failure to the exit code of the CLI contract.
+
+use fleet_proto::pb::fleet_service_client::FleetServiceClient;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Exit code: done as asked.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: the operation failed (a rollout that halted, rolled back, failed or was aborted).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: bad usage or bad input.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: the controller could not be reached or refused the credentials.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// The gRPC metadata key that names who asked for a change.
+pub const ACTOR_METADATA_KEY: &str = "x-fleet-actor";
+
+/// How long fleetctl waits for the controller to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every way a fleetctl verb can fail, each with the exit code the CLI contract gives it.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// Bad usage or bad input (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The operation ran and failed (exit 1).
+    #[error("{0}")]
+    Failed(String),
+    /// The controller could not be reached or refused the credentials (exit 3).
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => EXIT_USAGE,
+            CliError::Failed(_) => EXIT_FAILED,
+            CliError::Unreachable(_) => EXIT_UNREACHABLE,
+        }
+    }
+
+    /// Maps a gRPC status from the controller to the exit code the contract gives its class.
+    pub fn from_status(status: tonic::Status, controller_url: &str) -> CliError {
+        use tonic::Code;
+        let message = status.message().to_string();
+        match status.code() {
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::OutOfRange => CliError::Usage(message),
+            Code::Unavailable => CliError::Unreachable(format!(
+                "cannot reach the controller at {controller_url}: {message}; is fleet-controller running?"
+            )),
+            Code::Unauthenticated | Code::PermissionDenied => CliError::Unreachable(format!(
+                "the controller at {controller_url} refused the credentials: {message}"
+            )),
+            _ => CliError::Failed(format!("the controller answered: {message}")),
+        }
+    }
+}
+
+/// Shorthand for a usage error (exit 2).
+pub fn usage(message: impl Into<String>) -> CliError {
+    CliError::Usage(message.into())
+}
+
+/// The default configuration directory: `~/.config/fleet`.
+pub fn default_config_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) if !home.is_empty() => PathBuf::from(home).join(".config").join("fleet"),
+        _ => PathBuf::from(".config").join("fleet"),
+    }
+}
+
+/// What `DIR/client.toml` holds.
+#[derive(Debug, serde::Deserialize)]
+struct ClientConfigFile {
+    controller: Option<String>,
+}
+
+/// Works out the controller's URL: `--controller`/`FLEET_CONTROLLER` win, else
+/// `CONFIG_DIR/client.toml`. When that file names port 0 (a controller told to pick a port),
+/// the address the controller wrote to `CONFIG_DIR/controller.addr` is used instead.
+pub fn resolve_controller_url(
+    controller_flag: Option<&str>,
+    config_dir: &Path,
+) -> Result<String, CliError> {
+    if let Some(url) = controller_flag.map(str::trim).filter(|u| !u.is_empty()) {
+        return Ok(normalize_url(url));
+    }
+    let no_controller = || {
+        usage(
+            "no controller configured: run `fleetctl init`, pass --controller URL or set FLEET_CONTROLLER",
+        )
+    };
+    let client_toml = config_dir.join("client.toml");
+    let text = match std::fs::read_to_string(&client_toml) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(no_controller()),
+        Err(e) => {
+            return Err(usage(format!(
+                "cannot read {}: {e}; fix its permissions or pass --controller URL",
+                client_toml.display()
+            )))
+        }
+    };
+    let parsed: ClientConfigFile = toml::from_str(&text).map_err(|e| {
+        usage(format!(
+            "{} is invalid: {}; it should hold controller = \"http://ADDR:PORT\"",
+            client_toml.display(),
+            e.message()
+        ))
+    })?;
+    let url = parsed
+        .controller
+        .filter(|u| !u.trim().is_empty())
+        .ok_or_else(no_controller)?;
+    let url = normalize_url(url.trim());
+    if url.ends_with(":0") {
+        let addr_file = config_dir.join("controller.addr");
+        if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+            let addr = addr.trim();
+            if !addr.is_empty() {
+                return Ok(format!("http://{addr}"));
+            }
+        }
+    }
+    Ok(url)
+}
+
+/// Accepts `ADDR:PORT` as shorthand for `http://ADDR:PORT`.
+fn normalize_url(url: &str) -> String {
+    if url.contains("://") {
+        url.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{}", url.trim_end_matches('/'))
+    }
+}
+
+/// Adds `x-fleet-actor: USER@HOSTNAME` to every request.
+#[derive(Debug, Clone)]
+pub struct ActorInterceptor {
+    actor: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl ActorInterceptor {
+    /// Builds the interceptor for the person running fleetctl.
+    pub fn for_current_user() -> ActorInterceptor {
+        let actor = current_actor();
+        ActorInterceptor {
+            actor: actor
+                .parse()
+                .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("unknown")),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for ActorInterceptor {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert(ACTOR_METADATA_KEY, self.actor.clone());
+        Ok(request)
+    }
+}
+
+/// `USER@HOSTNAME`, reduced to printable ASCII so it fits in gRPC metadata.
+pub fn current_actor() -> String {
+    let user = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|key| std::env::var(key).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "unknown".to_string());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".to_string());
+    sanitize_actor(&format!("{user}@{host}"))
+}
+
+fn sanitize_actor(actor: &str) -> String {
+    actor
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .take(128)
+        .collect()
+}
+
+/// The client every verb uses.
+pub type FleetClient = FleetServiceClient<InterceptedService<Channel, ActorInterceptor>>;
+
+/// A connected client plus the URL it talks to, for error messages.
+#[derive(Clone)]
+pub struct Connection {
+    pub client: FleetClient,
+    pub url: String,
+}
+
+impl Connection {
+    /// Maps a gRPC status from this controller to a `CliError`.
+    pub fn error(&self, status: tonic::Status) -> CliError {
+        CliError::from_status(status, &self.url)
+    }
+}
+
+/// Connects to the controller at `url`.
+pub async fn connect(url: &str) -> Result<Connection, CliError> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| {
+            usage(format!(
+                "controller URL {url:?} is invalid: {e}; write it like http://127.0.0.1:7700"
+            ))
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(e)) => {
+            return Err(CliError::Unreachable(format!(
+                "cannot reach the controller at {url}: {}; is fleet-controller running?",
+                error_chain(&e)
+            )))
+        }
+        Err(_) => {
+            return Err(CliError::Unreachable(format!(
+                "cannot reach the controller at {url}: no answer within {}s; is fleet-controller running?",
+                CONNECT_TIMEOUT.as_secs()
+            )))
+        }
+    };
+    let client =
+        FleetServiceClient::with_interceptor(channel, ActorInterceptor::for_current_user());
+    Ok(Connection {
+        client,
+        url: url.to_string(),
+    })
+}
+
+/// An error and its sources, joined with ": " (transport errors hide the useful part).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    let mut depth = 0;
+    while let Some(inner) = source {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        source = inner.source();
+        depth += 1;
+        if depth >= 8 {
+            break;
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_map_to_exit_codes() {
+        use tonic::{Code, Status};
+        for (code, exit) in [
+            (Code::InvalidArgument, EXIT_USAGE),
+            (Code::NotFound, EXIT_USAGE),
+            (Code::AlreadyExists, EXIT_USAGE),
+            (Code::FailedPrecondition, EXIT_USAGE),
+            (Code::Unavailable, EXIT_UNREACHABLE),
+            (Code::Unauthenticated, EXIT_UNREACHABLE),
+            (Code::PermissionDenied, EXIT_UNREACHABLE),
+            (Code::Internal, EXIT_FAILED),
+            (Code::Unknown, EXIT_FAILED),
+            (Code::Aborted, EXIT_FAILED),
+        ] {
+            let error = CliError::from_status(Status::new(code, "x"), "http://127.0.0.1:1");
+            assert_eq!(error.exit_code(), exit, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn controller_url_comes_from_flag_then_client_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = resolve_controller_url(None, dir.path()).unwrap_err();
+        assert_eq!(missing.exit_code(), EXIT_USAGE);
+        assert!(missing.to_string().contains("fleetctl init"));
+
+        std::fs::write(
+            dir.path().join("client.toml"),
+            "controller = \"http://127.0.0.1:7700\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_controller_url(None, dir.path()).unwrap(),
+            "http://127.0.0.1:7700"
+        );
+        assert_eq!(
+            resolve_controller_url(Some("127.0.0.1:9"), dir.path()).unwrap(),
+            "http://127.0.0.1:9"
+        );
+
+        std::fs::write(
+            dir.path().join("client.toml"),
+            "controller = \"http://127.0.0.1:0\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("controller.addr"), "127.0.0.1:4567\n").unwrap();
+        assert_eq!(
+            resolve_controller_url(None, dir.path()).unwrap(),
+            "http://127.0.0.1:4567"
+        );
+
+        std::fs::write(dir.path().join("client.toml"), "controller = [").unwrap();
+        assert_eq!(
+            resolve_controller_url(None, dir.path())
+                .unwrap_err()
+                .exit_code(),
+            EXIT_USAGE
+        );
+    }
+
+    #[test]
+    fn actor_is_ascii() {
+        assert_eq!(sanitize_actor("jöe@host one"), "j_e@host_one");
+        assert!(current_actor().contains('@'));
+    }
+}

@@ -1,0 +1,915 @@
+//! One function per fleetctl verb that talks to the controller: it builds the request, calls
+//! FleetService, and prints the answer as text or JSON. `fleetctl demo` calls these same
+//! functions, so the demo shows exactly what the verbs do.
+
+use crate::cli::client::{usage, CliError, Connection, EXIT_FAILED, EXIT_OK};
+use crate::cli::output::{self, OutputFormat, Table};
+use fleet_proto::pb;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio_stream::StreamExt;
+
+/// Artifact bytes travel in chunks of this size.
+pub const UPLOAD_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// What every verb needs: the controller connection and how to print.
+#[derive(Clone)]
+pub struct Context {
+    pub connection: Connection,
+    pub output: OutputFormat,
+}
+
+impl Context {
+    fn client(&self) -> crate::cli::client::FleetClient {
+        self.connection.client.clone()
+    }
+
+    fn error(&self, status: tonic::Status) -> CliError {
+        self.connection.error(status)
+    }
+
+    fn json(&self) -> bool {
+        self.output == OutputFormat::Json
+    }
+}
+
+// ---------------------------------------------------------------- release create, releases
+
+/// `fleetctl release create APP VERSION ARTIFACT [--env KEY=VALUE]...`: checks the artifact
+/// locally, then streams it to the controller in 1 MiB chunks (never whole in memory).
+pub async fn release_create(
+    ctx: &Context,
+    app: &str,
+    version: &str,
+    artifact: &Path,
+    env: &[(String, String)],
+) -> Result<pb::CreateReleaseResponse, CliError> {
+    fleet_proto::names::check_app(app).map_err(|e| usage(e.to_string()))?;
+    fleet_proto::names::check_version(version).map_err(|e| usage(e.to_string()))?;
+    let mut env_map = HashMap::new();
+    for (key, value) in env {
+        if !fleet_proto::names::check_env_key(key) {
+            return Err(usage(format!(
+                "environment variable name {key:?} is invalid: use letters, digits and '_', not starting with a digit"
+            )));
+        }
+        if env_map.insert(key.clone(), value.clone()).is_some() {
+            return Err(usage(format!(
+                "--env {key} is given twice: give each variable once"
+            )));
+        }
+    }
+    check_artifact_file(artifact).await?;
+
+    let file = tokio::fs::File::open(artifact)
+        .await
+        .map_err(|e| usage(format!("cannot read {}: {e}", artifact.display())))?;
+    let header = pb::CreateReleaseRequest {
+        body: Some(pb::create_release_request::Body::Header(
+            pb::ReleaseHeader {
+                app: app.to_string(),
+                version: version.to_string(),
+                env: env_map,
+            },
+        )),
+    };
+    let (read_error_tx, read_error_rx) = tokio::sync::oneshot::channel::<std::io::Error>();
+    let requests = artifact_stream(header, file, read_error_tx);
+
+    let mut client = ctx.client();
+    let call = client.create_release(requests);
+    let response = tokio::select! {
+        response = call => response.map_err(|status| ctx.error(status))?.into_inner(),
+        Ok(error) = read_error_rx => {
+            // Dropping the call cancels the upload, so the controller never records a release
+            // made of half a file.
+            return Err(usage(format!(
+                "cannot read {} while uploading it: {error}",
+                artifact.display()
+            )));
+        }
+    };
+
+    if ctx.json() {
+        output::print_json(&response);
+    } else {
+        let release = response.release.clone().unwrap_or_default();
+        if response.created {
+            println!(
+                "created {}@{} {}",
+                release.app, release.version, release.artifact_digest
+            );
+        } else {
+            println!(
+                "{}@{} already exists with the same artifact and config (nothing to do)",
+                release.app, release.version
+            );
+        }
+    }
+    Ok(response)
+}
+
+/// Checks the file is a readable artifact before a byte is uploaded, so a missing fleet.toml
+/// or a broken tarball is reported at once, with the file's name.
+async fn check_artifact_file(artifact: &Path) -> Result<(), CliError> {
+    let metadata = tokio::fs::metadata(artifact).await.map_err(|e| {
+        usage(format!(
+            "cannot read artifact {}: {e}; pass the path of a .tar.gz with fleet.toml at its root",
+            artifact.display()
+        ))
+    })?;
+    if !metadata.is_file() {
+        return Err(usage(format!(
+            "artifact {} is not a file: pass the path of a .tar.gz with fleet.toml at its root",
+            artifact.display()
+        )));
+    }
+    let path = artifact.to_path_buf();
+    let checked = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)?;
+        Ok::<_, std::io::Error>(fleet_proto::artifact::read_artifact(
+            std::io::BufReader::new(file),
+            None,
+            fleet_proto::artifact::Limits::default(),
+        ))
+    })
+    .await
+    .map_err(|e| CliError::Failed(format!("checking the artifact stopped: {e}")))?;
+    match checked {
+        Ok(Ok(_manifest)) => Ok(()),
+        Ok(Err(e)) => Err(usage(format!(
+            "{} is not a valid artifact: {e}",
+            artifact.display()
+        ))),
+        Err(e) => Err(usage(format!(
+            "cannot read artifact {}: {e}",
+            artifact.display()
+        ))),
+    }
+}
+
+/// The CreateRelease request stream: the header, then the file in chunks. A read error is sent
+/// to `read_error_tx` and the stream then never ends, so the caller cancels the call instead of
+/// the controller seeing a clean end of a truncated artifact.
+fn artifact_stream(
+    header: pb::CreateReleaseRequest,
+    file: tokio::fs::File,
+    read_error_tx: tokio::sync::oneshot::Sender<std::io::Error>,
+) -> impl tokio_stream::Stream<Item = pb::CreateReleaseRequest> + Send + 'static {
+    struct State {
+        header: Option<pb::CreateReleaseRequest>,
+        file: tokio::fs::File,
+        read_error_tx: Option<tokio::sync::oneshot::Sender<std::io::Error>>,
+    }
+    let state = State {
+        header: Some(header),
+        file,
+        read_error_tx: Some(read_error_tx),
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        if let Some(header) = state.header.take() {
+            return Some((header, state));
+        }
+        let mut chunk = vec![0u8; UPLOAD_CHUNK_BYTES];
+        match read_up_to(&mut state.file, &mut chunk).await {
+            Ok(0) => None,
+            Ok(n_bytes) => {
+                chunk.truncate(n_bytes);
+                let request = pb::CreateReleaseRequest {
+                    body: Some(pb::create_release_request::Body::Chunk(chunk)),
+                };
+                Some((request, state))
+            }
+            Err(error) => {
+                if let Some(tx) = state.read_error_tx.take() {
+                    let _ = tx.send(error);
+                }
+                futures::future::pending::<Option<(pb::CreateReleaseRequest, State)>>().await
+            }
+        }
+    })
+}
+
+/// Fills `buffer` from `file` unless the file ends first; returns how many bytes it read.
+async fn read_up_to(file: &mut tokio::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        let n_read = file.read(&mut buffer[filled..]).await?;
+        if n_read == 0 {
+            break;
+        }
+        filled += n_read;
+    }
+    Ok(filled)
+}
+
+/// `fleetctl releases APP`.
+pub async fn releases(ctx: &Context, app: &str) -> Result<(), CliError> {
+    let response = ctx
+        .client()
+        .list_releases(pb::ListReleasesRequest {
+            app: app.to_string(),
+        })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    if ctx.json() {
+        output::print_json(&response);
+        return Ok(());
+    }
+    if response.releases.is_empty() {
+        println!("{app} has no releases yet: create one with `fleetctl release create {app} VERSION ARTIFACT`");
+        return Ok(());
+    }
+    let now = fleet_proto::now_unix_ms();
+    let mut table = Table::new(&["VERSION", "ARTIFACT", "SIZE", "CREATED", "BY", "ENV"]);
+    for release in &response.releases {
+        let mut env_keys: Vec<&String> = release.env.keys().collect();
+        env_keys.sort();
+        table.row(vec![
+            release.version.clone(),
+            output::short_digest(&release.artifact_digest),
+            output::size(release.artifact_size),
+            output::ago(release.created_unix_ms, now),
+            release.created_by.clone(),
+            env_keys
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ]);
+    }
+    table.print();
+    Ok(())
+}
+
+// ---------------------------------------------------------------- hosts, status
+
+/// `fleetctl hosts`.
+pub async fn hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError> {
+    let response = list_hosts(ctx).await?;
+    if ctx.json() {
+        output::print_json(&response);
+        return Ok(response);
+    }
+    if response.hosts.is_empty() {
+        println!(
+            "no hosts yet: start fleet-agent on a host (or run `fleetctl demo` for a local fleet)"
+        );
+        return Ok(response);
+    }
+    let now = fleet_proto::now_unix_ms();
+    let mut table = Table::new(&[
+        "HOST",
+        "STATE",
+        "CONNECTED",
+        "ADDRESS",
+        "LABELS",
+        "LAST SEEN",
+        "APPS",
+    ]);
+    for host in &response.hosts {
+        let apps = host
+            .apps
+            .iter()
+            .map(|app| format!("{}@{}", app.app, app.desired_version))
+            .collect::<Vec<_>>()
+            .join(",");
+        table.row(vec![
+            host.name.clone(),
+            host.state.clone(),
+            yes_no(host.connected),
+            host.advertise_addr.clone(),
+            output::labels(&host.labels),
+            if host.connected {
+                "now".to_string()
+            } else {
+                output::ago(host.last_seen_unix_ms, now)
+            },
+            apps,
+        ]);
+    }
+    table.print();
+    Ok(response)
+}
+
+/// ListHosts without printing (the demo polls it).
+pub async fn list_hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError> {
+    Ok(ctx
+        .client()
+        .list_hosts(pb::ListHostsRequest {})
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner())
+}
+
+/// `fleetctl status [APP]`: per host, each app's desired and running version and instance
+/// state, then the rollouts in progress.
+pub async fn status(ctx: &Context, app: Option<&str>) -> Result<pb::StatusResponse, CliError> {
+    let response = ctx
+        .client()
+        .status(pb::StatusRequest {
+            app: app.unwrap_or_default().to_string(),
+        })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    if ctx.json() {
+        output::print_json(&response);
+        return Ok(response);
+    }
+    print!(
+        "{}",
+        render_status(&response, app, fleet_proto::now_unix_ms())
+    );
+    Ok(response)
+}
+
+/// The text of `fleetctl status`.
+pub fn render_status(response: &pb::StatusResponse, app: Option<&str>, now: i64) -> String {
+    let mut text = String::new();
+    let mut table = Table::new(&[
+        "HOST",
+        "STATE",
+        "CONNECTED",
+        "APP",
+        "DESIRED",
+        "RUNNING",
+        "INSTANCE",
+        "SINCE",
+    ]);
+    let mut problems = Vec::new();
+    let mut any_drift = false;
+    for host in &response.hosts {
+        let host_apps: Vec<&pb::HostApp> = host
+            .apps
+            .iter()
+            .filter(|host_app| app.is_none_or(|only| host_app.app == only))
+            .collect();
+        if host_apps.is_empty() {
+            table.row(vec![
+                host.name.clone(),
+                host.state.clone(),
+                yes_no(host.connected),
+            ]);
+        }
+        for host_app in host_apps {
+            let actual = host_app.actual.clone().unwrap_or_default();
+            let drift = !actual.version.is_empty() && actual.version != host_app.desired_version;
+            any_drift |= drift;
+            table.row(vec![
+                host.name.clone(),
+                host.state.clone(),
+                yes_no(host.connected),
+                host_app.app.clone(),
+                host_app.desired_version.clone(),
+                if drift {
+                    format!("{} *", actual.version)
+                } else {
+                    actual.version.clone()
+                },
+                actual.state.clone(),
+                output::ago(actual.since_unix_ms, now),
+            ]);
+            if matches!(actual.state.as_str(), "failed" | "crashed") && !actual.message.is_empty() {
+                problems.push(format!(
+                    "{} {}@{} {}: {}",
+                    host.name, host_app.app, actual.version, actual.state, actual.message
+                ));
+            }
+        }
+    }
+    if table.is_empty() {
+        text.push_str("no hosts yet: start fleet-agent on a host (or run `fleetctl demo`)\n");
+    } else {
+        text.push_str(&table.render());
+        if any_drift {
+            text.push_str(
+                "(* running differs from desired: a rollout or a restart is under way)\n",
+            );
+        }
+    }
+    for problem in problems {
+        text.push_str(&problem);
+        text.push('\n');
+    }
+    if response.active_rollouts.is_empty() {
+        text.push_str("no rollout in progress\n");
+    } else {
+        text.push_str("rollouts in progress:\n");
+        for rollout in &response.active_rollouts {
+            let wave = if rollout.waves.is_empty() {
+                "not planned yet".to_string()
+            } else {
+                format!(
+                    "wave {}/{}",
+                    (rollout.current_wave as usize + 1).min(rollout.waves.len()),
+                    rollout.waves.len()
+                )
+            };
+            text.push_str(&format!(
+                "  {}  {}@{}  {}  {wave}  started {} by {}\n",
+                rollout.id,
+                rollout.app,
+                rollout.version,
+                rollout.state,
+                output::ago(rollout.started_unix_ms, now),
+                dash(&rollout.started_by),
+            ));
+        }
+    }
+    text
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.to_string()
+}
+
+fn dash(text: &str) -> &str {
+    if text.is_empty() {
+        "-"
+    } else {
+        text
+    }
+}
+
+// ---------------------------------------------------------------- history, events
+
+/// `fleetctl history APP`.
+pub async fn history(ctx: &Context, app: &str, limit: u32) -> Result<(), CliError> {
+    let response = ctx
+        .client()
+        .history(pb::HistoryRequest {
+            app: app.to_string(),
+            limit,
+        })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    if ctx.json() {
+        output::print_json(&response);
+        return Ok(());
+    }
+    if response.rollouts.is_empty() {
+        println!("{app} has no rollouts yet: start one with `fleetctl rollout {app} VERSION`");
+        return Ok(());
+    }
+    let now = fleet_proto::now_unix_ms();
+    let text: Vec<String> = response
+        .rollouts
+        .iter()
+        .map(|rollout| render_rollout(rollout, now))
+        .collect();
+    print!("{}", text.join("\n"));
+    Ok(())
+}
+
+/// A rollout for people: one summary line, its message, and each wave's host results.
+pub fn render_rollout(rollout: &pb::Rollout, now: i64) -> String {
+    let mut text = format!(
+        "{}  {}@{}{}  {}  by {}  {}  took {}\n",
+        rollout.id,
+        rollout.app,
+        rollout.version,
+        if rollout.is_rollback {
+            " (rollback)"
+        } else {
+            ""
+        },
+        rollout.state,
+        dash(&rollout.started_by),
+        output::ago(rollout.started_unix_ms, now),
+        if rollout.finished_unix_ms > 0 {
+            output::took(rollout.started_unix_ms, rollout.finished_unix_ms)
+        } else {
+            format!(
+                "{} so far",
+                output::took(rollout.started_unix_ms, now.max(rollout.started_unix_ms))
+            )
+        },
+    );
+    if !rollout.message.is_empty() {
+        text.push_str(&format!("  {}\n", rollout.message));
+    }
+    let has_canary = !rollout.is_rollback
+        && rollout
+            .request
+            .as_ref()
+            .is_some_and(|request| request.canary > 0);
+    for (wave_idx, wave) in rollout.waves.iter().enumerate() {
+        let hosts = wave
+            .hosts
+            .iter()
+            .map(|wave_host| {
+                let from = if wave_host.previous_version.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (was {})", wave_host.previous_version)
+                };
+                format!("{} {}{from}", wave_host.host, wave_host.result)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        text.push_str(&format!(
+            "  wave {}{} {}: {}\n",
+            wave_idx + 1,
+            if wave_idx == 0 && has_canary {
+                " (canary)"
+            } else {
+                ""
+            },
+            wave.state,
+            if hosts.is_empty() { "no hosts" } else { &hosts },
+        ));
+        for wave_host in &wave.hosts {
+            if !wave_host.message.is_empty()
+                && matches!(
+                    wave_host.result.as_str(),
+                    "failed" | "rolled_back" | "skipped"
+                )
+            {
+                text.push_str(&format!("    {}: {}\n", wave_host.host, wave_host.message));
+            }
+        }
+    }
+    text
+}
+
+/// `fleetctl events [--follow] [--limit N]`: one line (or one JSON object) per event.
+pub async fn events(ctx: &Context, follow: bool, limit: u32) -> Result<(), CliError> {
+    let mut stream = ctx
+        .client()
+        .events(pb::EventsRequest { follow, limit })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    let mut n_events = 0u64;
+    while let Some(event) = stream.next().await {
+        let event = event.map_err(|status| ctx.error(status))?;
+        n_events += 1;
+        if ctx.json() {
+            output::print_json_line(&event);
+        } else {
+            println!("{}", render_event(&event));
+        }
+    }
+    if n_events == 0 && !ctx.json() {
+        println!("no events yet");
+    }
+    Ok(())
+}
+
+/// One event as a line: time, kind, app and host, message, who.
+pub fn render_event(event: &pb::Event) -> String {
+    let mut line = format!("{}  {}", output::utc_time(event.unix_ms), event.kind);
+    if !event.app.is_empty() {
+        line.push_str(&format!("  app={}", event.app));
+    }
+    if !event.host.is_empty() {
+        line.push_str(&format!("  host={}", event.host));
+    }
+    if !event.message.is_empty() {
+        line.push_str(&format!("  {}", event.message));
+    }
+    if !event.actor.is_empty() {
+        line.push_str(&format!("  ({})", event.actor));
+    }
+    line
+}
+
+// ---------------------------------------------------------------- rollout, rollback
+
+/// Everything `fleetctl rollout APP VERSION` sends, already checked.
+#[derive(Debug, Clone)]
+pub struct RolloutOptions {
+    pub app: String,
+    pub version: String,
+    pub selector: Vec<(String, String)>,
+    pub canary: u32,
+    /// `N` or `P%`, as `args::parse_batch` returns it.
+    pub batch: String,
+    pub pause_after_canary: Duration,
+    pub smoke_timeout: Duration,
+    pub auto_rollback: bool,
+    pub detach: bool,
+}
+
+/// How a followed rollout ended.
+#[derive(Debug, Clone)]
+pub struct RolloutOutcome {
+    pub rollout: pb::Rollout,
+    /// The exit code: 0 when it succeeded (or was detached), 1 otherwise.
+    pub exit_code: u8,
+}
+
+/// `fleetctl rollout APP VERSION ...`.
+pub async fn rollout(ctx: &Context, options: &RolloutOptions) -> Result<RolloutOutcome, CliError> {
+    let request = pb::StartRolloutRequest {
+        app: options.app.clone(),
+        version: options.version.clone(),
+        selector: options.selector.iter().cloned().collect(),
+        canary: options.canary,
+        batch: options.batch.clone(),
+        pause_after_canary_ms: duration_ms(options.pause_after_canary),
+        smoke_timeout_ms: duration_ms(options.smoke_timeout),
+        no_auto_rollback: !options.auto_rollback,
+        detach: options.detach,
+    };
+    let started = Instant::now();
+    let stream = ctx
+        .client()
+        .start_rollout(request)
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    follow_progress(ctx, stream, started, options.detach).await
+}
+
+/// `fleetctl rollback APP [--to VERSION] [--detach]`.
+pub async fn rollback(
+    ctx: &Context,
+    app: &str,
+    to_version: Option<&str>,
+    detach: bool,
+) -> Result<RolloutOutcome, CliError> {
+    let started = Instant::now();
+    let stream = ctx
+        .client()
+        .rollback(pb::RollbackRequest {
+            app: app.to_string(),
+            to_version: to_version.unwrap_or_default().to_string(),
+            detach,
+        })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    follow_progress(ctx, stream, started, detach).await
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Prints each progress line on stderr as it arrives, then the outcome on stdout.
+async fn follow_progress(
+    ctx: &Context,
+    mut stream: tonic::Streaming<pb::RolloutProgress>,
+    started: Instant,
+    detach: bool,
+) -> Result<RolloutOutcome, CliError> {
+    let mut last: Option<pb::Rollout> = None;
+    while let Some(progress) = stream.next().await {
+        let progress = progress.map_err(|status| ctx.error(status))?;
+        if !progress.line.is_empty() && !detach {
+            eprintln!(
+                "[{:>6.1}s] {}",
+                started.elapsed().as_secs_f64(),
+                progress.line
+            );
+        }
+        if let Some(rollout) = progress.rollout {
+            last = Some(rollout);
+        }
+    }
+    let rollout = last.ok_or_else(|| {
+        CliError::Failed(
+            "the controller ended the rollout stream without saying what happened; check `fleetctl status`"
+                .to_string(),
+        )
+    })?;
+    if detach {
+        if ctx.json() {
+            output::print_json(&rollout);
+        } else {
+            println!("{}", rollout.id);
+        }
+        return Ok(RolloutOutcome {
+            rollout,
+            exit_code: EXIT_OK,
+        });
+    }
+    let exit_code = if rollout.state == "succeeded" {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    };
+    if ctx.json() {
+        output::print_json(&rollout);
+    } else {
+        print!("{}", render_rollout(&rollout, fleet_proto::now_unix_ms()));
+        if let Some(hint) = rollout_hint(&rollout) {
+            println!("{hint}");
+        }
+    }
+    Ok(RolloutOutcome { rollout, exit_code })
+}
+
+/// What the user can do next when a followed rollout did not succeed.
+fn rollout_hint(rollout: &pb::Rollout) -> Option<String> {
+    let id = &rollout.id;
+    match rollout.state.as_str() {
+        "succeeded" => None,
+        "paused" => Some(format!(
+            "rollout {id} is paused: continue it with `fleetctl rollout resume {id}` or stop it with `fleetctl rollout abort {id}`"
+        )),
+        "pending" | "running" => Some(format!(
+            "rollout {id} is still {}: follow it with `fleetctl rollout status {id}`",
+            rollout.state
+        )),
+        "rolled_back" => Some(format!(
+            "the hosts went back to their previous release; see `fleetctl history {}`",
+            rollout.app
+        )),
+        _ => Some(format!(
+            "see `fleetctl status {}` for what runs where now",
+            rollout.app
+        )),
+    }
+}
+
+/// Which action `fleetctl rollout ACTION ROLLOUT_ID` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutActionKind {
+    Status,
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// `fleetctl rollout status|pause|resume|abort ROLLOUT_ID`.
+pub async fn rollout_action(
+    ctx: &Context,
+    action: RolloutActionKind,
+    rollout_id: &str,
+) -> Result<pb::Rollout, CliError> {
+    let reference = pb::RolloutRef {
+        id: rollout_id.to_string(),
+    };
+    let mut client = ctx.client();
+    let response = match action {
+        RolloutActionKind::Status => client.get_rollout(reference).await,
+        RolloutActionKind::Pause => client.pause_rollout(reference).await,
+        RolloutActionKind::Resume => client.resume_rollout(reference).await,
+        RolloutActionKind::Abort => client.abort_rollout(reference).await,
+    };
+    let rollout = response.map_err(|status| ctx.error(status))?.into_inner();
+    if ctx.json() {
+        output::print_json(&rollout);
+    } else {
+        print!("{}", render_rollout(&rollout, fleet_proto::now_unix_ms()));
+    }
+    Ok(rollout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_rollout() -> pb::Rollout {
+        pb::Rollout {
+            id: "r-1".into(),
+            app: "web".into(),
+            version: "1.1.0".into(),
+            state: "rolled_back".into(),
+            started_by: "ann@box".into(),
+            started_unix_ms: 1_000_000,
+            finished_unix_ms: 1_042_000,
+            waves: vec![
+                pb::Wave {
+                    state: "passed".into(),
+                    hosts: vec![pb::WaveHost {
+                        host: "demo-1".into(),
+                        previous_version: "1.0.0".into(),
+                        result: "rolled_back".into(),
+                        message: "went back to 1.0.0".into(),
+                    }],
+                },
+                pb::Wave {
+                    state: "failed".into(),
+                    hosts: vec![pb::WaveHost {
+                        host: "demo-2".into(),
+                        previous_version: "1.0.0".into(),
+                        result: "failed".into(),
+                        message: "smoke check returned 500".into(),
+                    }],
+                },
+            ],
+            current_wave: 1,
+            message: "wave 2 failed on demo-2".into(),
+            request: Some(pb::StartRolloutRequest {
+                canary: 1,
+                ..Default::default()
+            }),
+            is_rollback: false,
+        }
+    }
+
+    #[test]
+    fn rollout_text_names_every_host_result() {
+        let text = render_rollout(&sample_rollout(), 1_100_000);
+        assert_eq!(
+            text,
+            "r-1  web@1.1.0  rolled_back  by ann@box  1m ago  took 42.0s\n\
+             \x20 wave 2 failed on demo-2\n\
+             \x20 wave 1 (canary) passed: demo-1 rolled_back (was 1.0.0)\n\
+             \x20   demo-1: went back to 1.0.0\n\
+             \x20 wave 2 failed: demo-2 failed (was 1.0.0)\n\
+             \x20   demo-2: smoke check returned 500\n"
+        );
+        assert!(rollout_hint(&sample_rollout()).is_some());
+    }
+
+    #[test]
+    fn status_text_shows_drift_and_failures() {
+        let response = pb::StatusResponse {
+            hosts: vec![
+                pb::Host {
+                    name: "demo-1".into(),
+                    state: "ready".into(),
+                    connected: true,
+                    apps: vec![pb::HostApp {
+                        app: "web".into(),
+                        desired_version: "1.1.0".into(),
+                        actual: Some(pb::InstanceReport {
+                            app: "web".into(),
+                            version: "1.0.0".into(),
+                            state: "failed".into(),
+                            message: "exit status 1".into(),
+                            since_unix_ms: 40_000,
+                            ..Default::default()
+                        }),
+                    }],
+                    ..Default::default()
+                },
+                pb::Host {
+                    name: "demo-2".into(),
+                    state: "lost".into(),
+                    ..Default::default()
+                },
+            ],
+            active_rollouts: vec![],
+        };
+        let text = render_status(&response, None, 100_000);
+        assert!(
+            text.contains("demo-1  ready  yes        web  1.1.0    1.0.0 *  failed    1m ago"),
+            "{text}"
+        );
+        assert!(text.contains("demo-2  lost   no"), "{text}");
+        assert!(
+            text.contains("demo-1 web@1.0.0 failed: exit status 1"),
+            "{text}"
+        );
+        assert!(text.contains("no rollout in progress"), "{text}");
+    }
+
+    #[test]
+    fn event_lines() {
+        let event = pb::Event {
+            seq: 1,
+            unix_ms: 0,
+            actor: "ann@box".into(),
+            kind: "rollout_started".into(),
+            app: "web".into(),
+            host: String::new(),
+            message: "web@1.1.0".into(),
+        };
+        assert_eq!(
+            render_event(&event),
+            "1970-01-01 00:00:00Z  rollout_started  app=web  web@1.1.0  (ann@box)"
+        );
+    }
+
+    #[tokio::test]
+    async fn artifact_stream_sends_header_then_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tar.gz");
+        let bytes: Vec<u8> = (0..(UPLOAD_CHUNK_BYTES * 2 + 10))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = tokio::fs::File::open(&path).await.unwrap();
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let header = pb::CreateReleaseRequest {
+            body: Some(pb::create_release_request::Body::Header(
+                pb::ReleaseHeader::default(),
+            )),
+        };
+        let messages: Vec<_> = artifact_stream(header, file, tx).collect().await;
+        assert_eq!(messages.len(), 4);
+        assert!(matches!(
+            messages[0].body,
+            Some(pb::create_release_request::Body::Header(_))
+        ));
+        let mut sent = Vec::new();
+        for message in &messages[1..] {
+            let Some(pb::create_release_request::Body::Chunk(chunk)) = &message.body else {
+                panic!("not a chunk")
+            };
+            assert!(chunk.len() <= UPLOAD_CHUNK_BYTES);
+            sent.extend_from_slice(chunk);
+        }
+        assert_eq!(sent, bytes);
+    }
+}

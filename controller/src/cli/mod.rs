@@ -1,0 +1,128 @@
+//! fleetctl, the one tool an operator or a CI job touches: the command line (`args`), how it
+//! reaches the controller and maps failures to exit codes (`client`), how it prints (`output`),
+//! one function per verb (`commands`), `init` and the local `demo`. `run` dispatches a parsed
+//! command line and returns the process exit code; the binary only parses and calls it.
+//!
+//! **Architecture Invariant:** fleetctl talks to the controller only through FleetService; it
+//! never opens the controller's store or data directory.
+
+pub mod args;
+pub mod client;
+pub mod commands;
+pub mod demo;
+pub mod init;
+pub mod output;
+
+use args::{Cli, Command, ReleaseCommand, RolloutAction};
+use client::{CliError, EXIT_OK};
+use commands::{Context, RolloutActionKind, RolloutOptions};
+use output::OutputFormat;
+use std::time::Duration;
+
+/// Runs one fleetctl command line and returns the exit code; errors are printed on stderr.
+pub async fn run(cli: Cli) -> u8 {
+    match run_command(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            error.exit_code()
+        }
+    }
+}
+
+async fn run_command(cli: Cli) -> Result<u8, CliError> {
+    let config_dir = cli
+        .config_dir
+        .clone()
+        .unwrap_or_else(client::default_config_dir);
+    match cli.command {
+        Command::Init(init_args) => {
+            let dir = init_args.dir.unwrap_or(config_dir);
+            let outcome = init::init_dir(&dir, &init_args.listen)?;
+            if cli.output == OutputFormat::Json {
+                output::print_json(&outcome);
+            } else {
+                println!(
+                    "wrote {} and {}",
+                    outcome.controller_config.display(),
+                    outcome.client_config.display()
+                );
+                println!(
+                    "next: fleet-controller --config {}",
+                    outcome.controller_config.display()
+                );
+            }
+            return Ok(EXIT_OK);
+        }
+        Command::Demo(demo_args) => return demo::run(demo_args.hosts).await,
+        _ => {}
+    }
+
+    let url = client::resolve_controller_url(cli.controller.as_deref(), &config_dir)?;
+    let ctx = Context {
+        connection: client::connect(&url).await?,
+        output: cli.output,
+    };
+    match cli.command {
+        Command::Init(_) | Command::Demo(_) => unreachable!("handled above"),
+        Command::Release(ReleaseCommand::Create(create)) => {
+            commands::release_create(
+                &ctx,
+                &create.app,
+                &create.version,
+                &create.artifact,
+                &create.env,
+            )
+            .await?;
+        }
+        Command::Releases { app } => commands::releases(&ctx, &app).await?,
+        Command::Hosts => {
+            commands::hosts(&ctx).await?;
+        }
+        Command::Status { app } => {
+            commands::status(&ctx, app.as_deref()).await?;
+        }
+        Command::History { app, limit } => commands::history(&ctx, &app, limit).await?,
+        Command::Events { follow, limit } => commands::events(&ctx, follow, limit).await?,
+        Command::Rollout(rollout_args) => {
+            if let Some(action) = rollout_args.action {
+                let (kind, rollout_id) = match action {
+                    RolloutAction::Status { rollout_id } => (RolloutActionKind::Status, rollout_id),
+                    RolloutAction::Pause { rollout_id } => (RolloutActionKind::Pause, rollout_id),
+                    RolloutAction::Resume { rollout_id } => (RolloutActionKind::Resume, rollout_id),
+                    RolloutAction::Abort { rollout_id } => (RolloutActionKind::Abort, rollout_id),
+                };
+                commands::rollout_action(&ctx, kind, &rollout_id).await?;
+                return Ok(EXIT_OK);
+            }
+            let (Some(app), Some(version)) = (rollout_args.app, rollout_args.version) else {
+                return Err(client::usage(
+                    "rollout needs APP and VERSION, or one of status|pause|resume|abort ROLLOUT_ID",
+                ));
+            };
+            let options = RolloutOptions {
+                app,
+                version,
+                selector: rollout_args.selector.unwrap_or_default().0,
+                canary: rollout_args.canary,
+                batch: rollout_args.batch,
+                pause_after_canary: rollout_args.pause_after_canary.unwrap_or(Duration::ZERO),
+                smoke_timeout: rollout_args.smoke_timeout.unwrap_or(Duration::ZERO),
+                auto_rollback: !rollout_args.no_auto_rollback,
+                detach: rollout_args.detach,
+            };
+            return Ok(commands::rollout(&ctx, &options).await?.exit_code);
+        }
+        Command::Rollback(rollback_args) => {
+            let outcome = commands::rollback(
+                &ctx,
+                &rollback_args.app,
+                rollback_args.to_version.as_deref(),
+                rollback_args.detach,
+            )
+            .await?;
+            return Ok(outcome.exit_code);
+        }
+    }
+    Ok(EXIT_OK)
+}

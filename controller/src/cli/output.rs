@@ -1,0 +1,244 @@
+//! How fleetctl prints: aligned text tables for people, the proto response as JSON for scripts
+//! (`--output json`), and the small formatters both share: "3m ago", UTC timestamps, sizes and
+//! short digests. Results go to stdout; progress goes to stderr.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// `--output text|json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Tables and sentences for people
+    Text,
+    /// The proto response message as JSON
+    Json,
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("error: cannot write the answer as JSON: {e}"),
+    }
+}
+
+/// Prints a value as one line of JSON on stdout (for streams such as `events`).
+pub fn print_json_line<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("error: cannot write the answer as JSON: {e}"),
+    }
+}
+
+/// A text table: a header row and rows, columns padded to their widest cell.
+#[derive(Debug, Default)]
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column titles.
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row; missing cells print empty, empty cells print as "-".
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// True when no row was added.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The table as text, each line ending in a newline.
+    pub fn render(&self) -> String {
+        let n_columns = self.header.len();
+        let cell = |row: &Vec<String>, idx: usize| -> String {
+            match row.get(idx) {
+                Some(text) if !text.is_empty() => text.clone(),
+                _ => "-".to_string(),
+            }
+        };
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (idx, width) in widths.iter_mut().enumerate() {
+                *width = (*width).max(cell(row, idx).chars().count());
+            }
+        }
+        let mut text = String::new();
+        let mut write_line = |cells: Vec<String>| {
+            let mut line = String::new();
+            for (idx, value) in cells.iter().enumerate() {
+                if idx + 1 == n_columns {
+                    line.push_str(value);
+                } else {
+                    let _ = write!(line, "{value:<width$}  ", width = widths[idx]);
+                }
+            }
+            text.push_str(line.trim_end());
+            text.push('\n');
+        };
+        write_line(self.header.clone());
+        for row in &self.rows {
+            write_line((0..n_columns).map(|idx| cell(row, idx)).collect());
+        }
+        text
+    }
+
+    /// Prints the table on stdout.
+    pub fn print(&self) {
+        print!("{}", self.render());
+    }
+}
+
+/// How long ago `unix_ms` was, for people: "just now", "42s ago", "3m ago", "5h ago", "2d ago".
+/// Zero (unknown) prints as "-".
+pub fn ago(unix_ms: i64, now_unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".to_string();
+    }
+    let seconds = (now_unix_ms - unix_ms) / 1000;
+    if seconds < 1 {
+        "just now".to_string()
+    } else if seconds < 60 {
+        format!("{seconds}s ago")
+    } else if seconds < 3600 {
+        format!("{}m ago", seconds / 60)
+    } else if seconds < 86_400 {
+        format!("{}h ago", seconds / 3600)
+    } else {
+        format!("{}d ago", seconds / 86_400)
+    }
+}
+
+/// How long something took between two Unix-ms times ("-" when either is unknown).
+pub fn took(start_unix_ms: i64, end_unix_ms: i64) -> String {
+    if start_unix_ms <= 0 || end_unix_ms <= 0 || end_unix_ms < start_unix_ms {
+        return "-".to_string();
+    }
+    fleet_proto::duration::format_duration(Duration::from_millis(
+        (end_unix_ms - start_unix_ms) as u64,
+    ))
+}
+
+/// A Unix-ms time as `YYYY-MM-DD HH:MM:SSZ` (UTC).
+pub fn utc_time(unix_ms: i64) -> String {
+    let seconds = unix_ms.div_euclid(1000);
+    let days = seconds.div_euclid(86_400);
+    let second_of_day = seconds.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        second_of_day / 3600,
+        (second_of_day % 3600) / 60,
+        second_of_day % 60
+    )
+}
+
+/// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// A byte count for people: "512 B", "1.4 MiB".
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `sha256:` and the first 12 hex digits, enough to tell artifacts apart in a table.
+pub fn short_digest(digest: &str) -> String {
+    match digest.strip_prefix("sha256:") {
+        Some(hex) if hex.len() > 12 => format!("sha256:{}", &hex[..12]),
+        _ => digest.to_string(),
+    }
+}
+
+/// Labels as `k=v,k2=v2`, sorted by key so the output is stable.
+pub fn labels<'a>(pairs: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+    let mut pairs: Vec<_> = pairs.into_iter().collect();
+    pairs.sort();
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ago_reads_like_a_person() {
+        let now = 1_000_000_000_000;
+        for (then, expect) in [
+            (0, "-"),
+            (now, "just now"),
+            (now + 5000, "just now"),
+            (now - 42_000, "42s ago"),
+            (now - 180_000, "3m ago"),
+            (now - 5 * 3_600_000, "5h ago"),
+            (now - 2 * 86_400_000, "2d ago"),
+        ] {
+            assert_eq!(ago(then, now), expect, "{then}");
+        }
+    }
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc_time(951_782_400_000), "2000-02-29 00:00:00Z");
+        assert_eq!(utc_time(1_764_081_302_000), "2025-11-25 14:35:02Z");
+    }
+
+    #[test]
+    fn sizes_and_digests() {
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(1536), "1.5 KiB");
+        assert_eq!(size(3 * 1024 * 1024), "3.0 MiB");
+        assert_eq!(
+            short_digest(&format!("sha256:{}", "ab".repeat(32))),
+            "sha256:abababababab"
+        );
+        assert_eq!(took(1000, 43_000), "42.0s");
+        assert_eq!(took(0, 43_000), "-");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut table = Table::new(&["HOST", "STATE", "APPS"]);
+        table.row(vec!["demo-1".into(), "ready".into(), "web@1.0.0".into()]);
+        table.row(vec!["h".into(), "".into()]);
+        assert_eq!(
+            table.render(),
+            "HOST    STATE  APPS\ndemo-1  ready  web@1.0.0\nh       -      -\n"
+        );
+    }
+}
