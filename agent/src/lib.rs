@@ -1,1 +1,130 @@
-//! placeholder
+//! fleet-agent: the small daemon on every host. It holds one long-lived stream to the
+//! controller, fetches and unpacks the artifacts of the releases assigned to the host, runs one
+//! instance per app (always started from the pristine release), checks it with the manifest's
+//! smoke checks, and reports every transition.
+//!
+//! Code map:
+//! - [`config`]: flags and the TOML file, validated.
+//! - [`session`]: the `AgentService.Session` stream, reconnecting forever.
+//! - [`fetch`]: resumable, digest-verified artifact download.
+//! - [`releases`]: unpacking into immutable release directories and pruning old ones.
+//! - [`supervisor`]: one task per app running the instance lifecycle state machine.
+//! - [`instance`]: start from origin state, process groups, graceful stop.
+//! - [`smoke`]: http, tcp and exec smoke checks.
+//! - [`state`]: `state.json`, what survives the agent's own restart.
+//! - [`model`]: the domain types the parts share (never prost types past the session).
+//!
+//! **Architecture Invariant:** only [`session`] and [`fetch`] speak gRPC; the supervisor sees
+//! domain types. The agent never writes outside its data directory.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod fetch;
+pub mod instance;
+pub mod model;
+pub mod releases;
+pub mod session;
+pub mod smoke;
+pub mod state;
+pub mod supervisor;
+
+pub use config::Config;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Why the agent could not run at all.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("cannot prepare the data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("controller url {url:?} is invalid: {reason}")]
+    ControllerUrl { url: String, reason: String },
+}
+
+/// How long the session task may take to wind down after the instances stopped.
+const SESSION_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the agent until `shutdown` completes: recovers what an earlier run left behind, brings
+/// the assigned releases up from the local cache, keeps the controller session alive and, on
+/// shutdown, stops every instance gracefully before returning.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let data_dir_error = |source| AgentError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    };
+    // Absolute, so that instances (which run in their own directory) see absolute paths.
+    let data_dir = std::path::absolute(&config.data_dir).map_err(data_dir_error)?;
+    let layout = model::DataLayout::new(&data_dir);
+    layout.create_all().map_err(data_dir_error)?;
+    let store = Arc::new(state::StateStore::open(layout.state_file())?);
+
+    // Whatever an earlier run of the agent left running (it may have been SIGKILLed) goes
+    // first, so that the ports are free for the fresh instances.
+    let leftovers = store.snapshot().instances;
+    if !leftovers.is_empty() {
+        instance::kill_leftovers(&leftovers).await;
+        store.clear_instances()?;
+    }
+
+    let channel = session::lazy_channel(&config.controller)?;
+    let reporter = Arc::new(model::Reporter::new());
+    let report_rx = reporter.take_receiver();
+    let context = Arc::new(supervisor::Context {
+        layout: layout.clone(),
+        host_name: config.host_name.clone(),
+        advertise: config.advertise.to_string(),
+        fetcher: fetch::Fetcher::new(channel.clone(), layout.clone()),
+        reporter: reporter.clone(),
+        store: store.clone(),
+    });
+    let (supervisor_tx, supervisor_task) = supervisor::Supervisor::spawn(context);
+
+    // Bring the assigned releases up again from origin, before the controller is even reached.
+    let assigned = store.snapshot().assignments;
+    if !assigned.is_empty() {
+        tracing::info!(
+            n_apps = assigned.len(),
+            "bringing assigned releases up from the local cache"
+        );
+        let _ = supervisor_tx.send(supervisor::SupervisorCommand::Desired(assigned));
+    }
+
+    let (stop_session_tx, stop_session_rx) = tokio::sync::watch::channel(false);
+    let session_task = tokio::spawn(session::run_session(
+        session::SessionConfig::from_config(&config),
+        channel,
+        reporter.clone(),
+        report_rx,
+        supervisor_tx.clone(),
+        stop_session_rx,
+    ));
+
+    shutdown.await;
+    tracing::info!("shutting down: stopping every instance gracefully");
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    if supervisor_tx
+        .send(supervisor::SupervisorCommand::Shutdown(done_tx))
+        .is_ok()
+    {
+        let _ = done_rx.await;
+    }
+    let _ = stop_session_tx.send(true);
+    if tokio::time::timeout(SESSION_GRACE, session_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the controller session did not close in time");
+    }
+    drop(supervisor_tx);
+    let _ = supervisor_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,2 +1,103 @@
-//! placeholder
-fn main() {}
+//! The `fleet-agent` binary: parses flags (or `--config FILE`), sets up tracing to stderr, and
+//! runs [`fleet_agent::run`] on a small runtime until SIGTERM or SIGINT.
+#![forbid(unsafe_code)]
+
+use anyhow::Context as _;
+use clap::Parser;
+use fleet_agent::config::{Config, ConfigFile, ConfigFlags};
+use std::path::PathBuf;
+
+/// Runs the releases the controller assigns to this host.
+#[derive(Debug, Parser)]
+#[command(name = "fleet-agent", version)]
+struct Args {
+    /// A TOML file with the same keys as the flags (controller, name, advertise, data_dir,
+    /// labels = {k = "v"}); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The controller, like http://127.0.0.1:7070.
+    #[arg(long)]
+    controller: Option<String>,
+    /// This host's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// The IP address instances bind and advertise (FLEET_ADDR).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Where the agent keeps artifacts, releases, instances, logs and its state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Labels as k=v,k2=v2.
+    #[arg(long)]
+    labels: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = match load_config(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("fleet-agent: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleet-agent: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn load_config(args: Args) -> anyhow::Result<Config> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let flags = ConfigFlags {
+        controller: args.controller,
+        name: args.name,
+        advertise: args.advertise,
+        data_dir: args.data_dir,
+        labels: args.labels,
+    };
+    Ok(Config::build(file, flags)?)
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    // One thread is plenty for an agent and keeps its idle footprint small.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        fleet_agent::run(config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,248 @@
+//! The agent's configuration: from flags or a TOML file with the same keys (`controller`,
+//! `name`, `advertise`, `data_dir`, `labels = {k = "v"}`), validated before anything starts.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// A validated agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `http://IP:PORT` of the controller.
+    pub controller: String,
+    /// This host's name, as the controller knows it.
+    pub host_name: String,
+    /// The address instances bind and the controller shows; given to instances as FLEET_ADDR.
+    pub advertise: IpAddr,
+    /// Everything the agent writes lives under here.
+    pub data_dir: PathBuf,
+    /// Labels the controller selects hosts by.
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0} is missing: give it as a flag or in the config file")]
+    Missing(&'static str),
+    #[error("controller {0:?} is invalid: write it like http://127.0.0.1:7070")]
+    Controller(String),
+    #[error("advertise address {0:?} is invalid: give an IP address like 127.0.0.2")]
+    Advertise(String),
+    #[error(transparent)]
+    Name(#[from] fleet_proto::names::NameError),
+}
+
+/// The keys of the TOML config file; every one may also come from a flag.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub controller: Option<String>,
+    pub name: Option<String>,
+    pub advertise: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ConfigFile {
+    /// Reads a config file. A relative `data_dir` in it is taken relative to the file.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        if let Some(dir) = &file.data_dir {
+            if dir.is_relative() {
+                let base = path.parent().unwrap_or(Path::new("."));
+                file.data_dir = Some(base.join(dir));
+            }
+        }
+        Ok(file)
+    }
+}
+
+/// The flags, each overriding the config file's key of the same meaning.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigFlags {
+    pub controller: Option<String>,
+    pub name: Option<String>,
+    pub advertise: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    /// `k=v,k2=v2`; replaces the file's labels when given.
+    pub labels: Option<String>,
+}
+
+impl Config {
+    /// Merges flags over the file (flags win) and validates the result.
+    pub fn build(file: ConfigFile, flags: ConfigFlags) -> Result<Config, ConfigError> {
+        let controller = flags
+            .controller
+            .or(file.controller)
+            .ok_or(ConfigError::Missing("--controller"))?;
+        let host_name = flags
+            .name
+            .or(file.name)
+            .ok_or(ConfigError::Missing("--name"))?;
+        let advertise = flags
+            .advertise
+            .or(file.advertise)
+            .ok_or(ConfigError::Missing("--advertise"))?;
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .ok_or(ConfigError::Missing("--data-dir"))?;
+        let labels = match flags.labels {
+            Some(text) => fleet_proto::names::parse_labels(&text)?
+                .into_iter()
+                .collect(),
+            None => {
+                for (key, value) in &file.labels {
+                    fleet_proto::names::check_label(key, value)?;
+                }
+                file.labels
+            }
+        };
+        fleet_proto::names::check_host(&host_name)?;
+        check_controller_url(&controller)?;
+        let advertise: IpAddr = advertise
+            .parse()
+            .map_err(|_| ConfigError::Advertise(advertise.clone()))?;
+        Ok(Config {
+            controller,
+            host_name,
+            advertise,
+            data_dir,
+            labels,
+        })
+    }
+}
+
+/// A controller URL is `http://HOST:PORT` with nothing after the authority but an optional `/`.
+fn check_controller_url(url: &str) -> Result<(), ConfigError> {
+    let bad = || ConfigError::Controller(url.to_string());
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return Err(bad());
+    }
+    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(controller: &str, name: &str, advertise: &str, labels: Option<&str>) -> ConfigFlags {
+        ConfigFlags {
+            controller: Some(controller.into()),
+            name: Some(name.into()),
+            advertise: Some(advertise.into()),
+            data_dir: Some(PathBuf::from("data")),
+            labels: labels.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn validates_flags() {
+        for (controller, name, advertise, labels, ok) in [
+            (
+                "http://127.0.0.1:7070",
+                "web-1",
+                "127.0.0.2",
+                Some("env=prod"),
+                true,
+            ),
+            ("http://127.0.0.1:7070/", "web-1", "::1", None, true),
+            ("http://localhost:7070", "h", "127.0.0.2", None, true),
+            ("https://127.0.0.1:7070", "web-1", "127.0.0.2", None, false),
+            ("127.0.0.1:7070", "web-1", "127.0.0.2", None, false),
+            ("http://127.0.0.1", "web-1", "127.0.0.2", None, false),
+            ("http://127.0.0.1:x", "web-1", "127.0.0.2", None, false),
+            (
+                "http://127.0.0.1:7070/api",
+                "web-1",
+                "127.0.0.2",
+                None,
+                false,
+            ),
+            ("http://127.0.0.1:7070", "Web_1", "127.0.0.2", None, false),
+            ("http://127.0.0.1:7070", "", "127.0.0.2", None, false),
+            ("http://127.0.0.1:7070", "web-1", "localhost", None, false),
+            (
+                "http://127.0.0.1:7070",
+                "web-1",
+                "127.0.0.2",
+                Some("env"),
+                false,
+            ),
+            (
+                "http://127.0.0.1:7070",
+                "web-1",
+                "127.0.0.2",
+                Some("env=a b"),
+                false,
+            ),
+        ] {
+            let result = Config::build(
+                ConfigFile::default(),
+                flags(controller, name, advertise, labels),
+            );
+            assert_eq!(
+                result.is_ok(),
+                ok,
+                "{controller} {name} {advertise} {labels:?}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_and_missing_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "controller = \"http://127.0.0.1:1\"\nname = \"a\"\nadvertise = \"127.0.0.3\"\n\
+             data_dir = \"d\"\nlabels = { env = \"prod\" }\n",
+        )
+        .unwrap();
+        let file = ConfigFile::load(&path).unwrap();
+        let config = Config::build(
+            file.clone(),
+            ConfigFlags {
+                name: Some("b".into()),
+                ..ConfigFlags::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.host_name, "b");
+        assert_eq!(config.data_dir, dir.path().join("d"));
+        assert_eq!(config.labels.get("env").map(String::as_str), Some("prod"));
+
+        let err = Config::build(ConfigFile::default(), ConfigFlags::default()).unwrap_err();
+        assert!(err.to_string().contains("--controller"), "{err}");
+
+        std::fs::write(&path, "bogus = 1\n").unwrap();
+        assert!(ConfigFile::load(&path).is_err());
+        std::fs::write(&path, "labels = { \"Bad Key\" = \"x\" }\n").unwrap();
+        let file = ConfigFile::load(&path).unwrap();
+        let err = Config::build(file, flags("http://127.0.0.1:1", "a", "127.0.0.2", None));
+        assert!(err.is_err());
+    }
+}

@@ -1,0 +1,567 @@
+//! One app instance as a process: started from origin state and stopped gracefully.
+//!
+//! Start from origin: `DATA/instances/<app>` is wiped and the release directory copied into it
+//! afresh on *every* start, so nothing an earlier instance wrote survives. The command runs in
+//! that directory, in its own process group (its pid is the group id), with stdin closed and
+//! stdout and stderr appended to `DATA/logs/<app>.log`. A relative `command[0]` is resolved
+//! inside the instance directory (a bare name that is not there is looked up on `PATH`), and
+//! `${VAR}` in the arguments is replaced from the instance environment.
+//!
+//! The instance environment is built from scratch (the agent's own environment does not leak
+//! in, except `PATH`, `HOME`, `LANG` and `TZ`): the manifest's `[process].env`, then the
+//! release's env (which wins), then `FLEET_APP`, `FLEET_VERSION`, `FLEET_HOST`, `FLEET_ADDR`,
+//! and `FLEET_INSTANCE_ID`, a random token by which a restarted agent recognises its instances.
+//!
+//! Graceful stop: the manifest's stop signal to the process group, up to `stop_timeout` for the
+//! leader to exit, then SIGKILL to the group. Leftover processes that still carry the token in
+//! their environment are SIGKILLed one by one; a pid is never signalled on a guess.
+
+use crate::model::DataLayout;
+use crate::state::{SavedInstance, INSTANCE_ID_VAR};
+use fleet_proto::manifest::{substitute, Manifest, StopSignal};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How long to wait for a SIGKILLed process to go away before giving up on it.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Polling interval while waiting for a process that is not our child.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Variables of the agent's own environment that instances inherit.
+const INHERITED_VARS: &[&str] = &["PATH", "HOME", "LANG", "TZ"];
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+#[derive(Debug, Error)]
+pub enum InstanceError {
+    #[error("cannot prepare the instance directory {path} from the release: {source}")]
+    Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the instance log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {program:?}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+/// What an instance is started with, apart from the release itself.
+#[derive(Debug, Clone)]
+pub struct InstanceVars {
+    pub app: String,
+    pub version: String,
+    pub host_name: String,
+    pub advertise: String,
+    /// The release's configured environment (wins over the manifest's).
+    pub release_env: BTreeMap<String, String>,
+}
+
+/// The variables an instance sees (without its token); smoke checks use the same.
+pub fn instance_env(vars: &InstanceVars, manifest: &Manifest) -> BTreeMap<String, String> {
+    let mut env = manifest.process.env.clone();
+    env.extend(vars.release_env.clone());
+    env.insert("FLEET_APP".into(), vars.app.clone());
+    env.insert("FLEET_VERSION".into(), vars.version.clone());
+    env.insert("FLEET_HOST".into(), vars.host_name.clone());
+    env.insert("FLEET_ADDR".into(), vars.advertise.clone());
+    env
+}
+
+/// The base environment every child of the agent gets before its own variables.
+pub fn inherited_env() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for name in INHERITED_VARS {
+        if let Ok(value) = std::env::var(name) {
+            out.push((name.to_string(), value));
+        } else if *name == "PATH" {
+            out.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
+    }
+    out
+}
+
+/// Resolves a command's program: absolute as is; relative inside `dir`; a bare name that is not
+/// in `dir` goes to the `PATH` lookup.
+pub fn resolve_program(program: &str, dir: &Path) -> PathBuf {
+    let path = Path::new(program);
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let inside = dir.join(path);
+    if program.contains('/') || inside.exists() {
+        inside
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Wipes `instance_dir` and copies `release_dir` into it. Blocking.
+pub fn prepare_from_origin(release_dir: &Path, instance_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(instance_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    copy_tree(release_dir, instance_dir)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&source)?, &target)?;
+        } else if kind.is_dir() {
+            copy_tree(&source, &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(&source, &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The nix signal for a manifest stop signal.
+pub fn nix_signal(signal: StopSignal) -> Signal {
+    match signal {
+        StopSignal::Term => Signal::SIGTERM,
+        StopSignal::Int => Signal::SIGINT,
+        StopSignal::Quit => Signal::SIGQUIT,
+        StopSignal::Hup => Signal::SIGHUP,
+        StopSignal::Usr1 => Signal::SIGUSR1,
+        StopSignal::Usr2 => Signal::SIGUSR2,
+    }
+}
+
+/// Says how a process ended, for reports: "exited with status 3", "killed by SIGKILL".
+pub fn describe_exit(status: &ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        format!("exited with status {code}")
+    } else if let Some(signal) = status.signal() {
+        match Signal::try_from(signal) {
+            Ok(signal) => format!("killed by {signal}"),
+            Err(_) => format!("killed by signal {signal}"),
+        }
+    } else {
+        format!("ended: {status}")
+    }
+}
+
+/// A running (or just exited) instance process.
+pub struct Instance {
+    child: tokio::process::Child,
+    pid: i32,
+    token: String,
+    stop_signal: Signal,
+    stop_timeout: Duration,
+    /// Set once the leader has been reaped; the group is not signalled after that.
+    exit_status: Option<ExitStatus>,
+    /// Set once `stop` finished; the drop guard then has nothing to do.
+    stopped: bool,
+    pub started_at: Instant,
+}
+
+impl Instance {
+    /// Starts a fresh instance of a release from origin state.
+    pub async fn start(
+        layout: &DataLayout,
+        release_dir: &Path,
+        manifest: &Manifest,
+        vars: &InstanceVars,
+    ) -> Result<Instance, InstanceError> {
+        let instance_dir = std::path::absolute(layout.instance_dir(&vars.app))
+            .unwrap_or_else(|_| layout.instance_dir(&vars.app));
+        let (from, to) = (release_dir.to_path_buf(), instance_dir.clone());
+        tokio::task::spawn_blocking(move || prepare_from_origin(&from, &to))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|source| InstanceError::Prepare {
+                path: instance_dir.clone(),
+                source,
+            })?;
+
+        let env = instance_env(vars, manifest);
+        let token = crate::state::new_token();
+        let command: Vec<String> = manifest
+            .process
+            .command
+            .iter()
+            .map(|arg| substitute(arg, &env))
+            .collect();
+        let program = resolve_program(&command[0], &instance_dir);
+
+        let log_path = layout.log_file(&vars.app);
+        let log_error = |source| InstanceError::Log {
+            path: log_path.clone(),
+            source,
+        };
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(log_error)?;
+        writeln!(
+            log,
+            "--- fleet-agent: starting {} {} at unix_ms {} ---",
+            vars.app,
+            vars.version,
+            fleet_proto::now_unix_ms()
+        )
+        .map_err(log_error)?;
+        let stderr = log.try_clone().map_err(log_error)?;
+
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&command[1..])
+            .current_dir(&instance_dir)
+            .env_clear()
+            .envs(inherited_env())
+            .envs(&env)
+            .env(INSTANCE_ID_VAR, &token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(stderr))
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd.spawn().map_err(|source| InstanceError::Spawn {
+            program: command[0].clone(),
+            source,
+        })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        Ok(Instance {
+            child,
+            pid,
+            token,
+            stop_signal: nix_signal(manifest.process.stop_signal),
+            stop_timeout: manifest.process.stop_timeout,
+            exit_status: None,
+            stopped: false,
+            started_at: Instant::now(),
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// What `state.json` records about this instance.
+    pub fn saved(&self, version: &str) -> SavedInstance {
+        SavedInstance {
+            version: version.to_string(),
+            pid: self.pid,
+            token: self.token.clone(),
+            stop_signal: self
+                .stop_signal
+                .as_str()
+                .trim_start_matches("SIG")
+                .to_string(),
+            stop_timeout_ms: self.stop_timeout.as_millis() as u64,
+        }
+    }
+
+    /// Waits for the leader to exit on its own. Cancel safe; returns at once once exited.
+    pub async fn wait(&mut self) -> ExitStatus {
+        if let Some(status) = self.exit_status {
+            return status;
+        }
+        let status = match self.child.wait().await {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::warn!(pid = self.pid, "cannot wait for the instance: {e}");
+                ExitStatus::from_raw(0x7f00)
+            }
+        };
+        self.exit_status = Some(status);
+        status
+    }
+
+    /// Stops the instance: stop signal to the group, `stop_timeout`, then SIGKILL to the group;
+    /// stragglers carrying the token are killed too. Idempotent. Returns what happened.
+    pub async fn stop(&mut self) -> String {
+        if self.stopped {
+            return "already stopped".into();
+        }
+        let outcome = if let Some(status) = self.exit_status {
+            describe_exit(&status)
+        } else {
+            let group = Pid::from_raw(self.pid);
+            let _ = killpg(group, self.stop_signal);
+            match tokio::time::timeout(self.stop_timeout, self.wait()).await {
+                Ok(status) if status.signal() == Some(self.stop_signal as i32) => {
+                    format!("stopped by {}", self.stop_signal)
+                }
+                Ok(status) => format!("{} after {}", describe_exit(&status), self.stop_signal),
+                Err(_) => {
+                    let _ = killpg(group, Signal::SIGKILL);
+                    let _ = tokio::time::timeout(KILL_WAIT, self.wait()).await;
+                    format!(
+                        "did not stop within {} of {}; killed with SIGKILL",
+                        fleet_proto::duration::format_duration(self.stop_timeout),
+                        self.stop_signal
+                    )
+                }
+            }
+        };
+        kill_token_holders(&self.token).await;
+        self.stopped = true;
+        outcome
+    }
+}
+
+impl Drop for Instance {
+    /// The safety net: an instance dropped without `stop` (a panic, a test) leaves nothing.
+    fn drop(&mut self) {
+        if !self.stopped && self.exit_status.is_none() && self.pid > 0 {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Whether process `pid` carries `FLEET_INSTANCE_ID=<token>` in its environment.
+pub fn has_token(pid: i32, token: &str) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let wanted = format!("{INSTANCE_ID_VAR}={token}");
+    environ
+        .split(|b| *b == 0)
+        .any(|var| var == wanted.as_bytes())
+}
+
+/// Every live process that carries the token (an instance's leader and whatever it started).
+fn token_holders(token: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != std::process::id() as i32 && has_token(*pid, token))
+        .collect()
+}
+
+/// SIGKILLs every process still carrying the token, and waits (bounded) for them to go.
+async fn kill_token_holders(token: &str) {
+    let deadline = Instant::now() + KILL_WAIT;
+    loop {
+        let holders = token_holders(token);
+        if holders.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        for pid in holders {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// After the agent's own restart: stops the instances an earlier run recorded, but only those
+/// whose pid still carries the recorded token. Stop signal to the group, `stop_timeout`, then
+/// SIGKILL; all of them at once.
+pub async fn kill_leftovers(saved: &BTreeMap<String, SavedInstance>) {
+    let stops = saved.iter().map(|(app, instance)| async move {
+        if !has_token(instance.pid, &instance.token) {
+            tracing::info!(%app, pid = instance.pid, "the instance recorded by the last run is gone");
+            kill_token_holders(&instance.token).await;
+            return;
+        }
+        tracing::info!(%app, pid = instance.pid, "stopping the instance left by the last run");
+        let group = Pid::from_raw(instance.pid);
+        let signal = signal_by_name(&instance.stop_signal).unwrap_or(Signal::SIGTERM);
+        let _ = killpg(group, signal);
+        let deadline = Instant::now() + Duration::from_millis(instance.stop_timeout_ms);
+        while has_token(instance.pid, &instance.token) && Instant::now() < deadline {
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        if has_token(instance.pid, &instance.token) {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+        kill_token_holders(&instance.token).await;
+    });
+    futures::future::join_all(stops).await;
+}
+
+fn signal_by_name(name: &str) -> Option<Signal> {
+    format!("SIG{}", name.trim_start_matches("SIG"))
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(text: &str) -> Manifest {
+        Manifest::parse(text).unwrap()
+    }
+
+    fn vars(app: &str) -> InstanceVars {
+        InstanceVars {
+            app: app.into(),
+            version: "1.0".into(),
+            host_name: "h1".into(),
+            advertise: "127.0.0.1".into(),
+            release_env: BTreeMap::from([("GREETING".into(), "from-release".into())]),
+        }
+    }
+
+    fn release(layout: &DataLayout, files: &[(&str, &str, u32)]) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = layout.root().join("releases/app/1.0-000000000000");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (path, text, mode) in files {
+            let path = dir.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
+        dir
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn builds_env_and_resolves_programs() {
+        let m = manifest(
+            "[process]\ncommand = [\"x\"]\nenv = { GREETING = \"manifest\", ONLY = \"m\" }\n",
+        );
+        let env = instance_env(&vars("web"), &m);
+        assert_eq!(env["GREETING"], "from-release");
+        assert_eq!(env["ONLY"], "m");
+        assert_eq!(env["FLEET_APP"], "web");
+        assert_eq!(env["FLEET_ADDR"], "127.0.0.1");
+        let dir = Path::new("/srv/i");
+        assert_eq!(resolve_program("/bin/sh", dir), PathBuf::from("/bin/sh"));
+        assert_eq!(resolve_program("bin/web", dir), dir.join("bin/web"));
+        assert_eq!(resolve_program("sh", dir), PathBuf::from("sh"));
+        assert_eq!(signal_by_name("TERM"), Some(Signal::SIGTERM));
+        assert_eq!(signal_by_name("SIGUSR1"), Some(Signal::SIGUSR1));
+        assert_eq!(signal_by_name("NOPE"), None);
+    }
+
+    #[tokio::test]
+    async fn every_start_begins_from_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DataLayout::new(dir.path());
+        layout.create_all().unwrap();
+        let release_dir = release(
+            &layout,
+            &[(
+                "bin/run.sh",
+                "echo \"$GREETING ${1}\" > written\nexec sleep 30\n",
+                0o755,
+            )],
+        );
+        let m = manifest(
+            "[process]\ncommand = [\"/bin/sh\", \"bin/run.sh\", \"${FLEET_HOST}\"]\nstop_timeout = \"5s\"\n",
+        );
+        let written = layout.instance_dir("app").join("written");
+
+        let mut first = Instance::start(&layout, &release_dir, &m, &vars("app"))
+            .await
+            .unwrap();
+        eventually("the instance to write its file", || written.exists()).await;
+        assert_eq!(
+            std::fs::read_to_string(&written).unwrap(),
+            "from-release h1\n"
+        );
+        assert!(has_token(first.pid(), first.token()));
+        std::fs::write(layout.instance_dir("app").join("junk"), "x").unwrap();
+        let outcome = first.stop().await;
+        assert!(outcome.contains("SIGTERM"), "{outcome}");
+        assert!(!has_token(first.pid(), first.token()));
+
+        let mut second = Instance::start(&layout, &release_dir, &m, &vars("app"))
+            .await
+            .unwrap();
+        assert!(
+            !layout.instance_dir("app").join("junk").exists(),
+            "what the earlier instance left must be gone"
+        );
+        eventually("the second instance to write its file", || written.exists()).await;
+        second.stop().await;
+        let log = std::fs::read_to_string(layout.log_file("app")).unwrap();
+        assert_eq!(log.matches("--- fleet-agent: starting app 1.0").count(), 2);
+        // The release itself was never written to.
+        assert!(!release_dir.join("written").exists());
+    }
+
+    #[tokio::test]
+    async fn graceful_stop_escalates_to_sigkill_for_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DataLayout::new(dir.path());
+        layout.create_all().unwrap();
+        let release_dir = release(&layout, &[]);
+        // The shell ignores TERM and so does the child it leaves in the group.
+        let m = manifest(
+            "[process]\ncommand = [\"/bin/sh\", \"-c\", \"trap '' TERM; sleep 60 & echo ready > ready; wait\"]\nstop_timeout = \"300ms\"\n",
+        );
+        let mut instance = Instance::start(&layout, &release_dir, &m, &vars("app"))
+            .await
+            .unwrap();
+        let ready = layout.instance_dir("app").join("ready");
+        eventually("the instance to be ready", || ready.exists()).await;
+        let token = instance.token().to_string();
+        assert!(token_holders(&token).len() >= 2, "leader and its child");
+        let started = Instant::now();
+        let outcome = instance.stop().await;
+        assert!(outcome.contains("killed with SIGKILL"), "{outcome}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(
+            token_holders(&token).is_empty(),
+            "nothing of the group survives"
+        );
+    }
+
+    #[tokio::test]
+    async fn leftovers_are_stopped_only_when_the_token_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DataLayout::new(dir.path());
+        layout.create_all().unwrap();
+        let release_dir = release(&layout, &[]);
+        // No shell: reading /proc/<pid>/environ while a shell execs may fail for a moment.
+        let m = manifest("[process]\ncommand = [\"sleep\", \"60\"]\n");
+        let mut instance = Instance::start(&layout, &release_dir, &m, &vars("app"))
+            .await
+            .unwrap();
+        let pid = instance.pid();
+        eventually("the token to show", || has_token(pid, instance.token())).await;
+        let mut wrong = instance.saved("1.0");
+        wrong.token = "0".repeat(32);
+        kill_leftovers(&BTreeMap::from([("app".to_string(), wrong)])).await;
+        assert!(
+            has_token(pid, instance.token()),
+            "a wrong token never kills"
+        );
+
+        let saved = instance.saved("1.0");
+        kill_leftovers(&BTreeMap::from([("app".to_string(), saved)])).await;
+        let status = tokio::time::timeout(Duration::from_secs(5), instance.wait())
+            .await
+            .expect("the leftover instance is stopped");
+        assert_eq!(describe_exit(&status), "killed by SIGTERM");
+        instance.stop().await;
+    }
+}

@@ -1,0 +1,348 @@
+//! The agent's one long-lived `AgentService.Session` stream. On connect it sends `Hello` (name,
+//! labels, advertise address, agent version and the latest report of every instance), then
+//! forwards every instance report and a heartbeat every `Welcome.heartbeat_interval_ms`; it
+//! hands each `DesiredState` to the supervisor. When the controller goes away it reconnects
+//! forever with a backoff from 200ms doubling to 5s; instances keep running meanwhile.
+//!
+//! This is the gRPC edge: prost types are converted to and from [`crate::model`] here and go
+//! no further.
+
+use crate::model::{Assignment, InstanceState, Report, Reporter};
+use crate::supervisor::SupervisorCommand;
+use crate::{AgentError, Config};
+use fleet_proto::pb;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+pub const MIN_RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
+pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
+/// Heartbeat interval until the controller's `Welcome` says otherwise.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// A session whose stream does not open within this is retried.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A controller that does not take a message within this counts as gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the session says about this host.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub host_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub advertise: String,
+}
+
+impl SessionConfig {
+    pub fn from_config(config: &Config) -> SessionConfig {
+        SessionConfig {
+            host_name: config.host_name.clone(),
+            labels: config.labels.clone(),
+            advertise: config.advertise.to_string(),
+        }
+    }
+}
+
+/// A channel to the controller that connects on first use and reconnects by itself; HTTP/2
+/// keepalives notice a controller that stopped answering.
+pub fn lazy_channel(url: &str) -> Result<Channel, AgentError> {
+    let endpoint =
+        Endpoint::from_shared(url.to_string()).map_err(|e| AgentError::ControllerUrl {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// Converts an instance report to its wire form.
+pub fn report_to_pb(report: &Report) -> pb::InstanceReport {
+    pb::InstanceReport {
+        app: report.app.clone(),
+        version: report.version.clone(),
+        state: report.state.as_str().to_string(),
+        message: report.message.clone(),
+        since_unix_ms: report.since_unix_ms,
+        restarts: report.restarts,
+        rollout_id: report.rollout_id.clone(),
+    }
+}
+
+/// Converts and checks an assignment from the wire; the error says what is wrong with it.
+pub fn assignment_from_pb(assignment: pb::Assignment) -> Result<Assignment, String> {
+    fleet_proto::names::check_app(&assignment.app).map_err(|e| e.to_string())?;
+    fleet_proto::names::check_version(&assignment.version).map_err(|e| e.to_string())?;
+    if !fleet_proto::artifact::check_digest(&assignment.artifact_digest) {
+        return Err(format!(
+            "artifact digest {:?} is not sha256:<64 hex>",
+            assignment.artifact_digest
+        ));
+    }
+    for key in assignment.env.keys() {
+        if !fleet_proto::names::check_env_key(key) {
+            return Err(format!("release env key {key:?} is invalid"));
+        }
+    }
+    Ok(Assignment {
+        app: assignment.app,
+        version: assignment.version,
+        artifact_digest: assignment.artifact_digest,
+        artifact_size: assignment.artifact_size,
+        env: assignment.env.into_iter().collect(),
+        rollout_id: assignment.rollout_id,
+        generation: assignment.generation,
+        smoke_timeout_ms: assignment.smoke_timeout_ms,
+    })
+}
+
+/// Checks every assignment of a desired state; a bad one is reported failed and left out.
+fn desired_from_pb(desired: pb::DesiredState, reporter: &Reporter) -> Vec<Assignment> {
+    let mut out = Vec::with_capacity(desired.assignments.len());
+    for assignment in desired.assignments {
+        let (app, version, rollout_id) = (
+            assignment.app.clone(),
+            assignment.version.clone(),
+            assignment.rollout_id.clone(),
+        );
+        match assignment_from_pb(assignment) {
+            Ok(assignment) => out.push(assignment),
+            Err(message) => {
+                tracing::warn!(%app, "refusing an assignment: {message}");
+                if fleet_proto::names::check_app(&app).is_ok() {
+                    reporter.publish(Report {
+                        app,
+                        version,
+                        state: InstanceState::Failed,
+                        message: format!("the assignment is invalid: {message}"),
+                        since_unix_ms: fleet_proto::now_unix_ms(),
+                        restarts: 0,
+                        rollout_id,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// How one session ended.
+enum Ended {
+    /// The agent is shutting down.
+    Stopped,
+    /// The controller went away or refused; `welcomed` says whether it had answered at all.
+    Lost { welcomed: bool, why: String },
+}
+
+/// Keeps a session to the controller open until `stop` turns true, reconnecting forever.
+pub async fn run_session(
+    config: SessionConfig,
+    channel: Channel,
+    reporter: Arc<Reporter>,
+    mut report_rx: mpsc::UnboundedReceiver<Report>,
+    supervisor: mpsc::UnboundedSender<SupervisorCommand>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = MIN_RECONNECT_BACKOFF;
+    let mut was_connected = true;
+    loop {
+        let ended = session_once(
+            &config,
+            &channel,
+            &reporter,
+            &mut report_rx,
+            &supervisor,
+            &mut stop,
+        )
+        .await;
+        match ended {
+            Ended::Stopped => return,
+            Ended::Lost { welcomed, why } => {
+                if welcomed {
+                    backoff = MIN_RECONNECT_BACKOFF;
+                }
+                if welcomed || was_connected {
+                    tracing::warn!("controller session lost, reconnecting: {why}");
+                } else {
+                    tracing::debug!("controller still unreachable: {why}");
+                }
+                was_connected = welcomed;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+async fn session_once(
+    config: &SessionConfig,
+    channel: &Channel,
+    reporter: &Reporter,
+    report_rx: &mut mpsc::UnboundedReceiver<Report>,
+    supervisor: &mpsc::UnboundedSender<SupervisorCommand>,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let lost = |welcomed, why: String| Ended::Lost { welcomed, why };
+    let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(256);
+    // Everything queued before the snapshot is older than it: the Hello says it all.
+    let instances = reporter.snapshot(report_rx);
+    let hello = pb::Hello {
+        host_name: config.host_name.clone(),
+        labels: config.labels.clone().into_iter().collect(),
+        advertise_addr: config.advertise.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        instances: instances.iter().map(report_to_pb).collect(),
+    };
+    let _ = out_tx.try_send(pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(hello)),
+    });
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel.clone());
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(OPEN_TIMEOUT, client.session(ReceiverStream::new(out_rx))) => opened,
+        _ = stopped(stop) => return Ended::Stopped,
+    };
+    let mut inbound = match opened {
+        Err(_) => return lost(false, "the session did not open in time".into()),
+        Ok(Err(status)) => {
+            return lost(false, format!("{:?}: {}", status.code(), status.message()))
+        }
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    let mut welcomed = false;
+    let mut period = DEFAULT_HEARTBEAT;
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let outgoing = tokio::select! {
+            _ = stopped(stop) => return Ended::Stopped,
+            message = inbound.message() => {
+                match message {
+                    Ok(Some(message)) => match message.body {
+                        Some(pb::controller_message::Body::Welcome(welcome)) => {
+                            if !welcomed {
+                                tracing::info!(host = %config.host_name, "connected to the controller");
+                            }
+                            welcomed = true;
+                            if welcome.heartbeat_interval_ms > 0 {
+                                let asked = Duration::from_millis(welcome.heartbeat_interval_ms)
+                                    .max(Duration::from_millis(50));
+                                if asked != period {
+                                    period = asked;
+                                    heartbeat = tokio::time::interval_at(
+                                        tokio::time::Instant::now() + period,
+                                        period,
+                                    );
+                                    heartbeat.set_missed_tick_behavior(
+                                        tokio::time::MissedTickBehavior::Delay,
+                                    );
+                                }
+                            }
+                            None
+                        }
+                        Some(pb::controller_message::Body::Desired(desired)) => {
+                            welcomed = true;
+                            let assignments = desired_from_pb(desired, reporter);
+                            tracing::info!(n_assignments = assignments.len(), "desired state received");
+                            let _ = supervisor.send(SupervisorCommand::Desired(assignments));
+                            None
+                        }
+                        None => None,
+                    },
+                    Ok(None) => return lost(welcomed, "the controller closed the session".into()),
+                    Err(status) => {
+                        return lost(welcomed, format!("{:?}: {}", status.code(), status.message()))
+                    }
+                }
+            }
+            report = report_rx.recv() => report.map(|report| pb::AgentMessage {
+                body: Some(pb::agent_message::Body::Report(report_to_pb(&report))),
+            }),
+            _ = heartbeat.tick() => Some(pb::AgentMessage {
+                body: Some(pb::agent_message::Body::Heartbeat(pb::Heartbeat {})),
+            }),
+        };
+        if let Some(message) = outgoing {
+            match tokio::time::timeout(SEND_TIMEOUT, out_tx.send(message)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return lost(welcomed, "the session's send side closed".into()),
+                Err(_) => return lost(welcomed, "the controller stopped taking messages".into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_assignments_at_the_edge() {
+        let good = pb::Assignment {
+            app: "web".into(),
+            version: "1.0".into(),
+            artifact_digest: format!("sha256:{}", "b".repeat(64)),
+            artifact_size: 3,
+            env: [("K".to_string(), "v".to_string())].into_iter().collect(),
+            rollout_id: "r".into(),
+            generation: 1,
+            smoke_timeout_ms: 5,
+        };
+        let converted = assignment_from_pb(good.clone()).unwrap();
+        assert_eq!(converted.env["K"], "v");
+        for bad in [
+            pb::Assignment {
+                app: "../x".into(),
+                ..good.clone()
+            },
+            pb::Assignment {
+                version: "..".into(),
+                ..good.clone()
+            },
+            pb::Assignment {
+                artifact_digest: "md5:x".into(),
+                ..good.clone()
+            },
+            pb::Assignment {
+                env: [("1BAD".to_string(), "v".to_string())]
+                    .into_iter()
+                    .collect(),
+                ..good.clone()
+            },
+        ] {
+            assert!(assignment_from_pb(bad).is_err());
+        }
+        let reporter = Reporter::new();
+        let mut rx = reporter.take_receiver();
+        let desired = pb::DesiredState {
+            assignments: vec![
+                good.clone(),
+                pb::Assignment {
+                    app: "api".into(),
+                    version: "/".into(),
+                    ..good
+                },
+            ],
+        };
+        let assignments = desired_from_pb(desired, &reporter);
+        assert_eq!(assignments.len(), 1);
+        let report = rx.try_recv().unwrap();
+        assert_eq!(
+            (report.app.as_str(), report.state),
+            ("api", InstanceState::Failed)
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! `DATA/state.json`: what must survive the agent's own restart, even a SIGKILL. It holds the
+//! current assignments (so the agent brings them up again without the controller) and, for each
+//! live instance, its pid and the random `FLEET_INSTANCE_ID` token it was started with (so a
+//! restarted agent can find and stop it, and never signals a pid that is not provably its own).
+//!
+//! Every change rewrites the file atomically: write a temp file, fsync it, rename it over the
+//! old one, fsync the directory.
+
+use crate::model::Assignment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use thiserror::Error;
+
+/// The environment variable holding an instance's token.
+pub const INSTANCE_ID_VAR: &str = "FLEET_INSTANCE_ID";
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("cannot read the agent state {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agent state {path} is corrupt ({message}): move it away to start afresh")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("cannot write the agent state {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The persisted state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub assignments: Vec<Assignment>,
+    /// Live instances by app.
+    pub instances: BTreeMap<String, SavedInstance>,
+}
+
+/// One live instance: enough to recognise it and stop it after the agent's restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedInstance {
+    pub version: String,
+    /// The pid of the instance's leader, which is also its process group id.
+    pub pid: i32,
+    /// The random `FLEET_INSTANCE_ID` in the instance's environment.
+    pub token: String,
+    /// The manifest's stop signal, like `TERM`.
+    pub stop_signal: String,
+    pub stop_timeout_ms: u64,
+}
+
+/// The state file and its in-memory copy; every change is written through.
+pub struct StateStore {
+    path: PathBuf,
+    state: Mutex<AgentState>,
+}
+
+impl StateStore {
+    /// Opens the state file, or starts empty when there is none.
+    pub fn open(path: PathBuf) -> Result<StateStore, StateError> {
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentState::default(),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        Ok(StateStore {
+            path,
+            state: Mutex::new(state),
+        })
+    }
+
+    pub fn snapshot(&self) -> AgentState {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, change: impl FnOnce(&mut AgentState)) -> Result<(), StateError> {
+        let mut state = self.lock();
+        change(&mut state);
+        write_atomically(&self.path, &state).map_err(|source| StateError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    pub fn set_assignments(&self, assignments: Vec<Assignment>) -> Result<(), StateError> {
+        self.update(|s| s.assignments = assignments)
+    }
+
+    pub fn set_instance(
+        &self,
+        app: &str,
+        instance: Option<SavedInstance>,
+    ) -> Result<(), StateError> {
+        self.update(|s| match instance {
+            Some(instance) => {
+                s.instances.insert(app.to_string(), instance);
+            }
+            None => {
+                s.instances.remove(app);
+            }
+        })
+    }
+
+    pub fn clear_instances(&self) -> Result<(), StateError> {
+        self.update(|s| s.instances.clear())
+    }
+}
+
+fn write_atomically(path: &Path, state: &AgentState) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        // Makes the rename itself durable; a failure here only weakens crash safety.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+/// A new random instance token: 128 bits from the kernel, as hex.
+pub fn new_token() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if filled.is_err() {
+        // Not secret, only unique: fall back to time and pid.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes.copy_from_slice(&(nanos ^ u128::from(std::process::id()) << 64).to_le_bytes());
+    }
+    hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = StateStore::open(path.clone()).unwrap();
+        assert_eq!(store.snapshot(), AgentState::default());
+        let assignment = Assignment {
+            app: "web".into(),
+            version: "1.0".into(),
+            artifact_digest: format!("sha256:{}", "a".repeat(64)),
+            artifact_size: 10,
+            env: BTreeMap::from([("K".into(), "v".into())]),
+            rollout_id: "r1".into(),
+            generation: 2,
+            smoke_timeout_ms: 0,
+        };
+        store.set_assignments(vec![assignment.clone()]).unwrap();
+        store
+            .set_instance(
+                "web",
+                Some(SavedInstance {
+                    version: "1.0".into(),
+                    pid: 42,
+                    token: new_token(),
+                    stop_signal: "TERM".into(),
+                    stop_timeout_ms: 1000,
+                }),
+            )
+            .unwrap();
+        let reopened = StateStore::open(path.clone()).unwrap().snapshot();
+        assert_eq!(reopened.assignments, vec![assignment]);
+        assert_eq!(reopened.instances["web"].pid, 42);
+        assert_eq!(reopened.instances["web"].token.len(), 32);
+        store.set_instance("web", None).unwrap();
+        assert!(StateStore::open(path.clone())
+            .unwrap()
+            .snapshot()
+            .instances
+            .is_empty());
+        assert!(!path.with_extension("json.tmp").exists());
+
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(matches!(
+            StateStore::open(path),
+            Err(StateError::Corrupt { .. })
+        ));
+        assert_ne!(new_token(), new_token());
+    }
+}

@@ -1,0 +1,656 @@
+//! The supervisor: one task per app, each running the instance lifecycle state machine, and a
+//! manager task that turns each `DesiredState` (always the full set) into commands for them.
+//!
+//! ```text
+//!  assignment ──> fetching ──> unpacking ──> starting ──> checking ──> running
+//!                    │             │            │            │           │ exits on its own
+//!                    └─────────────┴──── failed ┴────────────┘           v
+//!                                                     starting <──── crashed (backoff)
+//!  unassigned / agent shutdown:  (any) ──> stopping ──> stopped
+//! ```
+//!
+//! What each transition guarantees:
+//! - **fetching**: the artifact is downloaded (or found in the cache) and verified against its
+//!   digest before the next state; the old instance still runs meanwhile.
+//! - **unpacking**: the release directory exists whole and its manifest parses; the old
+//!   instance still runs. Only after this is the old instance stopped (reported as
+//!   `stopping`/`stopped` with the *old* version).
+//! - **starting**: the instance directory was wiped and copied afresh from the release and the
+//!   process spawned in its own group; its pid and token are in `state.json`.
+//! - **checking**: the process is up; every smoke check runs in order. The process exiting
+//!   meanwhile fails the checks at once with its exit status.
+//! - **running**: every smoke check passed. Only now does the instance count as deployed; old
+//!   releases beyond the kept ones are pruned.
+//! - **failed** (from any state before running): the reason is in the message and no process
+//!   of the new release is left; the app stays failed until the controller sends an assignment
+//!   again (even the same one: a failed app is always retried).
+//! - **crashed** (the process exited on its own while running): its group is cleaned up, the
+//!   restart counter grows and the instance is started again from origin after a backoff of 1s,
+//!   doubling to 30s (reset after a minute of stable running), smoke checks included. A restart
+//!   whose checks fail counts as another crash.
+//! - **stopping → stopped**: stop signal to the group, `stop_timeout`, SIGKILL; nothing of the
+//!   group is left when `stopped` is reported.
+//!
+//! An assignment equal to the current one (version, generation, rollout id and digest) changes
+//! nothing unless the app failed, so a reconnect that resends the same state is harmless. A new
+//! command arriving while fetching or checking interrupts that step (a download resumes later).
+
+use crate::fetch::Fetcher;
+use crate::instance::{describe_exit, Instance, InstanceVars};
+use crate::model::{
+    digest_hex, release_dir_name, Assignment, DataLayout, InstanceState, Report, Reporter,
+};
+use crate::releases::Release;
+use crate::smoke::{run_checks, CheckContext};
+use crate::state::StateStore;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// The first restart delay after a crash; it doubles up to [`MAX_CRASH_BACKOFF`].
+pub const MIN_CRASH_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_CRASH_BACKOFF: Duration = Duration::from_secs(30);
+/// An instance that ran this long before crashing starts the backoff afresh.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
+/// What every app task shares.
+pub struct Context {
+    pub layout: DataLayout,
+    pub host_name: String,
+    pub advertise: String,
+    pub fetcher: Fetcher,
+    pub reporter: Arc<Reporter>,
+    pub store: Arc<StateStore>,
+}
+
+/// Commands to the manager.
+pub enum SupervisorCommand {
+    /// The full set of assignments; apps not in it are stopped and forgotten.
+    Desired(Vec<Assignment>),
+    /// Stop every instance gracefully, then answer.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Commands to one app task.
+#[derive(Debug)]
+enum AppCommand {
+    Assign(Assignment),
+    Remove,
+    Shutdown,
+}
+
+/// What an app task does with a new assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Already running (or converging to, or restarting) exactly this: nothing to do.
+    Keep,
+    /// Fetch, unpack, replace the instance, check.
+    Converge,
+}
+
+/// Decides on a new assignment given the current one and the app's last state. Pure.
+pub fn decide(
+    current: Option<&Assignment>,
+    state: Option<InstanceState>,
+    new: &Assignment,
+) -> Decision {
+    match current {
+        Some(current)
+            if current.same_deployment(new)
+                && !matches!(
+                    state,
+                    Some(InstanceState::Failed) | Some(InstanceState::Stopped) | None
+                ) =>
+        {
+            Decision::Keep
+        }
+        _ => Decision::Converge,
+    }
+}
+
+/// The delay before restart number `consecutive` (1-based) of a crashing instance. Pure.
+pub fn crash_backoff(consecutive: u32) -> Duration {
+    let doublings = consecutive.saturating_sub(1).min(16);
+    (MIN_CRASH_BACKOFF * 2u32.pow(doublings)).min(MAX_CRASH_BACKOFF)
+}
+
+/// The manager: owns the app tasks.
+pub struct Supervisor {
+    context: Arc<Context>,
+    apps: BTreeMap<String, AppHandle>,
+    /// Tasks of apps being removed; a new task for the same app waits for its predecessor.
+    retiring: BTreeMap<String, JoinHandle<()>>,
+}
+
+struct AppHandle {
+    tx: mpsc::UnboundedSender<AppCommand>,
+    task: JoinHandle<()>,
+}
+
+impl Supervisor {
+    /// Starts the manager task; send it commands through the returned sender.
+    pub fn spawn(
+        context: Arc<Context>,
+    ) -> (mpsc::UnboundedSender<SupervisorCommand>, JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let supervisor = Supervisor {
+            context,
+            apps: BTreeMap::new(),
+            retiring: BTreeMap::new(),
+        };
+        (tx, tokio::spawn(supervisor.run(rx)))
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SupervisorCommand>) {
+        while let Some(command) = rx.recv().await {
+            match command {
+                SupervisorCommand::Desired(assignments) => self.apply(assignments),
+                SupervisorCommand::Shutdown(done) => {
+                    self.shutdown().await;
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        }
+        self.shutdown().await;
+    }
+
+    fn apply(&mut self, assignments: Vec<Assignment>) {
+        let desired: BTreeMap<String, Assignment> = assignments
+            .into_iter()
+            .map(|a| (a.app.clone(), a))
+            .collect();
+        if let Err(e) = self
+            .context
+            .store
+            .set_assignments(desired.values().cloned().collect())
+        {
+            tracing::error!("{e}");
+        }
+        self.retiring.retain(|_, task| !task.is_finished());
+        let unassigned: Vec<String> = self
+            .apps
+            .keys()
+            .filter(|app| !desired.contains_key(*app))
+            .cloned()
+            .collect();
+        for app in unassigned {
+            if let Some(handle) = self.apps.remove(&app) {
+                let _ = handle.tx.send(AppCommand::Remove);
+                self.retiring.insert(app, handle.task);
+            }
+        }
+        for (app, assignment) in desired {
+            let handle = self.apps.entry(app.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let task = AppTask {
+                    app: app.clone(),
+                    context: self.context.clone(),
+                    rx,
+                    target: None,
+                    state: None,
+                    restarts: 0,
+                    consecutive_crashes: 0,
+                    live: None,
+                };
+                let predecessor = self.retiring.remove(&app);
+                AppHandle {
+                    tx,
+                    task: tokio::spawn(task.run(predecessor)),
+                }
+            });
+            let _ = handle.tx.send(AppCommand::Assign(assignment));
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+        for (_, handle) in std::mem::take(&mut self.apps) {
+            let _ = handle.tx.send(AppCommand::Shutdown);
+            tasks.push(handle.task);
+        }
+        tasks.extend(std::mem::take(&mut self.retiring).into_values());
+        futures::future::join_all(tasks).await;
+    }
+}
+
+/// The instance that is up (or just crashed) and what it was started from.
+struct Live {
+    assignment: Assignment,
+    release: Release,
+    instance: Instance,
+}
+
+/// One app's state machine.
+struct AppTask {
+    app: String,
+    context: Arc<Context>,
+    rx: mpsc::UnboundedReceiver<AppCommand>,
+    /// The latest assignment, the one being converged to or run.
+    target: Option<Assignment>,
+    /// The last state reported for `target`.
+    state: Option<InstanceState>,
+    /// Restarts after crashes since the target was deployed.
+    restarts: u32,
+    /// Crashes in a row without a stable run in between; sets the backoff.
+    consecutive_crashes: u32,
+    live: Option<Live>,
+}
+
+enum Event {
+    Command(AppCommand),
+    Exited(ExitStatus),
+}
+
+/// How starting and checking a fresh instance ended.
+enum Started {
+    Running(Instance, String),
+    Failed(String),
+    Interrupted(AppCommand),
+}
+
+impl AppTask {
+    async fn run(mut self, predecessor: Option<JoinHandle<()>>) {
+        if let Some(task) = predecessor {
+            let _ = task.await;
+        }
+        let mut next: Option<AppCommand> = None;
+        loop {
+            let event = match next.take() {
+                Some(command) => Event::Command(command),
+                None => self.next_event().await,
+            };
+            match event {
+                Event::Command(AppCommand::Assign(assignment)) => {
+                    if decide(self.target.as_ref(), self.state, &assignment) == Decision::Keep {
+                        continue;
+                    }
+                    next = self.converge(assignment).await;
+                }
+                Event::Command(AppCommand::Remove) => {
+                    self.stop_live("no longer assigned to this host").await;
+                    self.context.reporter.forget(&self.app);
+                    // Nothing of a stopped instance is ever reused; its releases stay cached.
+                    let _ = tokio::fs::remove_dir_all(self.context.layout.instance_dir(&self.app))
+                        .await;
+                    return;
+                }
+                Event::Command(AppCommand::Shutdown) => {
+                    self.stop_live("the agent is shutting down").await;
+                    return;
+                }
+                Event::Exited(status) => next = self.after_crash(status).await,
+            }
+        }
+    }
+
+    /// The next command, or the running instance's exit.
+    async fn next_event(&mut self) -> Event {
+        let rx = &mut self.rx;
+        match &mut self.live {
+            Some(live) if self.state == Some(InstanceState::Running) => {
+                tokio::select! {
+                    command = rx.recv() => Event::Command(command.unwrap_or(AppCommand::Shutdown)),
+                    status = live.instance.wait() => Event::Exited(status),
+                }
+            }
+            _ => Event::Command(rx.recv().await.unwrap_or(AppCommand::Shutdown)),
+        }
+    }
+
+    fn report(&mut self, state: InstanceState, message: impl Into<String>) {
+        let (version, rollout_id) = match &self.target {
+            Some(a) => (a.version.clone(), a.rollout_id.clone()),
+            None => Default::default(),
+        };
+        self.state = Some(state);
+        self.publish(state, version, rollout_id, message.into());
+    }
+
+    fn publish(&self, state: InstanceState, version: String, rollout_id: String, message: String) {
+        self.context.reporter.publish(Report {
+            app: self.app.clone(),
+            version,
+            state,
+            message,
+            since_unix_ms: fleet_proto::now_unix_ms(),
+            restarts: self.restarts,
+            rollout_id,
+        });
+    }
+
+    fn record_instance(&self, saved: Option<crate::state::SavedInstance>) {
+        if let Err(e) = self.context.store.set_instance(&self.app, saved) {
+            tracing::error!(app = %self.app, "{e}");
+        }
+    }
+
+    /// Brings `assignment` up: fetch, unpack, replace the old instance, start, check.
+    /// Returns a command that interrupted it, to be handled next.
+    async fn converge(&mut self, assignment: Assignment) -> Option<AppCommand> {
+        self.target = Some(assignment.clone());
+        self.restarts = 0;
+        self.consecutive_crashes = 0;
+
+        let fetcher = self.context.fetcher.clone();
+        let artifact = match fetcher.cached(&assignment.artifact_digest) {
+            Some(path) => {
+                self.report(InstanceState::Fetching, "artifact is in the local cache");
+                path
+            }
+            None => {
+                self.report(
+                    InstanceState::Fetching,
+                    format!(
+                        "fetching {} ({} bytes)",
+                        assignment.artifact_digest, assignment.artifact_size
+                    ),
+                );
+                let fetch = fetcher.fetch(&assignment.artifact_digest, assignment.artifact_size);
+                match interruptible(&mut self.rx, &assignment, fetch).await {
+                    Err(command) => return Some(command),
+                    Ok(Err(e)) => {
+                        self.report(InstanceState::Failed, e.to_string());
+                        return None;
+                    }
+                    Ok(Ok(path)) => path,
+                }
+            }
+        };
+
+        self.report(InstanceState::Unpacking, "unpacking the release");
+        let layout = self.context.layout.clone();
+        let (app, version, digest) = (
+            self.app.clone(),
+            assignment.version.clone(),
+            assignment.artifact_digest.clone(),
+        );
+        let unpacked = tokio::task::spawn_blocking(move || {
+            crate::releases::ensure_unpacked(&layout, &app, &version, &digest, &artifact)
+        })
+        .await;
+        let release = match unpacked {
+            Ok(Ok(release)) => release,
+            Ok(Err(e)) => {
+                self.report(InstanceState::Failed, e.to_string());
+                return None;
+            }
+            Err(e) => {
+                self.report(InstanceState::Failed, format!("unpacking crashed: {e}"));
+                return None;
+            }
+        };
+
+        if let Some(mut old) = self.live.take() {
+            let why = format!("replacing it with {}", assignment.version);
+            self.publish(
+                InstanceState::Stopping,
+                old.assignment.version.clone(),
+                old.assignment.rollout_id.clone(),
+                why,
+            );
+            let outcome = old.instance.stop().await;
+            self.record_instance(None);
+            self.publish(
+                InstanceState::Stopped,
+                old.assignment.version.clone(),
+                old.assignment.rollout_id.clone(),
+                outcome,
+            );
+        }
+
+        match self.start_and_check(&assignment, &release).await {
+            Started::Running(instance, message) => {
+                self.live = Some(Live {
+                    assignment: assignment.clone(),
+                    release: release.clone(),
+                    instance,
+                });
+                self.report(InstanceState::Running, message);
+                self.prune(&assignment).await;
+                None
+            }
+            Started::Failed(message) => {
+                self.report(InstanceState::Failed, message);
+                None
+            }
+            Started::Interrupted(command) => Some(command),
+        }
+    }
+
+    /// Starts a fresh instance from origin and runs the smoke checks against it. On anything
+    /// but success no process of it is left.
+    async fn start_and_check(&mut self, assignment: &Assignment, release: &Release) -> Started {
+        self.report(
+            InstanceState::Starting,
+            "starting a fresh instance from the release",
+        );
+        crate::releases::touch(&release.dir);
+        let vars = InstanceVars {
+            app: self.app.clone(),
+            version: assignment.version.clone(),
+            host_name: self.context.host_name.clone(),
+            advertise: self.context.advertise.clone(),
+            release_env: assignment.env.clone(),
+        };
+        let started =
+            Instance::start(&self.context.layout, &release.dir, &release.manifest, &vars).await;
+        let mut instance = match started {
+            Ok(instance) => instance,
+            Err(e) => return Started::Failed(e.to_string()),
+        };
+        self.record_instance(Some(instance.saved(&assignment.version)));
+
+        let checks = &release.manifest.smoke;
+        self.report(
+            InstanceState::Checking,
+            format!(
+                "pid {}: running {} smoke checks",
+                instance.pid(),
+                checks.len()
+            ),
+        );
+        let context = CheckContext {
+            instance_dir: std::path::absolute(self.context.layout.instance_dir(&self.app))
+                .unwrap_or_else(|_| self.context.layout.instance_dir(&self.app)),
+            env: crate::instance::instance_env(&vars, &release.manifest),
+            smoke_timeout: Duration::from_millis(assignment.smoke_timeout_ms),
+        };
+        let began = tokio::time::Instant::now();
+        let outcome = {
+            let instance = &mut instance;
+            let race = async move {
+                tokio::select! {
+                    checked = run_checks(checks, &context) => checked,
+                    status = instance.wait() => Err(format!(
+                        "the instance {} while the smoke checks ran (see the app's log)",
+                        describe_exit(&status)
+                    )),
+                }
+            };
+            interruptible(&mut self.rx, assignment, race).await
+        };
+        match outcome {
+            Ok(Ok(())) => Started::Running(
+                instance,
+                format!(
+                    "{} smoke checks passed in {}",
+                    checks.len(),
+                    fleet_proto::duration::format_duration(began.elapsed())
+                ),
+            ),
+            Ok(Err(message)) => {
+                instance.stop().await;
+                self.record_instance(None);
+                Started::Failed(message)
+            }
+            Err(command) => {
+                let outcome = instance.stop().await;
+                self.record_instance(None);
+                self.report(
+                    InstanceState::Stopped,
+                    format!("superseded by a newer command while checking: {outcome}"),
+                );
+                Started::Interrupted(command)
+            }
+        }
+    }
+
+    /// The live instance exited on its own: report, back off, start again from origin.
+    async fn after_crash(&mut self, status: ExitStatus) -> Option<AppCommand> {
+        let live = self.live.as_mut()?;
+        let stable = live.instance.started_at.elapsed() >= STABLE_RUN;
+        live.instance.stop().await;
+        let (assignment, release) = (live.assignment.clone(), live.release.clone());
+        self.record_instance(None);
+        if stable {
+            self.consecutive_crashes = 0;
+        }
+        let mut message = format!("the instance {}", describe_exit(&status));
+        loop {
+            self.restarts += 1;
+            self.consecutive_crashes += 1;
+            let delay = crash_backoff(self.consecutive_crashes);
+            self.report(
+                InstanceState::Crashed,
+                format!(
+                    "{message}; restarting from origin in {}",
+                    fleet_proto::duration::format_duration(delay)
+                ),
+            );
+            let sleep = tokio::time::sleep(delay);
+            if let Err(command) = interruptible(&mut self.rx, &assignment, sleep).await {
+                return Some(command);
+            }
+            match self.start_and_check(&assignment, &release).await {
+                Started::Running(instance, checked) => {
+                    if let Some(live) = self.live.as_mut() {
+                        live.instance = instance;
+                    }
+                    self.report(
+                        InstanceState::Running,
+                        format!("restarted after a crash; {checked}"),
+                    );
+                    return None;
+                }
+                Started::Failed(why) => {
+                    message = format!("the restart failed: {why}");
+                }
+                Started::Interrupted(command) => return Some(command),
+            }
+        }
+    }
+
+    /// Stops the live instance (if any) and reports it, for unassignment and shutdown.
+    async fn stop_live(&mut self, why: &str) {
+        match self.live.take() {
+            Some(mut live) => {
+                self.target = Some(live.assignment.clone());
+                self.report(InstanceState::Stopping, why);
+                let outcome = live.instance.stop().await;
+                self.record_instance(None);
+                self.report(InstanceState::Stopped, outcome);
+            }
+            None => {
+                if self.target.is_some() && self.state != Some(InstanceState::Stopped) {
+                    self.report(InstanceState::Stopped, why);
+                }
+            }
+        }
+    }
+
+    /// Prunes this app's old releases, keeping the one just deployed.
+    async fn prune(&self, assignment: &Assignment) {
+        let layout = self.context.layout.clone();
+        let app = self.app.clone();
+        let keep = BTreeSet::from([release_dir_name(
+            &assignment.version,
+            digest_hex(&assignment.artifact_digest),
+        )]);
+        let pruned =
+            tokio::task::spawn_blocking(move || crate::releases::prune(&layout, &app, &keep)).await;
+        if let Ok(pruned) = pruned {
+            if !pruned.is_empty() {
+                tracing::info!(app = %self.app, ?pruned, "pruned old releases");
+            }
+        }
+    }
+}
+
+/// Runs `work` until it finishes or a command arrives that changes something. A resent
+/// identical assignment does not interrupt; anything else does and is returned.
+async fn interruptible<F: Future>(
+    rx: &mut mpsc::UnboundedReceiver<AppCommand>,
+    current: &Assignment,
+    work: F,
+) -> Result<F::Output, AppCommand> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            output = &mut work => return Ok(output),
+            command = rx.recv() => match command {
+                Some(AppCommand::Assign(new)) if current.same_deployment(&new) => continue,
+                Some(command) => return Err(command),
+                None => return Err(AppCommand::Shutdown),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(version: &str, generation: u64, rollout_id: &str) -> Assignment {
+        Assignment {
+            app: "web".into(),
+            version: version.into(),
+            artifact_digest: format!("sha256:{}", "a".repeat(64)),
+            artifact_size: 0,
+            env: BTreeMap::new(),
+            rollout_id: rollout_id.into(),
+            generation,
+            smoke_timeout_ms: 0,
+        }
+    }
+
+    #[test]
+    fn decides_what_an_assignment_needs() {
+        use Decision::*;
+        use InstanceState::*;
+        let current = assignment("1.0", 1, "r1");
+        for (new, state, expect) in [
+            (assignment("1.0", 1, "r1"), Some(Running), Keep),
+            (assignment("1.0", 1, "r1"), Some(Checking), Keep),
+            (assignment("1.0", 1, "r1"), Some(Fetching), Keep),
+            (assignment("1.0", 1, "r1"), Some(Crashed), Keep),
+            (assignment("1.0", 1, "r1"), Some(Failed), Converge),
+            (assignment("1.0", 1, "r1"), Some(Stopped), Converge),
+            (assignment("1.1", 1, "r1"), Some(Running), Converge),
+            (assignment("1.0", 2, "r1"), Some(Running), Converge),
+            (assignment("1.0", 1, "r2"), Some(Running), Converge),
+        ] {
+            assert_eq!(
+                decide(Some(&current), state, &new),
+                expect,
+                "{new:?} in {state:?}"
+            );
+        }
+        assert_eq!(decide(None, None, &current), Converge);
+    }
+
+    #[test]
+    fn crash_backoff_doubles_to_a_cap() {
+        let s = Duration::from_secs;
+        let delays: Vec<Duration> = (1..=8).map(crash_backoff).collect();
+        assert_eq!(
+            delays,
+            vec![s(1), s(2), s(4), s(8), s(16), s(30), s(30), s(30)]
+        );
+        assert_eq!(crash_backoff(u32::MAX), s(30));
+    }
+}

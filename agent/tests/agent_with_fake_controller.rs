@@ -1,0 +1,362 @@
+//! The agent against an in-process fake controller: a resumed, verified fetch, a converge to
+//! `running`, idempotent resends, a crash and its restart, unassignment, graceful shutdown, and
+//! the agent binary brought back after a SIGKILL (its instance restarted from origin).
+
+use fleet_proto::pb;
+use fleet_proto::pb::agent_service_server::{AgentService, AgentServiceServer};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+struct FakeController {
+    artifacts: HashMap<String, Vec<u8>>,
+    /// The first fetch is cut halfway through, to exercise resuming.
+    cut_next_fetch: AtomicBool,
+    fetch_offsets: Arc<Mutex<Vec<u64>>>,
+    from_agent: mpsc::UnboundedSender<pb::AgentMessage>,
+    desired: watch::Receiver<pb::DesiredState>,
+}
+
+#[tonic::async_trait]
+impl AgentService for FakeController {
+    type SessionStream = BoxStream<pb::ControllerMessage>;
+    type FetchArtifactStream = BoxStream<pb::ArtifactChunk>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let from_agent = self.from_agent.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                let _ = from_agent.send(message);
+            }
+        });
+        let mut desired = self.desired.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let welcome = pb::ControllerMessage {
+                body: Some(pb::controller_message::Body::Welcome(pb::Welcome {
+                    heartbeat_interval_ms: 200,
+                })),
+            };
+            if tx.send(Ok(welcome)).await.is_err() {
+                return;
+            }
+            loop {
+                let state = desired.borrow_and_update().clone();
+                let message = pb::ControllerMessage {
+                    body: Some(pb::controller_message::Body::Desired(state)),
+                };
+                if tx.send(Ok(message)).await.is_err() || desired.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let request = request.into_inner();
+        let bytes = self
+            .artifacts
+            .get(&request.digest)
+            .ok_or_else(|| Status::not_found("no such artifact"))?
+            .clone();
+        self.fetch_offsets.lock().unwrap().push(request.offset);
+        let cut = self.cut_next_fetch.swap(false, Ordering::SeqCst);
+        let start = request.offset as usize;
+        let end = if cut { bytes.len() / 2 } else { bytes.len() };
+        let mut items: Vec<Result<pb::ArtifactChunk, Status>> = bytes[start..end]
+            .chunks(1000)
+            .map(|c| Ok(pb::ArtifactChunk { data: c.to_vec() }))
+            .collect();
+        if cut {
+            items.push(Err(Status::unavailable("cut on purpose")));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+}
+
+/// Kills a spawned agent process by its pid when the test ends, however it ends.
+struct ProcessGuard(std::process::Child);
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u32 = 12345;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 16) as u8
+        })
+        .collect()
+}
+
+const MANIFEST: &str = r#"
+[process]
+command = ["/bin/sh", "-c", "echo $FLEET_VERSION > started; exec sleep 60"]
+stop_timeout = "2s"
+
+[[smoke]]
+exec = ["/bin/sh", "-c", "test -f started"]
+timeout = "5s"
+"#;
+
+fn assignment(digest: &str, size: usize, rollout_id: &str) -> pb::Assignment {
+    pb::Assignment {
+        app: "web".into(),
+        version: "1.0".into(),
+        artifact_digest: digest.into(),
+        artifact_size: size as u64,
+        env: HashMap::new(),
+        rollout_id: rollout_id.into(),
+        generation: 1,
+        smoke_timeout_ms: 0,
+    }
+}
+
+/// Waits for a report matching `wanted`, returning every report seen until then.
+async fn wait_report(
+    rx: &mut mpsc::UnboundedReceiver<pb::AgentMessage>,
+    what: &str,
+    wanted: impl Fn(&pb::InstanceReport) -> bool,
+) -> Vec<pb::InstanceReport> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let message = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}; saw {seen:#?}"))
+            .expect("the fake controller is gone");
+        if let Some(pb::agent_message::Body::Report(report)) = message.body {
+            let hit = wanted(&report);
+            seen.push(report);
+            if hit {
+                return seen;
+            }
+        }
+    }
+}
+
+fn saved_instance(data_dir: &Path) -> Option<(i32, String)> {
+    let text = std::fs::read_to_string(data_dir.join("state.json")).ok()?;
+    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let web = state.get("instances")?.get("web")?;
+    Some((
+        web.get("pid")?.as_i64()? as i32,
+        web.get("token")?.as_str()?.to_string(),
+    ))
+}
+
+async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
+    let bytes = fleet_proto::artifact::build_artifact(&[
+        ("fleet.toml", MANIFEST.as_bytes(), 0o644),
+        ("filler.bin", &noise(20_000), 0o644),
+    ])
+    .unwrap();
+    let digest = fleet_proto::artifact::digest_of(&bytes);
+    let size = bytes.len();
+    let (desired_tx, desired_rx) = watch::channel(pb::DesiredState {
+        assignments: vec![assignment(&digest, size, "r1")],
+    });
+    let (from_agent_tx, mut from_agent) = mpsc::unbounded_channel();
+    let fetch_offsets = Arc::new(Mutex::new(Vec::new()));
+    let controller = FakeController {
+        artifacts: HashMap::from([(digest.clone(), bytes.clone())]),
+        cut_next_fetch: AtomicBool::new(true),
+        fetch_offsets: fetch_offsets.clone(),
+        from_agent: from_agent_tx,
+        desired: desired_rx,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let controller_addr = listener.local_addr().unwrap();
+    let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(controller))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = controller_stopped.await;
+                },
+            ),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let config = fleet_agent::Config {
+        controller: format!("http://{controller_addr}"),
+        host_name: "h1".into(),
+        advertise: "127.0.0.1".parse().unwrap(),
+        data_dir: data_dir.clone(),
+        labels: BTreeMap::from([("env".to_string(), "test".to_string())]),
+    };
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(fleet_agent::run(config, async {
+        let _ = agent_stopped.await;
+    }));
+
+    // Hello first, with the labels.
+    let hello = tokio::time::timeout(Duration::from_secs(20), from_agent.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    match hello.body {
+        Some(pb::agent_message::Body::Hello(hello)) => {
+            assert_eq!(hello.host_name, "h1");
+            assert_eq!(hello.labels["env"], "test");
+        }
+        other => panic!("expected Hello first, got {other:?}"),
+    }
+
+    // The fetch is cut once, resumed from the partial length, verified, and the app runs.
+    let seen = wait_report(&mut from_agent, "web running", |r| r.state == "running").await;
+    let states: Vec<&str> = seen.iter().map(|r| r.state.as_str()).collect();
+    assert_eq!(
+        states,
+        ["fetching", "unpacking", "starting", "checking", "running"]
+    );
+    assert!(seen
+        .iter()
+        .all(|r| r.rollout_id == "r1" && r.version == "1.0"));
+    let offsets = fetch_offsets.lock().unwrap().clone();
+    assert_eq!(offsets.len(), 2, "{offsets:?}");
+    assert_eq!(offsets[0], 0);
+    assert!(offsets[1] > 0, "the second fetch resumes: {offsets:?}");
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    assert!(data_dir.join(format!("artifacts/{hex}.tar.gz")).is_file());
+    assert!(!data_dir.join(format!("artifacts/{hex}.partial")).exists());
+    assert!(data_dir
+        .join(format!("releases/web/1.0-{}", &hex[..12]))
+        .join("filler.bin")
+        .is_file());
+    let (pid, _) = eventually("the instance's pid and token", || {
+        saved_instance(&data_dir).filter(|(p, t)| fleet_agent::instance::has_token(*p, t))
+    })
+    .await;
+
+    // The same desired state again changes nothing; a crash restarts it from origin.
+    desired_tx.send_modify(|_| {});
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the resend arrive first
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let seen = wait_report(&mut from_agent, "a restart after the crash", |r| {
+        r.state == "running"
+    })
+    .await;
+    let states: Vec<&str> = seen.iter().map(|r| r.state.as_str()).collect();
+    assert_eq!(states, ["crashed", "starting", "checking", "running"]);
+    assert!(seen[0].message.contains("SIGKILL"), "{}", seen[0].message);
+    assert_eq!(seen.last().unwrap().restarts, 1);
+
+    // Unassigned: stopped and forgotten.
+    desired_tx.send_replace(pb::DesiredState::default());
+    wait_report(&mut from_agent, "web stopped", |r| r.state == "stopped").await;
+    eventually("no instance in state.json", || {
+        saved_instance(&data_dir).is_none().then_some(())
+    })
+    .await;
+
+    // Assigned again under a new rollout, then the agent shuts down: nothing is left behind.
+    desired_tx.send_replace(pb::DesiredState {
+        assignments: vec![assignment(&digest, size, "r2")],
+    });
+    let seen = wait_report(&mut from_agent, "web running again", |r| {
+        r.state == "running"
+    })
+    .await;
+    assert_eq!(seen[0].message, "artifact is in the local cache");
+    let (pid, token) = eventually("the new pid", || saved_instance(&data_dir)).await;
+    let _ = stop_agent.send(());
+    tokio::time::timeout(Duration::from_secs(20), agent)
+        .await
+        .expect("the agent stops in time")
+        .unwrap()
+        .unwrap();
+    assert!(!fleet_agent::instance::has_token(pid, &token));
+    assert!(saved_instance(&data_dir).is_none());
+    let _ = stop_controller.send(());
+    let _ = server.await;
+
+    // The binary, with no controller: it brings the assigned release up from the cache.
+    let dead_controller = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let spawn_agent = || {
+        ProcessGuard(
+            std::process::Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
+                .args(["--controller", &format!("http://{dead_controller}")])
+                .args(["--name", "h1", "--advertise", "127.0.0.1", "--data-dir"])
+                .arg(&data_dir)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut first = spawn_agent();
+    let (pid1, token1) = eventually("the instance up without a controller", || {
+        saved_instance(&data_dir).filter(|(p, t)| fleet_agent::instance::has_token(*p, t))
+    })
+    .await;
+    first.0.kill().unwrap(); // SIGKILL: the instance is orphaned, still running
+    first.0.wait().unwrap();
+    assert!(fleet_agent::instance::has_token(pid1, &token1));
+
+    let mut second = spawn_agent();
+    let (pid2, token2) = eventually("a fresh instance after the agent's restart", || {
+        saved_instance(&data_dir)
+            .filter(|(p, t)| *p != pid1 && fleet_agent::instance::has_token(*p, t))
+    })
+    .await;
+    assert!(
+        !fleet_agent::instance::has_token(pid1, &token1),
+        "the orphan was stopped"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = eventually("the agent to exit on SIGTERM", || {
+        second.0.try_wait().unwrap()
+    })
+    .await;
+    assert!(status.success(), "{status}");
+    assert!(!fleet_agent::instance::has_token(pid2, &token2));
+}
