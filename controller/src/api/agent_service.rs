@@ -106,7 +106,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         .map(convert::assignment)
                         .collect();
                     let message = pb::ControllerMessage {
-                        body: Some(ControllerBody::Desired(pb::DesiredState { assignments })),
+                        body: Some(ControllerBody::Desired(pb::DesiredState {
+                            assignments,
+                            draining: false,
+                        })),
                     };
                     if tx.send(Ok(message)).await.is_err() {
                         break;
@@ -145,6 +148,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
             fleet.host_disconnected(&host, session.id);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn join(
+        &self,
+        _request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        Err(Status::unimplemented(
+            "joining with a token is not built yet",
+        ))
     }
 
     type FetchArtifactStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;

@@ -75,6 +75,7 @@ pub fn assignment(a: &Assignment) -> pb::Assignment {
         rollout_id: a.rollout_id.clone(),
         generation: a.generation,
         smoke_timeout_ms: a.smoke_timeout_ms,
+        run_release_hook: false,
     }
 }
 
@@ -146,6 +147,7 @@ pub fn rollout(r: &RolloutRecord) -> pb::Rollout {
             smoke_timeout_ms: r.policy.smoke_timeout_ms,
             no_auto_rollback: !r.policy.auto_rollback,
             detach: false,
+            skip_lost: false,
         }),
         is_rollback: r.is_rollback,
     }

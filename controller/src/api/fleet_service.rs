@@ -496,4 +496,41 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         });
         Ok(Response::new(ReceiverStream::new(out)))
     }
+
+    async fn create_join_token(
+        &self,
+        _request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        Err(Status::unimplemented("join tokens are not built yet"))
+    }
+
+    async fn issue_credential(
+        &self,
+        _request: Request<pb::IssueCredentialRequest>,
+    ) -> Result<Response<pb::IssueCredentialResponse>, Status> {
+        Err(Status::unimplemented("credentials are not built yet"))
+    }
+
+    type DrainHostStream = ReceiverStream<Result<pb::Host, Status>>;
+
+    async fn drain_host(
+        &self,
+        _request: Request<pb::DrainHostRequest>,
+    ) -> Result<Response<Self::DrainHostStream>, Status> {
+        Err(Status::unimplemented("drain is not built yet"))
+    }
+
+    async fn undrain_host(
+        &self,
+        _request: Request<pb::HostRef>,
+    ) -> Result<Response<pb::Host>, Status> {
+        Err(Status::unimplemented("undrain is not built yet"))
+    }
+
+    async fn remove_host(
+        &self,
+        _request: Request<pb::HostRef>,
+    ) -> Result<Response<pb::RemoveHostResponse>, Status> {
+        Err(Status::unimplemented("remove is not built yet"))
+    }
 }

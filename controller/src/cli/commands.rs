@@ -607,6 +607,7 @@ pub struct RolloutOutcome {
 /// `fleetctl rollout APP VERSION ...`.
 pub async fn rollout(ctx: &Context, options: &RolloutOptions) -> Result<RolloutOutcome, CliError> {
     let request = pb::StartRolloutRequest {
+        skip_lost: false,
         app: options.app.clone(),
         version: options.version.clone(),
         selector: options.selector.iter().cloned().collect(),
