@@ -29,6 +29,9 @@ pub struct ControllerFile {
     /// How often agents send a heartbeat, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_interval_ms: Option<u64>,
+    /// How long a host may stay silent before it shows as lost, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after_ms: Option<u64>,
 }
 
 /// The validated configuration the controller runs with.
@@ -39,6 +42,7 @@ pub struct ControllerConfig {
     /// Where the bound address is written once listening (`controller.addr`).
     pub addr_file: PathBuf,
     pub heartbeat_interval_ms: u64,
+    pub lost_after_ms: u64,
 }
 
 impl ControllerConfig {
@@ -62,11 +66,18 @@ impl ControllerConfig {
                 "heartbeat_interval_ms must be between 100 and 60000".into(),
             ));
         }
+        let lost_after_ms = file.lost_after_ms.unwrap_or(15_000);
+        if lost_after_ms < 2 * heartbeat_interval_ms || lost_after_ms > 600_000 {
+            return Err(invalid(
+                "lost_after_ms must be at least two heartbeat intervals and at most 600000".into(),
+            ));
+        }
         Ok(ControllerConfig {
             listen,
             data_dir,
             addr_file: base.join(ADDR_FILE),
             heartbeat_interval_ms,
+            lost_after_ms,
         })
     }
 }

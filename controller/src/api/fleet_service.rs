@@ -527,6 +527,15 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         Err(Status::unimplemented("undrain is not built yet"))
     }
 
+    type ConvergeLikeStream = ReceiverStream<Result<pb::Host, Status>>;
+
+    async fn converge_like(
+        &self,
+        _request: Request<pb::ConvergeLikeRequest>,
+    ) -> Result<Response<Self::ConvergeLikeStream>, Status> {
+        Err(Status::unimplemented("converge-like is not built yet"))
+    }
+
     async fn remove_host(
         &self,
         _request: Request<pb::HostRef>,
