@@ -3,11 +3,15 @@
 //! connected (their sessions and the instances they last reported), and it is the one place
 //! that changes a host's desired state and tells its agent.
 //!
-//! Waiters (the rollout executor) watch `changes()`, which ticks on every report, connect and
-//! disconnect, so they wake on facts instead of polling.
+//! Waiters (the rollout executor) watch `changes()`, which ticks on every report, connect,
+//! disconnect and host that goes lost, so they wake on facts instead of polling.
+//!
+//! A host is `lost` when nothing was heard from it for `lost_after_ms`; a controller that just
+//! started counts its own start as the last time it heard from everyone, so a restart does not
+//! make the whole fleet lost at once.
 
 use crate::artifacts::ArtifactStore;
-use crate::model::{EventRecord, HostRecord};
+use crate::model::{DrainRecord, EventRecord, HostRecord, HostState};
 use crate::store::{Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -36,6 +40,14 @@ pub struct Assignment {
     pub rollout_id: String,
     pub generation: u64,
     pub smoke_timeout_ms: u64,
+    pub run_release_hook: bool,
+}
+
+/// Everything a host should run. While drained, nothing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DesiredAssignments {
+    pub assignments: Vec<Assignment>,
+    pub draining: bool,
 }
 
 /// A host's registration as its agent sent it.
@@ -49,7 +61,7 @@ pub struct HostHello {
 
 struct LiveHost {
     session: u64,
-    desired_tx: watch::Sender<Vec<Assignment>>,
+    desired_tx: watch::Sender<DesiredAssignments>,
     instances: BTreeMap<String, InstanceStatus>,
     last_seen_unix_ms: i64,
 }
@@ -64,6 +76,9 @@ pub struct FleetState {
     pub store: Store,
     pub artifacts: ArtifactStore,
     pub heartbeat_interval_ms: u64,
+    pub lost_after_ms: u64,
+    /// When this controller process started: nobody is lost before it had a chance to hear.
+    started_unix_ms: i64,
     live: Mutex<Live>,
     /// Serialises read-modify-write of host records (two rollouts of different apps may touch
     /// one host at once).
@@ -76,15 +91,22 @@ pub struct FleetState {
 /// the channel its desired state arrives on.
 pub struct Session {
     pub id: u64,
-    pub desired: watch::Receiver<Vec<Assignment>>,
+    pub desired: watch::Receiver<DesiredAssignments>,
 }
 
 impl FleetState {
-    pub fn new(store: Store, artifacts: ArtifactStore, heartbeat_interval_ms: u64) -> FleetState {
+    pub fn new(
+        store: Store,
+        artifacts: ArtifactStore,
+        heartbeat_interval_ms: u64,
+        lost_after_ms: u64,
+    ) -> FleetState {
         FleetState {
             store,
             artifacts,
             heartbeat_interval_ms,
+            lost_after_ms,
+            started_unix_ms: fleet_proto::now_unix_ms(),
             live: Mutex::new(Live::default()),
             host_writes: tokio::sync::Mutex::new(()),
             changes: watch::channel(0).0,
@@ -153,6 +175,7 @@ impl FleetState {
                 registered_unix_ms: now,
                 last_seen_unix_ms: now,
                 desired: BTreeMap::new(),
+                drain: None,
             });
             let is_new = record.advertise_addr.is_empty();
             record.labels = hello.labels.clone();
@@ -206,7 +229,7 @@ impl FleetState {
     }
 
     /// Records an instance transition reported by a host's current session.
-    pub fn host_reported(&self, host: &str, session: u64, status: InstanceStatus) {
+    pub async fn host_reported(&self, host: &str, session: u64, status: InstanceStatus) {
         let notable = matches!(status.state.as_str(), "crashed" | "failed");
         {
             let mut live = self.live();
@@ -230,7 +253,189 @@ impl FleetState {
                 ),
             );
         }
+        if status.state == "stopped" {
+            if let Err(e) = self.note_if_drained(host).await {
+                tracing::error!("cannot record that host {host} drained: {e}");
+            }
+        }
         self.bump();
+    }
+
+    /// Whether every instance the connected host reported has stopped.
+    fn runs_nothing(&self, host: &str) -> bool {
+        self.live()
+            .hosts
+            .get(host)
+            .is_some_and(|h| h.instances.values().all(|i| i.state == "stopped"))
+    }
+
+    /// Marks a draining host drained once its last instance is gone.
+    pub async fn note_if_drained(&self, host: &str) -> Result<(), StoreError> {
+        if !self.runs_nothing(host) {
+            return Ok(());
+        }
+        let _guard = self.host_writes.lock().await;
+        let Some(mut record) = self.store.get_host(host)? else {
+            return Ok(());
+        };
+        match &mut record.drain {
+            Some(drain) if drain.drained_unix_ms.is_none() => {
+                drain.drained_unix_ms = Some(fleet_proto::now_unix_ms());
+                self.store.put_host(&record)?;
+                self.event(
+                    host,
+                    "host.drained",
+                    "",
+                    host,
+                    format!("host {host} is drained: every instance stopped"),
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Drains a host: it keeps its desired releases but runs none of them until undrained.
+    /// Returns false when the host does not exist.
+    pub async fn drain(&self, host: &str, actor: &str) -> Result<bool, StoreError> {
+        let record = {
+            let _guard = self.host_writes.lock().await;
+            let Some(mut record) = self.store.get_host(host)? else {
+                return Ok(false);
+            };
+            if record.drain.is_none() {
+                record.drain = Some(DrainRecord {
+                    requested_by: actor.to_string(),
+                    requested_unix_ms: fleet_proto::now_unix_ms(),
+                    drained_unix_ms: None,
+                });
+                self.store.put_host(&record)?;
+                self.event(
+                    actor,
+                    "host.draining",
+                    "",
+                    host,
+                    format!("host {host} draining, asked by {actor}"),
+                );
+            }
+            record
+        };
+        self.push_desired(&record);
+        self.note_if_drained(host).await?;
+        self.bump();
+        Ok(true)
+    }
+
+    /// Brings a drained host back to its desired releases. Returns false when it does not exist.
+    pub async fn undrain(&self, host: &str, actor: &str) -> Result<bool, StoreError> {
+        let record = {
+            let _guard = self.host_writes.lock().await;
+            let Some(mut record) = self.store.get_host(host)? else {
+                return Ok(false);
+            };
+            if record.drain.take().is_some() {
+                self.store.put_host(&record)?;
+                self.event(
+                    actor,
+                    "host.undrained",
+                    "",
+                    host,
+                    format!("host {host} undrained by {actor}"),
+                );
+            }
+            record
+        };
+        self.push_desired(&record);
+        self.bump();
+        Ok(true)
+    }
+
+    /// Forgets a host and ends its session.
+    pub async fn forget(&self, host: &str, actor: &str) -> Result<(), StoreError> {
+        {
+            let _guard = self.host_writes.lock().await;
+            self.store.delete_host(host)?;
+        }
+        self.live().hosts.remove(host);
+        self.event(
+            actor,
+            "host.removed",
+            "",
+            host,
+            format!("host {host} removed by {actor}"),
+        );
+        self.bump();
+        Ok(())
+    }
+
+    /// The state an operator sees for a host.
+    pub fn host_state(&self, record: &HostRecord) -> HostState {
+        match &record.drain {
+            Some(drain) if drain.drained_unix_ms.is_some() => return HostState::Drained,
+            Some(_) => return HostState::Draining,
+            None => {}
+        }
+        if self.is_lost(record) {
+            HostState::Lost
+        } else {
+            HostState::Ready
+        }
+    }
+
+    /// Whether nothing was heard from the host for `lost_after_ms`.
+    pub fn is_lost(&self, record: &HostRecord) -> bool {
+        let last_seen = self
+            .last_seen(&record.name)
+            .unwrap_or(record.last_seen_unix_ms)
+            .max(self.started_unix_ms);
+        fleet_proto::now_unix_ms() - last_seen > self.lost_after_ms as i64
+    }
+
+    /// How long ago the host was last heard from, in whole seconds.
+    pub fn silent_for_secs(&self, record: &HostRecord) -> i64 {
+        let last_seen = self
+            .last_seen(&record.name)
+            .unwrap_or(record.last_seen_unix_ms);
+        (fleet_proto::now_unix_ms() - last_seen) / 1000
+    }
+
+    /// Watches for hosts going lost, records it, and wakes waiters. Runs for the life of the
+    /// controller, one check per heartbeat interval.
+    pub async fn watch_for_lost_hosts(self: std::sync::Arc<Self>) {
+        let mut lost = std::collections::HashSet::new();
+        let period = std::time::Duration::from_millis(self.heartbeat_interval_ms);
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let Ok(hosts) = self.store.list_hosts() else {
+                continue;
+            };
+            let mut changed = false;
+            for host in &hosts {
+                let is_lost = host.drain.is_none() && self.is_lost(host);
+                if is_lost && lost.insert(host.name.clone()) {
+                    let message = format!(
+                        "host {} is lost: nothing heard from it for {}s",
+                        host.name,
+                        self.silent_for_secs(host)
+                    );
+                    self.event("controller", "host.lost", "", &host.name, message);
+                    changed = true;
+                } else if !is_lost && lost.remove(&host.name) {
+                    self.event(
+                        "controller",
+                        "host.ready",
+                        "",
+                        &host.name,
+                        format!("host {} is back", host.name),
+                    );
+                    changed = true;
+                }
+            }
+            if changed {
+                self.bump();
+            }
+        }
     }
 
     pub fn host_heartbeat(&self, host: &str, session: u64) {
@@ -290,13 +495,13 @@ impl FleetState {
             .unwrap_or_default()
     }
 
-    /// Reads the named hosts, lets `change` edit them, and writes them (with `also`, the
-    /// rollout record that explains the change) in one transaction; then tells their agents.
+    /// Reads the named hosts, lets `change` edit them, and writes them (with the rollout record
+    /// that explains the change, if any) in one transaction; then tells their agents.
     pub async fn update_hosts(
         &self,
         names: &[String],
         change: impl FnMut(&mut HostRecord),
-        rollout: &crate::model::RolloutRecord,
+        rollout: Option<&crate::model::RolloutRecord>,
     ) -> Result<Vec<HostRecord>, StoreError> {
         let mut change = change;
         let hosts = {
@@ -326,7 +531,13 @@ impl FleetState {
         }
     }
 
-    fn assignments_for(&self, host: &HostRecord) -> Vec<Assignment> {
+    fn assignments_for(&self, host: &HostRecord) -> DesiredAssignments {
+        if host.drain.is_some() {
+            return DesiredAssignments {
+                assignments: Vec::new(),
+                draining: true,
+            };
+        }
         let mut out = Vec::with_capacity(host.desired.len());
         for (app, desired) in &host.desired {
             match self.store.get_release(app, &desired.version) {
@@ -339,6 +550,7 @@ impl FleetState {
                     rollout_id: desired.rollout_id.clone(),
                     generation: desired.generation,
                     smoke_timeout_ms: desired.smoke_timeout_ms,
+                    run_release_hook: desired.run_release_hook,
                 }),
                 Ok(None) => tracing::error!(
                     "host {} wants {app}@{} which has no release record",
@@ -348,6 +560,9 @@ impl FleetState {
                 Err(e) => tracing::error!("cannot read release {app}@{}: {e}", desired.version),
             }
         }
-        out
+        DesiredAssignments {
+            assignments: out,
+            draining: false,
+        }
     }
 }

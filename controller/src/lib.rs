@@ -7,9 +7,11 @@
 
 pub mod api;
 pub mod artifacts;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod fleet_state;
+pub mod host_lifecycle;
 pub mod model;
 pub mod planner;
 pub mod rollout;

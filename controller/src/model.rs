@@ -14,6 +14,37 @@ pub struct HostRecord {
     pub last_seen_unix_ms: i64,
     /// The desired release of each app on this host.
     pub desired: BTreeMap<String, Desired>,
+    /// Set while the host is drained: it keeps `desired` but runs nothing until undrained.
+    #[serde(default)]
+    pub drain: Option<DrainRecord>,
+}
+
+/// Who drained a host, when, and when its last instance was seen gone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrainRecord {
+    pub requested_by: String,
+    pub requested_unix_ms: i64,
+    pub drained_unix_ms: Option<i64>,
+}
+
+/// A host's state as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostState {
+    Ready,
+    Lost,
+    Draining,
+    Drained,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Ready => "ready",
+            HostState::Lost => "lost",
+            HostState::Draining => "draining",
+            HostState::Drained => "drained",
+        }
+    }
 }
 
 /// One app's desired release on one host, as sent to the agent.
@@ -24,6 +55,9 @@ pub struct Desired {
     /// Bumped by every rollout that touches the host, so the agent starts a fresh instance.
     pub generation: u64,
     pub smoke_timeout_ms: u64,
+    /// Run the manifest's release hook before this start (the first canary host of a rollout).
+    #[serde(default)]
+    pub run_release_hook: bool,
 }
 
 /// An immutable release: an app version pointing at an artifact digest and its config.
@@ -95,6 +129,8 @@ pub enum HostResult {
     Passed,
     Failed,
     RolledBack,
+    /// Left out of the rollout: drained, or lost with `--skip-lost`.
+    Skipped,
 }
 
 impl HostResult {
@@ -105,6 +141,7 @@ impl HostResult {
             HostResult::Passed => "passed",
             HostResult::Failed => "failed",
             HostResult::RolledBack => "rolled_back",
+            HostResult::Skipped => "skipped",
         }
     }
 }
@@ -153,6 +190,9 @@ pub struct RolloutPolicy {
     pub pause_after_canary_ms: u64,
     pub smoke_timeout_ms: u64,
     pub auto_rollback: bool,
+    /// Leave lost hosts out instead of halting on them.
+    #[serde(default)]
+    pub skip_lost: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -132,15 +132,23 @@ async fn start_on(
             "release {app}@{version} does not exist: create it with `fleetctl release create {app} {version} ARTIFACT`"
         )));
     }
-    let mut host_names: Vec<String> = fleet
+    // Drained hosts take no new releases: they are left out of the plan, and the plan says so.
+    let (drained, selected): (Vec<_>, Vec<_>) = fleet
         .store
         .list_hosts()?
         .into_iter()
         .filter(|h| planner::matches(&policy.selector, &h.labels))
         .filter(|h| only.as_ref().is_none_or(|only| only.contains(&h.name)))
-        .map(|h| h.name)
-        .collect();
+        .partition(|h| h.drain.is_some());
+    let mut host_names: Vec<String> = selected.into_iter().map(|h| h.name).collect();
     host_names.sort();
+    let drained: Vec<String> = drained.into_iter().map(|h| h.name).collect();
+    if host_names.is_empty() && !drained.is_empty() {
+        return Err(RolloutError::Invalid(format!(
+            "every matching host is drained ({}): undrain one with `fleetctl undrain HOST`",
+            drained.join(", ")
+        )));
+    }
     if host_names.is_empty() {
         return Err(RolloutError::Invalid(if policy.selector.is_empty() {
             "no hosts are registered: start fleet-agent on your hosts first".to_string()
@@ -244,7 +252,11 @@ async fn start_on(
             record.id,
             host_names.len(),
             plan_text(&record)
-        ),
+        ) + &if drained.is_empty() {
+            String::new()
+        } else {
+            format!(" (left out, drained: {})", drained.join(", "))
+        },
     };
     let _ = progress.send(first);
     let executor = Executor {
@@ -253,7 +265,6 @@ async fn start_on(
         record: record.clone(),
         control: control_rx,
         progress,
-        resumed: false,
     };
     tokio::spawn(executor.run());
     Ok((record, progress_rx))
@@ -301,6 +312,7 @@ pub async fn start_rollback(
         pause_after_canary_ms: 0,
         smoke_timeout_ms: 0,
         auto_rollback: false,
+        skip_lost: false,
     };
     let request = StartRequest {
         app: app.to_string(),
@@ -414,7 +426,6 @@ pub fn recover(fleet: &Arc<FleetState>, rollouts: &Arc<Rollouts>) -> Result<usiz
             record,
             control: control_rx,
             progress,
-            resumed: true,
         };
         tokio::spawn(executor.run());
         n += 1;
@@ -481,8 +492,6 @@ struct Executor {
     record: RolloutRecord,
     control: watch::Receiver<(Control, String)>,
     progress: broadcast::Sender<Progress>,
-    /// True when picked up after a controller restart: hosts get a grace period to reconnect.
-    resumed: bool,
 }
 
 impl Executor {
@@ -548,8 +557,7 @@ impl Executor {
                     self.wave_label(idx)
                 ));
             }
-            let fresh = !std::mem::take(&mut self.resumed);
-            match self.wait_wave(idx, started + wave_deadline, fresh).await {
+            match self.wait_wave(idx, started + wave_deadline).await {
                 WaitEnd::Aborted(actor) => return self.aborted(actor).await,
                 WaitEnd::Done | WaitEnd::Deadline => {}
             }
@@ -557,7 +565,7 @@ impl Executor {
             let failed: Vec<String> = wave
                 .hosts
                 .iter()
-                .filter(|h| h.result != HostResult::Passed)
+                .filter(|h| !matches!(h.result, HostResult::Passed | HostResult::Skipped))
                 .map(|h| format!("{}: {}", h.host, h.message))
                 .collect();
             if failed.is_empty() {
@@ -698,61 +706,98 @@ impl Executor {
     async fn begin_wave(&mut self, idx: usize) -> Result<(), StoreError> {
         let app = self.record.app.clone();
         let mut names = Vec::with_capacity(self.record.waves[idx].hosts.len());
+        let mut skipped = Vec::new();
         for entry in &mut self.record.waves[idx].hosts {
-            let host = self.fleet.store.get_host(&entry.host)?;
-            entry.previous_version =
-                host.and_then(|h| h.desired.get(&app).map(|d| d.version.clone()));
-            entry.result = HostResult::Deploying;
-            names.push(entry.host.clone());
+            let Some(host) = self.fleet.store.get_host(&entry.host)? else {
+                entry.result = HostResult::Skipped;
+                entry.message = "host was removed".to_string();
+                skipped.push(format!("{}: removed", entry.host));
+                continue;
+            };
+            entry.previous_version = host.desired.get(&app).map(|d| d.version.clone());
+            if host.drain.is_some() {
+                entry.result = HostResult::Skipped;
+                entry.message = "host is drained".to_string();
+                skipped.push(format!("{}: drained", entry.host));
+            } else if self.fleet.is_lost(&host) {
+                let silent = self.fleet.silent_for_secs(&host);
+                if self.record.policy.skip_lost {
+                    entry.result = HostResult::Skipped;
+                    entry.message = format!("host is lost (silent for {silent}s)");
+                    skipped.push(format!("{}: lost", entry.host));
+                } else {
+                    entry.result = HostResult::Failed;
+                    entry.message = format!(
+                        "host is lost (nothing heard from it for {silent}s): bring it back, drain it, or roll out with --skip-lost"
+                    );
+                }
+            } else {
+                entry.result = HostResult::Deploying;
+                names.push(entry.host.clone());
+            }
         }
         self.record.waves[idx].state = WaveState::Running;
+        // The release hook runs once per rollout, on the first host that takes the release.
+        let hook_host = (idx == 0 && !self.record.is_rollback)
+            .then(|| names.first().cloned())
+            .flatten();
         let desired = Desired {
             version: self.record.version.clone(),
             rollout_id: self.record.id.clone(),
             generation: self.record.seq,
             smoke_timeout_ms: self.record.policy.smoke_timeout_ms,
+            run_release_hook: false,
         };
         self.fleet
             .update_hosts(
                 &names,
                 |host| {
-                    host.desired.insert(app.clone(), desired.clone());
+                    let mut desired = desired.clone();
+                    desired.run_release_hook = hook_host.as_deref() == Some(host.name.as_str());
+                    host.desired.insert(app.clone(), desired);
                 },
-                &self.record,
+                Some(&self.record),
             )
             .await?;
-        self.emit(format!(
-            "{}: deploying {}@{} to {}",
-            self.wave_label(idx),
-            self.record.app,
-            self.record.version,
-            names.join(", ")
-        ));
+        if !skipped.is_empty() {
+            self.emit(format!(
+                "{}: skipping {}",
+                self.wave_label(idx),
+                skipped.join(", ")
+            ));
+        }
+        if !names.is_empty() {
+            self.emit(format!(
+                "{}: deploying {}@{} to {}",
+                self.wave_label(idx),
+                self.record.app,
+                self.record.version,
+                names.join(", ")
+            ));
+        }
         Ok(())
     }
 
-    fn deploy_outcome(&self, host: &str, fresh: bool) -> HostOutcome {
-        let Some(instance) = self.fleet.instance(host, &self.record.app) else {
-            if fresh && !self.fleet.is_connected(host) {
-                return HostOutcome::Failed(format!("host {host} is not connected"));
-            }
-            return HostOutcome::Waiting;
-        };
-        if instance.rollout_id != self.record.id || instance.version != self.record.version {
-            if fresh && !self.fleet.is_connected(host) {
-                return HostOutcome::Failed(format!("host {host} is not connected"));
-            }
-            return HostOutcome::Waiting;
-        }
-        match instance.state.as_str() {
-            "running" => HostOutcome::Passed,
-            "failed" => HostOutcome::Failed(instance.message),
-            _ => HostOutcome::Waiting,
+    fn deploy_outcome(&self, host: &str) -> HostOutcome {
+        let instance = self
+            .fleet
+            .instance(host, &self.record.app)
+            .filter(|i| i.rollout_id == self.record.id && i.version == self.record.version);
+        match instance {
+            Some(instance) if instance.state == "running" => HostOutcome::Passed,
+            Some(instance) if instance.state == "failed" => HostOutcome::Failed(instance.message),
+            _ => match self.fleet.store.get_host(host) {
+                Ok(Some(record)) if self.fleet.is_lost(&record) => HostOutcome::Failed(format!(
+                    "host went lost during the wave (nothing heard from it for {}s)",
+                    self.fleet.silent_for_secs(&record)
+                )),
+                _ => HostOutcome::Waiting,
+            },
         }
     }
 
     /// Waits until every host of the wave passed or failed, the deadline passed, or an abort.
-    async fn wait_wave(&mut self, idx: usize, deadline: Instant, fresh: bool) -> WaitEnd {
+    async fn wait_wave(&mut self, idx: usize, deadline: Instant) -> WaitEnd {
         let mut changes = self.fleet.changes();
         let deadline = tokio::time::Instant::from_std(deadline);
         loop {
@@ -764,7 +809,7 @@ impl Executor {
                 if self.record.waves[idx].hosts[h_idx].result != HostResult::Deploying {
                     continue;
                 }
-                match self.deploy_outcome(&host, fresh) {
+                match self.deploy_outcome(&host) {
                     HostOutcome::Waiting => waiting += 1,
                     HostOutcome::Passed => {
                         let entry = &mut self.record.waves[idx].hosts[h_idx];
@@ -862,6 +907,7 @@ impl Executor {
                                 rollout_id: rollout_id.clone(),
                                 generation,
                                 smoke_timeout_ms: 0,
+                                run_release_hook: false,
                             },
                         );
                     }
@@ -869,7 +915,7 @@ impl Executor {
                         host.desired.remove(&app);
                     }
                 },
-                &snapshot,
+                Some(&snapshot),
             )
             .await?;
 

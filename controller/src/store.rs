@@ -17,6 +17,12 @@ const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Join tokens by the sha256 of the token (the token itself is never stored).
+const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+/// Every certificate the controller signed, by serial (hex): who it names and its role.
+const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
+/// Revoked certificates by serial (hex); auth refuses them on every call.
+const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked");
 
 /// The file name of the store inside the data directory.
 pub const STORE_FILE: &str = "fleet.redb";
@@ -66,6 +72,52 @@ pub struct Store {
     db: Database,
 }
 
+/// A join token as stored: only its hash, when it expires, and whether it was spent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct JoinTokenRecord {
+    pub expires_unix_ms: i64,
+    pub created_by: String,
+    /// Set once the token was spent.
+    #[serde(default)]
+    pub used_unix_ms: Option<i64>,
+    #[serde(default)]
+    pub used_by_host: Option<String>,
+}
+
+/// What `consume_join_token` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenUse {
+    /// The token was valid and is now spent.
+    Spent,
+    Unknown,
+    AlreadyUsed {
+        by_host: String,
+    },
+    Expired {
+        expired_unix_ms: i64,
+    },
+}
+
+/// A certificate the controller signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CertificateRecord {
+    pub serial: String,
+    pub name: String,
+    /// admin | deployer | agent
+    pub role: String,
+    pub issued_unix_ms: i64,
+    pub not_after_unix_ms: i64,
+    pub issued_by: String,
+}
+
+/// A revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RevokedRecord {
+    pub serial: String,
+    pub name: String,
+    pub revoked_unix_ms: i64,
+}
+
 fn release_key(app: &str, version: &str) -> String {
     format!("{app}/{version}")
 }
@@ -92,6 +144,9 @@ impl Store {
             txn.open_table(ROLLOUTS).map_err(db_err)?;
             txn.open_table(EVENTS).map_err(db_err)?;
             txn.open_table(COUNTERS).map_err(db_err)?;
+            txn.open_table(JOIN_TOKENS).map_err(db_err)?;
+            txn.open_table(CERTIFICATES).map_err(db_err)?;
+            txn.open_table(REVOKED).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Store { db })
@@ -141,12 +196,22 @@ impl Store {
         })
     }
 
-    /// Writes hosts' desired state and the rollout that changed it in one transaction, so the
-    /// record of a wave and the assignments it made never disagree after a crash.
+    /// Forgets a host.
+    pub fn delete_host(&self, name: &str) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(HOSTS)?;
+            table.remove(name)?;
+            Ok(())
+        })
+    }
+
+    /// Writes hosts' desired state and the rollout that changed it (if a rollout did) in one
+    /// transaction, so the record of a wave and the assignments it made never disagree after a
+    /// crash.
     pub fn put_hosts_and_rollout(
         &self,
         hosts: &[HostRecord],
-        rollout: &RolloutRecord,
+        rollout: Option<&RolloutRecord>,
     ) -> Result<(), StoreError> {
         self.write(|txn| {
             let mut table = txn.open_table(HOSTS)?;
@@ -154,8 +219,10 @@ impl Store {
                 table.insert(host.name.as_str(), encode(host).as_slice())?;
             }
             drop(table);
-            let mut table = txn.open_table(ROLLOUTS)?;
-            table.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+            if let Some(rollout) = rollout {
+                let mut table = txn.open_table(ROLLOUTS)?;
+                table.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+            }
             Ok(())
         })
     }
@@ -265,6 +332,142 @@ impl Store {
         Ok(out)
     }
 
+    /// Stores a new join token by its hash.
+    pub fn insert_join_token(
+        &self,
+        token_hash: &str,
+        record: &JoinTokenRecord,
+    ) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(JOIN_TOKENS)?;
+            table.insert(token_hash, encode(record).as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Checks and spends a join token in one transaction: of two joins with one token, exactly
+    /// one gets `Spent`.
+    pub fn consume_join_token(
+        &self,
+        token_hash: &str,
+        host: &str,
+        now_unix_ms: i64,
+    ) -> Result<TokenUse, StoreError> {
+        let mut outcome = TokenUse::Unknown;
+        self.write(|txn| {
+            let mut table = txn.open_table(JOIN_TOKENS)?;
+            let existing = table.get(token_hash)?.map(|v| v.value().to_vec());
+            let Some(bytes) = existing else {
+                return Ok(());
+            };
+            let mut record: JoinTokenRecord = decode("join token", &bytes)?;
+            outcome = if record.used_unix_ms.is_some() {
+                TokenUse::AlreadyUsed {
+                    by_host: record.used_by_host.clone().unwrap_or_default(),
+                }
+            } else if now_unix_ms >= record.expires_unix_ms {
+                TokenUse::Expired {
+                    expired_unix_ms: record.expires_unix_ms,
+                }
+            } else {
+                record.used_unix_ms = Some(now_unix_ms);
+                record.used_by_host = Some(host.to_string());
+                table.insert(token_hash, encode(&record).as_slice())?;
+                TokenUse::Spent
+            };
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    /// Records a certificate the controller signed.
+    pub fn record_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(CERTIFICATES)?;
+            table.insert(record.serial.as_str(), encode(record).as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Every certificate the controller signed.
+    pub fn list_certificates(&self) -> Result<Vec<CertificateRecord>, StoreError> {
+        self.all(CERTIFICATES)
+    }
+
+    /// Whether a certificate serial (hex) is revoked. Called by auth on every call.
+    pub fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(REVOKED).map_err(db_err)?;
+        Ok(table.get(serial).map_err(db_err)?.is_some())
+    }
+
+    /// Revokes one certificate by serial (hex); `name` is kept for the record.
+    pub fn revoke_certificate(&self, serial: &str, name: &str) -> Result<(), StoreError> {
+        let record = RevokedRecord {
+            serial: serial.to_string(),
+            name: name.to_string(),
+            revoked_unix_ms: fleet_proto::now_unix_ms(),
+        };
+        self.write(|txn| {
+            let mut table = txn.open_table(REVOKED)?;
+            table.insert(serial, encode(&record).as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Revokes every agent certificate ever signed for host `name` (what `fleetctl remove`
+    /// calls): from the next call on, that host's agent is refused, and the name may join
+    /// again with a new token. Returns how many certificates were revoked.
+    pub fn revoke_host(&self, name: &str) -> Result<usize, StoreError> {
+        let now = fleet_proto::now_unix_ms();
+        let mut n_revoked = 0;
+        self.write(|txn| {
+            let certs = txn.open_table(CERTIFICATES)?;
+            let mut serials = Vec::new();
+            for item in certs.iter()? {
+                let (key, value) = item?;
+                let record: CertificateRecord = decode(key.value(), value.value())?;
+                if record.role == "agent" && record.name == name {
+                    serials.push(record.serial);
+                }
+            }
+            drop(certs);
+            let mut revoked = txn.open_table(REVOKED)?;
+            for serial in serials {
+                if revoked.get(serial.as_str())?.is_none() {
+                    let record = RevokedRecord {
+                        serial: serial.clone(),
+                        name: name.to_string(),
+                        revoked_unix_ms: now,
+                    };
+                    revoked.insert(serial.as_str(), encode(&record).as_slice())?;
+                    n_revoked += 1;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(n_revoked)
+    }
+
+    /// The live (unrevoked, unexpired) agent certificate of host `name`, if any: a join token
+    /// may not take over a host that still has one.
+    pub fn live_agent_certificate(
+        &self,
+        name: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<CertificateRecord>, StoreError> {
+        for record in self.list_certificates()? {
+            if record.role == "agent"
+                && record.name == name
+                && record.not_after_unix_ms > now_unix_ms
+                && !self.is_revoked(&record.serial)?
+            {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+
     fn write(
         &self,
         body: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
@@ -316,6 +519,69 @@ mod tests {
         );
         assert!(store.list_releases("we").unwrap().is_empty());
         assert_eq!(store.next_seq("rollout").unwrap(), 3);
+    }
+
+    #[test]
+    fn join_tokens_are_spent_once_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let record = JoinTokenRecord {
+            expires_unix_ms: 1000,
+            created_by: "admin".into(),
+            used_unix_ms: None,
+            used_by_host: None,
+        };
+        store.insert_join_token("a", &record).unwrap();
+        store.insert_join_token("b", &record).unwrap();
+        assert_eq!(
+            store.consume_join_token("nope", "h1", 10).unwrap(),
+            TokenUse::Unknown
+        );
+        assert_eq!(
+            store.consume_join_token("a", "h1", 10).unwrap(),
+            TokenUse::Spent
+        );
+        assert_eq!(
+            store.consume_join_token("a", "h2", 20).unwrap(),
+            TokenUse::AlreadyUsed {
+                by_host: "h1".into()
+            }
+        );
+        assert_eq!(
+            store.consume_join_token("b", "h2", 1000).unwrap(),
+            TokenUse::Expired {
+                expired_unix_ms: 1000
+            }
+        );
+    }
+
+    #[test]
+    fn revoking_a_host_revokes_its_agent_certificates_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for (serial, name, role) in [
+            ("01", "web-1", "agent"),
+            ("02", "web-1", "deployer"),
+            ("03", "web-2", "agent"),
+        ] {
+            store
+                .record_certificate(&CertificateRecord {
+                    serial: serial.into(),
+                    name: name.into(),
+                    role: role.into(),
+                    issued_unix_ms: 1,
+                    not_after_unix_ms: i64::MAX,
+                    issued_by: "test".into(),
+                })
+                .unwrap();
+        }
+        assert!(store.live_agent_certificate("web-1", 5).unwrap().is_some());
+        assert_eq!(store.revoke_host("web-1").unwrap(), 1);
+        assert_eq!(store.revoke_host("web-1").unwrap(), 0);
+        assert!(store.is_revoked("01").unwrap());
+        assert!(!store.is_revoked("02").unwrap());
+        assert!(!store.is_revoked("03").unwrap());
+        assert!(store.live_agent_certificate("web-1", 5).unwrap().is_none());
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub fn assignment(a: &Assignment) -> pb::Assignment {
         rollout_id: a.rollout_id.clone(),
         generation: a.generation,
         smoke_timeout_ms: a.smoke_timeout_ms,
-        run_release_hook: false,
+        run_release_hook: a.run_release_hook,
     }
 }
 
@@ -90,7 +90,7 @@ pub fn host(fleet: &FleetState, h: &HostRecord, only_app: Option<&str>) -> pb::H
         name: h.name.clone(),
         labels: h.labels.clone().into_iter().collect(),
         advertise_addr: h.advertise_addr.clone(),
-        state: if connected { "ready" } else { "lost" }.to_string(),
+        state: fleet.host_state(h).as_str().to_string(),
         connected,
         last_seen_unix_ms: fleet.last_seen(&h.name).unwrap_or(h.last_seen_unix_ms),
         apps: apps
@@ -147,7 +147,7 @@ pub fn rollout(r: &RolloutRecord) -> pb::Rollout {
             smoke_timeout_ms: r.policy.smoke_timeout_ms,
             no_auto_rollback: !r.policy.auto_rollback,
             detach: false,
-            skip_lost: false,
+            skip_lost: r.policy.skip_lost,
         }),
         is_rollback: r.is_rollback,
     }

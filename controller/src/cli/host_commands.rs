@@ -1,0 +1,104 @@
+//! The host lifecycle verbs for on-call staff: `drain`, `undrain`, `remove`. Drain follows the
+//! host until its last instance stopped, so "drained" on the screen means the processes are
+//! gone.
+
+use crate::cli::client::{CliError, EXIT_FAILED, EXIT_OK};
+use crate::cli::commands::Context;
+use crate::cli::output;
+use fleet_proto::pb;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+
+/// Counts a host's instances that have not stopped.
+fn n_running(host: &pb::Host) -> usize {
+    host.apps
+        .iter()
+        .filter(|a| a.actual.as_ref().is_some_and(|i| i.state != "stopped"))
+        .count()
+}
+
+/// `fleetctl drain HOST [--deadline DUR]`: exit 0 once drained, 1 when the deadline passed.
+pub async fn drain(ctx: &Context, host: &str, deadline: Duration) -> Result<u8, CliError> {
+    let request = pb::DrainHostRequest {
+        host: host.to_string(),
+        deadline_ms: deadline.as_millis() as u64,
+    };
+    let mut stream = ctx
+        .client()
+        .drain_host(request)
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    let mut last = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(snapshot) => {
+                if !ctx.json() {
+                    eprintln!(
+                        "{}: {} ({} instance(s) still running)",
+                        snapshot.name,
+                        snapshot.state,
+                        n_running(&snapshot)
+                    );
+                }
+                last = Some(snapshot);
+            }
+            Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
+                eprintln!("error: {}", status.message());
+                if let (true, Some(last)) = (ctx.json(), &last) {
+                    output::print_json(last);
+                }
+                return Ok(EXIT_FAILED);
+            }
+            Err(status) => return Err(ctx.error(status)),
+        }
+    }
+    match last {
+        Some(last) if ctx.json() => output::print_json(&last),
+        Some(last) => println!(
+            "{} is {}: it takes no new releases; `fleetctl undrain {}` brings it back",
+            last.name, last.state, last.name
+        ),
+        None => {}
+    }
+    Ok(EXIT_OK)
+}
+
+/// `fleetctl undrain HOST`.
+pub async fn undrain(ctx: &Context, host: &str) -> Result<(), CliError> {
+    let snapshot = ctx
+        .client()
+        .undrain_host(pb::HostRef {
+            host: host.to_string(),
+        })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    if ctx.json() {
+        output::print_json(&snapshot);
+    } else {
+        println!(
+            "{} is {}: it starts its releases again",
+            snapshot.name, snapshot.state
+        );
+    }
+    Ok(())
+}
+
+/// `fleetctl remove HOST`.
+pub async fn remove(ctx: &Context, host: &str) -> Result<(), CliError> {
+    let response = ctx
+        .client()
+        .remove_host(pb::HostRef {
+            host: host.to_string(),
+        })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    if ctx.json() {
+        output::print_json(&response);
+    } else {
+        println!("{host} is removed: it was drained, its credential revoked, and it is forgotten");
+    }
+    Ok(())
+}

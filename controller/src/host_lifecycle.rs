@@ -1,0 +1,143 @@
+//! Host lifecycle operations beyond a rollout: drain and undrain (in `FleetState`), and
+//! converging a new host to everything an old one runs, the first half of `replace`. Each
+//! operation is a change of desired state plus a condition the caller waits on; the waiting
+//! (and streaming to the operator) is the API's.
+
+use crate::fleet_state::FleetState;
+use crate::model::{Desired, HostState};
+use crate::store::StoreError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum LifecycleError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a waited-on host operation stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    Waiting,
+    Done,
+    Failed(String),
+}
+
+/// Whether a draining host is drained yet.
+pub fn drain_progress(fleet: &FleetState, host: &str) -> Result<Progress, StoreError> {
+    Ok(match fleet.store.get_host(host)? {
+        None => Progress::Failed(format!("host {host} was removed")),
+        Some(record) => match fleet.host_state(&record) {
+            HostState::Drained => Progress::Done,
+            HostState::Draining => Progress::Waiting,
+            _ => Progress::Failed(format!("host {host} was undrained meanwhile")),
+        },
+    })
+}
+
+/// The releases a converge assigned, to wait on.
+#[derive(Debug, Clone)]
+pub struct Convergence {
+    pub host: String,
+    pub id: String,
+    pub apps: Vec<(String, String)>,
+}
+
+/// Gives `host` every release `like` should run, each as a fresh start.
+pub async fn converge_like(
+    fleet: &FleetState,
+    host: &str,
+    like: &str,
+    actor: &str,
+) -> Result<Convergence, LifecycleError> {
+    let source = fleet
+        .store
+        .get_host(like)?
+        .ok_or_else(|| LifecycleError::NotFound(format!("no host {like}: see `fleetctl hosts`")))?;
+    let target = fleet
+        .store
+        .get_host(host)?
+        .ok_or_else(|| LifecycleError::NotFound(format!("no host {host}: has it registered?")))?;
+    if target.drain.is_some() {
+        return Err(LifecycleError::Invalid(format!(
+            "host {host} is drained: undrain it first"
+        )));
+    }
+    let seq = fleet.store.next_seq("converge")?;
+    let id = format!("converge{seq}");
+    let apps: Vec<(String, String)> = source
+        .desired
+        .iter()
+        .map(|(app, d)| (app.clone(), d.version.clone()))
+        .collect();
+    let desired = source.desired.clone();
+    let converge_id = id.clone();
+    fleet
+        .update_hosts(
+            &[host.to_string()],
+            |record| {
+                for (app, d) in &desired {
+                    record.desired.insert(
+                        app.clone(),
+                        Desired {
+                            version: d.version.clone(),
+                            rollout_id: converge_id.clone(),
+                            generation: seq,
+                            smoke_timeout_ms: d.smoke_timeout_ms,
+                            run_release_hook: false,
+                        },
+                    );
+                }
+            },
+            None,
+        )
+        .await?;
+    let list: Vec<String> = apps.iter().map(|(a, v)| format!("{a}@{v}")).collect();
+    fleet.event(
+        actor,
+        "host.converging",
+        "",
+        host,
+        format!(
+            "host {host} takes what {like} runs: {}, asked by {actor}",
+            if list.is_empty() {
+                "nothing".to_string()
+            } else {
+                list.join(", ")
+            }
+        ),
+    );
+    Ok(Convergence {
+        host: host.to_string(),
+        id,
+        apps,
+    })
+}
+
+/// Whether every release of a convergence runs on its host and passed its smoke checks.
+pub fn converge_progress(fleet: &FleetState, convergence: &Convergence) -> Progress {
+    let mut waiting = false;
+    for (app, version) in &convergence.apps {
+        let instance = fleet
+            .instance(&convergence.host, app)
+            .filter(|i| &i.version == version && i.rollout_id == convergence.id);
+        match instance {
+            Some(i) if i.state == "running" => {}
+            Some(i) if i.state == "failed" => {
+                return Progress::Failed(format!(
+                    "{app}@{version} failed on {}: {}",
+                    convergence.host, i.message
+                ))
+            }
+            _ => waiting = true,
+        }
+    }
+    if waiting {
+        Progress::Waiting
+    } else {
+        Progress::Done
+    }
+}
