@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod fetch;
+pub mod hook;
 pub mod instance;
 pub mod model;
 pub mod releases;
@@ -88,7 +89,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (supervisor_tx, supervisor_task) = supervisor::Supervisor::spawn(context);
 
     // Bring the assigned releases up again from origin, before the controller is even reached.
-    let assigned = store.snapshot().assignments;
+    // The release hook ran (or failed) when the release was first deployed: a restart of the
+    // agent is not a new rollout and does not run it again.
+    let mut assigned = store.snapshot().assignments;
+    for assignment in &mut assigned {
+        assignment.run_release_hook = false;
+    }
     if !assigned.is_empty() {
         tracing::info!(
             n_apps = assigned.len(),

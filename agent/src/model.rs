@@ -114,6 +114,9 @@ pub struct Assignment {
     pub generation: u64,
     /// When non-zero, caps every smoke check's timeout.
     pub smoke_timeout_ms: u64,
+    /// Run the manifest's release hook before starting (the first host of a rollout).
+    #[serde(default)]
+    pub run_release_hook: bool,
 }
 
 impl Assignment {

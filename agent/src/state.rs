@@ -169,6 +169,7 @@ mod tests {
             rollout_id: "r1".into(),
             generation: 2,
             smoke_timeout_ms: 0,
+            run_release_hook: false,
         };
         store.set_assignments(vec![assignment.clone()]).unwrap();
         store

@@ -385,6 +385,26 @@ impl AppTask {
             }
         };
 
+        if assignment.run_release_hook && release.manifest.release_hook.is_some() {
+            self.report(InstanceState::Starting, "running the release hook");
+            let vars = self.instance_vars(&assignment);
+            let hook = crate::hook::run_release_hook(
+                &self.context.layout,
+                &release.dir,
+                &release.manifest,
+                &vars,
+                crate::hook::HOOK_TIMEOUT,
+            );
+            match interruptible(&mut self.rx, &assignment, hook).await {
+                Err(command) => return Some(command),
+                Ok(Err(message)) => {
+                    self.report(InstanceState::Failed, message);
+                    return None;
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+
         if let Some(mut old) = self.live.take() {
             let why = format!("replacing it with {}", assignment.version);
             self.publish(
@@ -422,6 +442,17 @@ impl AppTask {
         }
     }
 
+    /// The variables an instance of `assignment` sees.
+    fn instance_vars(&self, assignment: &Assignment) -> InstanceVars {
+        InstanceVars {
+            app: self.app.clone(),
+            version: assignment.version.clone(),
+            host_name: self.context.host_name.clone(),
+            advertise: self.context.advertise.clone(),
+            release_env: assignment.env.clone(),
+        }
+    }
+
     /// Starts a fresh instance from origin and runs the smoke checks against it. On anything
     /// but success no process of it is left.
     async fn start_and_check(&mut self, assignment: &Assignment, release: &Release) -> Started {
@@ -430,13 +461,7 @@ impl AppTask {
             "starting a fresh instance from the release",
         );
         crate::releases::touch(&release.dir);
-        let vars = InstanceVars {
-            app: self.app.clone(),
-            version: assignment.version.clone(),
-            host_name: self.context.host_name.clone(),
-            advertise: self.context.advertise.clone(),
-            release_env: assignment.env.clone(),
-        };
+        let vars = self.instance_vars(assignment);
         let started =
             Instance::start(&self.context.layout, &release.dir, &release.manifest, &vars).await;
         let mut instance = match started {
@@ -615,6 +640,7 @@ mod tests {
             rollout_id: rollout_id.into(),
             generation,
             smoke_timeout_ms: 0,
+            run_release_hook: false,
         }
     }
 
