@@ -561,14 +561,22 @@ impl Executor {
                 WaitEnd::Aborted(actor) => return self.aborted(actor).await,
                 WaitEnd::Done | WaitEnd::Deadline => {}
             }
-            let wave = &self.record.waves[idx];
-            let failed: Vec<String> = wave
+            let passed = self.record.waves[idx]
                 .hosts
                 .iter()
-                .filter(|h| !matches!(h.result, HostResult::Passed | HostResult::Skipped))
+                .all(|h| matches!(h.result, HostResult::Passed | HostResult::Skipped));
+            for entry in &mut self.record.waves[idx].hosts {
+                if entry.result == HostResult::Deploying {
+                    entry.message = "not waited for: another host of the wave failed".to_string();
+                }
+            }
+            let failed: Vec<String> = self.record.waves[idx]
+                .hosts
+                .iter()
+                .filter(|h| h.result == HostResult::Failed)
                 .map(|h| format!("{}: {}", h.host, h.message))
                 .collect();
-            if failed.is_empty() {
+            if passed {
                 self.record.waves[idx].state = WaveState::Passed;
                 self.record.current_wave += 1;
                 self.save()?;
@@ -869,16 +877,26 @@ impl Executor {
     /// Puts every host this rollout touched back on the release it ran before.
     async fn roll_back(&mut self, deadline: Duration) -> Result<(), StoreError> {
         let app = self.record.app.clone();
+        // The hosts this rollout changed are those whose desired release is still its own; a
+        // host that failed before it was changed (lost, say) has nothing to undo.
         let mut touched: Vec<(usize, usize)> = Vec::new();
         for (w_idx, wave) in self.record.waves.iter().enumerate() {
-            for (h_idx, host) in wave.hosts.iter().enumerate() {
-                if matches!(
-                    host.result,
-                    HostResult::Deploying | HostResult::Passed | HostResult::Failed
-                ) {
+            for (h_idx, entry) in wave.hosts.iter().enumerate() {
+                let changed = self.fleet.store.get_host(&entry.host)?.is_some_and(|host| {
+                    host.desired
+                        .get(&app)
+                        .is_some_and(|d| d.rollout_id == self.record.id)
+                });
+                if changed {
                     touched.push((w_idx, h_idx));
                 }
             }
+        }
+        if touched.is_empty() {
+            self.record.state = RolloutState::RolledBack;
+            let line = format!("rollout {} halted: no host had taken {}", self.record.id, self.record.version);
+            self.finish(line).await;
+            return Ok(());
         }
         let previous: HashMap<String, Option<String>> = touched
             .iter()
@@ -920,6 +938,7 @@ impl Executor {
             .await?;
 
         // Wait until each host runs its previous release again (or has stopped the app).
+        let mut lost_hosts: Vec<String> = Vec::new();
         let mut changes = self.fleet.changes();
         let until = tokio::time::Instant::now() + deadline;
         loop {
@@ -927,7 +946,27 @@ impl Executor {
             let mut all_back = true;
             for &(w, h) in &touched {
                 let entry = &self.record.waves[w].hosts[h];
-                if entry.result == HostResult::RolledBack {
+                if entry.result == HostResult::RolledBack || lost_hosts.contains(&entry.host) {
+                    continue;
+                }
+                let lost = self
+                    .fleet
+                    .store
+                    .get_host(&entry.host)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|record| self.fleet.is_lost(&record));
+                if lost {
+                    // A lost host cannot confirm; it gets its previous release when it returns.
+                    let host = entry.host.clone();
+                    let entry = &mut self.record.waves[w].hosts[h];
+                    entry.message = format!(
+                        "{} (lost: goes back to {} when it returns)",
+                        entry.message,
+                        entry.previous_version.as_deref().unwrap_or("nothing")
+                    );
+                    self.emit(format!("{host} is lost: it goes back when it returns"));
+                    lost_hosts.push(host);
                     continue;
                 }
                 let instance = self.fleet.instance(&entry.host, &app);
@@ -970,7 +1009,7 @@ impl Executor {
         let not_back: Vec<String> = touched
             .iter()
             .map(|&(w, h)| &self.record.waves[w].hosts[h])
-            .filter(|e| e.result != HostResult::RolledBack)
+            .filter(|e| e.result != HostResult::RolledBack && !lost_hosts.contains(&e.host))
             .map(|e| e.host.clone())
             .collect();
         self.record.state = RolloutState::RolledBack;
