@@ -1,7 +1,8 @@
 //! Smoke checks: `http` (GET must answer `expect_status`; hyper 1 over a tokio `TcpStream`,
 //! `http://` only), `tcp` (a connection must open) and `exec` (must exit 0; runs in the
 //! instance directory with the instance environment). `${VAR}` in a check is replaced from the
-//! instance environment. Each check is retried every [`RETRY_INTERVAL`] until its timeout, capped
+//! instance environment. Each check is retried, first after [`FIRST_RETRY`] and then doubling to
+//! [`RETRY_INTERVAL`] (a fresh app is often up within milliseconds), until its timeout, capped
 //! by the assignment's smoke timeout when that is non-zero and smaller; the checks run in order
 //! and the first that runs out of time fails the lot, naming itself and its last error.
 //!
@@ -18,7 +19,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Pause between two tries of one check.
+/// The pause before the second try of a check.
+pub const FIRST_RETRY: Duration = Duration::from_millis(5);
+/// The longest pause between two tries of one check.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(150);
 /// One try never takes longer than this (nor past the check's deadline).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +54,7 @@ pub async fn run_checks(checks: &[SmokeCheck], context: &CheckContext) -> Result
         let timeout = effective_timeout(check.timeout, context.smoke_timeout);
         let deadline = Instant::now() + timeout;
         let mut tries: u32 = 0;
+        let mut pause = FIRST_RETRY;
         loop {
             tries += 1;
             let budget = deadline
@@ -67,7 +71,7 @@ pub async fn run_checks(checks: &[SmokeCheck], context: &CheckContext) -> Result
             match result {
                 Ok(()) => break,
                 Err(last_error) => {
-                    if Instant::now() + RETRY_INTERVAL >= deadline {
+                    if Instant::now() + pause >= deadline {
                         return Err(format!(
                             "smoke check #{} ({}) failed after {} and {tries} tries: {last_error}",
                             idx + 1,
@@ -75,7 +79,8 @@ pub async fn run_checks(checks: &[SmokeCheck], context: &CheckContext) -> Result
                             fleet_proto::duration::format_duration(timeout),
                         ));
                     }
-                    tokio::time::sleep(RETRY_INTERVAL).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_INTERVAL);
                 }
             }
         }
