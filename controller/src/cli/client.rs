@@ -1,13 +1,15 @@
 //! How fleetctl reaches the controller: where the controller's URL comes from (`--controller`,
-//! `FLEET_CONTROLLER`, `DIR/client.toml`), the connection, the `x-fleet-actor` metadata sent on
-//! every call, and `CliError`, which maps every failure to the exit code of the CLI contract.
+//! `FLEET_CONTROLLER`, `DIR/client.toml`), the mutual-TLS connection (the controller is verified
+//! against `DIR/ca.pem` as `fleet-controller`, whatever address is dialled; fleetctl presents
+//! `DIR/client.pem` and `DIR/client.key`), the `x-fleet-actor` metadata sent on every call, and
+//! `CliError`, which maps every failure to the exit code of the CLI contract.
 
 use fleet_proto::pb::fleet_service_client::FleetServiceClient;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Exit code: done as asked.
 pub const EXIT_OK: u8 = 0;
@@ -64,6 +66,15 @@ impl CliError {
             Code::Unauthenticated | Code::PermissionDenied => CliError::Unreachable(format!(
                 "the controller at {controller_url} refused the credentials: {message}"
             )),
+            // A status made on this side from a broken connection (the controller's own
+            // statuses carry no source): with mutual TLS most often the controller refusing a
+            // certificate from another CA, which TLS 1.3 reports only once a call is sent.
+            _ if std::error::Error::source(&status).is_some() => {
+                CliError::Unreachable(format!(
+                    "the connection to the controller at {controller_url} failed: {}; if this keeps happening, check that --config-dir holds a credential from this fleet's CA",
+                    error_chain(&status)
+                ))
+            }
             _ => CliError::Failed(format!("the controller answered: {message}")),
         }
     }
@@ -116,7 +127,7 @@ pub fn resolve_controller_url(
     };
     let parsed: ClientConfigFile = toml::from_str(&text).map_err(|e| {
         usage(format!(
-            "{} is invalid: {}; it should hold controller = \"http://ADDR:PORT\"",
+            "{} is invalid: {}; it should hold controller = \"https://ADDR:PORT\"",
             client_toml.display(),
             e.message()
         ))
@@ -131,20 +142,58 @@ pub fn resolve_controller_url(
         if let Ok(addr) = std::fs::read_to_string(&addr_file) {
             let addr = addr.trim();
             if !addr.is_empty() {
-                return Ok(format!("http://{addr}"));
+                return Ok(format!("https://{addr}"));
             }
         }
     }
     Ok(url)
 }
 
-/// Accepts `ADDR:PORT` as shorthand for `http://ADDR:PORT`.
+/// Accepts `ADDR:PORT` as shorthand for `https://ADDR:PORT`.
 fn normalize_url(url: &str) -> String {
     if url.contains("://") {
         url.trim_end_matches('/').to_string()
     } else {
-        format!("http://{}", url.trim_end_matches('/'))
+        format!("https://{}", url.trim_end_matches('/'))
     }
+}
+
+/// The files fleetctl reads from its config directory for mutual TLS.
+pub const CA_FILE: &str = "ca.pem";
+pub const CLIENT_CERT_FILE: &str = "client.pem";
+pub const CLIENT_KEY_FILE: &str = "client.key";
+
+/// The client side of mutual TLS from `config_dir`: the fleet CA (required) and the client
+/// credential (sent when present; without one, every call but an agent's join is refused by
+/// the controller with a message saying so).
+pub fn tls_config(config_dir: &Path) -> Result<ClientTlsConfig, CliError> {
+    let ca_path = config_dir.join(CA_FILE);
+    let ca = std::fs::read_to_string(&ca_path).map_err(|e| {
+        usage(format!(
+            "cannot read the fleet CA {}: {e}; pass --config-dir with a directory written by `fleetctl init` or `fleetctl credentials create`",
+            ca_path.display()
+        ))
+    })?;
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(crate::auth::CONTROLLER_DNS_NAME);
+    let cert_path = config_dir.join(CLIENT_CERT_FILE);
+    let key_path = config_dir.join(CLIENT_KEY_FILE);
+    match (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+    ) {
+        (Ok(cert), Ok(key)) => tls = tls.identity(Identity::from_pem(cert, key)),
+        (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => {}
+        (Err(e), _) => return Err(usage(format!("cannot read {}: {e}", cert_path.display()))),
+        (Ok(_), Err(e)) => {
+            return Err(usage(format!(
+                "cannot read {}: {e}; a credential is client.pem and client.key together",
+                key_path.display()
+            )))
+        }
+    }
+    Ok(tls)
 }
 
 /// Adds `x-fleet-actor: USER@HOSTNAME` to every request.
@@ -182,6 +231,13 @@ pub fn current_actor() -> String {
     let user = ["USER", "LOGNAME"]
         .iter()
         .find_map(|key| std::env::var(key).ok().filter(|v| !v.is_empty()))
+        .or_else(|| {
+            // No USER in the environment (a service, a container): ask the user database.
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|user| user.name)
+        })
         .unwrap_or_else(|| "unknown".to_string());
     let host = std::env::var("HOSTNAME")
         .ok()
@@ -221,14 +277,22 @@ impl Connection {
     }
 }
 
-/// Connects to the controller at `url`.
-pub async fn connect(url: &str) -> Result<Connection, CliError> {
+/// Connects to the controller at `url` (https only) with the TLS files of `config_dir`.
+pub async fn connect(url: &str, config_dir: &Path) -> Result<Connection, CliError> {
+    if !url.starts_with("https://") {
+        return Err(usage(format!(
+            "controller URL {url:?} is not https://: the controller speaks only mutual TLS; write it like https://127.0.0.1:7700"
+        )));
+    }
+    let tls = tls_config(config_dir)?;
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| {
             usage(format!(
-                "controller URL {url:?} is invalid: {e}; write it like http://127.0.0.1:7700"
+                "controller URL {url:?} is invalid: {e}; write it like https://127.0.0.1:7700"
             ))
         })?
+        .tls_config(tls)
+        .map_err(|e| usage(format!("cannot set up TLS: {}", error_chain(&e))))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
@@ -316,7 +380,7 @@ mod tests {
         );
         assert_eq!(
             resolve_controller_url(Some("127.0.0.1:9"), dir.path()).unwrap(),
-            "http://127.0.0.1:9"
+            "https://127.0.0.1:9"
         );
 
         std::fs::write(
@@ -327,7 +391,7 @@ mod tests {
         std::fs::write(dir.path().join("controller.addr"), "127.0.0.1:4567\n").unwrap();
         assert_eq!(
             resolve_controller_url(None, dir.path()).unwrap(),
-            "http://127.0.0.1:4567"
+            "https://127.0.0.1:4567"
         );
 
         std::fs::write(dir.path().join("client.toml"), "controller = [").unwrap();
