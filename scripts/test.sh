@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The SSH bootstrap tests start a real OpenSSH sshd on loopback (tests/src/sshd.rs).
+if [ ! -x /usr/sbin/sshd ]; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server </dev/null
+fi
+
 # The end-to-end tests start fleet-controller, fleet-agent and the example app as processes;
 # they find them in target/debug beside the test binaries.
 cargo build --workspace --bins

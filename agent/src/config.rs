@@ -1,5 +1,6 @@
 //! The agent's configuration: from flags or a TOML file with the same keys (`controller`,
-//! `name`, `advertise`, `data_dir`, `labels = {k = "v"}`), validated before anything starts.
+//! `name`, `advertise`, `data_dir`, `labels = {k = "v"}`, `ca`, `join_token`), validated
+//! before anything starts. The controller speaks only mutual TLS, so its URL is `https://`.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -10,7 +11,7 @@ use thiserror::Error;
 /// A validated agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// `http://IP:PORT` of the controller.
+    /// `https://HOST:PORT` of the controller.
     pub controller: String,
     /// This host's name, as the controller knows it.
     pub host_name: String,
@@ -20,6 +21,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Labels the controller selects hosts by.
     pub labels: BTreeMap<String, String>,
+    /// The fleet CA the controller is verified against (`fleetctl init` wrote it as ca.pem).
+    /// Needed to join; later starts use the copy kept in `DATA/tls/ca.pem` when it is absent.
+    pub ca: Option<PathBuf>,
+    /// A one-time join token (`fleetctl join-token create`), needed only on the first start.
+    pub join_token: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -33,7 +39,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{0} is missing: give it as a flag or in the config file")]
     Missing(&'static str),
-    #[error("controller {0:?} is invalid: write it like http://127.0.0.1:7070")]
+    #[error("controller {0:?} is invalid: write it like https://127.0.0.1:7070 (the controller speaks only TLS)")]
     Controller(String),
     #[error("advertise address {0:?} is invalid: give an IP address like 127.0.0.2")]
     Advertise(String),
@@ -51,6 +57,8 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    pub ca: Option<PathBuf>,
+    pub join_token: Option<String>,
 }
 
 impl ConfigFile {
@@ -70,6 +78,12 @@ impl ConfigFile {
                 file.data_dir = Some(base.join(dir));
             }
         }
+        if let Some(ca) = &file.ca {
+            if ca.is_relative() {
+                let base = path.parent().unwrap_or(Path::new("."));
+                file.ca = Some(base.join(ca));
+            }
+        }
         Ok(file)
     }
 }
@@ -83,6 +97,8 @@ pub struct ConfigFlags {
     pub data_dir: Option<PathBuf>,
     /// `k=v,k2=v2`; replaces the file's labels when given.
     pub labels: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub join_token: Option<String>,
 }
 
 impl Config {
@@ -120,20 +136,27 @@ impl Config {
         let advertise: IpAddr = advertise
             .parse()
             .map_err(|_| ConfigError::Advertise(advertise.clone()))?;
+        let join_token = flags
+            .join_token
+            .or(file.join_token)
+            .map(|token| token.trim().to_string())
+            .filter(|token| !token.is_empty());
         Ok(Config {
             controller,
             host_name,
             advertise,
             data_dir,
             labels,
+            ca: flags.ca.or(file.ca),
+            join_token,
         })
     }
 }
 
-/// A controller URL is `http://HOST:PORT` with nothing after the authority but an optional `/`.
+/// A controller URL is `https://HOST:PORT` with nothing after the authority but an optional `/`.
 fn check_controller_url(url: &str) -> Result<(), ConfigError> {
     let bad = || ConfigError::Controller(url.to_string());
-    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let rest = url.strip_prefix("https://").ok_or_else(bad)?;
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
         return Err(bad());
@@ -156,6 +179,8 @@ mod tests {
             advertise: Some(advertise.into()),
             data_dir: Some(PathBuf::from("data")),
             labels: labels.map(str::to_string),
+            ca: None,
+            join_token: None,
         }
     }
 
@@ -163,37 +188,37 @@ mod tests {
     fn validates_flags() {
         for (controller, name, advertise, labels, ok) in [
             (
-                "http://127.0.0.1:7070",
+                "https://127.0.0.1:7070",
                 "web-1",
                 "127.0.0.2",
                 Some("env=prod"),
                 true,
             ),
-            ("http://127.0.0.1:7070/", "web-1", "::1", None, true),
-            ("http://localhost:7070", "h", "127.0.0.2", None, true),
-            ("https://127.0.0.1:7070", "web-1", "127.0.0.2", None, false),
+            ("https://127.0.0.1:7070/", "web-1", "::1", None, true),
+            ("https://localhost:7070", "h", "127.0.0.2", None, true),
+            ("http://127.0.0.1:7070", "web-1", "127.0.0.2", None, false),
             ("127.0.0.1:7070", "web-1", "127.0.0.2", None, false),
             ("http://127.0.0.1", "web-1", "127.0.0.2", None, false),
             ("http://127.0.0.1:x", "web-1", "127.0.0.2", None, false),
             (
-                "http://127.0.0.1:7070/api",
+                "https://127.0.0.1:7070/api",
                 "web-1",
                 "127.0.0.2",
                 None,
                 false,
             ),
-            ("http://127.0.0.1:7070", "Web_1", "127.0.0.2", None, false),
-            ("http://127.0.0.1:7070", "", "127.0.0.2", None, false),
-            ("http://127.0.0.1:7070", "web-1", "localhost", None, false),
+            ("https://127.0.0.1:7070", "Web_1", "127.0.0.2", None, false),
+            ("https://127.0.0.1:7070", "", "127.0.0.2", None, false),
+            ("https://127.0.0.1:7070", "web-1", "localhost", None, false),
             (
-                "http://127.0.0.1:7070",
+                "https://127.0.0.1:7070",
                 "web-1",
                 "127.0.0.2",
                 Some("env"),
                 false,
             ),
             (
-                "http://127.0.0.1:7070",
+                "https://127.0.0.1:7070",
                 "web-1",
                 "127.0.0.2",
                 Some("env=a b"),
@@ -218,7 +243,7 @@ mod tests {
         let path = dir.path().join("agent.toml");
         std::fs::write(
             &path,
-            "controller = \"http://127.0.0.1:1\"\nname = \"a\"\nadvertise = \"127.0.0.3\"\n\
+            "controller = \"https://127.0.0.1:1\"\nname = \"a\"\nadvertise = \"127.0.0.3\"\n\
              data_dir = \"d\"\nlabels = { env = \"prod\" }\n",
         )
         .unwrap();
@@ -242,7 +267,7 @@ mod tests {
         assert!(ConfigFile::load(&path).is_err());
         std::fs::write(&path, "labels = { \"Bad Key\" = \"x\" }\n").unwrap();
         let file = ConfigFile::load(&path).unwrap();
-        let err = Config::build(file, flags("http://127.0.0.1:1", "a", "127.0.0.2", None));
+        let err = Config::build(file, flags("https://127.0.0.1:1", "a", "127.0.0.2", None));
         assert!(err.is_err());
     }
 }

@@ -5,6 +5,8 @@
 //!
 //! Code map:
 //! - [`config`]: flags and the TOML file, validated.
+//! - [`join`]: the host's key and certificate in `DATA/tls`, joining with a one-time token on
+//!   the first start; the TLS setup of every connection to the controller.
 //! - [`session`]: the `AgentService.Session` stream, reconnecting forever.
 //! - [`fetch`]: resumable, digest-verified artifact download.
 //! - [`releases`]: unpacking into immutable release directories and pruning old ones.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod fetch;
 pub mod hook;
 pub mod instance;
+pub mod join;
 pub mod model;
 pub mod releases;
 pub mod session;
@@ -48,6 +51,8 @@ pub enum AgentError {
     State(#[from] state::StateError),
     #[error("controller url {url:?} is invalid: {reason}")]
     ControllerUrl { url: String, reason: String },
+    #[error(transparent)]
+    Join(#[from] join::JoinError),
 }
 
 /// How long the session task may take to wind down after the instances stopped.
@@ -75,7 +80,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         store.clear_instances()?;
     }
 
-    let channel = session::lazy_channel(&config.controller)?;
+    let credentials = join::ensure_credentials(&config, &data_dir).await?;
+    let channel = session::lazy_channel(&config.controller, &credentials)?;
     let reporter = Arc::new(model::Reporter::new());
     let report_rx = reporter.take_receiver();
     let context = Arc::new(supervisor::Context {

@@ -12,10 +12,10 @@ use std::path::PathBuf;
 #[command(name = "fleet-agent", version)]
 struct Args {
     /// A TOML file with the same keys as the flags (controller, name, advertise, data_dir,
-    /// labels = {k = "v"}); flags override it.
+    /// labels = {k = "v"}, ca, join_token); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The controller, like http://127.0.0.1:7070.
+    /// The controller, like https://127.0.0.1:7070 (mutual TLS only).
     #[arg(long)]
     controller: Option<String>,
     /// This host's name.
@@ -30,6 +30,18 @@ struct Args {
     /// Labels as k=v,k2=v2.
     #[arg(long)]
     labels: Option<String>,
+    /// The fleet CA (ca.pem from `fleetctl init`) the controller is verified against; needed
+    /// to join, later kept in DATA/tls/ca.pem.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// A one-time join token from `fleetctl join-token create`; only the first start needs it.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FLEET_JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    join_token: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +81,8 @@ fn load_config(args: Args) -> anyhow::Result<Config> {
         advertise: args.advertise,
         data_dir: args.data_dir,
         labels: args.labels,
+        ca: args.ca,
+        join_token: args.join_token,
     };
     Ok(Config::build(file, flags)?)
 }

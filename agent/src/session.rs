@@ -45,14 +45,21 @@ impl SessionConfig {
     }
 }
 
-/// A channel to the controller that connects on first use and reconnects by itself; HTTP/2
-/// keepalives notice a controller that stopped answering.
-pub fn lazy_channel(url: &str) -> Result<Channel, AgentError> {
-    let endpoint =
-        Endpoint::from_shared(url.to_string()).map_err(|e| AgentError::ControllerUrl {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?;
+/// A mutual-TLS channel to the controller (see [`crate::join::client_tls`]) that connects on
+/// first use and reconnects by itself; HTTP/2 keepalives notice a controller that stopped
+/// answering. The session and artifact fetches share it.
+pub fn lazy_channel(
+    url: &str,
+    credentials: &crate::join::Credentials,
+) -> Result<Channel, AgentError> {
+    let url_error = |reason: String| AgentError::ControllerUrl {
+        url: url.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| url_error(e.to_string()))?
+        .tls_config(crate::join::client_tls(credentials))
+        .map_err(|e| url_error(e.to_string()))?;
     Ok(endpoint
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
@@ -99,6 +106,7 @@ pub fn assignment_from_pb(assignment: pb::Assignment) -> Result<Assignment, Stri
         rollout_id: assignment.rollout_id,
         generation: assignment.generation,
         smoke_timeout_ms: assignment.smoke_timeout_ms,
+        run_release_hook: assignment.run_release_hook,
     })
 }
 
@@ -300,6 +308,7 @@ mod tests {
             rollout_id: "r".into(),
             generation: 1,
             smoke_timeout_ms: 5,
+            run_release_hook: false,
         };
         let converted = assignment_from_pb(good.clone()).unwrap();
         assert_eq!(converted.env["K"], "v");
@@ -336,6 +345,7 @@ mod tests {
                     ..good
                 },
             ],
+            ..Default::default()
         };
         let assignments = desired_from_pb(desired, &reporter);
         assert_eq!(assignments.len(), 1);

@@ -67,6 +67,15 @@ impl AgentService for FakeController {
         )))
     }
 
+    async fn join(
+        &self,
+        _request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        Err(Status::unimplemented(
+            "the agent here already has its certificate",
+        ))
+    }
+
     async fn fetch_artifact(
         &self,
         request: Request<pb::FetchArtifactRequest>,
@@ -90,6 +99,46 @@ impl AgentService for FakeController {
         }
         Ok(Response::new(Box::pin(tokio_stream::iter(items))))
     }
+}
+
+/// A throwaway fleet CA: the fake controller's TLS config (certificate for `fleet-controller`,
+/// client certificates verified against the CA) and host `host`'s credentials written into
+/// `DATA/tls`, as a join would leave them.
+fn provision_tls(data_dir: &Path, host: &str) -> tonic::transport::ServerTlsConfig {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["fleet-controller".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let agent_key = KeyPair::generate().unwrap();
+    let mut agent_params = CertificateParams::default();
+    agent_params
+        .distinguished_name
+        .push(DnType::CommonName, host);
+    agent_params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, "agent");
+    let agent_cert = agent_params.signed_by(&agent_key, &issuer).unwrap();
+    let tls_dir = data_dir.join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    std::fs::write(tls_dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(tls_dir.join("agent.pem"), agent_cert.pem()).unwrap();
+    std::fs::write(tls_dir.join("agent.key"), agent_key.serialize_pem()).unwrap();
+    tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            server_cert.pem(),
+            server_key.serialize_pem(),
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(ca_cert.pem()))
 }
 
 /// Kills a spawned agent process by its pid when the test ends, however it ends.
@@ -132,6 +181,7 @@ fn assignment(digest: &str, size: usize, rollout_id: &str) -> pb::Assignment {
         rollout_id: rollout_id.into(),
         generation: 1,
         smoke_timeout_ms: 0,
+        ..Default::default()
     }
 }
 
@@ -190,6 +240,7 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
     let size = bytes.len();
     let (desired_tx, desired_rx) = watch::channel(pb::DesiredState {
         assignments: vec![assignment(&digest, size, "r1")],
+        ..Default::default()
     });
     let (from_agent_tx, mut from_agent) = mpsc::unbounded_channel();
     let fetch_offsets = Arc::new(Mutex::new(Vec::new()));
@@ -200,11 +251,16 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
         from_agent: from_agent_tx,
         desired: desired_rx,
     };
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let tls = provision_tls(&data_dir, "h1");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let controller_addr = listener.local_addr().unwrap();
     let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
             .add_service(AgentServiceServer::new(controller))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -214,14 +270,14 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
             ),
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
     let config = fleet_agent::Config {
-        controller: format!("http://{controller_addr}"),
+        controller: format!("https://{controller_addr}"),
         host_name: "h1".into(),
         advertise: "127.0.0.1".parse().unwrap(),
         data_dir: data_dir.clone(),
         labels: BTreeMap::from([("env".to_string(), "test".to_string())]),
+        ca: None,
+        join_token: None,
     };
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(fleet_agent::run(config, async {
@@ -295,6 +351,7 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
     // Assigned again under a new rollout, then the agent shuts down: nothing is left behind.
     desired_tx.send_replace(pb::DesiredState {
         assignments: vec![assignment(&digest, size, "r2")],
+        ..Default::default()
     });
     let seen = wait_report(&mut from_agent, "web running again", |r| {
         r.state == "running"
@@ -321,7 +378,7 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
     let spawn_agent = || {
         ProcessGuard(
             std::process::Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
-                .args(["--controller", &format!("http://{dead_controller}")])
+                .args(["--controller", &format!("https://{dead_controller}")])
                 .args(["--name", "h1", "--advertise", "127.0.0.1", "--data-dir"])
                 .arg(&data_dir)
                 .stderr(std::process::Stdio::null())

@@ -1,5 +1,7 @@
-//! `controller.toml`: where the controller listens and keeps its data. Read once at start and
-//! validated; a relative `data_dir` is taken relative to the file's own directory.
+//! `controller.toml`: where the controller listens, where it keeps its data, and the TLS files
+//! `fleetctl init` made (the fleet CA's certificate and key, the controller's certificate and
+//! key). Read once at start and validated; relative paths are taken relative to the file's own
+//! directory. The controller serves only mutual TLS, so it may listen on any address.
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -32,6 +34,13 @@ pub struct ControllerFile {
     /// How long a host may stay silent before it shows as lost, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_after_ms: Option<u64>,
+    /// The fleet CA's certificate: clients and agents must present a certificate it signed.
+    pub ca: String,
+    /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
+    pub ca_key: String,
+    /// The controller's own certificate (DNS name `fleet-controller`) and key.
+    pub cert: String,
+    pub key: String,
 }
 
 /// The validated configuration the controller runs with.
@@ -43,6 +52,16 @@ pub struct ControllerConfig {
     pub addr_file: PathBuf,
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
+    pub tls: TlsPaths,
+}
+
+/// Where the controller's TLS files are, resolved against the config file's directory.
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub ca_key: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl ControllerConfig {
@@ -78,22 +97,21 @@ impl ControllerConfig {
             addr_file: base.join(ADDR_FILE),
             heartbeat_interval_ms,
             lost_after_ms,
+            tls: TlsPaths {
+                ca: base.join(&file.ca),
+                ca_key: base.join(&file.ca_key),
+                cert: base.join(&file.cert),
+                key: base.join(&file.key),
+            },
         })
     }
 }
 
-/// Parses a listen address and refuses anything but loopback: until mutual TLS protects the
-/// API, the controller must not be reachable from other machines.
+/// Parses a listen address. Any address is allowed: every call is authenticated by mutual
+/// TLS, so the controller may face other machines.
 pub fn check_listen(text: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = text
-        .parse()
-        .map_err(|_| format!("listen address {text:?} is not IP:PORT, like 127.0.0.1:7700"))?;
-    if !addr.ip().is_loopback() {
-        return Err(format!(
-            "listen address {addr} is not loopback: until mTLS lands the controller listens only on 127.0.0.0/8 or ::1"
-        ));
-    }
-    Ok(addr)
+    text.parse()
+        .map_err(|_| format!("listen address {text:?} is not IP:PORT, like 127.0.0.1:7700"))
 }
 
 #[cfg(test)]
@@ -101,11 +119,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn listen_must_be_loopback() {
+    fn listen_is_ip_and_port_on_any_address() {
         assert!(check_listen("127.0.0.1:7700").is_ok());
         assert!(check_listen("[::1]:0").is_ok());
-        assert!(check_listen("0.0.0.0:7700").is_err());
-        assert!(check_listen("10.0.0.1:7700").is_err());
+        assert!(check_listen("0.0.0.0:7700").is_ok());
+        assert!(check_listen("10.0.0.1:7700").is_ok());
         assert!(check_listen("localhost").is_err());
+        assert!(check_listen("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn tls_files_are_required_and_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n").unwrap();
+        let error = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("missing field"), "{error}");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
+        )
+        .unwrap();
+        let config = ControllerConfig::load(&path).unwrap();
+        assert_eq!(config.tls.ca, dir.path().join("ca.pem"));
+        assert_eq!(config.tls.key, dir.path().join("controller.key"));
     }
 }

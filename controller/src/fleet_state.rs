@@ -350,8 +350,11 @@ impl FleetState {
         Ok(true)
     }
 
-    /// Forgets a host and ends its session.
+    /// Revokes every certificate of a host, forgets it and ends its session. Revocation comes
+    /// first: a crash in between leaves a host that can no longer connect, never a forgotten
+    /// host whose certificate still works.
     pub async fn forget(&self, host: &str, actor: &str) -> Result<(), StoreError> {
+        let n_revoked = self.store.revoke_host(host)?;
         {
             let _guard = self.host_writes.lock().await;
             self.store.delete_host(host)?;
@@ -362,7 +365,7 @@ impl FleetState {
             "host.removed",
             "",
             host,
-            format!("host {host} removed by {actor}"),
+            format!("host {host} removed by {actor}: {n_revoked} certificate(s) revoked"),
         );
         self.bump();
         Ok(())

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod artifacts;
 pub mod auth;
+pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod fleet_state;

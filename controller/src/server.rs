@@ -6,7 +6,8 @@
 use crate::api::agent_service::AgentApi;
 use crate::api::fleet_service::FleetApi;
 use crate::artifacts::ArtifactStore;
-use crate::config::ControllerConfig;
+use crate::auth::ca::Authority;
+use crate::config::{ControllerConfig, TlsPaths};
 use crate::fleet_state::FleetState;
 use crate::rollout::{self, Rollouts};
 use crate::store::Store;
@@ -39,11 +40,15 @@ pub async fn run(
         )
     })?;
     let artifacts = ArtifactStore::open(&config.data_dir)?;
+    let (tls, authority) = load_tls(&config.tls)?;
+    let authority = Arc::new(authority);
     let fleet = Arc::new(FleetState::new(
         store,
         artifacts,
         config.heartbeat_interval_ms,
+        config.lost_after_ms,
     ));
+    tokio::spawn(fleet.clone().watch_for_lost_hosts());
     let rollouts = Arc::new(Rollouts::default());
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -61,15 +66,19 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let agent_api = AgentApi {
         fleet: fleet.clone(),
+        authority: authority.clone(),
         shutdown: stop_rx.clone(),
     };
     let fleet_api = FleetApi {
         fleet: fleet.clone(),
+        authority,
         rollouts,
         shutdown: stop_rx.clone(),
     };
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .context("cannot set up TLS with the controller's certificate")?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(
             pb::agent_service_server::AgentServiceServer::new(agent_api)
@@ -104,6 +113,30 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&config.addr_file);
     Ok(())
+}
+
+/// Reads the TLS files named in controller.toml: the server side of mutual TLS (the
+/// controller's certificate, client certificates verified against the fleet CA but optional
+/// at the handshake) and the CA that signs new certificates.
+fn load_tls(paths: &TlsPaths) -> anyhow::Result<(tonic::transport::ServerTlsConfig, Authority)> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read {}; `fleetctl init --dir DIR` makes the CA and the controller's certificate",
+                path.display()
+            )
+        })
+    };
+    let ca_pem = read(&paths.ca)?;
+    let authority = Authority::load(&ca_pem, &read(&paths.ca_key)?)
+        .with_context(|| format!("cannot load the fleet CA {}", paths.ca.display()))?;
+    let identity = tonic::transport::Identity::from_pem(read(&paths.cert)?, read(&paths.key)?);
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(tonic::transport::Certificate::from_pem(&ca_pem))
+        .client_auth_optional(true)
+        .timeout(Duration::from_secs(10));
+    Ok((tls, authority))
 }
 
 /// Writes the bound address atomically, so a reader never sees half of it.

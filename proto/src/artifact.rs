@@ -44,14 +44,143 @@ pub enum ArtifactError {
     Write { path: PathBuf, source: io::Error },
 }
 
+/// Bytes of tar metadata (GNU long names, PAX records, padding, headers) allowed between two
+/// entries' data: a long-name header claiming gigabytes is refused before it is buffered.
+pub const MAX_METADATA_BYTES: u64 = 1 << 20;
+/// Decompressed bytes allowed after the archive's end-of-archive marker (tar pads to 10 KiB).
+pub const MAX_TRAILING_BYTES: u64 = 1 << 20;
+/// The longest entry path accepted, in bytes.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// How many symlinks one path may pass through before it counts as a loop.
+const MAX_LINK_HOPS: usize = 40;
+
+/// How many decompressed bytes the reader may still hand out; the loop raises the limit by
+/// what each step is allowed to read, so no part of the stream (an entry, the metadata before
+/// it, what follows the end) can make the reader decompress or buffer more than its share.
+#[derive(Default)]
+struct Budget {
+    position: std::cell::Cell<u64>,
+    limit: std::cell::Cell<u64>,
+    exceeded: std::cell::Cell<bool>,
+}
+
+impl Budget {
+    fn allow(&self, n_bytes: u64) {
+        self.limit.set(self.position.get().saturating_add(n_bytes));
+    }
+}
+
+struct BudgetedReader<R> {
+    inner: R,
+    budget: std::rc::Rc<Budget>,
+}
+
+impl<R: Read> Read for BudgetedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let position = self.budget.position.get();
+        let left = self.budget.limit.get().saturating_sub(position);
+        if left == 0 {
+            // At the limit: fine if the stream ends here, refused if it goes on.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => {
+                    self.budget.exceeded.set(true);
+                    Err(io::Error::other(
+                        "the artifact holds more than its entries say",
+                    ))
+                }
+            };
+        }
+        let max = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..max])?;
+        self.budget.position.set(position + n as u64);
+        Ok(n)
+    }
+}
+
+/// What earlier entries made of each path, to refuse a later entry that would clash with it
+/// or be written through a symlink, in check mode exactly as at unpack.
+#[derive(Default)]
+struct Seen {
+    /// Regular files and symlinks.
+    leaves: std::collections::HashSet<PathBuf>,
+    /// Directories, given or implied by a deeper entry.
+    dirs: std::collections::HashSet<PathBuf>,
+    /// Every symlink and its target, judged together at the end.
+    links: std::collections::HashMap<PathBuf, PathBuf>,
+}
+
+impl Seen {
+    /// Records `rel`, refusing a path already taken or one below a file or symlink.
+    fn claim(&mut self, rel: &Path, is_dir: bool) -> Result<(), &'static str> {
+        for ancestor in rel.ancestors().skip(1) {
+            if ancestor.as_os_str().is_empty() {
+                break;
+            }
+            if self.leaves.contains(ancestor) {
+                return Err("an entry may not be written below a file or through a symlink");
+            }
+        }
+        if self.leaves.contains(rel) {
+            return Err("the same path appears twice");
+        }
+        if is_dir {
+            self.dirs.insert(rel.to_path_buf());
+        } else {
+            if self.dirs.contains(rel) {
+                return Err("the same path appears twice");
+            }
+            self.leaves.insert(rel.to_path_buf());
+        }
+        for ancestor in rel.ancestors().skip(1) {
+            if ancestor.as_os_str().is_empty() || !self.dirs.insert(ancestor.to_path_buf()) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reads the gzip tarball from `reader`, checks every entry, and when `dest` is given writes the
 /// release there (`dest` must not exist yet; it is created). Returns the parsed manifest.
+///
+/// Refused: anything that is not a complete gzip tarball; absolute paths and `..`; paths over
+/// 4096 bytes; the same path twice; an entry below a file or a symlink; symlinks that resolve
+/// (through other symlinks too) outside the release, or loop; hard links, devices, FIFOs and
+/// every other special entry; more than `limits.max_entries` entries, an entry over
+/// `limits.max_entry_bytes`, more than `limits.max_total_bytes` in all; metadata over 1 MiB
+/// between entries or data over 1 MiB after the end; a missing, oversized or invalid
+/// `fleet.toml`. Nothing is ever written outside `dest`.
 pub fn read_artifact(
     reader: impl Read,
     dest: Option<&Path>,
     limits: Limits,
 ) -> Result<Manifest, ArtifactError> {
-    let mut archive = tar::Archive::new(GzDecoder::new(reader));
+    let budget = std::rc::Rc::new(Budget::default());
+    let guarded = BudgetedReader {
+        inner: GzDecoder::new(reader),
+        budget: budget.clone(),
+    };
+    let archive = tar::Archive::new(guarded);
+    let result = read_entries(archive, &budget, dest, limits);
+    match result {
+        Err(_) if budget.exceeded.get() => Err(ArtifactError::TooLarge(
+            "it holds more bytes than its entries account for (over 1 MiB of tar metadata before an entry, or after the end of the archive)".to_string(),
+        )),
+        other => other,
+    }
+}
+
+fn read_entries<R: Read>(
+    mut archive: tar::Archive<BudgetedReader<R>>,
+    budget: &Budget,
+    dest: Option<&Path>,
+    limits: Limits,
+) -> Result<Manifest, ArtifactError> {
     let format = |e: io::Error| ArtifactError::Format(e.to_string());
     if let Some(dest) = dest {
         std::fs::create_dir(dest).map_err(|source| ArtifactError::Write {
@@ -62,7 +191,12 @@ pub fn read_artifact(
     let mut manifest_text: Option<String> = None;
     let mut total: u64 = 0;
     let mut n_entries: u64 = 0;
-    for entry in archive.entries().map_err(format)? {
+    let mut seen = Seen::default();
+    budget.allow(MAX_METADATA_BYTES);
+    let mut entries = archive.entries().map_err(format)?;
+    loop {
+        budget.allow(MAX_METADATA_BYTES);
+        let Some(entry) = entries.next() else { break };
         let mut entry = entry.map_err(format)?;
         n_entries += 1;
         if n_entries > limits.max_entries {
@@ -72,28 +206,37 @@ pub fn read_artifact(
             )));
         }
         let raw_path = entry.path().map_err(format)?.into_owned();
-        let shown = raw_path.display().to_string();
+        let shown: String = raw_path.display().to_string().chars().take(200).collect();
         let refuse = |why| ArtifactError::Entry {
             path: shown.clone(),
             why,
         };
+        if raw_path.as_os_str().len() > MAX_PATH_BYTES
+            || raw_path.iter().any(|part| part.len() > 255)
+        {
+            return Err(refuse(
+                "paths are at most 4096 bytes, each name in them at most 255",
+            ));
+        }
         let rel = clean_relative(&raw_path).ok_or_else(|| {
             refuse("absolute paths and '..' are not allowed; paths must stay inside the release")
         })?;
-        let size = entry.header().size().map_err(format)?;
+        let size = entry.size();
         if size > limits.max_entry_bytes {
             return Err(ArtifactError::TooLarge(format!(
                 "{shown} is {size} bytes, over the {} byte limit for one entry",
                 limits.max_entry_bytes
             )));
         }
-        total += size;
+        total = total.saturating_add(size);
         if total > limits.max_total_bytes {
             return Err(ArtifactError::TooLarge(format!(
                 "over {} bytes in all",
                 limits.max_total_bytes
             )));
         }
+        // This entry's data may be read, and nothing more.
+        budget.allow(size);
         let kind = entry.header().entry_type();
         let is_manifest = rel == Path::new(MANIFEST_FILE);
         match kind {
@@ -101,6 +244,7 @@ pub fn read_artifact(
                 if rel.as_os_str().is_empty() {
                     return Err(refuse("a file entry needs a name"));
                 }
+                seen.claim(&rel, false).map_err(refuse)?;
                 if is_manifest {
                     if size > MAX_MANIFEST_BYTES {
                         return Err(refuse("fleet.toml is over 64 KiB"));
@@ -110,6 +254,9 @@ pub fn read_artifact(
                         .take(MAX_MANIFEST_BYTES)
                         .read_to_string(&mut text)
                         .map_err(|_| refuse("fleet.toml is not UTF-8 text or is truncated"))?;
+                    if text.len() as u64 != size {
+                        return Err(ArtifactError::Format(format!("{shown} is truncated")));
+                    }
                     if let Some(dest) = dest {
                         write_file(dest, &rel, text.as_bytes(), 0o644)?;
                     }
@@ -133,21 +280,31 @@ pub fn read_artifact(
                 }
             }
             tar::EntryType::Directory => {
+                if rel.as_os_str().is_empty() {
+                    continue; // "./": the release root itself
+                }
+                seen.claim(&rel, true).map_err(refuse)?;
                 if let Some(dest) = dest {
-                    let path = dest.join(&rel);
-                    std::fs::create_dir_all(&path)
-                        .map_err(|source| ArtifactError::Write { path, source })?;
+                    create_dirs(dest, &rel)?;
                 }
             }
             tar::EntryType::Symlink => {
+                if rel.as_os_str().is_empty() {
+                    return Err(refuse("a symlink entry needs a name"));
+                }
                 let target = entry
                     .link_name()
                     .map_err(format)?
                     .ok_or_else(|| refuse("a symlink without a target"))?
                     .into_owned();
-                if !link_stays_inside(&rel, &target) {
+                if target.as_os_str().is_empty()
+                    || target.as_os_str().len() > MAX_PATH_BYTES
+                    || !link_stays_inside(&rel, &target)
+                {
                     return Err(refuse("symlinks must point inside the release"));
                 }
+                seen.claim(&rel, false).map_err(refuse)?;
+                seen.links.insert(rel.clone(), target.clone());
                 if let Some(dest) = dest {
                     let path = prepare_parent(dest, &rel)?;
                     std::os::unix::fs::symlink(&target, &path)
@@ -164,11 +321,102 @@ pub fn read_artifact(
             _ => return Err(refuse("only files, directories and symlinks are allowed")),
         }
     }
-    // The gzip stream must end cleanly; trailing garbage or a cut stream is an error.
+    // Symlinks are judged again with every other symlink known: one that passes through
+    // another may not end up outside the release.
+    for (link, target) in &seen.links {
+        if !link_resolves_inside(&seen.links, link, target) {
+            return Err(ArtifactError::Entry {
+                path: link.display().to_string(),
+                why: "symlinks must point inside the release (this one leaves it through another symlink, or loops)",
+            });
+        }
+    }
+    // The gzip stream must end cleanly; trailing garbage or a cut stream is an error, and at
+    // most a little padding may follow the end of the archive.
+    budget.allow(MAX_TRAILING_BYTES);
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(format)?;
     let text = manifest_text.ok_or(ArtifactError::NoManifest)?;
     Ok(Manifest::parse(&text)?)
+}
+
+/// Whether the symlink at `link` pointing to `target` resolves inside the release when every
+/// symlink of the artifact is followed (lexically, as the kernel would), in at most
+/// `MAX_LINK_HOPS` hops.
+fn link_resolves_inside(
+    links: &std::collections::HashMap<PathBuf, PathBuf>,
+    link: &Path,
+    target: &Path,
+) -> bool {
+    let mut resolved: Vec<std::ffi::OsString> = link
+        .parent()
+        .map(|p| p.iter().map(|c| c.to_os_string()).collect())
+        .unwrap_or_default();
+    let mut pending: std::collections::VecDeque<std::ffi::OsString> = Default::default();
+    let push_front =
+        |pending: &mut std::collections::VecDeque<std::ffi::OsString>, path: &Path| -> bool {
+            let mut parts = Vec::new();
+            for component in path.components() {
+                match component {
+                    Component::Normal(part) => parts.push(part.to_os_string()),
+                    Component::ParentDir => parts.push("..".into()),
+                    Component::CurDir => {}
+                    Component::RootDir | Component::Prefix(_) => return false,
+                }
+            }
+            for part in parts.into_iter().rev() {
+                pending.push_front(part);
+            }
+            true
+        };
+    if !push_front(&mut pending, target) {
+        return false;
+    }
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            if resolved.pop().is_none() {
+                return false;
+            }
+            continue;
+        }
+        resolved.push(part);
+        let here: PathBuf = resolved.iter().collect();
+        if let Some(next) = links.get(&here) {
+            hops += 1;
+            if hops > MAX_LINK_HOPS {
+                return false;
+            }
+            resolved.pop();
+            if !push_front(&mut pending, next) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Creates the directory `rel` under `dest`, each missing component in turn, refusing to pass
+/// through a symlink or a file.
+fn create_dirs(dest: &Path, rel: &Path) -> Result<(), ArtifactError> {
+    let mut dir = dest.to_path_buf();
+    for part in rel.components() {
+        dir.push(part);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(ArtifactError::Entry {
+                    path: rel.display().to_string(),
+                    why: "a directory may not replace a file or a symlink",
+                })
+            }
+            Err(_) => std::fs::create_dir(&dir).map_err(|source| ArtifactError::Write {
+                path: dir.clone(),
+                source,
+            })?,
+        }
+    }
+    Ok(())
 }
 
 /// Normalises an entry path to a relative path with no `..`, `/` or prefix, or refuses it.
@@ -347,6 +595,127 @@ mod tests {
             read_artifact(&big[..], None, limits),
             Err(ArtifactError::TooLarge(_))
         ));
+    }
+
+    /// A gzip tarball of raw entries: (name, type, link target, data), names written into the
+    /// header bytes as given.
+    fn raw_tgz(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, kind, link, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
+            header.set_mode(0o644);
+            header.set_size(data.len() as u64);
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            header.set_cksum();
+            out.extend_from_slice(header.as_bytes());
+            out.extend_from_slice(data);
+            out.extend(std::iter::repeat_n(0u8, (512 - data.len() % 512) % 512));
+        }
+        out.extend(std::iter::repeat_n(0u8, 1024));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &out).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn check_and_unpack_refuse_the_same_tricks() {
+        use tar::EntryType::*;
+        let m = ("fleet.toml", Regular, "", MANIFEST);
+        for (name, bytes, needle) in [
+            (
+                "chain",
+                raw_tgz(&[
+                    m,
+                    ("a/s", Symlink, "..", b""),
+                    ("t", Symlink, "a/s/..", b""),
+                ]),
+                "leaves it",
+            ),
+            (
+                "loop",
+                raw_tgz(&[m, ("a", Symlink, "b", b""), ("b", Symlink, "a", b"")]),
+                "loops",
+            ),
+            (
+                "through",
+                raw_tgz(&[m, ("d", Symlink, ".", b""), ("d/x", Regular, "", b"x")]),
+                "through a symlink",
+            ),
+            (
+                "dir-through",
+                raw_tgz(&[m, ("d", Symlink, ".", b""), ("d/x", Directory, "", b"")]),
+                "through a symlink",
+            ),
+            (
+                "twice",
+                raw_tgz(&[
+                    m,
+                    (
+                        "./fleet.toml",
+                        Regular,
+                        "",
+                        b"[process]\ncommand = [\"x\"]\n",
+                    ),
+                ]),
+                "twice",
+            ),
+            (
+                "file-then-dir",
+                raw_tgz(&[m, ("x", Regular, "", b"x"), ("x", Directory, "", b"")]),
+                "twice",
+            ),
+            ("dotdot", raw_tgz(&[m, ("../x", Regular, "", b"x")]), "'..'"),
+        ] {
+            let checked = read_artifact(&bytes[..], None, Limits::default()).unwrap_err();
+            assert!(checked.to_string().contains(needle), "{name}: {checked}");
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("r");
+            let unpacked = read_artifact(&bytes[..], Some(&dest), Limits::default()).unwrap_err();
+            assert!(unpacked.to_string().contains(needle), "{name}: {unpacked}");
+            let outside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(outside.len(), 1, "{name}: wrote beside the release");
+        }
+        // Links that stay inside, through other links too, are fine.
+        let fine = raw_tgz(&[
+            m,
+            ("lib/x", Regular, "", b"x"),
+            ("cur", Symlink, "lib", b""),
+            ("bin/y", Symlink, "../cur/x", b""),
+        ]);
+        read_artifact(&fine[..], None, Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn metadata_and_trailing_bombs_are_cut_off() {
+        // A GNU long name claiming 4 MiB: refused after 1 MiB, never buffered whole.
+        let mut tar = Vec::new();
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::GNULongName);
+        header.set_size(4 << 20);
+        header.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        header.set_cksum();
+        tar.extend_from_slice(header.as_bytes());
+        tar.extend(std::iter::repeat_n(b'a', 4 << 20));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        let bomb = gz.finish().unwrap();
+        let error = read_artifact(&bomb[..], None, Limits::default()).unwrap_err();
+        assert!(matches!(error, ArtifactError::TooLarge(_)), "{error}");
+
+        // 4 MiB of zeros after the end of the archive.
+        let good = build_artifact(&[("fleet.toml", MANIFEST, 0o644)]).unwrap();
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(&good[..])
+            .read_to_end(&mut plain)
+            .unwrap();
+        plain.extend(std::iter::repeat_n(0u8, 4 << 20));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &plain).unwrap();
+        let padded = gz.finish().unwrap();
+        let error = read_artifact(&padded[..], None, Limits::default()).unwrap_err();
+        assert!(matches!(error, ArtifactError::TooLarge(_)), "{error}");
     }
 
     #[test]

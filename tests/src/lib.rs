@@ -1,1 +1,81 @@
-//! placeholder
+//! The end-to-end harness: starts real `fleet-controller`, `fleet-agent` and example-app
+//! processes on loopback, drives them with `fleetctl --output json`, and cleans every process up
+//! by its pid when a test ends (or panics).
+//!
+//! The pieces: [`bins`] finds the built binaries, [`net`] gives each test its own loopback
+//! addresses, [`process`] owns child processes and signals, [`http`] is a tiny HTTP GET to read
+//! what an app instance serves, [`fleet`] ties them into a whole local fleet, and
+//! [`wait_until`] / [`wait_for`] await conditions with a deadline instead of sleeping.
+//!
+//! **How tests keep out of each other's way.** Tests run in parallel and every app instance
+//! binds port [`WEB_PORT`] on the address its host advertises. Each [`fleet::Fleet`] therefore
+//! takes a loopback /24 of its own, `127.A.B.0/24`, derived from the process id and a
+//! per-process counter and confirmed free by a bind probe before it is used (see [`net`]).
+//! Hosts advertise `127.A.B.2`, `127.A.B.3`, … inside it; the controller listens on
+//! `127.0.0.1:0` (a port the kernel picks).
+#![forbid(unsafe_code)]
+
+pub mod bins;
+pub mod fleet;
+pub mod http;
+pub mod net;
+pub mod process;
+pub mod sshd;
+
+use std::time::{Duration, Instant};
+
+/// The port the example app listens on, on its host's advertise address.
+pub const WEB_PORT: u16 = 8080;
+
+/// How often conditions are polled while waiting.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Polls `condition` until it returns true; panics with `what` when `deadline` passes first.
+pub fn wait_until(deadline: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    wait_for(deadline, what, || condition().then_some(()))
+}
+
+/// Polls `probe` until it returns `Some`; panics with `what` when `deadline` passes first.
+pub fn wait_for<T>(deadline: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        if start.elapsed() >= deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// The `fleet.toml` of the example web app as the tests deploy it: it listens on
+/// `${FLEET_ADDR}:8080` and one HTTP smoke check on `/healthz` must answer 200 within
+/// `smoke_timeout` (like `"10s"`).
+pub fn web_manifest(smoke_timeout: &str) -> String {
+    format!(
+        r#"[process]
+command = ["bin/web", "--listen", "${{FLEET_ADDR}}:{WEB_PORT}"]
+stop_signal = "TERM"
+stop_timeout = "5s"
+
+[[smoke]]
+http = "http://${{FLEET_ADDR}}:{WEB_PORT}/healthz"
+expect_status = 200
+timeout = "{smoke_timeout}"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet_proto::manifest::Manifest;
+
+    #[test]
+    fn the_test_manifest_and_the_example_manifest_agree() {
+        let example = Manifest::parse(include_str!("../../ansible-free-examples/web/fleet.toml"))
+            .expect("the example's fleet.toml parses");
+        let tested = Manifest::parse(&super::web_manifest("10s")).expect("web_manifest parses");
+        assert_eq!(example, tested);
+    }
+}

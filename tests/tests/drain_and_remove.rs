@@ -101,6 +101,19 @@ fn drain_undrain_and_remove_with_a_rollout_in_between() {
         None,
         "a removed host is forgotten"
     );
+    // Its certificate is revoked: the agent, still running, is refused when it reconnects and
+    // the host never comes back.
+    let log = fleet.dir().join("logs/agent-h3.log");
+    wait_until(
+        Duration::from_secs(20),
+        "h3's agent to be refused as revoked",
+        || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("revoked")),
+    );
+    assert_eq!(
+        host_state(&fleet, "h3"),
+        None,
+        "a revoked host does not re-register"
+    );
 
     // Unknown hosts are a clear usage error.
     let out = fleet.ctl(&["drain", "nope"]).expect_code(2);

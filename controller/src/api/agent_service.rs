@@ -1,8 +1,13 @@
 //! `AgentService`: each agent's long-lived session (hello, desired state, reports,
-//! heartbeats) and artifact fetches, streamed from an offset so a cut fetch resumes.
+//! heartbeats) and artifact fetches, streamed from an offset so a cut fetch resumes, and
+//! `Join`, where a new host trades a one-time token and its certificate request for a
+//! certificate naming it. Every call but `Join` needs an agent certificate, and an agent
+//! speaks only for the host its certificate names (see `crate::auth`).
 
 use super::{convert, store_status};
+use crate::auth::{self, ca::Authority, Role};
 use crate::fleet_state::{FleetState, HostHello};
+use crate::store::{CertificateRecord, TokenUse};
 use fleet_proto::pb::{
     self, agent_message::Body as AgentBody, controller_message::Body as ControllerBody,
 };
@@ -23,11 +28,34 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AgentApi {
     pub fleet: Arc<FleetState>,
+    /// The fleet CA, which signs the certificates of joining hosts.
+    pub authority: Arc<Authority>,
     /// Turns true when the controller shuts down, ending every session.
     pub shutdown: watch::Receiver<bool>,
 }
 
 type Outbound = Result<pb::ControllerMessage, Status>;
+
+impl AgentApi {
+    /// Whether `digest` is the artifact of a release in host `host`'s desired state.
+    fn host_may_fetch(&self, host: &str, digest: &str) -> Result<bool, Status> {
+        let store = &self.fleet.store;
+        let Some(record) = store.get_host(host).map_err(store_status)? else {
+            return Ok(false);
+        };
+        for (app, desired) in &record.desired {
+            if let Some(release) = store
+                .get_release(app, &desired.version)
+                .map_err(store_status)?
+            {
+                if release.artifact_digest == digest {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
 
 fn check_hello(hello: pb::Hello) -> Result<HostHello, Status> {
     let bad = |m: String| Status::invalid_argument(m);
@@ -66,6 +94,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let identity = auth::require(&self.fleet.store, &request, Role::Agent)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -78,7 +107,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 ))
             }
         };
+        if hello.name != identity.name {
+            return Err(Status::permission_denied(format!(
+                "this agent's certificate is for host `{}`: it cannot speak for host `{}`",
+                identity.name, hello.name
+            )));
+        }
         let host = hello.name.clone();
+        let serial = identity.serial;
         let session = self
             .fleet
             .host_connected(hello)
@@ -100,15 +136,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
             let mut send_desired = true;
             loop {
                 if send_desired {
-                    let assignments = desired
-                        .borrow_and_update()
-                        .iter()
-                        .map(convert::assignment)
-                        .collect();
+                    let (assignments, draining) = {
+                        let desired = desired.borrow_and_update();
+                        let assignments = desired
+                            .assignments
+                            .iter()
+                            .map(convert::assignment)
+                            .collect();
+                        (assignments, desired.draining)
+                    };
                     let message = pb::ControllerMessage {
                         body: Some(ControllerBody::Desired(pb::DesiredState {
                             assignments,
-                            draining: false,
+                            draining,
                         })),
                     };
                     if tx.send(Ok(message)).await.is_err() {
@@ -124,11 +164,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     message = tokio::time::timeout(silence, inbound.message()) => match message {
                         Ok(Ok(Some(pb::AgentMessage { body: Some(AgentBody::Report(report)) }))) => {
                             match convert::instance_from(report) {
-                                Ok(status) => fleet.host_reported(&host, session.id, status),
+                                Ok(status) => fleet.host_reported(&host, session.id, status).await,
                                 Err(e) => tracing::warn!("host {host} sent a bad report: {e}"),
                             }
                         }
                         Ok(Ok(Some(pb::AgentMessage { body: Some(AgentBody::Heartbeat(_)) }))) => {
+                            // A host removed (its certificate revoked) loses its session here.
+                            if fleet.store.is_revoked(&serial).unwrap_or(false) {
+                                tracing::warn!("host {host}'s certificate was revoked: ending its session");
+                                break;
+                            }
                             fleet.host_heartbeat(&host, session.id);
                         }
                         Ok(Ok(Some(_))) => tracing::warn!("host {host} sent an unexpected message"),
@@ -152,11 +197,85 @@ impl pb::agent_service_server::AgentService for AgentApi {
 
     async fn join(
         &self,
-        _request: Request<pb::JoinRequest>,
+        request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
-        Err(Status::unimplemented(
-            "joining with a token is not built yet",
-        ))
+        let request = request.into_inner();
+        let host = request.host_name;
+        fleet_proto::names::check_host(&host)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let refused = || {
+            Status::permission_denied(
+                "the join token is not valid: create a new one with `fleetctl join-token create`",
+            )
+        };
+        if !auth::tokens::well_formed(&request.token) {
+            return Err(refused());
+        }
+        if request.csr_pem.len() > auth::ca::MAX_CSR_BYTES {
+            return Err(Status::invalid_argument(
+                "the certificate request is too large",
+            ));
+        }
+        // The request is checked before the token is spent, so a broken agent wastes no token.
+        rcgen::CertificateSigningRequestParams::from_pem(&request.csr_pem).map_err(|e| {
+            Status::invalid_argument(format!("the certificate request is invalid: {e}"))
+        })?;
+        let now = fleet_proto::now_unix_ms();
+        let store = &self.fleet.store;
+        if store
+            .live_agent_certificate(&host, now)
+            .map_err(store_status)?
+            .is_some()
+        {
+            return Err(Status::failed_precondition(format!(
+                "host `{host}` already has a certificate: a join token cannot take over a host; run `fleetctl remove {host}` first to revoke it, or keep the host's data directory (DATA/tls)"
+            )));
+        }
+        match store
+            .consume_join_token(&auth::tokens::hash(&request.token), &host, now)
+            .map_err(store_status)?
+        {
+            TokenUse::Spent => {}
+            TokenUse::Unknown => return Err(refused()),
+            TokenUse::AlreadyUsed { by_host } => {
+                return Err(Status::permission_denied(format!(
+                    "the join token was already used (by host `{by_host}`): a token joins one host once; create a new one with `fleetctl join-token create`"
+                )))
+            }
+            TokenUse::Expired { .. } => {
+                return Err(Status::permission_denied(
+                    "the join token has expired: create a new one with `fleetctl join-token create`",
+                ))
+            }
+        }
+        let issued = self
+            .authority
+            .sign_request(&request.csr_pem, &host, Role::Agent)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        store
+            .record_certificate(&CertificateRecord {
+                serial: issued.serial.clone(),
+                name: host.clone(),
+                role: Role::Agent.as_str().to_string(),
+                issued_unix_ms: now,
+                not_after_unix_ms: issued.not_after_unix_ms,
+                issued_by: "join token".to_string(),
+            })
+            .map_err(store_status)?;
+        self.fleet.event(
+            &format!("host:{host}"),
+            "host.joined",
+            "",
+            &host,
+            format!(
+                "host {host} joined with a join token (certificate {})",
+                issued.serial
+            ),
+        );
+        Ok(Response::new(pb::JoinResponse {
+            certificate_pem: issued.cert_pem,
+            ca_pem: self.authority.ca_pem().to_string(),
+        }))
     }
 
     type FetchArtifactStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;
@@ -165,7 +284,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let identity = auth::require(&self.fleet.store, &request, Role::Agent)?;
         let request = request.into_inner();
+        if !self.host_may_fetch(&identity.name, &request.digest)? {
+            return Err(Status::permission_denied(format!(
+                "host `{}` has no assigned release with artifact {}: an agent fetches only what its own host is assigned",
+                identity.name, request.digest
+            )));
+        }
         let path = self
             .fleet
             .artifacts

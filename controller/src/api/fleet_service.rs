@@ -3,9 +3,11 @@
 
 use super::{actor_of, convert, rollout_status, store_status};
 use crate::artifacts::ArtifactStoreError;
+use crate::auth::{self, ca::Authority, Role};
 use crate::fleet_state::FleetState;
+use crate::host_lifecycle::{self, Progress};
 use crate::model::{Batch, ReleaseRecord, RolloutPolicy};
-use crate::rollout::{self, Progress, Rollouts, StartRequest};
+use crate::rollout::{self, Rollouts, StartRequest};
 use crate::store::ReleaseInsert;
 use fleet_proto::names;
 use fleet_proto::pb::{self, create_release_request::Body as ReleaseBody};
@@ -21,6 +23,8 @@ const DEFAULT_BATCH: Batch = Batch::Percent(25);
 
 pub struct FleetApi {
     pub fleet: Arc<FleetState>,
+    /// The fleet CA, which signs credentials (`IssueCredential`).
+    pub authority: Arc<Authority>,
     pub rollouts: Arc<Rollouts>,
     /// Turns true when the controller shuts down, ending `events --follow` streams.
     pub shutdown: watch::Receiver<bool>,
@@ -40,7 +44,7 @@ fn check_app(app: &str) -> Result<(), Status> {
 fn progress_stream(
     fleet: Arc<FleetState>,
     id: String,
-    mut rx: broadcast::Receiver<Progress>,
+    mut rx: broadcast::Receiver<rollout::Progress>,
     detach: bool,
 ) -> ProgressStream {
     let (tx, out) = mpsc::channel(64);
@@ -108,6 +112,7 @@ fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Stat
         pause_after_canary_ms: request.pause_after_canary_ms,
         smoke_timeout_ms: request.smoke_timeout_ms,
         auto_rollback: !request.no_auto_rollback,
+        skip_lost: request.skip_lost,
     })
 }
 
@@ -117,6 +122,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<Streaming<pb::CreateReleaseRequest>>,
     ) -> Result<Response<pb::CreateReleaseResponse>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let actor = actor_of(&request);
         let mut stream = request.into_inner();
         let header = match stream.message().await?.and_then(|m| m.body) {
@@ -211,6 +217,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let app = request.into_inner().app;
         check_app(&app)?;
         let releases = self.fleet.store.list_releases(&app).map_err(store_status)?;
@@ -221,8 +228,9 @@ impl pb::fleet_service_server::FleetService for FleetApi {
 
     async fn list_hosts(
         &self,
-        _request: Request<pb::ListHostsRequest>,
+        request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let hosts = self.fleet.store.list_hosts().map_err(store_status)?;
         Ok(Response::new(pb::ListHostsResponse {
             hosts: hosts
@@ -236,6 +244,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let app = request.into_inner().app;
         let only_app = if app.is_empty() {
             None
@@ -268,6 +277,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let request = request.into_inner();
         check_app(&request.app)?;
         let limit = if request.limit == 0 {
@@ -291,6 +301,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<Self::StartRolloutStream>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let actor = actor_of(&request);
         let request = request.into_inner();
         check_app(&request.app)?;
@@ -319,6 +330,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<Self::RollbackStream>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let actor = actor_of(&request);
         let request = request.into_inner();
         check_app(&request.app)?;
@@ -346,6 +358,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let id = request.into_inner().id;
         let record = self
             .fleet
@@ -387,6 +400,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let id = request.into_inner().id;
         let record = self
             .fleet
@@ -403,6 +417,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let actor = actor_of(&request);
         let record = rollout::pause(
             &self.fleet,
@@ -418,6 +433,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let actor = actor_of(&request);
         let record = rollout::resume(
             &self.fleet,
@@ -433,6 +449,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let actor = actor_of(&request);
         let record = rollout::abort(
             &self.fleet,
@@ -450,6 +467,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let request = request.into_inner();
         let limit = if request.limit == 0 {
             50
@@ -499,47 +517,301 @@ impl pb::fleet_service_server::FleetService for FleetApi {
 
     async fn create_join_token(
         &self,
-        _request: Request<pb::CreateJoinTokenRequest>,
+        request: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
-        Err(Status::unimplemented("join tokens are not built yet"))
+        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&request);
+        let ttl_ms = match request.into_inner().ttl_ms {
+            0 => auth::tokens::DEFAULT_TTL_MS,
+            ttl_ms if ttl_ms > auth::tokens::MAX_TTL_MS => {
+                return Err(bad(
+                    "a join token lives at most 7 days: use a shorter --ttl",
+                ))
+            }
+            ttl_ms => ttl_ms,
+        };
+        let token = auth::tokens::generate()
+            .map_err(|e| Status::internal(format!("no randomness for a token: {e}")))?;
+        let expires_unix_ms = fleet_proto::now_unix_ms() + ttl_ms as i64;
+        let record = crate::store::JoinTokenRecord {
+            expires_unix_ms,
+            created_by: identity.name.clone(),
+            used_unix_ms: None,
+            used_by_host: None,
+        };
+        self.fleet
+            .store
+            .insert_join_token(&auth::tokens::hash(&token), &record)
+            .map_err(store_status)?;
+        self.fleet.event(
+            &actor,
+            "join_token.created",
+            "",
+            "",
+            format!(
+                "join token created by {} ({actor}), valid for {}",
+                identity.name,
+                fleet_proto::duration::format_duration(std::time::Duration::from_millis(ttl_ms))
+            ),
+        );
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token,
+            expires_unix_ms,
+        }))
     }
 
     async fn issue_credential(
         &self,
-        _request: Request<pb::IssueCredentialRequest>,
+        request: Request<pb::IssueCredentialRequest>,
     ) -> Result<Response<pb::IssueCredentialResponse>, Status> {
-        Err(Status::unimplemented("credentials are not built yet"))
+        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&request);
+        let request = request.into_inner();
+        names::check_app(&request.name).map_err(|_| {
+            bad(format!(
+                "credential name {:?} is invalid: use lowercase letters, digits and '-', at most 63 characters",
+                request.name
+            ))
+        })?;
+        let role = match Role::parse(&request.role) {
+            Some(role @ (Role::Admin | Role::Deployer)) => role,
+            _ => {
+                return Err(bad(format!(
+                    "role {:?} is not admin or deployer (agents get their certificate by joining with a token)",
+                    request.role
+                )))
+            }
+        };
+        let issued = self
+            .authority
+            .sign_request(&request.csr_pem, &request.name, role)
+            .map_err(bad)?;
+        self.fleet
+            .store
+            .record_certificate(&crate::store::CertificateRecord {
+                serial: issued.serial.clone(),
+                name: request.name.clone(),
+                role: role.as_str().to_string(),
+                issued_unix_ms: fleet_proto::now_unix_ms(),
+                not_after_unix_ms: issued.not_after_unix_ms,
+                issued_by: identity.name.clone(),
+            })
+            .map_err(store_status)?;
+        self.fleet.event(
+            &actor,
+            "credential.issued",
+            "",
+            "",
+            format!(
+                "credential `{}` with role {} issued by {} (certificate {})",
+                request.name,
+                role.as_str(),
+                identity.name,
+                issued.serial
+            ),
+        );
+        Ok(Response::new(pb::IssueCredentialResponse {
+            certificate_pem: issued.cert_pem,
+            ca_pem: self.authority.ca_pem().to_string(),
+        }))
     }
 
-    type DrainHostStream = ReceiverStream<Result<pb::Host, Status>>;
+    type DrainHostStream = HostStream;
 
     async fn drain_host(
         &self,
-        _request: Request<pb::DrainHostRequest>,
+        request: Request<pb::DrainHostRequest>,
     ) -> Result<Response<Self::DrainHostStream>, Status> {
-        Err(Status::unimplemented("drain is not built yet"))
+        auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&request);
+        let request = request.into_inner();
+        names::check_host(&request.host).map_err(bad)?;
+        let deadline = checked_deadline(request.deadline_ms)?;
+        if !self
+            .fleet
+            .drain(&request.host, &actor)
+            .await
+            .map_err(store_status)?
+        {
+            return Err(no_host(&request.host));
+        }
+        let host = request.host.clone();
+        Ok(Response::new(host_stream(
+            self.fleet.clone(),
+            request.host,
+            deadline,
+            format!("host {host} did not drain in time: its instances are still stopping (see `fleetctl status`)"),
+            move |fleet| host_lifecycle::drain_progress(fleet, &host).unwrap_or(Progress::Waiting),
+        )))
     }
 
     async fn undrain_host(
         &self,
-        _request: Request<pb::HostRef>,
+        request: Request<pb::HostRef>,
     ) -> Result<Response<pb::Host>, Status> {
-        Err(Status::unimplemented("undrain is not built yet"))
+        auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&request);
+        let host = request.into_inner().host;
+        names::check_host(&host).map_err(bad)?;
+        if !self
+            .fleet
+            .undrain(&host, &actor)
+            .await
+            .map_err(store_status)?
+        {
+            return Err(no_host(&host));
+        }
+        Ok(Response::new(
+            host_snapshot(&self.fleet, &host).ok_or_else(|| no_host(&host))?,
+        ))
     }
 
-    type ConvergeLikeStream = ReceiverStream<Result<pb::Host, Status>>;
+    type ConvergeLikeStream = HostStream;
 
     async fn converge_like(
         &self,
-        _request: Request<pb::ConvergeLikeRequest>,
+        request: Request<pb::ConvergeLikeRequest>,
     ) -> Result<Response<Self::ConvergeLikeStream>, Status> {
-        Err(Status::unimplemented("converge-like is not built yet"))
+        auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&request);
+        let request = request.into_inner();
+        names::check_host(&request.host).map_err(bad)?;
+        names::check_host(&request.like).map_err(bad)?;
+        let deadline = checked_deadline(request.deadline_ms)?;
+        let convergence =
+            host_lifecycle::converge_like(&self.fleet, &request.host, &request.like, &actor)
+                .await
+                .map_err(lifecycle_status)?;
+        Ok(Response::new(host_stream(
+            self.fleet.clone(),
+            request.host.clone(),
+            deadline,
+            format!(
+                "host {} did not run every release of {} with passing smoke checks in time (see `fleetctl status`)",
+                request.host, request.like
+            ),
+            move |fleet| host_lifecycle::converge_progress(fleet, &convergence),
+        )))
     }
 
     async fn remove_host(
         &self,
-        _request: Request<pb::HostRef>,
+        request: Request<pb::HostRef>,
     ) -> Result<Response<pb::RemoveHostResponse>, Status> {
-        Err(Status::unimplemented("remove is not built yet"))
+        auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&request);
+        let host = request.into_inner().host;
+        names::check_host(&host).map_err(bad)?;
+        if !self
+            .fleet
+            .drain(&host, &actor)
+            .await
+            .map_err(store_status)?
+        {
+            return Err(no_host(&host));
+        }
+        // A connected host gets a bounded chance to stop its instances gracefully; a lost one
+        // cannot be drained, and is forgotten all the same.
+        if self.fleet.is_connected(&host) {
+            let mut changes = self.fleet.changes();
+            let until = tokio::time::Instant::now() + REMOVE_DRAIN_DEADLINE;
+            loop {
+                changes.borrow_and_update();
+                if host_lifecycle::drain_progress(&self.fleet, &host).map_err(store_status)?
+                    != Progress::Waiting
+                {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = changes.changed() => {}
+                }
+            }
+        }
+        let last = host_snapshot(&self.fleet, &host);
+        self.fleet
+            .forget(&host, &actor)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::RemoveHostResponse { host: last }))
     }
+}
+
+const DEFAULT_HOST_DEADLINE_MS: u64 = 5 * 60_000;
+/// How long `remove` waits for a connected host's instances to stop.
+const REMOVE_DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+type HostStream = ReceiverStream<Result<pb::Host, Status>>;
+
+fn no_host(host: &str) -> Status {
+    Status::not_found(format!("no host {host}: see `fleetctl hosts`"))
+}
+
+fn checked_deadline(deadline_ms: u64) -> Result<std::time::Duration, Status> {
+    if deadline_ms > 24 * 3_600_000 {
+        return Err(bad("deadline is over 24h: use a shorter one"));
+    }
+    Ok(std::time::Duration::from_millis(if deadline_ms == 0 {
+        DEFAULT_HOST_DEADLINE_MS
+    } else {
+        deadline_ms
+    }))
+}
+
+fn lifecycle_status(e: host_lifecycle::LifecycleError) -> Status {
+    match e {
+        host_lifecycle::LifecycleError::Invalid(m) => Status::failed_precondition(m),
+        host_lifecycle::LifecycleError::NotFound(m) => Status::not_found(m),
+        host_lifecycle::LifecycleError::Store(e) => store_status(e),
+    }
+}
+
+fn host_snapshot(fleet: &FleetState, host: &str) -> Option<pb::Host> {
+    let record = fleet.store.get_host(host).ok()??;
+    Some(convert::host(fleet, &record, None))
+}
+
+/// Streams a host's state on every change until `check` says done (the stream ends), failed,
+/// or the deadline passed (the stream ends with an error saying so).
+fn host_stream(
+    fleet: Arc<FleetState>,
+    host: String,
+    deadline: std::time::Duration,
+    timeout_message: String,
+    check: impl Fn(&FleetState) -> Progress + Send + 'static,
+) -> HostStream {
+    let (tx, out) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut changes = fleet.changes();
+        let until = tokio::time::Instant::now() + deadline;
+        let mut last_sent = None;
+        loop {
+            changes.borrow_and_update();
+            if let Some(snapshot) = host_snapshot(&fleet, &host) {
+                if last_sent.as_ref() != Some(&snapshot) {
+                    last_sent = Some(snapshot.clone());
+                    if tx.send(Ok(snapshot)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            match check(&fleet) {
+                Progress::Done => return,
+                Progress::Failed(why) => {
+                    let _ = tx.send(Err(Status::aborted(why))).await;
+                    return;
+                }
+                Progress::Waiting => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {
+                    let _ = tx.send(Err(Status::deadline_exceeded(timeout_message))).await;
+                    return;
+                }
+                _ = changes.changed() => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    ReceiverStream::new(out)
 }

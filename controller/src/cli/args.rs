@@ -75,6 +75,34 @@ pub enum Command {
     Rollout(RolloutArgs),
     /// Roll an app back to the release it ran before (or to --to VERSION)
     Rollback(RollbackArgs),
+    /// Stop a host's instances gracefully and keep new releases off it
+    Drain {
+        #[arg(value_parser = parse_host)]
+        host: String,
+        /// Give up waiting after this long, e.g. 2m [default: 5m]
+        #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]
+        deadline: Option<Duration>,
+    },
+    /// Bring a drained host back to its releases
+    Undrain {
+        #[arg(value_parser = parse_host)]
+        host: String,
+    },
+    /// Drain a host, revoke its credential and forget it
+    Remove {
+        #[arg(value_parser = parse_host)]
+        host: String,
+    },
+    /// Install and start the agent on fresh hosts over SSH, and wait until they registered
+    Bootstrap(crate::cli::bootstrap::BootstrapArgs),
+    /// Bring a new host in (over SSH) with every release OLD runs, then drain and remove OLD
+    Replace(crate::cli::bootstrap::ReplaceArgs),
+    /// One-time tokens a new host joins the fleet with
+    #[command(subcommand)]
+    JoinToken(crate::cli::trust::JoinTokenCommand),
+    /// Client credentials (certificates with a role) for operators and CI
+    #[command(subcommand)]
+    Credentials(crate::cli::trust::CredentialsCommand),
     /// Start a whole local fleet (a controller and N hosts) on this machine, deploy the example
     /// web app to it, and clean everything up again
     Demo(DemoArgs),
@@ -85,7 +113,7 @@ pub struct InitArgs {
     /// Where to write the files [default: the config dir]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// The address the controller listens on (loopback only until mTLS lands)
+    /// The address the controller listens on (any address: every call is mutual TLS)
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
     pub listen: String,
 }
@@ -142,6 +170,9 @@ pub struct RolloutArgs {
     /// Print the rollout id and return at once instead of following the progress
     #[arg(long)]
     pub detach: bool,
+    /// Leave out hosts that are lost instead of halting on them
+    #[arg(long)]
+    pub skip_lost: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,6 +213,13 @@ pub struct Selector(pub Vec<(String, String)>);
 /// Checks an app name.
 pub fn parse_app(text: &str) -> Result<String, String> {
     fleet_proto::names::check_app(text)
+        .map(|()| text.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Checks a host name.
+pub fn parse_host(text: &str) -> Result<String, String> {
+    fleet_proto::names::check_host(text)
         .map(|()| text.to_string())
         .map_err(|e| e.to_string())
 }

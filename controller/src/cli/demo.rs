@@ -1,5 +1,6 @@
-//! `fleetctl demo [--hosts N]`: a whole fleet on this machine for a first look. It starts a
-//! controller and N agents (hosts `demo-1..demo-N` advertising 127.0.0.2, 127.0.0.3, ...) as
+//! `fleetctl demo [--hosts N]`: a whole fleet on this machine for a first look. It makes a
+//! fleet with `fleetctl init` (CA, certificates), starts a controller and N agents, each
+//! joining with its own one-time join token, (hosts `demo-1..demo-N` advertising 127.0.0.2, 127.0.0.3, ...) as
 //! child processes in a temporary directory, releases the example web app twice, rolls out
 //! 1.0.0 and then 1.1.0 canary-first, asks every host what it serves, prints `status web`, and
 //! stops everything again: SIGTERM to every child by pid, SIGKILL after a deadline, temporary
@@ -299,8 +300,12 @@ async fn run_steps(
         ],
     )?;
     let addr = wait_for_controller_addr(fleet, &dir.join("controller.addr")).await?;
-    let url = format!("http://{addr}");
-    println!("==> controller listening on {addr}");
+    let url = format!("https://{addr}");
+    println!("==> controller listening on {addr} (mutual TLS)");
+    let ctx = Context {
+        connection: client::connect(&url, &dir).await?,
+        output: OutputFormat::Text,
+    };
 
     // The hosts.
     let mut host_addrs = Vec::new();
@@ -308,6 +313,9 @@ async fn run_steps(
         let name = format!("demo-{host_idx}");
         let advertise = format!("127.0.0.{}", host_idx + 1);
         let data_dir = dir.join("hosts").join(&name);
+        let token = crate::cli::trust::create_join_token(&ctx, Duration::from_secs(600))
+            .await?
+            .token;
         fleet.spawn(
             &name,
             &binaries.agent,
@@ -322,17 +330,17 @@ async fn run_steps(
                 data_dir.display().to_string(),
                 "--labels".to_string(),
                 "env=demo".to_string(),
+                "--ca".to_string(),
+                init_outcome.ca.display().to_string(),
+                "--join-token".to_string(),
+                token,
             ],
         )?;
         host_addrs.push((name, advertise));
     }
-    let ctx = Context {
-        connection: client::connect(&url).await?,
-        output: OutputFormat::Text,
-    };
     wait_for_hosts(fleet, &ctx, n_hosts as usize).await?;
     println!(
-        "==> {n_hosts} hosts connected: {}",
+        "==> {n_hosts} hosts joined with one-time tokens and connected: {}",
         host_addrs
             .iter()
             .map(|(name, addr)| format!("{name} ({addr})"))
@@ -365,6 +373,7 @@ async fn run_steps(
             smoke_timeout: Duration::ZERO,
             auto_rollback: true,
             detach: false,
+            skip_lost: false,
         };
         let outcome = commands::rollout(&ctx, &options).await?;
         if outcome.exit_code != EXIT_OK {

@@ -7,11 +7,14 @@
 //! never opens the controller's store or data directory.
 
 pub mod args;
+pub mod bootstrap;
 pub mod client;
 pub mod commands;
 pub mod demo;
+pub mod host_commands;
 pub mod init;
 pub mod output;
+pub mod trust;
 
 use args::{Cli, Command, ReleaseCommand, RolloutAction};
 use client::{CliError, EXIT_OK};
@@ -43,13 +46,16 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
                 output::print_json(&outcome);
             } else {
                 println!(
-                    "wrote {} and {}",
+                    "wrote {} and {}, the fleet CA {} and an admin credential (client.pem, client.key)",
                     outcome.controller_config.display(),
-                    outcome.client_config.display()
+                    outcome.client_config.display(),
+                    outcome.ca.display()
                 );
                 println!(
-                    "next: fleet-controller --config {}",
-                    outcome.controller_config.display()
+                    "next: fleet-controller --config {}; then, for each host, `fleetctl join-token create` and fleet-agent --controller {} --ca {} --join-token TOKEN ...",
+                    outcome.controller_config.display(),
+                    outcome.controller_url,
+                    outcome.ca.display()
                 );
             }
             return Ok(EXIT_OK);
@@ -60,7 +66,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
 
     let url = client::resolve_controller_url(cli.controller.as_deref(), &config_dir)?;
     let ctx = Context {
-        connection: client::connect(&url).await?,
+        connection: client::connect(&url, &config_dir).await?,
         output: cli.output,
     };
     match cli.command {
@@ -110,8 +116,26 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
                 smoke_timeout: rollout_args.smoke_timeout.unwrap_or(Duration::ZERO),
                 auto_rollback: !rollout_args.no_auto_rollback,
                 detach: rollout_args.detach,
+                skip_lost: rollout_args.skip_lost,
             };
             return Ok(commands::rollout(&ctx, &options).await?.exit_code);
+        }
+        Command::Drain { host, deadline } => {
+            return host_commands::drain(&ctx, &host, deadline.unwrap_or(Duration::ZERO)).await;
+        }
+        Command::Undrain { host } => host_commands::undrain(&ctx, &host).await?,
+        Command::Remove { host } => host_commands::remove(&ctx, &host).await?,
+        Command::Bootstrap(bootstrap_args) => {
+            return bootstrap::bootstrap(&ctx, &config_dir, &bootstrap_args).await;
+        }
+        Command::Replace(replace_args) => {
+            return bootstrap::replace(&ctx, &config_dir, &replace_args).await;
+        }
+        Command::JoinToken(trust::JoinTokenCommand::Create(create)) => {
+            trust::join_token_create(&ctx, create.ttl).await?;
+        }
+        Command::Credentials(trust::CredentialsCommand::Create(create)) => {
+            trust::credentials_create(&ctx, &create).await?;
         }
         Command::Rollback(rollback_args) => {
             let outcome = commands::rollback(

@@ -1,2 +1,559 @@
-//! placeholder
-fn main() {}
+//! `fleet-bench`: measures what fleet adds on top of the app it deploys, on this machine and on
+//! loopback only, and prints a small table.
+//!
+//! - `rollout`: 20 agents, a rollout with `--canary 1 --batch 25%`; the wall time minus the
+//!   example app's own start-until-healthy time (measured here first), per wave. Target: under
+//!   100 ms per wave.
+//! - `artifact`: a 200 MB artifact (incompressible bytes) rolled out to 10 agents, against
+//!   reading the same bytes 10 times from a warm page cache; the ratio disk time / fleet time.
+//!   Target: at least 0.5.
+//! - `memory`: the agent's resident memory (VmRSS) while idle with one instance running.
+//!   Target: under 15 MB.
+//! - `bootstrap`: `fleetctl bootstrap` of 10 hosts in one command against one host, through a
+//!   real sshd on loopback (each "host" its own remote dir). Target: 10 hosts in under 2x the
+//!   time of one.
+//!
+//! Run it with `cargo run --release -p fleet-tests --bin fleet-bench -- [rollout|artifact|memory|bootstrap|all]`.
+//! When started by cargo it first runs `cargo build --workspace --bins` for its own profile so
+//! the controller, agent and app it measures are built the same way (when that build fails, it
+//! measures the binaries already built and says so). Every process it starts is
+//! killed by pid at the end of each part; every wait is bounded.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use fleet_tests::fleet::Fleet;
+use fleet_tests::net::AddressRange;
+use fleet_tests::process::{self, ChildGuard};
+use fleet_tests::{bins, http, web_manifest, WEB_PORT};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const ROLLOUT_HOSTS: usize = 20;
+const ARTIFACT_HOSTS: usize = 10;
+const ARTIFACT_BYTES: usize = 200 * 1024 * 1024;
+const BASELINE_RUNS: usize = 5;
+const ROLLOUT_TARGET_MS: f64 = 100.0;
+const ARTIFACT_TARGET_RATIO: f64 = 0.5;
+const MEMORY_TARGET_KIB: u64 = 15 * 1024;
+/// How long the agent is left alone before its memory is read.
+const IDLE_SETTLE: Duration = Duration::from_secs(3);
+const LONG_CTL_DEADLINE: Duration = Duration::from_secs(600);
+
+/// One row of the result table.
+struct Row {
+    bench: &'static str,
+    measurement: String,
+    value: String,
+    target: String,
+    ok: Option<bool>,
+}
+
+fn main() -> Result<()> {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_string());
+    let parts: &[&str] = match which.as_str() {
+        "rollout" => &["rollout"],
+        "artifact" => &["artifact"],
+        "memory" => &["memory"],
+        "bootstrap" => &["bootstrap"],
+        "all" => &["rollout", "artifact", "memory", "bootstrap"],
+        other => {
+            bail!("unknown benchmark {other:?}: use rollout, artifact, memory, bootstrap or all")
+        }
+    };
+    build_binaries()?;
+    let mut rows = Vec::new();
+    for part in parts {
+        eprintln!("fleet-bench: running {part}");
+        match *part {
+            "rollout" => rows.extend(bench_rollout()?),
+            "artifact" => rows.extend(bench_artifact()?),
+            "bootstrap" => rows.extend(bench_bootstrap()?),
+            _ => rows.extend(bench_memory()?),
+        }
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// When run by cargo, builds every binary of the workspace in this binary's profile.
+fn build_binaries() -> Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
+    let Some(manifest_dir) = std::env::var_os("CARGO_MANIFEST_DIR") else {
+        return Ok(());
+    };
+    let release = bins::bin_dir().file_name().is_some_and(|n| n == "release");
+    let mut command = Command::new(cargo);
+    command
+        .args(["build", "--workspace", "--bins"])
+        .current_dir(manifest_dir);
+    if release {
+        command.arg("--release");
+    }
+    eprintln!("fleet-bench: {command:?}");
+    let status = command.status().context("run cargo build")?;
+    if !status.success() {
+        let dir = bins::bin_dir();
+        let built = [
+            "fleet-controller",
+            "fleet-agent",
+            "fleetctl",
+            "fleet-example-web",
+        ]
+        .iter()
+        .all(|name| dir.join(name).is_file());
+        if !built {
+            bail!("cargo build --workspace --bins failed: fix the build, then run the benchmark again");
+        }
+        eprintln!(
+            "fleet-bench: warning: cargo build failed; measuring the binaries already in {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The example app's own start: spawn until `/healthz` answers 200, median of a few runs.
+fn app_start_baseline() -> Result<Duration> {
+    let bins = bins::Bins::locate();
+    let range = AddressRange::allocate(1, WEB_PORT);
+    let addr = range.host_addr(0);
+    let mut samples = Vec::new();
+    for _ in 0..BASELINE_RUNS {
+        let dir = tempfile::tempdir().context("a temp dir")?;
+        let mut command = Command::new(&bins.web);
+        command
+            .args(["--listen", &format!("{addr}:{WEB_PORT}")])
+            .current_dir(dir.path())
+            .env("FLEET_VERSION", "baseline")
+            .env("FLEET_HOST", "bench");
+        let start = Instant::now();
+        let mut app = ChildGuard::spawn("fleet-example-web", command, &dir.path().join("log"));
+        let deadline = Duration::from_secs(10);
+        loop {
+            if matches!(http::get(&addr, WEB_PORT, "/healthz"), Ok((200, _))) {
+                break;
+            }
+            if start.elapsed() > deadline || app.has_exited() {
+                bail!("the example app did not become healthy within {deadline:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        samples.push(start.elapsed());
+        app.kill_now();
+    }
+    samples.sort();
+    Ok(samples[samples.len() / 2])
+}
+
+fn bench_rollout() -> Result<Vec<Row>> {
+    let baseline = app_start_baseline()?;
+    let fleet = Fleet::start(ROLLOUT_HOSTS);
+    let manifest = web_manifest("10s");
+    fleet
+        .create_web_release("1.0.0", &manifest, &[])
+        .expect_code(0);
+    // Other bytes for 1.1.0, so every host fetches an artifact as in a real rollout.
+    let next = fleet.web_artifact(&manifest, &[("NOTE", b"1.1.0")]);
+    fleet
+        .create_release("web", "1.1.0", &next, &[])
+        .expect_code(0);
+    let rollout_args = |version| ["rollout", "web", version, "--canary", "1", "--batch", "25%"];
+    fleet
+        .ctl_with_deadline(&rollout_args("1.0.0"), LONG_CTL_DEADLINE)
+        .expect_code(0);
+
+    let start = Instant::now();
+    let out = fleet
+        .ctl_with_deadline(&rollout_args("1.1.0"), LONG_CTL_DEADLINE)
+        .expect_code(0);
+    let wall = start.elapsed();
+    // fleetctl's own progress lines say how long each wave took.
+    eprint!("{}", out.stderr);
+    let rollout = out.json;
+    let n_waves = rollout["waves"].as_array().map_or(0, Vec::len).max(1);
+    let overhead = wall.saturating_sub(baseline * n_waves as u32);
+    let per_wave_ms = overhead.as_secs_f64() * 1000.0 / n_waves as f64;
+    Ok(vec![
+        Row {
+            bench: "rollout",
+            measurement: format!("app start until healthy (median of {BASELINE_RUNS})"),
+            value: format_ms(baseline),
+            target: String::new(),
+            ok: None,
+        },
+        Row {
+            bench: "rollout",
+            measurement: format!("{ROLLOUT_HOSTS} hosts, canary 1, batch 25%: wall time"),
+            value: format!("{} for {n_waves} waves", format_ms(wall)),
+            target: String::new(),
+            ok: None,
+        },
+        Row {
+            bench: "rollout",
+            measurement: "fleet overhead per wave".into(),
+            value: format!("{per_wave_ms:.0} ms"),
+            target: format!("< {ROLLOUT_TARGET_MS:.0} ms"),
+            ok: Some(per_wave_ms < ROLLOUT_TARGET_MS),
+        },
+    ])
+}
+
+/// Fills `len` bytes that gzip cannot shrink (xorshift64*, seeded).
+fn incompressible_bytes(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn bench_artifact() -> Result<Vec<Row>> {
+    let baseline = app_start_baseline()?;
+    let fleet = Fleet::start(ARTIFACT_HOSTS);
+    let manifest = web_manifest("30s");
+    let web = std::fs::read(&fleet.bins.web).context("read the example app")?;
+    let blob = incompressible_bytes(ARTIFACT_BYTES);
+    let artifact = fleet.write_artifact(&[
+        ("fleet.toml", manifest.as_bytes(), 0o644),
+        ("bin/web", &web, 0o755),
+        ("data/blob", &blob, 0o644),
+    ]);
+    drop(blob);
+    let artifact_text = artifact.display().to_string();
+    let artifact_size = std::fs::metadata(&artifact)?.len();
+
+    let upload_start = Instant::now();
+    fleet
+        .ctl_with_deadline(
+            &["release", "create", "web", "1.0.0", &artifact_text],
+            LONG_CTL_DEADLINE,
+        )
+        .expect_code(0);
+    let upload = upload_start.elapsed();
+
+    // Everything in one wave when the CLI allows a rollout without canary.
+    let mut waves_note = "canary 0, batch 100%";
+    let start = Instant::now();
+    let mut out = fleet.ctl_with_deadline(
+        &[
+            "rollout", "web", "1.0.0", "--canary", "0", "--batch", "100%",
+        ],
+        LONG_CTL_DEADLINE,
+    );
+    if out.code == 2 {
+        waves_note = "canary 1, then batch 100%";
+        out = fleet.ctl_with_deadline(
+            &[
+                "rollout", "web", "1.0.0", "--canary", "1", "--batch", "100%",
+            ],
+            LONG_CTL_DEADLINE,
+        );
+    }
+    let wall = start.elapsed();
+    let rollout = out.expect_code(0).json;
+    let n_waves = rollout["waves"].as_array().map_or(1, Vec::len).max(1);
+    let delivery = wall.saturating_sub(baseline * n_waves as u32);
+
+    // The same bytes read 10 times from a warm page cache.
+    let _warm = std::fs::read(&artifact)?;
+    let disk_start = Instant::now();
+    for _ in 0..ARTIFACT_HOSTS {
+        let bytes = std::fs::read(&artifact)?;
+        std::hint::black_box(&bytes);
+    }
+    let disk = disk_start.elapsed();
+    let total_mb = (artifact_size as f64 * ARTIFACT_HOSTS as f64) / 1e6;
+    let rate = |d: Duration| total_mb / d.as_secs_f64().max(1e-9);
+    // The streaming itself, from the agents' logs: first "fetching" to last "unpacking".
+    let fetch = fetch_phase_from_logs(&fleet);
+    let (compared, compared_what) = match fetch {
+        Some(fetch) => (fetch, "fetch phase"),
+        None => (delivery, "fetch+verify+unpack"),
+    };
+    let ratio = disk.as_secs_f64() / compared.as_secs_f64().max(1e-9);
+    let mut rows = vec![
+        Row {
+            bench: "artifact",
+            measurement: format!("release create ({:.0} MB upload)", artifact_size as f64 / 1e6),
+            value: format_ms(upload),
+            target: String::new(),
+            ok: None,
+        },
+        Row {
+            bench: "artifact",
+            measurement: format!(
+                "rollout to {ARTIFACT_HOSTS} hosts ({waves_note}) minus app start: fetch+verify+unpack"
+            ),
+            value: format!("{} ({:.0} MB/s)", format_ms(delivery), rate(delivery)),
+            target: String::new(),
+            ok: None,
+        },
+        Row {
+            bench: "artifact",
+            measurement: format!("std::fs::read of the artifact {ARTIFACT_HOSTS}x (warm cache)"),
+            value: format!("{} ({:.0} MB/s)", format_ms(disk), rate(disk)),
+            target: String::new(),
+            ok: None,
+        },
+    ];
+    if let Some(fetch) = fetch {
+        rows.push(Row {
+            bench: "artifact",
+            measurement: format!(
+                "fetch phase on {ARTIFACT_HOSTS} agents (agent logs: first fetching .. last unpacking)"
+            ),
+            value: format!("{} ({:.0} MB/s)", format_ms(fetch), rate(fetch)),
+            target: String::new(),
+            ok: None,
+        });
+    }
+    rows.push(Row {
+        bench: "artifact",
+        measurement: format!("ratio disk time / fleet {compared_what} time"),
+        value: format!("{ratio:.2}"),
+        target: format!(">= {ARTIFACT_TARGET_RATIO}"),
+        ok: Some(ratio >= ARTIFACT_TARGET_RATIO),
+    });
+    Ok(rows)
+}
+
+/// The wall time of the fetch phase across every agent: from the first agent's "fetching" log
+/// line to the last agent's "unpacking" line. `None` when the logs do not say.
+fn fetch_phase_from_logs(fleet: &Fleet) -> Option<Duration> {
+    let mut first_start: Option<f64> = None;
+    let mut last_end: Option<f64> = None;
+    for agent in fleet.agents() {
+        let log = fleet.dir().join(format!("logs/agent-{}.log", agent.name));
+        let text = std::fs::read_to_string(log).ok()?;
+        let stamp_of = |needle: &str| {
+            text.lines()
+                .find(|line| line.contains(needle))
+                .and_then(seconds_of_day)
+        };
+        let start = stamp_of("fetching sha256:")?;
+        let end = stamp_of("unpacking")?;
+        first_start = Some(first_start.map_or(start, |s| s.min(start)));
+        last_end = Some(last_end.map_or(end, |e| e.max(end)));
+    }
+    let (start, end) = (first_start?, last_end?);
+    (end >= start).then(|| Duration::from_secs_f64(end - start))
+}
+
+/// Seconds since midnight of the RFC 3339 timestamp a tracing log line starts with (colour
+/// codes allowed), like `2026-11-25T14:52:02.869750Z`.
+fn seconds_of_day(line: &str) -> Option<f64> {
+    let after_t = &line[line.find('T')? + 1..];
+    let clock = &after_t[..after_t.find('Z')?];
+    let mut parts = clock.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+fn bench_memory() -> Result<Vec<Row>> {
+    let fleet = Fleet::start(1);
+    fleet
+        .create_web_release("1.0.0", &web_manifest("10s"), &[])
+        .expect_code(0);
+    fleet.ctl(&["rollout", "web", "1.0.0"]).expect_code(0);
+    fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
+    // Idle means idle: let start-up allocations and the rollout's traffic settle.
+    std::thread::sleep(IDLE_SETTLE);
+    let agent_kib = process::rss_kib(fleet.agent_pid("h1")).context("read the agent's VmRSS")?;
+    let controller_kib =
+        process::rss_kib(fleet.controller_pid()).context("read the controller's VmRSS")?;
+    Ok(vec![
+        Row {
+            bench: "memory",
+            measurement: "agent VmRSS, idle, one instance running".into(),
+            value: format!("{:.1} MB", agent_kib as f64 / 1024.0),
+            target: format!("< {} MB", MEMORY_TARGET_KIB / 1024),
+            ok: Some(agent_kib < MEMORY_TARGET_KIB),
+        },
+        Row {
+            bench: "memory",
+            measurement: "controller VmRSS, one host (for reference)".into(),
+            value: format!("{:.1} MB", controller_kib as f64 / 1024.0),
+            target: String::new(),
+            ok: None,
+        },
+    ])
+}
+
+fn format_ms(duration: Duration) -> String {
+    format!("{:.0} ms", duration.as_secs_f64() * 1000.0)
+}
+
+fn print_table(rows: &[Row]) {
+    let headers = ["benchmark", "measurement", "value", "target", "result"];
+    let cells: Vec<[String; 5]> = rows
+        .iter()
+        .map(|row| {
+            [
+                row.bench.to_string(),
+                row.measurement.clone(),
+                row.value.clone(),
+                row.target.clone(),
+                match row.ok {
+                    Some(true) => "ok".into(),
+                    Some(false) => "MISSED".into(),
+                    None => String::new(),
+                },
+            ]
+        })
+        .collect();
+    let mut widths = headers.map(str::len);
+    for row in &cells {
+        for (idx, cell) in row.iter().enumerate() {
+            widths[idx] = widths[idx].max(cell.len());
+        }
+    }
+    let line = |row: [&str; 5]| {
+        let padded: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers);
+    line(widths.map(|w| "-".repeat(w)).each_ref().map(String::as_str));
+    for row in &cells {
+        line(row.each_ref().map(String::as_str));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_clock_of_a_log_line() {
+        let line = "\u{1b}[2m2026-11-25T14:52:02.500000Z\u{1b}[0m INFO fetching sha256:ab";
+        assert_eq!(
+            seconds_of_day(line),
+            Some(14.0 * 3600.0 + 52.0 * 60.0 + 2.5)
+        );
+        assert_eq!(seconds_of_day("no clock here"), None);
+    }
+
+    #[test]
+    fn random_bytes_do_not_compress() {
+        let bytes = incompressible_bytes(1 << 16);
+        let packed = fleet_proto::artifact::build_artifact(&[("blob", &bytes, 0o644)]).unwrap();
+        assert!(
+            packed.len() > bytes.len(),
+            "{} <= {}",
+            packed.len(),
+            bytes.len()
+        );
+    }
+}
+
+const BOOTSTRAP_HOSTS: usize = 10;
+const BOOTSTRAP_TARGET_RATIO: f64 = 2.0;
+
+/// Runs one `fleetctl bootstrap` over `targets_file` and returns its wall time.
+fn timed_bootstrap(
+    fleet: &Fleet,
+    client: &fleet_tests::sshd::SshClient,
+    targets_file: &std::path::Path,
+) -> Result<Duration> {
+    let identity = client.identity.display().to_string();
+    let known_hosts = client.known_hosts.display().to_string();
+    let targets = targets_file.display().to_string();
+    let start = Instant::now();
+    let out = fleet.ctl_with_deadline(
+        &[
+            "bootstrap",
+            "--targets",
+            &targets,
+            "--identity",
+            &identity,
+            "--known-hosts",
+            &known_hosts,
+        ],
+        LONG_CTL_DEADLINE,
+    );
+    let wall = start.elapsed();
+    if out.code != 0 {
+        bail!(
+            "fleetctl bootstrap exited {}:\n{}\n{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+    }
+    Ok(wall)
+}
+
+fn bench_bootstrap() -> Result<Vec<Row>> {
+    use fleet_tests::sshd::{RemoteAgents, SshClient, Sshd};
+    let fleet = Fleet::start(0);
+    let client = SshClient::new(&fleet.dir().join("ssh-client"));
+    let Some(sshd) = Sshd::start(&fleet.dir().join("sshd"), &client.public_line) else {
+        bail!("the bootstrap benchmark needs /usr/sbin/sshd: install openssh-server");
+    };
+    std::fs::write(&client.known_hosts, sshd.known_hosts_line() + "\n")?;
+    let mut agents = RemoteAgents {
+        remote_dirs: Vec::new(),
+    };
+    let url = sshd.url();
+    let mut next_idx = 0;
+    // Each round bootstraps `n` fresh hosts (new names, new remote dirs) in one command.
+    let mut round = |n: usize, label: &str| -> Result<Duration> {
+        let mut lines = String::new();
+        for _ in 0..n {
+            let name = format!("{label}{next_idx}");
+            let remote = fleet.dir().join("remote").join(&name);
+            agents.remote_dirs.push(remote.clone());
+            lines.push_str(&format!(
+                "{url} name={name} advertise={} remote_dir={}\n",
+                fleet.range.host_addr(next_idx),
+                remote.display()
+            ));
+            next_idx += 1;
+        }
+        let file = fleet.dir().join(format!("targets-{label}.txt"));
+        std::fs::write(&file, lines)?;
+        timed_bootstrap(&fleet, &client, &file)
+    };
+    // A warm-up host first, so both measured rounds find the binary in the page cache.
+    round(1, "warm")?;
+    let one = round(1, "one")?;
+    let ten = round(BOOTSTRAP_HOSTS, "ten")?;
+    let ratio = ten.as_secs_f64() / one.as_secs_f64();
+    drop(agents);
+    drop(sshd);
+    Ok(vec![
+        Row {
+            bench: "bootstrap",
+            measurement: "1 host, one command (upload, start, registered)".to_string(),
+            value: format_ms(one),
+            target: String::new(),
+            ok: None,
+        },
+        Row {
+            bench: "bootstrap",
+            measurement: format!("{BOOTSTRAP_HOSTS} hosts, one command"),
+            value: format_ms(ten),
+            target: String::new(),
+            ok: None,
+        },
+        Row {
+            bench: "bootstrap",
+            measurement: format!("{BOOTSTRAP_HOSTS} hosts / 1 host"),
+            value: format!("{ratio:.2}x"),
+            target: format!("< {BOOTSTRAP_TARGET_RATIO:.1}x"),
+            ok: Some(ratio < BOOTSTRAP_TARGET_RATIO),
+        },
+    ])
+}

@@ -1,0 +1,310 @@
+//! The agent's identity: its key, its certificate (CN = the host name, role agent, signed by
+//! the fleet CA) and the fleet CA, kept in `DATA/tls/` (`agent.key`, `agent.pem`, `ca.pem`,
+//! each mode 0600). On the first start there are none: the agent makes its own key (it never
+//! leaves the host), sends a certificate request with the one-time join token over TLS (the
+//! controller verified against `--ca`, no client certificate yet) and writes what it got
+//! back. Later starts use the files and need no token. This is also the one place that sets
+//! up TLS to the controller, for the session and for fetches alike.
+
+use crate::config::Config;
+use fleet_proto::pb;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The DNS name the controller's certificate carries; verified whatever address is dialled.
+pub const CONTROLLER_DNS_NAME: &str = "fleet-controller";
+/// How long the agent keeps trying to reach the controller to join before giving up.
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+/// How long one join attempt may take.
+const JOIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const TLS_DIR: &str = "tls";
+pub const KEY_FILE: &str = "agent.key";
+pub const CERT_FILE: &str = "agent.pem";
+pub const CA_FILE: &str = "ca.pem";
+
+#[derive(Debug, Error)]
+pub enum JoinError {
+    #[error("this host has no certificate yet: start it once with --join-token TOKEN (from `fleetctl join-token create`) and --ca FILE (the fleet's ca.pem)")]
+    NoToken,
+    #[error("joining needs the fleet CA to verify the controller: pass --ca FILE (the ca.pem `fleetctl init` wrote)")]
+    NoCa,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the certificate in {path} is for host `{found}`, not `{expected}`: use another data directory for another host name")]
+    WrongHost {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("cannot make a key: {0}")]
+    Key(String),
+    #[error("the controller refused to let this host join: {0}")]
+    Refused(String),
+    #[error("cannot reach the controller at {url} to join: {message}")]
+    Unreachable { url: String, message: String },
+}
+
+/// The agent's TLS material, all PEM.
+#[derive(Clone)]
+pub struct Credentials {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").finish_non_exhaustive()
+    }
+}
+
+/// The client TLS config every connection to the controller uses: the controller verified
+/// against the fleet CA as `fleet-controller`, and this host's certificate presented.
+pub fn client_tls(credentials: &Credentials) -> ClientTlsConfig {
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&credentials.ca_pem))
+        .domain_name(CONTROLLER_DNS_NAME)
+        .identity(Identity::from_pem(
+            &credentials.cert_pem,
+            &credentials.key_pem,
+        ))
+}
+
+/// Returns this host's credentials from `DATA/tls`, joining with the token first when there
+/// are none.
+pub async fn ensure_credentials(
+    config: &Config,
+    data_dir: &Path,
+) -> Result<Credentials, JoinError> {
+    let dir = data_dir.join(TLS_DIR);
+    let key_path = dir.join(KEY_FILE);
+    let cert_path = dir.join(CERT_FILE);
+    if key_path.is_file() && cert_path.is_file() {
+        let ca_path = config.ca.clone().unwrap_or_else(|| dir.join(CA_FILE));
+        let credentials = Credentials {
+            ca_pem: read(&ca_path)?,
+            cert_pem: read(&cert_path)?,
+            key_pem: read(&key_path)?,
+        };
+        let found = common_name(&credentials.cert_pem).unwrap_or_default();
+        if found != config.host_name {
+            return Err(JoinError::WrongHost {
+                path: cert_path,
+                found,
+                expected: config.host_name.clone(),
+            });
+        }
+        if config.join_token.is_some() {
+            tracing::info!("this host already joined; the join token is not needed any more");
+        }
+        return Ok(credentials);
+    }
+    let token = config.join_token.as_deref().ok_or(JoinError::NoToken)?;
+    let ca_path = config.ca.as_deref().ok_or(JoinError::NoCa)?;
+    let ca_pem = read(ca_path)?;
+    let (csr_pem, key_pem) = make_csr(&config.host_name)?;
+    let response = join(
+        &config.controller,
+        &ca_pem,
+        token,
+        &config.host_name,
+        csr_pem,
+    )
+    .await?;
+
+    create_private_dir(&dir)?;
+    write_private(&key_path, &key_pem)?;
+    write_private(&dir.join(CA_FILE), &ca_pem)?;
+    // The certificate last: both files present means the join is complete.
+    write_private(&cert_path, &response.certificate_pem)?;
+    tracing::info!(host = %config.host_name, "joined the fleet; certificate kept in {}", dir.display());
+    Ok(Credentials {
+        ca_pem,
+        cert_pem: response.certificate_pem,
+        key_pem,
+    })
+}
+
+/// A new key pair and a certificate request naming `host` (PEM).
+fn make_csr(host: &str) -> Result<(String, String), JoinError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| JoinError::Key(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, host);
+    params.distinguished_name = dn;
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| JoinError::Key(e.to_string()))?;
+    Ok((csr, key.serialize_pem()))
+}
+
+/// The subject CN of a PEM certificate.
+fn common_name(cert_pem: &str) -> Option<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(name.to_string())
+}
+
+/// Calls `Join`, retrying while the controller cannot be reached (it may still be starting),
+/// failing at once when it refuses.
+async fn join(
+    url: &str,
+    ca_pem: &str,
+    token: &str,
+    host: &str,
+    csr_pem: String,
+) -> Result<pb::JoinResponse, JoinError> {
+    let unreachable = |message: String| JoinError::Unreachable {
+        url: url.to_string(),
+        message,
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(CONTROLLER_DNS_NAME);
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| unreachable(e.to_string()))?
+        .tls_config(tls)
+        .map_err(|e| unreachable(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(JOIN_ATTEMPT_TIMEOUT);
+    let request = pb::JoinRequest {
+        token: token.to_string(),
+        host_name: host.to_string(),
+        csr_pem,
+    };
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        // Err((retry, message)): retry when the controller could not be reached.
+        let attempt = async {
+            let channel: Channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| (true, error_chain(&e)))?;
+            pb::agent_service_client::AgentServiceClient::new(channel)
+                .join(request.clone())
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|status| {
+                    let retry = matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    );
+                    (retry, status.message().to_string())
+                })
+        };
+        match attempt.await {
+            Ok(response) => return Ok(response),
+            Err((false, message)) => return Err(JoinError::Refused(message)),
+            Err((true, message)) => {
+                if started.elapsed() >= JOIN_DEADLINE {
+                    return Err(unreachable(message));
+                }
+                tracing::warn!("cannot reach the controller to join yet, retrying: {message}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    for _ in 0..8 {
+        let Some(inner) = source else { break };
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        source = inner.source();
+    }
+    text
+}
+
+fn read(path: &Path) -> Result<String, JoinError> {
+    std::fs::read_to_string(path).map_err(|source| JoinError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), JoinError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(JoinError::Write {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Writes a file with mode 0600 through a temporary file and a rename.
+fn write_private(path: &Path, text: &str) -> Result<(), JoinError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let write_error = |source| JoinError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(write_error)?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(write_error)?;
+    std::fs::rename(&tmp, path).map_err(write_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_names_the_host() {
+        let (csr, key) = make_csr("web-1").unwrap();
+        assert!(csr.contains("CERTIFICATE REQUEST"));
+        assert!(key.contains("PRIVATE KEY"));
+        let parsed = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
+        assert_eq!(
+            parsed
+                .params
+                .distinguished_name
+                .get(&rcgen::DnType::CommonName),
+            Some(&rcgen::DnValue::Utf8String("web-1".into()))
+        );
+    }
+
+    #[test]
+    fn private_files_are_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write_private(&path, "secret").unwrap();
+        write_private(&path, "secret2").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "secret2");
+    }
+}

@@ -1,0 +1,270 @@
+//! The fleet's certificate authority, made by `fleetctl init` and used by the controller: it
+//! signs the controller's own certificate, operator and CI credentials (`IssueCredential`) and
+//! agents' certificates (`Join`). Keys are ECDSA P-256 (rcgen with ring). Subjects follow
+//! [`crate::auth::identity`]: CN = name, OU = role. Serials are 16 random bytes, so the
+//! revoked list can name a certificate exactly.
+
+use super::identity::Role;
+use super::CONTROLLER_DNS_NAME;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use std::net::IpAddr;
+use std::time::Duration;
+use thiserror::Error;
+
+/// How long the CA and the controller's certificate are valid.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// How long agents' and credentials' certificates are valid.
+pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
+/// A certificate request larger than this is refused before it is parsed.
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Error)]
+pub enum CaError {
+    #[error("cannot make a certificate: {0}")]
+    Generate(rcgen::Error),
+    #[error("the fleet CA is not usable: {0}")]
+    BadCa(String),
+    #[error("the certificate request is invalid: {0}")]
+    BadRequest(String),
+    #[error("no randomness for a serial number: {0}")]
+    Random(getrandom::Error),
+}
+
+/// A certificate and, when this side made the key, its private key (both PEM).
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: Option<String>,
+    /// Lowercase hex, as [`crate::auth::Identity::serial`].
+    pub serial: String,
+    pub not_after_unix_ms: i64,
+}
+
+/// The fleet CA: its certificate and the key that signs with it.
+pub struct Authority {
+    ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").finish_non_exhaustive()
+    }
+}
+
+fn distinguished_name(name: &str, role: Option<Role>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "fleet");
+    if let Some(role) = role {
+        dn.push(DnType::OrganizationalUnitName, role.as_str());
+    }
+    dn.push(DnType::CommonName, name);
+    dn
+}
+
+/// 16 random bytes, first byte in 0x40..0x7f so the DER integer is positive and minimal (the
+/// hex read back from a certificate is then exactly this).
+fn random_serial() -> Result<(SerialNumber, String), CaError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(CaError::Random)?;
+    bytes[0] = (bytes[0] & 0x3f) | 0x40;
+    Ok((SerialNumber::from_slice(&bytes), hex::encode(bytes)))
+}
+
+/// `not_before` a minute ago (clock skew), `not_after` after `validity`.
+fn validity_window(params: &mut CertificateParams, validity: Duration) -> i64 {
+    let now = fleet_proto::now_unix_ms() / 1000;
+    let not_after = now + validity.as_secs() as i64;
+    params.not_before =
+        time::OffsetDateTime::from_unix_timestamp(now - 60).unwrap_or(params.not_before);
+    params.not_after =
+        time::OffsetDateTime::from_unix_timestamp(not_after).unwrap_or(params.not_after);
+    not_after * 1000
+}
+
+/// Makes a new CA: returns its certificate and private key (PEM).
+pub fn generate_ca() -> Result<(String, String), CaError> {
+    let key = KeyPair::generate().map_err(CaError::Generate)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = distinguished_name("fleet CA", None);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(random_serial()?.0);
+    validity_window(&mut params, CA_VALIDITY);
+    let cert = params.self_signed(&key).map_err(CaError::Generate)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A new key and a certificate request for `name` (PEM), as agents and `fleetctl credentials
+/// create` make them: the private key never leaves the side that made it.
+pub fn make_csr(name: &str) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate().map_err(CaError::Generate)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = distinguished_name(name, None);
+    let csr = params.serialize_request(&key).map_err(CaError::Generate)?;
+    let csr_pem = csr.pem().map_err(CaError::Generate)?;
+    Ok((csr_pem, key.serialize_pem()))
+}
+
+impl Authority {
+    /// Loads the CA from its certificate and key (PEM).
+    pub fn load(ca_pem: &str, ca_key_pem: &str) -> Result<Authority, CaError> {
+        let key = KeyPair::from_pem(ca_key_pem)
+            .map_err(|e| CaError::BadCa(format!("its key cannot be read: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(ca_pem, key)
+            .map_err(|e| CaError::BadCa(format!("its certificate cannot be read: {e}")))?;
+        Ok(Authority {
+            ca_pem: ca_pem.to_string(),
+            issuer,
+        })
+    }
+
+    /// The CA certificate (PEM), what every side trusts.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The controller's own certificate and key: DNS names `fleet-controller` (what clients
+    /// verify) and `localhost`, plus `ip` when it is a specific address.
+    pub fn issue_controller(&self, ip: Option<IpAddr>) -> Result<Issued, CaError> {
+        let key = KeyPair::generate().map_err(CaError::Generate)?;
+        let mut params = CertificateParams::new(vec![
+            CONTROLLER_DNS_NAME.to_string(),
+            "localhost".to_string(),
+        ])
+        .map_err(CaError::Generate)?;
+        if let Some(ip) = ip.filter(|ip| !ip.is_unspecified()) {
+            params.subject_alt_names.push(SanType::IpAddress(ip));
+        }
+        params.distinguished_name = distinguished_name(CONTROLLER_DNS_NAME, None);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let (serial_number, serial) = random_serial()?;
+        params.serial_number = Some(serial_number);
+        let not_after_unix_ms = validity_window(&mut params, CA_VALIDITY);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(CaError::Generate)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: Some(key.serialize_pem()),
+            serial,
+            not_after_unix_ms,
+        })
+    }
+
+    /// A client credential made here, key included (the admin credential of `fleetctl init`).
+    pub fn issue_client(&self, name: &str, role: Role) -> Result<Issued, CaError> {
+        let key = KeyPair::generate().map_err(CaError::Generate)?;
+        let mut issued = self.sign_client(&key, name, role)?;
+        issued.key_pem = Some(key.serialize_pem());
+        Ok(issued)
+    }
+
+    /// Signs a certificate request (PEM) as `name` with `role`. Only the request's public key
+    /// is used: the subject and every extension come from here, never from the request.
+    pub fn sign_request(&self, csr_pem: &str, name: &str, role: Role) -> Result<Issued, CaError> {
+        if csr_pem.len() > MAX_CSR_BYTES {
+            return Err(CaError::BadRequest(format!(
+                "it is over {MAX_CSR_BYTES} bytes"
+            )));
+        }
+        let request = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::BadRequest(e.to_string()))?;
+        self.sign_client(&request.public_key, name, role)
+    }
+
+    fn sign_client(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        name: &str,
+        role: Role,
+    ) -> Result<Issued, CaError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = distinguished_name(name, Some(role));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let (serial_number, serial) = random_serial()?;
+        params.serial_number = Some(serial_number);
+        let not_after_unix_ms = validity_window(&mut params, LEAF_VALIDITY);
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(CaError::Generate)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: None,
+            serial,
+            not_after_unix_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Identity;
+
+    fn der_of(pem: &str) -> Vec<u8> {
+        let body: String = pem
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+            .collect();
+        base64_decode(&body)
+    }
+
+    /// A tiny base64 decoder, enough for test PEM bodies.
+    fn base64_decode(text: &str) -> Vec<u8> {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = Vec::new();
+        let mut acc = 0u32;
+        let mut bits = 0;
+        for byte in text.bytes().filter(|b| *b != b'=') {
+            let value = ALPHABET.iter().position(|a| *a == byte).unwrap() as u32;
+            acc = (acc << 6) | value;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+                acc &= (1 << bits) - 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn signs_requests_with_the_identity_it_chooses() {
+        let (ca_pem, ca_key) = generate_ca().unwrap();
+        let authority = Authority::load(&ca_pem, &ca_key).unwrap();
+        let (csr, _key) = make_csr("someone-else").unwrap();
+        let issued = authority.sign_request(&csr, "web-1", Role::Agent).unwrap();
+        let identity = Identity::from_der(&der_of(&issued.cert_pem)).unwrap();
+        assert_eq!(identity.name, "web-1");
+        assert_eq!(identity.role, Role::Agent);
+        assert_eq!(identity.serial, issued.serial);
+
+        let admin = authority.issue_client("admin", Role::Admin).unwrap();
+        let identity = Identity::from_der(&der_of(&admin.cert_pem)).unwrap();
+        assert_eq!(
+            (identity.name.as_str(), identity.role),
+            ("admin", Role::Admin)
+        );
+        assert!(admin.key_pem.is_some());
+
+        assert!(authority
+            .sign_request("not a csr", "x", Role::Agent)
+            .is_err());
+        assert!(authority
+            .sign_request(&"x".repeat(MAX_CSR_BYTES + 1), "x", Role::Agent)
+            .is_err());
+        // The controller's certificate has no role: it is no client credential.
+        let server = authority.issue_controller(None).unwrap();
+        assert!(Identity::from_der(&der_of(&server.cert_pem)).is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! The identity in a fleet certificate: subject CN is the name (a host name for agents, a
+//! person or CI job for credentials), subject OU is the role (`admin`, `deployer`, `agent`),
+//! and the serial number (lowercase hex) is what revocation lists. The certificate has already
+//! been verified against the fleet CA by rustls when this reads it.
+
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// What a certificate allows; see the table in [`crate::auth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Deployer,
+    Agent,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "admin" => Some(Role::Admin),
+            "deployer" => Some(Role::Deployer),
+            "agent" => Some(Role::Agent),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Deployer => "deployer",
+            Role::Agent => "agent",
+        }
+    }
+
+    /// Whether a holder of `self` may make a call that needs `needed`. Admin covers deployer;
+    /// agent calls need an agent certificate (they speak for a host, which an operator is not).
+    pub fn grants(self, needed: Role) -> bool {
+        matches!(
+            (self, needed),
+            (Role::Admin, Role::Admin)
+                | (Role::Admin, Role::Deployer)
+                | (Role::Deployer, Role::Deployer)
+                | (Role::Agent, Role::Agent)
+        )
+    }
+}
+
+/// Who is calling, read from a verified client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub role: Role,
+    /// The certificate's serial number, lowercase hex.
+    pub serial: String,
+}
+
+impl Identity {
+    /// Reads the identity from a DER certificate; refuses one without exactly one CN and one
+    /// OU naming a role.
+    pub fn from_der(der: &[u8]) -> Result<Identity, String> {
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+        let subject = cert.subject();
+        let one = |values: Vec<Option<&str>>, what: &str| -> Result<String, String> {
+            match values.as_slice() {
+                [Some(value)] => Ok(value.to_string()),
+                _ => Err(format!("its subject needs exactly one {what}")),
+            }
+        };
+        let name = one(
+            subject
+                .iter_common_name()
+                .map(|a| a.as_str().ok())
+                .collect(),
+            "common name (CN)",
+        )?;
+        let role_text = one(
+            subject
+                .iter_organizational_unit()
+                .map(|a| a.as_str().ok())
+                .collect(),
+            "organizational unit (OU) naming its role",
+        )?;
+        let role = Role::parse(&role_text)
+            .ok_or_else(|| format!("its role {role_text:?} is not admin, deployer or agent"))?;
+        Ok(Identity {
+            name,
+            role,
+            serial: hex::encode(cert.raw_serial()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_grant_what_the_table_says() {
+        use Role::*;
+        for (have, need, ok) in [
+            (Admin, Admin, true),
+            (Admin, Deployer, true),
+            (Admin, Agent, false),
+            (Deployer, Deployer, true),
+            (Deployer, Admin, false),
+            (Deployer, Agent, false),
+            (Agent, Agent, true),
+            (Agent, Deployer, false),
+            (Agent, Admin, false),
+        ] {
+            assert_eq!(have.grants(need), ok, "{have:?} {need:?}");
+        }
+        for role in [Admin, Deployer, Agent] {
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+        assert_eq!(Role::parse("root"), None);
+    }
+}

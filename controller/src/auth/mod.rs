@@ -1,0 +1,68 @@
+//! Who may call what. Every connection to the controller is TLS; every call but
+//! `AgentService.Join` must carry a client certificate signed by the fleet's CA, and the
+//! identity in it (subject CN = the name, subject OU = the role, see [`identity`]) decides what
+//! the call may do. Each gRPC handler starts with one line, `auth::require(...)?`, so the
+//! rules live here and nowhere else:
+//!
+//! | role | may call |
+//! | --- | --- |
+//! | `admin` | every FleetService call |
+//! | `deployer` | release create, rollout, rollback, rollout status/pause/resume/abort, and the read verbs (hosts, releases, status, history, events) |
+//! | `agent` | only `AgentService.Session` and `FetchArtifact`, and only for its own host |
+//!
+//! A certificate whose serial is on the revoked list (`Store::revoke_host`,
+//! `Store::revoke_certificate`) is refused on every call.
+//!
+//! - [`ca`]: the fleet CA: making it, and signing the controller's, clients' and agents'
+//!   certificates with rcgen.
+//! - [`identity`]: a verified peer certificate -> [`Identity`].
+//! - [`tokens`]: one-time join tokens (made here, stored only as sha256).
+
+pub mod ca;
+pub mod identity;
+pub mod tokens;
+
+pub use identity::{Identity, Role};
+
+use crate::store::Store;
+use tonic::{Request, Status};
+
+/// The DNS name in the controller's certificate that every client verifies, whatever address
+/// it dials.
+pub const CONTROLLER_DNS_NAME: &str = "fleet-controller";
+
+/// The identity of the caller, when it has the role `needed` (admin also covers deployer), its
+/// certificate is not revoked, and it presented one at all. Otherwise `Unauthenticated` (no or
+/// unreadable certificate, revoked) or `PermissionDenied` naming the role the call needs.
+pub fn require<T>(store: &Store, request: &Request<T>, needed: Role) -> Result<Identity, Status> {
+    let certs = request.peer_certs();
+    let Some(leaf) = certs.as_ref().and_then(|certs| certs.first()) else {
+        return Err(Status::unauthenticated(
+            "this call needs a client certificate from the fleet's CA: use the directory written by `fleetctl init` or `fleetctl credentials create` (--config-dir DIR)",
+        ));
+    };
+    let identity = Identity::from_der(leaf.as_ref()).map_err(|e| {
+        Status::unauthenticated(format!(
+            "the client certificate is not a fleet credential: {e}"
+        ))
+    })?;
+    match store.is_revoked(&identity.serial) {
+        Ok(false) => {}
+        Ok(true) => {
+            return Err(Status::unauthenticated(format!(
+                "the certificate of `{}` (serial {}) was revoked: ask an admin for a new credential, or join the host again",
+                identity.name, identity.serial
+            )))
+        }
+        Err(e) => return Err(crate::api::store_status(e)),
+    }
+    if !identity.role.grants(needed) {
+        return Err(Status::permission_denied(format!(
+            "this call needs the {} role; your credential `{}` has role {}",
+            needed.as_str(),
+            identity.name,
+            identity.role.as_str()
+        )));
+    }
+    Ok(identity)
+}

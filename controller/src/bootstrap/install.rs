@@ -1,0 +1,458 @@
+//! What `fleetctl bootstrap` puts on a host and runs there, over an [`SshSession`]:
+//!
+//! ```text
+//! REMOTE_DIR/bin/fleet-agent        the agent binary (replaced atomically, checked by sha256)
+//! REMOTE_DIR/agent.toml             0600: controller, name, advertise, data_dir, labels, ca, join_token
+//! REMOTE_DIR/ca.pem                 the fleet CA the agent trusts (with mTLS)
+//! REMOTE_DIR/data/                  the agent's data dir (credentials, releases, instances)
+//! REMOTE_DIR/fleet-agent.pid|.log   when no systemd runs: the detached agent's pid and log
+//! /etc/systemd/system/fleet-agent.service   where systemd runs (packaging/systemd)
+//! ```
+//!
+//! Every file is written as `cat > .tmp && chmod && mv`, so a reader never sees half a file.
+//! Bootstrapping a host again upgrades it in place: the old agent is stopped (systemctl
+//! restart, or the pid from the pid file), the binary and config replaced, the data dir and the
+//! agent's credentials kept.
+
+use crate::bootstrap::ssh::{SshError, SshSession};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// The unit file, with `@REMOTE_DIR@` where the remote dir goes.
+pub const AGENT_UNIT_TEMPLATE: &str =
+    include_str!("../../../packaging/systemd/fleet-agent.service");
+/// Where the unit is installed on a host with systemd.
+pub const AGENT_UNIT_PATH: &str = "/etc/systemd/system/fleet-agent.service";
+/// The default `--remote-dir`.
+pub const DEFAULT_REMOTE_DIR: &str = "/opt/fleet";
+/// How long a stopping detached agent gets before SIGKILL, in tenths of a second.
+const STOP_WAIT_TENTHS: u32 = 150;
+
+#[derive(Debug, Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error("the remote dir {0:?} must be an absolute path without '..' or quotes")]
+    RemoteDir(PathBuf),
+    #[error(
+        "the agent binary is built for {binary} but the host is {host} (uname -m): build \
+         fleet-agent for {host} and pass it with --agent-binary"
+    )]
+    Architecture { binary: String, host: String },
+    #[error("the host answered something unexpected to {what}: {answer:?}")]
+    Unexpected { what: String, answer: String },
+    #[error("cannot write the agent config: {0}")]
+    Config(String),
+}
+
+/// The agent's config file, as the agent reads it (`fleet-agent --config`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AgentConfigFile {
+    pub controller: String,
+    pub name: String,
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join_token: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The agent binary to install, with its sha256 computed once for every host.
+#[derive(Debug)]
+pub struct AgentBinary {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+}
+
+impl AgentBinary {
+    pub fn new(bytes: Vec<u8>) -> AgentBinary {
+        let sha256 = sha256_hex(&bytes);
+        AgentBinary { bytes, sha256 }
+    }
+}
+
+/// Everything one host gets.
+pub struct InstallPlan<'a> {
+    pub remote_dir: PathBuf,
+    pub agent_binary: &'a AgentBinary,
+    pub controller_url: String,
+    pub host_name: String,
+    pub advertise: String,
+    pub labels: BTreeMap<String, String>,
+    /// The CA certificate (PEM) the agent should trust; None without mTLS.
+    pub ca_pem: Option<String>,
+    /// A fresh join token; None when the controller has none to give (no mTLS).
+    pub join_token: Option<String>,
+}
+
+/// How the agent runs on the host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceMode {
+    /// Installed and enabled as fleet-agent.service.
+    Systemd,
+    /// Started detached (no systemd on the host), with this pid.
+    Detached { pid: u32 },
+}
+
+/// What [`install`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstallOutcome {
+    pub mode: ServiceMode,
+    /// True when an agent ran there before and was replaced.
+    pub upgraded: bool,
+    /// False when the binary on the host was already the same bytes.
+    pub binary_uploaded: bool,
+    pub remote_dir: PathBuf,
+}
+
+impl InstallPlan<'_> {
+    /// The agent's config file text.
+    pub fn config_toml(&self) -> Result<String, InstallError> {
+        let dir = &self.remote_dir;
+        let file = AgentConfigFile {
+            controller: self.controller_url.clone(),
+            name: self.host_name.clone(),
+            advertise: self.advertise.clone(),
+            data_dir: dir.join("data"),
+            ca: self.ca_pem.as_ref().map(|_| dir.join("ca.pem")),
+            join_token: self.join_token.clone(),
+            labels: self.labels.clone(),
+        };
+        let body = toml::to_string(&file).map_err(|e| InstallError::Config(e.to_string()))?;
+        Ok(format!(
+            "# Written by `fleetctl bootstrap`; bootstrapping this host again rewrites it.\n{body}"
+        ))
+    }
+
+    /// The unit file for this remote dir.
+    pub fn unit_file(&self) -> String {
+        AGENT_UNIT_TEMPLATE.replace("@REMOTE_DIR@", &self.remote_dir.display().to_string())
+    }
+}
+
+/// Quotes a string for a POSIX shell.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// A remote dir must be absolute, normal and free of characters that would need care in a
+/// unit file.
+pub fn check_remote_dir(dir: &Path) -> Result<(), InstallError> {
+    let text = dir.to_string_lossy();
+    let ok = dir.is_absolute()
+        && dir != Path::new("/")
+        && dir
+            .components()
+            .all(|c| !matches!(c, std::path::Component::ParentDir))
+        && !text.contains(['\'', '"', '\\', '\n', ' ', '%', '$', '`', ';']);
+    if ok {
+        Ok(())
+    } else {
+        Err(InstallError::RemoteDir(dir.to_path_buf()))
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The `uname -m` names an ELF binary runs on, from its e_machine field; None when unknown.
+fn elf_machines(binary: &[u8]) -> Option<(&'static str, &'static [&'static str])> {
+    if binary.len() < 20 || &binary[..4] != b"\x7fELF" {
+        return None;
+    }
+    // e_machine at offset 18, in the file's byte order (EI_DATA: 1 little, 2 big).
+    let machine = if binary[5] == 2 {
+        u16::from_be_bytes([binary[18], binary[19]])
+    } else {
+        u16::from_le_bytes([binary[18], binary[19]])
+    };
+    Some(match machine {
+        0x3e => ("x86_64", &["x86_64", "amd64"]),
+        0xb7 => ("aarch64", &["aarch64", "arm64"]),
+        0x03 => ("i686", &["i386", "i486", "i586", "i686"]),
+        0x28 => ("arm", &["armv6l", "armv7l", "armv8l", "arm"]),
+        0xf3 => ("riscv64", &["riscv64"]),
+        _ => return None,
+    })
+}
+
+/// The exit status the install script uses when the host's architecture does not fit.
+const EXIT_WRONG_ARCH: u32 = 42;
+
+/// One file of the tar stream sent to the host: a ustar header, the bytes, padding to 512.
+fn tar_entry(name: &str, bytes: &[u8], mode: u32) -> Vec<u8> {
+    let mut header = tar::Header::new_ustar();
+    // Names are short constants: set_path cannot fail on them.
+    let _ = header.set_path(name);
+    header.set_size(bytes.len() as u64);
+    header.set_mode(mode);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    let mut entry = Vec::with_capacity(512 + bytes.len() + 512);
+    entry.extend_from_slice(header.as_bytes());
+    entry.extend_from_slice(bytes);
+    entry.resize(entry.len().div_ceil(512) * 512, 0);
+    entry
+}
+
+/// The agent binary as a tar entry, made once and sent to every host.
+pub fn binary_tar_entry(agent_binary: &AgentBinary) -> Vec<u8> {
+    tar_entry("fleet-agent", &agent_binary.bytes, 0o755)
+}
+
+/// Installs (or upgrades) the agent on the host and starts it, in ONE command: a shell script
+/// that reads a tar stream (binary, config, CA, unit) from stdin, checks the binary's sha256,
+/// moves everything into place, stops the old agent and starts the new one. One round trip
+/// whatever the network, and the least work for the host's sshd.
+pub async fn install(
+    session: &SshSession,
+    plan: &InstallPlan<'_>,
+    binary_entry: &[u8],
+) -> Result<InstallOutcome, InstallError> {
+    check_remote_dir(&plan.remote_dir)?;
+    let dir_text = plan.remote_dir.display().to_string();
+    let dir = shell_quote(&dir_text);
+
+    let mut small_entries = tar_entry("agent.toml", plan.config_toml()?.as_bytes(), 0o600);
+    if let Some(ca_pem) = &plan.ca_pem {
+        small_entries.extend(tar_entry("ca.pem", ca_pem.as_bytes(), 0o644));
+    }
+    small_entries.extend(tar_entry(
+        "fleet-agent.service",
+        plan.unit_file().as_bytes(),
+        0o644,
+    ));
+    small_entries.extend([0u8; 1024]);
+
+    let arch_check = match elf_machines(&plan.agent_binary.bytes) {
+        Some((_, accepted)) => format!(
+            "case \"$(uname -m)\" in {}) ;; *) echo \"arch=$(uname -m)\"; exit {EXIT_WRONG_ARCH};; esac; ",
+            accepted.join("|")
+        ),
+        None => String::new(),
+    };
+    let script = install_script(&dir, &plan.agent_binary.sha256, &arch_check);
+    let output = session
+        .exec(&script, &[binary_entry, &small_entries])
+        .await?;
+    let answer = output.stdout_text();
+    if output.exit_status == Some(EXIT_WRONG_ARCH) {
+        let host = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("arch="))
+            .unwrap_or("unknown")
+            .to_string();
+        let binary = elf_machines(&plan.agent_binary.bytes)
+            .map(|(arch, _)| arch.to_string())
+            .unwrap_or_default();
+        return Err(InstallError::Architecture { binary, host });
+    }
+    session.check_exit("install and start the agent", &output)?;
+
+    let upgraded = answer.lines().any(|l| l == "upgraded=yes");
+    let binary_uploaded = !answer.lines().any(|l| l == "binary=same");
+    let mode = if answer.lines().any(|l| l == "mode=systemd") {
+        ServiceMode::Systemd
+    } else {
+        let pid = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("pid="))
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .ok_or_else(|| InstallError::Unexpected {
+                what: "starting the agent".to_string(),
+                answer: answer.clone(),
+            })?;
+        ServiceMode::Detached { pid }
+    };
+    Ok(InstallOutcome {
+        mode,
+        upgraded,
+        binary_uploaded,
+        remote_dir: plan.remote_dir.clone(),
+    })
+}
+
+/// The install script; `dir` is shell-quoted already.
+fn install_script(dir: &str, binary_sha256: &str, arch_check: &str) -> String {
+    let unit = shell_quote(AGENT_UNIT_PATH);
+    // alive PID: the process exists and is not a zombie. The old detached agent is recognised
+    // by its command line before it is signalled, so a recycled pid is left alone.
+    format!(
+        "set -e; umask 077; {arch_check}\
+         mkdir -p {dir}/bin {dir}/data; chmod 700 {dir}; cd {dir}; \
+         staging={dir}/.incoming.$$; rm -rf \"$staging\"; mkdir \"$staging\"; \
+         trap 'rm -rf \"$staging\"' EXIT; \
+         tar -xf - -C \"$staging\"; \
+         if command -v sha256sum >/dev/null 2>&1; then \
+           got=$(sha256sum \"$staging/fleet-agent\" | cut -d' ' -f1); \
+           if [ \"$got\" != {binary_sha256} ]; then echo \"the agent binary arrived damaged (sha256 $got)\" >&2; exit 3; fi; \
+           if [ -f bin/fleet-agent ] && [ \"$(sha256sum bin/fleet-agent | cut -d' ' -f1)\" = {binary_sha256} ]; then echo binary=same; fi; \
+         fi; \
+         chmod 755 \"$staging/fleet-agent\"; chmod 600 \"$staging/agent.toml\"; \
+         mv -f \"$staging/agent.toml\" agent.toml; \
+         if [ -f \"$staging/ca.pem\" ]; then chmod 644 \"$staging/ca.pem\"; mv -f \"$staging/ca.pem\" ca.pem; fi; \
+         if [ -d /run/systemd/system ]; then \
+           SUDO=; [ \"$(id -u)\" = 0 ] || SUDO='sudo -n'; \
+           if $SUDO systemctl is-active --quiet fleet-agent.service; then echo upgraded=yes; fi; \
+           $SUDO systemctl stop fleet-agent.service 2>/dev/null || true; \
+           mv -f \"$staging/fleet-agent\" bin/fleet-agent; \
+           $SUDO install -m 0644 \"$staging/fleet-agent.service\" {unit}; \
+           $SUDO systemctl daemon-reload; \
+           $SUDO systemctl enable fleet-agent.service >/dev/null 2>&1; \
+           $SUDO systemctl restart fleet-agent.service; \
+           echo mode=systemd; \
+         else \
+           alive() {{ [ -r /proc/$1/stat ] && [ \"$(sed 's/.*) //' /proc/$1/stat | cut -c1)\" != Z ]; }}; \
+           if [ -f fleet-agent.pid ]; then \
+             old=$(cat fleet-agent.pid); \
+             if [ -n \"$old\" ] && alive \"$old\" && tr '\\0' ' ' < /proc/$old/cmdline | grep -q fleet-agent; then \
+               kill -TERM \"$old\" 2>/dev/null || true; i=0; \
+               while alive \"$old\" && [ $i -lt {STOP_WAIT_TENTHS} ]; do sleep 0.1; i=$((i+1)); done; \
+               if alive \"$old\"; then kill -KILL \"$old\" 2>/dev/null || true; fi; \
+               echo upgraded=yes; \
+             fi; \
+           fi; \
+           mv -f \"$staging/fleet-agent\" bin/fleet-agent; \
+           if command -v setsid >/dev/null 2>&1; then detach=setsid; else detach=; fi; \
+           nohup $detach {dir}/bin/fleet-agent --config {dir}/agent.toml >> {dir}/fleet-agent.log 2>&1 < /dev/null & \
+           pid=$!; echo $pid > fleet-agent.pid.tmp; mv -f fleet-agent.pid.tmp fleet-agent.pid; \
+           echo mode=detached; echo pid=$pid; \
+         fi"
+    )
+}
+
+/// Whether the agent still runs on the host, and if not, the tail of its log.
+pub async fn agent_health(
+    session: &SshSession,
+    remote_dir: &Path,
+    mode: &ServiceMode,
+) -> Result<Result<(), String>, InstallError> {
+    let dir = shell_quote(&remote_dir.display().to_string());
+    let script = match mode {
+        ServiceMode::Systemd => "SUDO=; [ \"$(id -u)\" = 0 ] || SUDO='sudo -n'; \
+             if $SUDO systemctl is-active --quiet fleet-agent.service; then echo alive=yes; \
+             else $SUDO journalctl -u fleet-agent.service -n 15 --no-pager 2>&1 | tail -n 15; fi"
+            .to_string(),
+        ServiceMode::Detached { pid } => format!(
+            "if [ -r /proc/{pid}/stat ] && [ \"$(sed 's/.*) //' /proc/{pid}/stat | cut -c1)\" != Z ]; \
+             then echo alive=yes; else tail -n 15 {dir}/fleet-agent.log 2>&1; fi"
+        ),
+    };
+    let output = session.exec(&script, &[]).await?;
+    let text = output.stdout_text();
+    if text.lines().any(|l| l == "alive=yes") {
+        Ok(Ok(()))
+    } else {
+        Ok(Err(text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(binary: &AgentBinary) -> InstallPlan<'_> {
+        InstallPlan {
+            remote_dir: PathBuf::from("/opt/fleet"),
+            agent_binary: binary,
+            controller_url: "https://10.0.0.1:7700".into(),
+            host_name: "web-1".into(),
+            advertise: "10.0.0.5".into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            ca_pem: Some("PEM".into()),
+            join_token: Some("tok\"en".into()),
+        }
+    }
+
+    #[test]
+    fn the_config_is_toml_the_agent_reads() {
+        let empty = AgentBinary::new(Vec::new());
+        let text = plan(&empty).config_toml().unwrap();
+        let value: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(value["controller"].as_str(), Some("https://10.0.0.1:7700"));
+        assert_eq!(value["data_dir"].as_str(), Some("/opt/fleet/data"));
+        assert_eq!(value["ca"].as_str(), Some("/opt/fleet/ca.pem"));
+        assert_eq!(value["join_token"].as_str(), Some("tok\"en"));
+        assert_eq!(value["labels"]["env"].as_str(), Some("prod"));
+
+        let mut bare = plan(&empty);
+        bare.ca_pem = None;
+        bare.join_token = None;
+        let value: toml::Value = toml::from_str(&bare.config_toml().unwrap()).unwrap();
+        assert!(value.get("ca").is_none() && value.get("join_token").is_none());
+    }
+
+    #[test]
+    fn the_unit_names_the_remote_dir() {
+        let empty = AgentBinary::new(Vec::new());
+        let unit = plan(&empty).unit_file();
+        assert!(!unit.contains("@REMOTE_DIR@"));
+        assert!(unit.contains("ExecStart=/opt/fleet/bin/fleet-agent --config /opt/fleet/agent.toml"));
+        assert!(unit.contains("ReadWritePaths=/opt/fleet"));
+    }
+
+    #[test]
+    fn remote_dirs_and_quoting() {
+        for (dir, ok) in [
+            ("/opt/fleet", true),
+            ("/srv/fleet-2/x_y", true),
+            ("opt/fleet", false),
+            ("/", false),
+            ("/opt/../etc", false),
+            ("/opt/fle et", false),
+            ("/opt/$(reboot)", false),
+            ("/opt/it's", false),
+        ] {
+            assert_eq!(check_remote_dir(Path::new(dir)).is_ok(), ok, "{dir}");
+        }
+        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
+    }
+
+    #[test]
+    fn the_tar_stream_unpacks_with_names_modes_and_bytes() {
+        let binary = AgentBinary::new(b"#!/bin/sh\nexit 0\n".to_vec());
+        let mut stream = binary_tar_entry(&binary);
+        stream.extend(tar_entry("agent.toml", b"name = \"x\"\n", 0o600));
+        stream.extend([0u8; 1024]);
+        let mut archive = tar::Archive::new(&stream[..]);
+        let mut seen = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
+            seen.push((
+                entry.path().unwrap().display().to_string(),
+                entry.header().mode().unwrap(),
+                bytes,
+            ));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                ("fleet-agent".to_string(), 0o755, binary.bytes.clone()),
+                ("agent.toml".to_string(), 0o600, b"name = \"x\"\n".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn elf_architectures() {
+        let mut header = vec![0u8; 64];
+        header[..4].copy_from_slice(b"\x7fELF");
+        header[5] = 1;
+        header[18] = 0x3e;
+        assert_eq!(elf_machines(&header).unwrap().0, "x86_64");
+        header[18] = 0xb7;
+        assert!(elf_machines(&header).unwrap().1.contains(&"arm64"));
+        assert!(elf_machines(b"#!/bin/sh\n").is_none());
+    }
+}

@@ -1,0 +1,175 @@
+//! The trust verbs: `fleetctl join-token create [--ttl DUR]` (a one-time token a new host
+//! joins with) and `fleetctl credentials create NAME --role admin|deployer --out DIR` (a
+//! client credential for an operator or a CI job: the key is made here and never leaves this
+//! machine; the controller signs a certificate request). Both need the admin role.
+
+use crate::cli::client::{usage, CliError, CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE};
+use crate::cli::commands::Context;
+use crate::cli::{args, init, output};
+use clap::{Args, Subcommand, ValueEnum};
+use fleet_proto::pb;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCommand {
+    /// Create a one-time token a new host joins with (`fleet-agent --join-token TOKEN`)
+    Create(JoinTokenCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JoinTokenCreateArgs {
+    /// How long the token may be used, e.g. 30m, 1h (at most 7 days)
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = args::parse_duration_arg)]
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialsCommand {
+    /// Create a client credential (key, certificate, CA, client.toml) usable with --config-dir
+    Create(CredentialsCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CredentialsCreateArgs {
+    /// Who holds it, e.g. ci or alice (lowercase letters, digits and '-')
+    #[arg(value_parser = args::parse_app)]
+    pub name: String,
+    /// admin may do everything; deployer may release, roll out, roll back and read (what CI holds)
+    #[arg(long, value_enum)]
+    pub role: CredentialRole,
+    /// The directory to write client.key, client.pem, ca.pem and client.toml into
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CredentialRole {
+    Admin,
+    Deployer,
+}
+
+impl CredentialRole {
+    fn as_str(self) -> &'static str {
+        match self {
+            CredentialRole::Admin => "admin",
+            CredentialRole::Deployer => "deployer",
+        }
+    }
+}
+
+/// `fleetctl join-token create`: prints the token (text: the token alone on stdout).
+pub async fn join_token_create(
+    ctx: &Context,
+    ttl: Duration,
+) -> Result<pb::CreateJoinTokenResponse, CliError> {
+    let response = create_join_token(ctx, ttl).await?;
+    if ctx.output == output::OutputFormat::Json {
+        output::print_json(&response);
+    } else {
+        println!("{}", response.token);
+        eprintln!(
+            "join token valid for {}, for one host: fleet-agent --join-token TOKEN --ca CA.pem --controller {} ...",
+            fleet_proto::duration::format_duration(ttl),
+            ctx.connection.url
+        );
+    }
+    Ok(response)
+}
+
+/// Asks the controller for a join token without printing it (the demo uses this).
+pub async fn create_join_token(
+    ctx: &Context,
+    ttl: Duration,
+) -> Result<pb::CreateJoinTokenResponse, CliError> {
+    let ttl_ms = ttl.as_millis().min(u64::MAX as u128) as u64;
+    if ttl_ms == 0 {
+        return Err(usage("--ttl must be more than 0, e.g. 1h"));
+    }
+    let mut client = ctx.connection.client.clone();
+    client
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_ms })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|status| ctx.connection.error(status))
+}
+
+/// What `credentials create` wrote.
+#[derive(Debug, serde::Serialize)]
+pub struct CredentialOutcome {
+    pub name: String,
+    pub role: String,
+    pub dir: PathBuf,
+    pub controller_url: String,
+}
+
+/// `fleetctl credentials create NAME --role ROLE --out DIR`.
+pub async fn credentials_create(
+    ctx: &Context,
+    create: &CredentialsCreateArgs,
+) -> Result<CredentialOutcome, CliError> {
+    let out = &create.out;
+    let key_path = out.join(CLIENT_KEY_FILE);
+    if key_path.exists() {
+        return Err(usage(format!(
+            "{} already exists: pass --out with a new directory",
+            key_path.display()
+        )));
+    }
+    let (csr_pem, key_pem) = crate::auth::ca::make_csr(&create.name)
+        .map_err(|e| CliError::Failed(format!("cannot make a key: {e}")))?;
+    let mut client = ctx.connection.client.clone();
+    let response = client
+        .issue_credential(pb::IssueCredentialRequest {
+            name: create.name.clone(),
+            role: create.role.as_str().to_string(),
+            csr_pem,
+        })
+        .await
+        .map_err(|status| ctx.connection.error(status))?
+        .into_inner();
+    std::fs::create_dir_all(out).map_err(|e| {
+        usage(format!(
+            "cannot create {}: {e}; pass --out with a directory you can write",
+            out.display()
+        ))
+    })?;
+    write_private(&key_path, &key_pem)?;
+    write_file(&out.join(CLIENT_CERT_FILE), &response.certificate_pem)?;
+    write_file(&out.join(CA_FILE), &response.ca_pem)?;
+    init::write_client_toml(&out.join("client.toml"), &ctx.connection.url)?;
+    let outcome = CredentialOutcome {
+        name: create.name.clone(),
+        role: create.role.as_str().to_string(),
+        dir: out.clone(),
+        controller_url: ctx.connection.url.clone(),
+    };
+    if ctx.output == output::OutputFormat::Json {
+        output::print_json(&outcome);
+    } else {
+        println!(
+            "wrote credential `{}` (role {}) to {}: use it with fleetctl --config-dir {}",
+            outcome.name,
+            outcome.role,
+            out.display(),
+            out.display()
+        );
+    }
+    Ok(outcome)
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(|e| usage(format!("cannot write {}: {e}", path.display())))
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), CliError> {
+    std::fs::write(path, text).map_err(|e| usage(format!("cannot write {}: {e}", path.display())))
+}
