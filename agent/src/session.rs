@@ -18,6 +18,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+/// The HTTP/2 flow-control window of one stream (an artifact download).
+const HTTP2_STREAM_WINDOW: u32 = 4 << 20;
+/// The HTTP/2 flow-control window of the whole connection.
+const HTTP2_CONNECTION_WINDOW: u32 = 8 << 20;
+
 pub const MIN_RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
 pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// Heartbeat interval until the controller's `Welcome` says otherwise.
@@ -66,6 +71,10 @@ pub fn lazy_channel(
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
+        // HTTP/2's default 64 KiB window stalls an artifact download every 64 KiB waiting for
+        // the agent's window update; megabyte windows keep the stream full.
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .connect_lazy())
 }
 

@@ -80,6 +80,9 @@ pub async fn run(
         .tls_config(tls)
         .context("cannot set up TLS with the controller's certificate")?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        // Megabyte windows, so a release upload is not stalled every 64 KiB by flow control.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
         .add_service(
             pb::agent_service_server::AgentServiceServer::new(agent_api)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

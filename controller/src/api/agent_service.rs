@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use std::io::{Read, Seek};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -299,12 +299,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .ok_or_else(|| {
                 Status::invalid_argument(format!("{:?} is not a sha256 digest", request.digest))
             })?;
-        let mut file = tokio::fs::File::open(&path)
-            .await
+        let mut file = std::fs::File::open(&path)
             .map_err(|_| Status::not_found(format!("no artifact {}", request.digest)))?;
         let size = file
             .metadata()
-            .await
             .map_err(|e| Status::internal(e.to_string()))?
             .len();
         if request.offset > size {
@@ -314,25 +312,31 @@ impl pb::agent_service_server::AgentService for AgentApi {
             )));
         }
         file.seek(std::io::SeekFrom::Start(request.offset))
-            .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
+        // A blocking reader fills each chunk straight from the file (no async-file buffer in
+        // between) while the stream sends the previous ones.
+        tokio::task::spawn_blocking(move || {
             let mut remaining = size - request.offset;
             while remaining > 0 {
-                let mut chunk = vec![0u8; CHUNK_BYTES.min(remaining as usize)];
-                if let Err(e) = file.read_exact(&mut chunk).await {
-                    let _ = tx
-                        .send(Err(Status::internal(format!("reading the artifact: {e}"))))
-                        .await;
+                let want = CHUNK_BYTES.min(remaining as usize);
+                let mut chunk = Vec::with_capacity(want);
+                let read = (&mut file).take(want as u64).read_to_end(&mut chunk);
+                if let Err(e) = read.and_then(|n| {
+                    if n == want {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+                    }
+                }) {
+                    let _ = tx.blocking_send(Err(Status::internal(format!(
+                        "reading the artifact: {e}"
+                    ))));
                     return;
                 }
-                remaining -= chunk.len() as u64;
-                if tx
-                    .send(Ok(pb::ArtifactChunk { data: chunk }))
-                    .await
-                    .is_err()
-                {
+                remaining -= want as u64;
+                let message = pb::ArtifactChunk { data: chunk.into() };
+                if tx.blocking_send(Ok(message)).is_err() {
                     return;
                 }
             }

@@ -153,7 +153,10 @@ fn shorten(line: &str) -> String {
     if line.len() <= 80 {
         return line.to_string();
     }
-    let cut = (0..=77).rev().find(|i| line.is_char_boundary(*i)).unwrap_or(0);
+    let cut = (0..=77)
+        .rev()
+        .find(|i| line.is_char_boundary(*i))
+        .unwrap_or(0);
     format!("{}...", &line[..cut])
 }
 
@@ -267,11 +270,15 @@ pub fn record(path: &Path, host: &str, port: u16, key: &PublicKey) -> Result<(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(write_error(e)),
     };
-    let key_text = key.to_openssh().map_err(|e| write_error(std::io::Error::other(e)))?;
+    let key_text = key
+        .to_openssh()
+        .map_err(|e| write_error(std::io::Error::other(e)))?;
     // Only the type and the base64 blob: no comment.
     let mut key_fields = key_text.split_whitespace();
     let (Some(key_type), Some(base64)) = (key_fields.next(), key_fields.next()) else {
-        return Err(write_error(std::io::Error::other("the key has no OpenSSH form")));
+        return Err(write_error(std::io::Error::other(
+            "the key has no OpenSSH form",
+        )));
     };
     let mut line = String::new();
     if !existing.is_empty() && !existing.ends_with(b"\n") {
@@ -420,7 +427,11 @@ mod tests {
             ("*", "anything", true),
             ("", "a", false),
         ] {
-            assert_eq!(patterns_match(patterns, name), expect, "{patterns} vs {name}");
+            assert_eq!(
+                patterns_match(patterns, name),
+                expect,
+                "{patterns} vs {name}"
+            );
         }
     }
 
@@ -441,7 +452,11 @@ mod tests {
         const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -468,18 +483,27 @@ mod tests {
         let path = dir.path().join("ssh").join("known_hosts");
         let (ours, other) = (key(1), key(2));
 
-        assert_eq!(check(&path, "127.0.0.1", 2222, &ours).unwrap(), Verdict::Unknown);
+        assert_eq!(
+            check(&path, "127.0.0.1", 2222, &ours).unwrap(),
+            Verdict::Unknown
+        );
         record(&path, "127.0.0.1", 2222, &ours).unwrap();
         assert_eq!(
             check(&path, "127.0.0.1", 2222, &ours).unwrap(),
             Verdict::Known { line_number: 1 }
         );
         // Another port is another host.
-        assert_eq!(check(&path, "127.0.0.1", 2223, &other).unwrap(), Verdict::Unknown);
+        assert_eq!(
+            check(&path, "127.0.0.1", 2223, &other).unwrap(),
+            Verdict::Unknown
+        );
 
         let changed = check(&path, "127.0.0.1", 2222, &other).unwrap_err();
         let message = changed.to_string();
-        assert!(matches!(changed, HostKeyError::Changed { line_number: 1, .. }));
+        assert!(matches!(
+            changed,
+            HostKeyError::Changed { line_number: 1, .. }
+        ));
         assert!(message.contains(&fingerprint(&other)), "{message}");
         assert!(message.contains("line 1"), "{message}");
 

@@ -32,6 +32,8 @@ pub enum BootstrapError {
     Ssh(#[from] SshError),
     #[error(transparent)]
     Install(#[from] InstallError),
+    #[error("no join token from the controller: {0}")]
+    JoinToken(String),
 }
 
 /// One host, fully resolved: where to log in and what the agent there is told.
@@ -61,7 +63,8 @@ pub struct Bootstrapped {
     pub outcome: InstallOutcome,
 }
 
-/// Logs in to one host, uploads the agent, its config, the CA and `join_token`, and starts the
+/// Logs in to one host, uploads the agent, its config, the CA and the token `join_token`
+/// resolves to (asked for while SSH connects), and starts the
 /// agent (under systemd where it runs, detached otherwise). `binary_entry` is
 /// [`install::binary_tar_entry`] of `agent_binary`, made once for all hosts. `progress` hears
 /// each step.
@@ -70,17 +73,28 @@ pub async fn bootstrap_host(
     shared: &SharedSettings,
     agent_binary: &AgentBinary,
     binary_entry: &[u8],
-    join_token: Option<String>,
+    join_token: impl std::future::Future<Output = Result<Option<String>, String>>,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Bootstrapped, BootstrapError> {
     progress(&format!("connecting to {}", job.address));
-    let session = SshSession::connect(
-        &job.address,
-        &shared.policy,
-        &shared.credential,
-        SSH_CONNECT_TIMEOUT,
-    )
-    .await?;
+    // The token is asked for while SSH connects: neither waits for the other.
+    let (join_token, session) = tokio::join!(
+        join_token,
+        SshSession::connect(
+            &job.address,
+            &shared.policy,
+            &shared.credential,
+            SSH_CONNECT_TIMEOUT,
+        )
+    );
+    let session = session?;
+    let join_token = match join_token {
+        Ok(token) => token,
+        Err(message) => {
+            session.close().await;
+            return Err(BootstrapError::JoinToken(message));
+        }
+    };
     if session.host_key.recorded {
         progress(&format!(
             "host key {} was new: recorded in {}",

@@ -202,7 +202,10 @@ mod tests {
     fn ssh_addresses() {
         for (text, expect) in [
             ("ssh://root@10.0.0.5", Some(address("root", "10.0.0.5", 22))),
-            ("ssh://root@10.0.0.5:2222", Some(address("root", "10.0.0.5", 2222))),
+            (
+                "ssh://root@10.0.0.5:2222",
+                Some(address("root", "10.0.0.5", 2222)),
+            ),
             ("ssh://web-1", Some(address("me", "web-1", 22))),
             ("ssh://admin@web-1/", Some(address("admin", "web-1", 22))),
             ("ssh://a@[::1]:2200", Some(address("a", "::1", 2200))),

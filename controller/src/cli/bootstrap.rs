@@ -218,9 +218,8 @@ async fn prepare(
 
     let agent_path = match &flags.agent_binary {
         Some(path) => path.clone(),
-        None => ssh_bootstrap::default_agent_binary().ok_or_else(|| {
-            usage("no fleet-agent beside fleetctl: pass --agent-binary PATH")
-        })?,
+        None => ssh_bootstrap::default_agent_binary()
+            .ok_or_else(|| usage("no fleet-agent beside fleetctl: pass --agent-binary PATH"))?,
     };
     let agent_binary = tokio::fs::read(&agent_path).await.map_err(|e| {
         usage(format!(
@@ -293,10 +292,11 @@ async fn default_advertise(host: &str, port: u16) -> Result<String, CliError> {
             "cannot resolve {host} to pick its advertise address: {e}; give --advertise IP"
         ))
     })?;
-    addrs
-        .next()
-        .map(|a| a.ip().to_string())
-        .ok_or_else(|| usage(format!("{host} resolves to no address: give --advertise IP")))
+    addrs.next().map(|a| a.ip().to_string()).ok_or_else(|| {
+        usage(format!(
+            "{host} resolves to no address: give --advertise IP"
+        ))
+    })
 }
 
 /// A fresh join token, or None when the controller issues none (it runs without mTLS).
@@ -346,11 +346,17 @@ async fn bootstrap_one(
     let name = job.host_name.clone();
     let progress = move |line: &str| eprintln!("{name}: {line}");
     let work = async {
-        let token = join_token(ctx).await.map_err(|e| e.to_string())?;
-        let done =
-            ssh_bootstrap::bootstrap_host(job, shared, agent_binary, binary_entry, token, &progress)
-                .await
-            .map_err(|e| e.to_string())?;
+        let token = async { join_token(ctx).await.map_err(|e| e.to_string()) };
+        let done = ssh_bootstrap::bootstrap_host(
+            job,
+            shared,
+            agent_binary,
+            binary_entry,
+            token,
+            &progress,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         result.host_key_fingerprint = done.session.host_key.fingerprint.clone();
         result.host_key_recorded = done.session.host_key.recorded;
         result.install = Some(done.outcome.clone());
@@ -398,8 +404,11 @@ async fn wait_registered(
             .map_err(|e| e.to_string())?
         {
             if host.connected {
-                // The agent that registered must be the one just started, and still running.
-                check_health(done).await?;
+                // After an upgrade the old agent may not have been seen to leave yet: make sure
+                // the one just started runs. A fresh host has no other agent to confuse.
+                if done.outcome.upgraded {
+                    check_health(done).await?;
+                }
                 return Ok(host);
             }
         }
@@ -444,7 +453,11 @@ fn render_result(result: &HostResult) -> String {
         }
         Some((ServiceMode::Detached { pid }, upgraded)) => format!(
             "agent {} detached, pid {pid} (no systemd on the host)",
-            if upgraded { "upgraded in place," } else { "started" }
+            if upgraded {
+                "upgraded in place,"
+            } else {
+                "started"
+            }
         ),
         None => "agent started".to_string(),
     };
@@ -507,7 +520,10 @@ pub async fn bootstrap(
     }
     if let Some(path) = &args.targets_file {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            usage(format!("cannot read the targets file {}: {e}", path.display()))
+            usage(format!(
+                "cannot read the targets file {}: {e}",
+                path.display()
+            ))
         })?;
         specs.extend(
             targets::parse_targets_file(&text, &user)
@@ -569,11 +585,7 @@ fn describe_apps(host: &pb::Host) -> String {
 
 /// `fleetctl replace OLD --with ssh://…`: bootstrap NEW, converge it like OLD, then drain and
 /// remove OLD. OLD is touched only after NEW passed; any failure before leaves OLD as it was.
-pub async fn replace(
-    ctx: &Context,
-    config_dir: &Path,
-    args: &ReplaceArgs,
-) -> Result<u8, CliError> {
+pub async fn replace(ctx: &Context, config_dir: &Path, args: &ReplaceArgs) -> Result<u8, CliError> {
     let address =
         targets::parse_ssh_address(&args.with, &local_user()).map_err(|e| usage(e.to_string()))?;
     let old = find_host(ctx, &args.old).await?.ok_or_else(|| {

@@ -182,7 +182,7 @@ fn artifact_stream(
             Ok(n_bytes) => {
                 chunk.truncate(n_bytes);
                 let request = pb::CreateReleaseRequest {
-                    body: Some(pb::create_release_request::Body::Chunk(chunk)),
+                    body: Some(pb::create_release_request::Body::Chunk(chunk.into())),
                 };
                 Some((request, state))
             }
