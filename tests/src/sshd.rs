@@ -49,7 +49,9 @@ pub fn new_ed25519_key() -> PrivateKey {
 /// Writes a private key in OpenSSH format, mode 0600.
 pub fn write_private_key(key: &PrivateKey, path: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    let text = key.to_openssh(LineEnding::LF).expect("encode a private key");
+    let text = key
+        .to_openssh(LineEnding::LF)
+        .expect("encode a private key");
     std::fs::write(path, text.as_bytes()).expect("write a private key");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 0600");
 }
@@ -102,9 +104,12 @@ impl Sshd {
         std::fs::create_dir_all(dir).expect("sshd dir");
         // The privilege separation directory sshd insists on.
         let _ = std::fs::create_dir_all("/run/sshd");
+        // SHLVL=1 makes the login shell skip ~/.bashrc (bash sources it for SSH commands only
+        // at shell level 1): the "host" is this machine's own account, whose rc files (a
+        // developer's pyenv init, say) are no part of a fresh host and cost 300 ms a command.
         std::fs::write(
             dir.join("authorized_keys"),
-            format!("{client_public_line}\n"),
+            format!("environment=\"SHLVL=1\" {client_public_line}\n"),
         )
         .expect("write authorized_keys");
         let mut sshd = Sshd {
@@ -139,6 +144,7 @@ impl Sshd {
                      PubkeyAuthentication yes\n\
                      PasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\n\
+                     PermitUserEnvironment SHLVL\n\
                      MaxStartups 200\n\
                      MaxSessions 100\n\
                      LogLevel VERBOSE\n"
@@ -182,14 +188,18 @@ impl Sshd {
         command.arg("-D").arg("-e").arg("-f").arg(&config);
         let log = self.dir.join("sshd.log");
         let mut child = ChildGuard::spawn("sshd", command, &log);
-        wait_until(SSHD_START_DEADLINE, "sshd to accept connections again", || {
-            assert!(
-                !child.has_exited(),
-                "sshd exited at restart; its log:\n{}",
-                process::tail(&log, 20)
-            );
-            ssh_banner(old_port)
-        });
+        wait_until(
+            SSHD_START_DEADLINE,
+            "sshd to accept connections again",
+            || {
+                assert!(
+                    !child.has_exited(),
+                    "sshd exited at restart; its log:\n{}",
+                    process::tail(&log, 20)
+                );
+                ssh_banner(old_port)
+            },
+        );
         self.child = Some(child);
     }
 

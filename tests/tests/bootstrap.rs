@@ -7,7 +7,7 @@
 //! line. Every agent the test started is killed by the pid in its remote pid file.
 
 use fleet_tests::fleet::{CtlOutput, Fleet};
-use fleet_tests::sshd::{self, RemoteAgents, Sshd, SshClient};
+use fleet_tests::sshd::{self, RemoteAgents, SshClient, Sshd};
 use fleet_tests::{http, process, wait_until, web_manifest};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -67,7 +67,10 @@ impl Setup {
 }
 
 fn host<'a>(hosts: &'a Value, name: &str) -> Option<&'a Value> {
-    hosts["hosts"].as_array()?.iter().find(|h| h["name"] == name)
+    hosts["hosts"]
+        .as_array()?
+        .iter()
+        .find(|h| h["name"] == name)
 }
 
 fn detached_pid(result: &Value) -> u64 {
@@ -105,7 +108,10 @@ fn an_unknown_host_key_is_refused_unless_accepted_and_then_recorded() {
     );
     assert!(error.contains("--accept-new-host-key"), "{error}");
     assert!(!setup.client.known_hosts.exists());
-    assert!(!remote.exists(), "nothing may be installed on a refused host");
+    assert!(
+        !remote.exists(),
+        "nothing may be installed on a refused host"
+    );
 
     // With the flag: accepted and recorded, and the host registers.
     let mut args = common.to_vec();
@@ -178,7 +184,10 @@ fn a_changed_host_key_is_always_refused_with_its_fingerprint_and_the_known_hosts
             before,
             "a changed key is never recorded"
         );
-        assert!(!remote.exists(), "nothing may be installed on a refused host");
+        assert!(
+            !remote.exists(),
+            "nothing may be installed on a refused host"
+        );
     }
 }
 
@@ -308,4 +317,48 @@ fn several_hosts_from_a_targets_file_are_bootstrapped_in_parallel() {
         ])
         .expect_code(1);
     assert_eq!(bad.json["results"][0]["ok"], false);
+}
+
+#[test]
+fn an_agent_that_dies_at_start_fails_its_host_at_once_with_the_end_of_its_log() {
+    let Some(mut setup) = setup() else { return };
+    let remote = setup.remote_dir("d1");
+    let remote_text = remote.display().to_string();
+    // A stand-in "agent" that complains and exits, as one with a broken config would.
+    let broken = setup.fleet.dir().join("broken-agent");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho 'fleet-agent: config is not valid: broken on purpose' >&2\nexit 2\n",
+    )
+    .unwrap();
+    let broken_text = broken.display().to_string();
+    let url = setup.sshd.url();
+    let advertise = setup.fleet.range.host_addr(0);
+    let started = std::time::Instant::now();
+    let out = setup
+        .bootstrap(&[
+            &url,
+            "--name",
+            "d1",
+            "--advertise",
+            &advertise,
+            "--remote-dir",
+            &remote_text,
+            "--agent-binary",
+            &broken_text,
+            "--accept-new-host-key",
+            "--deadline",
+            "60s",
+        ])
+        .expect_code(1);
+    let error = out.json["results"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("stopped right after it started"), "{error}");
+    assert!(error.contains("broken on purpose"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "a dead agent is noticed long before the deadline"
+    );
 }

@@ -5,7 +5,7 @@
 //! sees a moment with no healthy instance.
 
 use fleet_tests::fleet::Fleet;
-use fleet_tests::sshd::{RemoteAgents, Sshd, SshClient};
+use fleet_tests::sshd::{RemoteAgents, SshClient, Sshd};
 use fleet_tests::{http, web_manifest};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;

@@ -39,8 +39,7 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     let agent_template =
         std::fs::read_to_string(packaging_dir().join("fleet-agent.service")).unwrap();
     assert!(agent_template.contains("@REMOTE_DIR@"));
-    let agent_unit =
-        agent_template.replace("@REMOTE_DIR@", &remote_dir.display().to_string());
+    let agent_unit = agent_template.replace("@REMOTE_DIR@", &remote_dir.display().to_string());
 
     // The controller unit with its binary where this build put it.
     let controller_template =

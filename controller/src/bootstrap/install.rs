@@ -45,6 +45,8 @@ pub enum InstallError {
     Unexpected { what: String, answer: String },
     #[error("cannot write the agent config: {0}")]
     Config(String),
+    #[error("no join token from the controller: {0}")]
+    JoinToken(String),
 }
 
 /// The agent's config file, as the agent reads it (`fleet-agent --config`).
@@ -86,8 +88,6 @@ pub struct InstallPlan<'a> {
     pub labels: BTreeMap<String, String>,
     /// The CA certificate (PEM) the agent should trust; None without mTLS.
     pub ca_pem: Option<String>,
-    /// A fresh join token; None when the controller has none to give (no mTLS).
-    pub join_token: Option<String>,
 }
 
 /// How the agent runs on the host.
@@ -115,8 +115,9 @@ pub struct InstallOutcome {
 }
 
 impl InstallPlan<'_> {
-    /// The agent's config file text.
-    pub fn config_toml(&self) -> Result<String, InstallError> {
+    /// The agent's config file text, with `join_token` (None when the controller has none to
+    /// give: no mTLS).
+    pub fn config_toml(&self, join_token: Option<&str>) -> Result<String, InstallError> {
         let dir = &self.remote_dir;
         let file = AgentConfigFile {
             controller: self.controller_url.clone(),
@@ -124,7 +125,7 @@ impl InstallPlan<'_> {
             advertise: self.advertise.clone(),
             data_dir: dir.join("data"),
             ca: self.ca_pem.as_ref().map(|_| dir.join("ca.pem")),
-            join_token: self.join_token.clone(),
+            join_token: join_token.map(str::to_string),
             labels: self.labels.clone(),
         };
         let body = toml::to_string(&file).map_err(|e| InstallError::Config(e.to_string()))?;
@@ -215,28 +216,38 @@ pub fn binary_tar_entry(agent_binary: &AgentBinary) -> Vec<u8> {
 
 /// Installs (or upgrades) the agent on the host and starts it, in ONE command: a shell script
 /// that reads a tar stream (binary, config, CA, unit) from stdin (SSH's MACs guard the bytes,
-/// tar notices a cut stream),
-/// moves everything into place, stops the old agent and starts the new one. One round trip
-/// whatever the network, and the least work for the host's sshd.
+/// tar notices a cut stream), moves everything into place, stops the old agent and starts the
+/// new one. One round trip whatever the network, and the least work for the host's sshd.
 pub async fn install(
     session: &SshSession,
     plan: &InstallPlan<'_>,
     binary_entry: &[u8],
+    join_token: impl std::future::Future<Output = Result<Option<String>, String>>,
 ) -> Result<InstallOutcome, InstallError> {
     check_remote_dir(&plan.remote_dir)?;
     let dir_text = plan.remote_dir.display().to_string();
     let dir = shell_quote(&dir_text);
 
-    let mut small_entries = tar_entry("agent.toml", plan.config_toml()?.as_bytes(), 0o600);
-    if let Some(ca_pem) = &plan.ca_pem {
-        small_entries.extend(tar_entry("ca.pem", ca_pem.as_bytes(), 0o644));
-    }
-    small_entries.extend(tar_entry(
-        "fleet-agent.service",
-        plan.unit_file().as_bytes(),
-        0o644,
-    ));
-    small_entries.extend([0u8; 1024]);
+    // The small files follow the binary on the stream; the config needs the join token, which
+    // the controller makes while the binary's bytes travel.
+    let small_entries = async {
+        let join_token = join_token.await.map_err(InstallError::JoinToken)?;
+        let mut entries = tar_entry(
+            "agent.toml",
+            plan.config_toml(join_token.as_deref())?.as_bytes(),
+            0o600,
+        );
+        if let Some(ca_pem) = &plan.ca_pem {
+            entries.extend(tar_entry("ca.pem", ca_pem.as_bytes(), 0o644));
+        }
+        entries.extend(tar_entry(
+            "fleet-agent.service",
+            plan.unit_file().as_bytes(),
+            0o644,
+        ));
+        entries.extend([0u8; 1024]);
+        Ok::<_, InstallError>(entries)
+    };
 
     let arch_check = match elf_machines(&plan.agent_binary.bytes) {
         Some((_, accepted)) => format!(
@@ -246,9 +257,12 @@ pub async fn install(
         None => String::new(),
     };
     let script = install_script(&dir, &arch_check);
-    let output = session
-        .exec(&script, &[binary_entry, &small_entries])
+    let (output, tail_error) = session
+        .exec_then(&script, binary_entry, small_entries)
         .await?;
+    if let Some(error) = tail_error {
+        return Err(error);
+    }
     let answer = output.stdout_text();
     if output.exit_status == Some(EXIT_WRONG_ARCH) {
         let host = answer
@@ -378,14 +392,13 @@ mod tests {
             advertise: "10.0.0.5".into(),
             labels: [("env".to_string(), "prod".to_string())].into(),
             ca_pem: Some("PEM".into()),
-            join_token: Some("tok\"en".into()),
         }
     }
 
     #[test]
     fn the_config_is_toml_the_agent_reads() {
         let empty = AgentBinary::new(Vec::new());
-        let text = plan(&empty).config_toml().unwrap();
+        let text = plan(&empty).config_toml(Some("tok\"en")).unwrap();
         let value: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(value["controller"].as_str(), Some("https://10.0.0.1:7700"));
         assert_eq!(value["data_dir"].as_str(), Some("/opt/fleet/data"));
@@ -395,8 +408,7 @@ mod tests {
 
         let mut bare = plan(&empty);
         bare.ca_pem = None;
-        bare.join_token = None;
-        let value: toml::Value = toml::from_str(&bare.config_toml().unwrap()).unwrap();
+        let value: toml::Value = toml::from_str(&bare.config_toml(None).unwrap()).unwrap();
         assert!(value.get("ca").is_none() && value.get("join_token").is_none());
     }
 

@@ -10,6 +10,10 @@
 //! **Architecture Invariant:** nothing here talks to the controller; the join token and the CA
 //! come in as plain values.
 
+// The errors of this module carry everything a person needs to act (host, key fingerprint,
+// known_hosts path and line) and happen once per host at most: their size costs nothing.
+#![allow(clippy::result_large_err)]
+
 pub mod install;
 pub mod known_hosts;
 pub mod ssh;
@@ -32,8 +36,6 @@ pub enum BootstrapError {
     Ssh(#[from] SshError),
     #[error(transparent)]
     Install(#[from] InstallError),
-    #[error("no join token from the controller: {0}")]
-    JoinToken(String),
 }
 
 /// One host, fully resolved: where to log in and what the agent there is told.
@@ -64,7 +66,7 @@ pub struct Bootstrapped {
 }
 
 /// Logs in to one host, uploads the agent, its config, the CA and the token `join_token`
-/// resolves to (asked for while SSH connects), and starts the
+/// resolves to (awaited only once the binary is on its way), and starts the
 /// agent (under systemd where it runs, detached otherwise). `binary_entry` is
 /// [`install::binary_tar_entry`] of `agent_binary`, made once for all hosts. `progress` hears
 /// each step.
@@ -77,24 +79,13 @@ pub async fn bootstrap_host(
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Bootstrapped, BootstrapError> {
     progress(&format!("connecting to {}", job.address));
-    // The token is asked for while SSH connects: neither waits for the other.
-    let (join_token, session) = tokio::join!(
-        join_token,
-        SshSession::connect(
-            &job.address,
-            &shared.policy,
-            &shared.credential,
-            SSH_CONNECT_TIMEOUT,
-        )
-    );
-    let session = session?;
-    let join_token = match join_token {
-        Ok(token) => token,
-        Err(message) => {
-            session.close().await;
-            return Err(BootstrapError::JoinToken(message));
-        }
-    };
+    let session = SshSession::connect(
+        &job.address,
+        &shared.policy,
+        &shared.credential,
+        SSH_CONNECT_TIMEOUT,
+    )
+    .await?;
     if session.host_key.recorded {
         progress(&format!(
             "host key {} was new: recorded in {}",
@@ -114,9 +105,8 @@ pub async fn bootstrap_host(
         advertise: job.advertise.clone(),
         labels: job.labels.clone(),
         ca_pem: shared.ca_pem.clone(),
-        join_token,
     };
-    let outcome = match install::install(&session, &plan, binary_entry).await {
+    let outcome = match install::install(&session, &plan, binary_entry, join_token).await {
         Ok(outcome) => outcome,
         Err(e) => {
             session.close().await;

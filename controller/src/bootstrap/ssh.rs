@@ -215,7 +215,7 @@ impl SshSession {
                     source,
                 })?;
             let _ = stream.set_nodelay(true);
-            russh::client::connect_stream(Arc::new(config), QuickAckStream(stream), handler).await
+            russh::client::connect_stream(Arc::new(config), stream, handler).await
         };
         let mut handle = tokio::time::timeout(timeout, connect).await.map_err(|_| {
             SshError::ConnectTimeout {
@@ -235,6 +235,23 @@ impl SshSession {
     /// Runs `command` (through the login shell of the user), writes the `stdin` parts to it in
     /// order and closes its input, and collects its output until it exits.
     pub async fn exec(&self, command: &str, stdin: &[&[u8]]) -> Result<ExecOutput, SshError> {
+        let all: Vec<u8> = stdin.concat();
+        let output = self
+            .exec_then(command, &all, async { Ok::<_, String>(Vec::new()) })
+            .await?;
+        Ok(output.0)
+    }
+
+    /// Like [`SshSession::exec`], with stdin made of `head`, sent at once, then what `tail`
+    /// resolves to, as soon as it does: the head's bytes travel while the tail is still being
+    /// made. When `tail` fails the input is cut off (the command sees a truncated stream) and
+    /// its error is returned beside the output.
+    pub async fn exec_then<E>(
+        &self,
+        command: &str,
+        head: &[u8],
+        tail: impl std::future::Future<Output = Result<Vec<u8>, E>>,
+    ) -> Result<(ExecOutput, Option<E>), SshError> {
         let channel = self.handle.channel_open_session().await?;
         channel.exec(true, command).await?;
         let (mut reader, writer) = channel.split();
@@ -243,12 +260,21 @@ impl SshSession {
             // (`data()` would copy through an 8 KiB buffer: four times the packets).
             use tokio::io::AsyncWriteExt;
             let mut stream = writer.make_writer();
-            for part in stdin {
-                stream.write_all(part).await.map_err(russh::Error::from)?;
-            }
-            stream.flush().await.map_err(russh::Error::from)?;
-            writer.eof().await?;
-            Ok::<_, SshError>(())
+            let (head_sent, tail) = tokio::join!(stream.write_all(head), tail);
+            head_sent.map_err(russh::Error::from)?;
+            let tail_error = match tail {
+                Ok(bytes) => {
+                    stream.write_all(&bytes).await.map_err(russh::Error::from)?;
+                    stream.flush().await.map_err(russh::Error::from)?;
+                    writer.eof().await?;
+                    None
+                }
+                Err(error) => {
+                    let _ = writer.close().await;
+                    Some(error)
+                }
+            };
+            Ok::<_, SshError>(tail_error)
         };
         let receive = async {
             let mut output = ExecOutput::default();
@@ -268,12 +294,13 @@ impl SshSession {
             output
         };
         let (sent, output) = tokio::join!(send, receive);
-        // A command that exits before reading all its input closes the channel under the
-        // writer; its exit status says more than the write error.
-        if output.exit_status.is_none() {
-            sent?;
+        match sent {
+            Ok(tail_error) => Ok((output, tail_error)),
+            // A command that exits before reading all its input closes the channel under the
+            // writer; its exit status says more than the write error.
+            Err(_) if output.exit_status.is_some() => Ok((output, None)),
+            Err(error) => Err(error),
         }
-        Ok(output)
     }
 
     /// An error naming `what` unless the command exited 0.
@@ -402,60 +429,4 @@ pub fn load_identity(path: &Path) -> Result<PrivateKey, SshError> {
             message,
         }
     })
-}
-
-/// A TCP stream that acknowledges every segment at once (TCP_QUICKACK, re-armed after each
-/// read, as Linux clears it). sshd leaves Nagle's algorithm on for sessions without a terminal,
-/// so its small replies (exit status, EOF, close) wait for our ACK; with delayed ACKs every
-/// command would cost an extra 40 ms or more.
-struct QuickAckStream(tokio::net::TcpStream);
-
-impl tokio::io::AsyncRead for QuickAckStream {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let polled = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
-        if polled.is_ready() {
-            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
-        }
-        polled
-    }
-}
-
-impl tokio::io::AsyncWrite for QuickAckStream {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
 }

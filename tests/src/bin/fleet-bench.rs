@@ -431,33 +431,6 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_clock_of_a_log_line() {
-        let line = "\u{1b}[2m2026-11-25T14:52:02.500000Z\u{1b}[0m INFO fetching sha256:ab";
-        assert_eq!(
-            seconds_of_day(line),
-            Some(14.0 * 3600.0 + 52.0 * 60.0 + 2.5)
-        );
-        assert_eq!(seconds_of_day("no clock here"), None);
-    }
-
-    #[test]
-    fn random_bytes_do_not_compress() {
-        let bytes = incompressible_bytes(1 << 16);
-        let packed = fleet_proto::artifact::build_artifact(&[("blob", &bytes, 0o644)]).unwrap();
-        assert!(
-            packed.len() > bytes.len(),
-            "{} <= {}",
-            packed.len(),
-            bytes.len()
-        );
-    }
-}
-
 const BOOTSTRAP_HOSTS: usize = 10;
 const BOOTSTRAP_TARGET_RATIO: f64 = 2.0;
 
@@ -556,4 +529,31 @@ fn bench_bootstrap() -> Result<Vec<Row>> {
             ok: Some(ratio < BOOTSTRAP_TARGET_RATIO),
         },
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_clock_of_a_log_line() {
+        let line = "\u{1b}[2m2026-11-25T14:52:02.500000Z\u{1b}[0m INFO fetching sha256:ab";
+        assert_eq!(
+            seconds_of_day(line),
+            Some(14.0 * 3600.0 + 52.0 * 60.0 + 2.5)
+        );
+        assert_eq!(seconds_of_day("no clock here"), None);
+    }
+
+    #[test]
+    fn random_bytes_do_not_compress() {
+        let bytes = incompressible_bytes(1 << 16);
+        let packed = fleet_proto::artifact::build_artifact(&[("blob", &bytes, 0o644)]).unwrap();
+        assert!(
+            packed.len() > bytes.len(),
+            "{} <= {}",
+            packed.len(),
+            bytes.len()
+        );
+    }
 }
