@@ -92,9 +92,11 @@ impl AgentService for FakeController {
         let end = if cut { bytes.len() / 2 } else { bytes.len() };
         let mut items: Vec<Result<pb::ArtifactChunk, Status>> = bytes[start..end]
             .chunks(1000)
-            .map(|c| Ok(pb::ArtifactChunk {
+            .map(|c| {
+                Ok(pb::ArtifactChunk {
                     data: bytes::Bytes::copy_from_slice(c),
-                }))
+                })
+            })
             .collect();
         if cut {
             items.push(Err(Status::unavailable("cut on purpose")));

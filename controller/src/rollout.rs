@@ -894,7 +894,10 @@ impl Executor {
         }
         if touched.is_empty() {
             self.record.state = RolloutState::RolledBack;
-            let line = format!("rollout {} halted: no host had taken {}", self.record.id, self.record.version);
+            let line = format!(
+                "rollout {} halted: no host had taken {}",
+                self.record.id, self.record.version
+            );
             self.finish(line).await;
             return Ok(());
         }

@@ -12,10 +12,10 @@ use fleet_proto::pb::{
     self, agent_message::Body as AgentBody, controller_message::Body as ControllerBody,
 };
 use std::collections::BTreeMap;
+use std::io::{Read, Seek};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use std::io::{Read, Seek};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -329,9 +329,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
                     }
                 }) {
-                    let _ = tx.blocking_send(Err(Status::internal(format!(
-                        "reading the artifact: {e}"
-                    ))));
+                    let _ = tx
+                        .blocking_send(Err(Status::internal(format!("reading the artifact: {e}"))));
                     return;
                 }
                 remaining -= want as u64;
