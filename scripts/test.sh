@@ -4,12 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The SSH bootstrap tests start a real OpenSSH sshd on loopback (tests/src/sshd.rs).
-if [ ! -x /usr/sbin/sshd ]; then
+# The SSH bootstrap tests start a real OpenSSH sshd on loopback (tests/src/sshd.rs); the unit
+# test checks packaging/systemd with systemd-analyze. Install whichever is missing.
+missing=()
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server </dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
 fi
 
 # The end-to-end tests start fleet-controller, fleet-agent and the example app as processes;

@@ -96,6 +96,11 @@ impl Sshd {
     /// None when this machine has no sshd.
     pub fn start(dir: &Path, client_public_line: &str) -> Option<Sshd> {
         if !Path::new(SSHD_PATH).is_file() {
+            // In CI a missing sshd is a broken setup, not a reason to pass without testing.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{SSHD_PATH} is missing under CI: scripts/test.sh installs openssh-server"
+            );
             eprintln!(
                 "skipping: {SSHD_PATH} is missing (install openssh-server; scripts/test.sh does)"
             );
