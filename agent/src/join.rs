@@ -14,7 +14,7 @@ use thiserror::Error;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// The DNS name the controller's certificate carries; verified whatever address is dialled.
-pub const CONTROLLER_DNS_NAME: &str = "fleet-controller";
+pub const CONTROLLER_DNS_NAME: &str = fleet_proto::CONTROLLER_TLS_NAME;
 /// How long the agent keeps trying to reach the controller to join before giving up.
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 /// How long one join attempt may take.

@@ -166,8 +166,10 @@ impl FleetState {
     /// any older session of the same host, and hands back the desired state to send.
     pub async fn host_connected(&self, hello: HostHello) -> Result<Session, StoreError> {
         let now = fleet_proto::now_unix_ms();
+        // The session is registered under the same lock that writes desired state, so a wave
+        // written meanwhile either is in the state computed here or is pushed to this session.
+        let _guard = self.host_writes.lock().await;
         let record = {
-            let _guard = self.host_writes.lock().await;
             let mut record = self.store.get_host(&hello.name)?.unwrap_or(HostRecord {
                 name: hello.name.clone(),
                 labels: BTreeMap::new(),
@@ -217,6 +219,7 @@ impl FleetState {
             );
             id
         };
+        drop(_guard);
         self.event(
             &hello.name,
             "host.connected",
@@ -298,7 +301,7 @@ impl FleetState {
     /// Drains a host: it keeps its desired releases but runs none of them until undrained.
     /// Returns false when the host does not exist.
     pub async fn drain(&self, host: &str, actor: &str) -> Result<bool, StoreError> {
-        let record = {
+        {
             let _guard = self.host_writes.lock().await;
             let Some(mut record) = self.store.get_host(host)? else {
                 return Ok(false);
@@ -318,9 +321,9 @@ impl FleetState {
                     format!("host {host} draining, asked by {actor}"),
                 );
             }
-            record
-        };
-        self.push_desired(&record);
+            // Pushed under the lock, so desired states reach the agent in the order written.
+            self.push_desired(&record);
+        }
         self.note_if_drained(host).await?;
         self.bump();
         Ok(true)
@@ -328,7 +331,7 @@ impl FleetState {
 
     /// Brings a drained host back to its desired releases. Returns false when it does not exist.
     pub async fn undrain(&self, host: &str, actor: &str) -> Result<bool, StoreError> {
-        let record = {
+        {
             let _guard = self.host_writes.lock().await;
             let Some(mut record) = self.store.get_host(host)? else {
                 return Ok(false);
@@ -343,9 +346,8 @@ impl FleetState {
                     format!("host {host} undrained by {actor}"),
                 );
             }
-            record
-        };
-        self.push_desired(&record);
+            self.push_desired(&record);
+        }
         self.bump();
         Ok(true)
     }
@@ -449,7 +451,7 @@ impl FleetState {
     }
 
     /// Forgets a session when its stream ends (unless a newer one already replaced it).
-    pub fn host_disconnected(&self, host: &str, session: u64) {
+    pub async fn host_disconnected(&self, host: &str, session: u64) {
         let last_seen = {
             let mut live = self.live();
             match live.hosts.get(host) {
@@ -460,9 +462,13 @@ impl FleetState {
             }
         };
         if let Some(last_seen) = last_seen {
-            if let Ok(Some(mut record)) = self.store.get_host(host) {
-                record.last_seen_unix_ms = last_seen;
-                let _ = self.store.put_host(&record);
+            {
+                // Under the lock: a removed host stays removed, a wave just written stays.
+                let _guard = self.host_writes.lock().await;
+                if let Ok(Some(mut record)) = self.store.get_host(host) {
+                    record.last_seen_unix_ms = last_seen;
+                    let _ = self.store.put_host(&record);
+                }
             }
             self.event(
                 host,
@@ -517,11 +523,12 @@ impl FleetState {
                 }
             }
             self.store.put_hosts_and_rollout(&hosts, rollout)?;
+            // Pushed under the lock, so desired states reach agents in the order written.
+            for host in &hosts {
+                self.push_desired(host);
+            }
             hosts
         };
-        for host in &hosts {
-            self.push_desired(host);
-        }
         Ok(hosts)
     }
 

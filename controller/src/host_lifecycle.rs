@@ -46,13 +46,21 @@ pub struct Convergence {
     pub apps: Vec<(String, String)>,
 }
 
-/// Gives `host` every release `like` should run, each as a fresh start.
+/// Gives `host` every release `like` should run, each as a fresh start. `rollout_of(app)`
+/// names a rollout under way for an app: a convergence then waits, since the rollout is the
+/// one writer of that app's desired releases.
 pub async fn converge_like(
     fleet: &FleetState,
     host: &str,
     like: &str,
     actor: &str,
+    rollout_of: impl Fn(&str) -> Option<String>,
 ) -> Result<Convergence, LifecycleError> {
+    if host == like {
+        return Err(LifecycleError::Invalid(format!(
+            "host {host} cannot replace itself: name a new host"
+        )));
+    }
     let source = fleet
         .store
         .get_host(like)?
@@ -65,6 +73,13 @@ pub async fn converge_like(
         return Err(LifecycleError::Invalid(format!(
             "host {host} is drained: undrain it first"
         )));
+    }
+    for app in source.desired.keys() {
+        if let Some(id) = rollout_of(app) {
+            return Err(LifecycleError::Invalid(format!(
+                "rollout {id} of {app} is under way: wait for it (`fleetctl rollout status {id}`), then replace"
+            )));
+        }
     }
     let seq = fleet.store.next_seq("converge")?;
     let id = format!("converge{seq}");

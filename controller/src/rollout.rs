@@ -477,6 +477,8 @@ enum HostOutcome {
     Waiting,
     Passed,
     Failed(String),
+    /// Drained or removed during its wave: left out, as at planning.
+    Skipped(String),
 }
 
 enum WaitEnd {
@@ -745,6 +747,22 @@ impl Executor {
             }
         }
         self.record.waves[idx].state = WaveState::Running;
+        // A lost host halts the wave before anything changes: no host of it takes the release
+        // (nor runs the release hook) only to be rolled back at once.
+        if self.record.waves[idx]
+            .hosts
+            .iter()
+            .any(|h| h.result == HostResult::Failed)
+        {
+            for entry in &mut self.record.waves[idx].hosts {
+                if entry.result == HostResult::Deploying {
+                    entry.result = HostResult::Pending;
+                    entry.message = "not started: another host of the wave is lost".to_string();
+                }
+            }
+            self.save()?;
+            return Ok(());
+        }
         // The release hook runs once per rollout, on the first host that takes the release.
         let hook_host = (idx == 0 && !self.record.is_rollback)
             .then(|| names.first().cloned())
@@ -795,6 +813,10 @@ impl Executor {
             Some(instance) if instance.state == "running" => HostOutcome::Passed,
             Some(instance) if instance.state == "failed" => HostOutcome::Failed(instance.message),
             _ => match self.fleet.store.get_host(host) {
+                Ok(None) => HostOutcome::Skipped("host was removed during the wave".to_string()),
+                Ok(Some(record)) if record.drain.is_some() => {
+                    HostOutcome::Skipped("host was drained during the wave".to_string())
+                }
                 Ok(Some(record)) if self.fleet.is_lost(&record) => HostOutcome::Failed(format!(
                     "host went lost during the wave (nothing heard from it for {}s)",
                     self.fleet.silent_for_secs(&record)
@@ -830,6 +852,12 @@ impl Executor {
                         entry.result = HostResult::Failed;
                         entry.message = why.clone();
                         newly.push(format!("{host} failed: {why}"));
+                    }
+                    HostOutcome::Skipped(why) => {
+                        let entry = &mut self.record.waves[idx].hosts[h_idx];
+                        entry.result = HostResult::Skipped;
+                        entry.message = why.clone();
+                        newly.push(format!("{host} skipped: {why}"));
                     }
                 }
             }

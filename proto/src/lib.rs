@@ -17,6 +17,10 @@ pub mod pb {
     tonic::include_proto!("fleet.v1");
 }
 
+/// The DNS name in the controller's certificate that every client (fleetctl, agents) verifies,
+/// whatever address it dials. One constant, so the two sides cannot drift apart.
+pub const CONTROLLER_TLS_NAME: &str = "fleet-controller";
+
 /// Unix time in milliseconds, the one clock format on the wire and in the store.
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()

@@ -56,6 +56,17 @@ fn a_lost_host_halts_a_rollout_unless_skipped_and_comes_back() {
         "{:#}",
         halted.json
     );
+    let h2 = halted.json["waves"][1]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "h2")
+        .expect("h2 is in the wave with h3");
+    assert_eq!(
+        h2["result"], "pending",
+        "nothing of a wave with a lost host is deployed: {:#}",
+        halted.json
+    );
     fleet.wait_all_serve_except("1.0.0", &["h3"], Duration::from_secs(15));
 
     // With --skip-lost it goes on without h3.

@@ -190,7 +190,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     _ = shutdown.changed() => break,
                 }
             }
-            fleet.host_disconnected(&host, session.id);
+            fleet.host_disconnected(&host, session.id).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -640,7 +640,10 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             self.fleet.clone(),
             request.host,
             deadline,
-            format!("host {host} did not drain in time: its instances are still stopping (see `fleetctl status`)"),
+            format!(
+                "host {host} did not drain in time: its instances are still stopping, or its agent is not connected \
+                 (see `fleetctl status`; a host that is gone for good can be removed with `fleetctl remove {host}`)"
+            ),
             move |fleet| host_lifecycle::drain_progress(fleet, &host).unwrap_or(Progress::Waiting),
         )))
     }
@@ -678,10 +681,15 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         names::check_host(&request.host).map_err(bad)?;
         names::check_host(&request.like).map_err(bad)?;
         let deadline = checked_deadline(request.deadline_ms)?;
-        let convergence =
-            host_lifecycle::converge_like(&self.fleet, &request.host, &request.like, &actor)
-                .await
-                .map_err(lifecycle_status)?;
+        let convergence = host_lifecycle::converge_like(
+            &self.fleet,
+            &request.host,
+            &request.like,
+            &actor,
+            |app| self.rollouts.active_for_app(app),
+        )
+        .await
+        .map_err(lifecycle_status)?;
         Ok(Response::new(host_stream(
             self.fleet.clone(),
             request.host.clone(),

@@ -29,7 +29,7 @@ use tonic::{Request, Status};
 
 /// The DNS name in the controller's certificate that every client verifies, whatever address
 /// it dials.
-pub const CONTROLLER_DNS_NAME: &str = "fleet-controller";
+pub const CONTROLLER_DNS_NAME: &str = fleet_proto::CONTROLLER_TLS_NAME;
 
 /// The identity of the caller, when it has the role `needed` (admin also covers deployer), its
 /// certificate is not revoked, and it presented one at all. Otherwise `Unauthenticated` (no or
