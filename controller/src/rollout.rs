@@ -55,13 +55,6 @@ pub struct Progress {
     pub line: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Control {
-    Run,
-    Pause,
-    Abort,
-}
-
 struct Handle {
     app: String,
     control: watch::Sender<(Control, String)>,
@@ -329,37 +322,19 @@ pub async fn start_rollback(
     .await
 }
 
-/// Asks a rollout to pause before its next wave.
-pub fn pause(
-    fleet: &FleetState,
-    rollouts: &Rollouts,
-    id: &str,
-    actor: &str,
-) -> Result<RolloutRecord, RolloutError> {
-    control(fleet, rollouts, id, Control::Pause, actor)
+/// What an operator asks of a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Go on (resume a paused rollout).
+    Run,
+    /// Pause before the next wave.
+    Pause,
+    /// Stop where it stands; hosts keep what they run.
+    Abort,
 }
 
-/// Lets a paused rollout go on.
-pub fn resume(
-    fleet: &FleetState,
-    rollouts: &Rollouts,
-    id: &str,
-    actor: &str,
-) -> Result<RolloutRecord, RolloutError> {
-    control(fleet, rollouts, id, Control::Run, actor)
-}
-
-/// Stops a rollout where it stands; hosts keep what they run.
-pub fn abort(
-    fleet: &FleetState,
-    rollouts: &Rollouts,
-    id: &str,
-    actor: &str,
-) -> Result<RolloutRecord, RolloutError> {
-    control(fleet, rollouts, id, Control::Abort, actor)
-}
-
-fn control(
+/// Passes an operator's pause, resume or abort to a running rollout.
+pub fn control(
     fleet: &FleetState,
     rollouts: &Rollouts,
     id: &str,

@@ -452,6 +452,17 @@ impl Fleet {
         self.create_release("web", version, &artifact, env)
     }
 
+    /// Creates a web release of each version with the usual test manifest
+    /// ([`crate::web_manifest`] with a 10 s smoke timeout) and no extra env.
+    #[track_caller]
+    pub fn create_web_releases(&self, versions: &[&str]) {
+        let manifest = crate::web_manifest("10s");
+        for version in versions {
+            self.create_web_release(version, &manifest, &[])
+                .expect_code(0);
+        }
+    }
+
     /// `fleetctl release create APP VERSION ARTIFACT [--env K=V]...`.
     pub fn create_release(
         &self,

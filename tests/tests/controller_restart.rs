@@ -3,19 +3,13 @@
 //! known, and after a resume it completes and every host serves the new version.
 
 use fleet_tests::fleet::Fleet;
-use fleet_tests::{wait_for, web_manifest};
+use fleet_tests::wait_for;
 use std::time::Duration;
 
 #[test]
 fn a_rollout_survives_a_controller_crash() {
     let mut fleet = Fleet::start(3);
-    let manifest = web_manifest("10s");
-    fleet
-        .create_web_release("1.0.0", &manifest, &[])
-        .expect_code(0);
-    fleet
-        .create_web_release("1.1.0", &manifest, &[])
-        .expect_code(0);
+    fleet.create_web_releases(&["1.0.0", "1.1.0"]);
     fleet
         .ctl(&[
             "rollout", "web", "1.0.0", "--canary", "1", "--batch", "100%",

@@ -4,7 +4,7 @@
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::process::pid_is_alive;
-use fleet_tests::{wait_until, web_manifest};
+use fleet_tests::wait_until;
 use std::time::Duration;
 
 fn host_state(fleet: &Fleet, name: &str) -> Option<String> {
@@ -19,13 +19,7 @@ fn host_state(fleet: &Fleet, name: &str) -> Option<String> {
 #[test]
 fn drain_undrain_and_remove_with_a_rollout_in_between() {
     let fleet = Fleet::start(3);
-    let manifest = web_manifest("10s");
-    fleet
-        .create_web_release("1.0.0", &manifest, &[])
-        .expect_code(0);
-    fleet
-        .create_web_release("1.1.0", &manifest, &[])
-        .expect_code(0);
+    fleet.create_web_releases(&["1.0.0", "1.1.0"]);
     fleet
         .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
         .expect_code(0);

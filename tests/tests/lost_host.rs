@@ -4,7 +4,7 @@
 //! wakes up (SIGCONT) the host is ready again.
 
 use fleet_tests::fleet::Fleet;
-use fleet_tests::{wait_until, web_manifest};
+use fleet_tests::wait_until;
 use std::time::Duration;
 
 /// Heartbeats every 200 ms, lost after 1.5 s of silence, so the test runs in seconds.
@@ -23,13 +23,7 @@ fn state_of(fleet: &Fleet, name: &str) -> String {
 #[test]
 fn a_lost_host_halts_a_rollout_unless_skipped_and_comes_back() {
     let fleet = Fleet::start_with_controller_config(3, FAST_LOST);
-    let manifest = web_manifest("10s");
-    fleet
-        .create_web_release("1.0.0", &manifest, &[])
-        .expect_code(0);
-    fleet
-        .create_web_release("1.1.0", &manifest, &[])
-        .expect_code(0);
+    fleet.create_web_releases(&["1.0.0", "1.1.0"]);
     fleet
         .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
         .expect_code(0);

@@ -3,18 +3,13 @@
 //! rollout goes through.
 
 use fleet_tests::fleet::{is_end_state, Fleet};
-use fleet_tests::{wait_until, web_manifest};
+use fleet_tests::wait_until;
 use std::time::Duration;
 
 #[test]
 fn a_second_rollout_of_the_same_app_is_refused() {
     let fleet = Fleet::start(2);
-    let manifest = web_manifest("10s");
-    for version in ["1.0.0", "1.1.0", "1.2.0"] {
-        fleet
-            .create_web_release(version, &manifest, &[])
-            .expect_code(0);
-    }
+    fleet.create_web_releases(&["1.0.0", "1.1.0", "1.2.0"]);
     fleet.ctl(&["rollout", "web", "1.0.0"]).expect_code(0);
 
     let running = fleet

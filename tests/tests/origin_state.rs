@@ -5,20 +5,14 @@
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::process::signal_pid;
-use fleet_tests::{wait_for, web_manifest};
+use fleet_tests::wait_for;
 use nix::sys::signal::Signal;
 use std::time::Duration;
 
 #[test]
 fn every_start_begins_from_origin_state() {
     let fleet = Fleet::start(1);
-    let manifest = web_manifest("10s");
-    fleet
-        .create_web_release("1.0.0", &manifest, &[])
-        .expect_code(0);
-    fleet
-        .create_web_release("1.1.0", &manifest, &[])
-        .expect_code(0);
+    fleet.create_web_releases(&["1.0.0", "1.1.0"]);
 
     fleet.ctl(&["rollout", "web", "1.0.0"]).expect_code(0);
     fleet.wait_all_serve("1.0.0", Duration::from_secs(10));

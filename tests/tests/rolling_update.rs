@@ -3,7 +3,6 @@
 //! who did it, when, and that every host passed.
 
 use fleet_tests::fleet::Fleet;
-use fleet_tests::web_manifest;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -11,13 +10,7 @@ use std::time::Duration;
 #[test]
 fn a_rolling_update_goes_canary_first_then_wave_by_wave_to_every_host() {
     let fleet = Fleet::start(5);
-    let manifest = web_manifest("10s");
-    fleet
-        .create_web_release("1.0.0", &manifest, &[])
-        .expect_code(0);
-    fleet
-        .create_web_release("1.1.0", &manifest, &[])
-        .expect_code(0);
+    fleet.create_web_releases(&["1.0.0", "1.1.0"]);
 
     let first = fleet
         .ctl(&["rollout", "web", "1.0.0", "--canary", "1", "--batch", "2"])

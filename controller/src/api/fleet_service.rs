@@ -116,6 +116,22 @@ fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Stat
     })
 }
 
+impl FleetApi {
+    /// Pause, resume and abort: the same call with another control.
+    fn control_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+        control: rollout::Control,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        let actor = actor_of(&request);
+        let id = request.into_inner().id;
+        let record = rollout::control(&self.fleet, &self.rollouts, &id, control, &actor)
+            .map_err(rollout_status)?;
+        Ok(Response::new(convert::rollout(&record)))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::fleet_service_server::FleetService for FleetApi {
     async fn create_release(
@@ -417,48 +433,21 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
-        let actor = actor_of(&request);
-        let record = rollout::pause(
-            &self.fleet,
-            &self.rollouts,
-            &request.into_inner().id,
-            &actor,
-        )
-        .map_err(rollout_status)?;
-        Ok(Response::new(convert::rollout(&record)))
+        self.control_rollout(request, rollout::Control::Pause)
     }
 
     async fn resume_rollout(
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
-        let actor = actor_of(&request);
-        let record = rollout::resume(
-            &self.fleet,
-            &self.rollouts,
-            &request.into_inner().id,
-            &actor,
-        )
-        .map_err(rollout_status)?;
-        Ok(Response::new(convert::rollout(&record)))
+        self.control_rollout(request, rollout::Control::Run)
     }
 
     async fn abort_rollout(
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
-        let actor = actor_of(&request);
-        let record = rollout::abort(
-            &self.fleet,
-            &self.rollouts,
-            &request.into_inner().id,
-            &actor,
-        )
-        .map_err(rollout_status)?;
-        Ok(Response::new(convert::rollout(&record)))
+        self.control_rollout(request, rollout::Control::Abort)
     }
 
     type EventsStream = ReceiverStream<Result<pb::Event, Status>>;
