@@ -78,7 +78,9 @@ async fn run_in(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("release hook {:?} cannot start: {e}", command[0]))?;
-    let pid = child.id().map(|p| Pid::from_raw(p as i32));
+    // Whatever way this ends — done, timed out, or the deploy superseded and this future
+    // dropped — nothing of the hook's process group outlives it.
+    let _group = GroupGuard(child.id().map(|p| Pid::from_raw(p as i32)));
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => {
             Ok(format!("release hook {:?} succeeded", command[0]))
@@ -90,7 +92,7 @@ async fn run_in(
         )),
         Ok(Err(e)) => Err(format!("release hook {:?}: {e}", command[0])),
         Err(_) => {
-            if let Some(pid) = pid {
+            if let Some(pid) = _group.0 {
                 let _ = killpg(pid, Signal::SIGKILL);
             }
             let _ = child.wait().await;
@@ -99,6 +101,17 @@ async fn run_in(
                 command[0],
                 fleet_proto::duration::format_duration(timeout)
             ))
+        }
+    }
+}
+
+/// SIGKILLs a process group when dropped (a no-op once the group is gone).
+struct GroupGuard(Option<Pid>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = killpg(pid, Signal::SIGKILL);
         }
     }
 }

@@ -95,10 +95,19 @@ pub async fn remove(ctx: &Context, host: &str) -> Result<(), CliError> {
         .await
         .map_err(|status| ctx.error(status))?
         .into_inner();
+    let drained = response.host.as_ref().is_some_and(|h| h.state == "drained");
     if ctx.json() {
         output::print_json(&response);
-    } else {
+    } else if drained {
         println!("{host} is removed: it was drained, its credential revoked, and it is forgotten");
+    } else {
+        println!("{host} is removed: its credential is revoked and it is forgotten");
+    }
+    if !drained {
+        eprintln!(
+            "warning: {host}'s instances were not confirmed stopped (its agent was not connected, or they \
+             did not stop within a minute): they may still run on that machine; stop fleet-agent there"
+        );
     }
     Ok(())
 }
