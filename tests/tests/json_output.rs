@@ -37,7 +37,11 @@ fn every_read_verb_prints_json() {
         .as_str()
         .is_some_and(fleet_proto::artifact::check_digest));
     assert!(release["artifact_size"].as_u64().unwrap_or(0) > 0);
-    assert!(release["created_by"].as_str().unwrap_or("").contains('@'));
+    let created_by = release["created_by"].as_str().unwrap_or("");
+    assert!(
+        created_by.starts_with("admin (") && created_by.contains('@'),
+        "{created_by:?}"
+    );
 
     let status = fleet.status("web");
     assert_eq!(

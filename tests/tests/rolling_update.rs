@@ -65,8 +65,8 @@ fn a_rolling_update_goes_canary_first_then_wave_by_wave_to_every_host() {
     assert_eq!(recorded["state"], "succeeded");
     let who = recorded["started_by"].as_str().unwrap_or("");
     assert!(
-        who.contains('@'),
-        "started_by {who:?} should be USER@HOSTNAME"
+        who.starts_with("admin (") && who.contains('@'),
+        "started_by {who:?} should be the credential's name and the operator: admin (USER@HOSTNAME)"
     );
     let started = recorded["started_unix_ms"].as_i64().unwrap_or(0);
     let finished = recorded["finished_unix_ms"].as_i64().unwrap_or(0);

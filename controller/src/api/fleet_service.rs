@@ -123,8 +123,8 @@ impl FleetApi {
         request: Request<pb::RolloutRef>,
         control: rollout::Control,
     ) -> Result<Response<pb::Rollout>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
-        let actor = actor_of(&request);
+        let identity = auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        let actor = actor_of(&identity, &request);
         let id = request.into_inner().id;
         let record = rollout::control(&self.fleet, &self.rollouts, &id, control, &actor)
             .map_err(rollout_status)?;
@@ -138,8 +138,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<Streaming<pb::CreateReleaseRequest>>,
     ) -> Result<Response<pb::CreateReleaseResponse>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
-        let actor = actor_of(&request);
+        let identity = auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        let actor = actor_of(&identity, &request);
         let mut stream = request.into_inner();
         let header = match stream.message().await?.and_then(|m| m.body) {
             Some(ReleaseBody::Header(header)) => header,
@@ -317,8 +317,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<Self::StartRolloutStream>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
-        let actor = actor_of(&request);
+        let identity = auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         check_app(&request.app)?;
         names::check_version(&request.version).map_err(bad)?;
@@ -346,8 +346,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<Self::RollbackStream>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
-        let actor = actor_of(&request);
+        let identity = auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         check_app(&request.app)?;
         let to_version = if request.to_version.is_empty() {
@@ -509,7 +509,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
-        let actor = actor_of(&request);
+        let actor = actor_of(&identity, &request);
         let ttl_ms = match request.into_inner().ttl_ms {
             0 => auth::tokens::DEFAULT_TTL_MS,
             ttl_ms if ttl_ms > auth::tokens::MAX_TTL_MS => {
@@ -554,7 +554,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::IssueCredentialRequest>,
     ) -> Result<Response<pb::IssueCredentialResponse>, Status> {
         let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
-        let actor = actor_of(&request);
+        let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         names::check_app(&request.name).map_err(|_| {
             bad(format!(
@@ -611,8 +611,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::DrainHostRequest>,
     ) -> Result<Response<Self::DrainHostStream>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Admin)?;
-        let actor = actor_of(&request);
+        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         names::check_host(&request.host).map_err(bad)?;
         let deadline = checked_deadline(request.deadline_ms)?;
@@ -641,8 +641,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::HostRef>,
     ) -> Result<Response<pb::Host>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Admin)?;
-        let actor = actor_of(&request);
+        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&identity, &request);
         let host = request.into_inner().host;
         names::check_host(&host).map_err(bad)?;
         if !self
@@ -664,8 +664,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::ConvergeLikeRequest>,
     ) -> Result<Response<Self::ConvergeLikeStream>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Admin)?;
-        let actor = actor_of(&request);
+        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         names::check_host(&request.host).map_err(bad)?;
         names::check_host(&request.like).map_err(bad)?;
@@ -695,8 +695,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::HostRef>,
     ) -> Result<Response<pb::RemoveHostResponse>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Admin)?;
-        let actor = actor_of(&request);
+        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let actor = actor_of(&identity, &request);
         let host = request.into_inner().host;
         names::check_host(&host).map_err(bad)?;
         if !self
