@@ -17,7 +17,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 /// How long a release hook may run.
-pub const HOOK_TIMEOUT: Duration = Duration::from_secs(600);
+pub const HOOK_TIMEOUT: Duration = fleet_proto::manifest::RELEASE_HOOK_TIMEOUT;
 
 /// Runs the manifest's release hook, if it has one; returns what to report.
 pub async fn run_release_hook(

@@ -70,6 +70,13 @@ pub struct ReleaseRecord {
     pub env: BTreeMap<String, String>,
     pub created_unix_ms: i64,
     pub created_by: String,
+    /// From the manifest: each smoke check's timeout (they run one after another) and whether
+    /// a release hook runs first, so a wave waits as long as the release may take to prove
+    /// itself.
+    #[serde(default)]
+    pub smoke_timeouts_ms: Vec<u64>,
+    #[serde(default)]
+    pub has_release_hook: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -446,6 +446,25 @@ fn most_common(values: impl Iterator<Item = String>) -> String {
         .unwrap_or_default()
 }
 
+/// How long a wave may take: the fetch-and-start allowance, plus the smoke checks one after
+/// another (each capped by `--smoke-timeout` when given, `cap_ms` > 0) and the release hook when
+/// it runs in this wave; without `--smoke-timeout`, never less than the default deadline.
+fn wave_deadline_for(checks_ms: &[u64], runs_hook: bool, cap_ms: u64) -> Duration {
+    let smoke_ms: u64 = checks_ms
+        .iter()
+        .map(|&t| if cap_ms > 0 { t.min(cap_ms) } else { t })
+        .sum();
+    let mut deadline = Duration::from_millis(smoke_ms) + FETCH_AND_START_ALLOWANCE;
+    if runs_hook {
+        deadline += fleet_proto::manifest::RELEASE_HOOK_TIMEOUT;
+    }
+    if cap_ms > 0 {
+        deadline.max(Duration::from_millis(cap_ms) + FETCH_AND_START_ALLOWANCE)
+    } else {
+        deadline.max(DEFAULT_WAVE_DEADLINE)
+    }
+}
+
 /// How one host stands in the wave being waited on.
 #[derive(Debug, Clone, PartialEq)]
 enum HostOutcome {
@@ -504,12 +523,24 @@ impl Executor {
         }
     }
 
+    /// How long wave `idx` may take (see [`wave_deadline_for`]).
+    fn wave_deadline(&self, idx: usize) -> Result<Duration, StoreError> {
+        let release = self
+            .fleet
+            .store
+            .get_release(&self.record.app, &self.record.version)?;
+        let (checks_ms, hook) = release
+            .map(|r| (r.smoke_timeouts_ms, r.has_release_hook))
+            .unwrap_or_default();
+        let runs_hook = hook && idx == 0 && !self.record.is_rollback;
+        Ok(wave_deadline_for(
+            &checks_ms,
+            runs_hook,
+            self.record.policy.smoke_timeout_ms,
+        ))
+    }
+
     async fn drive(&mut self) -> Result<(), StoreError> {
-        let wave_deadline = if self.record.policy.smoke_timeout_ms > 0 {
-            Duration::from_millis(self.record.policy.smoke_timeout_ms) + FETCH_AND_START_ALLOWANCE
-        } else {
-            DEFAULT_WAVE_DEADLINE
-        };
         if self.record.state == RolloutState::Paused {
             self.emit(format!(
                 "rollout {} is paused at wave {}/{}: `fleetctl rollout resume {}` to go on",
@@ -534,6 +565,7 @@ impl Executor {
                     self.wave_label(idx)
                 ));
             }
+            let wave_deadline = self.wave_deadline(idx)?;
             match self.wait_wave(idx, started + wave_deadline).await {
                 WaitEnd::Aborted(actor) => return self.aborted(actor).await,
                 WaitEnd::Done | WaitEnd::Deadline => {}
@@ -1064,5 +1096,44 @@ impl Executor {
             ),
         );
         self.emit(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wave_waits_as_long_as_the_release_may_take() {
+        let s = Duration::from_secs;
+        for (checks_ms, runs_hook, cap_ms, expect) in [
+            (vec![], false, 0, DEFAULT_WAVE_DEADLINE),
+            (vec![30_000], false, 0, DEFAULT_WAVE_DEADLINE),
+            (
+                vec![600_000, 300_000],
+                false,
+                0,
+                s(900) + FETCH_AND_START_ALLOWANCE,
+            ),
+            (
+                vec![600_000, 300_000],
+                false,
+                20_000,
+                s(40) + FETCH_AND_START_ALLOWANCE,
+            ),
+            (vec![], false, 20_000, s(20) + FETCH_AND_START_ALLOWANCE),
+            (
+                vec![10_000],
+                true,
+                0,
+                s(10) + FETCH_AND_START_ALLOWANCE + fleet_proto::manifest::RELEASE_HOOK_TIMEOUT,
+            ),
+        ] {
+            assert_eq!(
+                wave_deadline_for(&checks_ms, runs_hook, cap_ms),
+                expect,
+                "{checks_ms:?} hook {runs_hook} cap {cap_ms}"
+            );
+        }
     }
 }

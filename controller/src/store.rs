@@ -493,6 +493,8 @@ mod tests {
             env: BTreeMap::new(),
             created_unix_ms: 1,
             created_by: "test".into(),
+            smoke_timeouts_ms: Vec::new(),
+            has_release_hook: false,
         }
     }
 

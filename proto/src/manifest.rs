@@ -10,6 +10,10 @@ use thiserror::Error;
 
 /// The manifest file's name at the root of an artifact.
 pub const MANIFEST_FILE: &str = "fleet.toml";
+/// How long a release hook may run before the agent kills it and fails the deploy; the
+/// controller waits at least this long for the first wave of a release that has one.
+pub const RELEASE_HOOK_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// A manifest larger than this is refused before it is parsed.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 

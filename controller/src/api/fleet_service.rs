@@ -196,6 +196,13 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             env,
             created_unix_ms: fleet_proto::now_unix_ms(),
             created_by: actor.clone(),
+            smoke_timeouts_ms: stored
+                .manifest
+                .smoke
+                .iter()
+                .map(|check| check.timeout.as_millis() as u64)
+                .collect(),
+            has_release_hook: stored.manifest.release_hook.is_some(),
         };
         match self.fleet.store.insert_release(&record).map_err(store_status)? {
             ReleaseInsert::Created => {
