@@ -1,6 +1,7 @@
 //! Artifact download: the `FetchArtifact` server-streaming RPC into
-//! `DATA/artifacts/<hex>.partial`. The chunks are written through a buffered writer and hashed
-//! as they are written (the artifact is never held in memory). A cut stream is resumed from the
+//! `DATA/artifacts/<hex>.partial`. The chunks go to a writer thread that writes and hashes each
+//! one as it comes (the artifact is never held in memory), while the session's runtime goes on
+//! receiving and decrypting the next. A cut stream is resumed from the
 //! partial file's length; the sha256 of the whole file is compared with the digest before the
 //! file is renamed to `DATA/artifacts/<hex>.tar.gz`, so nothing unverified is ever unpacked. A
 //! mismatch deletes the partial file and fails.
@@ -11,7 +12,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
 /// Attempts in a row that brought no new byte before a fetch gives up.
@@ -20,6 +21,8 @@ const MAX_ATTEMPTS_WITHOUT_PROGRESS: u32 = 5;
 const MAX_ATTEMPTS: u32 = 100;
 /// A stream that delivers nothing for this long counts as cut.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Chunks that may wait for the writer thread (a few MiB).
+const WRITER_QUEUE: usize = 4;
 /// The largest gRPC message the agent accepts (one chunk).
 const MAX_CHUNK_BYTES: usize = 16 << 20;
 
@@ -147,14 +150,23 @@ impl Fetcher {
             tokio::fs::remove_file(partial).await.map_err(io_error)?;
             offset = 0;
         }
-        let file = tokio::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(partial)
-            .await
             .map_err(io_error)?;
-        let mut hasher = hash_prefix(partial, offset).await.map_err(io_error)?;
-        let mut writer = tokio::io::BufWriter::with_capacity(64 * 1024, file);
+        let hasher = hash_prefix(partial, offset).await.map_err(io_error)?;
+        // Chunks (shared `Bytes`, no copy) go to a blocking thread that writes and hashes them.
+        let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITER_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let (mut file, mut hasher) = (file, hasher);
+            while let Some(chunk) = chunk_rx.blocking_recv() {
+                file.write_all(&chunk)?;
+                hasher.update(&chunk);
+            }
+            Ok::<_, std::io::Error>((file, hasher))
+        });
 
         let mut written: u64 = 0;
         let mut cut: Option<String> = None;
@@ -184,15 +196,18 @@ impl Fetcher {
                             Ok(Ok(Some(chunk))) => {
                                 let n = chunk.data.len() as u64;
                                 if expected_size > 0 && offset + written + n > expected_size {
-                                    drop(writer);
+                                    drop(chunks);
+                                    let _ = writer.await;
                                     let _ = tokio::fs::remove_file(partial).await;
                                     return Err(FetchError::TooLarge {
                                         digest: digest.to_string(),
                                         expected: expected_size,
                                     });
                                 }
-                                writer.write_all(&chunk.data).await.map_err(io_error)?;
-                                hasher.update(&chunk.data);
+                                if chunks.send(chunk.data).await.is_err() {
+                                    // The writer stopped on an error; it is reported below.
+                                    break;
+                                }
                                 written += n;
                             }
                         }
@@ -200,8 +215,11 @@ impl Fetcher {
                 }
             }
         }
-        writer.flush().await.map_err(io_error)?;
-        let file = writer.into_inner();
+        drop(chunks);
+        let (file, hasher) = writer
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e)))?
+            .map_err(io_error)?;
         if let Some(message) = cut {
             return Ok(Attempt::Cut {
                 progressed: written > 0,
@@ -217,7 +235,10 @@ impl Fetcher {
                 ),
             });
         }
-        file.sync_all().await.map_err(io_error)?;
+        tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e)))?
+            .map_err(io_error)?;
         Ok(Attempt::Complete(format!(
             "sha256:{}",
             hex::encode(hasher.finalize())
