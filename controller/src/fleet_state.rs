@@ -129,6 +129,26 @@ impl FleetState {
         self.changes.subscribe()
     }
 
+    /// Waits until `done()` holds, checking it again on every change, or until `until`;
+    /// returns whether it held.
+    pub async fn wait_until(
+        &self,
+        until: tokio::time::Instant,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        let mut changes = self.changes();
+        loop {
+            changes.borrow_and_update();
+            if done() {
+                return true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return false,
+                _ = changes.changed() => {}
+            }
+        }
+    }
+
     /// New events as they are recorded.
     pub fn subscribe_events(&self) -> broadcast::Receiver<EventRecord> {
         self.events.subscribe()

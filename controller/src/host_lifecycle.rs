@@ -68,7 +68,9 @@ pub async fn converge_like(
     let target = fleet
         .store
         .get_host(host)?
-        .ok_or_else(|| LifecycleError::NotFound(format!("no host {host}: has it registered?")))?;
+        .ok_or_else(|| LifecycleError::NotFound(format!(
+            "no host {host}: it has not registered; see `fleetctl hosts` and the agent's log on that host"
+        )))?;
     if target.drain.is_some() {
         return Err(LifecycleError::Invalid(format!(
             "host {host} is drained: undrain it first"

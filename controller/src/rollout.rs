@@ -322,6 +322,13 @@ pub async fn start_rollback(
     .await
 }
 
+/// A rollout's record, or a not-found error that says where to look.
+pub fn get(fleet: &FleetState, id: &str) -> Result<RolloutRecord, RolloutError> {
+    fleet.store.get_rollout(id)?.ok_or_else(|| {
+        RolloutError::NotFound(format!("no rollout {id}: see `fleetctl history APP`"))
+    })
+}
+
 /// What an operator asks of a running rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
@@ -341,9 +348,7 @@ pub fn control(
     control: Control,
     actor: &str,
 ) -> Result<RolloutRecord, RolloutError> {
-    let record = fleet.store.get_rollout(id)?.ok_or_else(|| {
-        RolloutError::NotFound(format!("no rollout {id}: see `fleetctl history APP`"))
-    })?;
+    let record = get(fleet, id)?;
     if record.state.is_final() {
         return Err(RolloutError::Conflict(format!(
             "rollout {id} has already ended ({})",
@@ -352,7 +357,7 @@ pub fn control(
     }
     if !rollouts.control(id, control, actor) {
         return Err(RolloutError::Conflict(format!(
-            "rollout {id} is not under way on this controller"
+            "rollout {id} is not under way on this controller (it may be ending right now): check `fleetctl rollout status {id}`"
         )));
     }
     Ok(record)
@@ -977,73 +982,11 @@ impl Executor {
 
         // Wait until each host runs its previous release again (or has stopped the app).
         let mut lost_hosts: Vec<String> = Vec::new();
-        let mut changes = self.fleet.changes();
+        let fleet = self.fleet.clone();
         let until = tokio::time::Instant::now() + deadline;
-        loop {
-            changes.borrow_and_update();
-            let mut all_back = true;
-            for &(w, h) in &touched {
-                let entry = &self.record.waves[w].hosts[h];
-                if entry.result == HostResult::RolledBack || lost_hosts.contains(&entry.host) {
-                    continue;
-                }
-                let lost = self
-                    .fleet
-                    .store
-                    .get_host(&entry.host)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|record| self.fleet.is_lost(&record));
-                if lost {
-                    // A lost host cannot confirm; it gets its previous release when it returns.
-                    let host = entry.host.clone();
-                    let entry = &mut self.record.waves[w].hosts[h];
-                    entry.message = format!(
-                        "{} (lost: goes back to {} when it returns)",
-                        entry.message,
-                        entry.previous_version.as_deref().unwrap_or("nothing")
-                    );
-                    self.emit(format!("{host} is lost: it goes back when it returns"));
-                    lost_hosts.push(host);
-                    continue;
-                }
-                let instance = self.fleet.instance(&entry.host, &app);
-                let back = match &entry.previous_version {
-                    Some(version) => instance.is_some_and(|i| {
-                        &i.version == version && i.rollout_id == rollout_id && i.state == "running"
-                    }),
-                    None => {
-                        instance.is_none_or(|i| matches!(i.state.as_str(), "stopped" | "failed"))
-                    }
-                };
-                if back {
-                    let entry = &mut self.record.waves[w].hosts[h];
-                    entry.result = HostResult::RolledBack;
-                    entry.message = match &entry.previous_version {
-                        Some(v) => format!("{} (rolled back to {v})", entry.message),
-                        None => format!(
-                            "{} (rolled back: {app} stopped, it ran no earlier release)",
-                            entry.message
-                        ),
-                    };
-                    let line = format!(
-                        "{} is back on {}",
-                        entry.host,
-                        entry.previous_version.as_deref().unwrap_or("nothing")
-                    );
-                    self.emit(line);
-                } else {
-                    all_back = false;
-                }
-            }
-            if all_back {
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(until) => break,
-                _ = changes.changed() => {}
-            }
-        }
+        fleet
+            .wait_until(until, || self.note_hosts_back(&touched, &mut lost_hosts))
+            .await;
         let not_back: Vec<String> = touched
             .iter()
             .map(|&(w, h)| &self.record.waves[w].hosts[h])
@@ -1064,6 +1007,71 @@ impl Executor {
         );
         self.finish(line).await;
         Ok(())
+    }
+
+    /// One look at the hosts a rollback waits on: marks those back on their previous release
+    /// (or lost, which cannot confirm) and says whether every one is settled.
+    fn note_hosts_back(
+        &mut self,
+        touched: &[(usize, usize)],
+        lost_hosts: &mut Vec<String>,
+    ) -> bool {
+        let app = self.record.app.clone();
+        let rollout_id = self.record.id.clone();
+        let mut all_back = true;
+        for &(w, h) in touched {
+            let entry = &self.record.waves[w].hosts[h];
+            if entry.result == HostResult::RolledBack || lost_hosts.contains(&entry.host) {
+                continue;
+            }
+            let lost = self
+                .fleet
+                .store
+                .get_host(&entry.host)
+                .ok()
+                .flatten()
+                .is_some_and(|record| self.fleet.is_lost(&record));
+            if lost {
+                // A lost host cannot confirm; it gets its previous release when it returns.
+                let host = entry.host.clone();
+                let entry = &mut self.record.waves[w].hosts[h];
+                entry.message = format!(
+                    "{} (lost: goes back to {} when it returns)",
+                    entry.message,
+                    entry.previous_version.as_deref().unwrap_or("nothing")
+                );
+                self.emit(format!("{host} is lost: it goes back when it returns"));
+                lost_hosts.push(host);
+                continue;
+            }
+            let instance = self.fleet.instance(&entry.host, &app);
+            let back = match &entry.previous_version {
+                Some(version) => instance.is_some_and(|i| {
+                    &i.version == version && i.rollout_id == rollout_id && i.state == "running"
+                }),
+                None => instance.is_none_or(|i| matches!(i.state.as_str(), "stopped" | "failed")),
+            };
+            if back {
+                let entry = &mut self.record.waves[w].hosts[h];
+                entry.result = HostResult::RolledBack;
+                entry.message = match &entry.previous_version {
+                    Some(v) => format!("{} (rolled back to {v})", entry.message),
+                    None => format!(
+                        "{} (rolled back: {app} stopped, it ran no earlier release)",
+                        entry.message
+                    ),
+                };
+                let line = format!(
+                    "{} is back on {}",
+                    entry.host,
+                    entry.previous_version.as_deref().unwrap_or("nothing")
+                );
+                self.emit(line);
+            } else {
+                all_back = false;
+            }
+        }
+        all_back
     }
 
     async fn aborted(&mut self, actor: String) -> Result<(), StoreError> {

@@ -383,14 +383,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
         auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let id = request.into_inner().id;
-        let record = self
-            .fleet
-            .store
-            .get_rollout(&id)
-            .map_err(store_status)?
-            .ok_or_else(|| {
-                Status::not_found(format!("no rollout {id}: see `fleetctl history APP`"))
-            })?;
+        let record = rollout::get(&self.fleet, &id).map_err(rollout_status)?;
         let rx = self.rollouts.subscribe(&id);
         let (tx, out) = mpsc::channel(64);
         let first = pb::RolloutProgress {
@@ -425,14 +418,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         auth::require(&self.fleet.store, &request, Role::Deployer)?;
         let id = request.into_inner().id;
-        let record = self
-            .fleet
-            .store
-            .get_rollout(&id)
-            .map_err(store_status)?
-            .ok_or_else(|| {
-                Status::not_found(format!("no rollout {id}: see `fleetctl history APP`"))
-            })?;
+        let record = rollout::get(&self.fleet, &id).map_err(rollout_status)?;
         Ok(Response::new(convert::rollout(&record)))
     }
 
@@ -717,20 +703,13 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         // A connected host gets a bounded chance to stop its instances gracefully; a lost one
         // cannot be drained, and is forgotten all the same.
         if self.fleet.is_connected(&host) {
-            let mut changes = self.fleet.changes();
             let until = tokio::time::Instant::now() + REMOVE_DRAIN_DEADLINE;
-            loop {
-                changes.borrow_and_update();
-                if host_lifecycle::drain_progress(&self.fleet, &host).map_err(store_status)?
-                    != Progress::Waiting
-                {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => break,
-                    _ = changes.changed() => {}
-                }
-            }
+            self.fleet
+                .wait_until(until, || {
+                    host_lifecycle::drain_progress(&self.fleet, &host)
+                        .map_or(true, |progress| progress != Progress::Waiting)
+                })
+                .await;
         }
         let last = host_snapshot(&self.fleet, &host);
         self.fleet
