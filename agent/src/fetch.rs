@@ -1,11 +1,13 @@
 //! Artifact download: the `FetchArtifact` server-streaming RPC into
-//! `DATA/artifacts/<hex>.partial`. The chunks go to a writer thread that writes and hashes each
-//! one as it comes (the artifact is never held in memory), while the session's runtime goes on
+//! `DATA/artifacts/<hex>.partial`. The chunks go to a writer thread that writes (around the page
+//! cache, [`crate::direct_io`]) and hashes each one as it comes (the artifact is never held in
+//! memory), while the session's runtime goes on
 //! receiving and decrypting the next. A cut stream is resumed from the
 //! partial file's length; the sha256 of the whole file is compared with the digest before the
 //! file is renamed to `DATA/artifacts/<hex>.tar.gz`, so nothing unverified is ever unpacked. A
 //! mismatch deletes the partial file and fails.
 
+use crate::direct_io::ArtifactWriter;
 use crate::model::{digest_hex, DataLayout};
 use fleet_proto::pb;
 use sha2::{Digest, Sha256};
@@ -150,24 +152,20 @@ impl Fetcher {
             tokio::fs::remove_file(partial).await.map_err(io_error)?;
             offset = 0;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(partial)
-            .map_err(io_error)?;
         let hasher = hash_prefix(partial, offset).await.map_err(io_error)?;
+        let file = ArtifactWriter::open(partial, offset).map_err(io_error)?;
         // Chunks (shared `Bytes`, no copy) go to a blocking thread that writes and hashes them.
         let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITER_QUEUE);
         let writer = tokio::task::spawn_blocking(move || {
-            use std::io::Write;
             let (mut file, mut hasher) = (file, hasher);
             while let Some(chunk) = chunk_rx.blocking_recv() {
-                file.write_all(&chunk)?;
+                file.write(&chunk)?;
                 hasher.update(&chunk);
             }
-            Ok::<_, std::io::Error>((file, hasher))
+            Ok::<_, std::io::Error>((file.finish()?, hasher))
         });
 
+        let started = std::time::Instant::now();
         let mut written: u64 = 0;
         let mut cut: Option<String> = None;
         if expected_size == 0 || offset < expected_size {
@@ -235,10 +233,18 @@ impl Fetcher {
                 ),
             });
         }
+        let received = started.elapsed();
         tokio::task::spawn_blocking(move || file.sync_all())
             .await
             .map_err(|e| io_error(std::io::Error::other(e)))?
             .map_err(io_error)?;
+        tracing::info!(
+            %digest,
+            bytes = written,
+            received_ms = received.as_millis() as u64,
+            synced_ms = (started.elapsed() - received).as_millis() as u64,
+            "artifact received"
+        );
         Ok(Attempt::Complete(format!(
             "sha256:{}",
             hex::encode(hasher.finalize())

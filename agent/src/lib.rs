@@ -9,6 +9,7 @@
 //!   the first start; the TLS setup of every connection to the controller.
 //! - [`session`]: the `AgentService.Session` stream, reconnecting forever.
 //! - [`fetch`]: resumable, digest-verified artifact download.
+//! - [`direct_io`]: artifact files written and read around the page cache.
 //! - [`releases`]: unpacking into immutable release directories and pruning old ones.
 //! - [`supervisor`]: one task per app running the instance lifecycle state machine.
 //! - [`instance`]: start from origin state, process groups, graceful stop.
@@ -21,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod direct_io;
 pub mod fetch;
 pub mod hook;
 pub mod instance;

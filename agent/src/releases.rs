@@ -69,8 +69,8 @@ pub fn ensure_unpacked(
         release_dir_name(version, hex),
         &crate::state::new_token()[..8]
     ));
-    let file = std::fs::File::open(artifact).map_err(io(artifact))?;
-    let result = read_artifact(std::io::BufReader::new(file), Some(&tmp), Limits::default());
+    let file = crate::direct_io::ArtifactReader::open(artifact).map_err(io(artifact))?;
+    let result = read_artifact(file, Some(&tmp), Limits::default());
     let manifest = match result {
         Ok(manifest) => manifest,
         Err(e) => {
