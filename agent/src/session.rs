@@ -22,6 +22,9 @@ use tonic::transport::{Channel, Endpoint};
 const HTTP2_STREAM_WINDOW: u32 = 4 << 20;
 /// The HTTP/2 flow-control window of the whole connection.
 const HTTP2_CONNECTION_WINDOW: u32 = 8 << 20;
+/// The largest HTTP/2 frame the controller may send: an artifact chunk in a few frames rather
+/// than in 64 of the default 16 KiB.
+const HTTP2_MAX_FRAME: u32 = 256 << 10;
 
 pub const MIN_RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
 pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
@@ -75,6 +78,7 @@ pub fn lazy_channel(
         // the agent's window update; megabyte windows keep the stream full.
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_frame_size(HTTP2_MAX_FRAME)
         .connect_lazy())
 }
 
