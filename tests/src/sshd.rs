@@ -128,6 +128,11 @@ impl Sshd {
         Some(sshd)
     }
 
+    /// The pid of the listening sshd (its sessions are its children).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::pid)
+    }
+
     fn spawn(&mut self) {
         let host_key_path = self.dir.join("ssh_host_ed25519_key");
         write_private_key(&self.host_key, &host_key_path);

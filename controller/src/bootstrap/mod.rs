@@ -1,7 +1,8 @@
 //! SSH bootstrap of hosts, the SSH half of `fleetctl bootstrap` and `fleetctl replace`:
 //! `targets` (what to work on: `ssh://` addresses and the targets file), `known_hosts` (which
 //! host keys are trusted; fail closed), `ssh` (one russh connection: host-key check, key-file or
-//! ssh-agent login, commands with stdin), `install` (what is uploaded and run on the host).
+//! ssh-agent login, commands with stdin), `pacing` (uploads that do not flood the server),
+//! `install` (what is uploaded and run on the host).
 //!
 //! [`bootstrap_host`] does one host up to a started agent; the CLI (`cli::bootstrap`) adds what
 //! needs the controller (a join token before, waiting for the host to register after), so this
@@ -16,6 +17,7 @@
 
 pub mod install;
 pub mod known_hosts;
+pub mod pacing;
 pub mod ssh;
 pub mod targets;
 

@@ -6,6 +6,7 @@
 //! key ends the connection with the refusal as its error.
 
 use crate::bootstrap::known_hosts::{self, HostKeyError, Verdict};
+use crate::bootstrap::pacing::{self, Pacer, WindowNews};
 use crate::bootstrap::targets::SshAddress;
 use russh::client::{AuthResult, Handle};
 use russh::keys::agent::client::AgentClient;
@@ -242,7 +243,7 @@ impl SshSession {
         Ok(output.0)
     }
 
-    /// Like [`SshSession::exec`], with stdin made of `head`, sent at once, then what `tail`
+    /// Like [`SshSession::exec`], with stdin made of `head`, sent paced ([`pacing`]), then what `tail`
     /// resolves to, as soon as it does: the head's bytes travel while the tail is still being
     /// made. When `tail` fails the input is cut off (the command sees a truncated stream) and
     /// its error is returned beside the output.
@@ -255,12 +256,29 @@ impl SshSession {
         let channel = self.handle.channel_open_session().await?;
         channel.exec(true, command).await?;
         let (mut reader, writer) = channel.split();
+        let (news_tx, news_rx) = tokio::sync::watch::channel(WindowNews::default());
         let send = async {
-            // Whole parts at once: russh cuts them into packets as large as the channel allows
+            // Large writes: russh cuts them into packets as large as the channel allows
             // (`data()` would copy through an 8 KiB buffer: four times the packets).
             use tokio::io::AsyncWriteExt;
             let mut stream = writer.make_writer();
-            let (head_sent, tail) = tokio::join!(stream.write_all(head), tail);
+            let head_sent = async {
+                let (mut pacer, mut news) = (Pacer::default(), news_rx);
+                for piece in head.chunks(pacing::PIECE) {
+                    pacer.update(*news.borrow_and_update());
+                    while !pacer.may_send(piece.len()) {
+                        match tokio::time::timeout(pacing::STALL, news.changed()).await {
+                            Ok(Ok(())) => pacer.update(*news.borrow_and_update()),
+                            // Silent server or closed channel: the window alone limits.
+                            _ => pacer.give_up(),
+                        }
+                    }
+                    stream.write_all(piece).await?;
+                    pacer.sent(piece.len());
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            let (head_sent, tail) = tokio::join!(head_sent, tail);
             head_sent.map_err(russh::Error::from)?;
             let tail_error = match tail {
                 Ok(bytes) => {
@@ -278,9 +296,17 @@ impl SshSession {
         };
         let receive = async {
             let mut output = ExecOutput::default();
+            let mut adjustments = 0;
             // Ends when the server closes the channel.
             while let Some(message) = reader.wait().await {
                 match message {
+                    ChannelMsg::WindowAdjusted { new_size } => {
+                        adjustments += 1;
+                        let _ = news_tx.send(WindowNews {
+                            adjustments,
+                            window: new_size,
+                        });
+                    }
                     ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
                         output.stderr.extend_from_slice(&data)

@@ -482,7 +482,7 @@ fn bench_bootstrap() -> Result<Vec<Row>> {
     let url = sshd.url();
     let mut next_idx = 0;
     // Each round bootstraps `n` fresh hosts (new names, new remote dirs) in one command.
-    let mut round = |n: usize, label: &str| -> Result<Duration> {
+    let mut round = |n: usize, label: &str| -> Result<(Duration, CpuSplit)> {
         let mut lines = String::new();
         for _ in 0..n {
             let name = format!("{label}{next_idx}");
@@ -497,16 +497,48 @@ fn bench_bootstrap() -> Result<Vec<Row>> {
         }
         let file = fleet.dir().join(format!("targets-{label}.txt"));
         std::fs::write(&file, lines)?;
-        timed_bootstrap(&fleet, &client, &file)
+        let before = CpuSplit::read(&fleet, sshd.pid(), &[]);
+        let wall = timed_bootstrap(&fleet, &client, &file)?;
+        let new_dirs = &agents.remote_dirs[agents.remote_dirs.len() - n..];
+        let after = CpuSplit::read(&fleet, sshd.pid(), new_dirs);
+        Ok((wall, after.minus(&before)))
     };
     // A warm-up host first, so both measured rounds find the binary in the page cache.
     round(1, "warm")?;
-    let one = round(1, "one")?;
-    let ten = round(BOOTSTRAP_HOSTS, "ten")?;
+    let (one, _) = round(1, "one")?;
+    let (ten, cpu) = round(BOOTSTRAP_HOSTS, "ten")?;
     let ratio = ten.as_secs_f64() / one.as_secs_f64();
     drop(agents);
     drop(sshd);
-    Ok(vec![
+    let per_host =
+        |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3 / BOOTSTRAP_HOSTS as f64);
+    let cpu_rows = [
+        ("sshd peer (sessions, shell, tar)", cpu.sshd),
+        ("the new agent (start, join, register)", cpu.agents),
+        ("fleetctl", cpu.fleetctl),
+        ("controller", cpu.controller),
+    ]
+    .map(|(what, d)| Row {
+        bench: "bootstrap",
+        measurement: format!("CPU per host in the {BOOTSTRAP_HOSTS}-host round: {what}"),
+        value: per_host(d),
+        target: String::new(),
+        ok: None,
+    });
+    let total = cpu.sshd + cpu.agents + cpu.fleetctl + cpu.controller;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(cpu_rows
+        .into_iter()
+        .chain([Row {
+            bench: "bootstrap",
+            measurement: format!(
+                "{BOOTSTRAP_HOSTS}-host round: all that CPU spread over this machine's {cores} cores"
+            ),
+            value: format_ms(total / cores as u32),
+            target: String::new(),
+            ok: None,
+        }])
+        .chain([
         Row {
             bench: "bootstrap",
             measurement: "1 host, one command (upload, start, registered)".to_string(),
@@ -529,7 +561,78 @@ fn bench_bootstrap() -> Result<Vec<Row>> {
             ok: Some(ratio < BOOTSTRAP_TARGET_RATIO),
         },
     ])
+    .collect())
 }
+
+/// CPU time (user + system) spent by each party of a bootstrap, from `/proc/PID/stat`.
+#[derive(Default)]
+struct CpuSplit {
+    /// The test sshd's reaped sessions and everything they ran (shell, tar, mv ...).
+    sshd: Duration,
+    /// The agents started from the given remote dirs (detached, so not sshd's children).
+    agents: Duration,
+    /// fleetctl runs as this benchmark's child: our reaped children's time.
+    fleetctl: Duration,
+    controller: Duration,
+}
+
+impl CpuSplit {
+    fn read(fleet: &Fleet, sshd_pid: Option<u32>, agent_dirs: &[std::path::PathBuf]) -> CpuSplit {
+        let agents = agent_dirs
+            .iter()
+            .filter_map(|dir| std::fs::read_to_string(dir.join("fleet-agent.pid")).ok())
+            .filter_map(|pid| pid.trim().parse::<u32>().ok())
+            .filter_map(run_time)
+            .sum();
+        CpuSplit {
+            sshd: sshd_pid
+                .and_then(proc_cpu)
+                .map_or(Duration::ZERO, |(_, reaped)| reaped),
+            agents,
+            fleetctl: proc_cpu(std::process::id()).map_or(Duration::ZERO, |(_, reaped)| reaped),
+            controller: run_time(fleet.controller_pid()).unwrap_or_default(),
+        }
+    }
+
+    fn minus(&self, before: &CpuSplit) -> CpuSplit {
+        CpuSplit {
+            sshd: self.sshd.saturating_sub(before.sshd),
+            agents: self.agents.saturating_sub(before.agents),
+            fleetctl: self.fleetctl.saturating_sub(before.fleetctl),
+            controller: self.controller.saturating_sub(before.controller),
+        }
+    }
+}
+
+/// The CPU time a live process's threads ran, to the nanosecond (`/proc/PID/task/*/schedstat`).
+fn run_time(pid: u32) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let nanos = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Some(Duration::from_nanos(nanos))
+}
+
+/// (own, reaped children's) CPU time of a process: utime+stime and cutime+cstime, in clock
+/// ticks (10 ms): what is left of processes that exited.
+fn proc_cpu(pid: u32) -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name, which may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let ticks = |t: u64| Duration::from_secs_f64(t as f64 / CLOCK_TICKS_PER_SECOND);
+    Some((ticks(fields[0] + fields[1]), ticks(fields[2] + fields[3])))
+}
+
+/// `sysconf(_SC_CLK_TCK)`: 100 on every Linux this runs on.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 #[cfg(test)]
 mod tests {
