@@ -179,6 +179,7 @@ async fn join(
         .tls_config(tls)
         .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
         .timeout(JOIN_ATTEMPT_TIMEOUT);
     let request = pb::JoinRequest {
         token: token.to_string(),

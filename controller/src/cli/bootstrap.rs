@@ -28,8 +28,11 @@ use tokio_stream::StreamExt;
 pub const DEFAULT_BOOTSTRAP_DEADLINE: Duration = Duration::from_secs(180);
 /// How long a bootstrap join token stays valid.
 const JOIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 60);
-/// How often ListHosts is asked while waiting for a host to register.
+/// How often ListHosts is asked while waiting for a host to register, when the controller's
+/// event stream cannot say at once that a host connected.
 const REGISTER_POLL: Duration = Duration::from_millis(100);
+/// How often ListHosts is asked anyway while the event stream is followed.
+const REGISTER_POLL_WITH_EVENTS: Duration = Duration::from_secs(1);
 /// How often the agent on the host is checked while waiting.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// At most this many hosts are worked on at once.
@@ -330,6 +333,7 @@ async fn bootstrap_one(
     agent_binary: &AgentBinary,
     binary_entry: &[u8],
     deadline: Duration,
+    registrations: &Registrations,
 ) -> HostResult {
     let started = Instant::now();
     let mut result = HostResult {
@@ -369,7 +373,7 @@ async fn bootstrap_one(
                 done.outcome.remote_dir.display()
             ),
         });
-        let registered = wait_registered(ctx, job, &done).await;
+        let registered = wait_registered(ctx, job, &done, registrations).await;
         done.session.close().await;
         registered
     };
@@ -390,15 +394,65 @@ async fn bootstrap_one(
     result
 }
 
-/// Polls ListHosts until the host is connected; checks now and then that the agent still runs.
+/// Wakes the hosts waiting to register each time the controller reports a host connected (one
+/// `Events` stream for all of them), so a host is seen the moment it registers instead of at
+/// the next poll. Without the stream (an older controller) the waiters poll.
+struct Registrations {
+    connected: tokio::sync::watch::Receiver<u64>,
+    follower: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Registrations {
+    async fn follow(ctx: &Context) -> Registrations {
+        let (tx, connected) = tokio::sync::watch::channel(0u64);
+        let request = pb::EventsRequest {
+            follow: true,
+            limit: 1,
+        };
+        let follower = match ctx.client().events(request).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                Some(tokio::spawn(async move {
+                    while let Some(Ok(event)) = stream.next().await {
+                        if event.kind == "host.connected" {
+                            tx.send_modify(|n| *n += 1);
+                        }
+                    }
+                }))
+            }
+            // The waiters poll, as `follower` being None tells them.
+            Err(_) => None,
+        };
+        Registrations {
+            connected,
+            follower,
+        }
+    }
+}
+
+impl Drop for Registrations {
+    fn drop(&mut self) {
+        if let Some(follower) = &self.follower {
+            follower.abort();
+        }
+    }
+}
+
+/// Waits until ListHosts shows the host connected, asking again whenever some host connects
+/// (or every poll interval); checks now and then that the agent still runs.
 async fn wait_registered(
     ctx: &Context,
     job: &HostJob,
     done: &ssh_bootstrap::Bootstrapped,
+    registrations: &Registrations,
 ) -> Result<pb::Host, String> {
     let mut last_health_check = Instant::now();
+    let mut connected = registrations.connected.clone();
+    let mut following = registrations.follower.is_some();
     // Bounded by the caller's deadline.
     loop {
+        // Marked seen before asking, so a host that connects meanwhile wakes the wait below.
+        connected.borrow_and_update();
         if let Some(host) = find_host(ctx, &job.host_name)
             .await
             .map_err(|e| e.to_string())?
@@ -416,7 +470,15 @@ async fn wait_registered(
             last_health_check = Instant::now();
             check_health(done).await?;
         }
-        tokio::time::sleep(REGISTER_POLL).await;
+        if following {
+            let woken = tokio::time::timeout(REGISTER_POLL_WITH_EVENTS, connected.changed()).await;
+            if let Ok(Err(_)) = woken {
+                // The stream ended: poll from now on.
+                following = false;
+            }
+        } else {
+            tokio::time::sleep(REGISTER_POLL).await;
+        }
     }
 }
 
@@ -475,6 +537,7 @@ fn render_result(result: &HostResult) -> String {
 /// Bootstraps every job in parallel (bounded) and returns their results in job order.
 async fn run_jobs(ctx: &Context, prepared: &Prepared) -> Vec<HostResult> {
     let semaphore = Arc::new(tokio::sync::Semaphore::new(MAX_PARALLEL_HOSTS));
+    let registrations = Arc::new(Registrations::follow(ctx).await);
     let mut tasks = Vec::new();
     for job in prepared.jobs.clone() {
         let ctx = ctx.clone();
@@ -483,9 +546,19 @@ async fn run_jobs(ctx: &Context, prepared: &Prepared) -> Vec<HostResult> {
         let binary_entry = prepared.binary_entry.clone();
         let deadline = prepared.deadline;
         let semaphore = semaphore.clone();
+        let registrations = registrations.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = semaphore.acquire_owned().await;
-            bootstrap_one(&ctx, &job, &shared, &binary, &binary_entry, deadline).await
+            bootstrap_one(
+                &ctx,
+                &job,
+                &shared,
+                &binary,
+                &binary_entry,
+                deadline,
+                &registrations,
+            )
+            .await
         }));
     }
     let mut results = Vec::new();
