@@ -18,8 +18,16 @@ use std::path::Path;
 
 /// Alignment of buffers, offsets and lengths: 4 KiB suits every logical block size in use.
 const ALIGN: usize = 4096;
-/// The write staging buffer and the read block.
-const BLOCK: usize = 4 << 20;
+/// The write staging buffer and the read block, at most (a small artifact gets small ones: an
+/// idle agent keeps its memory small).
+const BLOCK: usize = 1 << 20;
+
+/// The buffer size for `len` bytes of file: whole alignment units, at most [`BLOCK`].
+fn buffer_size(len: u64) -> usize {
+    (len.min(BLOCK as u64) as usize)
+        .next_multiple_of(ALIGN)
+        .max(ALIGN)
+}
 
 /// A heap buffer of `len` bytes whose start is `ALIGN`-aligned (safe code: an oversized `Vec`
 /// and the aligned window inside it).
@@ -67,12 +75,23 @@ pub struct ArtifactWriter {
 }
 
 impl ArtifactWriter {
-    /// Opens (or creates) `path` to append from `offset`, which must be its current length.
-    pub fn open(path: &Path, offset: u64) -> io::Result<ArtifactWriter> {
-        ArtifactWriter::open_with(path, offset, true)
+    /// Opens (or creates) `path` to append from `offset`, which must be its current length;
+    /// `expected` is how many bytes will follow (0: unknown).
+    pub fn open(path: &Path, offset: u64, expected: u64) -> io::Result<ArtifactWriter> {
+        ArtifactWriter::open_with(path, offset, expected, true)
     }
 
-    fn open_with(path: &Path, offset: u64, try_direct: bool) -> io::Result<ArtifactWriter> {
+    fn open_with(
+        path: &Path,
+        offset: u64,
+        expected: u64,
+        try_direct: bool,
+    ) -> io::Result<ArtifactWriter> {
+        let staged = match expected {
+            0 => BLOCK,
+            // Room for the head of the first block too.
+            n => buffer_size(n + ALIGN as u64),
+        };
         let mut options = OpenOptions::new();
         options.read(true).write(true).create(true);
         let direct_file = match try_direct {
@@ -86,7 +105,7 @@ impl ArtifactWriter {
         let mut writer = ArtifactWriter {
             file,
             direct,
-            staged: AlignedBuf::new(BLOCK),
+            staged: AlignedBuf::new(staged),
             filled: 0,
             file_offset: offset,
         };
@@ -109,11 +128,11 @@ impl ArtifactWriter {
 
     pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            let n = data.len().min(BLOCK - self.filled);
+            let n = data.len().min(self.staged.len - self.filled);
             self.staged.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&data[..n]);
             self.filled += n;
             data = &data[n..];
-            if self.filled == BLOCK {
+            if self.filled == self.staged.len {
                 self.flush_staged()?;
             }
         }
@@ -173,7 +192,7 @@ impl ArtifactReader {
         Ok(ArtifactReader {
             file,
             len,
-            block: AlignedBuf::new(BLOCK),
+            block: AlignedBuf::new(buffer_size(len)),
             next: 0,
             pos: 0,
             filled: 0,
@@ -228,7 +247,9 @@ mod tests {
     fn write_in_chunks(path: &Path, offset: u64, data: &[u8], chunk: usize) {
         // Direct and buffered writes take turns, so a resume crosses from one to the other.
         let try_direct = offset.is_multiple_of(2);
-        let mut writer = ArtifactWriter::open_with(path, offset, try_direct).unwrap();
+        // A size hint that is sometimes right, sometimes unknown, sometimes too small.
+        let expected = [data.len() as u64, 0, 1][offset as usize % 3];
+        let mut writer = ArtifactWriter::open_with(path, offset, expected, try_direct).unwrap();
         for piece in data.chunks(chunk) {
             writer.write(piece).unwrap();
         }

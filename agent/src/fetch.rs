@@ -153,7 +153,8 @@ impl Fetcher {
             offset = 0;
         }
         let hasher = hash_prefix(partial, offset).await.map_err(io_error)?;
-        let file = ArtifactWriter::open(partial, offset).map_err(io_error)?;
+        let file = ArtifactWriter::open(partial, offset, expected_size.saturating_sub(offset))
+            .map_err(io_error)?;
         // Chunks (shared `Bytes`, no copy) go to a blocking thread that writes and hashes them.
         let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITER_QUEUE);
         let writer = tokio::task::spawn_blocking(move || {
