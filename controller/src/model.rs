@@ -235,6 +235,10 @@ pub struct RolloutRecord {
     pub is_rollback: bool,
     /// Orders rollouts and numbers the generations they hand to agents.
     pub seq: u64,
+    /// While the canary pause (`--pause-after-canary`) runs: when it ends (0 otherwise). Kept
+    /// so a controller restarted during the pause waits out the rest of it.
+    #[serde(default)]
+    pub hold_until_unix_ms: i64,
 }
 
 /// One line of the event log: who did what, to which app or host, when.

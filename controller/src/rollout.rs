@@ -209,6 +209,7 @@ async fn start_on(
         policy,
         is_rollback,
         seq,
+        hold_until_unix_ms: 0,
     };
     if let Err(e) = fleet.store.put_rollout(&record) {
         rollouts.active().remove(&reserved);
@@ -546,6 +547,22 @@ impl Executor {
     }
 
     async fn drive(&mut self) -> Result<(), StoreError> {
+        // A controller restarted during the canary pause waits out the rest of it.
+        let hold_left = self.record.hold_until_unix_ms - fleet_proto::now_unix_ms();
+        if self.record.hold_until_unix_ms > 0 && hold_left > 0 {
+            let rest = Duration::from_millis(hold_left as u64);
+            self.emit(format!(
+                "controller restarted during the canary pause: waiting the remaining {} before widening",
+                format_duration(rest)
+            ));
+            if let Some(actor) = self.hold_persisted(rest).await? {
+                return self.aborted(actor).await;
+            }
+        } else if self.record.hold_until_unix_ms > 0 {
+            // It ended while no controller ran.
+            self.record.hold_until_unix_ms = 0;
+            self.save()?;
+        }
         if self.record.state == RolloutState::Paused {
             self.emit(format!(
                 "rollout {} is paused at wave {}/{}: `fleetctl rollout resume {}` to go on",
@@ -609,7 +626,7 @@ impl Executor {
                         "canary passed: waiting {} before widening",
                         format_duration(pause)
                     ));
-                    if let Some(actor) = self.hold(pause).await {
+                    if let Some(actor) = self.hold_persisted(pause).await? {
                         return self.aborted(actor).await;
                     }
                 }
@@ -706,6 +723,16 @@ impl Executor {
                 }
             }
         }
+    }
+
+    /// [`Executor::hold`], with its end in the record while it lasts.
+    async fn hold_persisted(&mut self, pause: Duration) -> Result<Option<String>, StoreError> {
+        self.record.hold_until_unix_ms = fleet_proto::now_unix_ms() + pause.as_millis() as i64;
+        self.save()?;
+        let aborted_by = self.hold(pause).await;
+        self.record.hold_until_unix_ms = 0;
+        self.save()?;
+        Ok(aborted_by)
     }
 
     /// Waits `pause` unless paused or aborted meanwhile; returns the aborting actor.

@@ -1,13 +1,17 @@
-//! User story: the controller is SIGKILLed in the middle of a rollout (held after its canary by
-//! `--pause-after-canary`) and started again on the same data directory: the rollout is still
-//! known, and after a resume it completes and every host serves the new version.
+//! User story: the controller is SIGKILLed in the middle of a rollout, while it holds after its
+//! canary (`--pause-after-canary`), and started again on the same data directory: the rollout
+//! is still known, the rest of the canary pause is still honoured (the other hosts keep the old
+//! version until it is over), and then the rollout completes and every host serves the new
+//! version.
 
 use fleet_tests::fleet::Fleet;
-use fleet_tests::wait_for;
+use fleet_tests::{http, wait_for};
 use std::time::Duration;
 
+const PAUSE_MS: i64 = 8_000;
+
 #[test]
-fn a_rollout_survives_a_controller_crash() {
+fn a_rollout_survives_a_controller_crash_and_keeps_its_canary_pause() {
     let mut fleet = Fleet::start(3);
     fleet.create_web_releases(&["1.0.0", "1.1.0"]);
     fleet
@@ -17,6 +21,7 @@ fn a_rollout_survives_a_controller_crash() {
         .expect_code(0);
     fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
 
+    let pause = format!("{}s", PAUSE_MS / 1000);
     let started = fleet
         .ctl(&[
             "rollout",
@@ -27,20 +32,33 @@ fn a_rollout_survives_a_controller_crash() {
             "--batch",
             "100%",
             "--pause-after-canary",
-            "30s",
+            &pause,
             "--detach",
         ])
         .expect_code(0)
         .json;
     let id = started["id"].as_str().expect("a rollout id").to_string();
-    wait_for(
+    let hold_until = wait_for(
         Duration::from_secs(20),
-        "the canary to pass and the rollout to pause",
+        "the canary to pass and the canary pause to begin",
         || {
             let rollout = fleet.ctl_ok(&["rollout", "status", &id]);
-            (rollout["state"] == "paused" || rollout["waves"][0]["state"] == "passed").then_some(())
+            rollout["hold_until_unix_ms"]
+                .as_i64()
+                .filter(|&until| until > 0)
         },
     );
+    let canary = started["waves"][0]["hosts"][0]["host"]
+        .as_str()
+        .expect("the canary host")
+        .to_string();
+    let others: Vec<_> = fleet
+        .agents()
+        .iter()
+        .filter(|agent| agent.name != canary)
+        .map(|agent| (agent.name.clone(), agent.advertise.clone()))
+        .collect();
+    assert_eq!(others.len(), 2, "{started:#}");
 
     fleet.kill_controller();
     fleet.restart_controller();
@@ -48,16 +66,28 @@ fn a_rollout_survives_a_controller_crash() {
 
     let known = fleet.ctl(&["rollout", "status", &id]).expect_code(0).json;
     assert_eq!(known["id"], id.as_str());
-    let state = known["state"].as_str().unwrap_or("");
-    eprintln!("rollout {id} after the controller restart: {state}");
-    assert!(
-        ["running", "paused", "succeeded"].contains(&state),
-        "the rollout record survives the crash, got state {state:?}: {known:#}"
+    assert_eq!(
+        known["hold_until_unix_ms"].as_i64(),
+        Some(hold_until),
+        "the pause's end survives the crash: {known:#}"
     );
-    if state == "paused" {
-        fleet.ctl(&["rollout", "resume", &id]).expect_code(0);
+    // Still inside the pause: the other hosts have not been touched.
+    if fleet_proto::now_unix_ms() < hold_until - 1_000 {
+        for (name, addr) in &others {
+            assert_eq!(
+                http::get_ok(addr, "/"),
+                Some(format!("web 1.0.0 on {name}\n")),
+                "{name} must keep 1.0.0 during the canary pause"
+            );
+        }
     }
-    let finished = fleet.wait_rollout_ends(&id, Duration::from_secs(25));
+
+    let finished = fleet.wait_rollout_ends(&id, Duration::from_secs(40));
     assert_eq!(finished["state"], "succeeded", "{finished:#}");
+    let finished_at = finished["finished_unix_ms"].as_i64().unwrap_or(0);
+    assert!(
+        finished_at >= hold_until,
+        "the rollout widened at {finished_at}, before its canary pause ended at {hold_until}"
+    );
     fleet.wait_all_serve("1.1.0", Duration::from_secs(10));
 }

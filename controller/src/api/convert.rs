@@ -137,6 +137,7 @@ pub fn rollout(r: &RolloutRecord) -> pb::Rollout {
             .collect(),
         current_wave: r.current_wave as u32,
         message: r.message.clone(),
+        hold_until_unix_ms: r.hold_until_unix_ms,
         request: Some(pb::StartRolloutRequest {
             app: r.app.clone(),
             version: r.version.clone(),

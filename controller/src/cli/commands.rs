@@ -497,6 +497,12 @@ pub fn render_rollout(rollout: &pb::Rollout, now: i64) -> String {
     if !rollout.message.is_empty() {
         text.push_str(&format!("  {}\n", rollout.message));
     }
+    if rollout.hold_until_unix_ms > now {
+        text.push_str(&format!(
+            "  canary passed: widening in {}\n",
+            output::took(now, rollout.hold_until_unix_ms)
+        ));
+    }
     let has_canary = !rollout.is_rollback
         && rollout
             .request
@@ -809,6 +815,7 @@ mod tests {
                 ..Default::default()
             }),
             is_rollback: false,
+            hold_until_unix_ms: 0,
         }
     }
 
@@ -825,6 +832,15 @@ mod tests {
              \x20   demo-2: smoke check returned 500\n"
         );
         assert!(rollout_hint(&sample_rollout()).is_some());
+    }
+
+    #[test]
+    fn a_rollout_in_its_canary_pause_says_when_it_widens() {
+        let mut rollout = sample_rollout();
+        rollout.hold_until_unix_ms = 1_100_000 + 90_000;
+        assert!(render_rollout(&rollout, 1_100_000).contains("canary passed: widening in 1m30s\n"));
+        rollout.hold_until_unix_ms = 1_000;
+        assert!(!render_rollout(&rollout, 1_100_000).contains("widening"));
     }
 
     #[test]
