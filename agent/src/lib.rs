@@ -108,7 +108,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             n_apps = assigned.len(),
             "bringing assigned releases up from the local cache"
         );
-        let _ = supervisor_tx.send(supervisor::SupervisorCommand::Desired(assigned));
+        let _ = supervisor_tx.send(supervisor::SupervisorCommand::Desired(
+            supervisor::Desired {
+                assignments: assigned,
+                refused: Default::default(),
+            },
+        ));
     }
 
     let (stop_session_tx, stop_session_rx) = tokio::sync::watch::channel(false);

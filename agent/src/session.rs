@@ -8,7 +8,7 @@
 //! no further.
 
 use crate::model::{Assignment, InstanceState, Report, Reporter};
-use crate::supervisor::SupervisorCommand;
+use crate::supervisor::{Desired, SupervisorCommand};
 use crate::{AgentError, Config};
 use fleet_proto::pb;
 use std::collections::BTreeMap;
@@ -123,9 +123,13 @@ pub fn assignment_from_pb(assignment: pb::Assignment) -> Result<Assignment, Stri
     })
 }
 
-/// Checks every assignment of a desired state; a bad one is reported failed and left out.
-fn desired_from_pb(desired: pb::DesiredState, reporter: &Reporter) -> Vec<Assignment> {
-    let mut out = Vec::with_capacity(desired.assignments.len());
+/// Checks every assignment of a desired state; a bad one is reported failed and its app
+/// listed in `refused`, so the supervisor leaves what that app runs as it is.
+fn desired_from_pb(desired: pb::DesiredState, reporter: &Reporter) -> Desired {
+    let mut out = Desired {
+        assignments: Vec::with_capacity(desired.assignments.len()),
+        refused: Default::default(),
+    };
     for assignment in desired.assignments {
         let (app, version, rollout_id) = (
             assignment.app.clone(),
@@ -133,15 +137,19 @@ fn desired_from_pb(desired: pb::DesiredState, reporter: &Reporter) -> Vec<Assign
             assignment.rollout_id.clone(),
         );
         match assignment_from_pb(assignment) {
-            Ok(assignment) => out.push(assignment),
+            Ok(assignment) => out.assignments.push(assignment),
             Err(message) => {
                 tracing::warn!(%app, "refusing an assignment: {message}");
+                // An app of an invalid name runs nowhere: nothing to keep or report.
                 if fleet_proto::names::check_app(&app).is_ok() {
+                    out.refused.insert(app.clone());
                     reporter.publish(Report {
                         app,
                         version,
                         state: InstanceState::Failed,
-                        message: format!("the assignment is invalid: {message}"),
+                        message: format!(
+                            "the assignment is invalid: {message}; what the host runs of this app is left as it is"
+                        ),
                         since_unix_ms: fleet_proto::now_unix_ms(),
                         restarts: 0,
                         rollout_id,
@@ -276,9 +284,9 @@ async fn session_once(
                         }
                         Some(pb::controller_message::Body::Desired(desired)) => {
                             welcomed = true;
-                            let assignments = desired_from_pb(desired, reporter);
-                            tracing::info!(n_assignments = assignments.len(), "desired state received");
-                            let _ = supervisor.send(SupervisorCommand::Desired(assignments));
+                            let desired = desired_from_pb(desired, reporter);
+                            tracing::info!(n_assignments = desired.assignments.len(), "desired state received");
+                            let _ = supervisor.send(SupervisorCommand::Desired(desired));
                             None
                         }
                         None => None,
@@ -360,8 +368,9 @@ mod tests {
             ],
             ..Default::default()
         };
-        let assignments = desired_from_pb(desired, &reporter);
-        assert_eq!(assignments.len(), 1);
+        let desired = desired_from_pb(desired, &reporter);
+        assert_eq!(desired.assignments.len(), 1);
+        assert_eq!(desired.refused, ["api".to_string()].into());
         let report = rx.try_recv().unwrap();
         assert_eq!(
             (report.app.as_str(), report.state),

@@ -69,10 +69,19 @@ pub struct Context {
 
 /// Commands to the manager.
 pub enum SupervisorCommand {
-    /// The full set of assignments; apps not in it are stopped and forgotten.
-    Desired(Vec<Assignment>),
+    /// The full desired state; apps in neither list are stopped and forgotten.
+    Desired(Desired),
     /// Stop every instance gracefully, then answer.
     Shutdown(oneshot::Sender<()>),
+}
+
+/// What the controller wants the host to run.
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub assignments: Vec<Assignment>,
+    /// Apps whose assignment was invalid: they keep their last valid assignment (and what runs
+    /// of them), rather than being stopped as if unassigned.
+    pub refused: BTreeSet<String>,
 }
 
 /// Commands to one app task.
@@ -112,6 +121,19 @@ pub fn decide(
     }
 }
 
+/// The apps among `running` to stop and forget: those neither assigned nor refused (an app
+/// whose new assignment was invalid keeps running what it ran). Pure.
+pub fn unassigned<'a>(
+    running: impl Iterator<Item = &'a String>,
+    desired: &BTreeMap<String, Assignment>,
+    refused: &BTreeSet<String>,
+) -> Vec<String> {
+    running
+        .filter(|app| !desired.contains_key(*app) && !refused.contains(*app))
+        .cloned()
+        .collect()
+}
+
 /// The delay before restart number `consecutive` (1-based) of a crashing instance. Pure.
 pub fn crash_backoff(consecutive: u32) -> Duration {
     let doublings = consecutive.saturating_sub(1).min(16);
@@ -122,6 +144,8 @@ pub fn crash_backoff(consecutive: u32) -> Duration {
 pub struct Supervisor {
     context: Arc<Context>,
     apps: BTreeMap<String, AppHandle>,
+    /// The last valid assignment of each app.
+    assigned: BTreeMap<String, Assignment>,
     /// Tasks of apps being removed; a new task for the same app waits for its predecessor.
     retiring: BTreeMap<String, JoinHandle<()>>,
 }
@@ -140,6 +164,7 @@ impl Supervisor {
         let supervisor = Supervisor {
             context,
             apps: BTreeMap::new(),
+            assigned: BTreeMap::new(),
             retiring: BTreeMap::new(),
         };
         (tx, tokio::spawn(supervisor.run(rx)))
@@ -148,7 +173,7 @@ impl Supervisor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SupervisorCommand>) {
         while let Some(command) = rx.recv().await {
             match command {
-                SupervisorCommand::Desired(assignments) => self.apply(assignments),
+                SupervisorCommand::Desired(desired) => self.apply(desired),
                 SupervisorCommand::Shutdown(done) => {
                     self.shutdown().await;
                     let _ = done.send(());
@@ -159,25 +184,28 @@ impl Supervisor {
         self.shutdown().await;
     }
 
-    fn apply(&mut self, assignments: Vec<Assignment>) {
-        let desired: BTreeMap<String, Assignment> = assignments
+    fn apply(&mut self, update: Desired) {
+        let desired: BTreeMap<String, Assignment> = update
+            .assignments
             .into_iter()
             .map(|a| (a.app.clone(), a))
             .collect();
+        let mut kept = desired.clone();
+        for app in &update.refused {
+            if let Some(last) = self.assigned.get(app) {
+                kept.insert(app.clone(), last.clone());
+            }
+        }
         if let Err(e) = self
             .context
             .store
-            .set_assignments(desired.values().cloned().collect())
+            .set_assignments(kept.values().cloned().collect())
         {
             tracing::error!("{e}");
         }
+        self.assigned = kept;
         self.retiring.retain(|_, task| !task.is_finished());
-        let unassigned: Vec<String> = self
-            .apps
-            .keys()
-            .filter(|app| !desired.contains_key(*app))
-            .cloned()
-            .collect();
+        let unassigned = unassigned(self.apps.keys(), &desired, &update.refused);
         for app in unassigned {
             if let Some(handle) = self.apps.remove(&app) {
                 let _ = handle.tx.send(AppCommand::Remove);
@@ -642,6 +670,17 @@ mod tests {
             smoke_timeout_ms: 0,
             run_release_hook: false,
         }
+    }
+
+    #[test]
+    fn an_app_whose_assignment_was_refused_is_not_stopped() {
+        let running = ["web".to_string(), "api".to_string(), "old".to_string()];
+        let desired = BTreeMap::from([("web".to_string(), assignment("1.1", 2, "r2"))]);
+        let refused = BTreeSet::from(["api".to_string()]);
+        assert_eq!(
+            unassigned(running.iter(), &desired, &refused),
+            ["old".to_string()]
+        );
     }
 
     #[test]

@@ -344,6 +344,43 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
     assert!(seen[0].message.contains("SIGKILL"), "{}", seen[0].message);
     assert_eq!(seen.last().unwrap().restarts, 1);
 
+    // An invalid assignment is refused and reported; what runs is left alone: the next valid
+    // one replaces the instance as any new release does, and nothing was stopped as unassigned
+    // in between.
+    let (pid, token) = eventually("the restarted instance", || {
+        saved_instance(&data_dir).filter(|(p, t)| fleet_agent::instance::has_token(*p, t))
+    })
+    .await;
+    desired_tx.send_replace(pb::DesiredState {
+        assignments: vec![pb::Assignment {
+            artifact_digest: "sha256:not-a-digest".into(),
+            ..assignment(&digest, size, "r9")
+        }],
+        ..Default::default()
+    });
+    let seen = wait_report(&mut from_agent, "the refusal", |r| r.state == "failed").await;
+    let refusal = seen.last().unwrap();
+    assert!(
+        refusal.message.contains("the assignment is invalid"),
+        "{}",
+        refusal.message
+    );
+    desired_tx.send_replace(pb::DesiredState {
+        assignments: vec![assignment(&digest, size, "r10")],
+        ..Default::default()
+    });
+    let seen = wait_report(&mut from_agent, "web running under r10", |r| {
+        r.state == "running" && r.rollout_id == "r10"
+    })
+    .await;
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.message.contains("no longer assigned")),
+        "the refused app was stopped as unassigned: {seen:#?}"
+    );
+    assert!(!fleet_agent::instance::has_token(pid, &token));
+
     // Unassigned: stopped and forgotten.
     desired_tx.send_replace(pb::DesiredState::default());
     wait_report(&mut from_agent, "web stopped", |r| r.state == "stopped").await;
