@@ -47,6 +47,12 @@ pub struct StoredArtifact {
     pub manifest: Manifest,
 }
 
+/// An upload that passed the checks and is not stored yet; dropped, its file is deleted.
+pub struct CheckedArtifact {
+    pub stored: StoredArtifact,
+    temp: tempfile::TempPath,
+}
+
 impl ArtifactStore {
     pub fn open(data_dir: &Path) -> Result<ArtifactStore, ArtifactStoreError> {
         let root = data_dir.join("artifacts");
@@ -82,6 +88,13 @@ impl ArtifactStore {
     /// Finishes an upload: checks the artifact (gzip tarball, safe entries, valid fleet.toml)
     /// and stores it under its digest.
     pub fn finish_upload(&self, upload: Upload) -> Result<StoredArtifact, ArtifactStoreError> {
+        let checked = self.check_upload(upload)?;
+        self.keep(checked)
+    }
+
+    /// Checks a finished upload (gzip tarball, safe entries, valid fleet.toml) without storing
+    /// it yet: the caller may still refuse it, and a dropped [`CheckedArtifact`] is deleted.
+    pub fn check_upload(&self, upload: Upload) -> Result<CheckedArtifact, ArtifactStoreError> {
         let Upload {
             file,
             temp,
@@ -94,18 +107,29 @@ impl ArtifactStore {
         let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
         let reader = std::io::BufReader::new(std::fs::File::open(&temp).map_err(|e| self.io(e))?);
         let manifest = artifact::read_artifact(reader, None, Limits::default())?;
-        let path = self.path_of(&digest).expect("digest was just computed");
+        Ok(CheckedArtifact {
+            stored: StoredArtifact {
+                digest,
+                size,
+                manifest,
+            },
+            temp,
+        })
+    }
+
+    /// Stores a checked artifact under its digest.
+    pub fn keep(&self, checked: CheckedArtifact) -> Result<StoredArtifact, ArtifactStoreError> {
+        let CheckedArtifact { stored, temp } = checked;
+        let path = self
+            .path_of(&stored.digest)
+            .expect("digest was just computed");
         if path.exists() {
             // Same bytes already stored: keep the existing file, drop the temporary one.
             drop(temp);
         } else {
             temp.persist(&path).map_err(|e| self.io(e.error))?;
         }
-        Ok(StoredArtifact {
-            digest,
-            size,
-            manifest,
-        })
+        Ok(stored)
     }
 
     /// Where the artifact with `digest` lives, or None when the digest is malformed.
@@ -155,6 +179,17 @@ mod tests {
             std::fs::read(store.path_of(&stored.digest).unwrap()).unwrap(),
             bytes
         );
+
+        // Checked, then refused by the caller: nothing is kept.
+        let other =
+            artifact::build_artifact(&[("fleet.toml", b"[process]\ncommand = [\"y\"]\n", 0o644)])
+                .unwrap();
+        let mut upload = store.begin_upload().unwrap();
+        upload.write(&other).unwrap();
+        let checked = store.check_upload(upload).unwrap();
+        let digest = checked.stored.digest.clone();
+        drop(checked);
+        assert!(!store.path_of(&digest).unwrap().exists());
 
         let mut upload = store.begin_upload().unwrap();
         upload.write(b"not a tarball").unwrap();

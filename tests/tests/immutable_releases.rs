@@ -1,7 +1,7 @@
 //! User story: a version, once created, can never point at other bytes or another config;
 //! uploading the very same release again is a harmless no-op; and what is not a valid release
 //! (not a gzip tarball, no fleet.toml, an empty command, a bad app name or version) is refused
-//! with exit code 2 before anything is stored.
+//! with exit code 2 before anything is stored (the refused bytes are not kept either).
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::web_manifest;
@@ -45,6 +45,17 @@ fn a_version_is_immutable_and_bad_releases_are_refused() {
     fleet
         .create_release("web", "1.0.0", &original, &["WEB_BROKEN=1"])
         .expect_code(2);
+    // The refused bytes were not kept: the artifact store holds the original alone.
+    let blobs = fleet.config_dir().join("data/artifacts/sha256");
+    let stored: Vec<_> = std::fs::read_dir(&blobs)
+        .expect("the controller's artifact store")
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        stored,
+        [original_digest.strip_prefix("sha256:").unwrap()],
+        "a refused upload leaves no blob behind"
+    );
     // The other bytes are welcome under a new version.
     fleet
         .create_release("web", "1.0.1", &other, &[])

@@ -180,13 +180,31 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 }
             }
         }
-        let stored = tokio::task::spawn_blocking(move || artifacts.finish_upload(upload))
+        let store_error = |e| match e {
+            ArtifactStoreError::Invalid(e) => bad(format!("{e}")),
+            other => Status::internal(other.to_string()),
+        };
+        let checker = artifacts.clone();
+        let checked = tokio::task::spawn_blocking(move || checker.check_upload(upload))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| match e {
-                ArtifactStoreError::Invalid(e) => bad(format!("{e}")),
-                other => Status::internal(other.to_string()),
-            })?;
+            .map_err(store_error)?;
+        // A version taken by other bytes is refused before the bytes are kept: a refused
+        // upload leaves nothing behind (dropping `checked` deletes it).
+        if let Some(existing) = self
+            .fleet
+            .store
+            .get_release(&header.app, &header.version)
+            .map_err(store_status)?
+        {
+            if existing.artifact_digest != checked.stored.digest {
+                return Err(immutable_refusal(&existing, false));
+            }
+        }
+        let stored = tokio::task::spawn_blocking(move || artifacts.keep(checked))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_error)?;
 
         let record = ReleaseRecord {
             app: header.app.clone(),
@@ -204,14 +222,22 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 .collect(),
             has_release_hook: stored.manifest.release_hook.is_some(),
         };
-        match self.fleet.store.insert_release(&record).map_err(store_status)? {
+        match self
+            .fleet
+            .store
+            .insert_release(&record)
+            .map_err(store_status)?
+        {
             ReleaseInsert::Created => {
                 self.fleet.event(
                     &actor,
                     "release.created",
                     &record.app,
                     "",
-                    format!("release {}@{} created by {actor}: {}", record.app, record.version, record.artifact_digest),
+                    format!(
+                        "release {}@{} created by {actor}: {}",
+                        record.app, record.version, record.artifact_digest
+                    ),
                 );
                 Ok(Response::new(pb::CreateReleaseResponse {
                     release: Some(convert::release(&record)),
@@ -219,20 +245,18 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 }))
             }
             ReleaseInsert::Exists(existing)
-                if existing.artifact_digest == record.artifact_digest && existing.env == record.env =>
+                if existing.artifact_digest == record.artifact_digest
+                    && existing.env == record.env =>
             {
                 Ok(Response::new(pb::CreateReleaseResponse {
                     release: Some(convert::release(&existing)),
                     created: false,
                 }))
             }
-            ReleaseInsert::Exists(existing) => Err(Status::already_exists(format!(
-                "{}@{} already exists with {}{}: a version is immutable, create a new version instead",
-                existing.app,
-                existing.version,
-                existing.artifact_digest,
-                if existing.artifact_digest == record.artifact_digest { " and other config" } else { "" },
-            ))),
+            ReleaseInsert::Exists(existing) => Err(immutable_refusal(
+                &existing,
+                existing.artifact_digest == record.artifact_digest,
+            )),
         }
     }
 
@@ -797,4 +821,16 @@ fn host_stream(
         }
     });
     ReceiverStream::new(out)
+}
+
+/// The refusal of a release whose version exists with other bytes (or the same bytes and other
+/// config).
+fn immutable_refusal(existing: &ReleaseRecord, same_bytes: bool) -> Status {
+    Status::already_exists(format!(
+        "{}@{} already exists with {}{}: a version is immutable, create a new version instead",
+        existing.app,
+        existing.version,
+        existing.artifact_digest,
+        if same_bytes { " and other config" } else { "" },
+    ))
 }
