@@ -84,11 +84,13 @@ pub struct JoinTokenRecord {
     pub used_by_host: Option<String>,
 }
 
-/// What `consume_join_token` found.
+/// What `join_with_token` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenUse {
-    /// The token was valid and is now spent.
+    /// The token was valid and is now spent; the certificate is recorded.
     Spent,
+    /// The host holds a live agent certificate already: nothing was spent or recorded.
+    HostHasCertificate,
     Unknown,
     AlreadyUsed {
         by_host: String,
@@ -345,18 +347,29 @@ impl Store {
         })
     }
 
-    /// Checks and spends a join token in one transaction: of two joins with one token, exactly
-    /// one gets `Spent`.
-    pub fn consume_join_token(
+    /// Joins `certificate.name` with a join token, in ONE transaction: refused when that host
+    /// already holds a live agent certificate, or the token is unknown, used or expired;
+    /// otherwise the token is spent and the certificate recorded. Two joins for one host name
+    /// (with two tokens) cannot both succeed.
+    pub fn join_with_token(
         &self,
         token_hash: &str,
-        host: &str,
+        certificate: &CertificateRecord,
         now_unix_ms: i64,
     ) -> Result<TokenUse, StoreError> {
         let mut outcome = TokenUse::Unknown;
         self.write(|txn| {
-            let mut table = txn.open_table(JOIN_TOKENS)?;
-            let existing = table.get(token_hash)?.map(|v| v.value().to_vec());
+            let certificates = txn.open_table(CERTIFICATES)?;
+            let revoked = txn.open_table(REVOKED)?;
+            if live_agent_certificate_in(&certificates, &revoked, &certificate.name, now_unix_ms)?
+                .is_some()
+            {
+                outcome = TokenUse::HostHasCertificate;
+                return Ok(());
+            }
+            drop((certificates, revoked));
+            let mut tokens = txn.open_table(JOIN_TOKENS)?;
+            let existing = tokens.get(token_hash)?.map(|v| v.value().to_vec());
             let Some(bytes) = existing else {
                 return Ok(());
             };
@@ -371,8 +384,10 @@ impl Store {
                 }
             } else {
                 record.used_unix_ms = Some(now_unix_ms);
-                record.used_by_host = Some(host.to_string());
-                table.insert(token_hash, encode(&record).as_slice())?;
+                record.used_by_host = Some(certificate.name.clone());
+                tokens.insert(token_hash, encode(&record).as_slice())?;
+                let mut certificates = txn.open_table(CERTIFICATES)?;
+                certificates.insert(certificate.serial.as_str(), encode(certificate).as_slice())?;
                 TokenUse::Spent
             };
             Ok(())
@@ -456,16 +471,10 @@ impl Store {
         name: &str,
         now_unix_ms: i64,
     ) -> Result<Option<CertificateRecord>, StoreError> {
-        for record in self.list_certificates()? {
-            if record.role == "agent"
-                && record.name == name
-                && record.not_after_unix_ms > now_unix_ms
-                && !self.is_revoked(&record.serial)?
-            {
-                return Ok(Some(record));
-            }
-        }
-        Ok(None)
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let certificates = txn.open_table(CERTIFICATES).map_err(db_err)?;
+        let revoked = txn.open_table(REVOKED).map_err(db_err)?;
+        live_agent_certificate_in(&certificates, &revoked, name, now_unix_ms)
     }
 
     fn write(
@@ -477,6 +486,28 @@ impl Store {
         txn.commit().map_err(db_err)?;
         Ok(())
     }
+}
+
+/// The live (unexpired, unrevoked) agent certificate of host `name`, read in whatever
+/// transaction the tables come from.
+fn live_agent_certificate_in(
+    certificates: &impl ReadableTable<&'static str, &'static [u8]>,
+    revoked: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+    now_unix_ms: i64,
+) -> Result<Option<CertificateRecord>, StoreError> {
+    for item in certificates.iter()? {
+        let (key, value) = item?;
+        let record: CertificateRecord = decode(key.value(), value.value())?;
+        if record.role == "agent"
+            && record.name == name
+            && record.not_after_unix_ms > now_unix_ms
+            && revoked.get(record.serial.as_str())?.is_none()
+        {
+            return Ok(Some(record));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -535,25 +566,66 @@ mod tests {
         };
         store.insert_join_token("a", &record).unwrap();
         store.insert_join_token("b", &record).unwrap();
+        store.insert_join_token("c", &record).unwrap();
+        let certificate = |serial: &str, name: &str| CertificateRecord {
+            serial: serial.into(),
+            name: name.into(),
+            role: "agent".into(),
+            issued_unix_ms: 1,
+            not_after_unix_ms: i64::MAX,
+            issued_by: "join token".into(),
+        };
         assert_eq!(
-            store.consume_join_token("nope", "h1", 10).unwrap(),
+            store
+                .join_with_token("nope", &certificate("01", "h1"), 10)
+                .unwrap(),
             TokenUse::Unknown
         );
         assert_eq!(
-            store.consume_join_token("a", "h1", 10).unwrap(),
+            store
+                .join_with_token("a", &certificate("02", "h1"), 10)
+                .unwrap(),
             TokenUse::Spent
         );
         assert_eq!(
-            store.consume_join_token("a", "h2", 20).unwrap(),
+            store
+                .join_with_token("a", &certificate("03", "h2"), 20)
+                .unwrap(),
             TokenUse::AlreadyUsed {
                 by_host: "h1".into()
             }
         );
         assert_eq!(
-            store.consume_join_token("b", "h2", 1000).unwrap(),
+            store
+                .join_with_token("b", &certificate("04", "h2"), 1000)
+                .unwrap(),
             TokenUse::Expired {
                 expired_unix_ms: 1000
             }
+        );
+        // A second token for a host that joined already: refused, and the token stays unspent.
+        assert_eq!(
+            store
+                .join_with_token("c", &certificate("05", "h1"), 10)
+                .unwrap(),
+            TokenUse::HostHasCertificate
+        );
+        assert_eq!(
+            store
+                .join_with_token("c", &certificate("06", "h3"), 10)
+                .unwrap(),
+            TokenUse::Spent
+        );
+        let serials: Vec<String> = store
+            .list_certificates()
+            .unwrap()
+            .into_iter()
+            .map(|c| c.serial)
+            .collect();
+        assert_eq!(
+            serials,
+            ["02", "06"],
+            "only admitted joins record a certificate"
         );
     }
 

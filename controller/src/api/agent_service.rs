@@ -221,21 +221,31 @@ impl pb::agent_service_server::AgentService for AgentApi {
             Status::invalid_argument(format!("the certificate request is invalid: {e}"))
         })?;
         let now = fleet_proto::now_unix_ms();
-        let store = &self.fleet.store;
-        if store
-            .live_agent_certificate(&host, now)
-            .map_err(store_status)?
-            .is_some()
-        {
-            return Err(Status::failed_precondition(format!(
-                "host `{host}` already has a certificate: a join token cannot take over a host; run `fleetctl remove {host}` first to revoke it, or keep the host's data directory (DATA/tls)"
-            )));
-        }
-        match store
-            .consume_join_token(&auth::tokens::hash(&request.token), &host, now)
+        // Signed first, handed out only when the store admits the join (one transaction).
+        let issued = self
+            .authority
+            .sign_request(&request.csr_pem, &host, Role::Agent)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let certificate = CertificateRecord {
+            serial: issued.serial.clone(),
+            name: host.clone(),
+            role: Role::Agent.as_str().to_string(),
+            issued_unix_ms: now,
+            not_after_unix_ms: issued.not_after_unix_ms,
+            issued_by: "join token".to_string(),
+        };
+        match self
+            .fleet
+            .store
+            .join_with_token(&auth::tokens::hash(&request.token), &certificate, now)
             .map_err(store_status)?
         {
             TokenUse::Spent => {}
+            TokenUse::HostHasCertificate => {
+                return Err(Status::failed_precondition(format!(
+                    "host `{host}` already has a certificate: a join token cannot take over a host; run `fleetctl remove {host}` first to revoke it, or keep the host's data directory (DATA/tls)"
+                )))
+            }
             TokenUse::Unknown => return Err(refused()),
             TokenUse::AlreadyUsed { by_host } => {
                 return Err(Status::permission_denied(format!(
@@ -248,20 +258,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 ))
             }
         }
-        let issued = self
-            .authority
-            .sign_request(&request.csr_pem, &host, Role::Agent)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        store
-            .record_certificate(&CertificateRecord {
-                serial: issued.serial.clone(),
-                name: host.clone(),
-                role: Role::Agent.as_str().to_string(),
-                issued_unix_ms: now,
-                not_after_unix_ms: issued.not_after_unix_ms,
-                issued_by: "join token".to_string(),
-            })
-            .map_err(store_status)?;
         self.fleet.event(
             &format!("host:{host}"),
             "host.joined",

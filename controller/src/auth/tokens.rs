@@ -1,6 +1,7 @@
 //! One-time join tokens: 32 random bytes shown once as 64 hex digits. The controller keeps
 //! only their sha256 (a stolen store file does not hand out tokens), with an expiry and a used
-//! flag; `Store::consume_join_token` checks and spends one in a single transaction.
+//! flag; `Store::join_with_token` checks and spends one, and records the certificate, in a single
+//! transaction.
 
 use sha2::{Digest, Sha256};
 
