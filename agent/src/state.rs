@@ -1,7 +1,9 @@
 //! `DATA/state.json`: what must survive the agent's own restart, even a SIGKILL. It holds the
-//! current assignments (so the agent brings them up again without the controller) and, for each
-//! live instance, its pid and the random `FLEET_INSTANCE_ID` token it was started with (so a
-//! restarted agent can find and stop it, and never signals a pid that is not provably its own).
+//! current assignments (so the agent brings them up again without the controller), for each
+//! live instance its pid and the random `FLEET_INSTANCE_ID` token it was started with (so a
+//! restarted agent can find and stop it, and never signals a pid that is not provably its own),
+//! and each app's last release hook run (so a hook never runs twice for one rollout, and a
+//! release whose hook failed is never started).
 //!
 //! Every change rewrites the file atomically: write a temp file, fsync it, rename it over the
 //! old one, fsync the directory.
@@ -39,6 +41,31 @@ pub struct AgentState {
     pub assignments: Vec<Assignment>,
     /// Live instances by app.
     pub instances: BTreeMap<String, SavedInstance>,
+    /// The last release hook run of each app: a hook runs once per rollout, whatever is
+    /// resent or restarted after it.
+    #[serde(default)]
+    pub hooks: BTreeMap<String, HookRun>,
+}
+
+/// One run of an app's release hook, for one deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRun {
+    pub rollout_id: String,
+    pub generation: u64,
+    /// The release whose hook ran (a rollback within the rollout is another release).
+    pub version: String,
+    pub artifact_digest: String,
+    pub succeeded: bool,
+}
+
+impl HookRun {
+    /// Whether this run was for `assignment`'s deployment.
+    pub fn is_for(&self, assignment: &Assignment) -> bool {
+        self.rollout_id == assignment.rollout_id
+            && self.generation == assignment.generation
+            && self.version == assignment.version
+            && self.artifact_digest == assignment.artifact_digest
+    }
 }
 
 /// One live instance: enough to recognise it and stop it after the agent's restart.
@@ -110,6 +137,16 @@ impl StateStore {
             None => {
                 s.instances.remove(app);
             }
+        })
+    }
+
+    pub fn hook_run(&self, app: &str) -> Option<HookRun> {
+        self.lock().hooks.get(app).cloned()
+    }
+
+    pub fn record_hook_run(&self, app: &str, run: HookRun) -> Result<(), StateError> {
+        self.update(|s| {
+            s.hooks.insert(app.to_string(), run);
         })
     }
 

@@ -42,7 +42,7 @@ use crate::model::{
 };
 use crate::releases::Release;
 use crate::smoke::{run_checks, CheckContext};
-use crate::state::StateStore;
+use crate::state::{HookRun, StateStore};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::process::ExitStatus;
@@ -413,24 +413,59 @@ impl AppTask {
             }
         };
 
-        if assignment.run_release_hook && release.manifest.release_hook.is_some() {
-            self.report(InstanceState::Starting, "running the release hook");
-            let vars = self.instance_vars(&assignment);
-            let hook = crate::hook::run_release_hook(
-                &self.context.layout,
-                &release.dir,
-                &release.manifest,
-                &vars,
-                crate::hook::HOOK_TIMEOUT,
-            );
-            match interruptible(&mut self.rx, &assignment, hook).await {
-                Err(command) => return Some(command),
-                Ok(Err(message)) => {
+        // A hook runs once per rollout: what is resent or restarted after it never runs it
+        // again, and never starts a release whose hook failed.
+        let last_hook = self
+            .context
+            .store
+            .hook_run(&self.app)
+            .filter(|run| run.is_for(&assignment));
+        match last_hook {
+            Some(run) if !run.succeeded => {
+                self.report(
+                    InstanceState::Failed,
+                    format!(
+                        "the release hook of {} failed in rollout {}; it is not run twice and the release is not started without it: start a new rollout",
+                        assignment.version, assignment.rollout_id
+                    ),
+                );
+                return None;
+            }
+            Some(_) => {}
+            None if assignment.run_release_hook && release.manifest.release_hook.is_some() => {
+                // Recorded as failed until it succeeds: an agent killed during the hook does
+                // not start the release without it when it comes back.
+                let mut run = HookRun {
+                    rollout_id: assignment.rollout_id.clone(),
+                    generation: assignment.generation,
+                    version: assignment.version.clone(),
+                    artifact_digest: assignment.artifact_digest.clone(),
+                    succeeded: false,
+                };
+                self.record_hook_run(&run);
+                self.report(InstanceState::Starting, "running the release hook");
+                let vars = self.instance_vars(&assignment);
+                let hook = crate::hook::run_release_hook(
+                    &self.context.layout,
+                    &release.dir,
+                    &release.manifest,
+                    &vars,
+                    crate::hook::HOOK_TIMEOUT,
+                );
+                let outcome = match interruptible(&mut self.rx, &assignment, hook).await {
+                    Err(command) => return Some(command),
+                    Ok(outcome) => outcome,
+                };
+                if outcome.is_ok() {
+                    run.succeeded = true;
+                    self.record_hook_run(&run);
+                }
+                if let Err(message) = outcome {
                     self.report(InstanceState::Failed, message);
                     return None;
                 }
-                Ok(Ok(_)) => {}
             }
+            None => {}
         }
 
         if let Some(mut old) = self.live.take() {
@@ -613,6 +648,12 @@ impl AppTask {
                     self.report(InstanceState::Stopped, why);
                 }
             }
+        }
+    }
+
+    fn record_hook_run(&self, run: &HookRun) {
+        if let Err(e) = self.context.store.record_hook_run(&self.app, run.clone()) {
+            tracing::error!(app = %self.app, "{e}");
         }
     }
 

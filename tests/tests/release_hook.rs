@@ -1,6 +1,8 @@
 //! User story: a release carries a migration as its `[hooks] release` command. It runs once per
 //! rollout, on the first host, before that host's instance is replaced; a failing hook stops
-//! the rollout at the canary and leaves every host on the old release.
+//! the rollout at the canary and leaves every host on the old release; and a failed hook is
+//! never run twice for one rollout, nor its release started without it, even after the agent's
+//! SIGKILL.
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::web_manifest;
@@ -61,4 +63,63 @@ fn the_release_hook_runs_once_per_rollout_and_a_failing_one_halts_it() {
     );
     assert_eq!(out.json["waves"][1]["state"], "pending", "{:#}", out.json);
     fleet.wait_all_serve("1.0.0", Duration::from_secs(15));
+
+    // Left failed (--no-auto-rollback), then the canary's agent is SIGKILLed and comes back:
+    // the failed hook is not run again, and the release is not started without it.
+    let runs_log = fleet.dir().join("failing-hook.log");
+    let counted = manifest_with_hook("echo run >> \"$HOOK_LOG\"; exit 3");
+    let runs_env = format!("HOOK_LOG={}", runs_log.display());
+    fleet
+        .create_web_release("1.2.0", &counted, &[&runs_env])
+        .expect_code(0);
+    let out = fleet
+        .ctl(&[
+            "rollout",
+            "web",
+            "1.2.0",
+            "--canary",
+            "1",
+            "--batch",
+            "100%",
+            "--no-auto-rollback",
+        ])
+        .expect_code(1);
+    let canary = out.json["waves"][0]["hosts"][0]["host"]
+        .as_str()
+        .expect("the canary host")
+        .to_string();
+    assert_eq!(std::fs::read_to_string(&runs_log).unwrap(), "run\n");
+    fleet.restart_agent(&canary);
+    fleet.wait_hosts_ready(3);
+    fleet_tests::wait_until(
+        Duration::from_secs(15),
+        "the restarted canary to report its release refused",
+        || {
+            let status = fleet.status("web");
+            Fleet::actual_of(&status, &canary, "web").is_some_and(|actual| {
+                actual["version"] == "1.2.0"
+                    && actual["state"] == "failed"
+                    && actual["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("not run twice")
+            })
+        },
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs_log).unwrap(),
+        "run\n",
+        "the failed hook ran once"
+    );
+    let advertise = &fleet
+        .agents()
+        .iter()
+        .find(|agent| agent.name == canary)
+        .expect("the canary agent")
+        .advertise;
+    assert_ne!(
+        fleet_tests::http::get_ok(advertise, "/"),
+        Some(format!("web 1.2.0 on {canary}\n")),
+        "1.2.0 must not run without its hook"
+    );
 }
