@@ -112,16 +112,15 @@ impl Fleet {
             dir,
         };
         let config_dir = fleet.config_dir();
-        let init = fleet.run_fleetctl(
-            &[
-                "init",
-                "--dir",
-                &config_dir.display().to_string(),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            CTL_DEADLINE,
-        );
+        let init_args = [
+            "init",
+            "--dir",
+            &config_dir.display().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from);
+        let init = fleet.run_fleetctl(&init_args, None, CTL_DEADLINE);
         init.expect_code(0);
         if !extra.is_empty() {
             let path = config_dir.join("controller.toml");
@@ -378,6 +377,22 @@ impl Fleet {
 
     /// Like [`Fleet::ctl`] with a deadline of the caller's choosing (for long benchmarks).
     pub fn ctl_with_deadline(&self, args: &[&str], deadline: Duration) -> CtlOutput {
+        self.run_fleetctl(&self.full_args(args), None, deadline)
+    }
+
+    /// Like [`Fleet::ctl_with_deadline`], with `SSH_AUTH_SOCK` set to `socket` (fleetctl
+    /// otherwise runs without it, whatever the test's own environment holds).
+    pub fn ctl_with_ssh_agent(
+        &self,
+        args: &[&str],
+        socket: &Path,
+        deadline: Duration,
+    ) -> CtlOutput {
+        self.run_fleetctl(&self.full_args(args), Some(socket), deadline)
+    }
+
+    /// `args` after the flags every call gets: config dir, controller, JSON output.
+    fn full_args(&self, args: &[&str]) -> Vec<String> {
         let mut full = vec![
             "--config-dir".to_string(),
             self.config_dir().display().to_string(),
@@ -387,8 +402,7 @@ impl Fleet {
         }
         full.extend(["--output".to_string(), "json".to_string()]);
         full.extend(args.iter().map(|a| a.to_string()));
-        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        self.run_fleetctl(&refs, deadline)
+        full
     }
 
     /// Like [`Fleet::ctl`] but panics unless fleetctl exits 0; returns its JSON.
@@ -397,15 +411,24 @@ impl Fleet {
         self.ctl(args).expect_code(0).json
     }
 
-    fn run_fleetctl(&self, args: &[&str], deadline: Duration) -> CtlOutput {
+    fn run_fleetctl(
+        &self,
+        args: &[String],
+        ssh_auth_sock: Option<&Path>,
+        deadline: Duration,
+    ) -> CtlOutput {
         let mut command = Command::new(&self.bins.fleetctl);
         command
             .args(args)
             .current_dir(self.dir.path())
-            // Keep the user's own fleet config out of the test.
+            // Keep the user's own fleet config (and ssh-agent) out of the test.
             .env("HOME", self.dir.path())
             .env_remove("FLEET_CONFIG_DIR")
-            .env_remove("FLEET_CONTROLLER");
+            .env_remove("FLEET_CONTROLLER")
+            .env_remove("SSH_AUTH_SOCK");
+        if let Some(socket) = ssh_auth_sock {
+            command.env("SSH_AUTH_SOCK", socket);
+        }
         let finished = process::run_with_deadline(command, deadline);
         let json = serde_json::from_str(&finished.stdout).unwrap_or(Value::Null);
         CtlOutput {

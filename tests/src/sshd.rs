@@ -5,6 +5,9 @@
 //!
 //! [`Sshd::start`] returns None (after printing why) when there is no sshd on this machine, so
 //! a test can skip; `scripts/test.sh` installs openssh-server, so in CI it is always there.
+//!
+//! [`SshAgent`] is a real OpenSSH `ssh-agent` on a socket in the test's dir, for logging in
+//! through `SSH_AUTH_SOCK`; keys go into it through russh's agent client (no `ssh-add`).
 
 use crate::process::{self, ChildGuard};
 use crate::wait_until;
@@ -15,6 +18,9 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+/// Where Debian installs ssh-agent (openssh-client, which openssh-server depends on).
+pub const SSH_AGENT_PATH: &str = "/usr/bin/ssh-agent";
 
 /// Where Debian and most distributions install sshd.
 pub const SSHD_PATH: &str = "/usr/sbin/sshd";
@@ -320,5 +326,57 @@ impl Drop for RemoteAgents {
         for dir in &self.remote_dirs {
             kill_remote_agent(dir);
         }
+    }
+}
+
+/// A running `ssh-agent -D -a SOCKET`, killed by pid when dropped.
+pub struct SshAgent {
+    pub socket: PathBuf,
+    _child: ChildGuard,
+}
+
+impl SshAgent {
+    /// Starts ssh-agent with its socket in `dir` (created). None (skip) when this machine has
+    /// no ssh-agent; under CI a missing one fails the test.
+    pub fn start(dir: &Path) -> Option<SshAgent> {
+        if !Path::new(SSH_AGENT_PATH).is_file() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{SSH_AGENT_PATH} is missing under CI: scripts/test.sh installs openssh-server (and with it openssh-client)"
+            );
+            eprintln!("skipping: {SSH_AGENT_PATH} is missing (install openssh-client)");
+            return None;
+        }
+        std::fs::create_dir_all(dir).expect("ssh-agent dir");
+        let socket = dir.join("agent.sock");
+        let mut command = Command::new(SSH_AGENT_PATH);
+        command.arg("-D").arg("-a").arg(&socket);
+        let child = ChildGuard::spawn("ssh-agent", command, &dir.join("ssh-agent.log"));
+        wait_until(SSHD_START_DEADLINE, "ssh-agent to listen", || {
+            socket.exists()
+        });
+        Some(SshAgent {
+            socket,
+            _child: child,
+        })
+    }
+
+    /// Loads the OpenSSH private key file `identity` into the agent.
+    pub fn add(&self, identity: &Path) {
+        let text = std::fs::read_to_string(identity).expect("read the private key");
+        let key = PrivateKey::from_openssh(&text).expect("parse the private key");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        runtime.block_on(async {
+            let mut client = russh::keys::agent::client::AgentClient::connect_uds(&self.socket)
+                .await
+                .expect("connect to ssh-agent");
+            client
+                .add_identity(&key, &[])
+                .await
+                .expect("add the key to ssh-agent");
+        });
     }
 }

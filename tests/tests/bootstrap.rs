@@ -4,10 +4,11 @@
 //! bootstrapping again upgrades it in place. Host keys are checked against known_hosts: an
 //! unknown key is refused unless `--accept-new-host-key` (then recorded), a changed key is
 //! always refused and the message names the presented key's fingerprint and the known_hosts
-//! line. Every agent the test started is killed by the pid in its remote pid file.
+//! line. Without `--identity`, the login goes through a real ssh-agent (`SSH_AUTH_SOCK`). Every
+//! agent the test started is killed by the pid in its remote pid file.
 
 use fleet_tests::fleet::{CtlOutput, Fleet};
-use fleet_tests::sshd::{self, RemoteAgents, SshClient, Sshd};
+use fleet_tests::sshd::{self, RemoteAgents, SshAgent, SshClient, Sshd};
 use fleet_tests::{http, process, wait_until, web_manifest};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,64 @@ fn detached_pid(result: &Value) -> u64 {
     result["install"]["mode"]["detached"]["pid"]
         .as_u64()
         .unwrap_or_else(|| panic!("no detached pid in {result:#}"))
+}
+
+#[test]
+fn without_identity_the_login_goes_through_ssh_agent() {
+    let Some(mut setup) = setup() else { return };
+    let Some(agent) = SshAgent::start(&setup.fleet.dir().join("ssh-agent")) else {
+        return;
+    };
+    std::fs::write(
+        &setup.client.known_hosts,
+        setup.sshd.known_hosts_line() + "\n",
+    )
+    .unwrap();
+    let remote = setup.remote_dir("s1");
+    let remote_text = remote.display().to_string();
+    let url = setup.sshd.url();
+    let advertise = setup.fleet.range.host_addr(0);
+    let known_hosts = setup.client.known_hosts.display().to_string();
+    let args = [
+        "bootstrap",
+        url.as_str(),
+        "--name",
+        "s1",
+        "--advertise",
+        &advertise,
+        "--remote-dir",
+        &remote_text,
+        "--known-hosts",
+        &known_hosts,
+    ];
+
+    // An empty agent: refused before anything is sent, with what to do.
+    let refused = setup
+        .fleet
+        .ctl_with_ssh_agent(&args, &agent.socket, BOOTSTRAP_DEADLINE)
+        .expect_code(1);
+    let error = refused.json["results"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("ssh-agent holds no keys") && error.contains("--identity"),
+        "{error}"
+    );
+    assert!(!remote.exists(), "nothing may be installed without a login");
+
+    // With the test's key in the agent: logged in, installed, registered.
+    agent.add(&setup.client.identity);
+    let out = setup
+        .fleet
+        .ctl_with_ssh_agent(&args, &agent.socket, BOOTSTRAP_DEADLINE);
+    if out.code != 0 {
+        eprintln!("sshd log:\n{}", setup.sshd.log_tail());
+    }
+    let out = out.expect_code(0);
+    assert_eq!(out.json["results"][0]["ok"], true, "{:#}", out.json);
+    let hosts = setup.fleet.ctl_ok(&["hosts"]);
+    assert_eq!(host(&hosts, "s1").unwrap()["connected"], true);
 }
 
 #[test]
