@@ -113,7 +113,17 @@ pub async fn ensure_credentials(
     let token = config.join_token.as_deref().ok_or(JoinError::NoToken)?;
     let ca_path = config.ca.as_deref().ok_or(JoinError::NoCa)?;
     let ca_pem = read(ca_path)?;
-    let (csr_pem, key_pem) = make_csr(&config.host_name)?;
+    // The key is kept before the join: an agent that dies before the answer comes (or whose
+    // answer is lost) asks again with the same key, which the controller answers again.
+    let key_pem = if key_path.is_file() {
+        read(&key_path)?
+    } else {
+        let key_pem = new_key()?;
+        create_private_dir(&dir)?;
+        write_private(&key_path, &key_pem)?;
+        key_pem
+    };
+    let csr_pem = make_csr(&config.host_name, &key_pem)?;
     let response = join(
         &config.controller,
         &ca_pem,
@@ -123,8 +133,6 @@ pub async fn ensure_credentials(
     )
     .await?;
 
-    create_private_dir(&dir)?;
-    write_private(&key_path, &key_pem)?;
     write_private(&dir.join(CA_FILE), &ca_pem)?;
     // The certificate last: both files present means the join is complete.
     write_private(&cert_path, &response.certificate_pem)?;
@@ -136,18 +144,23 @@ pub async fn ensure_credentials(
     })
 }
 
-/// A new key pair and a certificate request naming `host` (PEM).
-fn make_csr(host: &str) -> Result<(String, String), JoinError> {
+/// A new private key (PEM).
+fn new_key() -> Result<String, JoinError> {
     let key = rcgen::KeyPair::generate().map_err(|e| JoinError::Key(e.to_string()))?;
+    Ok(key.serialize_pem())
+}
+
+/// A certificate request naming `host` for the key `key_pem` (PEM).
+fn make_csr(host: &str, key_pem: &str) -> Result<String, JoinError> {
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| JoinError::Key(e.to_string()))?;
     let mut params = rcgen::CertificateParams::default();
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(rcgen::DnType::CommonName, host);
     params.distinguished_name = dn;
-    let csr = params
+    params
         .serialize_request(&key)
         .and_then(|csr| csr.pem())
-        .map_err(|e| JoinError::Key(e.to_string()))?;
-    Ok((csr, key.serialize_pem()))
+        .map_err(|e| JoinError::Key(e.to_string()))
 }
 
 /// The subject CN of a PEM certificate.
@@ -283,11 +296,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn csr_names_the_host() {
-        let (csr, key) = make_csr("web-1").unwrap();
-        assert!(csr.contains("CERTIFICATE REQUEST"));
+    fn csr_names_the_host_and_a_kept_key_makes_the_same_request_key() {
+        let key = new_key().unwrap();
         assert!(key.contains("PRIVATE KEY"));
+        let csr = make_csr("web-1", &key).unwrap();
+        assert!(csr.contains("CERTIFICATE REQUEST"));
         let parsed = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
+        let again =
+            rcgen::CertificateSigningRequestParams::from_pem(&make_csr("web-1", &key).unwrap())
+                .unwrap();
+        {
+            use rcgen::PublicKeyData;
+            assert_eq!(
+                parsed.public_key.subject_public_key_info(),
+                again.public_key.subject_public_key_info()
+            );
+        }
         assert_eq!(
             parsed
                 .params

@@ -82,6 +82,10 @@ pub struct JoinTokenRecord {
     pub used_unix_ms: Option<i64>,
     #[serde(default)]
     pub used_by_host: Option<String>,
+    /// The sha256 (hex) of the public key the token was spent for: the same host asking again
+    /// with the same key (its answer was lost) gets a certificate again.
+    #[serde(default)]
+    pub used_with_key: Option<String>,
 }
 
 /// What `join_with_token` found.
@@ -91,6 +95,9 @@ pub enum TokenUse {
     Spent,
     /// The host holds a live agent certificate already: nothing was spent or recorded.
     HostHasCertificate,
+    /// The same host and key asked again with the token it spent (a lost answer): the new
+    /// certificate is recorded.
+    Retried,
     Unknown,
     AlreadyUsed {
         by_host: String,
@@ -350,44 +357,62 @@ impl Store {
     /// Joins `certificate.name` with a join token, in ONE transaction: refused when that host
     /// already holds a live agent certificate, or the token is unknown, used or expired;
     /// otherwise the token is spent and the certificate recorded. Two joins for one host name
-    /// (with two tokens) cannot both succeed.
+    /// (with two tokens) cannot both succeed. The one exception: the host the token was spent
+    /// for, asking again before the token expires with the same key (`key_sha256`), is the
+    /// same join retried after its answer was lost, and gets the new certificate
+    /// ([`TokenUse::Retried`]).
     pub fn join_with_token(
         &self,
         token_hash: &str,
         certificate: &CertificateRecord,
+        key_sha256: &str,
         now_unix_ms: i64,
     ) -> Result<TokenUse, StoreError> {
         let mut outcome = TokenUse::Unknown;
         self.write(|txn| {
-            let certificates = txn.open_table(CERTIFICATES)?;
-            let revoked = txn.open_table(REVOKED)?;
-            if live_agent_certificate_in(&certificates, &revoked, &certificate.name, now_unix_ms)?
-                .is_some()
-            {
-                outcome = TokenUse::HostHasCertificate;
-                return Ok(());
-            }
-            drop((certificates, revoked));
             let mut tokens = txn.open_table(JOIN_TOKENS)?;
             let existing = tokens.get(token_hash)?.map(|v| v.value().to_vec());
             let Some(bytes) = existing else {
                 return Ok(());
             };
             let mut record: JoinTokenRecord = decode("join token", &bytes)?;
-            outcome = if record.used_unix_ms.is_some() {
-                TokenUse::AlreadyUsed {
+            let retry = record.used_by_host.as_deref() == Some(certificate.name.as_str())
+                && record.used_with_key.as_deref() == Some(key_sha256)
+                && now_unix_ms < record.expires_unix_ms;
+            if record.used_unix_ms.is_some() && !retry {
+                outcome = TokenUse::AlreadyUsed {
                     by_host: record.used_by_host.clone().unwrap_or_default(),
-                }
-            } else if now_unix_ms >= record.expires_unix_ms {
-                TokenUse::Expired {
+                };
+                return Ok(());
+            }
+            if now_unix_ms >= record.expires_unix_ms {
+                outcome = TokenUse::Expired {
                     expired_unix_ms: record.expires_unix_ms,
+                };
+                return Ok(());
+            }
+            let mut certificates = txn.open_table(CERTIFICATES)?;
+            if !retry {
+                let revoked = txn.open_table(REVOKED)?;
+                let live = live_agent_certificate_in(
+                    &certificates,
+                    &revoked,
+                    &certificate.name,
+                    now_unix_ms,
+                )?;
+                if live.is_some() {
+                    outcome = TokenUse::HostHasCertificate;
+                    return Ok(());
                 }
-            } else {
                 record.used_unix_ms = Some(now_unix_ms);
                 record.used_by_host = Some(certificate.name.clone());
+                record.used_with_key = Some(key_sha256.to_string());
                 tokens.insert(token_hash, encode(&record).as_slice())?;
-                let mut certificates = txn.open_table(CERTIFICATES)?;
-                certificates.insert(certificate.serial.as_str(), encode(certificate).as_slice())?;
+            }
+            certificates.insert(certificate.serial.as_str(), encode(certificate).as_slice())?;
+            outcome = if retry {
+                TokenUse::Retried
+            } else {
                 TokenUse::Spent
             };
             Ok(())
@@ -563,6 +588,7 @@ mod tests {
             created_by: "admin".into(),
             used_unix_ms: None,
             used_by_host: None,
+            used_with_key: None,
         };
         store.insert_join_token("a", &record).unwrap();
         store.insert_join_token("b", &record).unwrap();
@@ -577,19 +603,19 @@ mod tests {
         };
         assert_eq!(
             store
-                .join_with_token("nope", &certificate("01", "h1"), 10)
+                .join_with_token("nope", &certificate("01", "h1"), "k1", 10)
                 .unwrap(),
             TokenUse::Unknown
         );
         assert_eq!(
             store
-                .join_with_token("a", &certificate("02", "h1"), 10)
+                .join_with_token("a", &certificate("02", "h1"), "k1", 10)
                 .unwrap(),
             TokenUse::Spent
         );
         assert_eq!(
             store
-                .join_with_token("a", &certificate("03", "h2"), 20)
+                .join_with_token("a", &certificate("03", "h2"), "k2", 20)
                 .unwrap(),
             TokenUse::AlreadyUsed {
                 by_host: "h1".into()
@@ -597,7 +623,7 @@ mod tests {
         );
         assert_eq!(
             store
-                .join_with_token("b", &certificate("04", "h2"), 1000)
+                .join_with_token("b", &certificate("04", "h2"), "k2", 1000)
                 .unwrap(),
             TokenUse::Expired {
                 expired_unix_ms: 1000
@@ -606,15 +632,39 @@ mod tests {
         // A second token for a host that joined already: refused, and the token stays unspent.
         assert_eq!(
             store
-                .join_with_token("c", &certificate("05", "h1"), 10)
+                .join_with_token("c", &certificate("05", "h1"), "k9", 10)
                 .unwrap(),
             TokenUse::HostHasCertificate
         );
         assert_eq!(
             store
-                .join_with_token("c", &certificate("06", "h3"), 10)
+                .join_with_token("c", &certificate("06", "h3"), "k3", 10)
                 .unwrap(),
             TokenUse::Spent
+        );
+        // The same host and key again with its spent token (its answer was lost): retried;
+        // another key, or after the token expired: refused.
+        assert_eq!(
+            store
+                .join_with_token("a", &certificate("07", "h1"), "k1", 20)
+                .unwrap(),
+            TokenUse::Retried
+        );
+        assert_eq!(
+            store
+                .join_with_token("a", &certificate("08", "h1"), "k8", 20)
+                .unwrap(),
+            TokenUse::AlreadyUsed {
+                by_host: "h1".into()
+            }
+        );
+        assert_eq!(
+            store
+                .join_with_token("a", &certificate("09", "h1"), "k1", 1000)
+                .unwrap(),
+            TokenUse::AlreadyUsed {
+                by_host: "h1".into()
+            }
         );
         let serials: Vec<String> = store
             .list_certificates()
@@ -624,7 +674,7 @@ mod tests {
             .collect();
         assert_eq!(
             serials,
-            ["02", "06"],
+            ["02", "06", "07"],
             "only admitted joins record a certificate"
         );
     }

@@ -245,6 +245,64 @@ fn join_tokens_are_single_use_and_expire() {
     assert_eq!(fleet.ctl(&["join-token", "create", "--ttl", "0s"]).code, 2);
 }
 
+/// The agent joining as `name` with `token` into `data_dir`, as a child killed when dropped.
+fn spawn_joining_agent(
+    fleet: &Fleet,
+    name: &str,
+    token: &str,
+    data_dir: &Path,
+) -> process::ChildGuard {
+    let mut command = std::process::Command::new(&fleet.bins.agent);
+    command
+        .args(["--controller", &fleet.controller_url(), "--name", name])
+        .args(["--advertise", "127.0.0.1", "--ca"])
+        .arg(fleet.config_dir().join("ca.pem"))
+        .args(["--join-token", token, "--data-dir"])
+        .arg(data_dir);
+    process::ChildGuard::spawn(
+        &format!("fleet-agent {name}"),
+        command,
+        &fleet.dir().join(format!("logs/agent-{name}.log")),
+    )
+}
+
+#[test]
+fn a_join_whose_answer_was_lost_is_answered_again_for_the_same_key_only() {
+    let fleet = Fleet::start(0);
+    let (token, _) = create_token(&fleet, "10m");
+    let data_dir = fleet.dir().join("j1-data");
+    let cert = data_dir.join("tls/agent.pem");
+    let first = spawn_joining_agent(&fleet, "j1", &token, &data_dir);
+    fleet.wait_hosts_ready(1);
+    assert!(cert.is_file());
+    // The agent dies before it kept its certificate: the controller spent the token, the
+    // host has its key and no certificate.
+    drop(first);
+    std::fs::remove_file(&cert).unwrap();
+
+    // Another key asking with that token is refused: the token joined j1 once.
+    let thief = agent_join(&fleet, "j1", &token);
+    assert_ne!(thief.code, 0);
+    assert!(thief.stderr.contains("already used"), "{}", thief.stderr);
+
+    // The same agent with its kept key asks again and is answered again.
+    let _again = spawn_joining_agent(&fleet, "j1", &token, &data_dir);
+    fleet_tests::wait_until(
+        Duration::from_secs(30),
+        "j1 to join again and register",
+        || {
+            cert.is_file()
+                && fleet.ctl_ok(&["hosts"])["hosts"]
+                    .as_array()
+                    .is_some_and(|hosts| {
+                        hosts
+                            .iter()
+                            .any(|h| h["name"] == "j1" && h["connected"] == true)
+                    })
+        },
+    );
+}
+
 #[test]
 fn a_deployer_can_release_and_roll_out_but_cannot_drain() {
     let fleet = Fleet::start(1);

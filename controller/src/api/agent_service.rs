@@ -217,9 +217,17 @@ impl pb::agent_service_server::AgentService for AgentApi {
             ));
         }
         // The request is checked before the token is spent, so a broken agent wastes no token.
-        rcgen::CertificateSigningRequestParams::from_pem(&request.csr_pem).map_err(|e| {
-            Status::invalid_argument(format!("the certificate request is invalid: {e}"))
-        })?;
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_pem(&request.csr_pem).map_err(|e| {
+                Status::invalid_argument(format!("the certificate request is invalid: {e}"))
+            })?;
+        let key_sha256 = {
+            use rcgen::PublicKeyData;
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(
+                csr.public_key.subject_public_key_info(),
+            ))
+        };
         let now = fleet_proto::now_unix_ms();
         // Signed first, handed out only when the store admits the join (one transaction).
         let issued = self
@@ -237,10 +245,18 @@ impl pb::agent_service_server::AgentService for AgentApi {
         match self
             .fleet
             .store
-            .join_with_token(&auth::tokens::hash(&request.token), &certificate, now)
+            .join_with_token(
+                &auth::tokens::hash(&request.token),
+                &certificate,
+                &key_sha256,
+                now,
+            )
             .map_err(store_status)?
         {
             TokenUse::Spent => {}
+            TokenUse::Retried => {
+                tracing::info!(%host, "a join answered before is asked again with the same key: answering again");
+            }
             TokenUse::HostHasCertificate => {
                 return Err(Status::failed_precondition(format!(
                     "host `{host}` already has a certificate: a join token cannot take over a host; run `fleetctl remove {host}` first to revoke it, or keep the host's data directory (DATA/tls)"

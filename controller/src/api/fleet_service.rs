@@ -544,6 +544,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             created_by: identity.name.clone(),
             used_unix_ms: None,
             used_by_host: None,
+            used_with_key: None,
         };
         self.fleet
             .store
