@@ -4,17 +4,18 @@
 //! each of its bytes would be copied into freshly allocated cache pages twice over (and push the
 //! running app's own pages out); with `O_DIRECT` the disk reads and writes our buffer itself,
 //! for a fraction of the CPU (measured in README "Speed"). Writes are staged in one aligned
-//! buffer and go out in aligned blocks; the unaligned tail is written padded and the file
-//! truncated to its exact length.
+//! buffer and go out in aligned blocks; the unaligned tail of a download goes through a plain
+//! file handle, so the file never holds a byte that was not sent.
 //!
-//! A file system that refuses `O_DIRECT` (tmpfs, some overlays) gets plain buffered I/O through
-//! the same types, so callers never care which one they got.
+//! A file system that refuses `O_DIRECT`, at open (tmpfs, some overlays) or at the first read
+//! or write (a device whose blocks are larger than 4 KiB, some network file systems), gets
+//! plain buffered I/O through the same types, so callers never care which one they got.
 
 use nix::fcntl::OFlag;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Alignment of buffers, offsets and lengths: 4 KiB suits every logical block size in use.
 const ALIGN: usize = 4096;
@@ -57,14 +58,20 @@ fn open_direct(options: &mut OpenOptions, path: &Path) -> io::Result<Option<File
     match options.custom_flags(OFlag::O_DIRECT.bits()).open(path) {
         Ok(file) => Ok(Some(file)),
         // The file system does not do O_DIRECT: the caller falls back to buffered I/O.
-        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(None),
+        Err(e) if refused_direct(&e) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Whether an error says the file system will not do this direct I/O (so buffered will).
+fn refused_direct(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(nix::libc::EINVAL)
 }
 
 /// Appends to a file from `offset` (its current length) on; [`ArtifactWriter::finish`] writes
 /// what is still staged. Bytes are on disk only after `finish` and the caller's `sync_all`.
 pub struct ArtifactWriter {
+    path: PathBuf,
     file: File,
     direct: bool,
     staged: AlignedBuf,
@@ -103,27 +110,39 @@ impl ArtifactWriter {
             None => (options.open(path)?, false),
         };
         let mut writer = ArtifactWriter {
+            path: path.to_path_buf(),
             file,
             direct,
             staged: AlignedBuf::new(staged),
             filled: 0,
             file_offset: offset,
         };
-        if direct {
+        let head = (offset % ALIGN as u64) as usize;
+        if direct && head > 0 {
             // Start at the aligned block that holds `offset`, with its bytes already staged.
-            let head = (offset % ALIGN as u64) as usize;
-            writer.file_offset = offset - head as u64;
-            if head > 0 {
-                let mut block = AlignedBuf::new(ALIGN);
-                let n = read_full_at(&writer.file, block.as_mut_slice(), writer.file_offset)?;
-                if n < head {
-                    return Err(io::Error::other("the partial file shrank while resuming"));
+            let start = offset - head as u64;
+            let mut block = AlignedBuf::new(ALIGN);
+            match read_full_at(&writer.file, block.as_mut_slice(), start) {
+                Ok(n) if n < head => {
+                    return Err(io::Error::other("the partial file shrank while resuming"))
                 }
-                writer.staged.as_mut_slice()[..head].copy_from_slice(&block.as_slice()[..head]);
-                writer.filled = head;
+                Ok(_) => {
+                    writer.staged.as_mut_slice()[..head].copy_from_slice(&block.as_slice()[..head]);
+                    writer.filled = head;
+                    writer.file_offset = start;
+                }
+                Err(e) if refused_direct(&e) => writer.fall_back_to_buffered()?,
+                Err(e) => return Err(e),
             }
         }
         Ok(writer)
+    }
+
+    /// From now on through a plain file handle.
+    fn fall_back_to_buffered(&mut self) -> io::Result<()> {
+        self.file = OpenOptions::new().read(true).write(true).open(&self.path)?;
+        self.direct = false;
+        Ok(())
     }
 
     pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
@@ -139,8 +158,8 @@ impl ArtifactWriter {
         Ok(())
     }
 
-    /// Writes the staged bytes; when direct, padded to a whole block and the file then cut to
-    /// its exact length. Returns the file for the caller to `sync_all`.
+    /// Writes the staged bytes. Returns the file for the caller to `sync_all` (which covers
+    /// every handle's writes: it syncs the file, not the handle).
     pub fn finish(mut self) -> io::Result<File> {
         if self.filled > 0 {
             self.flush_staged()?;
@@ -149,21 +168,35 @@ impl ArtifactWriter {
     }
 
     fn flush_staged(&mut self) -> io::Result<()> {
-        let end = self.file_offset + self.filled as u64;
-        if self.direct {
-            let padded = self.filled.next_multiple_of(ALIGN);
-            self.staged.as_mut_slice()[self.filled..padded].fill(0);
-            self.file
-                .write_all_at(&self.staged.as_slice()[..padded], self.file_offset)?;
-            if padded != self.filled {
-                // Only the last block of a download is short: cut the padding off.
-                self.file.set_len(end)?;
-            }
+        let staged = &self.staged.as_slice()[..self.filled];
+        // Direct I/O takes whole blocks; only the last flush of a download has a tail.
+        let aligned = if self.direct {
+            self.filled / ALIGN * ALIGN
         } else {
-            self.file
-                .write_all_at(&self.staged.as_slice()[..self.filled], self.file_offset)?;
+            0
+        };
+        if aligned > 0 {
+            match self.file.write_all_at(&staged[..aligned], self.file_offset) {
+                Ok(()) => {}
+                Err(e) if refused_direct(&e) => {
+                    self.fall_back_to_buffered()?;
+                    return self.flush_staged();
+                }
+                Err(e) => return Err(e),
+            }
         }
-        self.file_offset = end;
+        if aligned < self.filled {
+            let offset = self.file_offset + aligned as u64;
+            if self.direct {
+                OpenOptions::new()
+                    .write(true)
+                    .open(&self.path)?
+                    .write_all_at(&staged[aligned..], offset)?;
+            } else {
+                self.file.write_all_at(&staged[aligned..], offset)?;
+            }
+        }
+        self.file_offset += self.filled as u64;
         self.filled = 0;
         Ok(())
     }
@@ -171,7 +204,9 @@ impl ArtifactWriter {
 
 /// Reads a whole file front to back in large aligned blocks.
 pub struct ArtifactReader {
+    path: PathBuf,
     file: File,
+    direct: bool,
     len: u64,
     block: AlignedBuf,
     /// The file offset of the next block to read.
@@ -184,13 +219,15 @@ impl ArtifactReader {
     pub fn open(path: &Path) -> io::Result<ArtifactReader> {
         let mut options = OpenOptions::new();
         options.read(true);
-        let file = match open_direct(&mut options.clone(), path)? {
-            Some(file) => file,
-            None => options.open(path)?,
+        let (file, direct) = match open_direct(&mut options.clone(), path)? {
+            Some(file) => (file, true),
+            None => (options.open(path)?, false),
         };
         let len = file.metadata()?.len();
         Ok(ArtifactReader {
+            path: path.to_path_buf(),
             file,
+            direct,
             len,
             block: AlignedBuf::new(buffer_size(len)),
             next: 0,
@@ -207,7 +244,14 @@ impl Read for ArtifactReader {
                 return Ok(0);
             }
             // Direct reads must be whole blocks; the last one comes back short.
-            let n = read_full_at(&self.file, self.block.as_mut_slice(), self.next)?;
+            let n = match read_full_at(&self.file, self.block.as_mut_slice(), self.next) {
+                Err(e) if self.direct && refused_direct(&e) => {
+                    self.file = File::open(&self.path)?;
+                    self.direct = false;
+                    read_full_at(&self.file, self.block.as_mut_slice(), self.next)?
+                }
+                other => other?,
+            };
             if n == 0 {
                 return Ok(0);
             }
@@ -244,11 +288,10 @@ mod tests {
         (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
     }
 
-    fn write_in_chunks(path: &Path, offset: u64, data: &[u8], chunk: usize) {
-        // Direct and buffered writes take turns, so a resume crosses from one to the other.
-        let try_direct = offset.is_multiple_of(2);
-        // A size hint that is sometimes right, sometimes unknown, sometimes too small.
-        let expected = [data.len() as u64, 0, 1][offset as usize % 3];
+    /// Writes `data` from `offset` in `chunk`-sized pieces, direct when `try_direct` (and the
+    /// file system allows it), with a size hint that is right, unknown or too small.
+    fn write_in_chunks(path: &Path, offset: u64, data: &[u8], chunk: usize, try_direct: bool) {
+        let expected = [data.len() as u64, 0, 1][(offset as usize + chunk) % 3];
         let mut writer = ArtifactWriter::open_with(path, offset, expected, try_direct).unwrap();
         for piece in data.chunks(chunk) {
             writer.write(piece).unwrap();
@@ -271,9 +314,12 @@ mod tests {
         let path = dir.path().join("a.partial");
         // Larger than a block, not a multiple of the alignment.
         let data = bytes(BLOCK + 3 * ALIGN + 123, 7);
-        write_in_chunks(&path, 0, &data, 100_003);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), data.len() as u64);
-        assert_eq!(read_all(&path), data);
+        for try_direct in [true, false] {
+            let _ = std::fs::remove_file(&path);
+            write_in_chunks(&path, 0, &data, 100_003, try_direct);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), data.len() as u64);
+            assert_eq!(read_all(&path), data);
+        }
     }
 
     #[test]
@@ -281,19 +327,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.partial");
         let data = bytes(2 * ALIGN + 5000, 3);
-        for cut in [0, 1, ALIGN - 1, ALIGN, ALIGN + 77, data.len()] {
-            let _ = std::fs::remove_file(&path);
-            write_in_chunks(&path, 0, &data[..cut], 999);
-            write_in_chunks(&path, cut as u64, &data[cut..], 4096);
-            assert_eq!(read_all(&path), data, "cut at {cut}");
+        // Every cut, with each of the two attempts direct or buffered.
+        for cut in [
+            0,
+            1,
+            ALIGN - 1,
+            ALIGN,
+            ALIGN + 77,
+            2 * ALIGN + 4999,
+            data.len(),
+        ] {
+            for (first, second) in [(true, true), (true, false), (false, true), (false, false)] {
+                let _ = std::fs::remove_file(&path);
+                write_in_chunks(&path, 0, &data[..cut], 999, first);
+                assert_eq!(std::fs::metadata(&path).unwrap().len(), cut as u64);
+                write_in_chunks(&path, cut as u64, &data[cut..], 4096, second);
+                assert_eq!(read_all(&path), data, "cut at {cut}, {first} then {second}");
+            }
         }
+    }
+
+    #[test]
+    fn this_test_machine_does_direct_io() {
+        // The tests above mean little if every "direct" attempt fell back: on a file system
+        // that takes O_DIRECT at open, the writer must really be direct.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("probe");
+        let can = open_direct(OpenOptions::new().write(true).create(true), &path)
+            .unwrap()
+            .is_some();
+        let writer = ArtifactWriter::open(&path, 0, 0).unwrap();
+        assert_eq!(writer.direct, can);
     }
 
     #[test]
     fn an_empty_file_reads_as_empty() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("empty");
-        write_in_chunks(&path, 0, &[], 1);
+        write_in_chunks(&path, 0, &[], 1, true);
         assert!(read_all(&path).is_empty());
     }
 }

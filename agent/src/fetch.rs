@@ -75,7 +75,10 @@ impl Fetcher {
         if !fleet_proto::artifact::check_digest(digest) {
             return Err(FetchError::BadDigest(digest.to_string()));
         }
-        let _guard = self.one_at_a_time.lock().await;
+        // Held by every attempt's writer thread too: a download dropped mid-way (its rollout
+        // replaced) still writes what it had queued, and a new download of the same file
+        // waits for that.
+        let guard = std::sync::Arc::new(self.one_at_a_time.clone().lock_owned().await);
         if let Some(path) = self.cached(digest) {
             return Ok(path);
         }
@@ -85,7 +88,10 @@ impl Fetcher {
         let mut without_progress = 0;
         let mut backoff = Duration::from_millis(200);
         for attempt in 1..=MAX_ATTEMPTS {
-            match self.fetch_once(digest, expected_size, &partial).await {
+            match self
+                .fetch_once(digest, expected_size, &partial, guard.clone())
+                .await
+            {
                 Ok(Attempt::Complete(actual)) => {
                     if actual != digest {
                         let _ = tokio::fs::remove_file(&partial).await;
@@ -139,6 +145,7 @@ impl Fetcher {
         digest: &str,
         expected_size: u64,
         partial: &Path,
+        guard: std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>,
     ) -> Result<Attempt, FetchError> {
         let io_error = |source| FetchError::Io {
             path: partial.to_path_buf(),
@@ -158,6 +165,7 @@ impl Fetcher {
         // Chunks (shared `Bytes`, no copy) go to a blocking thread that writes and hashes them.
         let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITER_QUEUE);
         let writer = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
             let (mut file, mut hasher) = (file, hasher);
             while let Some(chunk) = chunk_rx.blocking_recv() {
                 file.write(&chunk)?;

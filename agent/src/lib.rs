@@ -97,11 +97,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (supervisor_tx, supervisor_task) = supervisor::Supervisor::spawn(context);
 
     // Bring the assigned releases up again from origin, before the controller is even reached.
-    // The release hook ran (or failed) when the release was first deployed: a restart of the
-    // agent is not a new rollout and does not run it again.
-    let mut assigned = store.snapshot().assignments;
-    for assignment in &mut assigned {
-        assignment.run_release_hook = false;
+    // A restart is not a new rollout: the hook runs recorded in the state keep a hook from
+    // running twice and a release whose hook failed from starting. (A state file from before
+    // those records: its hooks ran then.)
+    let saved = store.snapshot();
+    let mut assigned = saved.assignments;
+    if !saved.hooks_recorded {
+        for assignment in &mut assigned {
+            assignment.run_release_hook = false;
+        }
     }
     if !assigned.is_empty() {
         tracing::info!(

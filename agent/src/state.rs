@@ -45,6 +45,9 @@ pub struct AgentState {
     /// resent or restarted after it.
     #[serde(default)]
     pub hooks: BTreeMap<String, HookRun>,
+    /// False in a file written before hook runs were recorded: its assignments' hooks ran then.
+    #[serde(default)]
+    pub hooks_recorded: bool,
 }
 
 /// One run of an app's release hook, for one deployment.
@@ -115,6 +118,7 @@ impl StateStore {
     fn update(&self, change: impl FnOnce(&mut AgentState)) -> Result<(), StateError> {
         let mut state = self.lock();
         change(&mut state);
+        state.hooks_recorded = true;
         write_atomically(&self.path, &state).map_err(|source| StateError::Write {
             path: self.path.clone(),
             source,

@@ -414,18 +414,19 @@ impl AppTask {
         };
 
         // A hook runs once per rollout: what is resent or restarted after it never runs it
-        // again, and never starts a release whose hook failed.
+        // again, and never starts a release whose hook did not complete. (A rollback within the
+        // rollout carries no hook and is never refused, even to the same release.)
         let last_hook = self
             .context
             .store
             .hook_run(&self.app)
             .filter(|run| run.is_for(&assignment));
         match last_hook {
-            Some(run) if !run.succeeded => {
+            Some(run) if !run.succeeded && assignment.run_release_hook => {
                 self.report(
                     InstanceState::Failed,
                     format!(
-                        "the release hook of {} failed in rollout {}; it is not run twice and the release is not started without it: start a new rollout",
+                        "the release hook of {} did not complete in rollout {} (it failed, or the agent stopped during it); it is not run twice and the release is not started without it: start a new rollout or roll back",
                         assignment.version, assignment.rollout_id
                     ),
                 );

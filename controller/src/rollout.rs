@@ -548,20 +548,17 @@ impl Executor {
 
     async fn drive(&mut self) -> Result<(), StoreError> {
         // A controller restarted during the canary pause waits out the rest of it.
-        let hold_left = self.record.hold_until_unix_ms - fleet_proto::now_unix_ms();
-        if self.record.hold_until_unix_ms > 0 && hold_left > 0 {
-            let rest = Duration::from_millis(hold_left as u64);
-            self.emit(format!(
-                "controller restarted during the canary pause: waiting the remaining {} before widening",
-                format_duration(rest)
-            ));
-            if let Some(actor) = self.hold_persisted(rest).await? {
+        if self.record.hold_until_unix_ms > 0 {
+            let left = self.record.hold_until_unix_ms - fleet_proto::now_unix_ms();
+            if left > 0 {
+                self.emit(format!(
+                    "controller restarted during the canary pause: waiting the remaining {} before widening",
+                    format_duration(Duration::from_millis(left as u64))
+                ));
+            }
+            if let Some(actor) = self.hold_recorded().await? {
                 return self.aborted(actor).await;
             }
-        } else if self.record.hold_until_unix_ms > 0 {
-            // It ended while no controller ran.
-            self.record.hold_until_unix_ms = 0;
-            self.save()?;
         }
         if self.record.state == RolloutState::Paused {
             self.emit(format!(
@@ -610,23 +607,29 @@ impl Executor {
             if passed {
                 self.record.waves[idx].state = WaveState::Passed;
                 self.record.current_wave += 1;
+                let pause = (idx == 0
+                    && self.record.policy.canary > 0
+                    && self.record.policy.pause_after_canary_ms > 0
+                    && self.record.current_wave < self.record.waves.len())
+                .then(|| Duration::from_millis(self.record.policy.pause_after_canary_ms));
+                // The pause's end goes into the same save as the canary's pass: a restart in
+                // between cannot skip it.
+                if let Some(pause) = pause {
+                    self.record.hold_until_unix_ms =
+                        fleet_proto::now_unix_ms() + pause.as_millis() as i64;
+                }
                 self.save()?;
                 self.emit(format!(
                     "{} passed in {}",
                     self.wave_label(idx),
                     format_duration(started.elapsed())
                 ));
-                if idx == 0
-                    && self.record.policy.canary > 0
-                    && self.record.policy.pause_after_canary_ms > 0
-                    && self.record.current_wave < self.record.waves.len()
-                {
-                    let pause = Duration::from_millis(self.record.policy.pause_after_canary_ms);
+                if let Some(pause) = pause {
                     self.emit(format!(
                         "canary passed: waiting {} before widening",
                         format_duration(pause)
                     ));
-                    if let Some(actor) = self.hold_persisted(pause).await? {
+                    if let Some(actor) = self.hold_recorded().await? {
                         return self.aborted(actor).await;
                     }
                 }
@@ -725,11 +728,15 @@ impl Executor {
         }
     }
 
-    /// [`Executor::hold`], with its end in the record while it lasts.
-    async fn hold_persisted(&mut self, pause: Duration) -> Result<Option<String>, StoreError> {
-        self.record.hold_until_unix_ms = fleet_proto::now_unix_ms() + pause.as_millis() as i64;
-        self.save()?;
-        let aborted_by = self.hold(pause).await;
+    /// [`Executor::hold`] until the end the record holds (`hold_until_unix_ms`, already saved),
+    /// then clears it.
+    async fn hold_recorded(&mut self) -> Result<Option<String>, StoreError> {
+        let left = self.record.hold_until_unix_ms - fleet_proto::now_unix_ms();
+        let aborted_by = if left > 0 {
+            self.hold(Duration::from_millis(left as u64)).await
+        } else {
+            None
+        };
         self.record.hold_until_unix_ms = 0;
         self.save()?;
         Ok(aborted_by)

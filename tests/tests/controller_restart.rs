@@ -8,7 +8,7 @@ use fleet_tests::fleet::Fleet;
 use fleet_tests::{http, wait_for};
 use std::time::Duration;
 
-const PAUSE_MS: i64 = 8_000;
+const PAUSE_MS: i64 = 10_000;
 
 #[test]
 fn a_rollout_survives_a_controller_crash_and_keeps_its_canary_pause() {
