@@ -123,3 +123,63 @@ fn the_release_hook_runs_once_per_rollout_and_a_failing_one_halts_it() {
         "1.2.0 must not run without its hook"
     );
 }
+
+#[test]
+fn a_rollback_to_the_release_whose_hook_just_failed_is_not_refused() {
+    let fleet = Fleet::start(2);
+    fleet
+        .create_web_release("1.0.0", &web_manifest("10s"), &[])
+        .expect_code(0);
+    fleet
+        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
+        .expect_code(0);
+    fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
+    // A migration that succeeds once and refuses to run twice.
+    let marker = fleet.dir().join("migrated");
+    let once = manifest_with_hook(
+        "if [ -e \"$MARKER\" ]; then echo already migrated >&2; exit 3; fi; touch \"$MARKER\"",
+    );
+    fleet
+        .create_web_release("2.0.0", &once, &[&format!("MARKER={}", marker.display())])
+        .expect_code(0);
+
+    // 2.0.0 reaches the canary h1 (its hook runs), and the rollout is aborted in its canary
+    // pause: h1 keeps 2.0.0, h2 keeps 1.0.0.
+    let started = fleet
+        .ctl(&[
+            "rollout",
+            "web",
+            "2.0.0",
+            "--canary",
+            "1",
+            "--batch",
+            "100%",
+            "--pause-after-canary",
+            "60s",
+            "--detach",
+        ])
+        .expect_code(0)
+        .json;
+    let id = started["id"].as_str().expect("a rollout id").to_string();
+    fleet_tests::wait_for(Duration::from_secs(20), "the canary to pass", || {
+        let rollout = fleet.ctl_ok(&["rollout", "status", &id]);
+        (rollout["waves"][0]["state"] == "passed").then_some(())
+    });
+    fleet.ctl(&["rollout", "abort", &id]).expect_code(0);
+    let ended = fleet.wait_rollout_ends(&id, Duration::from_secs(20));
+    assert_eq!(ended["state"], "aborted", "{ended:#}");
+    assert!(marker.exists());
+    fleet.wait_all_serve_except("2.0.0", &["h2"], Duration::from_secs(10));
+
+    // 2.0.0 again: on the canary h1 its hook now fails, and the automatic rollback puts h1
+    // back on what it ran before, which is 2.0.0 itself. That rollback carries no hook and
+    // must not be refused for the hook that just failed.
+    let out = fleet
+        .ctl(&[
+            "rollout", "web", "2.0.0", "--canary", "1", "--batch", "100%",
+        ])
+        .expect_code(1);
+    assert_eq!(out.json["state"], "rolled_back", "{:#}", out.json);
+    fleet.wait_all_serve_except("2.0.0", &["h2"], Duration::from_secs(10));
+    fleet.wait_all_serve_except("1.0.0", &["h1"], Duration::from_secs(10));
+}
