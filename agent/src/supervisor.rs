@@ -319,8 +319,10 @@ impl AppTask {
     /// The next command, or the running instance's exit.
     async fn next_event(&mut self) -> Event {
         let rx = &mut self.rx;
+        // The live instance is watched whether it is the target's (running) or the one a
+        // failed converge left in place (its target failed before replacing it).
         match &mut self.live {
-            Some(live) if self.state == Some(InstanceState::Running) => {
+            Some(live) => {
                 tokio::select! {
                     command = rx.recv() => Event::Command(command.unwrap_or(AppCommand::Shutdown)),
                     status = live.instance.wait() => Event::Exited(status),
@@ -520,9 +522,10 @@ impl AppTask {
     /// Starts a fresh instance from origin and runs the smoke checks against it. On anything
     /// but success no process of it is left.
     async fn start_and_check(&mut self, assignment: &Assignment, release: &Release) -> Started {
-        self.report(
+        self.report_for(
+            assignment,
             InstanceState::Starting,
-            "starting a fresh instance from the release",
+            "starting a fresh instance from the release".to_string(),
         );
         crate::releases::touch(&release.dir);
         let vars = self.instance_vars(assignment);
@@ -535,7 +538,8 @@ impl AppTask {
         self.record_instance(Some(instance.saved(&assignment.version)));
 
         let checks = &release.manifest.smoke;
-        self.report(
+        self.report_for(
+            assignment,
             InstanceState::Checking,
             format!(
                 "pid {}: running {} smoke checks",
@@ -590,6 +594,22 @@ impl AppTask {
     }
 
     /// The live instance exited on its own: report, back off, start again from origin.
+    /// Reports about an instance of `assignment`: as the target's state when it is the
+    /// target's deployment; under its own version, leaving the target's state alone, when it
+    /// is the instance a failed converge left running (restarted after a crash).
+    fn report_for(&mut self, assignment: &Assignment, state: InstanceState, message: String) {
+        let is_target = self
+            .target
+            .as_ref()
+            .is_some_and(|target| target.same_deployment(assignment));
+        if is_target {
+            self.report(state, message);
+        } else {
+            let (version, rollout_id) = (assignment.version.clone(), assignment.rollout_id.clone());
+            self.publish(state, version, rollout_id, message);
+        }
+    }
+
     async fn after_crash(&mut self, status: ExitStatus) -> Option<AppCommand> {
         let live = self.live.as_mut()?;
         let stable = live.instance.started_at.elapsed() >= STABLE_RUN;
@@ -604,7 +624,8 @@ impl AppTask {
             self.restarts += 1;
             self.consecutive_crashes += 1;
             let delay = crash_backoff(self.consecutive_crashes);
-            self.report(
+            self.report_for(
+                &assignment,
                 InstanceState::Crashed,
                 format!(
                     "{message}; restarting from origin in {}",
@@ -620,7 +641,8 @@ impl AppTask {
                     if let Some(live) = self.live.as_mut() {
                         live.instance = instance;
                     }
-                    self.report(
+                    self.report_for(
+                        &assignment,
                         InstanceState::Running,
                         format!("restarted after a crash; {checked}"),
                     );

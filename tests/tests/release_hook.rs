@@ -183,3 +183,66 @@ fn a_rollback_to_the_release_whose_hook_just_failed_is_not_refused() {
     fleet.wait_all_serve_except("2.0.0", &["h2"], Duration::from_secs(10));
     fleet.wait_all_serve_except("1.0.0", &["h1"], Duration::from_secs(10));
 }
+
+#[test]
+fn the_instance_a_failed_hook_left_running_is_restarted_when_it_crashes() {
+    let fleet = Fleet::start(2);
+    fleet
+        .create_web_release("1.0.0", &web_manifest("10s"), &[])
+        .expect_code(0);
+    fleet
+        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
+        .expect_code(0);
+    fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
+    let failing = manifest_with_hook("echo migration failed >&2; exit 3");
+    fleet
+        .create_web_release("1.1.0", &failing, &[])
+        .expect_code(0);
+    // The hook fails on the canary h1 before its 1.0.0 instance is touched; with
+    // --no-auto-rollback the host is left as it is, 1.0.0 still serving.
+    fleet
+        .ctl(&[
+            "rollout",
+            "web",
+            "1.1.0",
+            "--canary",
+            "1",
+            "--batch",
+            "100%",
+            "--no-auto-rollback",
+        ])
+        .expect_code(1);
+    let h1 = fleet
+        .agents()
+        .iter()
+        .find(|agent| agent.name == "h1")
+        .expect("h1")
+        .advertise
+        .clone();
+    assert_eq!(
+        fleet_tests::http::get_ok(&h1, "/").as_deref(),
+        Some("web 1.0.0 on h1\n")
+    );
+    let pid: i32 = fleet_tests::http::get_ok(&h1, "/pid")
+        .expect("the instance's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+
+    // That instance still has a supervisor: killed, it comes back from origin.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    fleet_tests::wait_until(
+        Duration::from_secs(20),
+        "h1's 1.0.0 instance to be restarted",
+        || {
+            fleet_tests::http::get_ok(&h1, "/").as_deref() == Some("web 1.0.0 on h1\n")
+                && fleet_tests::http::get_ok(&h1, "/pid")
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                    .is_some_and(|new_pid| new_pid != pid)
+        },
+    );
+}
