@@ -744,15 +744,9 @@ impl Executor {
 
     /// Waits `pause` unless paused or aborted meanwhile; returns the aborting actor.
     async fn hold(&mut self, pause: Duration) -> Option<String> {
-        let until = tokio::time::Instant::now() + pause;
-        loop {
-            if let (Control::Abort, actor) = self.control.borrow_and_update().clone() {
-                return Some(actor);
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(until) => return None,
-                changed = self.control.changed() => if changed.is_err() { return None },
-            }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => None,
+            actor = abort_requested(&mut self.control) => Some(actor),
         }
     }
 
@@ -1014,13 +1008,25 @@ impl Executor {
             )
             .await?;
 
-        // Wait until each host runs its previous release again (or has stopped the app).
+        // Wait until each host runs its previous release again (or has stopped the app), or
+        // until someone aborts: the hosts still go back, the rollout stops waiting for them.
         let mut lost_hosts: Vec<String> = Vec::new();
         let fleet = self.fleet.clone();
         let until = tokio::time::Instant::now() + deadline;
-        fleet
-            .wait_until(until, || self.note_hosts_back(&touched, &mut lost_hosts))
-            .await;
+        let mut control = self.control.clone();
+        let aborted_by = tokio::select! {
+            _ = fleet.wait_until(until, || self.note_hosts_back(&touched, &mut lost_hosts)) => None,
+            actor = abort_requested(&mut control) => Some(actor),
+        };
+        if let Some(actor) = aborted_by {
+            self.record.state = RolloutState::Aborted;
+            self.record.message.push_str(&format!(
+                "; aborted by {actor} while rolling back: the hosts still go back to their previous releases, nobody waits for them: check `fleetctl status {app}`"
+            ));
+            let line = format!("rollout {} {}", self.record.id, self.record.message);
+            self.finish(line).await;
+            return Ok(());
+        }
         let not_back: Vec<String> = touched
             .iter()
             .map(|&(w, h)| &self.record.waves[w].hosts[h])
@@ -1138,6 +1144,19 @@ impl Executor {
             ),
         );
         self.emit(line);
+    }
+}
+
+/// Resolves with the actor once the rollout's control says abort (at once if it already does);
+/// never, if the control goes away.
+async fn abort_requested(control: &mut watch::Receiver<(Control, String)>) -> String {
+    loop {
+        if let (Control::Abort, actor) = control.borrow_and_update().clone() {
+            return actor;
+        }
+        if control.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! User story: a release whose health check fails (`--env WEB_BROKEN=1`) is rolled out; the
 //! canary fails its smoke check, the rollout stops there and exits 1, the canary goes back to
-//! the previous release, and no other host ever took the broken one.
+//! the previous release, and no other host ever took the broken one. And when even the way back
+//! is broken, on-call can abort the waiting rollback and move on at once.
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::web_manifest;
@@ -94,4 +95,63 @@ fn a_broken_release_stops_at_the_canary_and_rolls_it_back() {
         .find(|r| r["id"] == rollout["id"])
         .expect("the failed rollout is in history");
     assert_eq!(recorded["state"], "rolled_back");
+}
+
+#[test]
+fn a_rollback_that_cannot_finish_can_be_aborted() {
+    let fleet = Fleet::start(2);
+    // 1.0.0 passes its checks only while this file exists.
+    let healthy = fleet.dir().join("healthy");
+    std::fs::write(&healthy, "").unwrap();
+    let gated = format!(
+        "{}\n[[smoke]]\nexec = [\"/bin/sh\", \"-c\", \"test -e {}\"]\ntimeout = \"60s\"\n",
+        web_manifest("60s"),
+        healthy.display()
+    );
+    fleet
+        .create_web_release("1.0.0", &gated, &[])
+        .expect_code(0);
+    fleet
+        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
+        .expect_code(0);
+    fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
+    // 1.1.0 exits at once: its canary fails without waiting out its 60 s of checks.
+    let exits = web_manifest("60s").replace(
+        "command = [\"bin/web\"",
+        "command = [\"/bin/sh\", \"-c\", \"exit 1\", \"bin/web\"",
+    );
+    fleet
+        .create_web_release("1.1.0", &exits, &[])
+        .expect_code(0);
+
+    // The way back is broken too: the canary cannot pass 1.0.0's checks again, and the
+    // rollback would wait for it up to its deadline (a minute).
+    std::fs::remove_file(&healthy).unwrap();
+    let started = fleet
+        .ctl(&[
+            "rollout", "web", "1.1.0", "--canary", "1", "--batch", "100%", "--detach",
+        ])
+        .expect_code(0)
+        .json;
+    let id = started["id"].as_str().expect("a rollout id").to_string();
+    fleet_tests::wait_for(
+        Duration::from_secs(30),
+        "the canary to fail and the rollback to begin",
+        || {
+            let rollout = fleet.ctl_ok(&["rollout", "status", &id]);
+            (rollout["state"] == "running" && rollout["waves"][0]["state"] == "failed")
+                .then_some(())
+        },
+    );
+
+    // On-call gives up waiting: abort ends the rollout now, and says the hosts still go back.
+    fleet.ctl(&["rollout", "abort", &id]).expect_code(0);
+    let ended = fleet.wait_rollout_ends(&id, Duration::from_secs(15));
+    assert_eq!(ended["state"], "aborted", "{ended:#}");
+    let message = ended["message"].as_str().unwrap_or_default();
+    assert!(message.contains("while rolling back"), "{message}");
+    // The app is free for the next rollout at once.
+    fleet
+        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%", "--detach"])
+        .expect_code(0);
 }
