@@ -115,7 +115,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = supervisor_tx.send(supervisor::SupervisorCommand::Desired(
             supervisor::Desired {
                 assignments: assigned,
-                refused: Default::default(),
+                ..Default::default()
             },
         ));
     }

@@ -53,21 +53,15 @@ pub struct AgentState {
 /// One run of an app's release hook, for one deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HookRun {
-    pub rollout_id: String,
-    pub generation: u64,
-    /// The release whose hook ran (a rollback within the rollout is another release).
-    pub version: String,
-    pub artifact_digest: String,
+    /// The deployment it ran for (a rollback within the rollout is another release).
+    pub assignment: Assignment,
     pub succeeded: bool,
 }
 
 impl HookRun {
     /// Whether this run was for `assignment`'s deployment.
     pub fn is_for(&self, assignment: &Assignment) -> bool {
-        self.rollout_id == assignment.rollout_id
-            && self.generation == assignment.generation
-            && self.version == assignment.version
-            && self.artifact_digest == assignment.artifact_digest
+        self.assignment.same_deployment(assignment)
     }
 }
 

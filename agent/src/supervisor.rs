@@ -144,8 +144,6 @@ pub fn crash_backoff(consecutive: u32) -> Duration {
 pub struct Supervisor {
     context: Arc<Context>,
     apps: BTreeMap<String, AppHandle>,
-    /// The last valid assignment of each app.
-    assigned: BTreeMap<String, Assignment>,
     /// Tasks of apps being removed; a new task for the same app waits for its predecessor.
     retiring: BTreeMap<String, JoinHandle<()>>,
 }
@@ -164,7 +162,6 @@ impl Supervisor {
         let supervisor = Supervisor {
             context,
             apps: BTreeMap::new(),
-            assigned: BTreeMap::new(),
             retiring: BTreeMap::new(),
         };
         (tx, tokio::spawn(supervisor.run(rx)))
@@ -190,20 +187,20 @@ impl Supervisor {
             .into_iter()
             .map(|a| (a.app.clone(), a))
             .collect();
+        // A refused app keeps the assignment the state holds for it, its last valid one.
         let mut kept = desired.clone();
-        for app in &update.refused {
-            if let Some(last) = self.assigned.get(app) {
-                kept.insert(app.clone(), last.clone());
+        for last in self.context.store.snapshot().assignments {
+            if update.refused.contains(&last.app) {
+                kept.insert(last.app.clone(), last);
             }
         }
         if let Err(e) = self
             .context
             .store
-            .set_assignments(kept.values().cloned().collect())
+            .set_assignments(kept.into_values().collect())
         {
             tracing::error!("{e}");
         }
-        self.assigned = kept;
         self.retiring.retain(|_, task| !task.is_finished());
         let unassigned = unassigned(self.apps.keys(), &desired, &update.refused);
         for app in unassigned {
@@ -439,10 +436,7 @@ impl AppTask {
                 // Recorded as failed until it succeeds: an agent killed during the hook does
                 // not start the release without it when it comes back.
                 let mut run = HookRun {
-                    rollout_id: assignment.rollout_id.clone(),
-                    generation: assignment.generation,
-                    version: assignment.version.clone(),
-                    artifact_digest: assignment.artifact_digest.clone(),
+                    assignment: assignment.clone(),
                     succeeded: false,
                 };
                 self.record_hook_run(&run);
@@ -593,7 +587,6 @@ impl AppTask {
         }
     }
 
-    /// The live instance exited on its own: report, back off, start again from origin.
     /// Reports about an instance of `assignment`: as the target's state when it is the
     /// target's deployment; under its own version, leaving the target's state alone, when it
     /// is the instance a failed converge left running (restarted after a crash).
@@ -610,6 +603,7 @@ impl AppTask {
         }
     }
 
+    /// The live instance exited on its own: report, back off, start again from origin.
     async fn after_crash(&mut self, status: ExitStatus) -> Option<AppCommand> {
         let live = self.live.as_mut()?;
         let stable = live.instance.started_at.elapsed() >= STABLE_RUN;
