@@ -85,13 +85,6 @@ impl ArtifactStore {
         })
     }
 
-    /// Finishes an upload: checks the artifact (gzip tarball, safe entries, valid fleet.toml)
-    /// and stores it under its digest.
-    pub fn finish_upload(&self, upload: Upload) -> Result<StoredArtifact, ArtifactStoreError> {
-        let checked = self.check_upload(upload)?;
-        self.keep(checked)
-    }
-
     /// Checks a finished upload (gzip tarball, safe entries, valid fleet.toml) without storing
     /// it yet: the caller may still refuse it, and a dropped [`CheckedArtifact`] is deleted.
     pub fn check_upload(&self, upload: Upload) -> Result<CheckedArtifact, ArtifactStoreError> {
@@ -173,7 +166,7 @@ mod tests {
                 .unwrap();
         let mut upload = store.begin_upload().unwrap();
         upload.write(&bytes).unwrap();
-        let stored = store.finish_upload(upload).unwrap();
+        let stored = store.keep(store.check_upload(upload).unwrap()).unwrap();
         assert_eq!(stored.digest, artifact::digest_of(&bytes));
         assert_eq!(
             std::fs::read(store.path_of(&stored.digest).unwrap()).unwrap(),
@@ -193,7 +186,7 @@ mod tests {
 
         let mut upload = store.begin_upload().unwrap();
         upload.write(b"not a tarball").unwrap();
-        assert!(store.finish_upload(upload).is_err());
+        assert!(store.check_upload(upload).is_err());
         assert_eq!(
             std::fs::read_dir(dir.path().join("artifacts/tmp"))
                 .unwrap()

@@ -728,26 +728,17 @@ impl Executor {
         }
     }
 
-    /// [`Executor::hold`] until the end the record holds (`hold_until_unix_ms`, already saved),
-    /// then clears it.
+    /// Waits until the end the record holds (`hold_until_unix_ms`, already saved) unless
+    /// aborted meanwhile, then clears it; returns the aborting actor.
     async fn hold_recorded(&mut self) -> Result<Option<String>, StoreError> {
-        let left = self.record.hold_until_unix_ms - fleet_proto::now_unix_ms();
-        let aborted_by = if left > 0 {
-            self.hold(Duration::from_millis(left as u64)).await
-        } else {
-            None
+        let left = (self.record.hold_until_unix_ms - fleet_proto::now_unix_ms()).max(0);
+        let aborted_by = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(left as u64)) => None,
+            actor = abort_requested(&mut self.control) => Some(actor),
         };
         self.record.hold_until_unix_ms = 0;
         self.save()?;
         Ok(aborted_by)
-    }
-
-    /// Waits `pause` unless paused or aborted meanwhile; returns the aborting actor.
-    async fn hold(&mut self, pause: Duration) -> Option<String> {
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => None,
-            actor = abort_requested(&mut self.control) => Some(actor),
-        }
     }
 
     /// Points the wave's hosts at the new release, recording what each ran before. Only this

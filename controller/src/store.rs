@@ -489,19 +489,6 @@ impl Store {
         Ok(n_revoked)
     }
 
-    /// The live (unrevoked, unexpired) agent certificate of host `name`, if any: a join token
-    /// may not take over a host that still has one.
-    pub fn live_agent_certificate(
-        &self,
-        name: &str,
-        now_unix_ms: i64,
-    ) -> Result<Option<CertificateRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let certificates = txn.open_table(CERTIFICATES).map_err(db_err)?;
-        let revoked = txn.open_table(REVOKED).map_err(db_err)?;
-        live_agent_certificate_in(&certificates, &revoked, name, now_unix_ms)
-    }
-
     fn write(
         &self,
         body: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
@@ -699,13 +686,38 @@ mod tests {
                 })
                 .unwrap();
         }
-        assert!(store.live_agent_certificate("web-1", 5).unwrap().is_some());
+        let token = JoinTokenRecord {
+            expires_unix_ms: 1000,
+            created_by: "admin".into(),
+            used_unix_ms: None,
+            used_by_host: None,
+            used_with_key: None,
+        };
+        store.insert_join_token("t1", &token).unwrap();
+        store.insert_join_token("t2", &token).unwrap();
+        let rejoin = |serial: &str| CertificateRecord {
+            serial: serial.into(),
+            name: "web-1".into(),
+            role: "agent".into(),
+            issued_unix_ms: 5,
+            not_after_unix_ms: i64::MAX,
+            issued_by: "join token".into(),
+        };
+        // web-1's live agent certificate keeps a token from taking the name over ...
+        assert_eq!(
+            store.join_with_token("t1", &rejoin("04"), "k", 5).unwrap(),
+            TokenUse::HostHasCertificate
+        );
         assert_eq!(store.revoke_host("web-1").unwrap(), 1);
         assert_eq!(store.revoke_host("web-1").unwrap(), 0);
         assert!(store.is_revoked("01").unwrap());
         assert!(!store.is_revoked("02").unwrap());
         assert!(!store.is_revoked("03").unwrap());
-        assert!(store.live_agent_certificate("web-1", 5).unwrap().is_none());
+        // ... until it is revoked: the deployer certificate does not count.
+        assert_eq!(
+            store.join_with_token("t2", &rejoin("05"), "k", 5).unwrap(),
+            TokenUse::Spent
+        );
     }
 
     #[test]
