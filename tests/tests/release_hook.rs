@@ -15,6 +15,19 @@ fn manifest_with_hook(hook: &str) -> String {
     )
 }
 
+/// Two hosts serving web 1.0.0 (no hook).
+fn two_hosts_serving_1_0_0() -> Fleet {
+    let fleet = Fleet::start(2);
+    fleet
+        .create_web_release("1.0.0", &web_manifest("10s"), &[])
+        .expect_code(0);
+    fleet
+        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
+        .expect_code(0);
+    fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
+    fleet
+}
+
 #[test]
 fn the_release_hook_runs_once_per_rollout_and_a_failing_one_halts_it() {
     let fleet = Fleet::start(3);
@@ -111,12 +124,7 @@ fn the_release_hook_runs_once_per_rollout_and_a_failing_one_halts_it() {
         "run\n",
         "the failed hook ran once"
     );
-    let advertise = &fleet
-        .agents()
-        .iter()
-        .find(|agent| agent.name == canary)
-        .expect("the canary agent")
-        .advertise;
+    let advertise = &fleet.agent(&canary).advertise;
     assert_ne!(
         fleet_tests::http::get_ok(advertise, "/"),
         Some(format!("web 1.2.0 on {canary}\n")),
@@ -126,14 +134,7 @@ fn the_release_hook_runs_once_per_rollout_and_a_failing_one_halts_it() {
 
 #[test]
 fn a_rollback_to_the_release_whose_hook_just_failed_is_not_refused() {
-    let fleet = Fleet::start(2);
-    fleet
-        .create_web_release("1.0.0", &web_manifest("10s"), &[])
-        .expect_code(0);
-    fleet
-        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
-        .expect_code(0);
-    fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
+    let fleet = two_hosts_serving_1_0_0();
     // A migration that succeeds once and refuses to run twice.
     let marker = fleet.dir().join("migrated");
     let once = manifest_with_hook(
@@ -186,14 +187,7 @@ fn a_rollback_to_the_release_whose_hook_just_failed_is_not_refused() {
 
 #[test]
 fn the_instance_a_failed_hook_left_running_is_restarted_when_it_crashes() {
-    let fleet = Fleet::start(2);
-    fleet
-        .create_web_release("1.0.0", &web_manifest("10s"), &[])
-        .expect_code(0);
-    fleet
-        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
-        .expect_code(0);
-    fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
+    let fleet = two_hosts_serving_1_0_0();
     let failing = manifest_with_hook("echo migration failed >&2; exit 3");
     fleet
         .create_web_release("1.1.0", &failing, &[])
@@ -212,13 +206,7 @@ fn the_instance_a_failed_hook_left_running_is_restarted_when_it_crashes() {
             "--no-auto-rollback",
         ])
         .expect_code(1);
-    let h1 = fleet
-        .agents()
-        .iter()
-        .find(|agent| agent.name == "h1")
-        .expect("h1")
-        .advertise
-        .clone();
+    let h1 = fleet.agent("h1").advertise.clone();
     assert_eq!(
         fleet_tests::http::get_ok(&h1, "/").as_deref(),
         Some("web 1.0.0 on h1\n")
