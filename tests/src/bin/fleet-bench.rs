@@ -585,11 +585,9 @@ impl CpuSplit {
             .filter_map(run_time)
             .sum();
         CpuSplit {
-            sshd: sshd_pid
-                .and_then(proc_cpu)
-                .map_or(Duration::ZERO, |(_, reaped)| reaped),
+            sshd: sshd_pid.and_then(reaped_cpu).unwrap_or_default(),
             agents,
-            fleetctl: proc_cpu(std::process::id()).map_or(Duration::ZERO, |(_, reaped)| reaped),
+            fleetctl: reaped_cpu(std::process::id()).unwrap_or_default(),
             controller: run_time(fleet.controller_pid()).unwrap_or_default(),
         }
     }
@@ -615,20 +613,21 @@ fn run_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_nanos(nanos))
 }
 
-/// (own, reaped children's) CPU time of a process: utime+stime and cutime+cstime, in clock
-/// ticks (10 ms): what is left of processes that exited.
-fn proc_cpu(pid: u32) -> Option<(Duration, Duration)> {
+/// The CPU time (user + system) of a process's reaped children, from `cutime` and `cstime`
+/// in `/proc/PID/stat`, in clock ticks (10 ms): what is left of processes that exited.
+fn reaped_cpu(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name, which may hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<u64> = rest
+    let ticks: u64 = rest
         .split_whitespace()
-        .skip(11)
-        .take(4)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let ticks = |t: u64| Duration::from_secs_f64(t as f64 / CLOCK_TICKS_PER_SECOND);
-    Some((ticks(fields[0] + fields[1]), ticks(fields[2] + fields[3])))
+        .skip(13)
+        .take(2)
+        .map(|f| f.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    Some(Duration::from_secs_f64(
+        ticks as f64 / CLOCK_TICKS_PER_SECOND,
+    ))
 }
 
 /// `sysconf(_SC_CLK_TCK)`: 100 on every Linux this runs on.
