@@ -10,7 +10,7 @@ use crate::bootstrap::pacing::{self, Pacer, WindowNews};
 use crate::bootstrap::targets::SshAddress;
 use russh::client::{AuthResult, Handle};
 use russh::keys::agent::client::AgentClient;
-use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 use russh::ChannelMsg;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -112,7 +112,13 @@ struct ClientHandler {
 impl russh::client::Handler for ClientHandler {
     type Error = SshError;
 
-    async fn check_server_key(&mut self, server_public_key: &PublicKey) -> Result<bool, SshError> {
+    async fn check_server_key(
+        &mut self,
+        server_key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, SshError> {
+        // A host certificate is judged by the key it certifies: known_hosts trusts keys, and
+        // the server proved it holds that key's private half in the key exchange.
+        let server_public_key = &server_key.public_key();
         let _guard = KNOWN_HOSTS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let path = &self.policy.known_hosts;
         let fingerprint = known_hosts::fingerprint(server_public_key);
@@ -406,7 +412,8 @@ async fn authenticate(
                 .flatten()
                 .or(Some(HashAlg::Sha512));
             let n_keys = identities.len();
-            for key in identities {
+            for identity in identities {
+                let key = identity.public_key().into_owned();
                 let hash = key.algorithm().is_rsa().then_some(rsa_hash).flatten();
                 let result = handle
                     .authenticate_publickey_with(address.user.clone(), key, hash, &mut agent)
