@@ -77,8 +77,9 @@ fn main() -> Result<()> {
         if let (Some(before), Some(after)) = (before, CpuTicks::read()) {
             rows.push(Row {
                 bench: *part,
-                measurement: "CPU time the hypervisor took (steal) while this part ran, of all CPU time"
-                    .to_string(),
+                measurement:
+                    "CPU time the hypervisor took (steal) while this part ran, of all CPU time"
+                        .to_string(),
                 value: format!("{:.0}%", after.steal_percent_since(&before)),
                 target: String::new(),
                 ok: None,
