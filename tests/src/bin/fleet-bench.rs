@@ -76,7 +76,7 @@ fn main() -> Result<()> {
         }
         if let (Some(before), Some(after)) = (before, CpuTicks::read()) {
             rows.push(Row {
-                bench: *part,
+                bench: part,
                 measurement:
                     "CPU time the hypervisor took (steal) while this part ran, of all CPU time"
                         .to_string(),
