@@ -51,6 +51,19 @@ struct Row {
     ok: Option<bool>,
 }
 
+impl Row {
+    /// A figure shown for context, with no target to meet.
+    fn info(bench: &'static str, measurement: impl Into<String>, value: impl Into<String>) -> Row {
+        Row {
+            bench,
+            measurement: measurement.into(),
+            value: value.into(),
+            target: String::new(),
+            ok: None,
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_string());
     let parts: &[&str] = match which.as_str() {
@@ -75,15 +88,11 @@ fn main() -> Result<()> {
             _ => rows.extend(bench_memory()?),
         }
         if let (Some(before), Some(after)) = (before, CpuTicks::read()) {
-            rows.push(Row {
-                bench: part,
-                measurement:
-                    "CPU time the hypervisor took (steal) while this part ran, of all CPU time"
-                        .to_string(),
-                value: format!("{:.0}%", after.steal_percent_since(&before)),
-                target: String::new(),
-                ok: None,
-            });
+            rows.push(Row::info(
+                part,
+                "CPU time the hypervisor took (steal) while this part ran, of all CPU time",
+                format!("{:.0}%", after.steal_percent_since(&before)),
+            ));
         }
     }
     print_table(&rows);
@@ -191,20 +200,16 @@ fn bench_rollout() -> Result<Vec<Row>> {
     let overhead = wall.saturating_sub(baseline * n_waves as u32);
     let per_wave_ms = overhead.as_secs_f64() * 1000.0 / n_waves as f64;
     Ok(vec![
-        Row {
-            bench: "rollout",
-            measurement: format!("app start until healthy (median of {BASELINE_RUNS})"),
-            value: format_ms(baseline),
-            target: String::new(),
-            ok: None,
-        },
-        Row {
-            bench: "rollout",
-            measurement: format!("{ROLLOUT_HOSTS} hosts, canary 1, batch 25%: wall time"),
-            value: format!("{} for {n_waves} waves", format_ms(wall)),
-            target: String::new(),
-            ok: None,
-        },
+        Row::info(
+            "rollout",
+            format!("app start until healthy (median of {BASELINE_RUNS})"),
+            format_ms(baseline),
+        ),
+        Row::info(
+            "rollout",
+            format!("{ROLLOUT_HOSTS} hosts, canary 1, batch 25%: wall time"),
+            format!("{} for {n_waves} waves", format_ms(wall)),
+        ),
         Row {
             bench: "rollout",
             measurement: "fleet overhead per wave".into(),
@@ -292,59 +297,55 @@ fn bench_artifact() -> Result<Vec<Row>> {
     // Every agent stores what it fetched durably: this disk's own rate for the same bytes
     // (written and fsynced 10 times) bounds the fetch phase from below.
     let durable = time_durable_writes(&artifact, &fleet.dir().join("durable-copy"))?;
+    let timed = |d: Duration| format!("{} ({:.0} MB/s)", format_ms(d), rate(d));
     let mut rows = vec![
-        Row {
-            bench: "artifact",
-            measurement: format!("release create ({:.0} MB upload)", artifact_size as f64 / 1e6),
-            value: format_ms(upload),
-            target: String::new(),
-            ok: None,
-        },
-        Row {
-            bench: "artifact",
-            measurement: format!(
-                "rollout to {ARTIFACT_HOSTS} hosts ({waves_note}) minus app start: fetch+verify+unpack"
+        Row::info(
+            "artifact",
+            format!(
+                "release create ({:.0} MB upload)",
+                artifact_size as f64 / 1e6
             ),
-            value: format!("{} ({:.0} MB/s)", format_ms(delivery), rate(delivery)),
-            target: String::new(),
-            ok: None,
-        },
-        Row {
-            bench: "artifact",
-            measurement: format!(
-                "std::fs::read of the artifact {ARTIFACT_HOSTS}x from disk (its cached pages dropped before each)"
+            format_ms(upload),
+        ),
+        Row::info(
+            "artifact",
+            format!(
+                "rollout to {ARTIFACT_HOSTS} hosts ({waves_note}) minus app start: \
+                 fetch+verify+unpack"
             ),
-            value: format!("{} ({:.0} MB/s)", format_ms(from_disk), rate(from_disk)),
-            target: String::new(),
-            ok: None,
-        },
-        Row {
-            bench: "artifact",
-            measurement: format!("std::fs::read of the artifact {ARTIFACT_HOSTS}x (warm cache)"),
-            value: format!("{} ({:.0} MB/s)", format_ms(warm), rate(warm)),
-            target: String::new(),
-            ok: None,
-        },
-        Row {
-            bench: "artifact",
-            measurement: format!(
-                "this disk's own durable writes: the artifact written and fsynced {ARTIFACT_HOSTS}x"
+            timed(delivery),
+        ),
+        Row::info(
+            "artifact",
+            format!(
+                "std::fs::read of the artifact {ARTIFACT_HOSTS}x from disk (its cached pages \
+                 dropped before each)"
             ),
-            value: format!("{} ({:.0} MB/s)", format_ms(durable), rate(durable)),
-            target: String::new(),
-            ok: None,
-        },
+            timed(from_disk),
+        ),
+        Row::info(
+            "artifact",
+            format!("std::fs::read of the artifact {ARTIFACT_HOSTS}x (warm cache)"),
+            timed(warm),
+        ),
+        Row::info(
+            "artifact",
+            format!(
+                "this disk's own durable writes: the artifact written and fsynced \
+                 {ARTIFACT_HOSTS}x"
+            ),
+            timed(durable),
+        ),
     ];
     if let Some(fetch) = fetch {
-        rows.push(Row {
-            bench: "artifact",
-            measurement: format!(
-                "fetch phase on {ARTIFACT_HOSTS} agents (agent logs: first fetching .. last unpacking)"
+        rows.push(Row::info(
+            "artifact",
+            format!(
+                "fetch phase on {ARTIFACT_HOSTS} agents (agent logs: first fetching .. last \
+                 unpacking)"
             ),
-            value: format!("{} ({:.0} MB/s)", format_ms(fetch), rate(fetch)),
-            target: String::new(),
-            ok: None,
-        });
+            timed(fetch),
+        ));
     }
     let ratio = ratio_to(from_disk);
     rows.extend([
@@ -355,20 +356,16 @@ fn bench_artifact() -> Result<Vec<Row>> {
             target: format!(">= {ARTIFACT_TARGET_RATIO}"),
             ok: Some(ratio >= ARTIFACT_TARGET_RATIO),
         },
-        Row {
-            bench: "artifact",
-            measurement: format!("ratio: warm-cache read time / fleet {compared_what} time"),
-            value: format!("{:.2}", ratio_to(warm)),
-            target: String::new(),
-            ok: None,
-        },
-        Row {
-            bench: "artifact",
-            measurement: format!("ratio: durable write time / fleet {compared_what} time"),
-            value: format!("{:.2}", ratio_to(durable)),
-            target: String::new(),
-            ok: None,
-        },
+        Row::info(
+            "artifact",
+            format!("ratio: warm-cache read time / fleet {compared_what} time"),
+            format!("{:.2}", ratio_to(warm)),
+        ),
+        Row::info(
+            "artifact",
+            format!("ratio: durable write time / fleet {compared_what} time"),
+            format!("{:.2}", ratio_to(durable)),
+        ),
     ]);
     Ok(rows)
 }
@@ -472,13 +469,11 @@ fn bench_memory() -> Result<Vec<Row>> {
             target: format!("< {} MB", MEMORY_TARGET_KIB / 1024),
             ok: Some(agent_kib < MEMORY_TARGET_KIB),
         },
-        Row {
-            bench: "memory",
-            measurement: "controller VmRSS, one host (for reference)".into(),
-            value: format!("{:.1} MB", controller_kib as f64 / 1024.0),
-            target: String::new(),
-            ok: None,
-        },
+        Row::info(
+            "memory",
+            "controller VmRSS, one host (for reference)",
+            format!("{:.1} MB", controller_kib as f64 / 1024.0),
+        ),
     ])
 }
 
@@ -612,12 +607,12 @@ fn bench_bootstrap() -> Result<Vec<Row>> {
         ("fleetctl", cpu.fleetctl),
         ("controller", cpu.controller),
     ]
-    .map(|(what, d)| Row {
-        bench: "bootstrap",
-        measurement: format!("CPU per host in the {BOOTSTRAP_HOSTS}-host round: {what}"),
-        value: per_host(d),
-        target: String::new(),
-        ok: None,
+    .map(|(what, d)| {
+        Row::info(
+            "bootstrap",
+            format!("CPU per host in the {BOOTSTRAP_HOSTS}-host round: {what}"),
+            per_host(d),
+        )
     });
     let total = cpu.sshd + cpu.agents + cpu.fleetctl + cpu.controller;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -626,43 +621,34 @@ fn bench_bootstrap() -> Result<Vec<Row>> {
     // bootstrap can show a lower ratio on this machine, whatever fleet itself costs.
     let hosts_own = (cpu.sshd + cpu.agents) / cores as u32;
     let floor_ratio = hosts_own.as_secs_f64() / one.as_secs_f64();
-    Ok(cpu_rows
-        .into_iter()
-        .chain([
-            Row {
-                bench: "bootstrap",
-                measurement: format!(
-                    "{BOOTSTRAP_HOSTS}-host round: all that CPU spread over this machine's {cores} cores"
-                ),
-                value: format_ms(total / cores as u32),
-                target: String::new(),
-                ok: None,
-            },
-            Row {
-                bench: "bootstrap",
-                measurement: format!(
-                    "{BOOTSTRAP_HOSTS}-host round: the hosts' own CPU alone (sshd peer, agents) over {cores} cores, / 1 host: the floor of the ratio here"
-                ),
-                value: format!("{} = {floor_ratio:.2}x", format_ms(hosts_own)),
-                target: String::new(),
-                ok: None,
-            },
-        ])
-        .chain([
-        Row {
-            bench: "bootstrap",
-            measurement: "1 host, one command (upload, start, registered)".to_string(),
-            value: format_ms(one),
-            target: String::new(),
-            ok: None,
-        },
-        Row {
-            bench: "bootstrap",
-            measurement: format!("{BOOTSTRAP_HOSTS} hosts, one command"),
-            value: format_ms(ten),
-            target: String::new(),
-            ok: None,
-        },
+    let mut rows = Vec::from(cpu_rows);
+    rows.extend([
+        Row::info(
+            "bootstrap",
+            format!(
+                "{BOOTSTRAP_HOSTS}-host round: all that CPU spread over this machine's {cores} \
+                 cores"
+            ),
+            format_ms(total / cores as u32),
+        ),
+        Row::info(
+            "bootstrap",
+            format!(
+                "{BOOTSTRAP_HOSTS}-host round: the hosts' own CPU alone (sshd peer, agents) over \
+                 {cores} cores, / 1 host: the floor of the ratio here"
+            ),
+            format!("{} = {floor_ratio:.2}x", format_ms(hosts_own)),
+        ),
+        Row::info(
+            "bootstrap",
+            "1 host, one command (upload, start, registered)",
+            format_ms(one),
+        ),
+        Row::info(
+            "bootstrap",
+            format!("{BOOTSTRAP_HOSTS} hosts, one command"),
+            format_ms(ten),
+        ),
         Row {
             bench: "bootstrap",
             measurement: format!("{BOOTSTRAP_HOSTS} hosts / 1 host"),
@@ -670,8 +656,8 @@ fn bench_bootstrap() -> Result<Vec<Row>> {
             target: format!("< {BOOTSTRAP_TARGET_RATIO:.1}x"),
             ok: Some(ratio < BOOTSTRAP_TARGET_RATIO),
         },
-    ])
-    .collect())
+    ]);
+    Ok(rows)
 }
 
 /// The machine's CPU time so far, from the `cpu` line of `/proc/stat`: on a VM the figures of
