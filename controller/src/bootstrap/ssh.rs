@@ -116,8 +116,9 @@ impl russh::client::Handler for ClientHandler {
         &mut self,
         server_key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, SshError> {
-        // A host certificate is judged by the key it certifies: known_hosts trusts keys, and
-        // the server proved it holds that key's private half in the key exchange.
+        // We advertise no certificate algorithms (russh's default), so servers present plain
+        // keys. Should one present a certificate anyway, the key it certifies is checked
+        // against known_hosts, as OpenSSH does when no @cert-authority line matches.
         let server_public_key = &server_key.public_key();
         let _guard = KNOWN_HOSTS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let path = &self.policy.known_hosts;
