@@ -260,6 +260,8 @@ fn bench_artifact() -> Result<Vec<Row>> {
 
     // Everything in one wave when the CLI allows a rollout without canary.
     let mut waves_note = "canary 0, batch 100%";
+    let cpu_before = fleet_cpu(&fleet);
+    let controller_before = own_cpu(fleet.controller_pid()).unwrap_or_default();
     let start = Instant::now();
     let mut out = fleet.ctl_with_deadline(
         &[
@@ -277,6 +279,10 @@ fn bench_artifact() -> Result<Vec<Row>> {
         );
     }
     let wall = start.elapsed();
+    let cpu = fleet_cpu(&fleet).saturating_sub(cpu_before);
+    let controller_cpu = own_cpu(fleet.controller_pid())
+        .unwrap_or_default()
+        .saturating_sub(controller_before);
     let rollout = out.expect_code(0).json;
     let n_waves = rollout["waves"].as_array().map_or(1, Vec::len).max(1);
     let delivery = wall.saturating_sub(baseline * n_waves as u32);
@@ -337,6 +343,24 @@ fn bench_artifact() -> Result<Vec<Row>> {
             timed(durable),
         ),
     ];
+    rows.push(Row::info(
+        "artifact",
+        "CPU time of the controller and the agents in that rollout (all of their threads)",
+        format!(
+            "{} ({:.2} s per GB delivered)",
+            format_ms(cpu),
+            cpu.as_secs_f64() / (total_mb / 1000.0)
+        ),
+    ));
+    rows.push(Row::info(
+        "artifact",
+        "CPU time of the controller alone in that rollout (it streams the artifact)",
+        format!(
+            "{} ({:.2} s per GB sent)",
+            format_ms(controller_cpu),
+            controller_cpu.as_secs_f64() / (total_mb / 1000.0)
+        ),
+    ));
     if let Some(fetch) = fetch {
         rows.push(Row::info(
             "artifact",
@@ -368,6 +392,16 @@ fn bench_artifact() -> Result<Vec<Row>> {
         ),
     ]);
     Ok(rows)
+}
+
+/// The CPU time the controller and every agent have used so far (their app instances not
+/// included).
+fn fleet_cpu(fleet: &Fleet) -> Duration {
+    let agents = fleet.agents().iter().map(|a| fleet.agent_pid(&a.name));
+    std::iter::once(fleet.controller_pid())
+        .chain(agents)
+        .filter_map(own_cpu)
+        .sum()
 }
 
 /// Reads `path` whole [`ARTIFACT_HOSTS`] times; with `cold`, its pages are dropped from the
@@ -742,12 +776,23 @@ fn run_time(pid: u32) -> Option<Duration> {
 /// The CPU time (user + system) of a process's reaped children, from `cutime` and `cstime`
 /// in `/proc/PID/stat`, in clock ticks (10 ms): what is left of processes that exited.
 fn reaped_cpu(pid: u32) -> Option<Duration> {
+    stat_cpu(pid, 13)
+}
+
+/// The CPU time (user + system) of a living process, all its threads, from `utime` and
+/// `stime` in `/proc/PID/stat`, in clock ticks (10 ms).
+fn own_cpu(pid: u32) -> Option<Duration> {
+    stat_cpu(pid, 11)
+}
+
+/// Two tick counters of `/proc/PID/stat` summed, `skip` fields after the state field.
+fn stat_cpu(pid: u32, skip: usize) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name, which may hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let ticks: u64 = rest
         .split_whitespace()
-        .skip(13)
+        .skip(skip)
         .take(2)
         .map(|f| f.parse::<u64>().ok())
         .sum::<Option<u64>>()?;
