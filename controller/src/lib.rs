@@ -3,7 +3,7 @@
 //!
 //! **Architecture Invariant:** the controller shares nothing with the agent but `fleet-proto`.
 //! The planner knows nothing of gRPC or the store; generated types stop at `api`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod artifacts;

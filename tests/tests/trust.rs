@@ -1,7 +1,8 @@
 //! Trust, end to end: only mutual TLS with a certificate from the fleet's CA gets an answer,
 //! join tokens are single-use and expire, roles decide what a credential may do (a deployer
 //! releases and rolls out but cannot drain; an agent's certificate cannot call an admin or
-//! deployer RPC and cannot speak for another host or fetch another host's artifacts).
+//! deployer RPC and cannot speak for another host or fetch another host's artifacts; what it
+//! may fetch it gets from any offset, byte for byte).
 
 use fleet_proto::pb;
 use fleet_tests::fleet::Fleet;
@@ -463,4 +464,68 @@ fn an_agent_certificate_speaks_only_for_its_own_host() {
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     });
     fleet.wait_hosts_ready(2);
+}
+
+#[test]
+fn an_agent_fetches_its_artifact_from_any_offset() {
+    let fleet = Fleet::start(1);
+    // Bytes gzip cannot shrink, so the artifact spans a few 1 MiB chunks.
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let blob: Vec<u8> = (0..(5 << 18))
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect();
+    let artifact = fleet.write_artifact(&[("fleet.toml", MANIFEST, 0o644), ("blob", &blob, 0o644)]);
+    let bytes = std::fs::read(&artifact).unwrap();
+    assert!(bytes.len() > 2 << 20, "{} bytes", bytes.len());
+    let release = fleet
+        .create_release("app", "1.0", &artifact, &[])
+        .expect_code(0)
+        .json;
+    let digest = release["release"]["artifact_digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fleet.ctl_ok(&["rollout", "app", "1.0"]);
+
+    runtime().block_on(async {
+        let channel = channel(&fleet, Some(agent_identity(&fleet, "h1"))).await;
+        let fetch = |offset: u64| {
+            let mut client = pb::agent_service_client::AgentServiceClient::new(channel.clone())
+                .max_decoding_message_size(16 << 20);
+            let digest = digest.clone();
+            async move {
+                let mut stream = client
+                    .fetch_artifact(pb::FetchArtifactRequest { digest, offset })
+                    .await?
+                    .into_inner();
+                let mut got = Vec::new();
+                while let Some(chunk) = stream.message().await? {
+                    assert!(
+                        chunk.data.len() <= 1 << 20,
+                        "{} byte chunk",
+                        chunk.data.len()
+                    );
+                    got.extend_from_slice(&chunk.data);
+                }
+                Ok::<_, tonic::Status>(got)
+            }
+        };
+        let size = bytes.len() as u64;
+        for offset in [0, 1, (1 << 20) - 1, (1 << 20) + 4097, size - 1, size] {
+            let got = fetch(offset).await.unwrap();
+            assert!(
+                got == bytes[offset as usize..],
+                "from offset {offset}: {} bytes that differ from the artifact's last {}",
+                got.len(),
+                size - offset
+            );
+        }
+        let status = fetch(size + 1).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    });
 }
