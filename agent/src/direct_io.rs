@@ -20,8 +20,10 @@ use std::path::{Path, PathBuf};
 /// Alignment of buffers, offsets and lengths: 4 KiB suits every logical block size in use.
 const ALIGN: usize = 4096;
 /// The write staging buffer and the read block, at most (a small artifact gets small ones: an
-/// idle agent keeps its memory small).
-const BLOCK: usize = 1 << 20;
+/// idle agent keeps its memory small). 4 MiB rather than 1: a disk that ten agents write to at
+/// once does more with fewer, larger requests (fleet-bench artifact: fetch phase median
+/// 6.97 s -> 6.67 s over 8 interleaved runs each, on 2026-11-30).
+const BLOCK: usize = 4 << 20;
 
 /// The buffer size for `len` bytes of file: whole alignment units, at most [`BLOCK`].
 fn buffer_size(len: u64) -> usize {

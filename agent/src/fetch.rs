@@ -23,8 +23,11 @@ const MAX_ATTEMPTS_WITHOUT_PROGRESS: u32 = 5;
 const MAX_ATTEMPTS: u32 = 100;
 /// A stream that delivers nothing for this long counts as cut.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
-/// Chunks that may wait for the writer thread (a few MiB).
-const WRITER_QUEUE: usize = 4;
+/// Chunks that may wait for the writer thread: enough to go on receiving while it writes
+/// one block ([`crate::direct_io`]).
+const WRITER_QUEUE: usize = 8;
+/// Bytes hashed and then copied at a time: well within a core's own cache.
+const HASH_PIECE: usize = 64 << 10;
 /// The largest gRPC message the agent accepts (one chunk).
 const MAX_CHUNK_BYTES: usize = 16 << 20;
 
@@ -168,8 +171,12 @@ impl Fetcher {
             let _guard = guard;
             let (mut file, mut hasher) = (file, hasher);
             while let Some(chunk) = chunk_rx.blocking_recv() {
-                file.write(&chunk)?;
-                hasher.update(&chunk);
+                // Piece by piece, so the copy into the write buffer reads what hashing has
+                // just brought into the CPU cache, instead of the whole chunk from memory twice.
+                for piece in chunk.chunks(HASH_PIECE) {
+                    hasher.update(piece);
+                    file.write(piece)?;
+                }
             }
             Ok::<_, std::io::Error>((file.finish()?, hasher))
         });
