@@ -107,6 +107,18 @@ fn agent_identity(fleet: &Fleet, host: &str) -> (String, String) {
     )
 }
 
+/// Creates release `app VERSION` of `artifact`; returns its artifact digest.
+fn create_release_digest(fleet: &Fleet, version: &str, artifact: &Path) -> String {
+    let release = fleet
+        .create_release("app", version, artifact, &[])
+        .expect_code(0)
+        .json;
+    release["release"]["artifact_digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -393,14 +405,7 @@ fn an_agent_certificate_speaks_only_for_its_own_host() {
         .create_release("app", "1.0", &artifact, &[])
         .expect_code(0);
     let other = fleet.write_artifact(&[("fleet.toml", MANIFEST, 0o644), ("x", b"x", 0o644)]);
-    let other = fleet
-        .create_release("app", "2.0", &other, &[])
-        .expect_code(0)
-        .json;
-    let other_digest = other["release"]["artifact_digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let other_digest = create_release_digest(&fleet, "2.0", &other);
 
     // With fleetctl: an agent's certificate is no operator's.
     let stolen = config_dir_from_agent(&fleet, "h1");
@@ -482,14 +487,7 @@ fn an_agent_fetches_its_artifact_from_any_offset() {
     let artifact = fleet.write_artifact(&[("fleet.toml", MANIFEST, 0o644), ("blob", &blob, 0o644)]);
     let bytes = std::fs::read(&artifact).unwrap();
     assert!(bytes.len() > 2 << 20, "{} bytes", bytes.len());
-    let release = fleet
-        .create_release("app", "1.0", &artifact, &[])
-        .expect_code(0)
-        .json;
-    let digest = release["release"]["artifact_digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let digest = create_release_digest(&fleet, "1.0", &artifact);
     fleet.ctl_ok(&["rollout", "app", "1.0"]);
 
     runtime().block_on(async {
