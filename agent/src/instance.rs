@@ -487,7 +487,12 @@ mod tests {
             std::fs::read_to_string(&written).unwrap(),
             "from-release h1\n"
         );
-        assert!(has_token(first.pid(), first.token()));
+        // The file appears before the shell execs `sleep`; while it execs, /proc/PID/environ
+        // may not be readable.
+        eventually("the instance to carry its token", || {
+            has_token(first.pid(), first.token())
+        })
+        .await;
         std::fs::write(layout.instance_dir("app").join("junk"), "x").unwrap();
         let outcome = first.stop().await;
         assert!(outcome.contains("SIGTERM"), "{outcome}");
