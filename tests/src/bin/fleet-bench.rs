@@ -280,6 +280,12 @@ fn bench_artifact() -> Result<Vec<Row>> {
     }
     let wall = start.elapsed();
     let cpu = fleet_cpu(&fleet).saturating_sub(cpu_before);
+    let agent_peak_kib = fleet
+        .agents()
+        .iter()
+        .filter_map(|a| process::peak_rss_kib(fleet.agent_pid(&a.name)))
+        .max()
+        .unwrap_or_default();
     let controller_cpu = own_cpu(fleet.controller_pid())
         .unwrap_or_default()
         .saturating_sub(controller_before);
@@ -360,6 +366,11 @@ fn bench_artifact() -> Result<Vec<Row>> {
             format_ms(controller_cpu),
             controller_cpu.as_secs_f64() / (total_mb / 1000.0)
         ),
+    ));
+    rows.push(Row::info(
+        "artifact",
+        "the largest agent's peak resident memory (VmHWM) in that rollout",
+        format!("{:.1} MB", agent_peak_kib as f64 / 1024.0),
     ));
     if let Some(fetch) = fetch {
         rows.push(Row::info(
