@@ -349,24 +349,22 @@ fn bench_artifact() -> Result<Vec<Row>> {
             timed(durable),
         ),
     ];
-    rows.push(Row::info(
-        "artifact",
-        "CPU time of the controller and the agents in that rollout (all of their threads)",
-        format!(
-            "{} ({:.2} s per GB delivered)",
-            format_ms(cpu),
-            cpu.as_secs_f64() / (total_mb / 1000.0)
+    let per_gb = |d: Duration, what: &str| {
+        let seconds_per_gb = d.as_secs_f64() / (total_mb / 1000.0);
+        format!("{} ({seconds_per_gb:.2} s per GB {what})", format_ms(d))
+    };
+    rows.extend([
+        Row::info(
+            "artifact",
+            "CPU time of the controller and the agents in that rollout (all of their threads)",
+            per_gb(cpu, "delivered"),
         ),
-    ));
-    rows.push(Row::info(
-        "artifact",
-        "CPU time of the controller alone in that rollout (it streams the artifact)",
-        format!(
-            "{} ({:.2} s per GB sent)",
-            format_ms(controller_cpu),
-            controller_cpu.as_secs_f64() / (total_mb / 1000.0)
+        Row::info(
+            "artifact",
+            "CPU time of the controller alone in that rollout (it streams the artifact)",
+            per_gb(controller_cpu, "sent"),
         ),
-    ));
+    ]);
     rows.push(Row::info(
         "artifact",
         "the largest agent's peak resident memory (VmHWM) in that rollout",
