@@ -49,6 +49,20 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut probe: impl FnMut() -> Op
     }
 }
 
+/// Fills `len` bytes that gzip cannot shrink (xorshift64*, seeded).
+pub fn incompressible_bytes(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// The `fleet.toml` of the example web app as the tests deploy it: it listens on
 /// `${FLEET_ADDR}:8080` and one HTTP smoke check on `/healthz` must answer 200 within
 /// `smoke_timeout` (like `"10s"`).
@@ -77,5 +91,17 @@ mod tests {
             .expect("the example's fleet.toml parses");
         let tested = Manifest::parse(&super::web_manifest("10s")).expect("web_manifest parses");
         assert_eq!(example, tested);
+    }
+
+    #[test]
+    fn random_bytes_do_not_compress() {
+        let bytes = super::incompressible_bytes(1 << 16);
+        let packed = fleet_proto::artifact::build_artifact(&[("blob", &bytes, 0o644)]).unwrap();
+        assert!(
+            packed.len() > bytes.len(),
+            "{} <= {}",
+            packed.len(),
+            bytes.len()
+        );
     }
 }

@@ -6,7 +6,7 @@
 
 use fleet_proto::pb;
 use fleet_tests::fleet::Fleet;
-use fleet_tests::process;
+use fleet_tests::{incompressible_bytes, process};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -475,15 +475,7 @@ fn an_agent_certificate_speaks_only_for_its_own_host() {
 fn an_agent_fetches_its_artifact_from_any_offset() {
     let fleet = Fleet::start(1);
     // Bytes gzip cannot shrink, so the artifact spans a few 1 MiB chunks.
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let blob: Vec<u8> = (0..(5 << 18))
-        .flat_map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect();
+    let blob = incompressible_bytes(5 << 19);
     let artifact = fleet.write_artifact(&[("fleet.toml", MANIFEST, 0o644), ("blob", &blob, 0o644)]);
     let bytes = std::fs::read(&artifact).unwrap();
     assert!(bytes.len() > 2 << 20, "{} bytes", bytes.len());

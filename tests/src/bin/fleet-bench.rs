@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 use fleet_tests::fleet::Fleet;
 use fleet_tests::net::AddressRange;
 use fleet_tests::process::{self, ChildGuard};
-use fleet_tests::{bins, http, web_manifest, WEB_PORT};
+use fleet_tests::{bins, http, incompressible_bytes, web_manifest, WEB_PORT};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -220,20 +220,6 @@ fn bench_rollout() -> Result<Vec<Row>> {
     ])
 }
 
-/// Fills `len` bytes that gzip cannot shrink (xorshift64*, seeded).
-fn incompressible_bytes(len: usize) -> Vec<u8> {
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn bench_artifact() -> Result<Vec<Row>> {
     let baseline = app_start_baseline()?;
     let fleet = Fleet::start(ARTIFACT_HOSTS);
@@ -260,8 +246,7 @@ fn bench_artifact() -> Result<Vec<Row>> {
 
     // Everything in one wave when the CLI allows a rollout without canary.
     let mut waves_note = "canary 0, batch 100%";
-    let cpu_before = fleet_cpu(&fleet);
-    let controller_before = own_cpu(fleet.controller_pid()).unwrap_or_default();
+    let (controller_before, agents_before) = fleet_cpu(&fleet);
     let start = Instant::now();
     let mut out = fleet.ctl_with_deadline(
         &[
@@ -279,16 +264,15 @@ fn bench_artifact() -> Result<Vec<Row>> {
         );
     }
     let wall = start.elapsed();
-    let cpu = fleet_cpu(&fleet).saturating_sub(cpu_before);
+    let (controller_after, agents_after) = fleet_cpu(&fleet);
+    let controller_cpu = controller_after.saturating_sub(controller_before);
+    let cpu = controller_cpu + agents_after.saturating_sub(agents_before);
     let agent_peak_kib = fleet
         .agents()
         .iter()
         .filter_map(|a| process::peak_rss_kib(fleet.agent_pid(&a.name)))
         .max()
         .unwrap_or_default();
-    let controller_cpu = own_cpu(fleet.controller_pid())
-        .unwrap_or_default()
-        .saturating_sub(controller_before);
     let rollout = out.expect_code(0).json;
     let n_waves = rollout["waves"].as_array().map_or(1, Vec::len).max(1);
     let delivery = wall.saturating_sub(baseline * n_waves as u32);
@@ -364,12 +348,12 @@ fn bench_artifact() -> Result<Vec<Row>> {
             "CPU time of the controller alone in that rollout (it streams the artifact)",
             per_gb(controller_cpu, "sent"),
         ),
+        Row::info(
+            "artifact",
+            "the largest agent's peak resident memory (VmHWM) in that rollout",
+            format!("{:.1} MB", agent_peak_kib as f64 / 1024.0),
+        ),
     ]);
-    rows.push(Row::info(
-        "artifact",
-        "the largest agent's peak resident memory (VmHWM) in that rollout",
-        format!("{:.1} MB", agent_peak_kib as f64 / 1024.0),
-    ));
     if let Some(fetch) = fetch {
         rows.push(Row::info(
             "artifact",
@@ -403,14 +387,16 @@ fn bench_artifact() -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// The CPU time the controller and every agent have used so far (their app instances not
-/// included).
-fn fleet_cpu(fleet: &Fleet) -> Duration {
-    let agents = fleet.agents().iter().map(|a| fleet.agent_pid(&a.name));
-    std::iter::once(fleet.controller_pid())
-        .chain(agents)
-        .filter_map(own_cpu)
-        .sum()
+/// The CPU time the controller, and all agents together, have used so far (their app
+/// instances not included).
+fn fleet_cpu(fleet: &Fleet) -> (Duration, Duration) {
+    let controller = own_cpu(fleet.controller_pid()).unwrap_or_default();
+    let agents = fleet
+        .agents()
+        .iter()
+        .filter_map(|a| own_cpu(fleet.agent_pid(&a.name)))
+        .sum();
+    (controller, agents)
 }
 
 /// Reads `path` whole [`ARTIFACT_HOSTS`] times; with `cold`, its pages are dropped from the
@@ -836,17 +822,5 @@ mod tests {
         };
         assert!(before.total > before.steal);
         assert_eq!(after.steal_percent_since(&before), 25.0);
-    }
-
-    #[test]
-    fn random_bytes_do_not_compress() {
-        let bytes = incompressible_bytes(1 << 16);
-        let packed = fleet_proto::artifact::build_artifact(&[("blob", &bytes, 0o644)]).unwrap();
-        assert!(
-            packed.len() > bytes.len(),
-            "{} <= {}",
-            packed.len(),
-            bytes.len()
-        );
     }
 }
