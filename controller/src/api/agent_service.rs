@@ -331,8 +331,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
         // SAFETY: a stored artifact is never written again: it is renamed into place whole and
         // only ever removed, which leaves a mapping valid (see `crate::artifacts`).
         #[allow(unsafe_code)]
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| Status::internal(format!("mapping the artifact: {e}")))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| {
+            tracing::error!(digest = %request.digest, "cannot map the stored artifact: {e}");
+            Status::internal(format!(
+                "the controller cannot read artifact {} from its store ({e}); its operator \
+                 should check the data directory's disk and permissions",
+                request.digest
+            ))
+        })?;
         let _ = map.advise(memmap2::Advice::Sequential);
         // Each chunk is a slice of the page cache itself: no read into a fresh buffer per chunk;
         // the encoder copies it once, into the gRPC frame. A blocking thread touches every page
@@ -344,8 +350,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             while at < artifact.len() {
                 let chunk = artifact.slice(at..artifact.len().min(at + CHUNK_BYTES));
                 at += chunk.len();
-                let touched = chunk.iter().step_by(PAGE_BYTES).fold(0u8, |a, b| a ^ b);
-                std::hint::black_box(touched);
+                std::hint::black_box(chunk.iter().step_by(PAGE_BYTES).fold(0, |a, b| a ^ b));
                 let message = pb::ArtifactChunk { data: chunk };
                 if tx.blocking_send(Ok(message)).is_err() {
                     return;
