@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-/// The DNS name the controller's certificate carries; verified whatever address is dialled.
-pub const CONTROLLER_DNS_NAME: &str = fleet_proto::CONTROLLER_TLS_NAME;
 /// How long the agent keeps trying to reach the controller to join before giving up.
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 /// How long one join attempt may take.
@@ -74,7 +72,7 @@ impl std::fmt::Debug for Credentials {
 pub fn client_tls(credentials: &Credentials) -> ClientTlsConfig {
     ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&credentials.ca_pem))
-        .domain_name(CONTROLLER_DNS_NAME)
+        .domain_name(fleet_pki::CONTROLLER_TLS_NAME)
         .identity(Identity::from_pem(
             &credentials.cert_pem,
             &credentials.key_pem,
@@ -97,7 +95,8 @@ pub async fn ensure_credentials(
             cert_pem: read(&cert_path)?,
             key_pem: read(&key_path)?,
         };
-        let found = common_name(&credentials.cert_pem).unwrap_or_default();
+        let found =
+            fleet_pki::identity::common_name_of_pem(&credentials.cert_pem).unwrap_or_default();
         if found != config.host_name {
             return Err(JoinError::WrongHost {
                 path: cert_path,
@@ -118,12 +117,13 @@ pub async fn ensure_credentials(
     let key_pem = if key_path.is_file() {
         read(&key_path)?
     } else {
-        let key_pem = new_key()?;
+        let key_pem = fleet_pki::request::new_key().map_err(|e| JoinError::Key(e.to_string()))?;
         create_private_dir(&dir)?;
         write_private(&key_path, &key_pem)?;
         key_pem
     };
-    let csr_pem = make_csr(&config.host_name, &key_pem)?;
+    let csr_pem = fleet_pki::request::request_for(&config.host_name, &key_pem)
+        .map_err(|e| JoinError::Key(e.to_string()))?;
     let response = join(
         &config.controller,
         &ca_pem,
@@ -144,33 +144,6 @@ pub async fn ensure_credentials(
     })
 }
 
-/// A new private key (PEM).
-fn new_key() -> Result<String, JoinError> {
-    let key = rcgen::KeyPair::generate().map_err(|e| JoinError::Key(e.to_string()))?;
-    Ok(key.serialize_pem())
-}
-
-/// A certificate request naming `host` for the key `key_pem` (PEM).
-fn make_csr(host: &str, key_pem: &str) -> Result<String, JoinError> {
-    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| JoinError::Key(e.to_string()))?;
-    let mut params = rcgen::CertificateParams::default();
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::CommonName, host);
-    params.distinguished_name = dn;
-    params
-        .serialize_request(&key)
-        .and_then(|csr| csr.pem())
-        .map_err(|e| JoinError::Key(e.to_string()))
-}
-
-/// The subject CN of a PEM certificate.
-fn common_name(cert_pem: &str) -> Option<String> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
-    let cert = pem.parse_x509().ok()?;
-    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    Some(name.to_string())
-}
-
 /// Calls `Join`, retrying while the controller cannot be reached (it may still be starting),
 /// failing at once when it refuses.
 async fn join(
@@ -186,7 +159,7 @@ async fn join(
     };
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name(CONTROLLER_DNS_NAME);
+        .domain_name(fleet_pki::CONTROLLER_TLS_NAME);
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| unreachable(e.to_string()))?
         .tls_config(tls)
@@ -294,32 +267,6 @@ fn write_private(path: &Path, text: &str) -> Result<(), JoinError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn csr_names_the_host_and_a_kept_key_makes_the_same_request_key() {
-        let key = new_key().unwrap();
-        assert!(key.contains("PRIVATE KEY"));
-        let csr = make_csr("web-1", &key).unwrap();
-        assert!(csr.contains("CERTIFICATE REQUEST"));
-        let parsed = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
-        let again =
-            rcgen::CertificateSigningRequestParams::from_pem(&make_csr("web-1", &key).unwrap())
-                .unwrap();
-        {
-            use rcgen::PublicKeyData;
-            assert_eq!(
-                parsed.public_key.subject_public_key_info(),
-                again.public_key.subject_public_key_info()
-            );
-        }
-        assert_eq!(
-            parsed
-                .params
-                .distinguished_name
-                .get(&rcgen::DnType::CommonName),
-            Some(&rcgen::DnValue::Utf8String("web-1".into()))
-        );
-    }
 
     #[test]
     fn private_files_are_0600() {

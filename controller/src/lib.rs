@@ -1,15 +1,14 @@
-//! fleet's controller side: the daemon `fleet-controller` (store, artifact store, rollout
-//! engine, gRPC API) and the CLI `fleetctl` (`cli`).
+//! `fleet-controller`, the daemon: the store, the artifact store, the rollout engine and the
+//! gRPC API. The CLI is the `fleetctl` crate; it reaches this one only over gRPC.
 //!
-//! **Architecture Invariant:** the controller shares nothing with the agent but `fleet-proto`.
+//! **Architecture Invariant:** the controller shares nothing with the agent but `fleet-proto`
+//! and `fleet-pki`.
 //! The planner knows nothing of gRPC or the store; generated types stop at `api`.
 #![deny(unsafe_code)]
 
 pub mod api;
 pub mod artifacts;
 pub mod auth;
-pub mod bootstrap;
-pub mod cli;
 pub mod config;
 pub mod fleet_state;
 pub mod host_lifecycle;

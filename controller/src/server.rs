@@ -6,12 +6,12 @@
 use crate::api::agent_service::AgentApi;
 use crate::api::fleet_service::FleetApi;
 use crate::artifacts::ArtifactStore;
-use crate::auth::ca::Authority;
 use crate::config::{ControllerConfig, TlsPaths};
 use crate::fleet_state::FleetState;
 use crate::rollout::{self, Rollouts};
 use crate::store::Store;
 use anyhow::Context;
+use fleet_pki::ca::Authority;
 use fleet_proto::pb;
 use std::future::Future;
 use std::sync::Arc;

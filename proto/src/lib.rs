@@ -17,9 +17,9 @@ pub mod pb {
     tonic::include_proto!("fleet.v1");
 }
 
-/// The DNS name in the controller's certificate that every client (fleetctl, agents) verifies,
-/// whatever address it dials. One constant, so the two sides cannot drift apart.
-pub const CONTROLLER_TLS_NAME: &str = "fleet-controller";
+/// The gRPC metadata key fleetctl puts the operator's name in (`USER@HOSTNAME`); the
+/// controller records it beside the certificate's name as who made a change.
+pub const ACTOR_HEADER: &str = "x-fleet-actor";
 
 /// Unix time in milliseconds, the one clock format on the wire and in the store.
 pub fn now_unix_ms() -> i64 {

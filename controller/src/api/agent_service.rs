@@ -5,9 +5,10 @@
 //! speaks only for the host its certificate names (see `crate::auth`).
 
 use super::{convert, store_status};
-use crate::auth::{self, ca::Authority, Role};
+use crate::auth::{self, Role};
 use crate::fleet_state::{FleetState, HostHello};
 use crate::store::{CertificateRecord, TokenUse};
+use fleet_pki::ca::Authority;
 use fleet_proto::pb::{
     self, agent_message::Body as AgentBody, controller_message::Body as ControllerBody,
 };
@@ -212,23 +213,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         if !auth::tokens::well_formed(&request.token) {
             return Err(refused());
         }
-        if request.csr_pem.len() > auth::ca::MAX_CSR_BYTES {
-            return Err(Status::invalid_argument(
-                "the certificate request is too large",
-            ));
-        }
         // The request is checked before the token is spent, so a broken agent wastes no token.
-        let csr =
-            rcgen::CertificateSigningRequestParams::from_pem(&request.csr_pem).map_err(|e| {
-                Status::invalid_argument(format!("the certificate request is invalid: {e}"))
-            })?;
-        let key_sha256 = {
-            use rcgen::PublicKeyData;
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(
-                csr.public_key.subject_public_key_info(),
-            ))
-        };
+        let key_sha256 = fleet_pki::request::request_key_sha256(&request.csr_pem)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let now = fleet_proto::now_unix_ms();
         // Signed first, handed out only when the store admits the join (one transaction).
         let issued = self

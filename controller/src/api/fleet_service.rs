@@ -3,12 +3,13 @@
 
 use super::{actor_of, convert, rollout_status, store_status};
 use crate::artifacts::ArtifactStoreError;
-use crate::auth::{self, ca::Authority, Role};
+use crate::auth::{self, Role};
 use crate::fleet_state::FleetState;
 use crate::host_lifecycle::{self, Progress};
 use crate::model::{Batch, ReleaseRecord, RolloutPolicy};
 use crate::rollout::{self, Rollouts, StartRequest};
 use crate::store::ReleaseInsert;
+use fleet_pki::ca::Authority;
 use fleet_proto::names;
 use fleet_proto::pb::{self, create_release_request::Body as ReleaseBody};
 use std::collections::BTreeMap;

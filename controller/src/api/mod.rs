@@ -10,16 +10,13 @@ use crate::rollout::RolloutError;
 use crate::store::StoreError;
 use tonic::{Request, Status};
 
-/// The metadata key fleetctl puts the operator's name in.
-pub const ACTOR_HEADER: &str = "x-fleet-actor";
-
 /// Who made a request, for the record: the name in the caller's certificate (the identity the
 /// fleet vouches for), followed by the operator fleetctl says ran it (`x-fleet-actor`, checked
 /// to be short printable text), like `ci (deploy-bot@runner-7)`.
 pub fn actor_of<T>(identity: &crate::auth::Identity, request: &Request<T>) -> String {
     let claimed = request
         .metadata()
-        .get(ACTOR_HEADER)
+        .get(fleet_proto::ACTOR_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
     match claimed {

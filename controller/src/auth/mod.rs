@@ -13,23 +13,16 @@
 //! A certificate whose serial is on the revoked list (`Store::revoke_host`,
 //! `Store::revoke_certificate`) is refused on every call.
 //!
-//! - [`ca`]: the fleet CA: making it, and signing the controller's, clients' and agents'
-//!   certificates with rcgen.
-//! - [`identity`]: a verified peer certificate -> [`Identity`].
+//! The fleet CA and the identity in a certificate are `fleet_pki`'s (shared with fleetctl and
+//! the agent). Here:
 //! - [`tokens`]: one-time join tokens (made here, stored only as sha256).
 
-pub mod ca;
-pub mod identity;
 pub mod tokens;
 
-pub use identity::{Identity, Role};
+pub use fleet_pki::{Identity, Role};
 
 use crate::store::Store;
 use tonic::{Request, Status};
-
-/// The DNS name in the controller's certificate that every client verifies, whatever address
-/// it dials.
-pub const CONTROLLER_DNS_NAME: &str = fleet_proto::CONTROLLER_TLS_NAME;
 
 /// The identity of the caller, when it has the role `needed` (admin also covers deployer), its
 /// certificate is not revoked, and it presented one at all. Otherwise `Unauthenticated` (no or

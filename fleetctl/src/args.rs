@@ -1,9 +1,13 @@
-//! fleetctl's command line: the clap definitions of every verb and flag, and the parsers that
-//! check names, versions, durations, selectors, batches and `--env` pairs before anything is
-//! sent, so bad input fails at once with exit code 2 and a message that says what to write.
+//! fleetctl's command line: the clap definitions of every verb and flag, in this one module.
+//! Values are checked by the parsers of [`crate::parse`] as clap reads them.
 
-use crate::cli::output::OutputFormat;
-use clap::{Args, Parser, Subcommand};
+use crate::output::OutputFormat;
+use crate::parse::{
+    parse_app, parse_batch, parse_duration_arg, parse_env_pair, parse_host, parse_selector,
+    parse_version, Selector,
+};
+use crate::ssh::install::DEFAULT_REMOTE_DIR;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -94,15 +98,15 @@ pub enum Command {
         host: String,
     },
     /// Install and start the agent on fresh hosts over SSH, and wait until they registered
-    Bootstrap(crate::cli::bootstrap::BootstrapArgs),
+    Bootstrap(BootstrapArgs),
     /// Bring a new host in (over SSH) with every release OLD runs, then drain and remove OLD
-    Replace(crate::cli::bootstrap::ReplaceArgs),
+    Replace(ReplaceArgs),
     /// One-time tokens a new host joins the fleet with
     #[command(subcommand)]
-    JoinToken(crate::cli::trust::JoinTokenCommand),
+    JoinToken(JoinTokenCommand),
     /// Client credentials (certificates with a role) for operators and CI
     #[command(subcommand)]
-    Credentials(crate::cli::trust::CredentialsCommand),
+    Credentials(CredentialsCommand),
     /// Start a whole local fleet (a controller and N hosts) on this machine, deploy the example
     /// web app to it, and clean everything up again
     Demo(DemoArgs),
@@ -206,97 +210,115 @@ pub struct DemoArgs {
     pub hosts: u32,
 }
 
-/// A label selector: hosts must carry every one of these labels.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Selector(pub Vec<(String, String)>);
-
-/// Checks an app name.
-pub fn parse_app(text: &str) -> Result<String, String> {
-    fleet_proto::names::check_app(text)
-        .map(|()| text.to_string())
-        .map_err(|e| e.to_string())
+/// The flags `bootstrap` and `replace` share.
+#[derive(Debug, Clone, Args)]
+pub struct BootstrapFlags {
+    /// The host's name in the fleet [default: derived from the SSH host, e.g. 10-0-0-5]
+    #[arg(long, value_parser = parse_host)]
+    pub name: Option<String>,
+    /// The host's labels, e.g. env=prod,zone=a
+    #[arg(long, value_name = "k=v,...")]
+    pub labels: Option<String>,
+    /// The IP address app instances bind and advertise [default: the SSH host's address]
+    #[arg(long, value_name = "IP")]
+    pub advertise: Option<String>,
+    /// The private key to log in with [default: ssh-agent when SSH_AUTH_SOCK is set, else
+    /// ~/.ssh/id_ed25519, id_ecdsa, id_rsa]
+    #[arg(long, value_name = "KEY")]
+    pub identity: Option<PathBuf>,
+    /// The known_hosts file host keys are checked against [default: ~/.ssh/known_hosts]
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Trust and record the key of a host the known_hosts file does not know yet (a changed
+    /// key is always refused)
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+    /// Where on the host the agent, its config and its data live
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_REMOTE_DIR)]
+    pub remote_dir: PathBuf,
+    /// The fleet-agent binary to install [default: the one beside fleetctl]
+    #[arg(long, value_name = "PATH")]
+    pub agent_binary: Option<PathBuf>,
+    /// The controller URL the host dials [default: the one fleetctl uses]
+    #[arg(long, value_name = "URL")]
+    pub controller_url: Option<String>,
+    /// Give each host at most this long, from connect until it registered, e.g. 5m [default: 3m]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]
+    pub deadline: Option<Duration>,
 }
 
-/// Checks a host name.
-pub fn parse_host(text: &str) -> Result<String, String> {
-    fleet_proto::names::check_host(text)
-        .map(|()| text.to_string())
-        .map_err(|e| e.to_string())
+/// `fleetctl bootstrap`.
+#[derive(Debug, Clone, Args)]
+pub struct BootstrapArgs {
+    /// The hosts, each ssh://USER@HOST[:PORT]
+    #[arg(value_name = "ssh://USER@HOST[:PORT]")]
+    pub targets: Vec<String>,
+    /// A file of hosts, one a line: ssh://USER@HOST[:PORT] [name=N] [advertise=IP]
+    /// [labels=k=v,...] [remote_dir=DIR]
+    #[arg(long = "targets", value_name = "FILE")]
+    pub targets_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub flags: BootstrapFlags,
 }
 
-/// Checks a release version.
-pub fn parse_version(text: &str) -> Result<String, String> {
-    fleet_proto::names::check_version(text)
-        .map(|()| text.to_string())
-        .map_err(|e| e.to_string())
+/// `fleetctl replace`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplaceArgs {
+    /// The host to replace
+    #[arg(value_parser = parse_host)]
+    pub old: String,
+    /// The new host: ssh://USER@HOST[:PORT]
+    #[arg(long = "with", value_name = "ssh://USER@HOST[:PORT]")]
+    pub with: String,
+    #[command(flatten)]
+    pub flags: BootstrapFlags,
 }
 
-/// Parses a duration like `90s` or `5m`.
-pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
-    fleet_proto::duration::parse_duration(text)
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCommand {
+    /// Create a one-time token a new host joins with (`fleet-agent --join-token TOKEN`)
+    Create(JoinTokenCreateArgs),
 }
 
-/// Parses `k=v,k2=v2`; an empty selector is refused (leave the flag out to select every host).
-pub fn parse_selector(text: &str) -> Result<Selector, String> {
-    let labels = fleet_proto::names::parse_labels(text).map_err(|e| e.to_string())?;
-    if labels.is_empty() {
-        return Err(
-            "selector is empty: write it like env=prod,zone=a, or leave --selector out to select every host"
-                .to_string(),
-        );
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for (key, _) in &labels {
-        if !seen.insert(key.as_str()) {
-            return Err(format!(
-                "selector names label {key:?} twice: a host has one value per label"
-            ));
+#[derive(Debug, Args)]
+pub struct JoinTokenCreateArgs {
+    /// How long the token may be used, e.g. 30m, 1h (at most 7 days)
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration_arg)]
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialsCommand {
+    /// Create a client credential (key, certificate, CA, client.toml) usable with --config-dir
+    Create(CredentialsCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CredentialsCreateArgs {
+    /// Who holds it, e.g. ci or alice (lowercase letters, digits and '-')
+    #[arg(value_parser = parse_app)]
+    pub name: String,
+    /// admin may do everything; deployer may release, roll out, roll back and read (what CI holds)
+    #[arg(long, value_enum)]
+    pub role: CredentialRole,
+    /// The directory to write client.key, client.pem, ca.pem and client.toml into
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CredentialRole {
+    Admin,
+    Deployer,
+}
+
+impl CredentialRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialRole::Admin => "admin",
+            CredentialRole::Deployer => "deployer",
         }
     }
-    Ok(Selector(labels))
-}
-
-/// Parses a batch size: `N` hosts (N > 0) or `P%` of the selected hosts (1 to 100), and returns
-/// it in the form the controller reads.
-pub fn parse_batch(text: &str) -> Result<String, String> {
-    let bad = || {
-        format!(
-            "batch {text:?} is invalid: write a host count like 2 or a share like 25% (1% to 100%)"
-        )
-    };
-    let text = text.trim();
-    if let Some(percent) = text.strip_suffix('%') {
-        let percent: u32 = all_digits(percent).ok_or_else(bad)?;
-        if (1..=100).contains(&percent) {
-            return Ok(format!("{percent}%"));
-        }
-        return Err(bad());
-    }
-    let count: u32 = all_digits(text).ok_or_else(bad)?;
-    if count == 0 {
-        return Err(bad());
-    }
-    Ok(count.to_string())
-}
-
-fn all_digits(text: &str) -> Option<u32> {
-    if text.is_empty() || text.len() > 9 || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    text.parse().ok()
-}
-
-/// Parses one `--env KEY=VALUE`; the value may hold anything, `=` included.
-pub fn parse_env_pair(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text.split_once('=').ok_or_else(|| {
-        format!("--env {text:?} is invalid: write it as KEY=VALUE, e.g. --env LOG_LEVEL=debug")
-    })?;
-    if !fleet_proto::names::check_env_key(key) {
-        return Err(format!(
-            "environment variable name {key:?} is invalid: use letters, digits and '_', not starting with a digit"
-        ));
-    }
-    Ok((key.to_string(), value.to_string()))
 }
 
 #[cfg(test)]
@@ -307,60 +329,6 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn batches() {
-        for (text, expect) in [
-            ("1", Some("1")),
-            ("25", Some("25")),
-            ("25%", Some("25%")),
-            ("1%", Some("1%")),
-            ("100%", Some("100%")),
-            ("007", Some("7")),
-            ("0", None),
-            ("0%", None),
-            ("101%", None),
-            ("-1", None),
-            ("%", None),
-            ("", None),
-            ("2.5", None),
-            ("50 %", None),
-            ("9999999999", None),
-        ] {
-            assert_eq!(parse_batch(text).ok().as_deref(), expect, "{text:?}");
-        }
-    }
-
-    #[test]
-    fn selectors() {
-        assert_eq!(
-            parse_selector("env=prod,zone=a").unwrap(),
-            Selector(vec![
-                ("env".into(), "prod".into()),
-                ("zone".into(), "a".into())
-            ])
-        );
-        assert!(parse_selector("").is_err());
-        assert!(parse_selector("env").is_err());
-        assert!(parse_selector("env=prod,env=staging").is_err());
-        assert!(parse_selector("Env=prod").is_err());
-    }
-
-    #[test]
-    fn env_pairs() {
-        assert_eq!(
-            parse_env_pair("DATABASE_URL=postgres://x?a=b").unwrap(),
-            ("DATABASE_URL".into(), "postgres://x?a=b".into())
-        );
-        assert_eq!(
-            parse_env_pair("EMPTY=").unwrap(),
-            ("EMPTY".into(), "".into())
-        );
-        assert!(parse_env_pair("NOVALUE").is_err());
-        assert!(parse_env_pair("1BAD=x").is_err());
-        assert!(parse_env_pair("BAD-KEY=x").is_err());
-        assert!(parse_env_pair("=x").is_err());
     }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {

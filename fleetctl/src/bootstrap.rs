@@ -1,6 +1,6 @@
 //! `fleetctl bootstrap` and `fleetctl replace`: the controller's side of SSH bootstrap. For each
 //! host it asks the controller for a fresh join token, hands the SSH work to
-//! [`crate::bootstrap`], then waits until the host registered (ListHosts shows it connected),
+//! [`crate::ssh`], then waits until the host registered (ListHosts shows it connected),
 //! watching the agent on the host so that one that died is reported at once with its log.
 //! Hosts are done in parallel, one tokio task each, and each gets one result line.
 //!
@@ -8,18 +8,18 @@
 //! (ConvergeLike, which returns once each passed its smoke checks), and only then drains and
 //! removes OLD: the fleet never has fewer healthy instances than before.
 
-use crate::bootstrap::install::{AgentBinary, InstallOutcome, ServiceMode, DEFAULT_REMOTE_DIR};
-use crate::bootstrap::ssh::{Credential, HostKeyPolicy};
-use crate::bootstrap::targets::{self, TargetSpec};
-use crate::bootstrap::{self as ssh_bootstrap, HostJob, SharedSettings};
-use crate::cli::args::{parse_duration_arg, parse_host};
-use crate::cli::client::{usage, CliError, CA_FILE, EXIT_FAILED, EXIT_OK};
-use crate::cli::commands::Context;
-use crate::cli::output;
-use clap::Args;
+use crate::args::{BootstrapArgs, BootstrapFlags, ReplaceArgs};
+use crate::client::{usage, CliError, CA_FILE, EXIT_FAILED, EXIT_OK};
+use crate::commands::Context;
+use crate::output;
+use crate::ssh::connection::{Credential, HostKeyPolicy};
+use crate::ssh::install::{AgentBinary, InstallOutcome, ServiceMode};
+use crate::ssh::targets::{self, TargetSpec};
+use crate::ssh::{self as ssh_bootstrap, HostJob, SharedSettings};
+
 use fleet_proto::pb;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
@@ -37,70 +37,6 @@ const REGISTER_POLL_WITH_EVENTS: Duration = Duration::from_secs(1);
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// At most this many hosts are worked on at once.
 const MAX_PARALLEL_HOSTS: usize = 32;
-
-/// The flags `bootstrap` and `replace` share.
-#[derive(Debug, Clone, Args)]
-pub struct BootstrapFlags {
-    /// The host's name in the fleet [default: derived from the SSH host, e.g. 10-0-0-5]
-    #[arg(long, value_parser = parse_host)]
-    pub name: Option<String>,
-    /// The host's labels, e.g. env=prod,zone=a
-    #[arg(long, value_name = "k=v,...")]
-    pub labels: Option<String>,
-    /// The IP address app instances bind and advertise [default: the SSH host's address]
-    #[arg(long, value_name = "IP")]
-    pub advertise: Option<String>,
-    /// The private key to log in with [default: ssh-agent when SSH_AUTH_SOCK is set, else
-    /// ~/.ssh/id_ed25519, id_ecdsa, id_rsa]
-    #[arg(long, value_name = "KEY")]
-    pub identity: Option<PathBuf>,
-    /// The known_hosts file host keys are checked against [default: ~/.ssh/known_hosts]
-    #[arg(long, value_name = "FILE")]
-    pub known_hosts: Option<PathBuf>,
-    /// Trust and record the key of a host the known_hosts file does not know yet (a changed
-    /// key is always refused)
-    #[arg(long)]
-    pub accept_new_host_key: bool,
-    /// Where on the host the agent, its config and its data live
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_REMOTE_DIR)]
-    pub remote_dir: PathBuf,
-    /// The fleet-agent binary to install [default: the one beside fleetctl]
-    #[arg(long, value_name = "PATH")]
-    pub agent_binary: Option<PathBuf>,
-    /// The controller URL the host dials [default: the one fleetctl uses]
-    #[arg(long, value_name = "URL")]
-    pub controller_url: Option<String>,
-    /// Give each host at most this long, from connect until it registered, e.g. 5m [default: 3m]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]
-    pub deadline: Option<Duration>,
-}
-
-/// `fleetctl bootstrap`.
-#[derive(Debug, Clone, Args)]
-pub struct BootstrapArgs {
-    /// The hosts, each ssh://USER@HOST[:PORT]
-    #[arg(value_name = "ssh://USER@HOST[:PORT]")]
-    pub targets: Vec<String>,
-    /// A file of hosts, one a line: ssh://USER@HOST[:PORT] [name=N] [advertise=IP]
-    /// [labels=k=v,...] [remote_dir=DIR]
-    #[arg(long = "targets", value_name = "FILE")]
-    pub targets_file: Option<PathBuf>,
-    #[command(flatten)]
-    pub flags: BootstrapFlags,
-}
-
-/// `fleetctl replace`.
-#[derive(Debug, Clone, Args)]
-pub struct ReplaceArgs {
-    /// The host to replace
-    #[arg(value_parser = parse_host)]
-    pub old: String,
-    /// The new host: ssh://USER@HOST[:PORT]
-    #[arg(long = "with", value_name = "ssh://USER@HOST[:PORT]")]
-    pub with: String,
-    #[command(flatten)]
-    pub flags: BootstrapFlags,
-}
 
 /// One host's result.
 #[derive(Debug, serde::Serialize)]
@@ -196,8 +132,7 @@ async fn prepare(
             .remote_dir
             .clone()
             .unwrap_or_else(|| flags.remote_dir.clone());
-        crate::bootstrap::install::check_remote_dir(&remote_dir)
-            .map_err(|e| usage(e.to_string()))?;
+        crate::ssh::install::check_remote_dir(&remote_dir).map_err(|e| usage(e.to_string()))?;
         let place = (
             spec.address.host.clone(),
             spec.address.port,
@@ -235,7 +170,7 @@ async fn prepare(
     let credential = match &flags.identity {
         Some(path) => {
             // Fail before any host is touched when the key cannot be used.
-            crate::bootstrap::ssh::load_identity(path).map_err(|e| usage(e.to_string()))?;
+            crate::ssh::connection::load_identity(path).map_err(|e| usage(e.to_string()))?;
             Credential::KeyFile(path.clone())
         }
         None if std::env::var_os("SSH_AUTH_SOCK").is_some_and(|s| !s.is_empty()) => {
@@ -279,7 +214,7 @@ async fn prepare(
             controller_url,
             ca_pem,
         },
-        binary_entry: Arc::new(crate::bootstrap::install::binary_tar_entry(&agent_binary)),
+        binary_entry: Arc::new(crate::ssh::install::binary_tar_entry(&agent_binary)),
         agent_binary: Arc::new(agent_binary),
         deadline: flags.deadline.unwrap_or(DEFAULT_BOOTSTRAP_DEADLINE),
     })
@@ -483,7 +418,7 @@ async fn wait_registered(
 }
 
 async fn check_health(done: &ssh_bootstrap::Bootstrapped) -> Result<(), String> {
-    match crate::bootstrap::install::agent_health(
+    match crate::ssh::install::agent_health(
         &done.session,
         &done.outcome.remote_dir,
         &done.outcome.mode,
@@ -843,7 +778,7 @@ mod tests {
 
     #[test]
     fn bootstrap_and_replace_parse() {
-        use crate::cli::args::{Cli, Command};
+        use crate::args::{Cli, Command};
         use clap::Parser;
         let cli = Cli::try_parse_from([
             "fleetctl",
@@ -862,7 +797,10 @@ mod tests {
         };
         assert_eq!(args.targets.len(), 2);
         assert!(args.flags.accept_new_host_key);
-        assert_eq!(args.flags.remote_dir, PathBuf::from("/opt/fleet"));
+        assert_eq!(
+            args.flags.remote_dir,
+            std::path::PathBuf::from("/opt/fleet")
+        );
         assert_eq!(args.flags.deadline, Some(Duration::from_secs(120)));
 
         let cli = Cli::try_parse_from([

@@ -14,6 +14,8 @@ pub mod demo;
 pub mod host_commands;
 pub mod init;
 pub mod output;
+pub mod parse;
+pub mod ssh;
 pub mod trust;
 
 use args::{Cli, Command, ReleaseCommand, RolloutAction};
@@ -131,10 +133,10 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         Command::Replace(replace_args) => {
             return bootstrap::replace(&ctx, &config_dir, &replace_args).await;
         }
-        Command::JoinToken(trust::JoinTokenCommand::Create(create)) => {
+        Command::JoinToken(args::JoinTokenCommand::Create(create)) => {
             trust::join_token_create(&ctx, create.ttl).await?;
         }
-        Command::Credentials(trust::CredentialsCommand::Create(create)) => {
+        Command::Credentials(args::CredentialsCommand::Create(create)) => {
             trust::credentials_create(&ctx, &create).await?;
         }
         Command::Rollback(rollback_args) => {

@@ -1,11 +1,11 @@
 //! The fleet's certificate authority, made by `fleetctl init` and used by the controller: it
 //! signs the controller's own certificate, operator and CI credentials (`IssueCredential`) and
 //! agents' certificates (`Join`). Keys are ECDSA P-256 (rcgen with ring). Subjects follow
-//! [`crate::auth::identity`]: CN = name, OU = role. Serials are 16 random bytes, so the
+//! [`crate::identity`]: CN = name, OU = role. Serials are 16 random bytes, so the
 //! revoked list can name a certificate exactly.
 
-use super::identity::Role;
-use super::CONTROLLER_DNS_NAME;
+use crate::identity::Role;
+use crate::CONTROLLER_TLS_NAME;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -38,7 +38,7 @@ pub enum CaError {
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: Option<String>,
-    /// Lowercase hex, as [`crate::auth::Identity::serial`].
+    /// Lowercase hex, as [`crate::Identity::serial`].
     pub serial: String,
     pub not_after_unix_ms: i64,
 }
@@ -76,7 +76,7 @@ fn random_serial() -> Result<(SerialNumber, String), CaError> {
 
 /// `not_before` a minute ago (clock skew), `not_after` after `validity`.
 fn validity_window(params: &mut CertificateParams, validity: Duration) -> i64 {
-    let now = fleet_proto::now_unix_ms() / 1000;
+    let now = crate::now_unix_secs();
     let not_after = now + validity.as_secs() as i64;
     params.not_before =
         time::OffsetDateTime::from_unix_timestamp(now - 60).unwrap_or(params.not_before);
@@ -102,17 +102,6 @@ pub fn generate_ca() -> Result<(String, String), CaError> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// A new key and a certificate request for `name` (PEM), as agents and `fleetctl credentials
-/// create` make them: the private key never leaves the side that made it.
-pub fn make_csr(name: &str) -> Result<(String, String), CaError> {
-    let key = KeyPair::generate().map_err(CaError::Generate)?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = distinguished_name(name, None);
-    let csr = params.serialize_request(&key).map_err(CaError::Generate)?;
-    let csr_pem = csr.pem().map_err(CaError::Generate)?;
-    Ok((csr_pem, key.serialize_pem()))
-}
-
 impl Authority {
     /// Loads the CA from its certificate and key (PEM).
     pub fn load(ca_pem: &str, ca_key_pem: &str) -> Result<Authority, CaError> {
@@ -136,14 +125,14 @@ impl Authority {
     pub fn issue_controller(&self, ip: Option<IpAddr>) -> Result<Issued, CaError> {
         let key = KeyPair::generate().map_err(CaError::Generate)?;
         let mut params = CertificateParams::new(vec![
-            CONTROLLER_DNS_NAME.to_string(),
+            CONTROLLER_TLS_NAME.to_string(),
             "localhost".to_string(),
         ])
         .map_err(CaError::Generate)?;
         if let Some(ip) = ip.filter(|ip| !ip.is_unspecified()) {
             params.subject_alt_names.push(SanType::IpAddress(ip));
         }
-        params.distinguished_name = distinguished_name(CONTROLLER_DNS_NAME, None);
+        params.distinguished_name = distinguished_name(CONTROLLER_TLS_NAME, None);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let (serial_number, serial) = random_serial()?;
@@ -209,7 +198,8 @@ impl Authority {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Identity;
+    use crate::request::new_key_and_request;
+    use crate::Identity;
 
     fn der_of(pem: &str) -> Vec<u8> {
         let body: String = pem
@@ -242,7 +232,7 @@ mod tests {
     fn signs_requests_with_the_identity_it_chooses() {
         let (ca_pem, ca_key) = generate_ca().unwrap();
         let authority = Authority::load(&ca_pem, &ca_key).unwrap();
-        let (csr, _key) = make_csr("someone-else").unwrap();
+        let (csr, _key) = new_key_and_request("someone-else").unwrap();
         let issued = authority.sign_request(&csr, "web-1", Role::Agent).unwrap();
         let identity = Identity::from_der(&der_of(&issued.cert_pem)).unwrap();
         assert_eq!(identity.name, "web-1");

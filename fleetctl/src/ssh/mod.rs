@@ -1,10 +1,10 @@
 //! SSH bootstrap of hosts, the SSH half of `fleetctl bootstrap` and `fleetctl replace`:
 //! `targets` (what to work on: `ssh://` addresses and the targets file), `known_hosts` (which
-//! host keys are trusted; fail closed), `ssh` (one russh connection: host-key check, key-file or
+//! host keys are trusted; fail closed), `connection` (one russh connection: host-key check, key-file or
 //! ssh-agent login, commands with stdin), `pacing` (uploads that do not flood the server),
 //! `install` (what is uploaded and run on the host).
 //!
-//! [`bootstrap_host`] does one host up to a started agent; the CLI (`cli::bootstrap`) adds what
+//! [`bootstrap_host`] does one host up to a started agent; the CLI (the `bootstrap` verb) adds what
 //! needs the controller (a join token before, waiting for the host to register after), so this
 //! module knows nothing of gRPC.
 //!
@@ -15,14 +15,14 @@
 // known_hosts path and line) and happen once per host at most: their size costs nothing.
 #![allow(clippy::result_large_err)]
 
+pub mod connection;
 pub mod install;
 pub mod known_hosts;
 pub mod pacing;
-pub mod ssh;
 pub mod targets;
 
+use connection::{Credential, HostKeyPolicy, SshError, SshSession};
 use install::{AgentBinary, InstallError, InstallOutcome, InstallPlan};
-use ssh::{Credential, HostKeyPolicy, SshError, SshSession};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;

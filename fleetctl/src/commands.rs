@@ -2,8 +2,8 @@
 //! FleetService, and prints the answer as text or JSON. `fleetctl demo` calls these same
 //! functions, so the demo shows exactly what the verbs do.
 
-use crate::cli::client::{usage, CliError, Connection, EXIT_FAILED, EXIT_OK};
-use crate::cli::output::{self, OutputFormat, Table};
+use crate::client::{usage, CliError, Connection, EXIT_FAILED, EXIT_OK};
+use crate::output::{self, OutputFormat, Table};
 use fleet_proto::pb;
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,7 +22,7 @@ pub struct Context {
 }
 
 impl Context {
-    pub(crate) fn client(&self) -> crate::cli::client::FleetClient {
+    pub(crate) fn client(&self) -> crate::client::FleetClient {
         self.connection.client.clone()
     }
 
@@ -598,7 +598,7 @@ pub struct RolloutOptions {
     pub version: String,
     pub selector: Vec<(String, String)>,
     pub canary: u32,
-    /// `N` or `P%`, as `args::parse_batch` returns it.
+    /// `N` or `P%`, as `parse::parse_batch` returns it.
     pub batch: String,
     pub pause_after_canary: Duration,
     pub smoke_timeout: Duration,

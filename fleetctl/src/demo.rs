@@ -7,17 +7,17 @@
 //! directory removed, also on error and on Ctrl-C. Every step calls the same functions as the
 //! fleetctl verbs.
 
-use crate::cli::client::{self, CliError, EXIT_OK};
-use crate::cli::commands::{self, Context, RolloutOptions};
-use crate::cli::init;
-use crate::cli::output::OutputFormat;
+use crate::client::{self, CliError, EXIT_OK};
+use crate::commands::{self, Context, RolloutOptions};
+use crate::init;
+use crate::output::OutputFormat;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How the example app is run and checked; it travels inside the demo's artifacts.
-const WEB_MANIFEST: &str = include_str!("../../../ansible-free-examples/web/fleet.toml");
+const WEB_MANIFEST: &str = fleet_example_web::MANIFEST;
 /// The port the example app listens on, on each host's own loopback address.
 const WEB_PORT: u16 = 8080;
 /// How long the controller may take to write its address file.
@@ -313,7 +313,7 @@ async fn run_steps(
         let name = format!("demo-{host_idx}");
         let advertise = format!("127.0.0.{}", host_idx + 1);
         let data_dir = dir.join("hosts").join(&name);
-        let token = crate::cli::trust::create_join_token(&ctx, Duration::from_secs(600))
+        let token = crate::trust::create_join_token(&ctx, Duration::from_secs(600))
             .await?
             .token;
         fleet.spawn(

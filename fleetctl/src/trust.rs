@@ -3,60 +3,13 @@
 //! client credential for an operator or a CI job: the key is made here and never leaves this
 //! machine; the controller signs a certificate request). Both need the admin role.
 
-use crate::cli::client::{usage, CliError, CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE};
-use crate::cli::commands::Context;
-use crate::cli::{args, init, output};
-use clap::{Args, Subcommand, ValueEnum};
+use crate::args::CredentialsCreateArgs;
+use crate::client::{usage, CliError, CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE};
+use crate::commands::Context;
+use crate::{init, output};
 use fleet_proto::pb;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-#[derive(Debug, Subcommand)]
-pub enum JoinTokenCommand {
-    /// Create a one-time token a new host joins with (`fleet-agent --join-token TOKEN`)
-    Create(JoinTokenCreateArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct JoinTokenCreateArgs {
-    /// How long the token may be used, e.g. 30m, 1h (at most 7 days)
-    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = args::parse_duration_arg)]
-    pub ttl: Duration,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CredentialsCommand {
-    /// Create a client credential (key, certificate, CA, client.toml) usable with --config-dir
-    Create(CredentialsCreateArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct CredentialsCreateArgs {
-    /// Who holds it, e.g. ci or alice (lowercase letters, digits and '-')
-    #[arg(value_parser = args::parse_app)]
-    pub name: String,
-    /// admin may do everything; deployer may release, roll out, roll back and read (what CI holds)
-    #[arg(long, value_enum)]
-    pub role: CredentialRole,
-    /// The directory to write client.key, client.pem, ca.pem and client.toml into
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CredentialRole {
-    Admin,
-    Deployer,
-}
-
-impl CredentialRole {
-    fn as_str(self) -> &'static str {
-        match self {
-            CredentialRole::Admin => "admin",
-            CredentialRole::Deployer => "deployer",
-        }
-    }
-}
 
 /// `fleetctl join-token create`: prints the token (text: the token alone on stdout).
 pub async fn join_token_create(
@@ -116,7 +69,7 @@ pub async fn credentials_create(
             key_path.display()
         )));
     }
-    let (csr_pem, key_pem) = crate::auth::ca::make_csr(&create.name)
+    let (csr_pem, key_pem) = fleet_pki::request::new_key_and_request(&create.name)
         .map_err(|e| CliError::Failed(format!("cannot make a key: {e}")))?;
     let mut client = ctx.connection.client.clone();
     let response = client

@@ -5,7 +5,7 @@
 
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// What a certificate allows; see the table in [`crate::auth`].
+/// What a certificate allows; the controller's `auth` module has the table of calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -89,6 +89,15 @@ impl Identity {
             serial: hex::encode(cert.raw_serial()),
         })
     }
+}
+
+/// The common name (CN) of a certificate (PEM), whoever issued it: what an agent checks its
+/// kept certificate against before it uses it.
+pub fn common_name_of_pem(cert_pem: &str) -> Option<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(name.to_string())
 }
 
 #[cfg(test)]

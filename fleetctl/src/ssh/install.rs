@@ -14,7 +14,7 @@
 //! restart, or the pid from the pid file), the binary and config replaced, the data dir and the
 //! agent's credentials kept.
 
-use crate::bootstrap::ssh::{SshError, SshSession};
+use crate::ssh::connection::{SshError, SshSession};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

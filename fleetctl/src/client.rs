@@ -20,9 +20,6 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code: the controller could not be reached or refused the credentials.
 pub const EXIT_UNREACHABLE: u8 = 3;
 
-/// The gRPC metadata key that names who asked for a change.
-pub const ACTOR_METADATA_KEY: &str = "x-fleet-actor";
-
 /// How long fleetctl waits for the controller to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -176,7 +173,7 @@ pub fn tls_config(config_dir: &Path) -> Result<ClientTlsConfig, CliError> {
     })?;
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(crate::auth::CONTROLLER_DNS_NAME);
+        .domain_name(fleet_pki::CONTROLLER_TLS_NAME);
     let cert_path = config_dir.join(CLIENT_CERT_FILE);
     let key_path = config_dir.join(CLIENT_KEY_FILE);
     match (
@@ -221,7 +218,7 @@ impl tonic::service::Interceptor for ActorInterceptor {
     ) -> Result<tonic::Request<()>, tonic::Status> {
         request
             .metadata_mut()
-            .insert(ACTOR_METADATA_KEY, self.actor.clone());
+            .insert(fleet_proto::ACTOR_HEADER, self.actor.clone());
         Ok(request)
     }
 }

@@ -2,9 +2,9 @@
 //! host until its last instance stopped, so "drained" on the screen means the processes are
 //! gone.
 
-use crate::cli::client::{CliError, EXIT_FAILED, EXIT_OK};
-use crate::cli::commands::Context;
-use crate::cli::output;
+use crate::client::{CliError, EXIT_FAILED, EXIT_OK};
+use crate::commands::Context;
+use crate::output;
 use fleet_proto::pb;
 use std::time::Duration;
 use tokio_stream::StreamExt;

@@ -1,11 +1,11 @@
 //! `fleetctl`, the CLI: parses the command line, starts the async runtime and hands over to
-//! `fleet_controller::cli::run`, which returns the exit code of the CLI contract.
+//! `fleetctl::run`, which returns the exit code of the CLI contract.
 #![forbid(unsafe_code)]
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = fleet_controller::cli::args::Cli::parse();
+    let cli = fleetctl::args::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -14,10 +14,10 @@ fn main() -> std::process::ExitCode {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::from(fleet_controller::cli::client::EXIT_FAILED);
+            return std::process::ExitCode::from(fleetctl::client::EXIT_FAILED);
         }
     };
-    let exit_code = runtime.block_on(fleet_controller::cli::run(cli));
+    let exit_code = runtime.block_on(fleetctl::run(cli));
     // Do not wait for a `events --follow` or progress stream still open in the background.
     runtime.shutdown_background();
     std::process::ExitCode::from(exit_code)

@@ -5,9 +5,9 @@
 //! The server's key is checked inside the handshake, before any credential is sent: a refused
 //! key ends the connection with the refusal as its error.
 
-use crate::bootstrap::known_hosts::{self, HostKeyError, Verdict};
-use crate::bootstrap::pacing::{self, Pacer, WindowNews};
-use crate::bootstrap::targets::SshAddress;
+use crate::ssh::known_hosts::{self, HostKeyError, Verdict};
+use crate::ssh::pacing::{self, Pacer, WindowNews};
+use crate::ssh::targets::SshAddress;
 use russh::client::{AuthResult, Handle};
 use russh::keys::agent::client::AgentClient;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};

@@ -1,0 +1,25 @@
+//! The fleet's public-key infrastructure, the one copy that the controller, `fleetctl` and
+//! the agent share: the fleet CA and what it signs ([`ca`]), keys and certificate requests
+//! ([`request`]), and the identity a certificate carries ([`identity`]: CN = name, OU = role,
+//! the serial that revocation lists).
+//!
+//! It does no I/O and knows nothing of gRPC: PEM text in, PEM text or an [`Identity`] out.
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod identity;
+pub mod request;
+
+pub use identity::{Identity, Role};
+
+/// The DNS name in the controller's certificate that every client (fleetctl, agents) verifies,
+/// whatever address it dials. One constant, so the sides cannot drift apart.
+pub const CONTROLLER_TLS_NAME: &str = "fleet-controller";
+
+/// Unix time in seconds.
+fn now_unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
