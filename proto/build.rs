@@ -7,6 +7,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Every message serialises to JSON, which is what `fleetctl --output json` prints.
     tonic_prost_build::configure()
         .type_attribute(".", "#[derive(serde::Serialize)]")
+        // In JSON an instance's state is its name ("running"), once: not a number beside the
+        // legacy text field.
+        .field_attribute(
+            ".fleet.v1.InstanceReport.state",
+            "#[serde(serialize_with = \"crate::instance_state::serialize_wire\")]",
+        )
+        .field_attribute(".fleet.v1.InstanceReport.legacy_state", "#[serde(skip)]")
         // Artifact bytes as `bytes::Bytes`: decoding slices the received buffer instead of
         // copying every chunk once more.
         .bytes(".fleet.v1.ArtifactChunk.data")

@@ -129,36 +129,9 @@ impl Assignment {
     }
 }
 
-/// The instance lifecycle states, as reported in `InstanceReport.state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum InstanceState {
-    Fetching,
-    Unpacking,
-    Starting,
-    Checking,
-    Running,
-    Stopping,
-    Stopped,
-    Failed,
-    Crashed,
-}
-
-impl InstanceState {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InstanceState::Fetching => "fetching",
-            InstanceState::Unpacking => "unpacking",
-            InstanceState::Starting => "starting",
-            InstanceState::Checking => "checking",
-            InstanceState::Running => "running",
-            InstanceState::Stopping => "stopping",
-            InstanceState::Stopped => "stopped",
-            InstanceState::Failed => "failed",
-            InstanceState::Crashed => "crashed",
-        }
-    }
-}
+/// The instance lifecycle states: the one enum of `fleet-proto` that the controller and
+/// fleetctl match on too.
+pub use fleet_proto::instance_state::InstanceState;
 
 /// One instance transition, converted into `pb::InstanceReport` by the session.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -84,15 +84,17 @@ pub fn lazy_channel(
 
 /// Converts an instance report to its wire form.
 pub fn report_to_pb(report: &Report) -> pb::InstanceReport {
-    pb::InstanceReport {
+    let mut wire = pb::InstanceReport {
         app: report.app.clone(),
         version: report.version.clone(),
-        state: report.state.as_str().to_string(),
         message: report.message.clone(),
         since_unix_ms: report.since_unix_ms,
         restarts: report.restarts,
         rollout_id: report.rollout_id.clone(),
-    }
+        ..Default::default()
+    };
+    report.state.write_to(&mut wire);
+    wire
 }
 
 /// Converts and checks an assignment from the wire; the error says what is wrong with it.

@@ -302,8 +302,8 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
     }
 
     // The fetch is cut once, resumed from the partial length, verified, and the app runs.
-    let seen = wait_report(&mut from_agent, "web running", |r| r.state == "running").await;
-    let states: Vec<&str> = seen.iter().map(|r| r.state.as_str()).collect();
+    let seen = wait_report(&mut from_agent, "web running", |r| state_of(r) == "running").await;
+    let states: Vec<&str> = seen.iter().map(|r| state_of(r)).collect();
     assert_eq!(
         states,
         ["fetching", "unpacking", "starting", "checking", "running"]
@@ -336,10 +336,10 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
     )
     .unwrap();
     let seen = wait_report(&mut from_agent, "a restart after the crash", |r| {
-        r.state == "running"
+        state_of(r) == "running"
     })
     .await;
-    let states: Vec<&str> = seen.iter().map(|r| r.state.as_str()).collect();
+    let states: Vec<&str> = seen.iter().map(|r| state_of(r)).collect();
     assert_eq!(states, ["crashed", "starting", "checking", "running"]);
     assert!(seen[0].message.contains("SIGKILL"), "{}", seen[0].message);
     assert_eq!(seen.last().unwrap().restarts, 1);
@@ -358,7 +358,7 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
         }],
         ..Default::default()
     });
-    let seen = wait_report(&mut from_agent, "the refusal", |r| r.state == "failed").await;
+    let seen = wait_report(&mut from_agent, "the refusal", |r| state_of(r) == "failed").await;
     let refusal = seen.last().unwrap();
     assert!(
         refusal.message.contains("the assignment is invalid"),
@@ -370,7 +370,7 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
         ..Default::default()
     });
     let seen = wait_report(&mut from_agent, "web running under r10", |r| {
-        r.state == "running" && r.rollout_id == "r10"
+        state_of(r) == "running" && r.rollout_id == "r10"
     })
     .await;
     assert!(
@@ -383,7 +383,7 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
 
     // Unassigned: stopped and forgotten.
     desired_tx.send_replace(pb::DesiredState::default());
-    wait_report(&mut from_agent, "web stopped", |r| r.state == "stopped").await;
+    wait_report(&mut from_agent, "web stopped", |r| state_of(r) == "stopped").await;
     eventually("no instance in state.json", || {
         saved_instance(&data_dir).is_none().then_some(())
     })
@@ -395,7 +395,7 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
         ..Default::default()
     });
     let seen = wait_report(&mut from_agent, "web running again", |r| {
-        r.state == "running"
+        state_of(r) == "running"
     })
     .await;
     assert_eq!(seen[0].message, "artifact is in the local cache");
@@ -457,4 +457,17 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
     .await;
     assert!(status.success(), "{status}");
     assert!(!fleet_agent::instance::has_token(pid2, &token2));
+}
+
+/// The state a report names, read from the enum, which must agree with the text field kept
+/// for controllers one version older.
+fn state_of(report: &pb::InstanceReport) -> &'static str {
+    let state = fleet_proto::instance_state::InstanceState::from_wire(report.state())
+        .expect("the agent sends the state enum");
+    assert_eq!(
+        report.legacy_state,
+        state.as_str(),
+        "the two state fields disagree"
+    );
+    state.as_str()
 }

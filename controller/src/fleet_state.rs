@@ -13,6 +13,7 @@
 use crate::artifacts::ArtifactStore;
 use crate::model::{DrainRecord, EventRecord, HostRecord, HostState};
 use crate::store::{Store, StoreError};
+use fleet_proto::instance_state::InstanceState;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use tokio::sync::{broadcast, watch};
@@ -22,7 +23,7 @@ use tokio::sync::{broadcast, watch};
 pub struct InstanceStatus {
     pub app: String,
     pub version: String,
-    pub state: String,
+    pub state: InstanceState,
     pub message: String,
     pub since_unix_ms: i64,
     pub restarts: u32,
@@ -253,7 +254,7 @@ impl FleetState {
 
     /// Records an instance transition reported by a host's current session.
     pub async fn host_reported(&self, host: &str, session: u64, status: InstanceStatus) {
-        let notable = matches!(status.state.as_str(), "crashed" | "failed");
+        let notable = matches!(status.state, InstanceState::Crashed | InstanceState::Failed);
         {
             let mut live = self.live();
             let Some(live_host) = live.hosts.get_mut(host).filter(|h| h.session == session) else {
@@ -276,7 +277,7 @@ impl FleetState {
                 ),
             );
         }
-        if status.state == "stopped" {
+        if status.state == InstanceState::Stopped {
             if let Err(e) = self.note_if_drained(host).await {
                 tracing::error!("cannot record that host {host} drained: {e}");
             }
@@ -286,10 +287,11 @@ impl FleetState {
 
     /// Whether every instance the connected host reported has stopped.
     fn runs_nothing(&self, host: &str) -> bool {
-        self.live()
-            .hosts
-            .get(host)
-            .is_some_and(|h| h.instances.values().all(|i| i.state == "stopped"))
+        self.live().hosts.get(host).is_some_and(|h| {
+            h.instances
+                .values()
+                .all(|i| i.state == InstanceState::Stopped)
+        })
     }
 
     /// Marks a draining host drained once its last instance is gone.

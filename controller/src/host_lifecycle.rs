@@ -6,6 +6,7 @@
 use crate::fleet_state::FleetState;
 use crate::model::{Desired, HostState};
 use crate::store::StoreError;
+use fleet_proto::instance_state::InstanceState;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -142,8 +143,8 @@ pub fn converge_progress(fleet: &FleetState, convergence: &Convergence) -> Progr
             .instance(&convergence.host, app)
             .filter(|i| &i.version == version && i.rollout_id == convergence.id);
         match instance {
-            Some(i) if i.state == "running" => {}
-            Some(i) if i.state == "failed" => {
+            Some(i) if i.state == InstanceState::Running => {}
+            Some(i) if i.state == InstanceState::Failed => {
                 return Progress::Failed(format!(
                     "{app}@{version} failed on {}: {}",
                     convergence.host, i.message

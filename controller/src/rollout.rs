@@ -16,6 +16,7 @@ use crate::model::{
 use crate::planner;
 use crate::store::StoreError;
 use fleet_proto::duration::format_duration;
+use fleet_proto::instance_state::InstanceState;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -841,8 +842,10 @@ impl Executor {
             .instance(host, &self.record.app)
             .filter(|i| i.rollout_id == self.record.id && i.version == self.record.version);
         match instance {
-            Some(instance) if instance.state == "running" => HostOutcome::Passed,
-            Some(instance) if instance.state == "failed" => HostOutcome::Failed(instance.message),
+            Some(instance) if instance.state == InstanceState::Running => HostOutcome::Passed,
+            Some(instance) if instance.state == InstanceState::Failed => {
+                HostOutcome::Failed(instance.message)
+            }
             _ => match self.fleet.store.get_host(host) {
                 Ok(None) => HostOutcome::Skipped("host was removed during the wave".to_string()),
                 Ok(Some(record)) if record.drain.is_some() => {
@@ -1078,9 +1081,13 @@ impl Executor {
             let instance = self.fleet.instance(&entry.host, &app);
             let back = match &entry.previous_version {
                 Some(version) => instance.is_some_and(|i| {
-                    &i.version == version && i.rollout_id == rollout_id && i.state == "running"
+                    &i.version == version
+                        && i.rollout_id == rollout_id
+                        && i.state == InstanceState::Running
                 }),
-                None => instance.is_none_or(|i| matches!(i.state.as_str(), "stopped" | "failed")),
+                None => instance.is_none_or(|i| {
+                    matches!(i.state, InstanceState::Stopped | InstanceState::Failed)
+                }),
             };
             if back {
                 let entry = &mut self.record.waves[w].hosts[h];

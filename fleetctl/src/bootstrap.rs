@@ -17,6 +17,7 @@ use crate::ssh::install::{AgentBinary, InstallOutcome, ServiceMode};
 use crate::ssh::targets::{self, TargetSpec};
 use crate::ssh::{self as ssh_bootstrap, HostJob, SharedSettings};
 
+use fleet_proto::instance_state::InstanceState;
 use fleet_proto::pb;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -567,7 +568,8 @@ fn converged(host: &pb::Host, apps: &BTreeSet<String>) -> bool {
         host.apps.iter().any(|a| {
             &a.app == app
                 && a.actual.as_ref().is_some_and(|actual| {
-                    actual.state == "running" && actual.version == a.desired_version
+                    output::instance_state(actual) == Some(InstanceState::Running)
+                        && actual.version == a.desired_version
                 })
         })
     })
@@ -583,7 +585,7 @@ fn describe_apps(host: &pb::Host) -> String {
             let actual = a
                 .actual
                 .as_ref()
-                .map(|i| format!("{} {}", i.version, i.state))
+                .map(|i| format!("{} {}", i.version, output::instance_state_name(i)))
                 .unwrap_or_else(|| "nothing yet".to_string());
             format!("{}@{}: {actual}", a.app, a.desired_version)
         })
@@ -748,11 +750,14 @@ mod tests {
         pb::HostApp {
             app: name.into(),
             desired_version: desired.into(),
-            actual: actual.map(|(version, state)| pb::InstanceReport {
-                app: name.into(),
-                version: version.into(),
-                state: state.into(),
-                ..Default::default()
+            actual: actual.map(|(version, state)| {
+                let mut report = pb::InstanceReport {
+                    app: name.into(),
+                    version: version.into(),
+                    ..Default::default()
+                };
+                InstanceState::parse(state).unwrap().write_to(&mut report);
+                report
             }),
         }
     }

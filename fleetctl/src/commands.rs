@@ -4,6 +4,7 @@
 
 use crate::client::{usage, CliError, Connection, EXIT_FAILED, EXIT_OK};
 use crate::output::{self, OutputFormat, Table};
+use fleet_proto::instance_state::InstanceState;
 use fleet_proto::pb;
 use std::collections::HashMap;
 use std::path::Path;
@@ -374,13 +375,20 @@ pub fn render_status(response: &pb::StatusResponse, app: Option<&str>, now: i64)
                 } else {
                     actual.version.clone()
                 },
-                actual.state.clone(),
+                output::instance_state_name(&actual).to_string(),
                 output::ago(actual.since_unix_ms, now),
             ]);
-            if matches!(actual.state.as_str(), "failed" | "crashed") && !actual.message.is_empty() {
+            let state = output::instance_state(&actual);
+            if matches!(state, Some(InstanceState::Failed | InstanceState::Crashed))
+                && !actual.message.is_empty()
+            {
                 problems.push(format!(
                     "{} {}@{} {}: {}",
-                    host.name, host_app.app, actual.version, actual.state, actual.message
+                    host.name,
+                    host_app.app,
+                    actual.version,
+                    output::instance_state_name(&actual),
+                    actual.message
                 ));
             }
         }
@@ -857,7 +865,7 @@ mod tests {
                         actual: Some(pb::InstanceReport {
                             app: "web".into(),
                             version: "1.0.0".into(),
-                            state: "failed".into(),
+                            state: pb::InstanceState::Failed.into(),
                             message: "exit status 1".into(),
                             since_unix_ms: 40_000,
                             ..Default::default()

@@ -5,6 +5,7 @@
 use crate::client::{CliError, EXIT_FAILED, EXIT_OK};
 use crate::commands::Context;
 use crate::output;
+use fleet_proto::instance_state::InstanceState;
 use fleet_proto::pb;
 use std::time::Duration;
 use tokio_stream::StreamExt;
@@ -13,7 +14,11 @@ use tokio_stream::StreamExt;
 fn n_running(host: &pb::Host) -> usize {
     host.apps
         .iter()
-        .filter(|a| a.actual.as_ref().is_some_and(|i| i.state != "stopped"))
+        .filter(|a| {
+            a.actual
+                .as_ref()
+                .is_some_and(|i| output::instance_state(i) != Some(InstanceState::Stopped))
+        })
         .count()
 }
 

@@ -2,6 +2,8 @@
 //! (`--output json`), and the small formatters both share: "3m ago", UTC timestamps, sizes and
 //! short digests. Results go to stdout; progress goes to stderr.
 
+use fleet_proto::instance_state::InstanceState;
+use fleet_proto::pb;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -189,6 +191,17 @@ pub fn labels<'a>(pairs: impl IntoIterator<Item = (&'a String, &'a String)>) -> 
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The state an instance report names, `None` when it names none this build knows.
+pub fn instance_state(report: &pb::InstanceReport) -> Option<InstanceState> {
+    InstanceState::from_report(report)
+}
+
+/// The name of an instance's state for tables and messages (`unknown` for a state this build
+/// does not know).
+pub fn instance_state_name(report: &pb::InstanceReport) -> &'static str {
+    instance_state(report).map_or("unknown", InstanceState::as_str)
 }
 
 #[cfg(test)]

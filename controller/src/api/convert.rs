@@ -2,6 +2,7 @@
 
 use crate::fleet_state::{Assignment, FleetState, InstanceStatus};
 use crate::model::{EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
+use fleet_proto::instance_state::InstanceState;
 use fleet_proto::pb;
 
 pub fn release(r: &ReleaseRecord) -> pb::Release {
@@ -17,35 +18,29 @@ pub fn release(r: &ReleaseRecord) -> pb::Release {
 }
 
 pub fn instance(i: &InstanceStatus) -> pb::InstanceReport {
-    pb::InstanceReport {
+    let mut report = pb::InstanceReport {
         app: i.app.clone(),
         version: i.version.clone(),
-        state: i.state.clone(),
         message: i.message.clone(),
         since_unix_ms: i.since_unix_ms,
         restarts: i.restarts,
         rollout_id: i.rollout_id.clone(),
-    }
+        ..Default::default()
+    };
+    i.state.write_to(&mut report);
+    report
 }
 
 /// Checks and converts an instance report from an agent.
 pub fn instance_from(r: pb::InstanceReport) -> Result<InstanceStatus, String> {
     fleet_proto::names::check_app(&r.app).map_err(|e| e.to_string())?;
     fleet_proto::names::check_version(&r.version).map_err(|e| e.to_string())?;
-    const STATES: [&str; 9] = [
-        "fetching",
-        "unpacking",
-        "starting",
-        "checking",
-        "running",
-        "stopping",
-        "stopped",
-        "failed",
-        "crashed",
-    ];
-    if !STATES.contains(&r.state.as_str()) {
-        return Err(format!("instance state {:?} is unknown", r.state));
-    }
+    let state = InstanceState::from_report(&r).ok_or_else(|| {
+        format!(
+            "instance state {} ({:?}) is unknown",
+            r.state, r.legacy_state
+        )
+    })?;
     let mut message = r.message;
     if message.len() > 4096 {
         let mut cut = 4096;
@@ -57,7 +52,7 @@ pub fn instance_from(r: pb::InstanceReport) -> Result<InstanceStatus, String> {
     Ok(InstanceStatus {
         app: r.app,
         version: r.version,
-        state: r.state,
+        state,
         message,
         since_unix_ms: r.since_unix_ms,
         restarts: r.restarts,
@@ -163,5 +158,37 @@ pub fn event(e: &EventRecord) -> pb::Event {
         app: e.app.clone(),
         host: e.host.clone(),
         message: e.message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(state: Option<pb::InstanceState>, legacy: &str) -> pb::InstanceReport {
+        let mut report = pb::InstanceReport {
+            app: "web".into(),
+            version: "1.0.0".into(),
+            legacy_state: legacy.into(),
+            ..Default::default()
+        };
+        if let Some(state) = state {
+            report.set_state(state);
+        }
+        report
+    }
+
+    #[test]
+    fn reads_the_state_enum_and_the_text_of_agents_one_version_behind() {
+        let newer = instance_from(report(Some(pb::InstanceState::Running), "")).unwrap();
+        assert_eq!(newer.state, InstanceState::Running);
+        let older = instance_from(report(None, "crashed")).unwrap();
+        assert_eq!(older.state, InstanceState::Crashed);
+        assert!(instance_from(report(None, "exploded")).is_err());
+        assert!(instance_from(report(None, "")).is_err());
+        // What the controller sends back names the state both ways.
+        let wire = instance(&older);
+        assert_eq!(wire.state(), pb::InstanceState::Crashed);
+        assert_eq!(wire.legacy_state, "crashed");
     }
 }
