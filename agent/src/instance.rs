@@ -482,11 +482,11 @@ mod tests {
         let mut first = Instance::start(&layout, &release_dir, &m, &vars("app"))
             .await
             .unwrap();
-        eventually("the instance to write its file", || written.exists()).await;
-        assert_eq!(
-            std::fs::read_to_string(&written).unwrap(),
-            "from-release h1\n"
-        );
+        // The shell creates the file before `echo` fills it: wait for the whole line.
+        eventually("the instance to write its file", || {
+            std::fs::read_to_string(&written).is_ok_and(|text| text == "from-release h1\n")
+        })
+        .await;
         // The file appears before the shell execs `sleep`; while it execs, /proc/PID/environ
         // may not be readable.
         eventually("the instance to carry its token", || {
