@@ -11,8 +11,10 @@
 //! make the whole fleet lost at once.
 
 use crate::artifacts::ArtifactStore;
-use crate::model::{DrainRecord, EventRecord, HostRecord, HostState};
-use crate::store::{Store, StoreError};
+use crate::model::{DrainRecord, EventRecord, HostRecord, HostState, ReleaseRecord, RolloutRecord};
+use crate::store::{
+    CertificateRecord, JoinTokenRecord, ReleaseInsert, Store, StoreError, TokenUse,
+};
 use fleet_proto::instance_state::InstanceState;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -74,8 +76,10 @@ struct Live {
 }
 
 pub struct FleetState {
-    pub store: Store,
-    pub artifacts: ArtifactStore,
+    /// Private: every read and write goes through the methods below, and every write runs on
+    /// the blocking pool ([`FleetState::write`]).
+    store: Store,
+    artifacts: ArtifactStore,
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
     /// When this controller process started: nobody is lost before it had a chance to hear.
@@ -121,6 +125,124 @@ impl FleetState {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Runs a store write, an fsynced commit, on the blocking pool: a slow disk stalls the
+    /// caller, never a runtime worker (and with it every other session and call). The write
+    /// finishes even when the caller is dropped meanwhile.
+    async fn write<T: Send + 'static>(
+        &self,
+        body: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || body(&store))
+            .await
+            .map_err(|e| StoreError::Interrupted(e.to_string()))?
+    }
+
+    async fn save_host(&self, record: &HostRecord) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.write(move |store| store.put_host(&record)).await
+    }
+
+    /// The artifact store (content-addressed files; no desired state lives there).
+    pub fn artifacts(&self) -> &ArtifactStore {
+        &self.artifacts
+    }
+
+    pub fn host_record(&self, name: &str) -> Result<Option<HostRecord>, StoreError> {
+        self.store.get_host(name)
+    }
+
+    /// Every host, ordered by name.
+    pub fn host_records(&self) -> Result<Vec<HostRecord>, StoreError> {
+        self.store.list_hosts()
+    }
+
+    pub fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>, StoreError> {
+        self.store.get_release(app, version)
+    }
+
+    pub fn releases(&self, app: &str) -> Result<Vec<ReleaseRecord>, StoreError> {
+        self.store.list_releases(app)
+    }
+
+    /// Records a release unless its version exists (see [`Store::insert_release`]).
+    pub async fn insert_release(
+        &self,
+        record: &ReleaseRecord,
+    ) -> Result<ReleaseInsert, StoreError> {
+        let record = record.clone();
+        self.write(move |store| store.insert_release(&record)).await
+    }
+
+    pub fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        self.store.get_rollout(id)
+    }
+
+    /// Rollouts, newest first, of one app or of all.
+    pub fn rollouts(&self, app: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError> {
+        self.store.list_rollouts(app)
+    }
+
+    pub async fn save_rollout(&self, record: &RolloutRecord) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.write(move |store| store.put_rollout(&record)).await
+    }
+
+    /// The next number of a counter (`rollout`, `converge`), durable before it is handed out.
+    pub async fn next_seq(&self, counter: &'static str) -> Result<u64, StoreError> {
+        self.write(move |store| store.next_seq(counter)).await
+    }
+
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        self.store.recent_events(limit)
+    }
+
+    pub fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        self.store.is_revoked(serial)
+    }
+
+    pub async fn insert_join_token(
+        &self,
+        token_hash: String,
+        record: JoinTokenRecord,
+    ) -> Result<(), StoreError> {
+        self.write(move |store| store.insert_join_token(&token_hash, &record))
+            .await
+    }
+
+    /// Spends a join token for a host's certificate (see [`Store::join_with_token`]).
+    pub async fn join_with_token(
+        &self,
+        token_hash: String,
+        certificate: CertificateRecord,
+        key_sha256: String,
+        now_unix_ms: i64,
+    ) -> Result<TokenUse, StoreError> {
+        self.write(move |store| {
+            store.join_with_token(&token_hash, &certificate, &key_sha256, now_unix_ms)
+        })
+        .await
+    }
+
+    pub async fn record_certificate(&self, record: CertificateRecord) -> Result<(), StoreError> {
+        self.write(move |store| store.record_certificate(&record))
+            .await
+    }
+
+    /// The artifact digests of the releases in host `host`'s desired state.
+    pub fn desired_digests(&self, host: &str) -> Result<Vec<String>, StoreError> {
+        let Some(record) = self.store.get_host(host)? else {
+            return Ok(Vec::new());
+        };
+        let mut digests = Vec::with_capacity(record.desired.len());
+        for (app, desired) in &record.desired {
+            if let Some(release) = self.store.get_release(app, &desired.version)? {
+                digests.push(release.artifact_digest);
+            }
+        }
+        Ok(digests)
+    }
+
     fn bump(&self) {
         self.changes.send_modify(|n| *n += 1);
     }
@@ -157,7 +279,7 @@ impl FleetState {
 
     /// Records an event in the log and tells followers. A store failure is logged, not
     /// returned: the event log must never stop a deploy.
-    pub fn event(
+    pub async fn event(
         &self,
         actor: &str,
         kind: &str,
@@ -174,7 +296,7 @@ impl FleetState {
             host: host.to_string(),
             message: message.into(),
         };
-        match self.store.append_event(event) {
+        match self.write(move |store| store.append_event(event)).await {
             Ok(event) => {
                 tracing::info!(kind = %event.kind, app = %event.app, host = %event.host, "{}", event.message);
                 let _ = self.events.send(event);
@@ -204,7 +326,7 @@ impl FleetState {
             record.labels = hello.labels.clone();
             record.advertise_addr = hello.advertise_addr.clone();
             record.last_seen_unix_ms = now;
-            self.store.put_host(&record)?;
+            self.save_host(&record).await?;
             if is_new {
                 self.event(
                     &hello.name,
@@ -215,7 +337,8 @@ impl FleetState {
                         "host {} registered, advertising {}",
                         hello.name, hello.advertise_addr
                     ),
-                );
+                )
+                .await;
             }
             record
         };
@@ -247,7 +370,8 @@ impl FleetState {
             "",
             &hello.name,
             format!("host {} connected", hello.name),
-        );
+        )
+        .await;
         self.bump();
         Ok(Session { id, desired })
     }
@@ -275,7 +399,8 @@ impl FleetState {
                     "{}@{} on {}: {}: {}",
                     status.app, status.version, host, status.state, status.message
                 ),
-            );
+            )
+            .await;
         }
         if status.state == InstanceState::Stopped {
             if let Err(e) = self.note_if_drained(host).await {
@@ -306,14 +431,15 @@ impl FleetState {
         match &mut record.drain {
             Some(drain) if drain.drained_unix_ms.is_none() => {
                 drain.drained_unix_ms = Some(fleet_proto::now_unix_ms());
-                self.store.put_host(&record)?;
+                self.save_host(&record).await?;
                 self.event(
                     host,
                     "host.drained",
                     "",
                     host,
                     format!("host {host} is drained: every instance stopped"),
-                );
+                )
+                .await;
             }
             _ => {}
         }
@@ -334,14 +460,15 @@ impl FleetState {
                     requested_unix_ms: fleet_proto::now_unix_ms(),
                     drained_unix_ms: None,
                 });
-                self.store.put_host(&record)?;
+                self.save_host(&record).await?;
                 self.event(
                     actor,
                     "host.draining",
                     "",
                     host,
                     format!("host {host} draining, asked by {actor}"),
-                );
+                )
+                .await;
             }
             // Pushed under the lock, so desired states reach the agent in the order written.
             self.push_desired(&record);
@@ -359,14 +486,15 @@ impl FleetState {
                 return Ok(false);
             };
             if record.drain.take().is_some() {
-                self.store.put_host(&record)?;
+                self.save_host(&record).await?;
                 self.event(
                     actor,
                     "host.undrained",
                     "",
                     host,
                     format!("host {host} undrained by {actor}"),
-                );
+                )
+                .await;
             }
             self.push_desired(&record);
         }
@@ -378,10 +506,14 @@ impl FleetState {
     /// first: a crash in between leaves a host that can no longer connect, never a forgotten
     /// host whose certificate still works.
     pub async fn forget(&self, host: &str, actor: &str) -> Result<(), StoreError> {
-        let n_revoked = self.store.revoke_host(host)?;
+        let n_revoked = {
+            let host = host.to_string();
+            self.write(move |store| store.revoke_host(&host)).await?
+        };
         {
             let _guard = self.host_writes.lock().await;
-            self.store.delete_host(host)?;
+            let host = host.to_string();
+            self.write(move |store| store.delete_host(&host)).await?;
         }
         self.live().hosts.remove(host);
         self.event(
@@ -390,7 +522,8 @@ impl FleetState {
             "",
             host,
             format!("host {host} removed by {actor}: {n_revoked} certificate(s) revoked"),
-        );
+        )
+        .await;
         self.bump();
         Ok(())
     }
@@ -446,7 +579,8 @@ impl FleetState {
                         host.name,
                         self.silent_for_secs(host)
                     );
-                    self.event("controller", "host.lost", "", &host.name, message);
+                    self.event("controller", "host.lost", "", &host.name, message)
+                        .await;
                     changed = true;
                 } else if !is_lost && lost.remove(&host.name) {
                     self.event(
@@ -455,7 +589,8 @@ impl FleetState {
                         "",
                         &host.name,
                         format!("host {} is back", host.name),
-                    );
+                    )
+                    .await;
                     changed = true;
                 }
             }
@@ -489,7 +624,7 @@ impl FleetState {
                 let _guard = self.host_writes.lock().await;
                 if let Ok(Some(mut record)) = self.store.get_host(host) {
                     record.last_seen_unix_ms = last_seen;
-                    let _ = self.store.put_host(&record);
+                    let _ = self.save_host(&record).await;
                 }
             }
             self.event(
@@ -498,7 +633,8 @@ impl FleetState {
                 "",
                 host,
                 format!("host {host} disconnected"),
-            );
+            )
+            .await;
             self.bump();
         }
     }
@@ -544,7 +680,9 @@ impl FleetState {
                     hosts.push(host);
                 }
             }
-            self.store.put_hosts_and_rollout(&hosts, rollout)?;
+            let (written, rollout) = (hosts.clone(), rollout.cloned());
+            self.write(move |store| store.put_hosts_and_rollout(&written, rollout.as_ref()))
+                .await?;
             // Pushed under the lock, so desired states reach agents in the order written.
             for host in &hosts {
                 self.push_desired(host);

@@ -29,7 +29,7 @@ pub enum Progress {
 
 /// Whether a draining host is drained yet.
 pub fn drain_progress(fleet: &FleetState, host: &str) -> Result<Progress, StoreError> {
-    Ok(match fleet.store.get_host(host)? {
+    Ok(match fleet.host_record(host)? {
         None => Progress::Failed(format!("host {host} was removed")),
         Some(record) => match fleet.host_state(&record) {
             HostState::Drained => Progress::Done,
@@ -63,12 +63,10 @@ pub async fn converge_like(
         )));
     }
     let source = fleet
-        .store
-        .get_host(like)?
+        .host_record(like)?
         .ok_or_else(|| LifecycleError::NotFound(format!("no host {like}: see `fleetctl hosts`")))?;
     let target = fleet
-        .store
-        .get_host(host)?
+        .host_record(host)?
         .ok_or_else(|| LifecycleError::NotFound(format!(
             "no host {host}: it has not registered; see `fleetctl hosts` and the agent's log on that host"
         )))?;
@@ -84,7 +82,7 @@ pub async fn converge_like(
             )));
         }
     }
-    let seq = fleet.store.next_seq("converge")?;
+    let seq = fleet.next_seq("converge").await?;
     let id = format!("converge{seq}");
     let apps: Vec<(String, String)> = source
         .desired
@@ -114,20 +112,22 @@ pub async fn converge_like(
         )
         .await?;
     let list: Vec<String> = apps.iter().map(|(a, v)| format!("{a}@{v}")).collect();
-    fleet.event(
-        actor,
-        "host.converging",
-        "",
-        host,
-        format!(
-            "host {host} takes what {like} runs: {}, asked by {actor}",
-            if list.is_empty() {
-                "nothing".to_string()
-            } else {
-                list.join(", ")
-            }
-        ),
-    );
+    fleet
+        .event(
+            actor,
+            "host.converging",
+            "",
+            host,
+            format!(
+                "host {host} takes what {like} runs: {}, asked by {actor}",
+                if list.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    list.join(", ")
+                }
+            ),
+        )
+        .await;
     Ok(Convergence {
         host: host.to_string(),
         id,

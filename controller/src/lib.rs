@@ -14,8 +14,10 @@ pub mod fleet_state;
 pub mod host_lifecycle;
 pub mod model;
 pub mod planner;
+pub mod releases;
 pub mod rollout;
 pub mod server;
+pub mod status;
 pub mod store;
 
 /// Resolves on the first SIGTERM or SIGINT: the one way a fleet process is asked to stop.

@@ -121,15 +121,14 @@ async fn start_on(
         policy,
         actor,
     } = request;
-    if fleet.store.get_release(&app, &version)?.is_none() {
+    if fleet.release(&app, &version)?.is_none() {
         return Err(RolloutError::NotFound(format!(
             "release {app}@{version} does not exist: create it with `fleetctl release create {app} {version} ARTIFACT`"
         )));
     }
     // Drained hosts take no new releases: they are left out of the plan, and the plan says so.
     let (drained, selected): (Vec<_>, Vec<_>) = fleet
-        .store
-        .list_hosts()?
+        .host_records()?
         .into_iter()
         .filter(|h| planner::matches(&policy.selector, &h.labels))
         .filter(|h| only.as_ref().is_none_or(|only| only.contains(&h.name)))
@@ -189,7 +188,7 @@ async fn start_on(
         );
     }
     let reserved = format!("reserved-{app}");
-    let seq = match fleet.store.next_seq("rollout") {
+    let seq = match fleet.next_seq("rollout").await {
         Ok(seq) => seq,
         Err(e) => {
             rollouts.active().remove(&reserved);
@@ -212,7 +211,7 @@ async fn start_on(
         seq,
         hold_until_unix_ms: 0,
     };
-    if let Err(e) = fleet.store.put_rollout(&record) {
+    if let Err(e) = fleet.save_rollout(&record).await {
         rollouts.active().remove(&reserved);
         return Err(e.into());
     }
@@ -227,18 +226,20 @@ async fn start_on(
     } else {
         "rollout.started"
     };
-    fleet.event(
-        &actor,
-        kind,
-        &app,
-        "",
-        format!(
-            "{} {} of {app}@{version} started by {actor}: {}",
-            if is_rollback { "rollback" } else { "rollout" },
-            record.id,
-            plan_text(&record)
-        ),
-    );
+    fleet
+        .event(
+            &actor,
+            kind,
+            &app,
+            "",
+            format!(
+                "{} {} of {app}@{version} started by {actor}: {}",
+                if is_rollback { "rollback" } else { "rollout" },
+                record.id,
+                plan_text(&record)
+            ),
+        )
+        .await;
     let first = Progress {
         rollout: record.clone(),
         line: format!(
@@ -274,8 +275,7 @@ pub async fn start_rollback(
     actor: String,
 ) -> Result<(RolloutRecord, broadcast::Receiver<Progress>), RolloutError> {
     let hosts: Vec<_> = fleet
-        .store
-        .list_hosts()?
+        .host_records()?
         .into_iter()
         .filter(|h| h.desired.contains_key(app))
         .collect();
@@ -288,8 +288,7 @@ pub async fn start_rollback(
     let target = match to_version {
         Some(version) => version,
         None => fleet
-            .store
-            .list_rollouts(Some(app))?
+            .rollouts(Some(app))?
             .into_iter()
             .filter(|r| r.state == RolloutState::Succeeded && r.version != current)
             .map(|r| r.version)
@@ -326,7 +325,7 @@ pub async fn start_rollback(
 
 /// A rollout's record, or a not-found error that says where to look.
 pub fn get(fleet: &FleetState, id: &str) -> Result<RolloutRecord, RolloutError> {
-    fleet.store.get_rollout(id)?.ok_or_else(|| {
+    fleet.rollout(id)?.ok_or_else(|| {
         RolloutError::NotFound(format!("no rollout {id}: see `fleetctl history APP`"))
     })
 }
@@ -366,9 +365,12 @@ pub fn control(
 }
 
 /// Picks up the rollouts a previous controller process left under way.
-pub fn recover(fleet: &Arc<FleetState>, rollouts: &Arc<Rollouts>) -> Result<usize, StoreError> {
+pub async fn recover(
+    fleet: &Arc<FleetState>,
+    rollouts: &Arc<Rollouts>,
+) -> Result<usize, StoreError> {
     let mut n = 0;
-    for record in fleet.store.list_rollouts(None)? {
+    for record in fleet.rollouts(None)? {
         if record.state.is_final() {
             continue;
         }
@@ -387,21 +389,23 @@ pub fn recover(fleet: &Arc<FleetState>, rollouts: &Arc<Rollouts>) -> Result<usiz
                 progress: progress.clone(),
             },
         );
-        fleet.event(
-            "controller",
-            "rollout.recovered",
-            &record.app,
-            "",
-            format!(
-                "controller restarted: rollout {} of {}@{} continues at wave {}/{} ({})",
-                record.id,
-                record.app,
-                record.version,
-                record.current_wave + 1,
-                record.waves.len(),
-                record.state.as_str()
-            ),
-        );
+        fleet
+            .event(
+                "controller",
+                "rollout.recovered",
+                &record.app,
+                "",
+                format!(
+                    "controller restarted: rollout {} of {}@{} continues at wave {}/{} ({})",
+                    record.id,
+                    record.app,
+                    record.version,
+                    record.current_wave + 1,
+                    record.waves.len(),
+                    record.state.as_str()
+                ),
+            )
+            .await;
         let executor = Executor {
             fleet: fleet.clone(),
             rollouts: rollouts.clone(),
@@ -517,8 +521,8 @@ impl Executor {
         });
     }
 
-    fn save(&self) -> Result<(), StoreError> {
-        self.fleet.store.put_rollout(&self.record)
+    async fn save(&self) -> Result<(), StoreError> {
+        self.fleet.save_rollout(&self.record).await
     }
 
     fn wave_label(&self, idx: usize) -> String {
@@ -532,10 +536,7 @@ impl Executor {
 
     /// How long wave `idx` may take (see [`wave_deadline_for`]).
     fn wave_deadline(&self, idx: usize) -> Result<Duration, StoreError> {
-        let release = self
-            .fleet
-            .store
-            .get_release(&self.record.app, &self.record.version)?;
+        let release = self.fleet.release(&self.record.app, &self.record.version)?;
         let (checks_ms, hook) = release
             .map(|r| (r.smoke_timeouts_ms, r.has_release_hook))
             .unwrap_or_default();
@@ -619,7 +620,7 @@ impl Executor {
                     self.record.hold_until_unix_ms =
                         fleet_proto::now_unix_ms() + pause.as_millis() as i64;
                 }
-                self.save()?;
+                self.save().await?;
                 self.emit(format!(
                     "{} passed in {}",
                     self.wave_label(idx),
@@ -638,18 +639,23 @@ impl Executor {
                 self.record.waves[idx].state = WaveState::Failed;
                 let why = failed.join("; ");
                 self.record.message = format!("{} failed: {why}", self.wave_label(idx));
-                self.save()?;
+                self.save().await?;
                 self.emit(format!("{} failed: {why}", self.wave_label(idx)));
-                self.fleet.event(
-                    &self.record.started_by,
-                    "rollout.halted",
-                    &self.record.app,
-                    "",
-                    format!(
-                        "rollout {} of {}@{} halted: {}",
-                        self.record.id, self.record.app, self.record.version, self.record.message
-                    ),
-                );
+                self.fleet
+                    .event(
+                        &self.record.started_by,
+                        "rollout.halted",
+                        &self.record.app,
+                        "",
+                        format!(
+                            "rollout {} of {}@{} halted: {}",
+                            self.record.id,
+                            self.record.app,
+                            self.record.version,
+                            self.record.message
+                        ),
+                    )
+                    .await;
                 return if self.record.policy.auto_rollback {
                     self.roll_back(wave_deadline).await
                 } else {
@@ -692,14 +698,16 @@ impl Executor {
                 Control::Run => {
                     if self.record.state == RolloutState::Paused {
                         self.record.state = RolloutState::Running;
-                        self.save()?;
-                        self.fleet.event(
-                            &actor,
-                            "rollout.resumed",
-                            &self.record.app,
-                            "",
-                            format!("rollout {} resumed by {actor}", self.record.id),
-                        );
+                        self.save().await?;
+                        self.fleet
+                            .event(
+                                &actor,
+                                "rollout.resumed",
+                                &self.record.app,
+                                "",
+                                format!("rollout {} resumed by {actor}", self.record.id),
+                            )
+                            .await;
                         self.emit(format!("resumed by {actor}"));
                     }
                     return Ok(None);
@@ -707,18 +715,20 @@ impl Executor {
                 Control::Pause => {
                     if self.record.state != RolloutState::Paused {
                         self.record.state = RolloutState::Paused;
-                        self.save()?;
-                        self.fleet.event(
-                            &actor,
-                            "rollout.paused",
-                            &self.record.app,
-                            "",
-                            format!(
-                                "rollout {} paused by {actor} before wave {}",
-                                self.record.id,
-                                self.record.current_wave + 1
-                            ),
-                        );
+                        self.save().await?;
+                        self.fleet
+                            .event(
+                                &actor,
+                                "rollout.paused",
+                                &self.record.app,
+                                "",
+                                format!(
+                                    "rollout {} paused by {actor} before wave {}",
+                                    self.record.id,
+                                    self.record.current_wave + 1
+                                ),
+                            )
+                            .await;
                         self.emit(format!("paused by {actor} before wave {}/{}: `fleetctl rollout resume {}` to go on", self.record.current_wave + 1, self.record.waves.len(), self.record.id));
                     }
                     if self.control.changed().await.is_err() {
@@ -738,7 +748,7 @@ impl Executor {
             actor = abort_requested(&mut self.control) => Some(actor),
         };
         self.record.hold_until_unix_ms = 0;
-        self.save()?;
+        self.save().await?;
         Ok(aborted_by)
     }
 
@@ -750,7 +760,7 @@ impl Executor {
         let mut names = Vec::with_capacity(self.record.waves[idx].hosts.len());
         let mut skipped = Vec::new();
         for entry in &mut self.record.waves[idx].hosts {
-            let Some(host) = self.fleet.store.get_host(&entry.host)? else {
+            let Some(host) = self.fleet.host_record(&entry.host)? else {
                 entry.result = HostResult::Skipped;
                 entry.message = "host was removed".to_string();
                 skipped.push(format!("{}: removed", entry.host));
@@ -792,7 +802,7 @@ impl Executor {
                     entry.message = "not started: another host of the wave is lost".to_string();
                 }
             }
-            self.save()?;
+            self.save().await?;
             return Ok(());
         }
         // The release hook runs once per rollout, on the first host that takes the release.
@@ -846,7 +856,7 @@ impl Executor {
             Some(instance) if instance.state == InstanceState::Failed => {
                 HostOutcome::Failed(instance.message)
             }
-            _ => match self.fleet.store.get_host(host) {
+            _ => match self.fleet.host_record(host) {
                 Ok(None) => HostOutcome::Skipped("host was removed during the wave".to_string()),
                 Ok(Some(record)) if record.drain.is_some() => {
                     HostOutcome::Skipped("host was drained during the wave".to_string())
@@ -896,7 +906,7 @@ impl Executor {
                 }
             }
             if !newly.is_empty() {
-                if let Err(e) = self.save() {
+                if let Err(e) = self.save().await {
                     tracing::error!("cannot save rollout {}: {e}", self.record.id);
                 }
                 for line in newly {
@@ -944,7 +954,7 @@ impl Executor {
         let mut touched: Vec<(usize, usize)> = Vec::new();
         for (w_idx, wave) in self.record.waves.iter().enumerate() {
             for (h_idx, entry) in wave.hosts.iter().enumerate() {
-                let changed = self.fleet.store.get_host(&entry.host)?.is_some_and(|host| {
+                let changed = self.fleet.host_record(&entry.host)?.is_some_and(|host| {
                     host.desired
                         .get(&app)
                         .is_some_and(|d| d.rollout_id == self.record.id)
@@ -1060,8 +1070,7 @@ impl Executor {
             }
             let lost = self
                 .fleet
-                .store
-                .get_host(&entry.host)
+                .host_record(&entry.host)
                 .ok()
                 .flatten()
                 .is_some_and(|record| self.fleet.is_lost(&record));
@@ -1127,20 +1136,22 @@ impl Executor {
 
     async fn finish(&mut self, line: String) {
         self.record.finished_unix_ms = fleet_proto::now_unix_ms();
-        if let Err(e) = self.save() {
+        if let Err(e) = self.save().await {
             tracing::error!("cannot save the end of rollout {}: {e}", self.record.id);
         }
         let kind = format!("rollout.{}", self.record.state.as_str());
-        self.fleet.event(
-            &self.record.started_by,
-            &kind,
-            &self.record.app,
-            "",
-            format!(
-                "rollout {} of {}@{}: {}",
-                self.record.id, self.record.app, self.record.version, self.record.message
-            ),
-        );
+        self.fleet
+            .event(
+                &self.record.started_by,
+                &kind,
+                &self.record.app,
+                "",
+                format!(
+                    "rollout {} of {}@{}: {}",
+                    self.record.id, self.record.app, self.record.version, self.record.message
+                ),
+            )
+            .await;
         self.emit(line);
     }
 }

@@ -58,7 +58,7 @@ pub async fn run(
     write_addr_file(&config.addr_file, &addr.to_string())?;
     tracing::info!("listening on {addr}");
 
-    let recovered = rollout::recover(&fleet, &rollouts)?;
+    let recovered = rollout::recover(&fleet, &rollouts).await?;
     if recovered > 0 {
         tracing::info!("picked up {recovered} rollout(s) left under way");
     }

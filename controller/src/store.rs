@@ -36,6 +36,8 @@ pub enum StoreError {
         key: String,
         source: serde_json::Error,
     },
+    #[error("store: a write did not finish: {0}")]
+    Interrupted(String),
 }
 
 macro_rules! from_redb {
@@ -68,8 +70,11 @@ pub enum ReleaseInsert {
     Exists(ReleaseRecord),
 }
 
+/// A handle on the store; clones share one database, so a write can be handed to the
+/// blocking pool (see `FleetState`), never run on a runtime worker.
+#[derive(Clone)]
 pub struct Store {
-    db: Database,
+    db: std::sync::Arc<Database>,
 }
 
 /// A join token as stored: only its hash, when it expires, and whether it was spent.
@@ -158,7 +163,9 @@ impl Store {
             txn.open_table(REVOKED).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
-        Ok(Store { db })
+        Ok(Store {
+            db: std::sync::Arc::new(db),
+        })
     }
 
     fn get<T: DeserializeOwned>(

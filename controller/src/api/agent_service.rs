@@ -38,27 +38,6 @@ pub struct AgentApi {
 
 type Outbound = Result<pb::ControllerMessage, Status>;
 
-impl AgentApi {
-    /// Whether `digest` is the artifact of a release in host `host`'s desired state.
-    fn host_may_fetch(&self, host: &str, digest: &str) -> Result<bool, Status> {
-        let store = &self.fleet.store;
-        let Some(record) = store.get_host(host).map_err(store_status)? else {
-            return Ok(false);
-        };
-        for (app, desired) in &record.desired {
-            if let Some(release) = store
-                .get_release(app, &desired.version)
-                .map_err(store_status)?
-            {
-                if release.artifact_digest == digest {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    }
-}
-
 fn check_hello(hello: pb::Hello) -> Result<HostHello, Status> {
     let bad = |m: String| Status::invalid_argument(m);
     fleet_proto::names::check_host(&hello.host_name).map_err(|e| bad(e.to_string()))?;
@@ -96,7 +75,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Agent)?;
+        let identity = auth::require(&self.fleet, &request, Role::Agent)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -109,14 +88,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 ))
             }
         };
-        if hello.name != identity.name {
-            return Err(Status::permission_denied(format!(
-                "this agent's certificate is for host `{}`: it cannot speak for host `{}`",
-                identity.name, hello.name
-            )));
-        }
+        auth::host_scope::require_own_host(&identity, &hello.name)?;
         let host = hello.name.clone();
-        let serial = identity.serial;
         let session = self
             .fleet
             .host_connected(hello)
@@ -172,7 +145,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         }
                         Ok(Ok(Some(pb::AgentMessage { body: Some(AgentBody::Heartbeat(_)) }))) => {
                             // A host removed (its certificate revoked) loses its session here.
-                            if fleet.store.is_revoked(&serial).unwrap_or(false) {
+                            if !auth::host_scope::session_still_allowed(&fleet, &identity) {
                                 tracing::warn!("host {host}'s certificate was revoked: ending its session");
                                 break;
                             }
@@ -232,13 +205,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
         };
         match self
             .fleet
-            .store
-            .join_with_token(
-                &auth::tokens::hash(&request.token),
-                &certificate,
-                &key_sha256,
-                now,
-            )
+            .join_with_token(auth::tokens::hash(&request.token), certificate, key_sha256, now)
+            .await
             .map_err(store_status)?
         {
             TokenUse::Spent => {}
@@ -262,16 +230,18 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 ))
             }
         }
-        self.fleet.event(
-            &format!("host:{host}"),
-            "host.joined",
-            "",
-            &host,
-            format!(
-                "host {host} joined with a join token (certificate {})",
-                issued.serial
-            ),
-        );
+        self.fleet
+            .event(
+                &format!("host:{host}"),
+                "host.joined",
+                "",
+                &host,
+                format!(
+                    "host {host} joined with a join token (certificate {})",
+                    issued.serial
+                ),
+            )
+            .await;
         Ok(Response::new(pb::JoinResponse {
             certificate_pem: issued.cert_pem,
             ca_pem: self.authority.ca_pem().to_string(),
@@ -284,17 +254,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Agent)?;
+        let identity = auth::require(&self.fleet, &request, Role::Agent)?;
         let request = request.into_inner();
-        if !self.host_may_fetch(&identity.name, &request.digest)? {
-            return Err(Status::permission_denied(format!(
-                "host `{}` has no assigned release with artifact {}: an agent fetches only what its own host is assigned",
-                identity.name, request.digest
-            )));
-        }
+        auth::host_scope::require_artifact_of_own_host(&self.fleet, &identity, &request.digest)?;
         let path = self
             .fleet
-            .artifacts
+            .artifacts()
             .path_of(&request.digest)
             .ok_or_else(|| {
                 Status::invalid_argument(format!("{:?} is not a sha256 digest", request.digest))

@@ -2,13 +2,12 @@
 //! and the read verbs (hosts, status, history, events).
 
 use super::{actor_of, convert, rollout_status, store_status};
-use crate::artifacts::ArtifactStoreError;
 use crate::auth::{self, Role};
 use crate::fleet_state::FleetState;
 use crate::host_lifecycle::{self, Progress};
-use crate::model::{Batch, ReleaseRecord, RolloutPolicy};
+use crate::model::{Batch, RolloutPolicy};
+use crate::releases;
 use crate::rollout::{self, Rollouts, StartRequest};
-use crate::store::ReleaseInsert;
 use fleet_pki::ca::Authority;
 use fleet_proto::names;
 use fleet_proto::pb::{self, create_release_request::Body as ReleaseBody};
@@ -59,7 +58,7 @@ fn progress_stream(
                 }
                 Err(broadcast::error::RecvError::Closed) => {
                     // The executor is gone; send the final record as stored.
-                    if let Ok(Some(record)) = fleet.store.get_rollout(&id) {
+                    if let Ok(Some(record)) = fleet.rollout(&id) {
                         let _ = tx
                             .send(Ok(pb::RolloutProgress {
                                 rollout: Some(convert::rollout(&record)),
@@ -124,7 +123,7 @@ impl FleetApi {
         request: Request<pb::RolloutRef>,
         control: rollout::Control,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        let identity = auth::require(&self.fleet, &request, Role::Deployer)?;
         let actor = actor_of(&identity, &request);
         let id = request.into_inner().id;
         let record = rollout::control(&self.fleet, &self.rollouts, &id, control, &actor)
@@ -139,7 +138,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<Streaming<pb::CreateReleaseRequest>>,
     ) -> Result<Response<pb::CreateReleaseResponse>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        let identity = auth::require(&self.fleet, &request, Role::Deployer)?;
         let actor = actor_of(&identity, &request);
         let mut stream = request.into_inner();
         let header = match stream.message().await?.and_then(|m| m.body) {
@@ -150,30 +149,12 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 ))
             }
         };
-        check_app(&header.app)?;
-        names::check_version(&header.version).map_err(bad)?;
-        let mut env = BTreeMap::new();
-        for (key, value) in header.env {
-            if !names::check_env_key(&key) || value.contains('\0') || value.len() > 4096 {
-                return Err(bad(format!(
-                    "environment variable {key:?} is invalid: names are letters, digits and '_', values at most 4096 bytes"
-                )));
-            }
-            env.insert(key, value);
-        }
-
-        let artifacts = self.fleet.artifacts.clone();
-        let mut upload = artifacts
-            .begin_upload()
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let new = releases::NewRelease::check(header.app, header.version, header.env)
+            .map_err(release_status)?;
+        let mut upload = releases::begin(&self.fleet).map_err(release_status)?;
         while let Some(message) = stream.message().await? {
             match message.body {
-                Some(ReleaseBody::Chunk(bytes)) => {
-                    tokio::task::block_in_place(|| upload.write(&bytes)).map_err(|e| match e {
-                        ArtifactStoreError::TooLarge { .. } => bad(e),
-                        other => Status::internal(other.to_string()),
-                    })?
-                }
+                Some(ReleaseBody::Chunk(bytes)) => upload.write(&bytes).map_err(release_status)?,
                 _ => {
                     return Err(bad(
                         "a release upload carries one header, then only artifact bytes",
@@ -181,94 +162,23 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 }
             }
         }
-        let store_error = |e| match e {
-            ArtifactStoreError::Invalid(e) => bad(format!("{e}")),
-            other => Status::internal(other.to_string()),
-        };
-        let checker = artifacts.clone();
-        let checked = tokio::task::spawn_blocking(move || checker.check_upload(upload))
+        let outcome = releases::create(&self.fleet, new, upload, &actor)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(store_error)?;
-        // A version taken by other bytes is refused before the bytes are kept: a refused
-        // upload leaves nothing behind (dropping `checked` deletes it).
-        if let Some(existing) = self
-            .fleet
-            .store
-            .get_release(&header.app, &header.version)
-            .map_err(store_status)?
-        {
-            if existing.artifact_digest != checked.stored.digest {
-                return Err(immutable_refusal(&existing, false));
-            }
-        }
-        let stored = tokio::task::spawn_blocking(move || artifacts.keep(checked))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(store_error)?;
-
-        let record = ReleaseRecord {
-            app: header.app.clone(),
-            version: header.version.clone(),
-            artifact_digest: stored.digest.clone(),
-            artifact_size: stored.size,
-            env,
-            created_unix_ms: fleet_proto::now_unix_ms(),
-            created_by: actor.clone(),
-            smoke_timeouts_ms: stored
-                .manifest
-                .smoke
-                .iter()
-                .map(|check| check.timeout.as_millis() as u64)
-                .collect(),
-            has_release_hook: stored.manifest.release_hook.is_some(),
-        };
-        match self
-            .fleet
-            .store
-            .insert_release(&record)
-            .map_err(store_status)?
-        {
-            ReleaseInsert::Created => {
-                self.fleet.event(
-                    &actor,
-                    "release.created",
-                    &record.app,
-                    "",
-                    format!(
-                        "release {}@{} created by {actor}: {}",
-                        record.app, record.version, record.artifact_digest
-                    ),
-                );
-                Ok(Response::new(pb::CreateReleaseResponse {
-                    release: Some(convert::release(&record)),
-                    created: true,
-                }))
-            }
-            ReleaseInsert::Exists(existing)
-                if existing.artifact_digest == record.artifact_digest
-                    && existing.env == record.env =>
-            {
-                Ok(Response::new(pb::CreateReleaseResponse {
-                    release: Some(convert::release(&existing)),
-                    created: false,
-                }))
-            }
-            ReleaseInsert::Exists(existing) => Err(immutable_refusal(
-                &existing,
-                existing.artifact_digest == record.artifact_digest,
-            )),
-        }
+            .map_err(release_status)?;
+        Ok(Response::new(pb::CreateReleaseResponse {
+            release: Some(convert::release(&outcome.record)),
+            created: outcome.created,
+        }))
     }
 
     async fn list_releases(
         &self,
         request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        auth::require(&self.fleet, &request, Role::Deployer)?;
         let app = request.into_inner().app;
         check_app(&app)?;
-        let releases = self.fleet.store.list_releases(&app).map_err(store_status)?;
+        let releases = self.fleet.releases(&app).map_err(store_status)?;
         Ok(Response::new(pb::ListReleasesResponse {
             releases: releases.iter().map(convert::release).collect(),
         }))
@@ -278,8 +188,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
-        let hosts = self.fleet.store.list_hosts().map_err(store_status)?;
+        auth::require(&self.fleet, &request, Role::Deployer)?;
+        let hosts = self.fleet.host_records().map_err(store_status)?;
         Ok(Response::new(pb::ListHostsResponse {
             hosts: hosts
                 .iter()
@@ -292,7 +202,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        auth::require(&self.fleet, &request, Role::Deployer)?;
         let app = request.into_inner().app;
         let only_app = if app.is_empty() {
             None
@@ -300,7 +210,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             check_app(&app)?;
             Some(app.as_str())
         };
-        let hosts = self.fleet.store.list_hosts().map_err(store_status)?;
+        let hosts = self.fleet.host_records().map_err(store_status)?;
         let hosts = hosts
             .iter()
             .map(|h| convert::host(&self.fleet, h, only_app))
@@ -308,8 +218,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .collect();
         let active_rollouts = self
             .fleet
-            .store
-            .list_rollouts(only_app)
+            .rollouts(only_app)
             .map_err(store_status)?
             .iter()
             .filter(|r| !r.state.is_final())
@@ -325,7 +234,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        auth::require(&self.fleet, &request, Role::Deployer)?;
         let request = request.into_inner();
         check_app(&request.app)?;
         let limit = if request.limit == 0 {
@@ -335,8 +244,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         };
         let rollouts = self
             .fleet
-            .store
-            .list_rollouts(Some(&request.app))
+            .rollouts(Some(&request.app))
             .map_err(store_status)?;
         Ok(Response::new(pb::HistoryResponse {
             rollouts: rollouts.iter().take(limit).map(convert::rollout).collect(),
@@ -349,7 +257,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<Self::StartRolloutStream>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        let identity = auth::require(&self.fleet, &request, Role::Deployer)?;
         let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         check_app(&request.app)?;
@@ -378,7 +286,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<Self::RollbackStream>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        let identity = auth::require(&self.fleet, &request, Role::Deployer)?;
         let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         check_app(&request.app)?;
@@ -406,7 +314,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        auth::require(&self.fleet, &request, Role::Deployer)?;
         let id = request.into_inner().id;
         let record = rollout::get(&self.fleet, &id).map_err(rollout_status)?;
         let rx = self.rollouts.subscribe(&id);
@@ -441,7 +349,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        auth::require(&self.fleet, &request, Role::Deployer)?;
         let id = request.into_inner().id;
         let record = rollout::get(&self.fleet, &id).map_err(rollout_status)?;
         Ok(Response::new(convert::rollout(&record)))
@@ -474,7 +382,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        auth::require(&self.fleet.store, &request, Role::Deployer)?;
+        auth::require(&self.fleet, &request, Role::Deployer)?;
         let request = request.into_inner();
         let limit = if request.limit == 0 {
             50
@@ -483,11 +391,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         };
         // Subscribe before reading the log so no event falls between the two.
         let mut live = self.fleet.subscribe_events();
-        let recent = self
-            .fleet
-            .store
-            .recent_events(limit)
-            .map_err(store_status)?;
+        let recent = self.fleet.recent_events(limit).map_err(store_status)?;
         let (tx, out) = mpsc::channel(256);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -526,7 +430,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
         let actor = actor_of(&identity, &request);
         let ttl_ms = match request.into_inner().ttl_ms {
             0 => auth::tokens::DEFAULT_TTL_MS,
@@ -548,20 +452,24 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             used_with_key: None,
         };
         self.fleet
-            .store
-            .insert_join_token(&auth::tokens::hash(&token), &record)
+            .insert_join_token(auth::tokens::hash(&token), record)
+            .await
             .map_err(store_status)?;
-        self.fleet.event(
-            &actor,
-            "join_token.created",
-            "",
-            "",
-            format!(
-                "join token created by {} ({actor}), valid for {}",
-                identity.name,
-                fleet_proto::duration::format_duration(std::time::Duration::from_millis(ttl_ms))
-            ),
-        );
+        self.fleet
+            .event(
+                &actor,
+                "join_token.created",
+                "",
+                "",
+                format!(
+                    "join token created by {} ({actor}), valid for {}",
+                    identity.name,
+                    fleet_proto::duration::format_duration(std::time::Duration::from_millis(
+                        ttl_ms
+                    ))
+                ),
+            )
+            .await;
         Ok(Response::new(pb::CreateJoinTokenResponse {
             token,
             expires_unix_ms,
@@ -572,7 +480,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::IssueCredentialRequest>,
     ) -> Result<Response<pb::IssueCredentialResponse>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
         let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         names::check_app(&request.name).map_err(|_| {
@@ -595,8 +503,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .sign_request(&request.csr_pem, &request.name, role)
             .map_err(bad)?;
         self.fleet
-            .store
-            .record_certificate(&crate::store::CertificateRecord {
+            .record_certificate(crate::store::CertificateRecord {
                 serial: issued.serial.clone(),
                 name: request.name.clone(),
                 role: role.as_str().to_string(),
@@ -604,20 +511,23 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 not_after_unix_ms: issued.not_after_unix_ms,
                 issued_by: identity.name.clone(),
             })
+            .await
             .map_err(store_status)?;
-        self.fleet.event(
-            &actor,
-            "credential.issued",
-            "",
-            "",
-            format!(
-                "credential `{}` with role {} issued by {} (certificate {})",
-                request.name,
-                role.as_str(),
-                identity.name,
-                issued.serial
-            ),
-        );
+        self.fleet
+            .event(
+                &actor,
+                "credential.issued",
+                "",
+                "",
+                format!(
+                    "credential `{}` with role {} issued by {} (certificate {})",
+                    request.name,
+                    role.as_str(),
+                    identity.name,
+                    issued.serial
+                ),
+            )
+            .await;
         Ok(Response::new(pb::IssueCredentialResponse {
             certificate_pem: issued.cert_pem,
             ca_pem: self.authority.ca_pem().to_string(),
@@ -630,7 +540,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::DrainHostRequest>,
     ) -> Result<Response<Self::DrainHostStream>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
         let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         names::check_host(&request.host).map_err(bad)?;
@@ -660,7 +570,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::HostRef>,
     ) -> Result<Response<pb::Host>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
         let actor = actor_of(&identity, &request);
         let host = request.into_inner().host;
         names::check_host(&host).map_err(bad)?;
@@ -683,7 +593,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::ConvergeLikeRequest>,
     ) -> Result<Response<Self::ConvergeLikeStream>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
         let actor = actor_of(&identity, &request);
         let request = request.into_inner();
         names::check_host(&request.host).map_err(bad)?;
@@ -714,7 +624,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::HostRef>,
     ) -> Result<Response<pb::RemoveHostResponse>, Status> {
-        let identity = auth::require(&self.fleet.store, &request, Role::Admin)?;
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
         let actor = actor_of(&identity, &request);
         let host = request.into_inner().host;
         names::check_host(&host).map_err(bad)?;
@@ -776,7 +686,7 @@ fn lifecycle_status(e: host_lifecycle::LifecycleError) -> Status {
 }
 
 fn host_snapshot(fleet: &FleetState, host: &str) -> Option<pb::Host> {
-    let record = fleet.store.get_host(host).ok()??;
+    let record = fleet.host_record(host).ok()??;
     Some(convert::host(fleet, &record, None))
 }
 
@@ -827,12 +737,15 @@ fn host_stream(
 
 /// The refusal of a release whose version exists with other bytes (or the same bytes and other
 /// config).
-fn immutable_refusal(existing: &ReleaseRecord, same_bytes: bool) -> Status {
-    Status::already_exists(format!(
-        "{}@{} already exists with {}{}: a version is immutable, create a new version instead",
-        existing.app,
-        existing.version,
-        existing.artifact_digest,
-        if same_bytes { " and other config" } else { "" },
-    ))
+fn release_status(e: releases::ReleaseError) -> Status {
+    use releases::ReleaseError;
+    match e {
+        ReleaseError::Invalid(m) => Status::invalid_argument(m),
+        e @ ReleaseError::Immutable { .. } => Status::already_exists(e.to_string()),
+        ReleaseError::Store(e) => store_status(e),
+        e @ (ReleaseError::Artifacts(_) | ReleaseError::Internal(_)) => {
+            tracing::error!("{e}");
+            Status::internal(e.to_string())
+        }
+    }
 }

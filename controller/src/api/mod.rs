@@ -6,9 +6,9 @@ pub mod agent_service;
 pub mod convert;
 pub mod fleet_service;
 
-use crate::rollout::RolloutError;
-use crate::store::StoreError;
-use tonic::{Request, Status};
+pub use crate::status::{rollout_status, store_status};
+
+use tonic::Request;
 
 /// Who made a request, for the record: the name in the caller's certificate (the identity the
 /// fleet vouches for), followed by the operator fleetctl says ran it (`x-fleet-actor`, checked
@@ -22,21 +22,5 @@ pub fn actor_of<T>(identity: &crate::auth::Identity, request: &Request<T>) -> St
     match claimed {
         Some(claimed) if claimed != identity.name => format!("{} ({claimed})", identity.name),
         _ => identity.name.clone(),
-    }
-}
-
-pub fn store_status(e: StoreError) -> Status {
-    tracing::error!("{e}");
-    Status::internal(format!(
-        "{e}; the controller's data directory may be damaged or full"
-    ))
-}
-
-pub fn rollout_status(e: RolloutError) -> Status {
-    match e {
-        RolloutError::Invalid(m) => Status::invalid_argument(m),
-        RolloutError::NotFound(m) => Status::not_found(m),
-        RolloutError::Conflict(m) => Status::failed_precondition(m),
-        RolloutError::Store(e) => store_status(e),
     }
 }

@@ -15,19 +15,27 @@
 //!
 //! The fleet CA and the identity in a certificate are `fleet_pki`'s (shared with fleetctl and
 //! the agent). Here:
+//! - [`host_scope`]: what an agent certificate may do beyond its role: speak only for its own
+//!   host, fetch only its host's artifacts, lose its session once revoked.
 //! - [`tokens`]: one-time join tokens (made here, stored only as sha256).
 
+pub mod host_scope;
 pub mod tokens;
 
 pub use fleet_pki::{Identity, Role};
 
-use crate::store::Store;
+use crate::fleet_state::FleetState;
+use crate::status::store_status;
 use tonic::{Request, Status};
 
 /// The identity of the caller, when it has the role `needed` (admin also covers deployer), its
 /// certificate is not revoked, and it presented one at all. Otherwise `Unauthenticated` (no or
 /// unreadable certificate, revoked) or `PermissionDenied` naming the role the call needs.
-pub fn require<T>(store: &Store, request: &Request<T>, needed: Role) -> Result<Identity, Status> {
+pub fn require<T>(
+    fleet: &FleetState,
+    request: &Request<T>,
+    needed: Role,
+) -> Result<Identity, Status> {
     let certs = request.peer_certs();
     let Some(leaf) = certs.as_ref().and_then(|certs| certs.first()) else {
         return Err(Status::unauthenticated(
@@ -39,7 +47,7 @@ pub fn require<T>(store: &Store, request: &Request<T>, needed: Role) -> Result<I
             "the client certificate is not a fleet credential: {e}"
         ))
     })?;
-    match store.is_revoked(&identity.serial) {
+    match fleet.is_revoked(&identity.serial) {
         Ok(false) => {}
         Ok(true) => {
             return Err(Status::unauthenticated(format!(
@@ -47,7 +55,7 @@ pub fn require<T>(store: &Store, request: &Request<T>, needed: Role) -> Result<I
                 identity.name, identity.serial
             )))
         }
-        Err(e) => return Err(crate::api::store_status(e)),
+        Err(e) => return Err(store_status(e)),
     }
     if !identity.role.grants(needed) {
         return Err(Status::permission_denied(format!(

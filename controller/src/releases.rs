@@ -1,0 +1,227 @@
+//! Release creation, as rollouts are in `rollout`: a release's name, version and environment
+//! checked, its uploaded artifact checked (the same reader the agent unpacks with) and kept in
+//! the artifact store, and the record `APP@VERSION -> sha256:...` written. Releases are
+//! immutable: a version that exists with other bytes or other config is refused, and the
+//! refused bytes are not kept; the same bytes and config again is a no-op.
+//!
+//! The gRPC handler only decodes the stream, authorizes, and calls [`begin`], [`Upload::write`]
+//! and [`create`].
+
+use crate::artifacts::{self, ArtifactStoreError};
+use crate::fleet_state::FleetState;
+use crate::model::ReleaseRecord;
+use crate::store::{ReleaseInsert, StoreError};
+use fleet_proto::names;
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// The longest value of one environment variable of a release.
+pub const MAX_ENV_VALUE_BYTES: usize = 4096;
+
+#[derive(Debug, Error)]
+pub enum ReleaseError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{}@{} already exists with {}{}: a version is immutable, create a new version instead",
+        existing.app, existing.version, existing.artifact_digest,
+        if *same_bytes { " and other config" } else { "" })]
+    Immutable {
+        existing: Box<ReleaseRecord>,
+        same_bytes: bool,
+    },
+    #[error("the artifact store failed: {0}")]
+    Artifacts(ArtifactStoreError),
+    #[error("{0}")]
+    Internal(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ArtifactStoreError> for ReleaseError {
+    fn from(e: ArtifactStoreError) -> ReleaseError {
+        match e {
+            ArtifactStoreError::Invalid(e) => ReleaseError::Invalid(e.to_string()),
+            e @ ArtifactStoreError::TooLarge { .. } => ReleaseError::Invalid(e.to_string()),
+            other => ReleaseError::Artifacts(other),
+        }
+    }
+}
+
+/// What a release is to be, checked.
+#[derive(Debug, Clone)]
+pub struct NewRelease {
+    pub app: String,
+    pub version: String,
+    pub env: BTreeMap<String, String>,
+}
+
+impl NewRelease {
+    /// Checks the app name, the version and every environment variable.
+    pub fn check(
+        app: String,
+        version: String,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<NewRelease, ReleaseError> {
+        names::check_app(&app).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+        names::check_version(&version).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+        let mut checked = BTreeMap::new();
+        for (key, value) in env {
+            if !names::check_env_key(&key)
+                || value.contains('\0')
+                || value.len() > MAX_ENV_VALUE_BYTES
+            {
+                return Err(ReleaseError::Invalid(format!(
+                    "environment variable {key:?} is invalid: names are letters, digits and '_', values at most {MAX_ENV_VALUE_BYTES} bytes"
+                )));
+            }
+            checked.insert(key, value);
+        }
+        Ok(NewRelease {
+            app,
+            version,
+            env: checked,
+        })
+    }
+}
+
+/// An artifact being uploaded into the artifact store's temporary area; dropped, it leaves
+/// nothing behind.
+pub struct Upload {
+    inner: artifacts::Upload,
+}
+
+impl Upload {
+    /// Appends bytes (hashed as they come; refused past the artifact size limit). The write
+    /// may block on the disk, so it tells the runtime first.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), ReleaseError> {
+        tokio::task::block_in_place(|| self.inner.write(bytes)).map_err(ReleaseError::from)
+    }
+}
+
+/// Starts an upload.
+pub fn begin(fleet: &FleetState) -> Result<Upload, ReleaseError> {
+    Ok(Upload {
+        inner: fleet.artifacts().begin_upload()?,
+    })
+}
+
+/// What [`create`] did.
+#[derive(Debug)]
+pub struct Created {
+    pub record: ReleaseRecord,
+    /// False when the same release existed already (a no-op).
+    pub created: bool,
+}
+
+/// Checks the uploaded artifact, keeps it, and records the release `new` by `actor`.
+pub async fn create(
+    fleet: &FleetState,
+    new: NewRelease,
+    upload: Upload,
+    actor: &str,
+) -> Result<Created, ReleaseError> {
+    let artifacts = fleet.artifacts().clone();
+    let checker = artifacts.clone();
+    let checked = tokio::task::spawn_blocking(move || checker.check_upload(upload.inner))
+        .await
+        .map_err(|e| ReleaseError::Internal(format!("checking the artifact crashed: {e}")))??;
+    // A version taken by other bytes is refused before the bytes are kept: a refused upload
+    // leaves nothing behind (dropping `checked` deletes it).
+    if let Some(existing) = fleet.release(&new.app, &new.version)? {
+        if existing.artifact_digest != checked.stored.digest {
+            return Err(ReleaseError::Immutable {
+                existing: Box::new(existing),
+                same_bytes: false,
+            });
+        }
+    }
+    let stored = tokio::task::spawn_blocking(move || artifacts.keep(checked))
+        .await
+        .map_err(|e| ReleaseError::Internal(format!("keeping the artifact crashed: {e}")))??;
+
+    let record = ReleaseRecord {
+        app: new.app,
+        version: new.version,
+        artifact_digest: stored.digest.clone(),
+        artifact_size: stored.size,
+        env: new.env,
+        created_unix_ms: fleet_proto::now_unix_ms(),
+        created_by: actor.to_string(),
+        smoke_timeouts_ms: stored
+            .manifest
+            .smoke
+            .iter()
+            .map(|check| check.timeout.as_millis() as u64)
+            .collect(),
+        has_release_hook: stored.manifest.release_hook.is_some(),
+    };
+    match fleet.insert_release(&record).await? {
+        ReleaseInsert::Created => {
+            fleet
+                .event(
+                    actor,
+                    "release.created",
+                    &record.app,
+                    "",
+                    format!(
+                        "release {}@{} created by {actor}: {}",
+                        record.app, record.version, record.artifact_digest
+                    ),
+                )
+                .await;
+            Ok(Created {
+                record,
+                created: true,
+            })
+        }
+        ReleaseInsert::Exists(existing)
+            if existing.artifact_digest == record.artifact_digest && existing.env == record.env =>
+        {
+            Ok(Created {
+                record: existing,
+                created: false,
+            })
+        }
+        ReleaseInsert::Exists(existing) => {
+            let same_bytes = existing.artifact_digest == record.artifact_digest;
+            Err(ReleaseError::Immutable {
+                existing: Box::new(existing),
+                same_bytes,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_is_checked_before_any_byte_is_taken() {
+        let ok = NewRelease::check(
+            "web".into(),
+            "1.4.2".into(),
+            [("GREETING".to_string(), "hi".to_string())],
+        )
+        .unwrap();
+        assert_eq!(ok.env["GREETING"], "hi");
+        for (app, version, key, value) in [
+            ("Web", "1.0.0", "K", "v"),
+            ("web", "", "K", "v"),
+            ("web", "1.0.0", "1BAD", "v"),
+            ("web", "1.0.0", "K", "nul\0"),
+        ] {
+            let result = NewRelease::check(
+                app.into(),
+                version.into(),
+                [(key.to_string(), value.to_string())],
+            );
+            assert!(
+                matches!(result, Err(ReleaseError::Invalid(_))),
+                "{app} {version} {key}"
+            );
+        }
+        let long = "x".repeat(MAX_ENV_VALUE_BYTES + 1);
+        assert!(NewRelease::check("web".into(), "1".into(), [("K".to_string(), long)]).is_err());
+    }
+}
