@@ -559,14 +559,17 @@ impl FleetState {
         (fleet_proto::now_unix_ms() - last_seen) / 1000
     }
 
-    /// Watches for hosts going lost, records it, and wakes waiters. Runs for the life of the
-    /// controller, one check per heartbeat interval.
-    pub async fn watch_for_lost_hosts(self: std::sync::Arc<Self>) {
+    /// Watches for hosts going lost, records it, and wakes waiters, one check per heartbeat
+    /// interval, until `stop` turns true.
+    pub async fn watch_for_lost_hosts(self: std::sync::Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut lost = std::collections::HashSet::new();
         let period = std::time::Duration::from_millis(self.heartbeat_interval_ms);
         let mut tick = tokio::time::interval(period);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
             let Ok(hosts) = self.store.list_hosts() else {
                 continue;
             };

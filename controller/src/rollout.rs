@@ -66,9 +66,46 @@ struct Handle {
 #[derive(Default)]
 pub struct Rollouts {
     active: Mutex<HashMap<String, Handle>>,
+    /// The executors' tasks, to stop them on shutdown.
+    executors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Turns true when the controller shuts down: every executor stops where it stands.
+    stopping: watch::Sender<bool>,
 }
 
 impl Rollouts {
+    /// Runs an executor until its rollout ends or the controller shuts down. Stopped, it leaves
+    /// the rollout as its last committed record says (every step is one transaction), and the
+    /// next controller start picks it up there (`recover`).
+    fn spawn(&self, executor: Executor) {
+        let mut stopping = self.stopping.subscribe();
+        let id = executor.record.id.clone();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = executor.run() => {}
+                _ = stopping.wait_for(|stop| *stop) => {
+                    tracing::info!("controller shutting down: rollout {id} stops here; the next start picks it up");
+                }
+            }
+        });
+        let mut executors = self.executors.lock().unwrap_or_else(|p| p.into_inner());
+        executors.retain(|task| !task.is_finished());
+        executors.push(task);
+    }
+
+    /// Stops every executor and waits for them, at most until `deadline`; returns how many
+    /// had not stopped by then.
+    pub async fn shut_down(&self, deadline: tokio::time::Instant) -> usize {
+        self.stopping.send_replace(true);
+        let tasks = std::mem::take(&mut *self.executors.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut late = 0;
+        for task in tasks {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                late += 1;
+            }
+        }
+        late
+    }
+
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -262,7 +299,7 @@ async fn start_on(
         control: control_rx,
         progress,
     };
-    tokio::spawn(executor.run());
+    rollouts.spawn(executor);
     Ok((record, progress_rx))
 }
 
@@ -413,7 +450,7 @@ pub async fn recover(
             control: control_rx,
             progress,
         };
-        tokio::spawn(executor.run());
+        rollouts.spawn(executor);
         n += 1;
     }
     Ok(n)

@@ -48,7 +48,8 @@ pub async fn run(
         config.heartbeat_interval_ms,
         config.lost_after_ms,
     ));
-    tokio::spawn(fleet.clone().watch_for_lost_hosts());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let lost_host_watcher = tokio::spawn(fleet.clone().watch_for_lost_hosts(stop_rx.clone()));
     let rollouts = Arc::new(Rollouts::default());
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -63,7 +64,6 @@ pub async fn run(
         tracing::info!("picked up {recovered} rollout(s) left under way");
     }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let agent_api = AgentApi {
         fleet: fleet.clone(),
         authority: authority.clone(),
@@ -72,7 +72,7 @@ pub async fn run(
     let fleet_api = FleetApi {
         fleet: fleet.clone(),
         authority,
-        rollouts,
+        rollouts: rollouts.clone(),
         shutdown: stop_rx.clone(),
     };
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
@@ -115,14 +115,30 @@ pub async fn run(
         _ = shutdown => {}
     }
     tracing::info!("shutting down");
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     let _ = stop_tx.send(true);
     let _ = signalled_tx.send(());
-    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+    // The rollout executors and the lost-host watcher stop at their next await; what they
+    // wrote is committed (a write in flight finishes on the blocking pool).
+    let late_executors = rollouts.shut_down(deadline).await;
+    if late_executors > 0 {
+        tracing::warn!(
+            "{late_executors} rollout executor(s) did not stop within {SHUTDOWN_GRACE:?}"
+        );
+    }
+    if tokio::time::timeout_at(deadline, lost_host_watcher)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the lost-host watcher did not stop within {SHUTDOWN_GRACE:?}");
+    }
+    match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(result) => result??,
         Err(_) => tracing::warn!(
             "in-flight calls did not finish within {SHUTDOWN_GRACE:?}; exiting anyway"
         ),
     }
+    tracing::info!("stopped");
     let _ = std::fs::remove_file(&config.addr_file);
     Ok(())
 }

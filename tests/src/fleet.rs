@@ -202,6 +202,21 @@ impl Fleet {
         }
     }
 
+    /// Asks the controller to stop (SIGTERM) and waits at most `deadline` for it to exit; its
+    /// exit status, or `None` when it was still running (it is SIGKILLed then).
+    pub fn stop_controller(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let mut guard = self.controller.take()?;
+        guard.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = guard.wait_exit(deadline);
+        guard.kill_now();
+        status
+    }
+
+    /// The controller's log so far.
+    pub fn controller_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs/controller.log")).unwrap_or_default()
+    }
+
     /// Starts the controller again with the same config and data dir, on the same address: the
     /// `listen` line of controller.toml is pinned to the address it bound first.
     pub fn restart_controller(&mut self) {

@@ -66,6 +66,21 @@ impl ChildGuard {
     pub fn signal(&self, signal: Signal) {
         signal_pid(self.pid(), signal);
     }
+
+    /// Waits until the child exits, at most `deadline`; its exit status, or `None` when it
+    /// was still running then.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for ChildGuard {

@@ -91,3 +91,60 @@ fn a_rollout_survives_a_controller_crash_and_keeps_its_canary_pause() {
     );
     fleet.wait_all_serve("1.1.0", Duration::from_secs(10));
 }
+
+/// User story: the controller is asked to stop (SIGTERM, as systemd does) while a rollout holds
+/// after its canary. It exits 0 within its shutdown grace, saying the rollout stops where it
+/// stands rather than dropping it, and the next start completes the rollout.
+#[test]
+fn a_controller_asked_to_stop_mid_rollout_stops_its_rollout_within_the_grace() {
+    let mut fleet = Fleet::start(2);
+    fleet.create_web_releases(&["1.0.0", "1.1.0"]);
+    fleet
+        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
+        .expect_code(0);
+    let started = fleet
+        .ctl(&[
+            "rollout",
+            "web",
+            "1.1.0",
+            "--canary",
+            "1",
+            "--batch",
+            "100%",
+            "--pause-after-canary",
+            "4s",
+            "--detach",
+        ])
+        .expect_code(0)
+        .json;
+    let id = started["id"].as_str().expect("a rollout id").to_string();
+    wait_for(
+        Duration::from_secs(20),
+        "the canary to pass and the canary pause to begin",
+        || {
+            let rollout = fleet.ctl_ok(&["rollout", "status", &id]);
+            rollout["hold_until_unix_ms"]
+                .as_i64()
+                .filter(|&until| until > 0)
+        },
+    );
+
+    // The grace is 5 s; a controller that waited on its executors to the end would take the
+    // whole pause and more.
+    let status = fleet
+        .stop_controller(Duration::from_secs(8))
+        .expect("the controller exits within its shutdown grace");
+    assert!(status.success(), "the controller exited with {status}");
+    let log = fleet.controller_log();
+    assert!(
+        log.contains(&format!("rollout {id} stops here")),
+        "the executor must be stopped, not dropped with the runtime; log:\n{log}"
+    );
+    assert!(!log.contains("did not stop within"), "{log}");
+
+    fleet.restart_controller();
+    fleet.wait_hosts_ready(2);
+    let finished = fleet.wait_rollout_ends(&id, Duration::from_secs(40));
+    assert_eq!(finished["state"], "succeeded", "{finished:#}");
+    fleet.wait_all_serve("1.1.0", Duration::from_secs(10));
+}
