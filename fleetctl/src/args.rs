@@ -1,7 +1,6 @@
 //! fleetctl's command line: the clap definitions of every verb and flag, in this one module.
 //! Values are checked by the parsers of [`crate::parse`] as clap reads them.
 
-use crate::output::OutputFormat;
 use crate::parse::{
     parse_app, parse_batch, parse_duration_arg, parse_env_pair, parse_host, parse_selector,
     parse_version, Selector,
@@ -319,6 +318,15 @@ impl CredentialRole {
             CredentialRole::Deployer => "deployer",
         }
     }
+}
+
+/// `--output text|json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Tables and sentences for people
+    Text,
+    /// The proto response message as JSON
+    Json,
 }
 
 #[cfg(test)]

@@ -7,14 +7,7 @@ use fleet_proto::pb;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// `--output text|json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    /// Tables and sentences for people
-    Text,
-    /// The proto response message as JSON
-    Json,
-}
+pub use crate::args::OutputFormat;
 
 /// Prints a value as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) {
