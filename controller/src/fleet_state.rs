@@ -215,11 +215,18 @@ impl FleetState {
         &self,
         token_hash: String,
         certificate: CertificateRecord,
+        certificate_pem: String,
         key_sha256: String,
         now_unix_ms: i64,
     ) -> Result<TokenUse, StoreError> {
         self.write(move |store| {
-            store.join_with_token(&token_hash, &certificate, &key_sha256, now_unix_ms)
+            store.join_with_token(
+                &token_hash,
+                &certificate,
+                &certificate_pem,
+                &key_sha256,
+                now_unix_ms,
+            )
         })
         .await
     }

@@ -88,9 +88,17 @@ pub struct JoinTokenRecord {
     #[serde(default)]
     pub used_by_host: Option<String>,
     /// The sha256 (hex) of the public key the token was spent for: the same host asking again
-    /// with the same key (its answer was lost) gets a certificate again.
+    /// with the same key (its answer was lost) gets its certificate again.
     #[serde(default)]
     pub used_with_key: Option<String>,
+    /// The certificate (PEM) the token was spent for: what a retried join is answered with,
+    /// so a retry never mints another one.
+    #[serde(default)]
+    pub issued_certificate_pem: Option<String>,
+    /// Set when the host the token joined was removed (`fleetctl remove`): the token is dead
+    /// for good, retries included.
+    #[serde(default)]
+    pub host_removed_unix_ms: Option<i64>,
 }
 
 /// What `join_with_token` found.
@@ -100,9 +108,15 @@ pub enum TokenUse {
     Spent,
     /// The host holds a live agent certificate already: nothing was spent or recorded.
     HostHasCertificate,
-    /// The same host and key asked again with the token it spent (a lost answer): the new
-    /// certificate is recorded.
-    Retried,
+    /// The same host and key asked again with the token it spent (a lost answer): it is
+    /// answered with the certificate it was issued then; nothing new is signed or recorded.
+    Retried {
+        certificate_pem: String,
+    },
+    /// The token joined a host that was removed since: dead for good.
+    HostRemoved {
+        host: String,
+    },
     Unknown,
     AlreadyUsed {
         by_host: String,
@@ -366,12 +380,13 @@ impl Store {
     /// otherwise the token is spent and the certificate recorded. Two joins for one host name
     /// (with two tokens) cannot both succeed. The one exception: the host the token was spent
     /// for, asking again before the token expires with the same key (`key_sha256`), is the
-    /// same join retried after its answer was lost, and gets the new certificate
-    /// ([`TokenUse::Retried`]).
+    /// same join retried after its answer was lost, and gets the certificate it was issued
+    /// then ([`TokenUse::Retried`]) unless that host was removed meanwhile.
     pub fn join_with_token(
         &self,
         token_hash: &str,
         certificate: &CertificateRecord,
+        certificate_pem: &str,
         key_sha256: &str,
         now_unix_ms: i64,
     ) -> Result<TokenUse, StoreError> {
@@ -383,6 +398,12 @@ impl Store {
                 return Ok(());
             };
             let mut record: JoinTokenRecord = decode("join token", &bytes)?;
+            if record.host_removed_unix_ms.is_some() {
+                outcome = TokenUse::HostRemoved {
+                    host: record.used_by_host.clone().unwrap_or_default(),
+                };
+                return Ok(());
+            }
             let retry = record.used_by_host.as_deref() == Some(certificate.name.as_str())
                 && record.used_with_key.as_deref() == Some(key_sha256)
                 && now_unix_ms < record.expires_unix_ms;
@@ -397,6 +418,14 @@ impl Store {
                     expired_unix_ms: record.expires_unix_ms,
                 };
                 return Ok(());
+            }
+            if retry {
+                if let Some(issued) = &record.issued_certificate_pem {
+                    outcome = TokenUse::Retried {
+                        certificate_pem: issued.clone(),
+                    };
+                    return Ok(());
+                }
             }
             let mut certificates = txn.open_table(CERTIFICATES)?;
             if !retry {
@@ -414,11 +443,15 @@ impl Store {
                 record.used_unix_ms = Some(now_unix_ms);
                 record.used_by_host = Some(certificate.name.clone());
                 record.used_with_key = Some(key_sha256.to_string());
-                tokens.insert(token_hash, encode(&record).as_slice())?;
             }
+            // A token spent before certificates were kept with it keeps the one it gets now.
+            record.issued_certificate_pem = Some(certificate_pem.to_string());
+            tokens.insert(token_hash, encode(&record).as_slice())?;
             certificates.insert(certificate.serial.as_str(), encode(certificate).as_slice())?;
             outcome = if retry {
-                TokenUse::Retried
+                TokenUse::Retried {
+                    certificate_pem: certificate_pem.to_string(),
+                }
             } else {
                 TokenUse::Spent
             };
@@ -463,8 +496,9 @@ impl Store {
     }
 
     /// Revokes every agent certificate ever signed for host `name` (what `fleetctl remove`
-    /// calls): from the next call on, that host's agent is refused, and the name may join
-    /// again with a new token. Returns how many certificates were revoked.
+    /// calls), and kills every join token it joined with, so not even a retried join brings it
+    /// back: from the next call on, that host's agent is refused, and the name may join again
+    /// only with a new token. Returns how many certificates were revoked.
     pub fn revoke_host(&self, name: &str) -> Result<usize, StoreError> {
         let now = fleet_proto::now_unix_ms();
         let mut n_revoked = 0;
@@ -490,6 +524,21 @@ impl Store {
                     revoked.insert(serial.as_str(), encode(&record).as_slice())?;
                     n_revoked += 1;
                 }
+            }
+            let mut tokens = txn.open_table(JOIN_TOKENS)?;
+            let mut dead = Vec::new();
+            for item in tokens.iter()? {
+                let (key, value) = item?;
+                let mut token: JoinTokenRecord = decode("join token", value.value())?;
+                if token.used_by_host.as_deref() == Some(name)
+                    && token.host_removed_unix_ms.is_none()
+                {
+                    token.host_removed_unix_ms = Some(now);
+                    dead.push((key.value().to_string(), token));
+                }
+            }
+            for (key, token) in dead {
+                tokens.insert(key.as_str(), encode(&token).as_slice())?;
             }
             Ok(())
         })?;
@@ -583,6 +632,8 @@ mod tests {
             used_unix_ms: None,
             used_by_host: None,
             used_with_key: None,
+            issued_certificate_pem: None,
+            host_removed_unix_ms: None,
         };
         store.insert_join_token("a", &record).unwrap();
         store.insert_join_token("b", &record).unwrap();
@@ -597,19 +648,19 @@ mod tests {
         };
         assert_eq!(
             store
-                .join_with_token("nope", &certificate("01", "h1"), "k1", 10)
+                .join_with_token("nope", &certificate("01", "h1"), "pem-01", "k1", 10)
                 .unwrap(),
             TokenUse::Unknown
         );
         assert_eq!(
             store
-                .join_with_token("a", &certificate("02", "h1"), "k1", 10)
+                .join_with_token("a", &certificate("02", "h1"), "pem-02", "k1", 10)
                 .unwrap(),
             TokenUse::Spent
         );
         assert_eq!(
             store
-                .join_with_token("a", &certificate("03", "h2"), "k2", 20)
+                .join_with_token("a", &certificate("03", "h2"), "pem-03", "k2", 20)
                 .unwrap(),
             TokenUse::AlreadyUsed {
                 by_host: "h1".into()
@@ -617,7 +668,7 @@ mod tests {
         );
         assert_eq!(
             store
-                .join_with_token("b", &certificate("04", "h2"), "k2", 1000)
+                .join_with_token("b", &certificate("04", "h2"), "pem-04", "k2", 1000)
                 .unwrap(),
             TokenUse::Expired {
                 expired_unix_ms: 1000
@@ -626,13 +677,13 @@ mod tests {
         // A second token for a host that joined already: refused, and the token stays unspent.
         assert_eq!(
             store
-                .join_with_token("c", &certificate("05", "h1"), "k9", 10)
+                .join_with_token("c", &certificate("05", "h1"), "pem-05", "k9", 10)
                 .unwrap(),
             TokenUse::HostHasCertificate
         );
         assert_eq!(
             store
-                .join_with_token("c", &certificate("06", "h3"), "k3", 10)
+                .join_with_token("c", &certificate("06", "h3"), "pem-06", "k3", 10)
                 .unwrap(),
             TokenUse::Spent
         );
@@ -640,13 +691,16 @@ mod tests {
         // another key, or after the token expired: refused.
         assert_eq!(
             store
-                .join_with_token("a", &certificate("07", "h1"), "k1", 20)
+                .join_with_token("a", &certificate("07", "h1"), "pem-07", "k1", 20)
                 .unwrap(),
-            TokenUse::Retried
+            TokenUse::Retried {
+                certificate_pem: "pem-02".into()
+            },
+            "a retry is answered with the certificate of the first answer"
         );
         assert_eq!(
             store
-                .join_with_token("a", &certificate("08", "h1"), "k8", 20)
+                .join_with_token("a", &certificate("08", "h1"), "pem-08", "k8", 20)
                 .unwrap(),
             TokenUse::AlreadyUsed {
                 by_host: "h1".into()
@@ -654,7 +708,7 @@ mod tests {
         );
         assert_eq!(
             store
-                .join_with_token("a", &certificate("09", "h1"), "k1", 1000)
+                .join_with_token("a", &certificate("09", "h1"), "pem-09", "k1", 1000)
                 .unwrap(),
             TokenUse::AlreadyUsed {
                 by_host: "h1".into()
@@ -668,8 +722,8 @@ mod tests {
             .collect();
         assert_eq!(
             serials,
-            ["02", "06", "07"],
-            "only admitted joins record a certificate"
+            ["02", "06"],
+            "only admitted joins record a certificate; a retry signs nothing new"
         );
     }
 
@@ -699,6 +753,8 @@ mod tests {
             used_unix_ms: None,
             used_by_host: None,
             used_with_key: None,
+            issued_certificate_pem: None,
+            host_removed_unix_ms: None,
         };
         store.insert_join_token("t1", &token).unwrap();
         store.insert_join_token("t2", &token).unwrap();
@@ -712,7 +768,9 @@ mod tests {
         };
         // web-1's live agent certificate keeps a token from taking the name over ...
         assert_eq!(
-            store.join_with_token("t1", &rejoin("04"), "k", 5).unwrap(),
+            store
+                .join_with_token("t1", &rejoin("04"), "pem-04", "k", 5)
+                .unwrap(),
             TokenUse::HostHasCertificate
         );
         assert_eq!(store.revoke_host("web-1").unwrap(), 1);
@@ -722,8 +780,21 @@ mod tests {
         assert!(!store.is_revoked("03").unwrap());
         // ... until it is revoked: the deployer certificate does not count.
         assert_eq!(
-            store.join_with_token("t2", &rejoin("05"), "k", 5).unwrap(),
+            store
+                .join_with_token("t2", &rejoin("05"), "pem-05", "k", 5)
+                .unwrap(),
             TokenUse::Spent
+        );
+        // Removed again, web-1 cannot come back with that token, not even as a retry of the
+        // same key (its answer "lost") while the token is still valid.
+        store.revoke_host("web-1").unwrap();
+        assert_eq!(
+            store
+                .join_with_token("t2", &rejoin("06"), "pem-06", "k", 6)
+                .unwrap(),
+            TokenUse::HostRemoved {
+                host: "web-1".into()
+            }
         );
     }
 

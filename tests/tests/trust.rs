@@ -288,6 +288,7 @@ fn a_join_whose_answer_was_lost_is_answered_again_for_the_same_key_only() {
     let first = spawn_joining_agent(&fleet, "j1", &token, &data_dir);
     fleet.wait_hosts_ready(1);
     assert!(cert.is_file());
+    let first_certificate = std::fs::read_to_string(&cert).unwrap();
     // The agent dies before it kept its certificate: the controller spent the token, the
     // host has its key and no certificate.
     drop(first);
@@ -298,21 +299,47 @@ fn a_join_whose_answer_was_lost_is_answered_again_for_the_same_key_only() {
     assert_ne!(thief.code, 0);
     assert!(thief.stderr.contains("already used"), "{}", thief.stderr);
 
-    // The same agent with its kept key asks again and is answered again.
-    let _again = spawn_joining_agent(&fleet, "j1", &token, &data_dir);
+    // The same agent with its kept key asks again and is answered again, with the certificate
+    // it was issued the first time (a retry signs nothing new).
+    let again = spawn_joining_agent(&fleet, "j1", &token, &data_dir);
+    let connected = |fleet: &Fleet| {
+        fleet.ctl_ok(&["hosts"])["hosts"]
+            .as_array()
+            .is_some_and(|hosts| {
+                hosts
+                    .iter()
+                    .any(|h| h["name"] == "j1" && h["connected"] == true)
+            })
+    };
     fleet_tests::wait_until(
         Duration::from_secs(30),
         "j1 to join again and register",
-        || {
-            cert.is_file()
-                && fleet.ctl_ok(&["hosts"])["hosts"]
-                    .as_array()
-                    .is_some_and(|hosts| {
-                        hosts
-                            .iter()
-                            .any(|h| h["name"] == "j1" && h["connected"] == true)
-                    })
-        },
+        || cert.is_file() && connected(&fleet),
+    );
+    assert_eq!(std::fs::read_to_string(&cert).unwrap(), first_certificate);
+
+    // Removed, j1 cannot come back with that token: not as a retried join with its own key
+    // while the token is still valid, as an agent restarted with its agent.toml would try.
+    fleet.ctl(&["remove", "j1"]).expect_code(0);
+    drop(again);
+    std::fs::remove_file(&cert).unwrap();
+    let mut command = std::process::Command::new(&fleet.bins.agent);
+    command
+        .args(["--controller", &fleet.controller_url(), "--name", "j1"])
+        .args(["--advertise", "127.0.0.1", "--ca"])
+        .arg(fleet.config_dir().join("ca.pem"))
+        .args(["--join-token", &token, "--data-dir"])
+        .arg(&data_dir);
+    let rejoin = process::run_with_deadline(command, Duration::from_secs(45));
+    assert_ne!(rejoin.code, 0, "{}", rejoin.stderr);
+    assert!(rejoin.stderr.contains("was removed"), "{}", rejoin.stderr);
+    assert!(!cert.exists(), "no certificate for a removed host");
+    let hosts = fleet.ctl_ok(&["hosts"]);
+    assert!(
+        hosts["hosts"]
+            .as_array()
+            .is_none_or(|hosts| hosts.iter().all(|h| h["name"] != "j1")),
+        "a removed host stays removed: {hosts:#}"
     );
 }
 

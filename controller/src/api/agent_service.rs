@@ -205,13 +205,29 @@ impl pb::agent_service_server::AgentService for AgentApi {
         };
         match self
             .fleet
-            .join_with_token(auth::tokens::hash(&request.token), certificate, key_sha256, now)
+            .join_with_token(
+                auth::tokens::hash(&request.token),
+                certificate,
+                issued.cert_pem.clone(),
+                key_sha256,
+                now,
+            )
             .await
             .map_err(store_status)?
         {
             TokenUse::Spent => {}
-            TokenUse::Retried => {
-                tracing::info!(%host, "a join answered before is asked again with the same key: answering again");
+            TokenUse::Retried { certificate_pem } => {
+                tracing::info!(%host, "a join answered before is asked again with the same key: answering again with the same certificate");
+                return Ok(Response::new(pb::JoinResponse {
+                    certificate_pem,
+                    ca_pem: self.authority.ca_pem().to_string(),
+                }));
+            }
+            TokenUse::HostRemoved { host: removed } => {
+                tracing::warn!(%host, "a join with the token of removed host {removed} was refused");
+                return Err(Status::permission_denied(format!(
+                    "this join token joined host `{removed}`, which was removed (`fleetctl remove`): it cannot join anything again; to bring the host back, give it a fresh data directory and a new token from `fleetctl join-token create`"
+                )));
             }
             TokenUse::HostHasCertificate => {
                 return Err(Status::failed_precondition(format!(

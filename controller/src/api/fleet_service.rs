@@ -450,6 +450,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             used_unix_ms: None,
             used_by_host: None,
             used_with_key: None,
+            issued_certificate_pem: None,
+            host_removed_unix_ms: None,
         };
         self.fleet
             .insert_join_token(auth::tokens::hash(&token), record)
