@@ -1,6 +1,7 @@
 //! The controller's domain records: hosts, releases, rollouts and events, as the store keeps
 //! them. They know nothing of gRPC; `api::convert` turns them into wire types at the edge.
 
+use fleet_proto::names::quoted;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -163,8 +164,12 @@ pub enum Batch {
 impl Batch {
     /// Parses `N` or `P%`.
     pub fn parse(text: &str) -> Result<Batch, String> {
-        let bad =
-            || format!("batch {text:?} is invalid: write a host count like 2 or a share like 25%");
+        let bad = || {
+            format!(
+                "batch {} is invalid: write a host count like 2 or a share like 25%",
+                quoted(text)
+            )
+        };
         if let Some(percent) = text.strip_suffix('%') {
             let p: u32 = percent.parse().map_err(|_| bad())?;
             if !(1..=100).contains(&p) {

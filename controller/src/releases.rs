@@ -71,7 +71,8 @@ impl NewRelease {
                 || value.len() > MAX_ENV_VALUE_BYTES
             {
                 return Err(ReleaseError::Invalid(format!(
-                    "environment variable {key:?} is invalid: names are letters, digits and '_', values at most {MAX_ENV_VALUE_BYTES} bytes"
+                    "environment variable {} is invalid: names are letters, digits and '_', values at most {MAX_ENV_VALUE_BYTES} bytes",
+                    names::quoted(&key)
                 )));
             }
             checked.insert(key, value);

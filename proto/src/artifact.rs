@@ -32,7 +32,8 @@ impl Default for Limits {
 pub enum ArtifactError {
     #[error("artifact is not a gzip tarball or is truncated: {0}")]
     Format(String),
-    #[error("artifact entry {path:?} is refused: {why}")]
+    /// `path` is already [`crate::names::quoted`].
+    #[error("artifact entry {path} is refused: {why}")]
     Entry { path: String, why: &'static str },
     #[error("artifact is too large unpacked: {0}")]
     TooLarge(String),
@@ -206,7 +207,7 @@ fn read_entries<R: Read>(
             )));
         }
         let raw_path = entry.path().map_err(format)?.into_owned();
-        let shown: String = raw_path.display().to_string().chars().take(200).collect();
+        let shown = crate::names::quoted(&raw_path.display().to_string());
         let refuse = |why| ArtifactError::Entry {
             path: shown.clone(),
             why,
@@ -326,7 +327,7 @@ fn read_entries<R: Read>(
     for (link, target) in &seen.links {
         if !link_resolves_inside(&seen.links, link, target) {
             return Err(ArtifactError::Entry {
-                path: link.display().to_string(),
+                path: crate::names::quoted(&link.display().to_string()),
                 why: "symlinks must point inside the release (this one leaves it through another symlink, or loops)",
             });
         }
@@ -406,7 +407,7 @@ fn create_dirs(dest: &Path, rel: &Path) -> Result<(), ArtifactError> {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => {
                 return Err(ArtifactError::Entry {
-                    path: rel.display().to_string(),
+                    path: crate::names::quoted(&rel.display().to_string()),
                     why: "a directory may not replace a file or a symlink",
                 })
             }
@@ -465,14 +466,14 @@ fn prepare_parent(dest: &Path, rel: &Path) -> Result<PathBuf, ArtifactError> {
             match std::fs::symlink_metadata(&dir) {
                 Ok(meta) if meta.file_type().is_symlink() => {
                     return Err(ArtifactError::Entry {
-                        path: rel.display().to_string(),
+                        path: crate::names::quoted(&rel.display().to_string()),
                         why: "an entry may not be written through a symlink",
                     })
                 }
                 Ok(meta) if meta.is_dir() => {}
                 Ok(_) => {
                     return Err(ArtifactError::Entry {
-                        path: rel.display().to_string(),
+                        path: crate::names::quoted(&rel.display().to_string()),
                         why: "its parent is a file",
                     })
                 }
@@ -486,7 +487,7 @@ fn prepare_parent(dest: &Path, rel: &Path) -> Result<PathBuf, ArtifactError> {
     let path = dest.join(rel);
     if std::fs::symlink_metadata(&path).is_ok() {
         return Err(ArtifactError::Entry {
-            path: rel.display().to_string(),
+            path: crate::names::quoted(&rel.display().to_string()),
             why: "the same path appears twice",
         });
     }

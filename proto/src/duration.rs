@@ -5,7 +5,12 @@ use std::time::Duration;
 
 /// Parses a duration, or says what a valid one looks like.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("duration {text:?} is invalid: write it like 500ms, 90s, 5m or 1h");
+    let bad = || {
+        format!(
+            "duration {} is invalid: write it like 500ms, 90s, 5m or 1h",
+            crate::names::quoted(text)
+        )
+    };
     let text = text.trim();
     if text.is_empty() {
         return Err(bad());

@@ -142,7 +142,8 @@ impl Manifest {
             None => StopSignal::Term,
             Some(s) => StopSignal::parse(s).ok_or_else(|| {
                 invalid(format!(
-                    "[process] stop_signal {s:?} is not one of TERM, INT, QUIT, HUP, USR1, USR2"
+                    "[process] stop_signal {} is not one of TERM, INT, QUIT, HUP, USR1, USR2",
+                    crate::names::quoted(s)
                 ))
             })?,
         };
@@ -151,7 +152,8 @@ impl Manifest {
         for (key, value) in &raw.process.env {
             if !crate::names::check_env_key(key) || value.contains('\0') {
                 return Err(invalid(format!(
-                    "[process] env key {key:?} is invalid: use letters, digits and '_'"
+                    "[process] env key {} is invalid: use letters, digits and '_'",
+                    crate::names::quoted(key)
                 )));
             }
         }
@@ -178,7 +180,8 @@ impl Manifest {
             let probe = if let Some(url) = check.http {
                 if !url.starts_with("http://") {
                     return Err(invalid(format!(
-                        "{name}: http check {url:?} must start with http://"
+                        "{name}: http check {} must start with http://",
+                        crate::names::quoted(&url)
                     )));
                 }
                 let expect_status = check.expect_status.unwrap_or(200);
@@ -191,7 +194,8 @@ impl Manifest {
             } else if let Some(addr) = check.tcp {
                 if !addr.contains(':') {
                     return Err(invalid(format!(
-                        "{name}: tcp check {addr:?} must be HOST:PORT"
+                        "{name}: tcp check {} must be HOST:PORT",
+                        crate::names::quoted(&addr)
                     )));
                 }
                 Probe::Tcp { addr }

@@ -5,13 +5,27 @@
 
 use thiserror::Error;
 
+/// How many characters of a refused input an error message quotes.
+pub const QUOTED_CHARS: usize = 64;
+
+/// `text` quoted for an error message, at most [`QUOTED_CHARS`] characters of it: an error
+/// says what was refused without echoing a huge input back (which would also overflow gRPC's
+/// metadata limit and hide the message behind `RESOURCE_EXHAUSTED`).
+pub fn quoted(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
+/// The errors hold the refused input already [`quoted`].
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum NameError {
-    #[error("{kind} name {name:?} is invalid: use lowercase letters, digits and '-', starting with a letter or digit, at most 63 characters")]
+    #[error("{kind} name {name} is invalid: use lowercase letters, digits and '-', starting with a letter or digit, at most 63 characters")]
     BadName { kind: &'static str, name: String },
-    #[error("version {0:?} is invalid: use letters, digits and '.', '+', '_', '-', at most 128 characters, not starting with '.'")]
+    #[error("version {0} is invalid: use letters, digits and '.', '+', '_', '-', at most 128 characters, not starting with '.'")]
     BadVersion(String),
-    #[error("label {0:?} is invalid: write labels as key=value, keys like names, values of letters, digits and '.', '_', '-' (at most 63)")]
+    #[error("label {0} is invalid: write labels as key=value, keys like names, values of letters, digits and '.', '_', '-' (at most 63)")]
     BadLabel(String),
 }
 
@@ -37,7 +51,7 @@ fn check_dns_name(kind: &'static str, name: &str) -> Result<(), NameError> {
     } else {
         Err(NameError::BadName {
             kind,
-            name: name.to_string(),
+            name: quoted(name),
         })
     }
 }
@@ -54,7 +68,7 @@ pub fn check_version(version: &str) -> Result<(), NameError> {
     if ok {
         Ok(())
     } else {
-        Err(NameError::BadVersion(version.to_string()))
+        Err(NameError::BadVersion(quoted(version)))
     }
 }
 
@@ -64,7 +78,7 @@ pub fn parse_labels(text: &str) -> Result<Vec<(String, String)>, NameError> {
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (key, value) = part
             .split_once('=')
-            .ok_or_else(|| NameError::BadLabel(part.to_string()))?;
+            .ok_or_else(|| NameError::BadLabel(quoted(part)))?;
         check_label(key, value)?;
         labels.push((key.to_string(), value.to_string()));
     }
@@ -81,7 +95,7 @@ pub fn check_label(key: &str, value: &str) -> Result<(), NameError> {
     if key_ok && value_ok {
         Ok(())
     } else {
-        Err(NameError::BadLabel(format!("{key}={value}")))
+        Err(NameError::BadLabel(quoted(&format!("{key}={value}"))))
     }
 }
 
@@ -96,6 +110,21 @@ pub fn check_env_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_quote_a_bounded_prefix_of_what_they_refuse() {
+        assert_eq!(quoted("web"), "\"web\"");
+        let huge = "x".repeat(10_000);
+        let text = check_label("zone", &huge).unwrap_err().to_string();
+        assert!(text.len() < 300, "{text}");
+        assert!(text.contains("(10005 bytes)"), "{text}");
+        let text = check_app(&"é".repeat(5_000)).unwrap_err().to_string();
+        assert!(text.len() < 400, "{text}");
+        assert!(check_version(&"v".repeat(1 << 20))
+            .unwrap_err()
+            .to_string()
+            .contains("(1048576 bytes)"));
+    }
 
     #[test]
     fn names() {

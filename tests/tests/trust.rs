@@ -546,3 +546,62 @@ fn an_agent_fetches_its_artifact_from_any_offset() {
         assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
     });
 }
+
+/// A hostile client sends 10 KB values where names belong: every refusal says what was wrong
+/// and quotes only a bounded prefix, so the message fits gRPC's metadata and reaches the
+/// client (instead of `RESOURCE_EXHAUSTED`).
+#[test]
+fn refusals_quote_a_bounded_prefix_of_huge_input() {
+    let fleet = Fleet::start(1);
+    let admin = (
+        std::fs::read_to_string(fleet.config_dir().join("client.pem")).unwrap(),
+        std::fs::read_to_string(fleet.config_dir().join("client.key")).unwrap(),
+    );
+    let huge = "z".repeat(10_000);
+    runtime().block_on(async {
+        let channel = channel(&fleet, Some(admin)).await;
+        let mut client = pb::fleet_service_client::FleetServiceClient::new(channel.clone());
+        let refusals = [
+            client
+                .start_rollout(pb::StartRolloutRequest {
+                    app: "web".into(),
+                    version: "1.0.0".into(),
+                    selector: [("zone".to_string(), huge.clone())].into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            client
+                .start_rollout(pb::StartRolloutRequest {
+                    app: "web".into(),
+                    version: "1.0.0".into(),
+                    batch: huge.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            client
+                .list_releases(pb::ListReleasesRequest { app: huge.clone() })
+                .await
+                .map(|_| ()),
+            client
+                .drain_host(pb::DrainHostRequest {
+                    host: huge.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ];
+        for refusal in refusals {
+            let status = refusal.expect_err("a 10 KB name is refused");
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{}",
+                &status.message()[..status.message().len().min(300)]
+            );
+            assert!(status.message().len() < 512, "{}", status.message());
+            assert!(status.message().contains(" bytes)"), "{}", status.message());
+        }
+    });
+}

@@ -48,8 +48,8 @@ fn check_hello(hello: pb::Hello) -> Result<HostHello, Status> {
     }
     if hello.advertise_addr.parse::<IpAddr>().is_err() {
         return Err(bad(format!(
-            "advertise address {:?} is not an IP address",
-            hello.advertise_addr
+            "advertise address {} is not an IP address",
+            fleet_proto::names::quoted(&hello.advertise_addr)
         )));
     }
     let mut instances = Vec::new();
@@ -278,7 +278,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .artifacts()
             .path_of(&request.digest)
             .ok_or_else(|| {
-                Status::invalid_argument(format!("{:?} is not a sha256 digest", request.digest))
+                Status::invalid_argument(format!(
+                    "{} is not a sha256 digest",
+                    fleet_proto::names::quoted(&request.digest)
+                ))
             })?;
         let file = std::fs::File::open(&path)
             .map_err(|_| Status::not_found(format!("no artifact {}", request.digest)))?;

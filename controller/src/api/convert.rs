@@ -37,8 +37,9 @@ pub fn instance_from(r: pb::InstanceReport) -> Result<InstanceStatus, String> {
     fleet_proto::names::check_version(&r.version).map_err(|e| e.to_string())?;
     let state = InstanceState::from_report(&r).ok_or_else(|| {
         format!(
-            "instance state {} ({:?}) is unknown",
-            r.state, r.legacy_state
+            "instance state {} ({}) is unknown",
+            r.state,
+            fleet_proto::names::quoted(&r.legacy_state)
         )
     })?;
     let mut message = r.message;

@@ -487,16 +487,16 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         let request = request.into_inner();
         names::check_app(&request.name).map_err(|_| {
             bad(format!(
-                "credential name {:?} is invalid: use lowercase letters, digits and '-', at most 63 characters",
-                request.name
+                "credential name {} is invalid: use lowercase letters, digits and '-', at most 63 characters",
+                names::quoted(&request.name)
             ))
         })?;
         let role = match Role::parse(&request.role) {
             Some(role @ (Role::Admin | Role::Deployer)) => role,
             _ => {
                 return Err(bad(format!(
-                    "role {:?} is not admin or deployer (agents get their certificate by joining with a token)",
-                    request.role
+                    "role {} is not admin or deployer (agents get their certificate by joining with a token)",
+                    names::quoted(&request.role)
                 )))
             }
         };
