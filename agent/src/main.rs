@@ -45,6 +45,9 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    // Every file the agent makes (state, logs, artifacts, releases) is private to its user,
+    // whatever umask it was started with; the app instances it starts inherit this.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

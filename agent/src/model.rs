@@ -35,8 +35,13 @@ impl DataLayout {
         &self.root
     }
 
-    /// Creates the directories of the layout (not the per-app ones).
+    /// Creates the directories of the layout (not the per-app ones), and makes the root
+    /// private (0700), also when it existed with looser modes: release environments (secrets)
+    /// live under it.
     pub fn create_all(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&self.root)?;
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
         for dir in [
             self.artifacts_dir(),
             self.root.join("releases"),

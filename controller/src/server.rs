@@ -33,6 +33,17 @@ pub async fn run(
             config.data_dir.display()
         )
     })?;
+    // Private, also when it existed with looser modes: release environments live in the store.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| {
+                format!(
+                    "cannot make the data directory {} private (0700)",
+                    config.data_dir.display()
+                )
+            })?;
+    }
     let store = Store::open(&config.data_dir).with_context(|| {
         format!(
             "cannot open the store in {} (is another fleet-controller using it?)",

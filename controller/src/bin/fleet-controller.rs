@@ -15,6 +15,9 @@ struct Flags {
 }
 
 fn main() -> std::process::ExitCode {
+    // Every file the controller makes (the store, artifacts, uploads) is private to its user,
+    // whatever umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let flags = Flags::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
