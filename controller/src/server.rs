@@ -7,6 +7,7 @@ use crate::api::agent_service::AgentApi;
 use crate::api::fleet_service::FleetApi;
 use crate::artifacts::ArtifactStore;
 use crate::config::{ControllerConfig, TlsPaths};
+use crate::edge;
 use crate::fleet_state::FleetState;
 use crate::rollout::{self, Rollouts};
 use crate::store::Store;
@@ -20,8 +21,11 @@ use tokio::sync::watch;
 
 /// How long in-flight calls may take to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// gRPC messages may carry a 1 MiB artifact chunk plus framing.
-const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// FleetService messages may carry a 1 MiB artifact chunk plus framing.
+const MAX_FLEET_MESSAGE_BYTES: usize = 4 << 20;
+/// AgentService messages are hellos, reports and requests: kilobytes. (A call without a client
+/// certificate is held to far less at the edge.)
+const MAX_AGENT_MESSAGE_BYTES: usize = 1 << 20;
 
 pub async fn run(
     config: ControllerConfig,
@@ -87,32 +91,26 @@ pub async fn run(
         shutdown: stop_rx.clone(),
     };
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let limits = edge::Limits::default();
     let server = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .context("cannot set up TLS with the controller's certificate")?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(limits.streams_per_connection)
         // Megabyte windows, so a release upload is not stalled every 64 KiB by flow control.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        .layer(edge::EdgeLayer { limits })
         .add_service(
             pb::agent_service_server::AgentServiceServer::new(agent_api)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES),
         )
         .add_service(
             pb::fleet_service_server::FleetServiceServer::new(fleet_api)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(MAX_FLEET_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            // No Nagle: an answer written in two parts must not wait for the peer's delayed
-            // ACK (40 ms on Linux) before its second part goes out.
-            tokio_stream::StreamExt::map(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                |stream| {
-                    let stream = stream?;
-                    stream.set_nodelay(true)?;
-                    Ok::<_, std::io::Error>(stream)
-                },
-            ),
+            // TLS at the edge (no Nagle there: an answer written in two parts must not wait
+            // for the peer's delayed ACK before its second part goes out).
+            edge::incoming(listener, tls, limits),
             async {
                 let _ = signalled_rx.await;
             },
@@ -157,7 +155,9 @@ pub async fn run(
 /// Reads the TLS files named in controller.toml: the server side of mutual TLS (the
 /// controller's certificate, client certificates verified against the fleet CA but optional
 /// at the handshake) and the CA that signs new certificates.
-fn load_tls(paths: &TlsPaths) -> anyhow::Result<(tonic::transport::ServerTlsConfig, Authority)> {
+fn load_tls(
+    paths: &TlsPaths,
+) -> anyhow::Result<(Arc<tokio_rustls::rustls::ServerConfig>, Authority)> {
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path).with_context(|| {
             format!(
@@ -169,12 +169,9 @@ fn load_tls(paths: &TlsPaths) -> anyhow::Result<(tonic::transport::ServerTlsConf
     let ca_pem = read(&paths.ca)?;
     let authority = Authority::load(&ca_pem, &read(&paths.ca_key)?)
         .with_context(|| format!("cannot load the fleet CA {}", paths.ca.display()))?;
-    let identity = tonic::transport::Identity::from_pem(read(&paths.cert)?, read(&paths.key)?);
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(tonic::transport::Certificate::from_pem(&ca_pem))
-        .client_auth_optional(true)
-        .timeout(Duration::from_secs(10));
+    let tls = edge::server_tls(&ca_pem, &read(&paths.cert)?, &read(&paths.key)?)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("cannot set up TLS with {}", paths.cert.display()))?;
     Ok((tls, authority))
 }
 
