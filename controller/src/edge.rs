@@ -505,6 +505,65 @@ mod tests {
         assert!(!framing.inside_a_message());
     }
 
+    /// A body fed by hand: what the client has sent so far.
+    fn body_fed_by_hand() -> (
+        tokio::sync::mpsc::Sender<Result<http_body::Frame<Bytes>, BoxError>>,
+        tonic::body::Body,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        (tx, tonic::body::Body::new(body))
+    }
+
+    async fn next(body: &mut GuardedBody) -> Option<Result<http_body::Frame<Bytes>, BoxError>> {
+        std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut *body), cx)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_sent_message_is_cut_at_its_deadline_and_idle_streams_are_not() {
+        let deadline = Duration::from_secs(60);
+        let (tx, inner) = body_fed_by_hand();
+        let mut body = GuardedBody::new(inner, deadline, None);
+        // A whole message, then silence past the deadline: between messages, nothing is cut.
+        let mut whole = header(2);
+        whole.extend_from_slice(&[1, 2]);
+        tx.send(Ok(http_body::Frame::data(Bytes::from(whole))))
+            .await
+            .unwrap();
+        assert!(next(&mut body).await.unwrap().is_ok());
+        let idle = tokio::time::timeout(deadline * 2, next(&mut body)).await;
+        assert!(
+            idle.is_err(),
+            "an idle stream between messages must be left alone"
+        );
+        // Half a message, then silence: cut at the deadline.
+        let mut half = header(100);
+        half.extend_from_slice(&[0; 50]);
+        tx.send(Ok(http_body::Frame::data(Bytes::from(half))))
+            .await
+            .unwrap();
+        assert!(next(&mut body).await.unwrap().is_ok());
+        let started = tokio::time::Instant::now();
+        let cut = next(&mut body).await.unwrap();
+        assert!(cut.is_err());
+        assert_eq!(started.elapsed(), deadline);
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_certificate_is_cut_past_its_cap() {
+        let (tx, inner) = body_fed_by_hand();
+        let mut body = GuardedBody::new(inner, Duration::from_secs(60), Some(1000));
+        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![0u8; 600]))))
+            .await
+            .unwrap();
+        assert!(next(&mut body).await.unwrap().is_ok());
+        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![0u8; 600]))))
+            .await
+            .unwrap();
+        let cut = next(&mut body).await.unwrap().unwrap_err();
+        assert!(cut.to_string().contains("at most 1000 bytes"), "{cut}");
+    }
+
     #[test]
     fn anonymous_connections_are_counted_per_address() {
         let counts = Arc::new(AnonymousConnections::default());
