@@ -3,11 +3,14 @@
 //! artifact, and only then renamed into place under its digest. A stored artifact never
 //! changes; the same bytes uploaded twice are stored once.
 
+use crate::config::UploadLimits;
 use fleet_proto::artifact::{self, ArtifactError, Limits};
 use fleet_proto::manifest::Manifest;
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -21,14 +24,24 @@ pub enum ArtifactStoreError {
     TooLarge { limit: u64 },
     #[error(transparent)]
     Invalid(#[from] ArtifactError),
+    #[error("{0} release uploads are under way, the most the controller takes at once: try again when one has ended")]
+    Busy(usize),
+    #[error("the controller's disk has {free_mb} MiB free, and uploads leave {reserve_mb} MiB free (min_free_disk_mb in controller.toml): delete old artifacts or grow the disk, then upload again")]
+    DiskFull { free_mb: u64, reserve_mb: u64 },
 }
 
 /// The largest artifact accepted.
 pub const MAX_ARTIFACT_BYTES: u64 = 4 << 30;
 
+/// How often (in bytes written) an upload checks the disk's free space again.
+const FREE_SPACE_CHECK_BYTES: u64 = 64 << 20;
+
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
     root: PathBuf,
+    limits: UploadLimits,
+    /// Uploads in progress, shared by every clone.
+    uploads: Arc<AtomicUsize>,
 }
 
 /// An upload in progress: bytes go to a temporary file and into the hash.
@@ -37,6 +50,39 @@ pub struct Upload {
     temp: tempfile::TempPath,
     hasher: Sha256,
     size: u64,
+    /// Where the next free-space check is due.
+    next_check: u64,
+    root: PathBuf,
+    min_free_bytes: u64,
+    _slot: UploadSlot,
+}
+
+/// One place among the uploads in progress, given back when the upload ends either way.
+struct UploadSlot(Arc<AtomicUsize>);
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Fails when the disk holding `dir` has less than `reserve` bytes free.
+fn check_free_space(dir: &Path, reserve: u64) -> Result<(), ArtifactStoreError> {
+    if reserve == 0 {
+        return Ok(());
+    }
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| ArtifactStoreError::Io {
+        path: dir.to_path_buf(),
+        source: e.into(),
+    })?;
+    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    if free < reserve {
+        return Err(ArtifactStoreError::DiskFull {
+            free_mb: free >> 20,
+            reserve_mb: reserve >> 20,
+        });
+    }
+    Ok(())
 }
 
 /// An artifact that is stored and checked.
@@ -54,7 +100,10 @@ pub struct CheckedArtifact {
 }
 
 impl ArtifactStore {
-    pub fn open(data_dir: &Path) -> Result<ArtifactStore, ArtifactStoreError> {
+    pub fn open(
+        data_dir: &Path,
+        limits: UploadLimits,
+    ) -> Result<ArtifactStore, ArtifactStoreError> {
         let root = data_dir.join("artifacts");
         for dir in [root.join("sha256"), root.join("tmp")] {
             std::fs::create_dir_all(&dir).map_err(|source| ArtifactStoreError::Io {
@@ -62,7 +111,15 @@ impl ArtifactStore {
                 source,
             })?;
         }
-        Ok(ArtifactStore { root })
+        Ok(ArtifactStore {
+            root,
+            limits,
+            uploads: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    pub fn limits(&self) -> UploadLimits {
+        self.limits
     }
 
     fn io(&self, source: std::io::Error) -> ArtifactStoreError {
@@ -72,16 +129,33 @@ impl ArtifactStore {
         }
     }
 
-    /// Starts an upload into a temporary file (removed if the upload is dropped unfinished).
+    /// Starts an upload into a temporary file (removed if the upload is dropped unfinished),
+    /// unless as many uploads as the limits allow are under way or the disk is short of the
+    /// free space uploads must leave.
     pub fn begin_upload(&self) -> Result<Upload, ArtifactStoreError> {
-        let named =
-            tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(|e| self.io(e))?;
+        let max = self.limits.max_concurrent;
+        let taken = self
+            .uploads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if taken.is_err() {
+            return Err(ArtifactStoreError::Busy(max));
+        }
+        let slot = UploadSlot(self.uploads.clone());
+        let tmp = self.root.join("tmp");
+        check_free_space(&tmp, self.limits.min_free_bytes)?;
+        let named = tempfile::NamedTempFile::new_in(&tmp).map_err(|e| self.io(e))?;
         let (file, temp) = named.into_parts();
         Ok(Upload {
             file: std::io::BufWriter::with_capacity(1 << 20, file),
             temp,
             hasher: Sha256::new(),
             size: 0,
+            next_check: FREE_SPACE_CHECK_BYTES,
+            root: tmp,
+            min_free_bytes: self.limits.min_free_bytes,
+            _slot: slot,
         })
     }
 
@@ -93,6 +167,7 @@ impl ArtifactStore {
             temp,
             hasher,
             size,
+            ..
         } = upload;
         let file = file.into_inner().map_err(|e| self.io(e.into_error()))?;
         file.sync_all().map_err(|e| self.io(e))?;
@@ -143,6 +218,10 @@ impl Upload {
                 limit: MAX_ARTIFACT_BYTES,
             });
         }
+        if self.size >= self.next_check {
+            self.next_check = self.size + FREE_SPACE_CHECK_BYTES;
+            check_free_space(&self.root, self.min_free_bytes)?;
+        }
         self.hasher.update(bytes);
         self.file
             .write_all(bytes)
@@ -160,7 +239,7 @@ mod tests {
     #[test]
     fn stores_by_digest_and_refuses_bad_artifacts() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ArtifactStore::open(dir.path()).unwrap();
+        let store = ArtifactStore::open(dir.path(), UploadLimits::default()).unwrap();
         let bytes =
             artifact::build_artifact(&[("fleet.toml", b"[process]\ncommand = [\"x\"]\n", 0o644)])
                 .unwrap();

@@ -34,6 +34,16 @@ pub struct ControllerFile {
     /// How long a host may stay silent before it shows as lost, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_after_ms: Option<u64>,
+    /// Release uploads at once; more are refused until one ends (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uploads: Option<u32>,
+    /// How long an upload may send nothing before it is dropped, in milliseconds (default
+    /// 30000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_idle_timeout_ms: Option<u64>,
+    /// The free space, in MiB, that uploads leave on the data directory's disk (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free_disk_mb: Option<u64>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -52,7 +62,27 @@ pub struct ControllerConfig {
     pub addr_file: PathBuf,
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
+    pub uploads: UploadLimits,
     pub tls: TlsPaths,
+}
+
+/// What release uploads may take: how many at once, how long one may idle, and the disk space
+/// they must leave free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    pub max_concurrent: usize,
+    pub idle_timeout: std::time::Duration,
+    pub min_free_bytes: u64,
+}
+
+impl Default for UploadLimits {
+    fn default() -> UploadLimits {
+        UploadLimits {
+            max_concurrent: 4,
+            idle_timeout: std::time::Duration::from_secs(30),
+            min_free_bytes: 1024 << 20,
+        }
+    }
 }
 
 /// Where the controller's TLS files are, resolved against the config file's directory.
@@ -91,12 +121,38 @@ impl ControllerConfig {
                 "lost_after_ms must be at least two heartbeat intervals and at most 600000".into(),
             ));
         }
+        let defaults = UploadLimits::default();
+        let max_uploads = file.max_uploads.unwrap_or(defaults.max_concurrent as u32);
+        if !(1..=64).contains(&max_uploads) {
+            return Err(invalid("max_uploads must be between 1 and 64".into()));
+        }
+        let upload_idle_ms = file
+            .upload_idle_timeout_ms
+            .unwrap_or(defaults.idle_timeout.as_millis() as u64);
+        if !(100..=600_000).contains(&upload_idle_ms) {
+            return Err(invalid(
+                "upload_idle_timeout_ms must be between 100 and 600000".into(),
+            ));
+        }
+        let min_free_mb = file
+            .min_free_disk_mb
+            .unwrap_or(defaults.min_free_bytes >> 20);
+        if min_free_mb > (1 << 30) {
+            return Err(invalid(
+                "min_free_disk_mb must be at most 1073741824 (1 PiB)".into(),
+            ));
+        }
         Ok(ControllerConfig {
             listen,
             data_dir,
             addr_file: base.join(ADDR_FILE),
             heartbeat_interval_ms,
             lost_after_ms,
+            uploads: UploadLimits {
+                max_concurrent: max_uploads as usize,
+                idle_timeout: std::time::Duration::from_millis(upload_idle_ms),
+                min_free_bytes: min_free_mb << 20,
+            },
             tls: TlsPaths {
                 ca: base.join(&file.ca),
                 ca_key: base.join(&file.ca_key),

@@ -33,6 +33,9 @@ pub enum ReleaseError {
     Artifacts(ArtifactStoreError),
     #[error("{0}")]
     Internal(String),
+    /// The controller cannot take this upload now (too many under way, disk short of space).
+    #[error("{0}")]
+    Exhausted(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -42,6 +45,9 @@ impl From<ArtifactStoreError> for ReleaseError {
         match e {
             ArtifactStoreError::Invalid(e) => ReleaseError::Invalid(e.to_string()),
             e @ ArtifactStoreError::TooLarge { .. } => ReleaseError::Invalid(e.to_string()),
+            e @ (ArtifactStoreError::Busy(_) | ArtifactStoreError::DiskFull { .. }) => {
+                ReleaseError::Exhausted(e.to_string())
+            }
             other => ReleaseError::Artifacts(other),
         }
     }

@@ -54,7 +54,7 @@ pub async fn run(
             config.data_dir.display()
         )
     })?;
-    let artifacts = ArtifactStore::open(&config.data_dir)?;
+    let artifacts = ArtifactStore::open(&config.data_dir, config.uploads)?;
     let (tls, authority) = load_tls(&config.tls)?;
     let authority = Arc::new(authority);
     let fleet = Arc::new(FleetState::new(

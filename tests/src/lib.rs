@@ -4,7 +4,8 @@
 //!
 //! The pieces: [`bins`] finds the built binaries, [`net`] gives each test its own loopback
 //! addresses, [`process`] owns child processes and signals, [`http`] is a tiny HTTP GET to read
-//! what an app instance serves, [`fleet`] ties them into a whole local fleet, and
+//! what an app instance serves, [`fleet`] ties them into a whole local fleet, [`grpc`] talks to its controller
+//! directly, and
 //! [`wait_until`] / [`wait_for`] await conditions with a deadline instead of sleeping.
 //!
 //! **How tests keep out of each other's way.** Tests run in parallel and every app instance
@@ -17,6 +18,7 @@
 
 pub mod bins;
 pub mod fleet;
+pub mod grpc;
 pub mod http;
 pub mod net;
 pub mod process;

@@ -6,11 +6,11 @@
 
 use fleet_proto::pb;
 use fleet_tests::fleet::Fleet;
+use fleet_tests::grpc::{admin_identity, channel, runtime};
 use fleet_tests::{incompressible_bytes, process};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const MANIFEST: &[u8] =
     b"[process]\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 600\"]\nstop_timeout = \"2s\"\n";
@@ -81,24 +81,6 @@ fn config_dir_from_agent(fleet: &Fleet, host: &str) -> PathBuf {
 }
 
 /// A raw gRPC channel to the controller over TLS, with `identity` (cert, key) if given.
-async fn channel(fleet: &Fleet, identity: Option<(String, String)>) -> Channel {
-    let ca = std::fs::read_to_string(fleet.config_dir().join("ca.pem")).unwrap();
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name("fleet-controller");
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Channel::from_shared(fleet.controller_url())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .timeout(Duration::from_secs(20))
-        .connect()
-        .await
-        .expect("a TLS connection")
-}
-
 fn agent_identity(fleet: &Fleet, host: &str) -> (String, String) {
     let tls = fleet.agent(host).data_dir.join("tls");
     (
@@ -117,13 +99,6 @@ fn create_release_digest(fleet: &Fleet, version: &str, artifact: &Path) -> Strin
         .as_str()
         .unwrap()
         .to_string()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]
@@ -553,10 +528,7 @@ fn an_agent_fetches_its_artifact_from_any_offset() {
 #[test]
 fn refusals_quote_a_bounded_prefix_of_huge_input() {
     let fleet = Fleet::start(1);
-    let admin = (
-        std::fs::read_to_string(fleet.config_dir().join("client.pem")).unwrap(),
-        std::fs::read_to_string(fleet.config_dir().join("client.key")).unwrap(),
-    );
+    let admin = admin_identity(&fleet);
     let huge = "z".repeat(10_000);
     runtime().block_on(async {
         let channel = channel(&fleet, Some(admin)).await;

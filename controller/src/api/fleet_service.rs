@@ -152,7 +152,16 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         let new = releases::NewRelease::check(header.app, header.version, header.env)
             .map_err(release_status)?;
         let mut upload = releases::begin(&self.fleet).map_err(release_status)?;
-        while let Some(message) = stream.message().await? {
+        let idle = self.fleet.artifacts().limits().idle_timeout;
+        loop {
+            let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
+                // Dropping the upload removes what it wrote.
+                return Err(Status::deadline_exceeded(format!(
+                    "the upload sent nothing for {}: it was dropped; upload again",
+                    fleet_proto::duration::format_duration(idle)
+                )));
+            };
+            let Some(message) = message? else { break };
             match message.body {
                 Some(ReleaseBody::Chunk(bytes)) => upload.write(&bytes).map_err(release_status)?,
                 _ => {
@@ -743,6 +752,7 @@ fn release_status(e: releases::ReleaseError) -> Status {
     use releases::ReleaseError;
     match e {
         ReleaseError::Invalid(m) => Status::invalid_argument(m),
+        ReleaseError::Exhausted(m) => Status::resource_exhausted(m),
         e @ ReleaseError::Immutable { .. } => Status::already_exists(e.to_string()),
         ReleaseError::Store(e) => store_status(e),
         e @ (ReleaseError::Artifacts(_) | ReleaseError::Internal(_)) => {
