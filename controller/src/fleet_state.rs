@@ -312,9 +312,20 @@ impl FleetState {
         }
     }
 
-    /// Registers a connecting agent: records the host (keeping its desired state), replaces
-    /// any older session of the same host, and hands back the desired state to send.
-    pub async fn host_connected(&self, hello: HostHello) -> Result<Session, StoreError> {
+    /// The certificate the controller signed with `serial`.
+    pub fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
+        self.store.get_certificate(serial)
+    }
+
+    /// Registers a connecting agent: records the host (keeping its desired state and the labels
+    /// it joined with, see [`labels_on_connect`]), replaces any older session of the same host,
+    /// and hands back the desired state to send. `joined_labels` are those its join token
+    /// named, if any.
+    pub async fn host_connected(
+        &self,
+        hello: HostHello,
+        joined_labels: Option<BTreeMap<String, String>>,
+    ) -> Result<Session, StoreError> {
         let now = fleet_proto::now_unix_ms();
         // The session is registered under the same lock that writes desired state, so a wave
         // written meanwhile either is in the state computed here or is pushed to this session.
@@ -330,10 +341,29 @@ impl FleetState {
                 drain: None,
             });
             let is_new = record.advertise_addr.is_empty();
-            record.labels = hello.labels.clone();
+            let known = (!is_new).then_some(&record.labels);
+            let (labels, claim_ignored) =
+                labels_on_connect(known, joined_labels.as_ref(), &hello.labels);
+            record.labels = labels;
             record.advertise_addr = hello.advertise_addr.clone();
             record.last_seen_unix_ms = now;
             self.save_host(&record).await?;
+            if claim_ignored {
+                self.event(
+                    &hello.name,
+                    "host.labels_ignored",
+                    "",
+                    &hello.name,
+                    format!(
+                        "host {} claims labels {}, kept {}: a host's labels change only with `fleetctl label {} ...`",
+                        hello.name,
+                        labels_text(&hello.labels),
+                        labels_text(&record.labels),
+                        hello.name
+                    ),
+                )
+                .await;
+            }
             if is_new {
                 self.event(
                     &hello.name,
@@ -451,6 +481,50 @@ impl FleetState {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Sets and removes labels of a host (`fleetctl label`); the host's record as it is now, or
+    /// `None` when there is no such host. Labels decide which hosts a rollout selects, so the
+    /// change is an event.
+    pub async fn label_host(
+        &self,
+        host: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+        actor: &str,
+    ) -> Result<Option<HostRecord>, StoreError> {
+        let record = {
+            let _guard = self.host_writes.lock().await;
+            let Some(mut record) = self.store.get_host(host)? else {
+                return Ok(None);
+            };
+            let before = record.labels.clone();
+            for key in remove {
+                record.labels.remove(key);
+            }
+            record
+                .labels
+                .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if record.labels == before {
+                return Ok(Some(record));
+            }
+            self.save_host(&record).await?;
+            self.event(
+                actor,
+                "host.labeled",
+                "",
+                host,
+                format!(
+                    "labels of host {host} changed by {actor}: {} -> {}",
+                    labels_text(&before),
+                    labels_text(&record.labels)
+                ),
+            )
+            .await;
+            record
+        };
+        self.bump();
+        Ok(Some(record))
     }
 
     /// Drains a host: it keeps its desired releases but runs none of them until undrained.
@@ -743,6 +817,77 @@ impl FleetState {
         DesiredAssignments {
             assignments: out,
             draining: false,
+        }
+    }
+}
+
+/// `k=v,k2=v2`, or `(none)`.
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "(none)".to_string();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The labels a connecting host gets, and whether its own claim was ignored. A host's labels
+/// are fixed when it first registers: from its join token when the token named them, from its
+/// first claim otherwise. Afterwards they change only through `fleetctl label`: a claim that
+/// differs is ignored (and the caller records that). `known` is `None` for a new host.
+pub fn labels_on_connect(
+    known: Option<&BTreeMap<String, String>>,
+    joined: Option<&BTreeMap<String, String>>,
+    claimed: &BTreeMap<String, String>,
+) -> (BTreeMap<String, String>, bool) {
+    let kept = match (known, joined) {
+        (Some(known), _) => known.clone(),
+        (None, Some(joined)) => joined.clone(),
+        (None, None) => claimed.clone(),
+    };
+    let ignored = &kept != claimed;
+    (kept, ignored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(text: &str) -> BTreeMap<String, String> {
+        fleet_proto::names::parse_labels(text)
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn a_host_keeps_the_labels_it_joined_with() {
+        // (known, from the join token, claimed) -> (kept, claim ignored)
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, &'a str, &'a str, bool);
+        let cases: [Case; 7] = [
+            (None, None, "zone=a", "zone=a", false),
+            (None, None, "", "", false),
+            (None, Some("zone=a"), "zone=a", "zone=a", false),
+            (None, Some("zone=a"), "zone=b", "zone=a", true),
+            (None, Some("zone=a"), "", "zone=a", true),
+            (Some("zone=a"), None, "zone=b", "zone=a", true),
+            (
+                Some("zone=a,env=prod"),
+                Some("zone=c"),
+                "zone=a,env=prod",
+                "zone=a,env=prod",
+                false,
+            ),
+        ];
+        for (known, joined, claimed, kept, ignored) in cases {
+            let (known, joined) = (known.map(labels), joined.map(labels));
+            assert_eq!(
+                labels_on_connect(known.as_ref(), joined.as_ref(), &labels(claimed)),
+                (labels(kept), ignored),
+                "{known:?} {joined:?} {claimed}"
+            );
         }
     }
 }

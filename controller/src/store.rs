@@ -9,6 +9,7 @@
 use crate::model::{EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 use thiserror::Error;
 
@@ -99,6 +100,9 @@ pub struct JoinTokenRecord {
     /// for good, retries included.
     #[serde(default)]
     pub host_removed_unix_ms: Option<i64>,
+    /// The labels the host joining with this token gets (`join-token create --labels`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 /// What `join_with_token` found.
@@ -136,6 +140,9 @@ pub struct CertificateRecord {
     pub issued_unix_ms: i64,
     pub not_after_unix_ms: i64,
     pub issued_by: String,
+    /// For an agent certificate from a join token that named labels: those labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 /// A revoked certificate.
@@ -447,7 +454,11 @@ impl Store {
             // A token spent before certificates were kept with it keeps the one it gets now.
             record.issued_certificate_pem = Some(certificate_pem.to_string());
             tokens.insert(token_hash, encode(&record).as_slice())?;
-            certificates.insert(certificate.serial.as_str(), encode(certificate).as_slice())?;
+            let certificate = CertificateRecord {
+                labels: record.labels.clone(),
+                ..certificate.clone()
+            };
+            certificates.insert(certificate.serial.as_str(), encode(&certificate).as_slice())?;
             outcome = if retry {
                 TokenUse::Retried {
                     certificate_pem: certificate_pem.to_string(),
@@ -467,6 +478,11 @@ impl Store {
             table.insert(record.serial.as_str(), encode(record).as_slice())?;
             Ok(())
         })
+    }
+
+    /// The certificate the controller signed with `serial` (hex).
+    pub fn get_certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
+        self.get(CERTIFICATES, serial)
     }
 
     /// Every certificate the controller signed.
@@ -634,6 +650,7 @@ mod tests {
             used_with_key: None,
             issued_certificate_pem: None,
             host_removed_unix_ms: None,
+            labels: None,
         };
         store.insert_join_token("a", &record).unwrap();
         store.insert_join_token("b", &record).unwrap();
@@ -645,6 +662,7 @@ mod tests {
             issued_unix_ms: 1,
             not_after_unix_ms: i64::MAX,
             issued_by: "join token".into(),
+            labels: None,
         };
         assert_eq!(
             store
@@ -744,6 +762,7 @@ mod tests {
                     issued_unix_ms: 1,
                     not_after_unix_ms: i64::MAX,
                     issued_by: "test".into(),
+                    labels: None,
                 })
                 .unwrap();
         }
@@ -755,6 +774,7 @@ mod tests {
             used_with_key: None,
             issued_certificate_pem: None,
             host_removed_unix_ms: None,
+            labels: None,
         };
         store.insert_join_token("t1", &token).unwrap();
         store.insert_join_token("t2", &token).unwrap();
@@ -765,6 +785,7 @@ mod tests {
             issued_unix_ms: 5,
             not_after_unix_ms: i64::MAX,
             issued_by: "join token".into(),
+            labels: None,
         };
         // web-1's live agent certificate keeps a token from taking the name over ...
         assert_eq!(

@@ -2,8 +2,8 @@
 //! Values are checked by the parsers of [`crate::parse`] as clap reads them.
 
 use crate::parse::{
-    parse_app, parse_batch, parse_duration_arg, parse_env_pair, parse_host, parse_selector,
-    parse_version, Selector,
+    parse_app, parse_batch, parse_duration_arg, parse_env_pair, parse_host, parse_label_change,
+    parse_selector, parse_version, LabelChanges, Selector,
 };
 use crate::ssh::install::DEFAULT_REMOTE_DIR;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -90,6 +90,15 @@ pub enum Command {
     Undrain {
         #[arg(value_parser = parse_host)]
         host: String,
+    },
+    /// Set (k=v) or remove (k-) labels of a host, e.g. `label web-1 zone=b,tier-`; the only
+    /// way a host's labels change after it joined
+    Label {
+        #[arg(value_parser = parse_host)]
+        host: String,
+        /// k=v to set, k- to remove; comma-separated or several arguments
+        #[arg(value_name = "k=v|k-", required = true, value_parser = parse_label_change)]
+        changes: Vec<LabelChanges>,
     },
     /// Drain a host, revoke its credential and forget it
     Remove {
@@ -284,6 +293,10 @@ pub struct JoinTokenCreateArgs {
     /// How long the token may be used, e.g. 30m, 1h (at most 7 days)
     #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration_arg)]
     pub ttl: Duration,
+    /// The labels the host that joins with it gets, whatever its agent claims, e.g.
+    /// env=prod,zone=a [default: the host's first claim]
+    #[arg(long, value_name = "k=v,...", value_parser = parse_selector)]
+    pub labels: Option<Selector>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -238,10 +238,15 @@ async fn default_advertise(host: &str, port: u16) -> Result<String, CliError> {
     })
 }
 
-/// A fresh join token, or None when the controller issues none (it runs without mTLS).
-async fn join_token(ctx: &Context) -> Result<Option<String>, CliError> {
+/// A fresh join token that gives the host `labels`, or None when the controller issues none
+/// (it runs without mTLS).
+async fn join_token(
+    ctx: &Context,
+    labels: &BTreeMap<String, String>,
+) -> Result<Option<String>, CliError> {
     let request = pb::CreateJoinTokenRequest {
         ttl_ms: JOIN_TOKEN_TTL.as_millis() as u64,
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     };
     match ctx.client().create_join_token(request).await {
         Ok(response) => Ok(Some(response.into_inner().token)),
@@ -286,7 +291,11 @@ async fn bootstrap_one(
     let name = job.host_name.clone();
     let progress = move |line: &str| eprintln!("{name}: {line}");
     let work = async {
-        let token = async { join_token(ctx).await.map_err(|e| e.to_string()) };
+        let token = async {
+            join_token(ctx, &job.labels)
+                .await
+                .map_err(|e| e.to_string())
+        };
         let done = ssh_bootstrap::bootstrap_host(
             job,
             shared,

@@ -313,7 +313,7 @@ async fn run_steps(
         let name = format!("demo-{host_idx}");
         let advertise = format!("127.0.0.{}", host_idx + 1);
         let data_dir = dir.join("hosts").join(&name);
-        let token = crate::trust::create_join_token(&ctx, Duration::from_secs(600))
+        let token = crate::trust::create_join_token(&ctx, Duration::from_secs(600), &[])
             .await?
             .token;
         fleet.spawn(

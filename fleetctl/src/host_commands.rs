@@ -5,6 +5,7 @@
 use crate::client::{CliError, EXIT_FAILED, EXIT_OK};
 use crate::commands::Context;
 use crate::output;
+use crate::parse::LabelChanges;
 use fleet_proto::instance_state::InstanceState;
 use fleet_proto::pb;
 use std::time::Duration;
@@ -85,6 +86,40 @@ pub async fn undrain(ctx: &Context, host: &str) -> Result<(), CliError> {
         println!(
             "{} is {}: it starts its releases again",
             snapshot.name, snapshot.state
+        );
+    }
+    Ok(())
+}
+
+/// `fleetctl label HOST k=v,... k-`.
+pub async fn label(ctx: &Context, host: &str, changes: &[LabelChanges]) -> Result<(), CliError> {
+    let mut request = pb::LabelHostRequest {
+        host: host.to_string(),
+        ..Default::default()
+    };
+    for change in changes {
+        request.set.extend(change.set.iter().cloned());
+        request.remove.extend(change.remove.iter().cloned());
+    }
+    let snapshot = ctx
+        .client()
+        .label_host(request)
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    if ctx.json() {
+        output::print_json(&snapshot);
+    } else {
+        let labels: std::collections::BTreeMap<_, _> = snapshot.labels.iter().collect();
+        let text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{} has labels {}",
+            snapshot.name,
+            if text.is_empty() {
+                "(none)".to_string()
+            } else {
+                text.join(",")
+            }
         );
     }
     Ok(())

@@ -127,6 +127,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Undrain { host } => host_commands::undrain(&ctx, &host).await?,
         Command::Remove { host } => host_commands::remove(&ctx, &host).await?,
+        Command::Label { host, changes } => host_commands::label(&ctx, &host, &changes).await?,
         Command::Bootstrap(bootstrap_args) => {
             return bootstrap::bootstrap(&ctx, &config_dir, &bootstrap_args).await;
         }
@@ -134,7 +135,8 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             return bootstrap::replace(&ctx, &config_dir, &replace_args).await;
         }
         Command::JoinToken(args::JoinTokenCommand::Create(create)) => {
-            trust::join_token_create(&ctx, create.ttl).await?;
+            let labels = create.labels.map(|s| s.0).unwrap_or_default();
+            trust::join_token_create(&ctx, create.ttl, &labels).await?;
         }
         Command::Credentials(args::CredentialsCommand::Create(create)) => {
             trust::credentials_create(&ctx, &create).await?;

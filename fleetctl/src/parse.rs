@@ -54,6 +54,31 @@ pub fn parse_selector(text: &str) -> Result<Selector, String> {
     Ok(Selector(labels))
 }
 
+/// Label changes: `k=v` sets, `k-` removes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LabelChanges {
+    pub set: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+/// Parses `k=v,k2-`: labels to set and keys to remove.
+pub fn parse_label_change(text: &str) -> Result<LabelChanges, String> {
+    let mut changes = LabelChanges::default();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some(key) = part.strip_suffix('-').filter(|k| !k.contains('=')) {
+            fleet_proto::names::check_label(key, "").map_err(|e| e.to_string())?;
+            changes.remove.push(key.to_string());
+        } else {
+            let labels = fleet_proto::names::parse_labels(part).map_err(|e| e.to_string())?;
+            changes.set.extend(labels);
+        }
+    }
+    if changes.set.is_empty() && changes.remove.is_empty() {
+        return Err("write label changes like zone=b (set) or tier- (remove)".to_string());
+    }
+    Ok(changes)
+}
+
 /// Parses a batch size: `N` hosts (N > 0) or `P%` of the selected hosts (1 to 100), and returns
 /// it in the form the controller reads.
 pub fn parse_batch(text: &str) -> Result<String, String> {
@@ -100,6 +125,19 @@ pub fn parse_env_pair(text: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_changes() {
+        let changes = parse_label_change("zone=b,tier-, env=prod").unwrap();
+        assert_eq!(
+            changes.set,
+            [("zone".into(), "b".into()), ("env".into(), "prod".into())]
+        );
+        assert_eq!(changes.remove, ["tier"]);
+        for bad in ["", ",", "Zone=b", "zone", "ti er-", "-"] {
+            assert!(parse_label_change(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn batches() {

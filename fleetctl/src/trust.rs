@@ -15,8 +15,9 @@ use std::time::Duration;
 pub async fn join_token_create(
     ctx: &Context,
     ttl: Duration,
+    labels: &[(String, String)],
 ) -> Result<pb::CreateJoinTokenResponse, CliError> {
-    let response = create_join_token(ctx, ttl).await?;
+    let response = create_join_token(ctx, ttl, labels).await?;
     if ctx.output == output::OutputFormat::Json {
         output::print_json(&response);
     } else {
@@ -30,10 +31,12 @@ pub async fn join_token_create(
     Ok(response)
 }
 
-/// Asks the controller for a join token without printing it (the demo uses this).
+/// Asks the controller for a join token without printing it (the demo and bootstrap use
+/// this); the host that joins with it gets `labels` when they are not empty.
 pub async fn create_join_token(
     ctx: &Context,
     ttl: Duration,
+    labels: &[(String, String)],
 ) -> Result<pb::CreateJoinTokenResponse, CliError> {
     let ttl_ms = ttl.as_millis().min(u64::MAX as u128) as u64;
     if ttl_ms == 0 {
@@ -41,7 +44,10 @@ pub async fn create_join_token(
     }
     let mut client = ctx.connection.client.clone();
     client
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_ms })
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl_ms,
+            labels: labels.iter().cloned().collect(),
+        })
         .await
         .map(|r| r.into_inner())
         .map_err(|status| ctx.connection.error(status))

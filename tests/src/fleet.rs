@@ -35,6 +35,8 @@ pub struct Agent {
     process: Option<ChildGuard>,
     /// Whether the agent was started once (and so joined the fleet).
     process_started: bool,
+    /// The labels the agent claims (`--labels`) at its next start, if any.
+    labels: Option<String>,
 }
 
 /// What one `fleetctl` call did.
@@ -251,6 +253,18 @@ impl Fleet {
         self.spawn_agent(name, Some(token.to_string()));
     }
 
+    /// Starts a new agent called `name` that joins with `token` and claims `labels`.
+    pub fn start_agent_claiming(&mut self, name: &str, token: &str, labels: &str) {
+        self.add_agent(name);
+        self.agent_mut(name).labels = Some(labels.to_string());
+        self.spawn_agent(name, Some(token.to_string()));
+    }
+
+    /// Makes agent `name` claim `labels` from its next (re)start on.
+    pub fn set_claimed_labels(&mut self, name: &str, labels: &str) {
+        self.agent_mut(name).labels = Some(labels.to_string());
+    }
+
     /// Whether agent `name`'s process has exited (a refused join ends the agent).
     pub fn agent_has_exited(&mut self, name: &str) -> bool {
         self.agent_mut(name)
@@ -273,6 +287,7 @@ impl Fleet {
             data_dir,
             process: None,
             process_started: false,
+            labels: None,
         });
     }
 
@@ -305,6 +320,9 @@ impl Fleet {
             .arg(&agent.data_dir);
         if let Some(token) = join_token {
             command.arg("--join-token").arg(token);
+        }
+        if let Some(labels) = &agent.labels {
+            command.arg("--labels").arg(labels);
         }
         agent.process = Some(ChildGuard::spawn(
             &format!("fleet-agent {name}"),

@@ -465,7 +465,10 @@ fn an_agent_certificate_speaks_only_for_its_own_host() {
 
         // And the fleet's own calls.
         let status = pb::fleet_service_client::FleetServiceClient::new(channel)
-            .create_join_token(pb::CreateJoinTokenRequest { ttl_ms: 1000 })
+            .create_join_token(pb::CreateJoinTokenRequest {
+                ttl_ms: 1000,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");

@@ -52,7 +52,10 @@ fn uploads_are_limited_in_number_and_dropped_when_idle() {
         // (Polled on this runtime, which also drives the two calls.)
         let until = tokio::time::Instant::now() + Duration::from_secs(10);
         while upload_files(&fleet) < 2 {
-            assert!(tokio::time::Instant::now() < until, "two uploads never began");
+            assert!(
+                tokio::time::Instant::now() < until,
+                "two uploads never began"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 

@@ -89,10 +89,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
             }
         };
         auth::host_scope::require_own_host(&identity, &hello.name)?;
+        // The labels the host's join token named, if it did (the certificate records them).
+        let joined_labels = self
+            .fleet
+            .certificate(&identity.serial)
+            .map_err(store_status)?
+            .and_then(|certificate| certificate.labels);
         let host = hello.name.clone();
         let session = self
             .fleet
-            .host_connected(hello)
+            .host_connected(hello, joined_labels)
             .await
             .map_err(store_status)?;
         let (tx, rx) = mpsc::channel::<Outbound>(16);
@@ -202,6 +208,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             issued_unix_ms: now,
             not_after_unix_ms: issued.not_after_unix_ms,
             issued_by: "join token".to_string(),
+            labels: None,
         };
         match self
             .fleet

@@ -82,6 +82,24 @@ fn progress_stream(
     ReceiverStream::new(out)
 }
 
+/// The most labels a host or a join token may carry.
+const MAX_LABELS: usize = 64;
+
+/// Checks labels from the wire.
+fn check_labels(
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, Status> {
+    if labels.len() > MAX_LABELS {
+        return Err(bad(format!("at most {MAX_LABELS} labels, please")));
+    }
+    let mut checked = BTreeMap::new();
+    for (key, value) in labels {
+        names::check_label(key, value).map_err(bad)?;
+        checked.insert(key.clone(), value.clone());
+    }
+    Ok(checked)
+}
+
 fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Status> {
     let mut selector = BTreeMap::new();
     for (key, value) in &request.selector {
@@ -441,7 +459,9 @@ impl pb::fleet_service_server::FleetService for FleetApi {
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let identity = auth::require(&self.fleet, &request, Role::Admin)?;
         let actor = actor_of(&identity, &request);
-        let ttl_ms = match request.into_inner().ttl_ms {
+        let request = request.into_inner();
+        let labels = check_labels(&request.labels)?;
+        let ttl_ms = match request.ttl_ms {
             0 => auth::tokens::DEFAULT_TTL_MS,
             ttl_ms if ttl_ms > auth::tokens::MAX_TTL_MS => {
                 return Err(bad(
@@ -461,6 +481,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             used_with_key: None,
             issued_certificate_pem: None,
             host_removed_unix_ms: None,
+            labels: (!labels.is_empty()).then_some(labels),
         };
         self.fleet
             .insert_join_token(auth::tokens::hash(&token), record)
@@ -521,6 +542,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 issued_unix_ms: fleet_proto::now_unix_ms(),
                 not_after_unix_ms: issued.not_after_unix_ms,
                 issued_by: identity.name.clone(),
+                labels: None,
             })
             .await
             .map_err(store_status)?;
@@ -575,6 +597,37 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             ),
             move |fleet| host_lifecycle::drain_progress(fleet, &host).unwrap_or(Progress::Waiting),
         )))
+    }
+
+    async fn label_host(
+        &self,
+        request: Request<pb::LabelHostRequest>,
+    ) -> Result<Response<pb::Host>, Status> {
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
+        let actor = actor_of(&identity, &request);
+        let request = request.into_inner();
+        names::check_host(&request.host).map_err(bad)?;
+        let set = check_labels(&request.set)?;
+        for key in &request.remove {
+            names::check_label(key, "").map_err(bad)?;
+        }
+        if set.is_empty() && request.remove.is_empty() {
+            return Err(bad(
+                "name labels to set (k=v) or to remove (k-), e.g. fleetctl label web-1 zone=b,tier-",
+            ));
+        }
+        if self
+            .fleet
+            .label_host(&request.host, &set, &request.remove, &actor)
+            .await
+            .map_err(store_status)?
+            .is_none()
+        {
+            return Err(no_host(&request.host));
+        }
+        Ok(Response::new(
+            host_snapshot(&self.fleet, &request.host).ok_or_else(|| no_host(&request.host))?,
+        ))
     }
 
     async fn undrain_host(
