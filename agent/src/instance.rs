@@ -65,12 +65,15 @@ pub struct InstanceVars {
     pub advertise: String,
     /// The release's configured environment (wins over the manifest's).
     pub release_env: BTreeMap<String, String>,
+    /// The release's secrets (win over both).
+    pub secrets: fleet_proto::secrets::Secrets,
 }
 
 /// The variables an instance sees (without its token); smoke checks use the same.
 pub fn instance_env(vars: &InstanceVars, manifest: &Manifest) -> BTreeMap<String, String> {
     let mut env = manifest.process.env.clone();
     env.extend(vars.release_env.clone());
+    env.extend(vars.secrets.0.clone());
     env.insert("FLEET_APP".into(), vars.app.clone());
     env.insert("FLEET_VERSION".into(), vars.version.clone());
     env.insert("FLEET_HOST".into(), vars.host_name.clone());
@@ -418,6 +421,7 @@ mod tests {
             host_name: "h1".into(),
             advertise: "127.0.0.1".into(),
             release_env: BTreeMap::from([("GREETING".into(), "from-release".into())]),
+            secrets: Default::default(),
         }
     }
 

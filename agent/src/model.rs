@@ -2,6 +2,7 @@
 //! instance states, and the [`Reporter`] that carries instance reports to the session. Prost
 //! types are converted to and from these at the session edge.
 
+use fleet_proto::secrets::Secrets;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -114,6 +115,9 @@ pub struct Assignment {
     pub artifact_size: u64,
     /// The release's configured environment; wins over the manifest's `[process].env`.
     pub env: BTreeMap<String, String>,
+    /// The release's secrets: for the instance's environment only (after `env`), never shown.
+    #[serde(default, skip_serializing_if = "Secrets::is_empty")]
+    pub secrets: Secrets,
     pub rollout_id: String,
     /// Bumped by the controller to force a fresh start of the same release.
     pub generation: u64,

@@ -107,9 +107,12 @@ pub fn assignment_from_pb(assignment: pb::Assignment) -> Result<Assignment, Stri
             assignment.artifact_digest
         ));
     }
-    for key in assignment.env.keys() {
+    for key in assignment.env.keys().chain(assignment.secrets.keys()) {
         if !fleet_proto::names::check_env_key(key) {
-            return Err(format!("release env key {key:?} is invalid"));
+            return Err(format!(
+                "release env key {} is invalid",
+                fleet_proto::names::quoted(key)
+            ));
         }
     }
     Ok(Assignment {
@@ -118,6 +121,7 @@ pub fn assignment_from_pb(assignment: pb::Assignment) -> Result<Assignment, Stri
         artifact_digest: assignment.artifact_digest,
         artifact_size: assignment.artifact_size,
         env: assignment.env.into_iter().collect(),
+        secrets: assignment.secrets.into_iter().collect(),
         rollout_id: assignment.rollout_id,
         generation: assignment.generation,
         smoke_timeout_ms: assignment.smoke_timeout_ms,
@@ -328,6 +332,7 @@ mod tests {
             artifact_digest: format!("sha256:{}", "b".repeat(64)),
             artifact_size: 3,
             env: [("K".to_string(), "v".to_string())].into_iter().collect(),
+            secrets: Default::default(),
             rollout_id: "r".into(),
             generation: 1,
             smoke_timeout_ms: 5,

@@ -201,6 +201,7 @@ mod tests {
             artifact_digest: format!("sha256:{}", "a".repeat(64)),
             artifact_size: 10,
             env: BTreeMap::from([("K".into(), "v".into())]),
+            secrets: Default::default(),
             rollout_id: "r1".into(),
             generation: 2,
             smoke_timeout_ms: 0,

@@ -510,6 +510,7 @@ impl AppTask {
             host_name: self.context.host_name.clone(),
             advertise: self.context.advertise.clone(),
             release_env: assignment.env.clone(),
+            secrets: assignment.secrets.clone(),
         }
     }
 
@@ -723,6 +724,7 @@ mod tests {
             artifact_digest: format!("sha256:{}", "a".repeat(64)),
             artifact_size: 0,
             env: BTreeMap::new(),
+            secrets: Default::default(),
             rollout_id: rollout_id.into(),
             generation,
             smoke_timeout_ms: 0,

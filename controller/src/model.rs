@@ -2,6 +2,7 @@
 //! them. They know nothing of gRPC; `api::convert` turns them into wire types at the edge.
 
 use fleet_proto::names::quoted;
+use fleet_proto::secrets::Secrets;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -78,6 +79,30 @@ pub struct ReleaseRecord {
     pub smoke_timeouts_ms: Vec<u64>,
     #[serde(default)]
     pub has_release_hook: bool,
+    /// Given to instances like `env`, never shown (`KEY=***`).
+    #[serde(default, skip_serializing_if = "Secrets::is_empty")]
+    pub secrets: Secrets,
+    /// The sha256 of the secrets (see [`secrets_sha256`]): part of the release's identity, so
+    /// the same version with other secrets is refused like other config.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secrets_sha256: String,
+}
+
+/// A digest of a release's secrets (keys and values, in key order, length-prefixed); empty
+/// when it has none.
+pub fn secrets_sha256(secrets: &Secrets) -> String {
+    use sha2::Digest;
+    if secrets.is_empty() {
+        return String::new();
+    }
+    let mut hasher = sha2::Sha256::new();
+    for (key, value) in &secrets.0 {
+        for part in [key, value] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part.as_bytes());
+        }
+    }
+    hex::encode(hasher.finalize())
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -12,11 +12,14 @@ use crate::fleet_state::FleetState;
 use crate::model::ReleaseRecord;
 use crate::store::{ReleaseInsert, StoreError};
 use fleet_proto::names;
+use fleet_proto::secrets::Secrets;
 use std::collections::BTreeMap;
 use thiserror::Error;
 
 /// The longest value of one environment variable of a release.
 pub const MAX_ENV_VALUE_BYTES: usize = 4096;
+/// The longest value of one secret (a key file or a certificate fits).
+pub const MAX_SECRET_VALUE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Error)]
 pub enum ReleaseError {
@@ -59,14 +62,17 @@ pub struct NewRelease {
     pub app: String,
     pub version: String,
     pub env: BTreeMap<String, String>,
+    pub secrets: Secrets,
 }
 
 impl NewRelease {
-    /// Checks the app name, the version and every environment variable.
+    /// Checks the app name, the version, every environment variable and every secret (a
+    /// secret's name may not also be an environment variable's).
     pub fn check(
         app: String,
         version: String,
         env: impl IntoIterator<Item = (String, String)>,
+        secrets: impl IntoIterator<Item = (String, String)>,
     ) -> Result<NewRelease, ReleaseError> {
         names::check_app(&app).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
         names::check_version(&version).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
@@ -83,10 +89,31 @@ impl NewRelease {
             }
             checked.insert(key, value);
         }
+        let mut checked_secrets = Secrets::default();
+        for (key, value) in secrets {
+            if !names::check_env_key(&key)
+                || value.contains('\0')
+                || value.len() > MAX_SECRET_VALUE_BYTES
+            {
+                // The value is not quoted: it is a secret.
+                return Err(ReleaseError::Invalid(format!(
+                    "secret {} is invalid: names are letters, digits and '_', values at most {MAX_SECRET_VALUE_BYTES} bytes without NUL",
+                    names::quoted(&key)
+                )));
+            }
+            if checked.contains_key(&key) {
+                return Err(ReleaseError::Invalid(format!(
+                    "{} is both an environment variable and a secret: give it once",
+                    names::quoted(&key)
+                )));
+            }
+            checked_secrets.0.insert(key, value);
+        }
         Ok(NewRelease {
             app,
             version,
             env: checked,
+            secrets: checked_secrets,
         })
     }
 }
@@ -161,6 +188,8 @@ pub async fn create(
             .map(|check| check.timeout.as_millis() as u64)
             .collect(),
         has_release_hook: stored.manifest.release_hook.is_some(),
+        secrets_sha256: crate::model::secrets_sha256(&new.secrets),
+        secrets: new.secrets,
     };
     match fleet.insert_release(&record).await? {
         ReleaseInsert::Created => {
@@ -182,17 +211,19 @@ pub async fn create(
             })
         }
         ReleaseInsert::Exists(existing)
-            if existing.artifact_digest == record.artifact_digest && existing.env == record.env =>
+            if existing.artifact_digest == record.artifact_digest
+                && existing.env == record.env
+                && existing.secrets_sha256 == record.secrets_sha256 =>
         {
             Ok(Created {
-                record: existing,
+                record: *existing,
                 created: false,
             })
         }
         ReleaseInsert::Exists(existing) => {
             let same_bytes = existing.artifact_digest == record.artifact_digest;
             Err(ReleaseError::Immutable {
-                existing: Box::new(existing),
+                existing,
                 same_bytes,
             })
         }
@@ -209,8 +240,25 @@ mod tests {
             "web".into(),
             "1.4.2".into(),
             [("GREETING".to_string(), "hi".to_string())],
+            [("API_KEY".to_string(), "s3cret".to_string())],
         )
         .unwrap();
+        assert_eq!(ok.secrets.0["API_KEY"], "s3cret");
+        let both = NewRelease::check(
+            "web".into(),
+            "1".into(),
+            [("K".to_string(), "a".to_string())],
+            [("K".to_string(), "b".to_string())],
+        );
+        assert!(matches!(both, Err(ReleaseError::Invalid(_))));
+        let bad_secret = NewRelease::check(
+            "web".into(),
+            "1".into(),
+            [],
+            [("1BAD".to_string(), "hunter2".to_string())],
+        )
+        .unwrap_err();
+        assert!(!bad_secret.to_string().contains("hunter2"), "{bad_secret}");
         assert_eq!(ok.env["GREETING"], "hi");
         for (app, version, key, value) in [
             ("Web", "1.0.0", "K", "v"),
@@ -222,6 +270,7 @@ mod tests {
                 app.into(),
                 version.into(),
                 [(key.to_string(), value.to_string())],
+                [],
             );
             assert!(
                 matches!(result, Err(ReleaseError::Invalid(_))),
@@ -229,6 +278,8 @@ mod tests {
             );
         }
         let long = "x".repeat(MAX_ENV_VALUE_BYTES + 1);
-        assert!(NewRelease::check("web".into(), "1".into(), [("K".to_string(), long)]).is_err());
+        assert!(
+            NewRelease::check("web".into(), "1".into(), [("K".to_string(), long)], []).is_err()
+        );
     }
 }

@@ -9,7 +9,6 @@
 use crate::model::{EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::BTreeMap;
 use std::path::Path;
 use thiserror::Error;
 
@@ -68,7 +67,7 @@ fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
 pub enum ReleaseInsert {
     Created,
     /// The same version already exists; the caller compares it with what it tried to create.
-    Exists(ReleaseRecord),
+    Exists(Box<ReleaseRecord>),
 }
 
 /// A handle on the store; clones share one database, so a write can be handed to the
@@ -102,7 +101,7 @@ pub struct JoinTokenRecord {
     pub host_removed_unix_ms: Option<i64>,
     /// The labels the host joining with this token gets (`join-token create --labels`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub labels: Option<BTreeMap<String, String>>,
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// What `join_with_token` found.
@@ -142,7 +141,7 @@ pub struct CertificateRecord {
     pub issued_by: String,
     /// For an agent certificate from a join token that named labels: those labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub labels: Option<BTreeMap<String, String>>,
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A revoked certificate.
@@ -294,10 +293,10 @@ impl Store {
             let existing = table.get(key.as_str())?.map(|v| v.value().to_vec());
             match existing {
                 Some(bytes) => {
-                    outcome = ReleaseInsert::Exists(
+                    outcome = ReleaseInsert::Exists(Box::new(
                         serde_json::from_slice(&bytes)
                             .map_err(|e| redb::Error::Corrupted(format!("release {key}: {e}")))?,
-                    )
+                    ))
                 }
                 None => {
                     table.insert(key.as_str(), encode(release).as_slice())?;
@@ -610,6 +609,8 @@ mod tests {
             created_by: "test".into(),
             smoke_timeouts_ms: Vec::new(),
             has_release_hook: false,
+            secrets: Default::default(),
+            secrets_sha256: String::new(),
         }
     }
 
@@ -624,7 +625,7 @@ mod tests {
             );
             assert_eq!(
                 store.insert_release(&release("1.0", "b")).unwrap(),
-                ReleaseInsert::Exists(release("1.0", "a"))
+                ReleaseInsert::Exists(Box::new(release("1.0", "a")))
             );
             assert_eq!(store.next_seq("rollout").unwrap(), 1);
             assert_eq!(store.next_seq("rollout").unwrap(), 2);

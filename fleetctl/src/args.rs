@@ -147,6 +147,13 @@ pub struct ReleaseCreateArgs {
     /// Configuration stored with the release and given to every instance (repeatable)
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
     pub env: Vec<(String, String)>,
+    /// A secret given to every instance through its environment, never shown afterwards
+    /// (repeatable; the command line is visible to other local users: prefer --secret-file)
+    #[arg(long = "secret", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    pub secrets: Vec<(String, String)>,
+    /// A secret whose value is the content of FILE (repeatable)
+    #[arg(long = "secret-file", value_name = "KEY=FILE", value_parser = parse_env_pair)]
+    pub secret_files: Vec<(String, String)>,
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,7 @@ pub async fn release_create(
     version: &str,
     artifact: &Path,
     env: &[(String, String)],
+    secrets: &[(String, String)],
 ) -> Result<pb::CreateReleaseResponse, CliError> {
     fleet_proto::names::check_app(app).map_err(|e| usage(e.to_string()))?;
     fleet_proto::names::check_version(version).map_err(|e| usage(e.to_string()))?;
@@ -62,6 +63,14 @@ pub async fn release_create(
             )));
         }
     }
+    let mut secret_map = HashMap::new();
+    for (key, value) in secrets {
+        if env_map.contains_key(key) || secret_map.insert(key.clone(), value.clone()).is_some() {
+            return Err(usage(format!(
+                "{key} is given twice (as --env or --secret): give each variable once"
+            )));
+        }
+    }
     check_artifact_file(artifact).await?;
 
     let file = tokio::fs::File::open(artifact)
@@ -73,6 +82,7 @@ pub async fn release_create(
                 app: app.to_string(),
                 version: version.to_string(),
                 env: env_map,
+                secrets: secret_map,
             },
         )),
     };
@@ -231,19 +241,20 @@ pub async fn releases(ctx: &Context, app: &str) -> Result<(), CliError> {
     let now = fleet_proto::now_unix_ms();
     let mut table = Table::new(&["VERSION", "ARTIFACT", "SIZE", "CREATED", "BY", "ENV"]);
     for release in &response.releases {
-        let mut env_keys: Vec<&String> = release.env.keys().collect();
-        env_keys.sort();
+        // Environment variables by name; secrets as NAME=*** (the controller never sends
+        // their values back).
+        let mut env: Vec<String> = release.env.keys().cloned().collect();
+        env.sort();
+        let mut secrets: Vec<String> = release.secrets.keys().map(|k| format!("{k}=***")).collect();
+        secrets.sort();
+        env.extend(secrets);
         table.row(vec![
             release.version.clone(),
             output::short_digest(&release.artifact_digest),
             output::size(release.artifact_size),
             output::ago(release.created_unix_ms, now),
             release.created_by.clone(),
-            env_keys
-                .iter()
-                .map(|k| k.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
+            env.join(","),
         ]);
     }
     table.print();

@@ -357,7 +357,7 @@ async fn run_steps(
             "\n==> fleetctl release create web {version} {}",
             artifact.display()
         );
-        commands::release_create(&ctx, "web", version, &artifact, &[]).await?;
+        commands::release_create(&ctx, "web", version, &artifact, &[], &[]).await?;
     }
 
     // Two rollouts: the first brings web up everywhere, the second upgrades it canary-first.

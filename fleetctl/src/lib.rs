@@ -74,12 +74,20 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Init(_) | Command::Demo(_) => unreachable!("handled above"),
         Command::Release(ReleaseCommand::Create(create)) => {
+            let mut secrets = create.secrets.clone();
+            for (key, path) in &create.secret_files {
+                let value = std::fs::read_to_string(path).map_err(|e| {
+                    client::usage(format!("cannot read the secret file {path} for {key}: {e}"))
+                })?;
+                secrets.push((key.clone(), value));
+            }
             commands::release_create(
                 &ctx,
                 &create.app,
                 &create.version,
                 &create.artifact,
                 &create.env,
+                &secrets,
             )
             .await?;
         }

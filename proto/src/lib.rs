@@ -11,6 +11,7 @@ pub mod duration;
 pub mod instance_state;
 pub mod manifest;
 pub mod names;
+pub mod secrets;
 
 /// Types and service stubs generated from `proto/fleet.proto`.
 pub mod pb {

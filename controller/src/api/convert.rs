@@ -12,6 +12,7 @@ pub fn release(r: &ReleaseRecord) -> pb::Release {
         artifact_digest: r.artifact_digest.clone(),
         artifact_size: r.artifact_size,
         env: r.env.clone().into_iter().collect(),
+        secrets: r.secrets.masked().into_iter().collect(),
         created_unix_ms: r.created_unix_ms,
         created_by: r.created_by.clone(),
     }
@@ -68,6 +69,7 @@ pub fn assignment(a: &Assignment) -> pb::Assignment {
         artifact_digest: a.artifact_digest.clone(),
         artifact_size: a.artifact_size,
         env: a.env.clone().into_iter().collect(),
+        secrets: a.secrets.0.clone().into_iter().collect(),
         rollout_id: a.rollout_id.clone(),
         generation: a.generation,
         smoke_timeout_ms: a.smoke_timeout_ms,

@@ -167,8 +167,9 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 ))
             }
         };
-        let new = releases::NewRelease::check(header.app, header.version, header.env)
-            .map_err(release_status)?;
+        let new =
+            releases::NewRelease::check(header.app, header.version, header.env, header.secrets)
+                .map_err(release_status)?;
         let mut upload = releases::begin(&self.fleet).map_err(release_status)?;
         let idle = self.fleet.artifacts().limits().idle_timeout;
         loop {
