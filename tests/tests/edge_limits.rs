@@ -131,6 +131,7 @@ fn half_sent_messages_without_a_certificate_cost_a_bounded_amount() {
     );
     let peak_after = process::peak_rss_kib(pid).expect("the controller's VmHWM");
     let growth = peak_after.saturating_sub(peak_before);
+    eprintln!("controller peak memory: {peak_before} KiB before, {peak_after} KiB after ({growth} KiB more)");
     assert!(
         growth < GROWTH_BOUND_KIB,
         "the controller's peak memory grew by {growth} KiB ({peak_before} -> {peak_after}) for {STREAMS} half-sent 4 MiB messages"
