@@ -6,7 +6,7 @@
 //! before the old instance is touched.
 
 use crate::instance::{
-    inherited_env, instance_env, prepare_from_origin, resolve_program, InstanceVars,
+    inherited_env, instance_env, prepare_from_origin, process_env, resolve_program, InstanceVars,
 };
 use crate::model::DataLayout;
 use fleet_proto::manifest::{substitute, Manifest};
@@ -70,7 +70,7 @@ async fn run_in(
         .current_dir(dir)
         .env_clear()
         .envs(inherited_env())
-        .envs(&env)
+        .envs(process_env(vars, manifest))
         .stdin(Stdio::null())
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr))

@@ -69,15 +69,24 @@ pub struct InstanceVars {
     pub secrets: fleet_proto::secrets::Secrets,
 }
 
-/// The variables an instance sees (without its token); smoke checks use the same.
+/// The variables an instance sees (without its token and its secrets): what `${VAR}` in a
+/// command or a smoke check is replaced from, and what smoke checks run with. Secrets are not
+/// among them, so a secret never lands in a command line (`ps`) or a check's report.
 pub fn instance_env(vars: &InstanceVars, manifest: &Manifest) -> BTreeMap<String, String> {
     let mut env = manifest.process.env.clone();
     env.extend(vars.release_env.clone());
-    env.extend(vars.secrets.0.clone());
     env.insert("FLEET_APP".into(), vars.app.clone());
     env.insert("FLEET_VERSION".into(), vars.version.clone());
     env.insert("FLEET_HOST".into(), vars.host_name.clone());
     env.insert("FLEET_ADDR".into(), vars.advertise.clone());
+    env
+}
+
+/// The environment of the instance's process and of the release hook: [`instance_env`] and the
+/// release's secrets (which win). Their only way in.
+pub fn process_env(vars: &InstanceVars, manifest: &Manifest) -> BTreeMap<String, String> {
+    let mut env = instance_env(vars, manifest);
+    env.extend(vars.secrets.0.clone());
     env
 }
 
@@ -231,7 +240,7 @@ impl Instance {
             .current_dir(&instance_dir)
             .env_clear()
             .envs(inherited_env())
-            .envs(&env)
+            .envs(process_env(vars, manifest))
             .env(INSTANCE_ID_VAR, &token)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))

@@ -339,6 +339,12 @@ impl AppTask {
     }
 
     fn publish(&self, state: InstanceState, version: String, rollout_id: String, message: String) {
+        // A report leaves the host: no secret value of the app's release may be in it (an
+        // exec check or a hook could have printed one).
+        let message = match &self.target {
+            Some(target) => target.secrets.redact(&message),
+            None => message,
+        };
         self.context.reporter.publish(Report {
             app: self.app.clone(),
             version,

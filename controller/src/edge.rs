@@ -4,9 +4,14 @@
 //!
 //! - A connection without a client certificate may call `AgentService.Join` and nothing else:
 //!   any other call is refused before a byte of its body is read. Its request may be at most
-//!   [`Limits::anonymous_request_bytes`], and the whole call must finish within
-//!   [`Limits::anonymous_call`]. At most [`Limits::anonymous_connections_per_ip`] such
-//!   connections may be open from one source address; more are closed after the handshake.
+//!   [`Limits::anonymous_request_bytes`], the whole call must finish within
+//!   [`Limits::anonymous_call`], and the connection lives at most
+//!   [`Limits::anonymous_lifetime`]. At most [`Limits::anonymous_connections_per_source`] such
+//!   connections may be open from one source (an IPv4 address, an IPv6 /64) and
+//!   [`Limits::anonymous_connections`] in all; more are closed after the handshake.
+//! - A client certificate that was revoked, or that cannot be read, is refused before its
+//!   request's body is read; an agent's certificate may call `AgentService` only.
+//! - At most [`Limits::handshakes`] TLS handshakes run at once.
 //! - On every connection, a gRPC message that was begun must be finished within
 //!   [`Limits::message_deadline`] (a stalled half-sent message holds its buffer), and at most
 //!   [`Limits::streams_per_connection`] streams may be open at once (set on the server).
@@ -37,8 +42,14 @@ pub const JOIN_PATH: &str = "/fleet.v1.AgentService/Join";
 pub struct Limits {
     /// How long a TLS handshake may take.
     pub handshake: Duration,
-    /// Open connections without a client certificate, per source address.
-    pub anonymous_connections_per_ip: usize,
+    /// TLS handshakes under way at once.
+    pub handshakes: usize,
+    /// Open connections without a client certificate, per source (IPv4 address, IPv6 /64).
+    pub anonymous_connections_per_source: usize,
+    /// Open connections without a client certificate, in all.
+    pub anonymous_connections: usize,
+    /// How long a connection without a client certificate may stay open.
+    pub anonymous_lifetime: Duration,
     /// The request body of a call without a client certificate (a `Join` needs kilobytes).
     pub anonymous_request_bytes: u64,
     /// How long a call without a client certificate may take, all of it.
@@ -53,7 +64,10 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             handshake: Duration::from_secs(10),
-            anonymous_connections_per_ip: 32,
+            handshakes: 256,
+            anonymous_connections_per_source: 32,
+            anonymous_connections: 256,
+            anonymous_lifetime: Duration::from_secs(30),
             anonymous_request_bytes: 32 * 1024,
             anonymous_call: Duration::from_secs(10),
             message_deadline: Duration::from_secs(60),
@@ -101,50 +115,83 @@ pub fn server_tls(
     Ok(Arc::new(config))
 }
 
-/// Counts the open connections without a client certificate per source address.
+/// The source a connection is counted under: an IPv4 address, or the /64 of an IPv6 one (one
+/// host usually holds a whole /64).
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
+/// Counts the open connections without a client certificate, per source and in all.
 #[derive(Default)]
 struct AnonymousConnections {
-    by_ip: Mutex<HashMap<IpAddr, usize>>,
+    counts: Mutex<(HashMap<IpAddr, usize>, usize)>,
 }
 
 /// One counted connection; gives its place back when dropped.
 struct AnonymousSlot {
     counts: Arc<AnonymousConnections>,
-    ip: IpAddr,
+    source: IpAddr,
 }
 
 impl AnonymousConnections {
-    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<AnonymousSlot> {
-        let mut by_ip = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let count = by_ip.entry(ip).or_default();
-        if *count >= max {
-            return None;
+    fn take(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        per_source: usize,
+        total: usize,
+    ) -> Result<AnonymousSlot, String> {
+        let source = source_of(ip);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (by_source, all) = &mut *counts;
+        if *all >= total {
+            return Err(format!(
+                "{total} connections without a client certificate are open in all"
+            ));
+        }
+        let count = by_source.entry(source).or_default();
+        if *count >= per_source {
+            return Err(format!(
+                "{per_source} connections without a client certificate are open from {source} already"
+            ));
         }
         *count += 1;
-        Some(AnonymousSlot {
+        *all += 1;
+        Ok(AnonymousSlot {
             counts: self.clone(),
-            ip,
+            source,
         })
     }
 }
 
 impl Drop for AnonymousSlot {
     fn drop(&mut self) {
-        let mut by_ip = self.counts.by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = by_ip.get_mut(&self.ip) {
+        let mut counts = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (by_source, all) = &mut *counts;
+        *all -= 1;
+        if let Some(count) = by_source.get_mut(&self.source) {
             *count -= 1;
             if *count == 0 {
-                by_ip.remove(&self.ip);
+                by_source.remove(&self.source);
             }
         }
     }
 }
 
-/// A TCP connection as the server sees it, holding its place among the anonymous
-/// connections of its address when it presented no client certificate.
+/// A TCP connection as the server sees it. Without a client certificate it holds its place
+/// among the anonymous connections of its source, and reads end (the connection closes) once
+/// its lifetime is over.
 pub struct EdgeTcp {
     tcp: TcpStream,
     _slot: Option<AnonymousSlot>,
+    end_of_life: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Connected for EdgeTcp {
@@ -161,6 +208,12 @@ impl AsyncRead for EdgeTcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(end) = self.end_of_life.as_mut() {
+            if end.as_mut().poll(cx).is_ready() {
+                // End of file: the server side closes the connection.
+                return Poll::Ready(Ok(()));
+            }
+        }
         Pin::new(&mut self.tcp).poll_read(cx, buf)
     }
 }
@@ -206,8 +259,13 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let anonymous = Arc::new(AnonymousConnections::default());
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes));
     tokio::spawn(async move {
         loop {
+            // Past the limit, connections wait in the kernel's backlog.
+            let Ok(handshake) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -223,7 +281,11 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, anonymous) = (acceptor.clone(), tx.clone(), anonymous.clone());
             tokio::spawn(async move {
-                let stream = EdgeTcp { tcp, _slot: None };
+                let stream = EdgeTcp {
+                    tcp,
+                    _slot: None,
+                    end_of_life: None,
+                };
                 let mut tls =
                     match tokio::time::timeout(limits.handshake, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => tls,
@@ -236,19 +298,24 @@ pub fn incoming(
                             return;
                         }
                     };
+                drop(handshake);
                 let (io, session) = tls.get_mut();
                 let has_certificate = session
                     .peer_certificates()
                     .is_some_and(|certs| !certs.is_empty());
                 if !has_certificate {
-                    match anonymous.take(peer.ip(), limits.anonymous_connections_per_ip) {
-                        Some(slot) => io._slot = Some(slot),
-                        None => {
-                            tracing::warn!(
-                                "closed a connection from {peer}: {} connections without a client certificate are open from {} already",
-                                limits.anonymous_connections_per_ip,
-                                peer.ip()
-                            );
+                    match anonymous.take(
+                        peer.ip(),
+                        limits.anonymous_connections_per_source,
+                        limits.anonymous_connections,
+                    ) {
+                        Ok(slot) => {
+                            io._slot = Some(slot);
+                            io.end_of_life =
+                                Some(Box::pin(tokio::time::sleep(limits.anonymous_lifetime)));
+                        }
+                        Err(why) => {
+                            tracing::warn!("closed a connection from {peer}: {why}");
                             return;
                         }
                     }
@@ -260,20 +327,39 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Whether a request came over a connection that presented a client certificate (verified
-/// against the fleet CA by rustls during the handshake).
-fn has_client_certificate<B>(request: &http::Request<B>) -> bool {
-    request
+/// The prefix of every `AgentService` call: all an agent certificate may call.
+const AGENT_SERVICE_PREFIX: &str = "/fleet.v1.AgentService/";
+
+/// Who a request comes from, as far as the edge needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// No client certificate.
+    Anonymous,
+    /// An agent certificate, not revoked, and the host it names.
+    Agent(String),
+    /// An operator's or CI's certificate, not revoked.
+    Client,
+    /// A certificate that was revoked or cannot be read, and why.
+    Refused(String),
+}
+
+/// Tells who presents a (DER) client certificate, already verified against the fleet CA.
+pub type Classify = Arc<dyn Fn(&[u8]) -> Caller + Send + Sync>;
+
+/// The leaf certificate the connection presented, if any.
+fn client_certificate<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
+    let certs = request
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|info| info.peer_certs())
-        .is_some_and(|certs| !certs.is_empty())
+        .and_then(|info| info.peer_certs())?;
+    certs.first().map(|leaf| leaf.as_ref().to_vec())
 }
 
 /// The tower layer that applies the per-request limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct EdgeLayer {
     pub limits: Limits,
+    pub classify: Classify,
 }
 
 impl<S> tower::Layer<S> for EdgeLayer {
@@ -283,14 +369,16 @@ impl<S> tower::Layer<S> for EdgeLayer {
         EdgeService {
             inner,
             limits: self.limits,
+            classify: self.classify.clone(),
         }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EdgeService<S> {
     inner: S,
     limits: Limits,
+    classify: Classify,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -315,14 +403,28 @@ where
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let limits = self.limits;
-        let authenticated = has_client_certificate(&request);
-        if !authenticated && request.uri().path() != JOIN_PATH {
-            // Refused before a byte of the body is read.
-            let status = tonic::Status::unauthenticated(
+        let caller = match client_certificate(&request) {
+            None => Caller::Anonymous,
+            Some(der) => (self.classify)(&der),
+        };
+        let path = request.uri().path();
+        // Refused before a byte of the body is read.
+        let refusal = match &caller {
+            Caller::Anonymous if path != JOIN_PATH => Some(tonic::Status::unauthenticated(
                 "this call needs a client certificate from the fleet's CA: use the directory written by `fleetctl init` or `fleetctl credentials create` (--config-dir DIR)",
-            );
+            )),
+            Caller::Refused(why) => Some(tonic::Status::unauthenticated(why.clone())),
+            Caller::Agent(host) if !path.starts_with(AGENT_SERVICE_PREFIX) => {
+                Some(tonic::Status::permission_denied(format!(
+                    "this call needs the admin or deployer role; your credential `{host}` has role agent, which may call the agent service only"
+                )))
+            }
+            _ => None,
+        };
+        if let Some(status) = refusal {
             return Box::pin(async move { Ok(status.into_http()) });
         }
+        let authenticated = caller != Caller::Anonymous;
         let cap = (!authenticated).then_some(limits.anonymous_request_bytes);
         let request = request.map(|body| {
             tonic::body::Body::new(GuardedBody::new(body, limits.message_deadline, cap))
@@ -357,7 +459,10 @@ struct Framing {
 }
 
 impl Framing {
-    fn feed(&mut self, mut data: &[u8]) {
+    /// Takes the next bytes of the stream; returns whether a message began in them (its first
+    /// header byte), so its deadline can start from there.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        let mut began = false;
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = (self.remaining.min(data.len() as u64)) as usize;
@@ -365,6 +470,7 @@ impl Framing {
                 data = &data[n..];
                 continue;
             }
+            began |= self.header_len == 0;
             self.header[self.header_len] = data[0];
             self.header_len += 1;
             data = &data[1..];
@@ -379,6 +485,7 @@ impl Framing {
                 self.header_len = 0;
             }
         }
+        began
     }
 
     fn inside_a_message(&self) -> bool {
@@ -432,10 +539,11 @@ impl http_body::Body for GuardedBody {
                         )
                         .into())));
                     }
-                    this.framing.feed(data.chunk());
+                    let began = this.framing.feed(data.chunk());
                     if !this.framing.inside_a_message() {
                         this.timer = None;
-                    } else if this.timer.is_none() {
+                    } else if began || this.timer.is_none() {
+                        // The deadline runs from the first byte of the message now half-sent.
                         this.timer = Some(Box::pin(tokio::time::sleep(this.deadline)));
                     }
                 }
@@ -485,9 +593,9 @@ mod tests {
         assert!(!framing.inside_a_message());
         // A header cut in two, then the message in two pieces.
         let h = header(10);
-        framing.feed(&h[..2]);
+        assert!(framing.feed(&h[..2]), "a message began");
         assert!(framing.inside_a_message());
-        framing.feed(&h[2..]);
+        assert!(!framing.feed(&h[2..]), "the same message goes on");
         assert!(framing.inside_a_message());
         framing.feed(&[1; 4]);
         assert!(framing.inside_a_message());
@@ -549,6 +657,35 @@ mod tests {
         assert_eq!(started.elapsed(), deadline);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_runs_from_the_start_of_the_message_now_half_sent() {
+        let deadline = Duration::from_secs(60);
+        let (tx, inner) = body_fed_by_hand();
+        let mut body = GuardedBody::new(inner, deadline, None);
+        let mut first = header(10);
+        first.extend_from_slice(&[0; 5]);
+        tx.send(Ok(http_body::Frame::data(Bytes::from(first))))
+            .await
+            .unwrap();
+        assert!(next(&mut body).await.unwrap().is_ok());
+        tokio::time::advance(Duration::from_secs(50)).await;
+        // One frame ends the first message and begins the second (as gRPC clients coalesce).
+        let mut both = vec![0u8; 5];
+        both.extend(header(10));
+        both.push(0);
+        tx.send(Ok(http_body::Frame::data(Bytes::from(both))))
+            .await
+            .unwrap();
+        assert!(next(&mut body).await.unwrap().is_ok());
+        let started = tokio::time::Instant::now();
+        assert!(next(&mut body).await.unwrap().is_err());
+        assert_eq!(
+            started.elapsed(),
+            deadline,
+            "the second message gets its own 60 s"
+        );
+    }
+
     #[tokio::test]
     async fn a_request_without_a_certificate_is_cut_past_its_cap() {
         let (tx, inner) = body_fed_by_hand();
@@ -569,11 +706,18 @@ mod tests {
         let counts = Arc::new(AnonymousConnections::default());
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
-        let first = counts.take(a, 2).unwrap();
-        let _second = counts.take(a, 2).unwrap();
-        assert!(counts.take(a, 2).is_none());
-        let _other = counts.take(b, 2).unwrap();
+        let first = counts.take(a, 2, 3).unwrap();
+        let _second = counts.take(a, 2, 3).unwrap();
+        assert!(counts.take(a, 2, 3).is_err());
+        let _other = counts.take(b, 2, 3).unwrap();
+        // Three in all: a fourth source is refused too.
+        assert!(counts.take("127.0.0.3".parse().unwrap(), 2, 3).is_err());
         drop(first);
-        assert!(counts.take(a, 2).is_some());
+        assert!(counts.take(a, 2, 3).is_ok());
+        // An IPv6 /64 is one source.
+        let v6 = |text: &str| text.parse::<IpAddr>().unwrap();
+        let _x = counts.take(v6("2001:db8::1"), 1, 10).unwrap();
+        assert!(counts.take(v6("2001:db8::ffff"), 1, 10).is_err());
+        assert!(counts.take(v6("2001:db8:0:1::1"), 1, 10).is_ok());
     }
 }

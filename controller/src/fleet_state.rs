@@ -17,7 +17,7 @@ use crate::store::{
 };
 use fleet_proto::instance_state::InstanceState;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, watch};
 
 /// One app's instance on a host, as its agent last reported it.
@@ -88,10 +88,15 @@ pub struct FleetState {
     live: Mutex<Live>,
     /// Serialises read-modify-write of host records (two rollouts of different apps may touch
     /// one host at once).
-    host_writes: tokio::sync::Mutex<()>,
+    host_writes: Arc<tokio::sync::Mutex<()>>,
     changes: watch::Sender<u64>,
     events: broadcast::Sender<EventRecord>,
+    /// Held while an event is appended and broadcast.
+    event_order: Arc<Mutex<()>>,
 }
+
+/// The host lock, owned, so it can travel into a blocking write.
+type HostLock = tokio::sync::OwnedMutexGuard<()>;
 
 /// A connected agent's session: its number (a newer session of the same host replaces it) and
 /// the channel its desired state arrives on.
@@ -114,9 +119,10 @@ impl FleetState {
             lost_after_ms,
             started_unix_ms: fleet_proto::now_unix_ms(),
             live: Mutex::new(Live::default()),
-            host_writes: tokio::sync::Mutex::new(()),
+            host_writes: Arc::new(tokio::sync::Mutex::new(())),
             changes: watch::channel(0).0,
             events: broadcast::channel(1024).0,
+            event_order: Arc::new(Mutex::new(())),
         }
     }
 
@@ -139,9 +145,33 @@ impl FleetState {
             .map_err(|e| StoreError::Interrupted(e.to_string()))?
     }
 
-    async fn save_host(&self, record: &HostRecord) -> Result<(), StoreError> {
+    /// Takes the lock that serialises read-modify-write of host records.
+    async fn lock_hosts(&self) -> HostLock {
+        self.host_writes.clone().lock_owned().await
+    }
+
+    /// Like [`FleetState::write`], holding the host lock until the commit is done: the lock
+    /// goes into the blocking task and comes back with its result. A caller dropped meanwhile
+    /// (a cancelled call, a stopped executor) releases it only once the write committed, so no
+    /// one reads the record before it and writes a stale copy back.
+    async fn write_holding<T: Send + 'static>(
+        &self,
+        lock: HostLock,
+        body: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<(T, HostLock), StoreError> {
+        let store = self.store.clone();
+        let (result, lock) = tokio::task::spawn_blocking(move || (body(&store), lock))
+            .await
+            .map_err(|e| StoreError::Interrupted(e.to_string()))?;
+        Ok((result?, lock))
+    }
+
+    async fn save_host(&self, lock: HostLock, record: &HostRecord) -> Result<HostLock, StoreError> {
         let record = record.clone();
-        self.write(move |store| store.put_host(&record)).await
+        let ((), lock) = self
+            .write_holding(lock, move |store| store.put_host(&record))
+            .await?;
+        Ok(lock)
     }
 
     /// The artifact store (content-addressed files; no desired state lives there).
@@ -232,6 +262,19 @@ impl FleetState {
         .await
     }
 
+    /// A join's outcome as far as it can be told without writing (see
+    /// [`Store::join_precheck`]).
+    pub fn join_precheck(
+        &self,
+        token_hash: String,
+        name: &str,
+        key_sha256: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<TokenUse>, StoreError> {
+        self.store
+            .join_precheck(&token_hash, name, key_sha256, now_unix_ms)
+    }
+
     pub async fn record_certificate(&self, record: CertificateRecord) -> Result<(), StoreError> {
         self.write(move |store| store.record_certificate(&record))
             .await
@@ -304,12 +347,20 @@ impl FleetState {
             host: host.to_string(),
             message: message.into(),
         };
-        match self.write(move |store| store.append_event(event)).await {
-            Ok(event) => {
+        // Appended and told to followers under one lock, so followers see events in the order
+        // of their numbers (a follower skips any number it has seen).
+        let (events, order) = (self.events.clone(), self.event_order.clone());
+        let appended = self
+            .write(move |store| {
+                let _in_order = order.lock().unwrap_or_else(|p| p.into_inner());
+                let event = store.append_event(event)?;
                 tracing::info!(kind = %event.kind, app = %event.app, host = %event.host, "{}", event.message);
-                let _ = self.events.send(event);
-            }
-            Err(e) => tracing::error!("cannot record event: {e}"),
+                let _ = events.send(event);
+                Ok(())
+            })
+            .await;
+        if let Err(e) = appended {
+            tracing::error!("cannot record event: {e}");
         }
     }
 
@@ -321,16 +372,23 @@ impl FleetState {
     /// Registers a connecting agent: records the host (keeping its desired state and the labels
     /// it joined with, see [`labels_on_connect`]), replaces any older session of the same host,
     /// and hands back the desired state to send. `joined_labels` are those its join token
-    /// named, if any.
+    /// named, if any. `None` when the certificate the session came with (`serial`) was revoked
+    /// meanwhile: a host removed while its hello was on the way must not come back.
     pub async fn host_connected(
         &self,
         hello: HostHello,
         joined_labels: Option<BTreeMap<String, String>>,
-    ) -> Result<Session, StoreError> {
+        serial: &str,
+    ) -> Result<Option<Session>, StoreError> {
         let now = fleet_proto::now_unix_ms();
         // The session is registered under the same lock that writes desired state, so a wave
         // written meanwhile either is in the state computed here or is pushed to this session.
-        let _guard = self.host_writes.lock().await;
+        let mut held = self.lock_hosts().await;
+        // Under the lock `forget` takes too: either the host is forgotten after this, or its
+        // certificate is already revoked here.
+        if self.store.is_revoked(serial)? {
+            return Ok(None);
+        }
         let record = {
             let mut record = self.store.get_host(&hello.name)?.unwrap_or(HostRecord {
                 name: hello.name.clone(),
@@ -348,7 +406,7 @@ impl FleetState {
             record.labels = labels;
             record.advertise_addr = hello.advertise_addr.clone();
             record.last_seen_unix_ms = now;
-            self.save_host(&record).await?;
+            held = self.save_host(held, &record).await?;
             if claim_ignored {
                 self.event(
                     &hello.name,
@@ -401,7 +459,7 @@ impl FleetState {
             );
             id
         };
-        drop(_guard);
+        drop(held);
         self.event(
             &hello.name,
             "host.connected",
@@ -411,7 +469,7 @@ impl FleetState {
         )
         .await;
         self.bump();
-        Ok(Session { id, desired })
+        Ok(Some(Session { id, desired }))
     }
 
     /// Records an instance transition reported by a host's current session.
@@ -462,14 +520,14 @@ impl FleetState {
         if !self.runs_nothing(host) {
             return Ok(());
         }
-        let _guard = self.host_writes.lock().await;
+        let held = self.lock_hosts().await;
         let Some(mut record) = self.store.get_host(host)? else {
             return Ok(());
         };
         match &mut record.drain {
             Some(drain) if drain.drained_unix_ms.is_none() => {
                 drain.drained_unix_ms = Some(fleet_proto::now_unix_ms());
-                self.save_host(&record).await?;
+                let _held = self.save_host(held, &record).await?;
                 self.event(
                     host,
                     "host.drained",
@@ -495,7 +553,7 @@ impl FleetState {
         actor: &str,
     ) -> Result<Option<HostRecord>, StoreError> {
         let record = {
-            let _guard = self.host_writes.lock().await;
+            let held = self.lock_hosts().await;
             let Some(mut record) = self.store.get_host(host)? else {
                 return Ok(None);
             };
@@ -509,7 +567,7 @@ impl FleetState {
             if record.labels == before {
                 return Ok(Some(record));
             }
-            self.save_host(&record).await?;
+            let _held = self.save_host(held, &record).await?;
             self.event(
                 actor,
                 "host.labeled",
@@ -532,17 +590,17 @@ impl FleetState {
     /// Returns false when the host does not exist.
     pub async fn drain(&self, host: &str, actor: &str) -> Result<bool, StoreError> {
         {
-            let _guard = self.host_writes.lock().await;
+            let held = self.lock_hosts().await;
             let Some(mut record) = self.store.get_host(host)? else {
                 return Ok(false);
             };
-            if record.drain.is_none() {
+            let _held = if record.drain.is_none() {
                 record.drain = Some(DrainRecord {
                     requested_by: actor.to_string(),
                     requested_unix_ms: fleet_proto::now_unix_ms(),
                     drained_unix_ms: None,
                 });
-                self.save_host(&record).await?;
+                let held = self.save_host(held, &record).await?;
                 self.event(
                     actor,
                     "host.draining",
@@ -551,7 +609,10 @@ impl FleetState {
                     format!("host {host} draining, asked by {actor}"),
                 )
                 .await;
-            }
+                held
+            } else {
+                held
+            };
             // Pushed under the lock, so desired states reach the agent in the order written.
             self.push_desired(&record);
         }
@@ -563,12 +624,12 @@ impl FleetState {
     /// Brings a drained host back to its desired releases. Returns false when it does not exist.
     pub async fn undrain(&self, host: &str, actor: &str) -> Result<bool, StoreError> {
         {
-            let _guard = self.host_writes.lock().await;
+            let held = self.lock_hosts().await;
             let Some(mut record) = self.store.get_host(host)? else {
                 return Ok(false);
             };
-            if record.drain.take().is_some() {
-                self.save_host(&record).await?;
+            let _held = if record.drain.take().is_some() {
+                let held = self.save_host(held, &record).await?;
                 self.event(
                     actor,
                     "host.undrained",
@@ -577,7 +638,10 @@ impl FleetState {
                     format!("host {host} undrained by {actor}"),
                 )
                 .await;
-            }
+                held
+            } else {
+                held
+            };
             self.push_desired(&record);
         }
         self.bump();
@@ -593,9 +657,10 @@ impl FleetState {
             self.write(move |store| store.revoke_host(&host)).await?
         };
         {
-            let _guard = self.host_writes.lock().await;
+            let held = self.lock_hosts().await;
             let host = host.to_string();
-            self.write(move |store| store.delete_host(&host)).await?;
+            self.write_holding(held, move |store| store.delete_host(&host))
+                .await?;
         }
         self.live().hosts.remove(host);
         self.event(
@@ -706,10 +771,10 @@ impl FleetState {
         if let Some(last_seen) = last_seen {
             {
                 // Under the lock: a removed host stays removed, a wave just written stays.
-                let _guard = self.host_writes.lock().await;
+                let held = self.lock_hosts().await;
                 if let Ok(Some(mut record)) = self.store.get_host(host) {
                     record.last_seen_unix_ms = last_seen;
-                    let _ = self.save_host(&record).await;
+                    let _held = self.save_host(held, &record).await;
                 }
             }
             self.event(
@@ -757,7 +822,7 @@ impl FleetState {
     ) -> Result<Vec<HostRecord>, StoreError> {
         let mut change = change;
         let hosts = {
-            let _guard = self.host_writes.lock().await;
+            let held = self.lock_hosts().await;
             let mut hosts = Vec::with_capacity(names.len());
             for name in names {
                 if let Some(mut host) = self.store.get_host(name)? {
@@ -766,7 +831,10 @@ impl FleetState {
                 }
             }
             let (written, rollout) = (hosts.clone(), rollout.cloned());
-            self.write(move |store| store.put_hosts_and_rollout(&written, rollout.as_ref()))
+            let ((), _held) = self
+                .write_holding(held, move |store| {
+                    store.put_hosts_and_rollout(&written, rollout.as_ref())
+                })
                 .await?;
             // Pushed under the lock, so desired states reach agents in the order written.
             for host in &hosts {

@@ -20,6 +20,9 @@ use thiserror::Error;
 pub const MAX_ENV_VALUE_BYTES: usize = 4096;
 /// The longest value of one secret (a key file or a certificate fits).
 pub const MAX_SECRET_VALUE_BYTES: usize = 64 * 1024;
+/// A release's environment and secrets together, names and values: they travel in every
+/// desired state of its hosts and end up in an `execve`, which refuses a few MiB.
+pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Error)]
 pub enum ReleaseError {
@@ -108,6 +111,16 @@ impl NewRelease {
                 )));
             }
             checked_secrets.0.insert(key, value);
+        }
+        let total: usize = checked
+            .iter()
+            .chain(checked_secrets.0.iter())
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if total > MAX_CONFIG_BYTES {
+            return Err(ReleaseError::Invalid(format!(
+                "the release's environment and secrets take {total} bytes, over the {MAX_CONFIG_BYTES} a release may carry: put large configuration in the artifact"
+            )));
         }
         Ok(NewRelease {
             app,
@@ -277,6 +290,10 @@ mod tests {
                 "{app} {version} {key}"
             );
         }
+        let big: Vec<(String, String)> = (0..5)
+            .map(|i| (format!("S{i}"), "x".repeat(MAX_SECRET_VALUE_BYTES)))
+            .collect();
+        assert!(NewRelease::check("web".into(), "1".into(), [], big).is_err());
         let long = "x".repeat(MAX_ENV_VALUE_BYTES + 1);
         assert!(
             NewRelease::check("web".into(), "1".into(), [("K".to_string(), long)], []).is_err()

@@ -363,7 +363,10 @@ pub async fn start_rollback(
 /// A rollout's record, or a not-found error that says where to look.
 pub fn get(fleet: &FleetState, id: &str) -> Result<RolloutRecord, RolloutError> {
     fleet.rollout(id)?.ok_or_else(|| {
-        RolloutError::NotFound(format!("no rollout {id}: see `fleetctl history APP`"))
+        RolloutError::NotFound(format!(
+            "no rollout {}: see `fleetctl history APP`",
+            fleet_proto::names::quoted(id)
+        ))
     })
 }
 

@@ -83,6 +83,9 @@ pub async fn run(
         fleet: fleet.clone(),
         authority: authority.clone(),
         shutdown: stop_rx.clone(),
+        joins: Arc::new(tokio::sync::Semaphore::new(
+            crate::api::agent_service::MAX_CONCURRENT_JOINS,
+        )),
     };
     let fleet_api = FleetApi {
         fleet: fleet.clone(),
@@ -95,10 +98,21 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .max_concurrent_streams(limits.streams_per_connection)
+        // Bounded header lists and reset-stream floods (RUSTSEC-2024-0003: tonic leaves
+        // hyper's limits off).
+        .http2_max_header_list_size(Some(64 * 1024))
+        .http2_max_pending_accept_reset_streams(Some(20))
+        .http2_max_local_error_reset_streams(Some(1024))
         // Megabyte windows, so a release upload is not stalled every 64 KiB by flow control.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
-        .layer(edge::EdgeLayer { limits })
+        .layer(edge::EdgeLayer {
+            limits,
+            classify: {
+                let fleet = fleet.clone();
+                Arc::new(move |der: &[u8]| crate::auth::classify(&fleet, der))
+            },
+        })
         .add_service(
             pb::agent_service_server::AgentServiceServer::new(agent_api)
                 .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES),

@@ -404,27 +404,13 @@ impl Store {
                 return Ok(());
             };
             let mut record: JoinTokenRecord = decode("join token", &bytes)?;
-            if record.host_removed_unix_ms.is_some() {
-                outcome = TokenUse::HostRemoved {
-                    host: record.used_by_host.clone().unwrap_or_default(),
-                };
-                return Ok(());
-            }
-            let retry = record.used_by_host.as_deref() == Some(certificate.name.as_str())
-                && record.used_with_key.as_deref() == Some(key_sha256)
-                && now_unix_ms < record.expires_unix_ms;
-            if record.used_unix_ms.is_some() && !retry {
-                outcome = TokenUse::AlreadyUsed {
-                    by_host: record.used_by_host.clone().unwrap_or_default(),
-                };
-                return Ok(());
-            }
-            if now_unix_ms >= record.expires_unix_ms {
-                outcome = TokenUse::Expired {
-                    expired_unix_ms: record.expires_unix_ms,
-                };
-                return Ok(());
-            }
+            let retry = match token_admission(&record, &certificate.name, key_sha256, now_unix_ms) {
+                Err(refusal) => {
+                    outcome = refusal;
+                    return Ok(());
+                }
+                Ok(retry) => retry,
+            };
             if retry {
                 if let Some(issued) = &record.issued_certificate_pem {
                     outcome = TokenUse::Retried {
@@ -434,14 +420,19 @@ impl Store {
                 }
             }
             let mut certificates = txn.open_table(CERTIFICATES)?;
+            let revoked = txn.open_table(REVOKED)?;
+            let live =
+                live_agent_certificate_in(&certificates, &revoked, &certificate.name, now_unix_ms)?;
+            drop(revoked);
+            if retry && live.is_none() {
+                // A token spent before removed hosts' tokens were marked dead: the host's every
+                // certificate is revoked, so it was removed.
+                outcome = TokenUse::HostRemoved {
+                    host: certificate.name.clone(),
+                };
+                return Ok(());
+            }
             if !retry {
-                let revoked = txn.open_table(REVOKED)?;
-                let live = live_agent_certificate_in(
-                    &certificates,
-                    &revoked,
-                    &certificate.name,
-                    now_unix_ms,
-                )?;
                 if live.is_some() {
                     outcome = TokenUse::HostHasCertificate;
                     return Ok(());
@@ -468,6 +459,31 @@ impl Store {
             Ok(())
         })?;
         Ok(outcome)
+    }
+
+    /// What a join with this token would find, read without writing anything: a refusal, or a
+    /// retry answered with the certificate kept with the token. `None` when only the write in
+    /// [`Store::join_with_token`] can tell (a token to spend). Lets `Join` refuse a bad token
+    /// before it signs anything or takes the store's write lock.
+    pub fn join_precheck(
+        &self,
+        token_hash: &str,
+        name: &str,
+        key_sha256: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<TokenUse>, StoreError> {
+        let Some(record) = self.get::<JoinTokenRecord>(JOIN_TOKENS, token_hash)? else {
+            return Ok(Some(TokenUse::Unknown));
+        };
+        Ok(
+            match token_admission(&record, name, key_sha256, now_unix_ms) {
+                Err(refusal) => Some(refusal),
+                Ok(true) => record
+                    .issued_certificate_pem
+                    .map(|certificate_pem| TokenUse::Retried { certificate_pem }),
+                Ok(false) => None,
+            },
+        )
     }
 
     /// Records a certificate the controller signed.
@@ -569,6 +585,36 @@ impl Store {
         txn.commit().map_err(db_err)?;
         Ok(())
     }
+}
+
+/// Whether a join token admits host `name` with the key `key_sha256` now: `Ok(false)` to
+/// spend it, `Ok(true)` for the same join retried (same host, same key, still valid), or the
+/// refusal: the host it joined was removed, it was spent by another host or key, it expired.
+fn token_admission(
+    record: &JoinTokenRecord,
+    name: &str,
+    key_sha256: &str,
+    now_unix_ms: i64,
+) -> Result<bool, TokenUse> {
+    if record.host_removed_unix_ms.is_some() {
+        return Err(TokenUse::HostRemoved {
+            host: record.used_by_host.clone().unwrap_or_default(),
+        });
+    }
+    let retry = record.used_by_host.as_deref() == Some(name)
+        && record.used_with_key.as_deref() == Some(key_sha256)
+        && now_unix_ms < record.expires_unix_ms;
+    if record.used_unix_ms.is_some() && !retry {
+        return Err(TokenUse::AlreadyUsed {
+            by_host: record.used_by_host.clone().unwrap_or_default(),
+        });
+    }
+    if now_unix_ms >= record.expires_unix_ms {
+        return Err(TokenUse::Expired {
+            expired_unix_ms: record.expires_unix_ms,
+        });
+    }
+    Ok(retry)
 }
 
 /// The live (unexpired, unrevoked) agent certificate of host `name`, read in whatever
@@ -743,6 +789,56 @@ mod tests {
             serials,
             ["02", "06"],
             "only admitted joins record a certificate; a retry signs nothing new"
+        );
+    }
+
+    #[test]
+    fn a_token_spent_before_the_upgrade_does_not_bring_a_removed_host_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let agent = |serial: &str| CertificateRecord {
+            serial: serial.into(),
+            name: "web-1".into(),
+            role: "agent".into(),
+            issued_unix_ms: 1,
+            not_after_unix_ms: i64::MAX,
+            issued_by: "join token".into(),
+            labels: None,
+        };
+        // As an older controller left it: spent by web-1 with key k, no certificate kept.
+        let token = JoinTokenRecord {
+            expires_unix_ms: 1000,
+            created_by: "admin".into(),
+            used_unix_ms: Some(1),
+            used_by_host: Some("web-1".into()),
+            used_with_key: Some("k".into()),
+            issued_certificate_pem: None,
+            host_removed_unix_ms: None,
+            labels: None,
+        };
+        store.insert_join_token("old", &token).unwrap();
+        store.record_certificate(&agent("01")).unwrap();
+        // Nothing to tell without the write: the precheck leaves it to join_with_token.
+        assert_eq!(store.join_precheck("old", "web-1", "k", 5).unwrap(), None);
+        assert_eq!(
+            store.join_precheck("nope", "web-1", "k", 5).unwrap(),
+            Some(TokenUse::Unknown)
+        );
+        assert_eq!(
+            store.join_precheck("old", "web-1", "other", 5).unwrap(),
+            Some(TokenUse::AlreadyUsed {
+                by_host: "web-1".into()
+            })
+        );
+        // Its certificate revoked by serial (as before revoke_host marked tokens dead):
+        store.revoke_certificate("01", "web-1").unwrap();
+        assert_eq!(
+            store
+                .join_with_token("old", &agent("02"), "pem-02", "k", 5)
+                .unwrap(),
+            TokenUse::HostRemoved {
+                host: "web-1".into()
+            }
         );
     }
 

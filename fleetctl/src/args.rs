@@ -149,8 +149,9 @@ pub struct ReleaseCreateArgs {
     pub env: Vec<(String, String)>,
     /// A secret given to every instance through its environment, never shown afterwards
     /// (repeatable; the command line is visible to other local users: prefer --secret-file)
-    #[arg(long = "secret", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
-    pub secrets: Vec<(String, String)>,
+    // Raw text, checked by `parse::parse_secret`: clap would quote a refused value whole.
+    #[arg(long = "secret", value_name = "KEY=VALUE")]
+    pub secrets: Vec<String>,
     /// A secret whose value is the content of FILE (repeatable)
     #[arg(long = "secret-file", value_name = "KEY=FILE", value_parser = parse_env_pair)]
     pub secret_files: Vec<(String, String)>,

@@ -74,7 +74,10 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Init(_) | Command::Demo(_) => unreachable!("handled above"),
         Command::Release(ReleaseCommand::Create(create)) => {
-            let mut secrets = create.secrets.clone();
+            let mut secrets = Vec::new();
+            for text in &create.secrets {
+                secrets.push(parse::parse_secret(text).map_err(client::usage)?);
+            }
             for (key, path) in &create.secret_files {
                 let value = std::fs::read_to_string(path).map_err(|e| {
                     client::usage(format!("cannot read the secret file {path} for {key}: {e}"))

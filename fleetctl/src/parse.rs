@@ -109,6 +109,24 @@ fn all_digits(text: &str) -> Option<u32> {
     text.parse().ok()
 }
 
+/// Parses one `--secret KEY=VALUE`. Unlike [`parse_env_pair`], an error never quotes the
+/// value (nor text that may be one).
+pub fn parse_secret(text: &str) -> Result<(String, String), String> {
+    let Some((key, value)) = text.split_once('=') else {
+        return Err(
+            "a --secret is invalid: write it as KEY=VALUE (or use --secret-file KEY=FILE)"
+                .to_string(),
+        );
+    };
+    if !fleet_proto::names::check_env_key(key) {
+        return Err(format!(
+            "secret name {} is invalid: use letters, digits and '_', not starting with a digit",
+            fleet_proto::names::quoted(key)
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
 /// Parses one `--env KEY=VALUE`; the value may hold anything, `=` included.
 pub fn parse_env_pair(text: &str) -> Result<(String, String), String> {
     let (key, value) = text.split_once('=').ok_or_else(|| {
@@ -125,6 +143,18 @@ pub fn parse_env_pair(text: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_secret_is_not_quoted() {
+        assert_eq!(
+            parse_secret("API_KEY=a=b").unwrap(),
+            ("API_KEY".to_string(), "a=b".to_string())
+        );
+        for bad in ["hunter2", "1X=hunter2"] {
+            let error = parse_secret(bad).unwrap_err();
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+    }
 
     #[test]
     fn label_changes() {

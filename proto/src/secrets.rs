@@ -15,6 +15,18 @@ impl Secrets {
         self.0.is_empty()
     }
 
+    /// `text` with every value of these secrets (of 4 bytes or more: shorter ones would mask
+    /// ordinary words) replaced by `***`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for value in self.0.values().filter(|v| v.len() >= 4) {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), "***");
+            }
+        }
+        out
+    }
+
     /// The secrets' names, each with `***` for its value: what any read of a release shows.
     pub fn masked(&self) -> BTreeMap<String, String> {
         self.0
@@ -51,6 +63,10 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("API_KEY"), "{shown}");
         assert_eq!(secrets.masked()["API_KEY"], "***");
+        assert_eq!(
+            secrets.redact("curl -H key:hunter2 failed: hunter2!"),
+            "curl -H key:*** failed: ***!"
+        );
         let json = serde_json::to_string(&secrets).unwrap();
         assert_eq!(serde_json::from_str::<Secrets>(&json).unwrap(), secrets);
     }

@@ -409,13 +409,14 @@ fn an_agent_certificate_speaks_only_for_its_own_host() {
     let other = fleet.write_artifact(&[("fleet.toml", MANIFEST, 0o644), ("x", b"x", 0o644)]);
     let other_digest = create_release_digest(&fleet, "2.0", &other);
 
-    // With fleetctl: an agent's certificate is no operator's.
+    // With fleetctl: an agent's certificate is no operator's (refused at the edge, before
+    // the request's body is read).
     let stolen = config_dir_from_agent(&fleet, "h1");
-    for (args, role) in [
-        (&["hosts"][..], "deployer"),
-        (&["release", "create", "app", "3.0", "x.tar.gz"], "deployer"),
-        (&["drain", "h2"], "admin"),
-        (&["join-token", "create"], "admin"),
+    for args in [
+        &["hosts"][..],
+        &["release", "create", "app", "3.0", "x.tar.gz"],
+        &["drain", "h2"],
+        &["join-token", "create"],
     ] {
         let out = fleetctl(&fleet, &stolen, args);
         if args[0] == "release" {
@@ -423,8 +424,8 @@ fn an_agent_certificate_speaks_only_for_its_own_host() {
         }
         assert_eq!(out.code, 3, "{args:?}: {}", out.stderr);
         let expect =
-            format!("this call needs the {role} role; your credential `h1` has role agent");
-        assert!(out.stderr.contains(&expect), "{args:?}: {}", out.stderr);
+            "this call needs the admin or deployer role; your credential `h1` has role agent";
+        assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
     }
 
     runtime().block_on(async {

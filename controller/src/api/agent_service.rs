@@ -34,7 +34,12 @@ pub struct AgentApi {
     pub authority: Arc<Authority>,
     /// Turns true when the controller shuts down, ending every session.
     pub shutdown: watch::Receiver<bool>,
+    /// Joins under way at once ([`MAX_CONCURRENT_JOINS`]).
+    pub joins: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many `Join` calls are handled at once; more are told to retry (agents do).
+pub const MAX_CONCURRENT_JOINS: usize = 16;
 
 type Outbound = Result<pb::ControllerMessage, Status>;
 
@@ -96,11 +101,17 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map_err(store_status)?
             .and_then(|certificate| certificate.labels);
         let host = hello.name.clone();
-        let session = self
+        let Some(session) = self
             .fleet
-            .host_connected(hello, joined_labels)
+            .host_connected(hello, joined_labels, &identity.serial)
             .await
-            .map_err(store_status)?;
+            .map_err(store_status)?
+        else {
+            return Err(Status::unauthenticated(format!(
+                "the certificate of `{}` was revoked: the host was removed",
+                identity.name
+            )));
+        };
         let (tx, rx) = mpsc::channel::<Outbound>(16);
         let welcome = pb::ControllerMessage {
             body: Some(ControllerBody::Welcome(pb::Welcome {
@@ -196,6 +207,25 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let key_sha256 = fleet_pki::request::request_key_sha256(&request.csr_pem)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let now = fleet_proto::now_unix_ms();
+        // Joins are few; a flood of them waits for no one else's store writes.
+        let Ok(_joining) = self.joins.try_acquire() else {
+            return Err(Status::unavailable(
+                "too many hosts are joining at once: try again in a moment (the agent retries by itself)",
+            ));
+        };
+        // A token that cannot be spent is refused before anything is signed or written.
+        let precheck = self
+            .fleet
+            .join_precheck(auth::tokens::hash(&request.token), &host, &key_sha256, now)
+            .map_err(store_status)?;
+        if let Some(outcome) = precheck {
+            if let Some(certificate_pem) = join_answer(outcome, &host)? {
+                return Ok(Response::new(pb::JoinResponse {
+                    certificate_pem,
+                    ca_pem: self.authority.ca_pem().to_string(),
+                }));
+            }
+        }
         // Signed first, handed out only when the store admits the join (one transaction).
         let issued = self
             .authority
@@ -210,7 +240,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             issued_by: "join token".to_string(),
             labels: None,
         };
-        match self
+        let outcome = self
             .fleet
             .join_with_token(
                 auth::tokens::hash(&request.token),
@@ -220,38 +250,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 now,
             )
             .await
-            .map_err(store_status)?
-        {
-            TokenUse::Spent => {}
-            TokenUse::Retried { certificate_pem } => {
-                tracing::info!(%host, "a join answered before is asked again with the same key: answering again with the same certificate");
-                return Ok(Response::new(pb::JoinResponse {
-                    certificate_pem,
-                    ca_pem: self.authority.ca_pem().to_string(),
-                }));
-            }
-            TokenUse::HostRemoved { host: removed } => {
-                tracing::warn!(%host, "a join with the token of removed host {removed} was refused");
-                return Err(Status::permission_denied(format!(
-                    "this join token joined host `{removed}`, which was removed (`fleetctl remove`): it cannot join anything again; to bring the host back, give it a fresh data directory and a new token from `fleetctl join-token create`"
-                )));
-            }
-            TokenUse::HostHasCertificate => {
-                return Err(Status::failed_precondition(format!(
-                    "host `{host}` already has a certificate: a join token cannot take over a host; run `fleetctl remove {host}` first to revoke it, or keep the host's data directory (DATA/tls)"
-                )))
-            }
-            TokenUse::Unknown => return Err(refused()),
-            TokenUse::AlreadyUsed { by_host } => {
-                return Err(Status::permission_denied(format!(
-                    "the join token was already used (by host `{by_host}`): a token joins one host once; create a new one with `fleetctl join-token create`"
-                )))
-            }
-            TokenUse::Expired { .. } => {
-                return Err(Status::permission_denied(
-                    "the join token has expired: create a new one with `fleetctl join-token create`",
-                ))
-            }
+            .map_err(store_status)?;
+        if let Some(certificate_pem) = join_answer(outcome, &host)? {
+            return Ok(Response::new(pb::JoinResponse {
+                certificate_pem,
+                ca_pem: self.authority.ca_pem().to_string(),
+            }));
         }
         self.fleet
             .event(
@@ -336,5 +340,38 @@ impl pb::agent_service_server::AgentService for AgentApi {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// What a join's token outcome means for the caller: go on (`None`: the token was spent for a
+/// new certificate), the certificate to answer a retried join with, or the refusal.
+fn join_answer(outcome: TokenUse, host: &str) -> Result<Option<String>, Status> {
+    let refused = || {
+        Status::permission_denied(
+            "the join token is not valid: create a new one with `fleetctl join-token create`",
+        )
+    };
+    match outcome {
+        TokenUse::Spent => Ok(None),
+        TokenUse::Retried { certificate_pem } => {
+            tracing::info!(%host, "a join answered before is asked again with the same key: answering again with the same certificate");
+            Ok(Some(certificate_pem))
+        }
+        TokenUse::HostRemoved { host: removed } => {
+            tracing::warn!(%host, "a join with the token of removed host {removed} was refused");
+            Err(Status::permission_denied(format!(
+                "this join token joined host `{removed}`, which was removed (`fleetctl remove`): it cannot join anything again; to bring the host back, give it a fresh data directory and a new token from `fleetctl join-token create`"
+            )))
+        }
+        TokenUse::HostHasCertificate => Err(Status::failed_precondition(format!(
+            "host `{host}` already has a certificate: a join token cannot take over a host; run `fleetctl remove {host}` first to revoke it, or keep the host's data directory (DATA/tls)"
+        ))),
+        TokenUse::Unknown => Err(refused()),
+        TokenUse::AlreadyUsed { by_host } => Err(Status::permission_denied(format!(
+            "the join token was already used (by host `{by_host}`): a token joins one host once; create a new one with `fleetctl join-token create`"
+        ))),
+        TokenUse::Expired { .. } => Err(Status::permission_denied(
+            "the join token has expired: create a new one with `fleetctl join-token create`",
+        )),
     }
 }

@@ -33,8 +33,9 @@ pub fn require_artifact_of_own_host(
         return Ok(());
     }
     Err(Status::permission_denied(format!(
-        "host `{}` has no assigned release with artifact {digest}: an agent fetches only what its own host is assigned",
-        identity.name
+        "host `{}` has no assigned release with artifact {}: an agent fetches only what its own host is assigned",
+        identity.name,
+        fleet_proto::names::quoted(digest)
     )))
 }
 

@@ -42,19 +42,11 @@ pub fn require<T>(
             "this call needs a client certificate from the fleet's CA: use the directory written by `fleetctl init` or `fleetctl credentials create` (--config-dir DIR)",
         ));
     };
-    let identity = Identity::from_der(leaf.as_ref()).map_err(|e| {
-        Status::unauthenticated(format!(
-            "the client certificate is not a fleet credential: {e}"
-        ))
-    })?;
+    let identity =
+        Identity::from_der(leaf.as_ref()).map_err(|e| Status::unauthenticated(unreadable(e)))?;
     match fleet.is_revoked(&identity.serial) {
         Ok(false) => {}
-        Ok(true) => {
-            return Err(Status::unauthenticated(format!(
-                "the certificate of `{}` (serial {}) was revoked: ask an admin for a new credential, or join the host again",
-                identity.name, identity.serial
-            )))
-        }
+        Ok(true) => return Err(Status::unauthenticated(revoked(&identity))),
         Err(e) => return Err(store_status(e)),
     }
     if !identity.role.grants(needed) {
@@ -66,4 +58,35 @@ pub fn require<T>(
         )));
     }
     Ok(identity)
+}
+
+fn revoked(identity: &Identity) -> String {
+    format!(
+        "the certificate of `{}` (serial {}) was revoked: ask an admin for a new credential, or join the host again",
+        identity.name, identity.serial
+    )
+}
+
+fn unreadable(e: impl std::fmt::Display) -> String {
+    format!("the client certificate is not a fleet credential: {e}")
+}
+
+/// Who presents a client certificate (DER, verified against the fleet CA), for the edge to
+/// refuse a revoked or unreadable one, and an agent's outside the agent service, before any
+/// request body is read. A store that cannot be read lets the call through to
+/// [`require`], which reports it.
+pub fn classify(fleet: &FleetState, der: &[u8]) -> crate::edge::Caller {
+    use crate::edge::Caller;
+    let identity = match Identity::from_der(der) {
+        Ok(identity) => identity,
+        Err(e) => return Caller::Refused(unreadable(e)),
+    };
+    if fleet.is_revoked(&identity.serial).unwrap_or(false) {
+        return Caller::Refused(revoked(&identity));
+    }
+    if identity.role == Role::Agent {
+        Caller::Agent(identity.name)
+    } else {
+        Caller::Client
+    }
 }
