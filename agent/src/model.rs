@@ -126,6 +126,10 @@ pub struct Assignment {
     /// Run the manifest's release hook before starting (the first host of a rollout).
     #[serde(default)]
     pub run_release_hook: bool,
+    /// How long the instance must stay up after its checks before it counts as running; `None`:
+    /// the manifest's `min_healthy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy_ms: Option<u64>,
 }
 
 impl Assignment {

@@ -126,6 +126,7 @@ pub fn assignment_from_pb(assignment: pb::Assignment) -> Result<Assignment, Stri
         generation: assignment.generation,
         smoke_timeout_ms: assignment.smoke_timeout_ms,
         run_release_hook: assignment.run_release_hook,
+        min_healthy_ms: assignment.min_healthy_ms,
     })
 }
 
@@ -333,6 +334,7 @@ mod tests {
             artifact_size: 3,
             env: [("K".to_string(), "v".to_string())].into_iter().collect(),
             secrets: Default::default(),
+            min_healthy_ms: None,
             rollout_id: "r".into(),
             generation: 1,
             smoke_timeout_ms: 5,

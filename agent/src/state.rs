@@ -202,6 +202,7 @@ mod tests {
             artifact_size: 10,
             env: BTreeMap::from([("K".into(), "v".into())]),
             secrets: Default::default(),
+            min_healthy_ms: None,
             rollout_id: "r1".into(),
             generation: 2,
             smoke_timeout_ms: 0,

@@ -554,28 +554,55 @@ impl AppTask {
             env: crate::instance::instance_env(&vars, &release.manifest),
             smoke_timeout: Duration::from_millis(assignment.smoke_timeout_ms),
         };
+        let min_healthy = assignment
+            .min_healthy_ms
+            .map(Duration::from_millis)
+            .unwrap_or(release.manifest.process.min_healthy);
         let began = tokio::time::Instant::now();
         let outcome = {
             let instance = &mut instance;
             let race = async move {
                 tokio::select! {
-                    checked = run_checks(checks, &context) => checked,
-                    status = instance.wait() => Err(format!(
+                    checked = run_checks(checks, &context) => checked?,
+                    status = instance.wait() => return Err(format!(
                         "the instance {} while the smoke checks ran (see the app's log)",
                         describe_exit(&status)
                     )),
                 }
+                let checked_in = began.elapsed();
+                // Passing means staying up: the instance must then run `min_healthy` more.
+                if !min_healthy.is_zero() {
+                    tokio::select! {
+                        () = tokio::time::sleep(min_healthy) => {}
+                        status = instance.wait() => return Err(format!(
+                            "the instance {} {} after its smoke checks passed, before it had stayed up for {} (min_healthy; see the app's log)",
+                            describe_exit(&status),
+                            fleet_proto::duration::format_duration(began.elapsed() - checked_in),
+                            fleet_proto::duration::format_duration(min_healthy)
+                        )),
+                    }
+                }
+                Ok(checked_in)
             };
             interruptible(&mut self.rx, assignment, race).await
         };
         match outcome {
-            Ok(Ok(())) => Started::Running(
+            Ok(Ok(checked_in)) => Started::Running(
                 instance,
-                format!(
-                    "{} smoke checks passed in {}",
-                    checks.len(),
-                    fleet_proto::duration::format_duration(began.elapsed())
-                ),
+                if min_healthy.is_zero() {
+                    format!(
+                        "{} smoke checks passed in {}",
+                        checks.len(),
+                        fleet_proto::duration::format_duration(checked_in)
+                    )
+                } else {
+                    format!(
+                        "{} smoke checks passed in {}, and it stayed up for {}",
+                        checks.len(),
+                        fleet_proto::duration::format_duration(checked_in),
+                        fleet_proto::duration::format_duration(min_healthy)
+                    )
+                },
             ),
             Ok(Err(message)) => {
                 instance.stop().await;
@@ -731,6 +758,7 @@ mod tests {
             artifact_size: 0,
             env: BTreeMap::new(),
             secrets: Default::default(),
+            min_healthy_ms: None,
             rollout_id: rollout_id.into(),
             generation,
             smoke_timeout_ms: 0,

@@ -45,6 +45,7 @@ pub struct Assignment {
     pub generation: u64,
     pub smoke_timeout_ms: u64,
     pub run_release_hook: bool,
+    pub min_healthy_ms: Option<u64>,
 }
 
 /// Everything a host should run. While drained, nothing.
@@ -875,6 +876,7 @@ impl FleetState {
                     generation: desired.generation,
                     smoke_timeout_ms: desired.smoke_timeout_ms,
                     run_release_hook: desired.run_release_hook,
+                    min_healthy_ms: desired.min_healthy_ms,
                 }),
                 Ok(None) => tracing::error!(
                     "host {} wants {app}@{} which has no release record",

@@ -104,6 +104,7 @@ pub async fn converge_like(
                             generation: seq,
                             smoke_timeout_ms: d.smoke_timeout_ms,
                             run_release_hook: false,
+                            min_healthy_ms: d.min_healthy_ms,
                         },
                     );
                 }

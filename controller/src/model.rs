@@ -60,6 +60,9 @@ pub struct Desired {
     /// Run the manifest's release hook before this start (the first canary host of a rollout).
     #[serde(default)]
     pub run_release_hook: bool,
+    /// The rollout's `--min-healthy`, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy_ms: Option<u64>,
 }
 
 /// An immutable release: an app version pointing at an artifact digest and its config.
@@ -79,6 +82,9 @@ pub struct ReleaseRecord {
     pub smoke_timeouts_ms: Vec<u64>,
     #[serde(default)]
     pub has_release_hook: bool,
+    /// From the manifest: how long an instance must stay up after its checks (`min_healthy`).
+    #[serde(default)]
+    pub min_healthy_ms: u64,
     /// Given to instances like `env`, never shown (`KEY=***`).
     #[serde(default, skip_serializing_if = "Secrets::is_empty")]
     pub secrets: Secrets,
@@ -230,6 +236,9 @@ pub struct RolloutPolicy {
     /// Leave lost hosts out instead of halting on them.
     #[serde(default)]
     pub skip_lost: bool,
+    /// `--min-healthy`: overrides the manifest's `min_healthy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -201,6 +201,7 @@ pub async fn create(
             .map(|check| check.timeout.as_millis() as u64)
             .collect(),
         has_release_hook: stored.manifest.release_hook.is_some(),
+        min_healthy_ms: stored.manifest.process.min_healthy.as_millis() as u64,
         secrets_sha256: crate::model::secrets_sha256(&new.secrets),
         secrets: new.secrets,
     };

@@ -8,7 +8,7 @@
 //! back on the release it ran before. A restarted controller finds running rollouts in the
 //! store and continues them at the wave they stood at; paused ones stay paused.
 
-use crate::fleet_state::FleetState;
+use crate::fleet_state::{FleetState, InstanceStatus};
 use crate::model::{
     Batch, Desired, HostResult, RolloutPolicy, RolloutRecord, RolloutState, Wave, WaveHost,
     WaveState,
@@ -344,6 +344,7 @@ pub async fn start_rollback(
         smoke_timeout_ms: 0,
         auto_rollback: false,
         skip_lost: false,
+        min_healthy_ms: None,
     };
     let request = StartRequest {
         app: app.to_string(),
@@ -498,14 +499,20 @@ fn most_common(values: impl Iterator<Item = String>) -> String {
 }
 
 /// How long a wave may take: the fetch-and-start allowance, plus the smoke checks one after
-/// another (each capped by `--smoke-timeout` when given, `cap_ms` > 0) and the release hook when
-/// it runs in this wave; without `--smoke-timeout`, never less than the default deadline.
-fn wave_deadline_for(checks_ms: &[u64], runs_hook: bool, cap_ms: u64) -> Duration {
+/// another (each capped by `--smoke-timeout` when given, `cap_ms` > 0), the time an instance
+/// must then stay up (`min_healthy`), and the release hook when it runs in this wave; without
+/// `--smoke-timeout`, never less than the default deadline.
+fn wave_deadline_for(
+    checks_ms: &[u64],
+    runs_hook: bool,
+    cap_ms: u64,
+    min_healthy: Duration,
+) -> Duration {
     let smoke_ms: u64 = checks_ms
         .iter()
         .map(|&t| if cap_ms > 0 { t.min(cap_ms) } else { t })
         .sum();
-    let mut deadline = Duration::from_millis(smoke_ms) + FETCH_AND_START_ALLOWANCE;
+    let mut deadline = Duration::from_millis(smoke_ms) + FETCH_AND_START_ALLOWANCE + min_healthy;
     if runs_hook {
         deadline += fleet_proto::manifest::RELEASE_HOOK_TIMEOUT;
     }
@@ -513,6 +520,29 @@ fn wave_deadline_for(checks_ms: &[u64], runs_hook: bool, cap_ms: u64) -> Duratio
         deadline.max(Duration::from_millis(cap_ms) + FETCH_AND_START_ALLOWANCE)
     } else {
         deadline.max(DEFAULT_WAVE_DEADLINE)
+    }
+}
+
+/// Why a host that passed in this rollout no longer counts as passed: its instance of this
+/// rollout crashed, failed, or was restarted after a crash (an instance passes only while it
+/// stays up, until the rollout ends). `None` while it stays up, and for an instance of another
+/// rollout or version (a later change is not this rollout's to judge).
+fn went_down_after_passing(
+    instance: Option<&InstanceStatus>,
+    rollout_id: &str,
+    version: &str,
+) -> Option<String> {
+    let instance = instance.filter(|i| i.rollout_id == rollout_id && i.version == version)?;
+    match instance.state {
+        InstanceState::Crashed | InstanceState::Failed => Some(format!(
+            "its instance went down after it passed: {}",
+            instance.message
+        )),
+        _ if instance.restarts > 0 => Some(format!(
+            "its instance was restarted {} time(s) after it passed (it crashed)",
+            instance.restarts
+        )),
+        _ => None,
     }
 }
 
@@ -577,14 +607,16 @@ impl Executor {
     /// How long wave `idx` may take (see [`wave_deadline_for`]).
     fn wave_deadline(&self, idx: usize) -> Result<Duration, StoreError> {
         let release = self.fleet.release(&self.record.app, &self.record.version)?;
-        let (checks_ms, hook) = release
-            .map(|r| (r.smoke_timeouts_ms, r.has_release_hook))
+        let (checks_ms, hook, min_healthy_ms) = release
+            .map(|r| (r.smoke_timeouts_ms, r.has_release_hook, r.min_healthy_ms))
             .unwrap_or_default();
         let runs_hook = hook && idx == 0 && !self.record.is_rollback;
+        let min_healthy = self.record.policy.min_healthy_ms.unwrap_or(min_healthy_ms);
         Ok(wave_deadline_for(
             &checks_ms,
             runs_hook,
             self.record.policy.smoke_timeout_ms,
+            Duration::from_millis(min_healthy),
         ))
     }
 
@@ -631,18 +663,20 @@ impl Executor {
                 WaitEnd::Aborted(actor) => return self.aborted(actor).await,
                 WaitEnd::Done | WaitEnd::Deadline => {}
             }
-            let passed = self.record.waves[idx]
-                .hosts
+            // Every host so far, earlier waves included: one that went down since it passed
+            // fails this wave too.
+            let passed = self.record.waves[..=idx]
                 .iter()
+                .flat_map(|w| &w.hosts)
                 .all(|h| matches!(h.result, HostResult::Passed | HostResult::Skipped));
             for entry in &mut self.record.waves[idx].hosts {
                 if entry.result == HostResult::Deploying {
                     entry.message = "not waited for: another host of the wave failed".to_string();
                 }
             }
-            let failed: Vec<String> = self.record.waves[idx]
-                .hosts
+            let failed: Vec<String> = self.record.waves[..=idx]
                 .iter()
+                .flat_map(|w| &w.hosts)
                 .filter(|h| h.result == HostResult::Failed)
                 .map(|h| format!("{}: {}", h.host, h.message))
                 .collect();
@@ -855,6 +889,7 @@ impl Executor {
             generation: self.record.seq,
             smoke_timeout_ms: self.record.policy.smoke_timeout_ms,
             run_release_hook: false,
+            min_healthy_ms: self.record.policy.min_healthy_ms,
         };
         self.fleet
             .update_hosts(
@@ -945,6 +980,26 @@ impl Executor {
                     }
                 }
             }
+            // A host that passed earlier must still be up.
+            for w_idx in 0..=idx {
+                for h_idx in 0..self.record.waves[w_idx].hosts.len() {
+                    let entry = &self.record.waves[w_idx].hosts[h_idx];
+                    if entry.result != HostResult::Passed {
+                        continue;
+                    }
+                    let instance = self.fleet.instance(&entry.host, &self.record.app);
+                    if let Some(why) = went_down_after_passing(
+                        instance.as_ref(),
+                        &self.record.id,
+                        &self.record.version,
+                    ) {
+                        let entry = &mut self.record.waves[w_idx].hosts[h_idx];
+                        entry.result = HostResult::Failed;
+                        entry.message = why.clone();
+                        newly.push(format!("{} failed: {why}", entry.host));
+                    }
+                }
+            }
             if !newly.is_empty() {
                 if let Err(e) = self.save().await {
                     tracing::error!("cannot save rollout {}: {e}", self.record.id);
@@ -953,9 +1008,9 @@ impl Executor {
                     self.emit(line);
                 }
             }
-            let any_failed = self.record.waves[idx]
-                .hosts
+            let any_failed = self.record.waves[..=idx]
                 .iter()
+                .flat_map(|w| &w.hosts)
                 .any(|h| h.result == HostResult::Failed);
             if waiting == 0 || any_failed {
                 return WaitEnd::Done;
@@ -1041,6 +1096,7 @@ impl Executor {
                                 generation,
                                 smoke_timeout_ms: 0,
                                 run_release_hook: false,
+                                min_healthy_ms: None,
                             },
                         );
                     }
@@ -1240,9 +1296,58 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                wave_deadline_for(&checks_ms, runs_hook, cap_ms),
+                wave_deadline_for(&checks_ms, runs_hook, cap_ms, Duration::ZERO),
                 expect,
                 "{checks_ms:?} hook {runs_hook} cap {cap_ms}"
+            );
+        }
+        // The time an instance must stay up after its checks comes on top.
+        assert_eq!(
+            wave_deadline_for(&[10_000], false, 0, s(600)),
+            s(610) + FETCH_AND_START_ALLOWANCE
+        );
+    }
+
+    fn status(state: InstanceState, rollout: &str, restarts: u32) -> InstanceStatus {
+        InstanceStatus {
+            app: "web".into(),
+            version: "2.0".into(),
+            state,
+            message: "exit status 1".into(),
+            since_unix_ms: 0,
+            restarts,
+            rollout_id: rollout.into(),
+        }
+    }
+
+    #[test]
+    fn a_host_that_passed_fails_the_rollout_when_its_instance_goes_down() {
+        use InstanceState::*;
+        // (what the host reports now, whether the rollout must count it failed)
+        let cases = [
+            (None, false),
+            (Some(status(Running, "r1", 0)), false),
+            (Some(status(Crashed, "r1", 0)), true),
+            (Some(status(Failed, "r1", 0)), true),
+            // Restarted by the agent after a crash: running again, but it went down.
+            (Some(status(Running, "r1", 1)), true),
+            (Some(status(Starting, "r1", 1)), true),
+            // Another rollout's or version's instance is not this rollout's business.
+            (Some(status(Crashed, "r2", 3)), false),
+            (
+                Some(InstanceStatus {
+                    version: "1.0".into(),
+                    ..status(Crashed, "r1", 0)
+                }),
+                false,
+            ),
+            (Some(status(Stopping, "r1", 0)), false),
+        ];
+        for (instance, fails) in cases {
+            assert_eq!(
+                went_down_after_passing(instance.as_ref(), "r1", "2.0").is_some(),
+                fails,
+                "{instance:?}"
             );
         }
     }

@@ -655,6 +655,7 @@ mod tests {
             created_by: "test".into(),
             smoke_timeouts_ms: Vec::new(),
             has_release_hook: false,
+            min_healthy_ms: 0,
             secrets: Default::default(),
             secrets_sha256: String::new(),
         }

@@ -3,7 +3,7 @@
 
 use crate::parse::{
     parse_app, parse_batch, parse_duration_arg, parse_env_pair, parse_host, parse_label_change,
-    parse_selector, parse_version, LabelChanges, Selector,
+    parse_min_healthy_arg, parse_selector, parse_version, LabelChanges, Selector,
 };
 use crate::ssh::install::DEFAULT_REMOTE_DIR;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -184,6 +184,10 @@ pub struct RolloutArgs {
     /// Give the smoke checks of each host at most this long, e.g. 90s [default: fleet.toml's]
     #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]
     pub smoke_timeout: Option<Duration>,
+    /// A host passes only once its instance has stayed up this long after its smoke checks,
+    /// e.g. 30s [default: the manifest's min_healthy; 5s when it declares no smoke checks]
+    #[arg(long, value_name = "DUR", value_parser = parse_min_healthy_arg)]
+    pub min_healthy: Option<Duration>,
     /// Halt on failure but leave the hosts that took the new release on it
     #[arg(long)]
     pub no_auto_rollback: bool,

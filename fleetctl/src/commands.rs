@@ -621,6 +621,7 @@ pub struct RolloutOptions {
     pub batch: String,
     pub pause_after_canary: Duration,
     pub smoke_timeout: Duration,
+    pub min_healthy: Option<Duration>,
     pub auto_rollback: bool,
     pub detach: bool,
     pub skip_lost: bool,
@@ -647,6 +648,7 @@ pub async fn rollout(ctx: &Context, options: &RolloutOptions) -> Result<RolloutO
         smoke_timeout_ms: duration_ms(options.smoke_timeout),
         no_auto_rollback: !options.auto_rollback,
         detach: options.detach,
+        min_healthy_ms: options.min_healthy.map(duration_ms),
     };
     let started = Instant::now();
     let stream = ctx

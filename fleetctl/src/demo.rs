@@ -371,6 +371,7 @@ async fn run_steps(
             batch: batch.to_string(),
             pause_after_canary: Duration::ZERO,
             smoke_timeout: Duration::ZERO,
+            min_healthy: None,
             auto_rollback: true,
             detach: false,
             skip_lost: false,

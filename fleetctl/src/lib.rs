@@ -127,6 +127,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
                 batch: rollout_args.batch,
                 pause_after_canary: rollout_args.pause_after_canary.unwrap_or(Duration::ZERO),
                 smoke_timeout: rollout_args.smoke_timeout.unwrap_or(Duration::ZERO),
+                min_healthy: rollout_args.min_healthy,
                 auto_rollback: !rollout_args.no_auto_rollback,
                 detach: rollout_args.detach,
                 skip_lost: rollout_args.skip_lost,

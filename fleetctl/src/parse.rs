@@ -34,6 +34,11 @@ pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
     fleet_proto::duration::parse_duration(text)
 }
 
+/// Parses `--min-healthy`: a duration from 0 to 1h.
+pub fn parse_min_healthy_arg(text: &str) -> Result<Duration, String> {
+    fleet_proto::manifest::parse_min_healthy(text)
+}
+
 /// Parses `k=v,k2=v2`; an empty selector is refused (leave the flag out to select every host).
 pub fn parse_selector(text: &str) -> Result<Selector, String> {
     let labels = fleet_proto::names::parse_labels(text).map_err(|e| e.to_string())?;

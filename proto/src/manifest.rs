@@ -40,6 +40,10 @@ pub struct Process {
     pub stop_signal: StopSignal,
     pub stop_timeout: Duration,
     pub env: BTreeMap<String, String>,
+    /// How long an instance must stay up after its smoke checks passed before it counts as
+    /// running (`min_healthy`; default 0 with smoke checks, [`MIN_HEALTHY_WITHOUT_CHECKS`]
+    /// without, since staying up is then the only signal there is).
+    pub min_healthy: Duration,
 }
 
 /// The signals an app may ask to be stopped with.
@@ -103,6 +107,7 @@ struct RawProcess {
     stop_timeout: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    min_healthy: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +127,10 @@ struct RawHooks {
 }
 
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// `min_healthy` of a manifest that declares no smoke checks and names none.
+pub const MIN_HEALTHY_WITHOUT_CHECKS: Duration = Duration::from_secs(5);
+/// The longest `min_healthy` (manifest or `--min-healthy`).
+pub const MAX_MIN_HEALTHY: Duration = Duration::from_secs(3600);
 const DEFAULT_SMOKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -146,6 +155,12 @@ impl Manifest {
                     crate::names::quoted(s)
                 ))
             })?,
+        };
+        let min_healthy = match &raw.process.min_healthy {
+            Some(text) => parse_min_healthy(text)
+                .map_err(|e| invalid(format!("[process] min_healthy: {e}")))?,
+            None if raw.smoke.is_empty() => MIN_HEALTHY_WITHOUT_CHECKS,
+            None => Duration::ZERO,
         };
         let stop_timeout = parse_timeout("[process] stop_timeout", &raw.process.stop_timeout)?
             .unwrap_or(DEFAULT_STOP_TIMEOUT);
@@ -223,6 +238,7 @@ impl Manifest {
                 stop_signal,
                 stop_timeout,
                 env: raw.process.env,
+                min_healthy,
             },
             smoke,
             release_hook,
@@ -237,6 +253,18 @@ fn check_command_strings(what: &str, command: &[String]) -> Result<(), ManifestE
         )));
     }
     Ok(())
+}
+
+/// Parses a `min_healthy` (manifest or `--min-healthy`): a duration from 0 to 1h.
+pub fn parse_min_healthy(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration > MAX_MIN_HEALTHY {
+        return Err(format!(
+            "{} is over 1h: an instance that must stay up longer is better watched by alerts",
+            crate::names::quoted(text)
+        ));
+    }
+    Ok(duration)
 }
 
 fn parse_timeout(what: &str, text: &Option<String>) -> Result<Option<Duration>, ManifestError> {
@@ -296,6 +324,35 @@ timeout = "10s"
 [hooks]
 release = ["bin/migrate"]
 "#;
+
+    #[test]
+    fn min_healthy_defaults_to_five_seconds_only_without_checks() {
+        let with_checks = "[process]\ncommand = [\"x\"]\n[[smoke]]\ntcp = \"127.0.0.1:1\"\n";
+        let without = "[process]\ncommand = [\"x\"]\n";
+        assert_eq!(
+            Manifest::parse(with_checks).unwrap().process.min_healthy,
+            Duration::ZERO
+        );
+        assert_eq!(
+            Manifest::parse(without).unwrap().process.min_healthy,
+            MIN_HEALTHY_WITHOUT_CHECKS
+        );
+        let explicit = "[process]\ncommand = [\"x\"]\nmin_healthy = \"0s\"\n";
+        assert_eq!(
+            Manifest::parse(explicit).unwrap().process.min_healthy,
+            Duration::ZERO
+        );
+        let explicit = "[process]\ncommand = [\"x\"]\nmin_healthy = \"30s\"\n";
+        assert_eq!(
+            Manifest::parse(explicit).unwrap().process.min_healthy,
+            Duration::from_secs(30)
+        );
+        for bad in ["soon", "2h"] {
+            let text = format!("[process]\ncommand = [\"x\"]\nmin_healthy = \"{bad}\"\n");
+            let error = Manifest::parse(&text).unwrap_err().to_string();
+            assert!(error.contains("min_healthy"), "{error}");
+        }
+    }
 
     #[test]
     fn parses_the_design_example() {

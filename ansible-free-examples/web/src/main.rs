@@ -8,6 +8,9 @@
 //!   start, else `dirty`; at start the app writes `scratch.txt`, so a second start in the same
 //!   directory is caught
 //! - `GET /pid`     -> the process id
+//!
+//! `WEB_EXIT_AFTER_MS=N` makes it exit with status 1 N milliseconds after it started: a release
+//! that comes up, answers its checks, and then dies.
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -55,6 +58,16 @@ fn main() {
         origin_fresh,
         pid: std::process::id(),
     });
+    if let Some(ms) = std::env::var("WEB_EXIT_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            eprintln!("fleet-example-web: exiting after {ms} ms (WEB_EXIT_AFTER_MS)");
+            std::process::exit(1);
+        });
+    }
     let listener = match TcpListener::bind(&listen) {
         Ok(listener) => listener,
         Err(e) => {

@@ -74,6 +74,7 @@ pub fn assignment(a: &Assignment) -> pb::Assignment {
         generation: a.generation,
         smoke_timeout_ms: a.smoke_timeout_ms,
         run_release_hook: a.run_release_hook,
+        min_healthy_ms: a.min_healthy_ms,
     }
 }
 
@@ -147,6 +148,7 @@ pub fn rollout(r: &RolloutRecord) -> pb::Rollout {
             no_auto_rollback: !r.policy.auto_rollback,
             detach: false,
             skip_lost: r.policy.skip_lost,
+            min_healthy_ms: r.policy.min_healthy_ms,
         }),
         is_rollback: r.is_rollback,
     }

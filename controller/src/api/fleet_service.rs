@@ -123,6 +123,12 @@ fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Stat
     if request.pause_after_canary_ms > MAX_PAUSE_AFTER_CANARY_MS {
         return Err(bad("pause after canary is over 24h: use a shorter one"));
     }
+    if let Some(ms) = request.min_healthy_ms {
+        if ms > fleet_proto::manifest::MAX_MIN_HEALTHY.as_millis() as u64 {
+            return Err(bad("min healthy is over 1h: use a shorter one"));
+        }
+    }
+    let min_healthy_ms = request.min_healthy_ms;
     Ok(RolloutPolicy {
         selector,
         canary: request.canary,
@@ -131,6 +137,7 @@ fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Stat
         smoke_timeout_ms: request.smoke_timeout_ms,
         auto_rollback: !request.no_auto_rollback,
         skip_lost: request.skip_lost,
+        min_healthy_ms,
     })
 }
 
