@@ -10,6 +10,7 @@
 //! - [`session`]: the `AgentService.Session` stream, reconnecting forever.
 //! - [`fetch`]: resumable, digest-verified artifact download.
 //! - [`direct_io`]: artifact files written and read around the page cache.
+//! - [`disk`]: whether a release fits on the data directory's disk before anything is written.
 //! - [`releases`]: unpacking into immutable release directories and pruning old ones.
 //! - [`supervisor`]: one task per app running the instance lifecycle state machine.
 //! - [`instance`]: start from origin state, process groups, graceful stop.
@@ -23,6 +24,7 @@
 
 pub mod config;
 pub mod direct_io;
+pub mod disk;
 pub mod fetch;
 pub mod hook;
 pub mod instance;

@@ -130,6 +130,9 @@ pub struct Assignment {
     /// the manifest's `min_healthy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_healthy_ms: Option<u64>,
+    /// The bytes of all the artifact's entries (0: not known), for the free-space check.
+    #[serde(default)]
+    pub unpacked_size: u64,
 }
 
 impl Assignment {

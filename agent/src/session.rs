@@ -127,6 +127,7 @@ pub fn assignment_from_pb(assignment: pb::Assignment) -> Result<Assignment, Stri
         smoke_timeout_ms: assignment.smoke_timeout_ms,
         run_release_hook: assignment.run_release_hook,
         min_healthy_ms: assignment.min_healthy_ms,
+        unpacked_size: assignment.unpacked_size,
     })
 }
 
@@ -335,6 +336,7 @@ mod tests {
             env: [("K".to_string(), "v".to_string())].into_iter().collect(),
             secrets: Default::default(),
             min_healthy_ms: None,
+            unpacked_size: 0,
             rollout_id: "r".into(),
             generation: 1,
             smoke_timeout_ms: 5,

@@ -203,6 +203,7 @@ mod tests {
             env: BTreeMap::from([("K".into(), "v".into())]),
             secrets: Default::default(),
             min_healthy_ms: None,
+            unpacked_size: 0,
             rollout_id: "r1".into(),
             generation: 2,
             smoke_timeout_ms: 0,

@@ -370,6 +370,35 @@ impl AppTask {
         self.consecutive_crashes = 0;
 
         let fetcher = self.context.fetcher.clone();
+        // Does it fit? Checked before a byte is written.
+        let cached = fetcher.cached(&assignment.artifact_digest).is_some();
+        let unpacked = self
+            .context
+            .layout
+            .release_dir(
+                &self.app,
+                &assignment.version,
+                digest_hex(&assignment.artifact_digest),
+            )
+            .is_dir();
+        let need = crate::disk::Need::of(
+            assignment.artifact_size,
+            assignment.unpacked_size,
+            cached,
+            unpacked,
+        );
+        let root = self.context.layout.root().to_path_buf();
+        match crate::disk::free_bytes(&root) {
+            Ok(free) => {
+                if let Some(why) =
+                    crate::disk::shortfall(&self.context.host_name, &root, &need, free)
+                {
+                    self.report(InstanceState::Failed, why);
+                    return None;
+                }
+            }
+            Err(e) => tracing::warn!("cannot tell the free space of {}: {e}", root.display()),
+        }
         let artifact = match fetcher.cached(&assignment.artifact_digest) {
             Some(path) => {
                 self.report(InstanceState::Fetching, "artifact is in the local cache");
@@ -409,7 +438,15 @@ impl AppTask {
         let release = match unpacked {
             Ok(Ok(release)) => release,
             Ok(Err(e)) => {
-                self.report(InstanceState::Failed, e.to_string());
+                // Nothing of a release that could not be unpacked stays (its unpack directory
+                // is gone already): not its artifact either, which may be what filled the disk.
+                if let Some(path) = fetcher.cached(&assignment.artifact_digest) {
+                    let _ = std::fs::remove_file(path);
+                }
+                self.report(
+                    InstanceState::Failed,
+                    format!("cannot unpack {}: {e}", assignment.version),
+                );
                 return None;
             }
             Err(e) => {
@@ -759,6 +796,7 @@ mod tests {
             env: BTreeMap::new(),
             secrets: Default::default(),
             min_healthy_ms: None,
+            unpacked_size: 0,
             rollout_id: rollout_id.into(),
             generation,
             smoke_timeout_ms: 0,

@@ -91,6 +91,8 @@ pub struct StoredArtifact {
     pub digest: String,
     pub size: u64,
     pub manifest: Manifest,
+    /// The bytes of all its entries.
+    pub unpacked_size: u64,
 }
 
 /// An upload that passed the checks and is not stored yet; dropped, its file is deleted.
@@ -174,12 +176,40 @@ impl ArtifactStore {
         drop(file);
         let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
         let reader = std::io::BufReader::new(std::fs::File::open(&temp).map_err(|e| self.io(e))?);
-        let manifest = artifact::read_artifact(reader, None, Limits::default())?;
+        // The unpacked size may not pass the limit nor the compression ratio (at least 1 MiB
+        // unpacked is always allowed): a decompression bomb is stopped as it is read.
+        let by_ratio = size
+            .saturating_mul(self.limits.max_compression_ratio)
+            .max(1 << 20);
+        let max_total = self.limits.max_unpacked_bytes.min(by_ratio);
+        let limits = Limits {
+            max_total_bytes: max_total.min(Limits::default().max_total_bytes),
+            ..Limits::default()
+        };
+        let (manifest, unpacked_size) = match artifact::read_artifact_sized(reader, None, limits) {
+            Ok(read) => read,
+            Err(ArtifactError::TooLarge(_)) if by_ratio < self.limits.max_unpacked_bytes => {
+                return Err(ArtifactStoreError::Invalid(ArtifactError::TooLarge(format!(
+                    "it unpacks to more than {} times its {size} bytes (max_compression_ratio in controller.toml): a decompression bomb, or data that belongs outside the artifact",
+                    self.limits.max_compression_ratio
+                ))));
+            }
+            Err(ArtifactError::TooLarge(_)) => {
+                return Err(ArtifactStoreError::Invalid(ArtifactError::TooLarge(
+                    format!(
+                        "over {} MiB unpacked (max_unpacked_mb in controller.toml)",
+                        self.limits.max_unpacked_bytes >> 20
+                    ),
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(CheckedArtifact {
             stored: StoredArtifact {
                 digest,
                 size,
                 manifest,
+                unpacked_size,
             },
             temp,
         })

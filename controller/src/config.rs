@@ -44,6 +44,13 @@ pub struct ControllerFile {
     /// The free space, in MiB, that uploads leave on the data directory's disk (default 1024).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_free_disk_mb: Option<u64>,
+    /// The largest unpacked size of a release, in MiB (default 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unpacked_mb: Option<u64>,
+    /// The largest ratio of a release's unpacked size to its artifact's (default 200: a
+    /// decompression bomb is refused at upload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_compression_ratio: Option<u64>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -73,6 +80,8 @@ pub struct UploadLimits {
     pub max_concurrent: usize,
     pub idle_timeout: std::time::Duration,
     pub min_free_bytes: u64,
+    pub max_unpacked_bytes: u64,
+    pub max_compression_ratio: u64,
 }
 
 impl Default for UploadLimits {
@@ -81,6 +90,8 @@ impl Default for UploadLimits {
             max_concurrent: 4,
             idle_timeout: std::time::Duration::from_secs(30),
             min_free_bytes: 1024 << 20,
+            max_unpacked_bytes: 4096 << 20,
+            max_compression_ratio: 200,
         }
     }
 }
@@ -142,6 +153,23 @@ impl ControllerConfig {
                 "min_free_disk_mb must be at most 1073741824 (1 PiB)".into(),
             ));
         }
+        let max_unpacked_mb = file
+            .max_unpacked_mb
+            .unwrap_or(defaults.max_unpacked_bytes >> 20);
+        if !(1..=4096).contains(&max_unpacked_mb) {
+            return Err(invalid(
+                "max_unpacked_mb must be between 1 and 4096 (4 GiB, what an artifact may hold)"
+                    .into(),
+            ));
+        }
+        let max_compression_ratio = file
+            .max_compression_ratio
+            .unwrap_or(defaults.max_compression_ratio);
+        if !(1..=100_000).contains(&max_compression_ratio) {
+            return Err(invalid(
+                "max_compression_ratio must be between 1 and 100000, like 200 for 200:1".into(),
+            ));
+        }
         Ok(ControllerConfig {
             listen,
             data_dir,
@@ -152,6 +180,8 @@ impl ControllerConfig {
                 max_concurrent: max_uploads as usize,
                 idle_timeout: std::time::Duration::from_millis(upload_idle_ms),
                 min_free_bytes: min_free_mb << 20,
+                max_unpacked_bytes: max_unpacked_mb << 20,
+                max_compression_ratio,
             },
             tls: TlsPaths {
                 ca: base.join(&file.ca),

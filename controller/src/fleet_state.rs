@@ -46,6 +46,7 @@ pub struct Assignment {
     pub smoke_timeout_ms: u64,
     pub run_release_hook: bool,
     pub min_healthy_ms: Option<u64>,
+    pub unpacked_size: u64,
 }
 
 /// Everything a host should run. While drained, nothing.
@@ -877,6 +878,7 @@ impl FleetState {
                     smoke_timeout_ms: desired.smoke_timeout_ms,
                     run_release_hook: desired.run_release_hook,
                     min_healthy_ms: desired.min_healthy_ms,
+                    unpacked_size: release.unpacked_size,
                 }),
                 Ok(None) => tracing::error!(
                     "host {} wants {app}@{} which has no release record",

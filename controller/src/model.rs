@@ -85,6 +85,10 @@ pub struct ReleaseRecord {
     /// From the manifest: how long an instance must stay up after its checks (`min_healthy`).
     #[serde(default)]
     pub min_healthy_ms: u64,
+    /// The bytes of all the artifact's entries: what a host needs on disk to unpack it (0 for
+    /// releases made before it was recorded).
+    #[serde(default)]
+    pub unpacked_size: u64,
     /// Given to instances like `env`, never shown (`KEY=***`).
     #[serde(default, skip_serializing_if = "Secrets::is_empty")]
     pub secrets: Secrets,

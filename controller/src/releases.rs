@@ -202,6 +202,7 @@ pub async fn create(
             .collect(),
         has_release_hook: stored.manifest.release_hook.is_some(),
         min_healthy_ms: stored.manifest.process.min_healthy.as_millis() as u64,
+        unpacked_size: stored.unpacked_size,
         secrets_sha256: crate::model::secrets_sha256(&new.secrets),
         secrets: new.secrets,
     };

@@ -656,6 +656,7 @@ mod tests {
             smoke_timeouts_ms: Vec::new(),
             has_release_hook: false,
             min_healthy_ms: 0,
+            unpacked_size: 0,
             secrets: Default::default(),
             secrets_sha256: String::new(),
         }

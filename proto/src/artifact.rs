@@ -161,6 +161,15 @@ pub fn read_artifact(
     dest: Option<&Path>,
     limits: Limits,
 ) -> Result<Manifest, ArtifactError> {
+    read_artifact_sized(reader, dest, limits).map(|(manifest, _)| manifest)
+}
+
+/// [`read_artifact`], and the artifact's unpacked size: the bytes of all its entries.
+pub fn read_artifact_sized(
+    reader: impl Read,
+    dest: Option<&Path>,
+    limits: Limits,
+) -> Result<(Manifest, u64), ArtifactError> {
     let budget = std::rc::Rc::new(Budget::default());
     let guarded = BudgetedReader {
         inner: GzDecoder::new(reader),
@@ -181,7 +190,7 @@ fn read_entries<R: Read>(
     budget: &Budget,
     dest: Option<&Path>,
     limits: Limits,
-) -> Result<Manifest, ArtifactError> {
+) -> Result<(Manifest, u64), ArtifactError> {
     let format = |e: io::Error| ArtifactError::Format(e.to_string());
     if let Some(dest) = dest {
         std::fs::create_dir(dest).map_err(|source| ArtifactError::Write {
@@ -266,8 +275,21 @@ fn read_entries<R: Read>(
                     let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
                     let path = prepare_parent(dest, &rel)?;
                     let mut file = create_file(&path, mode)?;
+                    // A full disk is the host's problem, not the artifact's: say so.
                     let copied =
-                        io::copy(&mut (&mut entry).take(size), &mut file).map_err(format)?;
+                        io::copy(&mut (&mut entry).take(size), &mut file).map_err(|e| {
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                            ) {
+                                ArtifactError::Write {
+                                    path: path.clone(),
+                                    source: e,
+                                }
+                            } else {
+                                format(e)
+                            }
+                        })?;
                     if copied != size {
                         return Err(ArtifactError::Format(format!("{shown} is truncated")));
                     }
@@ -338,7 +360,7 @@ fn read_entries<R: Read>(
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(format)?;
     let text = manifest_text.ok_or(ArtifactError::NoManifest)?;
-    Ok(Manifest::parse(&text)?)
+    Ok((Manifest::parse(&text)?, total))
 }
 
 /// Whether the symlink at `link` pointing to `target` resolves inside the release when every

@@ -75,6 +75,7 @@ pub fn assignment(a: &Assignment) -> pb::Assignment {
         smoke_timeout_ms: a.smoke_timeout_ms,
         run_release_hook: a.run_release_hook,
         min_healthy_ms: a.min_healthy_ms,
+        unpacked_size: a.unpacked_size,
     }
 }
 
