@@ -188,13 +188,16 @@ impl ArtifactStore {
         };
         let (manifest, unpacked_size) = match artifact::read_artifact_sized(reader, None, limits) {
             Ok(read) => read,
-            Err(ArtifactError::TooLarge(_)) if by_ratio < self.limits.max_unpacked_bytes => {
+            // Over the total (not one entry's limit, nor the metadata's): say which limit.
+            Err(ArtifactError::TooLarge(why))
+                if why.ends_with("bytes in all") && by_ratio < self.limits.max_unpacked_bytes =>
+            {
                 return Err(ArtifactStoreError::Invalid(ArtifactError::TooLarge(format!(
                     "it unpacks to more than {} times its {size} bytes (max_compression_ratio in controller.toml): a decompression bomb, or data that belongs outside the artifact",
                     self.limits.max_compression_ratio
                 ))));
             }
-            Err(ArtifactError::TooLarge(_)) => {
+            Err(ArtifactError::TooLarge(why)) if why.ends_with("bytes in all") => {
                 return Err(ArtifactStoreError::Invalid(ArtifactError::TooLarge(
                     format!(
                         "over {} MiB unpacked (max_unpacked_mb in controller.toml)",

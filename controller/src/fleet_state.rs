@@ -11,7 +11,9 @@
 //! make the whole fleet lost at once.
 
 use crate::artifacts::ArtifactStore;
-use crate::model::{DrainRecord, EventRecord, HostRecord, HostState, ReleaseRecord, RolloutRecord};
+use crate::model::{
+    DeploymentRecord, DrainRecord, EventRecord, HostRecord, HostState, ReleaseRecord, RolloutRecord,
+};
 use crate::store::{
     CertificateRecord, JoinTokenRecord, ReleaseInsert, Store, StoreError, TokenUse,
 };
@@ -214,6 +216,25 @@ impl FleetState {
     /// Rollouts, newest first, of one app or of all.
     pub fn rollouts(&self, app: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError> {
         self.store.list_rollouts(app)
+    }
+
+    /// The standing deployments (of one app, when given), the most recently updated first.
+    pub fn deployments(&self, app: Option<&str>) -> Result<Vec<DeploymentRecord>, StoreError> {
+        self.store.list_deployments(app)
+    }
+
+    /// Saves a completed rollout with the deployment it leaves, in one transaction, then
+    /// wakes the converger.
+    pub async fn complete_rollout(
+        &self,
+        record: &RolloutRecord,
+        deployment: DeploymentRecord,
+    ) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.write(move |store| store.put_rollout_and_deployment(&record, Some(&deployment)))
+            .await?;
+        self.bump();
+        Ok(())
     }
 
     pub async fn save_rollout(&self, record: &RolloutRecord) -> Result<(), StoreError> {

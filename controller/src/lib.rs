@@ -10,6 +10,7 @@ pub mod api;
 pub mod artifacts;
 pub mod auth;
 pub mod config;
+pub mod converge;
 pub mod edge;
 pub mod fleet_state;
 pub mod host_lifecycle;

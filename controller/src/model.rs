@@ -284,6 +284,41 @@ pub struct RolloutRecord {
     pub hold_until_unix_ms: i64,
 }
 
+/// A standing deployment: the release every host whose labels match `selector` runs, as the
+/// last completed rollout of `(app, selector)` left it. Hosts that join, return or change
+/// labels converge to it on their own.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeploymentRecord {
+    pub app: String,
+    pub selector: BTreeMap<String, String>,
+    pub version: String,
+    /// The rollout that completed it.
+    pub rollout_id: String,
+    pub updated_unix_ms: i64,
+    pub updated_by: String,
+}
+
+impl DeploymentRecord {
+    /// The store key: one deployment per app and selector.
+    pub fn key(app: &str, selector: &BTreeMap<String, String>) -> String {
+        let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{app}/{}", selector.join(","))
+    }
+
+    /// `env=prod,zone=a`, or `(every host)`.
+    pub fn selector_text(&self) -> String {
+        if self.selector.is_empty() {
+            return "(every host)".to_string();
+        }
+        let parts: Vec<String> = self
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        parts.join(",")
+    }
+}
+
 /// One line of the event log: who did what, to which app or host, when.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventRecord {

@@ -10,8 +10,8 @@
 
 use crate::fleet_state::{FleetState, InstanceStatus};
 use crate::model::{
-    Batch, Desired, HostResult, RolloutPolicy, RolloutRecord, RolloutState, Wave, WaveHost,
-    WaveState,
+    Batch, DeploymentRecord, Desired, HostResult, RolloutPolicy, RolloutRecord, RolloutState, Wave,
+    WaveHost, WaveState,
 };
 use crate::planner;
 use crate::store::StoreError;
@@ -108,6 +108,11 @@ impl Rollouts {
 
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether rollout `id` is under way on this controller.
+    pub fn is_active(&self, id: &str) -> bool {
+        self.active().contains_key(id)
     }
 
     /// The running rollout of `app`, if any.
@@ -303,18 +308,45 @@ async fn start_on(
     Ok((record, progress_rx))
 }
 
-/// Starts a rollback: a one-wave rollout of an earlier release to every host that runs `app`.
+/// Starts a rollback of one deployment of `app` (the one `selector` names; it may be left out
+/// when the app has one deployment): a one-wave rollout of an earlier release to every host of
+/// that deployment that runs `app`. Completed, it moves the deployment back.
 pub async fn start_rollback(
     fleet: &Arc<FleetState>,
     rollouts: &Arc<Rollouts>,
     app: &str,
+    selector: Option<std::collections::BTreeMap<String, String>>,
     to_version: Option<String>,
     actor: String,
 ) -> Result<(RolloutRecord, broadcast::Receiver<Progress>), RolloutError> {
+    let deployments = fleet.deployments(Some(app))?;
+    let selector = match selector {
+        Some(selector) => {
+            if !deployments.is_empty() && !deployments.iter().any(|d| d.selector == selector) {
+                return Err(RolloutError::Invalid(format!(
+                    "{app} has no deployment with selector {}: its deployments are {}",
+                    selector_text(&selector),
+                    deployments_text(&deployments)
+                )));
+            }
+            selector
+        }
+        None if deployments.len() > 1 => {
+            return Err(RolloutError::Invalid(format!(
+                "{app} has {} deployments ({}): name the one to roll back with --selector",
+                deployments.len(),
+                deployments_text(&deployments)
+            )))
+        }
+        None => deployments
+            .first()
+            .map(|d| d.selector.clone())
+            .unwrap_or_default(),
+    };
     let hosts: Vec<_> = fleet
         .host_records()?
         .into_iter()
-        .filter(|h| h.desired.contains_key(app))
+        .filter(|h| h.desired.contains_key(app) && planner::matches(&selector, &h.labels))
         .collect();
     if hosts.is_empty() {
         return Err(RolloutError::Invalid(format!(
@@ -327,7 +359,11 @@ pub async fn start_rollback(
         None => fleet
             .rollouts(Some(app))?
             .into_iter()
-            .filter(|r| r.state == RolloutState::Succeeded && r.version != current)
+            .filter(|r| {
+                r.state == RolloutState::Succeeded
+                    && r.version != current
+                    && r.policy.selector == selector
+            })
             .map(|r| r.version)
             .next()
             .ok_or_else(|| {
@@ -337,7 +373,7 @@ pub async fn start_rollback(
             })?,
     };
     let policy = RolloutPolicy {
-        selector: Default::default(),
+        selector,
         canary: 0,
         batch: Batch::Percent(100),
         pause_after_canary_ms: 0,
@@ -466,6 +502,14 @@ fn selector_text(selector: &std::collections::BTreeMap<String, String>) -> Strin
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn deployments_text(deployments: &[DeploymentRecord]) -> String {
+    deployments
+        .iter()
+        .map(|d| format!("{} on {}", d.version, d.selector_text()))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn plan_text(record: &RolloutRecord) -> String {
@@ -759,6 +803,20 @@ impl Executor {
             "rollout {} succeeded: {}",
             self.record.id, self.record.message
         );
+        // The deployment `(app, selector)` now stands at this release, written with the
+        // rollout's end: hosts that join, return or change labels converge to it.
+        self.record.finished_unix_ms = fleet_proto::now_unix_ms();
+        let deployment = DeploymentRecord {
+            app: self.record.app.clone(),
+            selector: self.record.policy.selector.clone(),
+            version: self.record.version.clone(),
+            rollout_id: self.record.id.clone(),
+            updated_unix_ms: self.record.finished_unix_ms,
+            updated_by: self.record.started_by.clone(),
+        };
+        self.fleet
+            .complete_rollout(&self.record, deployment)
+            .await?;
         self.finish(line).await;
         Ok(())
     }

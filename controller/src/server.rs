@@ -75,6 +75,11 @@ pub async fn run(
     tracing::info!("listening on {addr}");
 
     let recovered = rollout::recover(&fleet, &rollouts).await?;
+    let converger = tokio::spawn(crate::converge::run(
+        fleet.clone(),
+        rollouts.clone(),
+        stop_rx.clone(),
+    ));
     if recovered > 0 {
         tracing::info!("picked up {recovered} rollout(s) left under way");
     }
@@ -154,6 +159,9 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("the lost-host watcher did not stop within {SHUTDOWN_GRACE:?}");
+    }
+    if tokio::time::timeout_at(deadline, converger).await.is_err() {
+        tracing::warn!("the converger did not stop within {SHUTDOWN_GRACE:?}");
     }
     match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(result) => result??,

@@ -6,7 +6,7 @@
 //! another implementation (etcd) behind the same methods. Records are stored as JSON so the
 //! file stays readable with any redb tool and survives added fields.
 
-use crate::model::{EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
+use crate::model::{DeploymentRecord, EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
@@ -23,6 +23,8 @@ const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tok
 const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
 /// Revoked certificates by serial (hex); auth refuses them on every call.
 const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked");
+/// Standing deployments by `app/selector` (see `DeploymentRecord::key`).
+const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
 
 /// The file name of the store inside the data directory.
 pub const STORE_FILE: &str = "fleet.redb";
@@ -181,6 +183,7 @@ impl Store {
             txn.open_table(JOIN_TOKENS).map_err(db_err)?;
             txn.open_table(CERTIFICATES).map_err(db_err)?;
             txn.open_table(REVOKED).map_err(db_err)?;
+            txn.open_table(DEPLOYMENTS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Store {
@@ -312,11 +315,37 @@ impl Store {
     }
 
     pub fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError> {
+        self.put_rollout_and_deployment(rollout, None)
+    }
+
+    /// Saves a rollout record and, when it completed, the deployment it leaves, in one
+    /// transaction: a completed rollout and its deployment never disagree.
+    pub fn put_rollout_and_deployment(
+        &self,
+        rollout: &RolloutRecord,
+        deployment: Option<&DeploymentRecord>,
+    ) -> Result<(), StoreError> {
         self.write(|txn| {
             let mut table = txn.open_table(ROLLOUTS)?;
             table.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+            if let Some(deployment) = deployment {
+                let mut table = txn.open_table(DEPLOYMENTS)?;
+                let key = DeploymentRecord::key(&deployment.app, &deployment.selector);
+                table.insert(key.as_str(), encode(deployment).as_slice())?;
+            }
             Ok(())
         })
+    }
+
+    /// The standing deployments (of one app, when given), the most recently updated first.
+    pub fn list_deployments(&self, app: Option<&str>) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let mut deployments: Vec<DeploymentRecord> = self
+            .all(DEPLOYMENTS)?
+            .into_iter()
+            .filter(|d: &DeploymentRecord| app.is_none_or(|app| d.app == app))
+            .collect();
+        deployments.sort_by_key(|d| std::cmp::Reverse(d.updated_unix_ms));
+        Ok(deployments)
     }
 
     /// Every rollout (of one app, when given), newest first.

@@ -57,6 +57,12 @@ pub enum Command {
         #[arg(value_parser = parse_app)]
         app: Option<String>,
     },
+    /// The standing deployments (app, selector -> release), their hosts and drift
+    Deployments {
+        /// Only this app
+        #[arg(value_parser = parse_app)]
+        app: Option<String>,
+    },
     /// The rollouts of an app, newest first, with each host's result
     History {
         #[arg(value_parser = parse_app)]
@@ -218,6 +224,9 @@ pub struct RollbackArgs {
     /// Roll back to this version instead of the one that ran before
     #[arg(long = "to", value_name = "VERSION", value_parser = parse_version)]
     pub to_version: Option<String>,
+    /// The deployment to roll back, by its selector (needed when the app has several)
+    #[arg(long, value_name = "k=v,...", value_parser = parse_selector)]
+    pub selector: Option<Selector>,
     /// Print the rollout id and return at once instead of following the progress
     #[arg(long)]
     pub detach: bool,

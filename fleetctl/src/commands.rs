@@ -261,6 +261,69 @@ pub async fn releases(ctx: &Context, app: &str) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `fleetctl deployments [APP]`.
+pub async fn deployments(ctx: &Context, app: Option<&str>) -> Result<(), CliError> {
+    let response = ctx
+        .client()
+        .list_deployments(pb::ListDeploymentsRequest {
+            app: app.unwrap_or_default().to_string(),
+        })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    if ctx.json() {
+        output::print_json(&response);
+        return Ok(());
+    }
+    if response.deployments.is_empty() {
+        println!("no deployments yet: a rollout that completes leaves one (`fleetctl rollout APP VERSION [--selector k=v]`)");
+        return Ok(());
+    }
+    let now = fleet_proto::now_unix_ms();
+    let mut table = Table::new(&[
+        "APP",
+        "SELECTOR",
+        "RELEASE",
+        "HOSTS",
+        "ON RELEASE",
+        "HEALTHY",
+        "SINCE",
+        "BY",
+    ]);
+    let mut drift = Vec::new();
+    for d in &response.deployments {
+        let mut selector: Vec<String> =
+            d.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        selector.sort();
+        let selector = if selector.is_empty() {
+            "(every host)".to_string()
+        } else {
+            selector.join(",")
+        };
+        table.row(vec![
+            d.app.clone(),
+            selector.clone(),
+            d.version.clone(),
+            d.hosts_matching.to_string(),
+            d.hosts_on_release.to_string(),
+            d.hosts_healthy.to_string(),
+            output::ago(d.updated_unix_ms, now),
+            d.updated_by.clone(),
+        ]);
+        for entry in &d.drift {
+            drift.push(format!(
+                "drift: {} {}@{} ({selector}): {}",
+                entry.host, d.app, d.version, entry.why
+            ));
+        }
+    }
+    table.print();
+    for line in drift {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- hosts, status
 
 /// `fleetctl hosts`.
@@ -664,6 +727,7 @@ pub async fn rollout(ctx: &Context, options: &RolloutOptions) -> Result<RolloutO
 pub async fn rollback(
     ctx: &Context,
     app: &str,
+    selector: &[(String, String)],
     to_version: Option<&str>,
     detach: bool,
 ) -> Result<RolloutOutcome, CliError> {
@@ -674,6 +738,7 @@ pub async fn rollback(
             app: app.to_string(),
             to_version: to_version.unwrap_or_default().to_string(),
             detach,
+            selector: selector.iter().cloned().collect(),
         })
         .await
         .map_err(|status| ctx.error(status))?

@@ -95,6 +95,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             .await?;
         }
         Command::Releases { app } => commands::releases(&ctx, &app).await?,
+        Command::Deployments { app } => commands::deployments(&ctx, app.as_deref()).await?,
         Command::Hosts => {
             commands::hosts(&ctx).await?;
         }
@@ -157,6 +158,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             let outcome = commands::rollback(
                 &ctx,
                 &rollback_args.app,
+                &rollback_args.selector.unwrap_or_default().0,
                 rollback_args.to_version.as_deref(),
                 rollback_args.detach,
             )

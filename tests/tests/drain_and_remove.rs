@@ -1,6 +1,7 @@
 //! User story: on-call drains a sick host. Its instance stops gracefully and the host reports
 //! drained only when the process is gone; a rollout meanwhile leaves it out and says so;
-//! undrain brings it back to its release; remove forgets a host for good.
+//! undrain brings it back on the current release of its deployment; remove forgets a host for
+//! good.
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::process::pid_is_alive;
@@ -74,11 +75,12 @@ fn drain_undrain_and_remove_with_a_rollout_in_between() {
         "the drained host took nothing"
     );
 
-    // Undrain: back to its desired release (the rollout left it out, so still 1.0.0).
+    // Undrain: the rollout left it out, and it comes back on the deployment's current release
+    // (1.1.0), not the one it ran before.
     let undrained = fleet.ctl(&["undrain", "h2"]).expect_code(0).json;
     assert_eq!(undrained["name"], "h2");
-    wait_until(Duration::from_secs(15), "h2 to serve 1.0.0 again", || {
-        fleet.web_get("h2", "/").as_deref() == Some("web 1.0.0 on h2\n")
+    wait_until(Duration::from_secs(15), "h2 to serve 1.1.0", || {
+        fleet.web_get("h2", "/").as_deref() == Some("web 1.1.0 on h2\n")
     });
     assert_eq!(fleet.web_get("h2", "/origin").as_deref(), Some("fresh\n"));
     assert_eq!(host_state(&fleet, "h2").as_deref(), Some("ready"));

@@ -167,6 +167,29 @@ pub fn event(e: &EventRecord) -> pb::Event {
     }
 }
 
+pub fn deployment(r: &crate::converge::DeploymentReport) -> pb::Deployment {
+    let d = &r.deployment;
+    pb::Deployment {
+        app: d.app.clone(),
+        selector: d.selector.clone().into_iter().collect(),
+        version: d.version.clone(),
+        rollout_id: d.rollout_id.clone(),
+        updated_unix_ms: d.updated_unix_ms,
+        updated_by: d.updated_by.clone(),
+        hosts_matching: r.hosts_matching,
+        hosts_on_release: r.hosts_on_release,
+        hosts_healthy: r.hosts_healthy,
+        drift: r
+            .drift
+            .iter()
+            .map(|(host, why)| pb::Drift {
+                host: host.clone(),
+                why: why.clone(),
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -331,10 +331,21 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             names::check_version(&request.to_version).map_err(bad)?;
             Some(request.to_version)
         };
-        let (record, rx) =
-            rollout::start_rollback(&self.fleet, &self.rollouts, &request.app, to_version, actor)
-                .await
-                .map_err(rollout_status)?;
+        let selector = if request.selector.is_empty() {
+            None
+        } else {
+            Some(check_labels(&request.selector)?)
+        };
+        let (record, rx) = rollout::start_rollback(
+            &self.fleet,
+            &self.rollouts,
+            &request.app,
+            selector,
+            to_version,
+            actor,
+        )
+        .await
+        .map_err(rollout_status)?;
         Ok(Response::new(progress_stream(
             self.fleet.clone(),
             record.id,
@@ -605,6 +616,22 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             ),
             move |fleet| host_lifecycle::drain_progress(fleet, &host).unwrap_or(Progress::Waiting),
         )))
+    }
+
+    async fn list_deployments(
+        &self,
+        request: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        auth::require(&self.fleet, &request, Role::Deployer)?;
+        let app = request.into_inner().app;
+        if !app.is_empty() {
+            check_app(&app)?;
+        }
+        let reports = crate::converge::report(&self.fleet, (!app.is_empty()).then_some(&*app))
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListDeploymentsResponse {
+            deployments: reports.iter().map(convert::deployment).collect(),
+        }))
     }
 
     async fn label_host(
