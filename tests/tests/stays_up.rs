@@ -37,13 +37,19 @@ fn canary_fails_and_everyone_is_back_on_1_0_0(fleet: &Fleet, args: &[&str], why:
     fleet.wait_all_serve("1.0.0", Duration::from_secs(20));
 }
 
-#[test]
-fn a_release_without_checks_that_dies_after_a_second_fails_at_the_canary() {
+/// Three hosts that run web 1.0.0.
+fn three_hosts_on_1_0_0() -> Fleet {
     let fleet = Fleet::start(3);
     fleet.create_web_releases(&["1.0.0"]);
     fleet
         .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
         .expect_code(0);
+    fleet
+}
+
+#[test]
+fn a_release_without_checks_that_dies_after_a_second_fails_at_the_canary() {
+    let fleet = three_hosts_on_1_0_0();
     fleet
         .create_web_release("2.0.0", &no_checks_manifest(), &["WEB_EXIT_AFTER_MS=1000"])
         .expect_code(0);
@@ -58,11 +64,7 @@ fn a_release_without_checks_that_dies_after_a_second_fails_at_the_canary() {
 
 #[test]
 fn a_release_that_dies_inside_min_healthy_fails_at_the_canary() {
-    let fleet = Fleet::start(3);
-    fleet.create_web_releases(&["1.0.0"]);
-    fleet
-        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
-        .expect_code(0);
+    let fleet = three_hosts_on_1_0_0();
     fleet
         .create_web_release(
             "2.0.0",
