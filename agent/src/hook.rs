@@ -54,6 +54,9 @@ async fn run_in(
     vars: &InstanceVars,
     timeout: Duration,
 ) -> Result<String, String> {
+    // A migration keeps its data in the app's lasting directory.
+    std::fs::create_dir_all(&vars.state_dir)
+        .map_err(|e| format!("cannot make {}: {e}", vars.state_dir.display()))?;
     let env = instance_env(vars, manifest);
     let command: Vec<String> = hook.iter().map(|arg| substitute(arg, &env)).collect();
     let log_path = layout.log_file(&vars.app);

@@ -67,6 +67,8 @@ pub struct InstanceVars {
     pub release_env: BTreeMap<String, String>,
     /// The release's secrets (win over both).
     pub secrets: fleet_proto::secrets::Secrets,
+    /// `FLEET_STATE_DIR`, the app's lasting directory (absolute).
+    pub state_dir: PathBuf,
 }
 
 /// The variables an instance sees (without its token and its secrets): what `${VAR}` in a
@@ -79,6 +81,10 @@ pub fn instance_env(vars: &InstanceVars, manifest: &Manifest) -> BTreeMap<String
     env.insert("FLEET_VERSION".into(), vars.version.clone());
     env.insert("FLEET_HOST".into(), vars.host_name.clone());
     env.insert("FLEET_ADDR".into(), vars.advertise.clone());
+    env.insert(
+        "FLEET_STATE_DIR".into(),
+        vars.state_dir.to_string_lossy().into_owned(),
+    );
     env
 }
 
@@ -204,6 +210,11 @@ impl Instance {
                 path: instance_dir.clone(),
                 source,
             })?;
+        // The app's lasting directory: made once, never wiped by a start.
+        std::fs::create_dir_all(&vars.state_dir).map_err(|source| InstanceError::Prepare {
+            path: vars.state_dir.clone(),
+            source,
+        })?;
 
         let env = instance_env(vars, manifest);
         let token = crate::state::new_token();
@@ -423,7 +434,7 @@ mod tests {
         Manifest::parse(text).unwrap()
     }
 
-    fn vars(app: &str) -> InstanceVars {
+    fn vars(layout: &DataLayout, app: &str) -> InstanceVars {
         InstanceVars {
             app: app.into(),
             version: "1.0".into(),
@@ -431,6 +442,7 @@ mod tests {
             advertise: "127.0.0.1".into(),
             release_env: BTreeMap::from([("GREETING".into(), "from-release".into())]),
             secrets: Default::default(),
+            state_dir: layout.app_state_dir(app),
         }
     }
 
@@ -460,11 +472,12 @@ mod tests {
         let m = manifest(
             "[process]\ncommand = [\"x\"]\nenv = { GREETING = \"manifest\", ONLY = \"m\" }\n",
         );
-        let env = instance_env(&vars("web"), &m);
+        let env = instance_env(&vars(&DataLayout::new(Path::new("/data")), "web"), &m);
         assert_eq!(env["GREETING"], "from-release");
         assert_eq!(env["ONLY"], "m");
         assert_eq!(env["FLEET_APP"], "web");
         assert_eq!(env["FLEET_ADDR"], "127.0.0.1");
+        assert_eq!(env["FLEET_STATE_DIR"], "/data/app-state/web");
         let dir = Path::new("/srv/i");
         assert_eq!(resolve_program("/bin/sh", dir), PathBuf::from("/bin/sh"));
         assert_eq!(resolve_program("bin/web", dir), dir.join("bin/web"));
@@ -492,7 +505,7 @@ mod tests {
         );
         let written = layout.instance_dir("app").join("written");
 
-        let mut first = Instance::start(&layout, &release_dir, &m, &vars("app"))
+        let mut first = Instance::start(&layout, &release_dir, &m, &vars(&layout, "app"))
             .await
             .unwrap();
         // The shell creates the file before `echo` fills it: wait for the whole line.
@@ -511,7 +524,7 @@ mod tests {
         assert!(outcome.contains("SIGTERM"), "{outcome}");
         assert!(!has_token(first.pid(), first.token()));
 
-        let mut second = Instance::start(&layout, &release_dir, &m, &vars("app"))
+        let mut second = Instance::start(&layout, &release_dir, &m, &vars(&layout, "app"))
             .await
             .unwrap();
         assert!(
@@ -536,13 +549,17 @@ mod tests {
         let m = manifest(
             "[process]\ncommand = [\"/bin/sh\", \"-c\", \"trap '' TERM; sleep 60 & echo ready > ready; wait\"]\nstop_timeout = \"300ms\"\n",
         );
-        let mut instance = Instance::start(&layout, &release_dir, &m, &vars("app"))
+        let mut instance = Instance::start(&layout, &release_dir, &m, &vars(&layout, "app"))
             .await
             .unwrap();
         let ready = layout.instance_dir("app").join("ready");
         eventually("the instance to be ready", || ready.exists()).await;
         let token = instance.token().to_string();
-        assert!(token_holders(&token).len() >= 2, "leader and its child");
+        // While the child execs `sleep`, its /proc/PID/environ may not be readable: wait.
+        eventually("the leader and its child to carry the token", || {
+            token_holders(&token).len() >= 2
+        })
+        .await;
         let started = Instant::now();
         let outcome = instance.stop().await;
         assert!(outcome.contains("killed with SIGKILL"), "{outcome}");
@@ -561,7 +578,7 @@ mod tests {
         let release_dir = release(&layout, &[]);
         // No shell: reading /proc/<pid>/environ while a shell execs may fail for a moment.
         let m = manifest("[process]\ncommand = [\"sleep\", \"60\"]\n");
-        let mut instance = Instance::start(&layout, &release_dir, &m, &vars("app"))
+        let mut instance = Instance::start(&layout, &release_dir, &m, &vars(&layout, "app"))
             .await
             .unwrap();
         let pid = instance.pid();

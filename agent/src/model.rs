@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 /// DATA/releases/<app>/<version>-<hex12>/        an unpacked release, immutable
 /// DATA/releases/<app>/.unpack-*                 an unpack in progress
 /// DATA/instances/<app>/                         the running instance's fresh copy
+/// DATA/app-state/<app>/                         FLEET_STATE_DIR: kept across starts and releases
 /// DATA/logs/<app>.log                           the instance's stdout and stderr
 /// ```
 #[derive(Debug, Clone)]
@@ -84,6 +85,12 @@ impl DataLayout {
 
     pub fn instance_dir(&self, app: &str) -> PathBuf {
         self.root.join("instances").join(app)
+    }
+
+    /// The app's own lasting directory (`FLEET_STATE_DIR`): origin state wipes what an
+    /// instance writes elsewhere; this survives starts, releases and rollbacks.
+    pub fn app_state_dir(&self, app: &str) -> PathBuf {
+        self.root.join("app-state").join(app)
     }
 
     pub fn logs_dir(&self) -> PathBuf {

@@ -4,9 +4,10 @@
 //! release directory either is whole or does not exist. Once renamed it is never written again:
 //! instances run from a copy of it.
 //!
-//! Pruning keeps, per app, the [`KEEP_RELEASES`] most recently used releases plus whatever is
-//! assigned, and deletes the artifacts of the releases it removes (unless another release
-//! still uses the same bytes). A release's directory mtime is its "last used" time.
+//! Pruning keeps, per app, the [`KEEP_RELEASES`] most recently used releases (the current one
+//! and the one before, so a rollback needs no download) plus whatever is assigned, and deletes
+//! the artifacts of the releases it removes (unless another release still uses the same
+//! bytes). A release's directory mtime is its "last used" time.
 
 use crate::model::{digest_hex, release_dir_name, DataLayout};
 use fleet_proto::artifact::{read_artifact, ArtifactError, Limits};
@@ -17,7 +18,7 @@ use std::time::SystemTime;
 use thiserror::Error;
 
 /// Releases kept per app beyond the assigned one.
-pub const KEEP_RELEASES: usize = 3;
+pub const KEEP_RELEASES: usize = 2;
 const UNPACK_PREFIX: &str = ".unpack-";
 
 #[derive(Debug, Error)]
@@ -270,13 +271,16 @@ mod tests {
         }
         let assigned = BTreeSet::from([names[0].0.clone()]);
         let removed = prune(&layout, "web", &assigned);
-        assert_eq!(removed, vec![names[1].0.clone()]);
-        assert!(!layout.app_releases_dir("web").join(&names[1].0).exists());
-        assert!(
-            !names[1].1.exists(),
-            "the pruned release's artifact goes too"
-        );
-        for idx in [0, 2, 3, 4] {
+        // The two most recently used (1.4, 1.3) and the assigned one (1.0) stay.
+        assert_eq!(removed, vec![names[2].0.clone(), names[1].0.clone()]);
+        for idx in [1, 2] {
+            assert!(!layout.app_releases_dir("web").join(&names[idx].0).exists());
+            assert!(
+                !names[idx].1.exists(),
+                "the pruned release's artifact goes too"
+            );
+        }
+        for idx in [0, 3, 4] {
             assert!(layout.app_releases_dir("web").join(&names[idx].0).is_dir());
             assert!(names[idx].1.exists());
         }

@@ -554,6 +554,8 @@ impl AppTask {
             advertise: self.context.advertise.clone(),
             release_env: assignment.env.clone(),
             secrets: assignment.secrets.clone(),
+            state_dir: std::path::absolute(self.context.layout.app_state_dir(&self.app))
+                .unwrap_or_else(|_| self.context.layout.app_state_dir(&self.app)),
         }
     }
 

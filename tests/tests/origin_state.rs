@@ -1,7 +1,8 @@
 //! User story: every start of an instance begins from the pristine release. The example app
 //! writes `scratch.txt` at start and says "dirty" when it found one; it must say "fresh" after
 //! the first start, after a redeploy, after a rollback to a release that ran before, and after
-//! the agent restarts a SIGKILLed instance (which `status` counts as a restart).
+//! the agent restarts a SIGKILLed instance (which `status` counts as a restart). What it keeps
+//! in `FLEET_STATE_DIR` survives all of these.
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::process::signal_pid;
@@ -57,4 +58,7 @@ fn every_start_begins_from_origin_state() {
         },
     );
     assert_eq!(actual["version"], "1.0.0", "{actual:#}");
+    // What the app keeps in FLEET_STATE_DIR outlives origin state: four starts (two releases,
+    // a rollback, a restart after a crash) all counted there.
+    assert_eq!(fleet.web_get("h1", "/starts").as_deref(), Some("4\n"));
 }

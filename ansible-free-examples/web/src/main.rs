@@ -8,6 +8,8 @@
 //!   start, else `dirty`; at start the app writes `scratch.txt`, so a second start in the same
 //!   directory is caught
 //! - `GET /pid`     -> the process id
+//! - `GET /starts`  -> how many times the app started with this `FLEET_STATE_DIR` (each start
+//!   appends a line to `$FLEET_STATE_DIR/starts`, which outlives origin state); 0 without one
 //!
 //! `WEB_EXIT_AFTER_MS=N` makes it exit with status 1 N milliseconds after it started: a release
 //! that comes up, answers its checks, and then dies.
@@ -32,6 +34,8 @@ struct AppState {
     broken: bool,
     origin_fresh: bool,
     pid: u32,
+    /// Starts counted in `$FLEET_STATE_DIR/starts`, this one included.
+    starts: usize,
 }
 
 fn main() {
@@ -51,12 +55,26 @@ fn main() {
         eprintln!("fleet-example-web: cannot write {SCRATCH_FILE} in the working directory: {e}");
         std::process::exit(1);
     }
+    let starts = match std::env::var_os("FLEET_STATE_DIR") {
+        Some(dir) => {
+            let path = std::path::Path::new(&dir).join("starts");
+            let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+            text.push_str(&format!("pid {}\n", std::process::id()));
+            if let Err(e) = std::fs::write(&path, &text) {
+                eprintln!("fleet-example-web: cannot write {}: {e}", path.display());
+                std::process::exit(1);
+            }
+            text.lines().count()
+        }
+        None => 0,
+    };
     let state = Arc::new(AppState {
         version: std::env::var("FLEET_VERSION").unwrap_or_else(|_| "unknown".into()),
         host: std::env::var("FLEET_HOST").unwrap_or_else(|_| "unknown".into()),
         broken: std::env::var("WEB_BROKEN").is_ok_and(|v| v == "1"),
         origin_fresh,
         pid: std::process::id(),
+        starts,
     });
     if let Some(ms) = std::env::var("WEB_EXIT_AFTER_MS")
         .ok()
@@ -149,6 +167,7 @@ fn route(path: &str, state: &AppState) -> (u16, String) {
         "/origin" if state.origin_fresh => (200, "fresh\n".into()),
         "/origin" => (200, "dirty\n".into()),
         "/pid" => (200, format!("{}\n", state.pid)),
+        "/starts" => (200, format!("{}\n", state.starts)),
         _ => (404, "not found\n".into()),
     }
 }
@@ -180,6 +199,7 @@ mod tests {
             broken,
             origin_fresh,
             pid: 42,
+            starts: 3,
         }
     }
 
@@ -190,6 +210,7 @@ mod tests {
         assert_eq!(route("/healthz", &good), (200, "ok\n".into()));
         assert_eq!(route("/origin", &good), (200, "fresh\n".into()));
         assert_eq!(route("/pid", &good), (200, "42\n".into()));
+        assert_eq!(route("/starts", &good), (200, "3\n".into()));
         assert_eq!(route("/nope", &good).0, 404);
         let bad = state(true, false);
         assert_eq!(route("/healthz", &bad).0, 500);
