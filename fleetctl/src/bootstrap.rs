@@ -613,7 +613,14 @@ pub async fn replace(ctx: &Context, config_dir: &Path, args: &ReplaceArgs) -> Re
             args.old
         ))
     })?;
-    let prepared = prepare(ctx, config_dir, vec![TargetSpec::new(address)], &args.flags).await?;
+    // NEW takes OLD's labels unless told otherwise: it joins the same deployments.
+    let mut flags = args.flags.clone();
+    if flags.labels.is_none() && !old.labels.is_empty() {
+        let mut labels: Vec<String> = old.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        flags.labels = Some(labels.join(","));
+    }
+    let prepared = prepare(ctx, config_dir, vec![TargetSpec::new(address)], &flags).await?;
     let new_name = prepared.jobs[0].host_name.clone();
     if new_name == args.old {
         return Err(usage(format!(

@@ -1,8 +1,8 @@
 //! User story: a host is sick; on-call staff replace it with a fresh one in one command,
 //! `fleetctl replace OLD --with ssh://…`. The new host is bootstrapped over SSH (a real sshd
-//! on loopback), takes every release the old one runs and passes its smoke checks, and only
-//! then is the old host drained and removed: a watcher polling both hosts' app all along never
-//! sees a moment with no healthy instance.
+//! on loopback) with the old one's labels, takes every release the old one runs and passes its
+//! smoke checks, and only then is the old host drained and removed: a watcher polling both
+//! hosts' app all along never sees a moment with no healthy instance.
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::sshd::{RemoteAgents, SshClient, Sshd};
@@ -29,7 +29,10 @@ fn replace_brings_in_the_new_host_with_every_release_before_the_old_one_goes() {
     fleet
         .create_web_release("1.0.0", &web_manifest("20s"), &[])
         .expect_code(0);
-    fleet.ctl(&["rollout", "web", "1.0.0"]).expect_code(0);
+    fleet.ctl_ok(&["label", "h1", "env=prod"]);
+    fleet
+        .ctl(&["rollout", "web", "1.0.0", "--selector", "env=prod"])
+        .expect_code(0);
     let old_addr = fleet.agent("h1").advertise.clone();
     let new_addr = fleet.range.host_addr(1);
     fleet.wait_all_serve("1.0.0", Duration::from_secs(20));
@@ -112,6 +115,12 @@ fn replace_brings_in_the_new_host_with_every_release_before_the_old_one_goes() {
         .filter_map(|h| h["name"].as_str())
         .collect();
     assert_eq!(names, vec!["n1"], "{hosts:#}");
+    // The new host took the old one's labels: it is in the same deployment.
+    assert_eq!(
+        hosts["hosts"][0]["labels"],
+        serde_json::json!({"env": "prod"}),
+        "{hosts:#}"
+    );
     assert!(
         polls.load(Ordering::Relaxed) > 0,
         "the watcher must have polled"
