@@ -279,7 +279,16 @@ pub async fn deployments(ctx: &Context, app: Option<&str>) -> Result<(), CliErro
         println!("no deployments yet: a rollout that completes leaves one (`fleetctl rollout APP VERSION [--selector k=v]`)");
         return Ok(());
     }
-    let now = fleet_proto::now_unix_ms();
+    print!(
+        "{}",
+        render_deployments(&response.deployments, fleet_proto::now_unix_ms())
+    );
+    Ok(())
+}
+
+/// The deployments table and one line per drifting host, as `deployments` and `status` show
+/// them.
+pub fn render_deployments(deployments: &[pb::Deployment], now: i64) -> String {
     let mut table = Table::new(&[
         "APP",
         "SELECTOR",
@@ -291,7 +300,7 @@ pub async fn deployments(ctx: &Context, app: Option<&str>) -> Result<(), CliErro
         "BY",
     ]);
     let mut drift = Vec::new();
-    for d in &response.deployments {
+    for d in deployments {
         let mut selector: Vec<String> =
             d.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
         selector.sort();
@@ -317,11 +326,12 @@ pub async fn deployments(ctx: &Context, app: Option<&str>) -> Result<(), CliErro
             ));
         }
     }
-    table.print();
+    let mut out = table.render();
     for line in drift {
-        println!("{line}");
+        out.push_str(&line);
+        out.push('\n');
     }
-    Ok(())
+    out
 }
 
 // ---------------------------------------------------------------- hosts, status
@@ -480,6 +490,10 @@ pub fn render_status(response: &pb::StatusResponse, app: Option<&str>, now: i64)
     for problem in problems {
         text.push_str(&problem);
         text.push('\n');
+    }
+    if !response.deployments.is_empty() {
+        text.push_str("deployments:\n");
+        text.push_str(&render_deployments(&response.deployments, now));
     }
     if response.active_rollouts.is_empty() {
         text.push_str("no rollout in progress\n");
@@ -958,8 +972,31 @@ mod tests {
                 },
             ],
             active_rollouts: vec![],
+            deployments: vec![pb::Deployment {
+                app: "web".into(),
+                selector: [("env".to_string(), "prod".to_string())].into(),
+                version: "1.1.0".into(),
+                hosts_matching: 2,
+                hosts_on_release: 1,
+                hosts_healthy: 0,
+                updated_unix_ms: 40_000,
+                updated_by: "ci".into(),
+                drift: vec![pb::Drift {
+                    host: "demo-1".into(),
+                    why: "crash-looping: restarted 3 time(s)".into(),
+                }],
+                ..Default::default()
+            }],
         };
         let text = render_status(&response, None, 100_000);
+        assert!(
+            text.contains("web  env=prod  1.1.0    2      1           0        1m ago  ci"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drift: demo-1 web@1.1.0 (env=prod): crash-looping: restarted 3 time(s)"),
+            "{text}"
+        );
         assert!(
             text.contains("demo-1  ready  yes        web  1.1.0    1.0.0 *  failed    1m ago"),
             "{text}"

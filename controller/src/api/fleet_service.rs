@@ -259,9 +259,15 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .filter(|r| !r.state.is_final())
             .map(convert::rollout)
             .collect();
+        let deployments = crate::converge::report(&self.fleet, only_app)
+            .map_err(store_status)?
+            .iter()
+            .map(convert::deployment)
+            .collect();
         Ok(Response::new(pb::StatusResponse {
             hosts,
             active_rollouts,
+            deployments,
         }))
     }
 
