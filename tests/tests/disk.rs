@@ -86,6 +86,11 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_host_whose_disk_cannot_hold_a_release_fails_at_once_and_writes_nothing() {
+    if !nix::unistd::Uid::effective().is_root() {
+        // Mounting a tmpfs needs root; CI and `scripts/test.sh` on the workplace run as root.
+        eprintln!("SKIPPED: a tmpfs data directory needs root");
+        return;
+    }
     let mut fleet = Fleet::start(0);
     let data_dir = fleet.dir().join("hosts").join("h1");
     let tmpfs = Tmpfs::mount(&data_dir, 160);
