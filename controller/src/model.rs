@@ -243,6 +243,9 @@ pub struct RolloutPolicy {
     /// `--min-healthy`: overrides the manifest's `min_healthy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_healthy_ms: Option<u64>,
+    /// `--max-unavailable`: the unavailability budget asked for, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<Batch>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -282,6 +285,14 @@ pub struct RolloutRecord {
     /// so a controller restarted during the pause waits out the rest of it.
     #[serde(default)]
     pub hold_until_unix_ms: i64,
+    /// The unavailability budget it runs with (see `budget::effective`); 0 for rollouts made
+    /// before budgets.
+    #[serde(default)]
+    pub max_unavailable: u32,
+    /// The selected hosts that were unavailable when it started, and why (`h5: drained`): what
+    /// spent the budget before it began.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unavailable_at_start: Vec<String>,
 }
 
 /// A standing deployment: the release every host whose labels match `selector` runs, as the

@@ -8,6 +8,7 @@
 //! back on the release it ran before. A restarted controller finds running rollouts in the
 //! store and continues them at the wave they stood at; paused ones stay paused.
 
+use crate::budget;
 use crate::fleet_state::{FleetState, InstanceStatus};
 use crate::model::{
     Batch, DeploymentRecord, Desired, HostResult, RolloutPolicy, RolloutRecord, RolloutState, Wave,
@@ -36,6 +37,9 @@ pub enum RolloutError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The unavailability budget asked for is spent before the rollout could start.
+    #[error("{0}")]
+    BudgetSpent(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -169,12 +173,24 @@ async fn start_on(
         )));
     }
     // Drained hosts take no new releases: they are left out of the plan, and the plan says so.
-    let (drained, selected): (Vec<_>, Vec<_>) = fleet
+    let all_selected: Vec<_> = fleet
         .host_records()?
         .into_iter()
         .filter(|h| planner::matches(&policy.selector, &h.labels))
         .filter(|h| only.as_ref().is_none_or(|only| only.contains(&h.name)))
-        .partition(|h| h.drain.is_some());
+        .collect();
+    // What already spends the unavailability budget.
+    let unavailable_at_start: Vec<String> = all_selected
+        .iter()
+        .filter_map(|h| {
+            let instance = fleet.instance(&h.name, &app);
+            budget::unavailable(h, instance.as_ref(), fleet.is_lost(h))
+                .map(|why| format!("{}: {why}", h.name))
+        })
+        .collect();
+    let n_selected = all_selected.len();
+    let (drained, selected): (Vec<_>, Vec<_>) =
+        all_selected.into_iter().partition(|h| h.drain.is_some());
     let mut host_names: Vec<String> = selected.into_iter().map(|h| h.name).collect();
     host_names.sort();
     let drained: Vec<String> = drained.into_iter().map(|h| h.name).collect();
@@ -194,7 +210,23 @@ async fn start_on(
             )
         }));
     }
-    let waves: Vec<Wave> = planner::plan_waves(&host_names, policy.canary, policy.batch)
+    let planned = planner::plan_waves(&host_names, policy.canary, policy.batch);
+    let batch_hosts = planned.iter().map(Vec::len).max().unwrap_or(1);
+    let max_unavailable = budget::effective(
+        policy.max_unavailable,
+        n_selected,
+        batch_hosts,
+        unavailable_at_start.len(),
+    );
+    if policy.max_unavailable.is_some() && unavailable_at_start.len() >= max_unavailable {
+        return Err(RolloutError::BudgetSpent(format!(
+            "--max-unavailable {} is spent before the rollout starts: {} of the {n_selected} selected hosts have no healthy instance of {app} ({}); bring them back, or allow more",
+            max_unavailable,
+            unavailable_at_start.len(),
+            unavailable_at_start.join(", ")
+        )));
+    }
+    let waves: Vec<Wave> = planned
         .into_iter()
         .map(|hosts| Wave {
             hosts: hosts
@@ -252,6 +284,8 @@ async fn start_on(
         is_rollback,
         seq,
         hold_until_unix_ms: 0,
+        max_unavailable: max_unavailable as u32,
+        unavailable_at_start,
     };
     if let Err(e) = fleet.save_rollout(&record).await {
         rollouts.active().remove(&reserved);
@@ -381,6 +415,7 @@ pub async fn start_rollback(
         auto_rollback: false,
         skip_lost: false,
         min_healthy_ms: None,
+        max_unavailable: None,
     };
     let request = StartRequest {
         app: app.to_string(),
@@ -887,7 +922,99 @@ impl Executor {
     /// Points the wave's hosts at the new release, recording what each ran before. Only this
     /// executor changes this app's desired release on these hosts (one rollout per app), so
     /// the previous versions read first cannot change before the write.
+    /// The selected hosts outside wave `idx` that have no healthy instance of the app now,
+    /// each as `host: why`.
+    fn down_outside_wave(&self, idx: usize) -> Result<Vec<String>, StoreError> {
+        let mut candidates: std::collections::BTreeSet<String> = self
+            .record
+            .waves
+            .iter()
+            .enumerate()
+            .filter(|(w, _)| *w != idx)
+            .flat_map(|(_, wave)| wave.hosts.iter().map(|h| h.host.clone()))
+            .collect();
+        // Hosts left out at the start (drained) are selected too.
+        for entry in &self.record.unavailable_at_start {
+            if let Some((host, _)) = entry.split_once(": ") {
+                candidates.insert(host.to_string());
+            }
+        }
+        for host in &self.record.waves[idx].hosts {
+            candidates.remove(&host.host);
+        }
+        let mut down = Vec::new();
+        for name in candidates {
+            let Some(host) = self.fleet.host_record(&name)? else {
+                continue;
+            };
+            let instance = self.fleet.instance(&name, &self.record.app);
+            if let Some(why) =
+                budget::unavailable(&host, instance.as_ref(), self.fleet.is_lost(&host))
+            {
+                down.push(format!("{name}: {why}"));
+            }
+        }
+        Ok(down)
+    }
+
+    /// Shrinks wave `idx` to what the unavailability budget leaves, moving the rest into a new
+    /// wave after it; while it leaves nothing, waits for hosts to come back, until the wave's
+    /// deadline. Returns false when the budget stayed spent (the wave's hosts are then failed).
+    async fn fit_wave_to_budget(&mut self, idx: usize) -> Result<bool, StoreError> {
+        let budget = self.record.max_unavailable as usize;
+        if budget == 0 {
+            return Ok(true);
+        }
+        let until = tokio::time::Instant::now() + self.wave_deadline(idx)?;
+        let mut changes = self.fleet.changes();
+        loop {
+            changes.borrow_and_update();
+            let down = self.down_outside_wave(idx)?;
+            let room = budget::room(budget, down.len());
+            if room > 0 {
+                let wave = &mut self.record.waves[idx];
+                if wave.hosts.len() > room {
+                    let rest = wave.hosts.split_off(room);
+                    self.record.waves.insert(
+                        idx + 1,
+                        Wave {
+                            hosts: rest,
+                            state: WaveState::Pending,
+                        },
+                    );
+                    self.emit(format!(
+                        "{} shrinks to {room} host(s): --max-unavailable {budget} with {} already down ({})",
+                        self.wave_label(idx),
+                        down.len(),
+                        down.join(", ")
+                    ));
+                }
+                return Ok(true);
+            }
+            let waited = tokio::select! {
+                _ = changes.changed() => true,
+                _ = tokio::time::sleep_until(until) => false,
+            };
+            if !waited {
+                let why = format!(
+                    "not started: --max-unavailable {budget} is spent by {}",
+                    down.join(", ")
+                );
+                for entry in &mut self.record.waves[idx].hosts {
+                    entry.result = HostResult::Failed;
+                    entry.message = why.clone();
+                }
+                self.record.waves[idx].state = WaveState::Running;
+                self.save().await?;
+                return Ok(false);
+            }
+        }
+    }
+
     async fn begin_wave(&mut self, idx: usize) -> Result<(), StoreError> {
+        if !self.fit_wave_to_budget(idx).await? {
+            return Ok(());
+        }
         let app = self.record.app.clone();
         let mut names = Vec::with_capacity(self.record.waves[idx].hosts.len());
         let mut skipped = Vec::new();

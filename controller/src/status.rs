@@ -18,6 +18,7 @@ pub fn rollout_status(e: RolloutError) -> Status {
         RolloutError::Invalid(m) => Status::invalid_argument(m),
         RolloutError::NotFound(m) => Status::not_found(m),
         RolloutError::Conflict(m) => Status::failed_precondition(m),
+        RolloutError::BudgetSpent(m) => Status::resource_exhausted(m),
         RolloutError::Store(e) => store_status(e),
     }
 }

@@ -3,7 +3,8 @@
 
 use crate::parse::{
     parse_app, parse_batch, parse_duration_arg, parse_env_pair, parse_host, parse_label_change,
-    parse_min_healthy_arg, parse_selector, parse_version, LabelChanges, Selector,
+    parse_max_unavailable, parse_min_healthy_arg, parse_selector, parse_version, LabelChanges,
+    Selector,
 };
 use crate::ssh::install::DEFAULT_REMOTE_DIR;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -194,6 +195,11 @@ pub struct RolloutArgs {
     /// e.g. 30s [default: the manifest's min_healthy; 5s when it declares no smoke checks]
     #[arg(long, value_name = "DUR", value_parser = parse_min_healthy_arg)]
     pub min_healthy: Option<Duration>,
+    /// At no moment may more of the selected hosts be without a healthy instance than this:
+    /// N hosts or P% of them (waves shrink to fit) [default: the batch size plus the hosts
+    /// already down]
+    #[arg(long, value_name = "N|P%", value_parser = parse_max_unavailable)]
+    pub max_unavailable: Option<String>,
     /// Halt on failure but leave the hosts that took the new release on it
     #[arg(long)]
     pub no_auto_rollback: bool,

@@ -593,6 +593,20 @@ pub fn render_rollout(rollout: &pb::Rollout, now: i64) -> String {
     if !rollout.message.is_empty() {
         text.push_str(&format!("  {}\n", rollout.message));
     }
+    if rollout.max_unavailable > 0 {
+        text.push_str(&format!(
+            "  at most {} host(s) unavailable{}\n",
+            rollout.max_unavailable,
+            if rollout.unavailable_at_start.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; already down at the start: {}",
+                    rollout.unavailable_at_start.join(", ")
+                )
+            }
+        ));
+    }
     if rollout.hold_until_unix_ms > now {
         text.push_str(&format!(
             "  canary passed: widening in {}\n",
@@ -699,6 +713,8 @@ pub struct RolloutOptions {
     pub pause_after_canary: Duration,
     pub smoke_timeout: Duration,
     pub min_healthy: Option<Duration>,
+    /// `N` or `P%`, as `parse::parse_max_unavailable` returns it.
+    pub max_unavailable: Option<String>,
     pub auto_rollback: bool,
     pub detach: bool,
     pub skip_lost: bool,
@@ -726,6 +742,7 @@ pub async fn rollout(ctx: &Context, options: &RolloutOptions) -> Result<RolloutO
         no_auto_rollback: !options.auto_rollback,
         detach: options.detach,
         min_healthy_ms: options.min_healthy.map(duration_ms),
+        max_unavailable: options.max_unavailable.clone().unwrap_or_default(),
     };
     let started = Instant::now();
     let stream = ctx
@@ -916,6 +933,8 @@ mod tests {
             }),
             is_rollback: false,
             hold_until_unix_ms: 0,
+            max_unavailable: 2,
+            unavailable_at_start: vec!["demo-3: drained".into()],
         }
     }
 
@@ -926,6 +945,7 @@ mod tests {
             text,
             "r-1  web@1.1.0  rolled_back  by ann@box  1m ago  took 42.0s\n\
              \x20 wave 2 failed on demo-2\n\
+             \x20 at most 2 host(s) unavailable; already down at the start: demo-3: drained\n\
              \x20 wave 1 (canary) passed: demo-1 rolled_back (was 1.0.0)\n\
              \x20   demo-1: went back to 1.0.0\n\
              \x20 wave 2 failed: demo-2 failed (was 1.0.0)\n\

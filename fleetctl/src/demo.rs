@@ -372,6 +372,7 @@ async fn run_steps(
             pause_after_canary: Duration::ZERO,
             smoke_timeout: Duration::ZERO,
             min_healthy: None,
+            max_unavailable: None,
             auto_rollback: true,
             detach: false,
             skip_lost: false,

@@ -129,6 +129,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
                 pause_after_canary: rollout_args.pause_after_canary.unwrap_or(Duration::ZERO),
                 smoke_timeout: rollout_args.smoke_timeout.unwrap_or(Duration::ZERO),
                 min_healthy: rollout_args.min_healthy,
+                max_unavailable: rollout_args.max_unavailable,
                 auto_rollback: !rollout_args.no_auto_rollback,
                 detach: rollout_args.detach,
                 skip_lost: rollout_args.skip_lost,

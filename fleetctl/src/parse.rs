@@ -34,6 +34,21 @@ pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
     fleet_proto::duration::parse_duration(text)
 }
 
+/// Parses `--max-unavailable`: `N` hosts (N > 0) or `P%` (1 to 100).
+pub fn parse_max_unavailable(text: &str) -> Result<String, String> {
+    if matches!(text.trim(), "0" | "0%") {
+        return Err(
+            "--max-unavailable 0 lets no host be updated: allow at least 1 host (or 1%)".into(),
+        );
+    }
+    parse_batch(text).map_err(|_| {
+        format!(
+            "--max-unavailable {} is invalid: write a host count like 2 or a share like 25% (1% to 100%)",
+            fleet_proto::names::quoted(text)
+        )
+    })
+}
+
 /// Parses `--min-healthy`: a duration from 0 to 1h.
 pub fn parse_min_healthy_arg(text: &str) -> Result<Duration, String> {
     fleet_proto::manifest::parse_min_healthy(text)

@@ -138,6 +138,8 @@ pub fn rollout(r: &RolloutRecord) -> pb::Rollout {
         current_wave: r.current_wave as u32,
         message: r.message.clone(),
         hold_until_unix_ms: r.hold_until_unix_ms,
+        max_unavailable: r.max_unavailable,
+        unavailable_at_start: r.unavailable_at_start.clone(),
         request: Some(pb::StartRolloutRequest {
             app: r.app.clone(),
             version: r.version.clone(),
@@ -150,6 +152,11 @@ pub fn rollout(r: &RolloutRecord) -> pb::Rollout {
             detach: false,
             skip_lost: r.policy.skip_lost,
             min_healthy_ms: r.policy.min_healthy_ms,
+            max_unavailable: r
+                .policy
+                .max_unavailable
+                .map(|b| b.to_text())
+                .unwrap_or_default(),
         }),
         is_rollback: r.is_rollback,
     }

@@ -129,6 +129,20 @@ fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Stat
         }
     }
     let min_healthy_ms = request.min_healthy_ms;
+    let max_unavailable = match request.max_unavailable.trim() {
+        "" => None,
+        "0" | "0%" => {
+            return Err(bad(
+                "max unavailable 0 lets no host be updated: allow at least 1 host (or 1%)",
+            ))
+        }
+        text => Some(Batch::parse(text).map_err(|_| {
+            bad(format!(
+                "max unavailable {} is invalid: write a host count like 2 or a share like 25% (1% to 100%)",
+                names::quoted(text)
+            ))
+        })?),
+    };
     Ok(RolloutPolicy {
         selector,
         canary: request.canary,
@@ -138,6 +152,7 @@ fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Stat
         auto_rollback: !request.no_auto_rollback,
         skip_lost: request.skip_lost,
         min_healthy_ms,
+        max_unavailable,
     })
 }
 

@@ -1,0 +1,112 @@
+//! One unavailability budget for a rollout (`--max-unavailable N|P%`): at no moment are more of
+//! the selected hosts without a healthy instance of the app than that, counting drained, lost
+//! and failed hosts and hosts on their way to a release. Plain functions; the executor asks
+//! them before each wave and shrinks the wave to what the budget leaves.
+
+use crate::fleet_state::InstanceStatus;
+use crate::model::{Batch, HostRecord};
+use fleet_proto::instance_state::InstanceState;
+
+/// Why a host has no healthy instance of the app right now, or `None` when it has one.
+pub fn unavailable(
+    host: &HostRecord,
+    instance: Option<&InstanceStatus>,
+    lost: bool,
+) -> Option<String> {
+    if host.drain.is_some() {
+        return Some("drained".to_string());
+    }
+    if lost {
+        return Some("lost".to_string());
+    }
+    match instance {
+        None => Some("runs no instance of the app".to_string()),
+        Some(i) if i.state == InstanceState::Running => None,
+        Some(i) => Some(format!("{} {}", i.version, i.state)),
+    }
+}
+
+/// The budget a rollout runs with: what was asked (`N` hosts, or `P%` of the `n_selected`
+/// hosts, rounded up), or by default the batch size plus the hosts already unavailable when
+/// it starts, so a default rollout behaves as it always did.
+pub fn effective(
+    requested: Option<Batch>,
+    n_selected: usize,
+    batch_hosts: usize,
+    down_at_start: usize,
+) -> usize {
+    match requested {
+        Some(Batch::Hosts(n)) => n as usize,
+        Some(Batch::Percent(p)) => (n_selected * p as usize).div_ceil(100).max(1),
+        None => batch_hosts + down_at_start,
+    }
+}
+
+/// How many more hosts may be taken down now, with `down` hosts already unavailable.
+pub fn room(budget: usize, down: usize) -> usize {
+    budget.saturating_sub(down)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_what_was_asked_or_the_batch_plus_what_is_down() {
+        // (asked, selected, batch, down at start) -> budget
+        for (asked, selected, batch, down, expect) in [
+            (Some(Batch::Hosts(2)), 10, 3, 1, 2),
+            (Some(Batch::Percent(25)), 10, 3, 1, 3),
+            (Some(Batch::Percent(1)), 10, 3, 0, 1),
+            (None, 10, 3, 1, 4),
+            (None, 20, 5, 0, 5),
+        ] {
+            assert_eq!(effective(asked, selected, batch, down), expect, "{asked:?}");
+        }
+        for (budget, down, expect) in [(2, 1, 1), (2, 2, 0), (2, 5, 0), (4, 0, 4)] {
+            assert_eq!(room(budget, down), expect);
+        }
+    }
+
+    #[test]
+    fn a_host_is_unavailable_unless_it_runs_the_app_healthy() {
+        let host = |drained: bool| HostRecord {
+            name: "h1".into(),
+            labels: Default::default(),
+            advertise_addr: "127.0.0.2".into(),
+            registered_unix_ms: 0,
+            last_seen_unix_ms: 0,
+            desired: Default::default(),
+            drain: drained.then(|| crate::model::DrainRecord {
+                requested_by: "ann".into(),
+                requested_unix_ms: 0,
+                drained_unix_ms: None,
+            }),
+        };
+        let instance = |state| InstanceStatus {
+            app: "web".into(),
+            version: "1.0".into(),
+            state,
+            message: String::new(),
+            since_unix_ms: 0,
+            restarts: 0,
+            rollout_id: String::new(),
+        };
+        let running = instance(InstanceState::Running);
+        let starting = instance(InstanceState::Starting);
+        assert_eq!(unavailable(&host(false), Some(&running), false), None);
+        assert_eq!(
+            unavailable(&host(true), Some(&running), false).as_deref(),
+            Some("drained")
+        );
+        assert_eq!(
+            unavailable(&host(false), Some(&running), true).as_deref(),
+            Some("lost")
+        );
+        assert_eq!(
+            unavailable(&host(false), Some(&starting), false).as_deref(),
+            Some("1.0 starting")
+        );
+        assert!(unavailable(&host(false), None, false).is_some());
+    }
+}
