@@ -27,8 +27,12 @@ use tokio::sync::watch;
 pub enum Want {
     /// Nothing to change.
     Keep,
-    /// Run this version (of this deployment).
-    Set { version: String, deployment: String },
+    /// Run this version (of this deployment: its selector as text, and its key).
+    Set {
+        version: String,
+        deployment: String,
+        key: String,
+    },
     /// Run the app no more: no deployment of it matches the host.
     Remove,
 }
@@ -62,8 +66,11 @@ pub fn wanted(
         Some(d) => Want::Set {
             version: d.version.clone(),
             deployment: d.selector_text(),
+            key: DeploymentRecord::key(&d.app, &d.selector),
         },
-        None if desired.is_some() => Want::Remove,
+        // Only what a deployment gave is taken away when none selects the host any more; what
+        // was set before deployments existed stays.
+        None if desired.is_some_and(|d| d.deployment.is_some()) => Want::Remove,
         None => Want::Keep,
     }
 }
@@ -220,7 +227,7 @@ async fn converge_once(fleet: &FleetState, rollouts: &Rollouts) -> Result<(), St
                             Want::Remove => {
                                 record.desired.remove(app);
                             }
-                            Want::Set { version, .. } => {
+                            Want::Set { version, key, .. } => {
                                 record.desired.insert(
                                     app.clone(),
                                     Desired {
@@ -230,6 +237,7 @@ async fn converge_once(fleet: &FleetState, rollouts: &Rollouts) -> Result<(), St
                                         smoke_timeout_ms: 0,
                                         run_release_hook: false,
                                         min_healthy_ms: None,
+                                        deployment: Some(key.clone()),
                                     },
                                 );
                             }
@@ -243,6 +251,7 @@ async fn converge_once(fleet: &FleetState, rollouts: &Rollouts) -> Result<(), St
                 Want::Set {
                     version,
                     deployment,
+                    ..
                 } => format!(
                     "host {} converges to {app}@{version}, the release of its deployment {deployment} ({id})",
                     host.name
@@ -284,6 +293,7 @@ mod tests {
 
     fn desired(version: &str) -> Desired {
         Desired {
+            deployment: Some("web/env=prod".into()),
             version: version.into(),
             rollout_id: "r0".into(),
             generation: 1,
@@ -294,9 +304,15 @@ mod tests {
     }
 
     fn set(version: &str, deployment: &str) -> Want {
+        let selector = if deployment == "(every host)" {
+            String::new()
+        } else {
+            deployment.to_string()
+        };
         Want::Set {
             version: version.into(),
             deployment: deployment.into(),
+            key: format!("web/{selector}"),
         }
     }
 
@@ -397,6 +413,15 @@ mod tests {
                 "{host_labels} {runs:?} {state:?}"
             );
         }
+        // What was set before deployments existed is never taken away.
+        let legacy = Desired {
+            deployment: None,
+            ..desired("0.1")
+        };
+        assert_eq!(
+            wanted(&labels("env=dev"), Some(&legacy), &newest_first, None),
+            Want::Keep
+        );
         // The most recently updated deployment that matches wins.
         let both = [everyone.clone(), prod.clone()];
         assert_eq!(

@@ -105,6 +105,7 @@ pub async fn converge_like(
                             smoke_timeout_ms: d.smoke_timeout_ms,
                             run_release_hook: false,
                             min_healthy_ms: d.min_healthy_ms,
+                            deployment: d.deployment.clone(),
                         },
                     );
                 }

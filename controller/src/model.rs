@@ -63,6 +63,11 @@ pub struct Desired {
     /// The rollout's `--min-healthy`, when it gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_healthy_ms: Option<u64>,
+    /// The deployment (`DeploymentRecord::key`) this release was given for, by a rollout or the
+    /// converger; `None` for what was set before deployments existed, which the converger never
+    /// takes away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
 }
 
 /// An immutable release: an app version pointing at an artifact digest and its config.

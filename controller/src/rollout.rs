@@ -1075,6 +1075,7 @@ impl Executor {
             smoke_timeout_ms: self.record.policy.smoke_timeout_ms,
             run_release_hook: false,
             min_healthy_ms: self.record.policy.min_healthy_ms,
+            deployment: Some(DeploymentRecord::key(&app, &self.record.policy.selector)),
         };
         self.fleet
             .update_hosts(
@@ -1282,6 +1283,10 @@ impl Executor {
                                 smoke_timeout_ms: 0,
                                 run_release_hook: false,
                                 min_healthy_ms: None,
+                                deployment: Some(DeploymentRecord::key(
+                                    &app,
+                                    &snapshot.policy.selector,
+                                )),
                             },
                         );
                     }
