@@ -21,6 +21,7 @@ pub mod releases;
 pub mod rollout;
 pub mod server;
 pub mod status;
+pub mod step;
 pub mod store;
 
 /// Resolves on the first SIGTERM or SIGINT: the one way a fleet process is asked to stop.

@@ -9,12 +9,13 @@
 //! store and continues them at the wave they stood at; paused ones stay paused.
 
 use crate::budget;
-use crate::fleet_state::{FleetState, InstanceStatus};
+use crate::fleet_state::FleetState;
 use crate::model::{
     Batch, DeploymentRecord, Desired, HostResult, RolloutPolicy, RolloutRecord, RolloutState, Wave,
     WaveHost, WaveState,
 };
 use crate::planner;
+use crate::step::{self, HostFacts, HostOutcome, WaveVerdict};
 use crate::store::StoreError;
 use fleet_proto::duration::format_duration;
 use fleet_proto::instance_state::InstanceState;
@@ -602,39 +603,6 @@ fn wave_deadline_for(
     }
 }
 
-/// Why a host that passed in this rollout no longer counts as passed: its instance of this
-/// rollout crashed, failed, or was restarted after a crash (an instance passes only while it
-/// stays up, until the rollout ends). `None` while it stays up, and for an instance of another
-/// rollout or version (a later change is not this rollout's to judge).
-fn went_down_after_passing(
-    instance: Option<&InstanceStatus>,
-    rollout_id: &str,
-    version: &str,
-) -> Option<String> {
-    let instance = instance.filter(|i| i.rollout_id == rollout_id && i.version == version)?;
-    match instance.state {
-        InstanceState::Crashed | InstanceState::Failed => Some(format!(
-            "its instance went down after it passed: {}",
-            instance.message
-        )),
-        _ if instance.restarts > 0 => Some(format!(
-            "its instance was restarted {} time(s) after it passed (it crashed)",
-            instance.restarts
-        )),
-        _ => None,
-    }
-}
-
-/// How one host stands in the wave being waited on.
-#[derive(Debug, Clone, PartialEq)]
-enum HostOutcome {
-    Waiting,
-    Passed,
-    Failed(String),
-    /// Drained or removed during its wave: left out, as at planning.
-    Skipped(String),
-}
-
 enum WaitEnd {
     Done,
     Deadline,
@@ -744,10 +712,8 @@ impl Executor {
             }
             // Every host so far, earlier waves included: one that went down since it passed
             // fails this wave too.
-            let passed = self.record.waves[..=idx]
-                .iter()
-                .flat_map(|w| &w.hosts)
-                .all(|h| matches!(h.result, HostResult::Passed | HostResult::Skipped));
+            let verdict = step::wave_verdict(&self.record, idx);
+            let passed = !matches!(verdict, WaveVerdict::Halt { .. });
             for entry in &mut self.record.waves[idx].hosts {
                 if entry.result == HostResult::Deploying {
                     entry.message = "not waited for: another host of the wave failed".to_string();
@@ -762,11 +728,10 @@ impl Executor {
             if passed {
                 self.record.waves[idx].state = WaveState::Passed;
                 self.record.current_wave += 1;
-                let pause = (idx == 0
-                    && self.record.policy.canary > 0
-                    && self.record.policy.pause_after_canary_ms > 0
-                    && self.record.current_wave < self.record.waves.len())
-                .then(|| Duration::from_millis(self.record.policy.pause_after_canary_ms));
+                let pause = match verdict {
+                    WaveVerdict::PauseThenWiden(pause) => Some(pause),
+                    _ => None,
+                };
                 // The pause's end goes into the same save as the canary's pass: a restart in
                 // between cannot skip it.
                 if let Some(pause) = pause {
@@ -809,7 +774,7 @@ impl Executor {
                         ),
                     )
                     .await;
-                return if self.record.policy.auto_rollback {
+                return if matches!(verdict, WaveVerdict::Halt { roll_back: true }) {
                     self.roll_back(wave_deadline).await
                 } else {
                     self.record.state = RolloutState::Failed;
@@ -1107,27 +1072,17 @@ impl Executor {
         Ok(())
     }
 
-    fn deploy_outcome(&self, host: &str) -> HostOutcome {
-        let instance = self
-            .fleet
-            .instance(host, &self.record.app)
-            .filter(|i| i.rollout_id == self.record.id && i.version == self.record.version);
-        match instance {
-            Some(instance) if instance.state == InstanceState::Running => HostOutcome::Passed,
-            Some(instance) if instance.state == InstanceState::Failed => {
-                HostOutcome::Failed(instance.message)
-            }
-            _ => match self.fleet.host_record(host) {
-                Ok(None) => HostOutcome::Skipped("host was removed during the wave".to_string()),
-                Ok(Some(record)) if record.drain.is_some() => {
-                    HostOutcome::Skipped("host was drained during the wave".to_string())
-                }
-                Ok(Some(record)) if self.fleet.is_lost(&record) => HostOutcome::Failed(format!(
-                    "host went lost during the wave (nothing heard from it for {}s)",
-                    self.fleet.silent_for_secs(&record)
-                )),
-                _ => HostOutcome::Waiting,
-            },
+    /// The facts about `host` that its outcome in this rollout is decided from.
+    fn host_facts(&self, host: &str) -> HostFacts {
+        let record = self.fleet.host_record(host).ok().flatten();
+        HostFacts {
+            instance: self.fleet.instance(host, &self.record.app),
+            registered: record.is_some(),
+            drained: record.as_ref().is_some_and(|r| r.drain.is_some()),
+            lost_for_secs: record
+                .as_ref()
+                .filter(|r| self.fleet.is_lost(r))
+                .map(|r| self.fleet.silent_for_secs(r)),
         }
     }
 
@@ -1144,7 +1099,11 @@ impl Executor {
                 if self.record.waves[idx].hosts[h_idx].result != HostResult::Deploying {
                     continue;
                 }
-                match self.deploy_outcome(&host) {
+                match step::host_outcome(
+                    &self.host_facts(&host),
+                    &self.record.id,
+                    &self.record.version,
+                ) {
                     HostOutcome::Waiting => waiting += 1,
                     HostOutcome::Passed => {
                         let entry = &mut self.record.waves[idx].hosts[h_idx];
@@ -1174,7 +1133,7 @@ impl Executor {
                         continue;
                     }
                     let instance = self.fleet.instance(&entry.host, &self.record.app);
-                    if let Some(why) = went_down_after_passing(
+                    if let Some(why) = step::went_down_after_passing(
                         instance.as_ref(),
                         &self.record.id,
                         &self.record.version,
@@ -1496,49 +1455,5 @@ mod tests {
             wave_deadline_for(&[10_000], false, 0, s(600)),
             s(610) + FETCH_AND_START_ALLOWANCE
         );
-    }
-
-    fn status(state: InstanceState, rollout: &str, restarts: u32) -> InstanceStatus {
-        InstanceStatus {
-            app: "web".into(),
-            version: "2.0".into(),
-            state,
-            message: "exit status 1".into(),
-            since_unix_ms: 0,
-            restarts,
-            rollout_id: rollout.into(),
-        }
-    }
-
-    #[test]
-    fn a_host_that_passed_fails_the_rollout_when_its_instance_goes_down() {
-        use InstanceState::*;
-        // (what the host reports now, whether the rollout must count it failed)
-        let cases = [
-            (None, false),
-            (Some(status(Running, "r1", 0)), false),
-            (Some(status(Crashed, "r1", 0)), true),
-            (Some(status(Failed, "r1", 0)), true),
-            // Restarted by the agent after a crash: running again, but it went down.
-            (Some(status(Running, "r1", 1)), true),
-            (Some(status(Starting, "r1", 1)), true),
-            // Another rollout's or version's instance is not this rollout's business.
-            (Some(status(Crashed, "r2", 3)), false),
-            (
-                Some(InstanceStatus {
-                    version: "1.0".into(),
-                    ..status(Crashed, "r1", 0)
-                }),
-                false,
-            ),
-            (Some(status(Stopping, "r1", 0)), false),
-        ];
-        for (instance, fails) in cases {
-            assert_eq!(
-                went_down_after_passing(instance.as_ref(), "r1", "2.0").is_some(),
-                fails,
-                "{instance:?}"
-            );
-        }
     }
 }
