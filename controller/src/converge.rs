@@ -169,10 +169,11 @@ pub fn report(fleet: &FleetState, app: Option<&str>) -> Result<Vec<DeploymentRep
     Ok(reports)
 }
 
-/// Keeps hosts on their deployments until `stop` turns true: after every change the fleet
-/// sees (a host connects, reports, changes labels; a rollout completes), and once at start.
+/// Keeps hosts on their deployments until `stop` turns true: after every change of the fleet's
+/// shape (a host connects, is relabeled, drained, undrained or forgotten; a rollout ends), not
+/// on every instance report, and once at start.
 pub async fn run(fleet: Arc<FleetState>, rollouts: Arc<Rollouts>, mut stop: watch::Receiver<bool>) {
-    let mut changes = fleet.changes();
+    let mut changes = fleet.topology_changes();
     loop {
         changes.borrow_and_update();
         if let Err(e) = converge_once(&fleet, &rollouts).await {

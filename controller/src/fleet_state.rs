@@ -94,6 +94,10 @@ pub struct FleetState {
     /// one host at once).
     host_writes: Arc<tokio::sync::Mutex<()>>,
     changes: watch::Sender<u64>,
+    /// Ticks on the changes that can move a host to another release between rollouts (hosts
+    /// that connect, are relabeled, drained, undrained or forgotten, go lost or come back;
+    /// rollouts that end), but not on instance reports: what the converger wakes on.
+    topology: watch::Sender<u64>,
     events: broadcast::Sender<EventRecord>,
     /// Held while an event is appended and broadcast.
     event_order: Arc<Mutex<()>>,
@@ -125,6 +129,7 @@ impl FleetState {
             live: Mutex::new(Live::default()),
             host_writes: Arc::new(tokio::sync::Mutex::new(())),
             changes: watch::channel(0).0,
+            topology: watch::channel(0).0,
             events: broadcast::channel(1024).0,
             event_order: Arc::new(Mutex::new(())),
         }
@@ -317,8 +322,25 @@ impl FleetState {
         Ok(digests)
     }
 
+    /// A change of the fleet's shape: wakes waiters and the converger.
     fn bump(&self) {
         self.changes.send_modify(|n| *n += 1);
+        self.topology.send_modify(|n| *n += 1);
+    }
+
+    /// A report: wakes waiters only.
+    fn bump_report(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Ticks on changes that can move hosts between releases outside a rollout (see the field).
+    pub fn topology_changes(&self) -> watch::Receiver<u64> {
+        self.topology.subscribe()
+    }
+
+    /// A rollout ended: hosts it held may converge now.
+    pub fn rollout_ended(&self) {
+        self.bump();
     }
 
     /// Ticks whenever a host connects, disconnects or reports.
@@ -526,7 +548,7 @@ impl FleetState {
                 tracing::error!("cannot record that host {host} drained: {e}");
             }
         }
-        self.bump();
+        self.bump_report();
     }
 
     /// Whether every instance the connected host reported has stopped.

@@ -628,6 +628,8 @@ impl Executor {
                 .await;
         }
         self.rollouts.active().remove(&self.record.id);
+        // No longer under way: the hosts it held or left may converge now.
+        self.fleet.rollout_ended();
     }
 
     fn emit(&self, line: String) {
