@@ -27,9 +27,34 @@ impl Need {
         }
     }
 
+    /// The same, when starting the instance first removes one that takes `bytes` now.
+    pub fn replacing(mut self, bytes: u64) -> Need {
+        self.instance = self.instance.saturating_sub(bytes);
+        self
+    }
+
     pub fn total(&self) -> u64 {
         self.artifact + self.unpacked + self.instance + MARGIN_BYTES
     }
+}
+
+/// The bytes of the regular files under `dir` (0 when it does not exist).
+pub fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0;
+    for entry in entries.flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            total += tree_bytes(&entry.path());
+        } else if kind.is_file() {
+            total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    total
 }
 
 /// The bytes an unprivileged user may still write on the file system holding `dir`.
@@ -73,6 +98,9 @@ mod tests {
             let need = Need::of(artifact, unpacked, cached, done);
             assert_eq!(need.total() - MARGIN_BYTES, expect, "{need:?}");
         }
+        // The instance it replaces is removed first: its bytes come back.
+        let need = Need::of(30 * mib, 40 * mib, true, true).replacing(25 * mib);
+        assert_eq!(need.total() - MARGIN_BYTES, 15 * mib);
         let need = Need::of(30 * mib, 40 * mib, false, false);
         assert!(shortfall("h1", Path::new("/d"), &need, need.total()).is_none());
         let why = shortfall("h1", Path::new("/d"), &need, 100 * mib).unwrap();

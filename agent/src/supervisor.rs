@@ -381,12 +381,16 @@ impl AppTask {
                 digest_hex(&assignment.artifact_digest),
             )
             .is_dir();
+        // Starting removes the app's current instance directory before it copies the release.
         let need = crate::disk::Need::of(
             assignment.artifact_size,
             assignment.unpacked_size,
             cached,
             unpacked,
-        );
+        )
+        .replacing(crate::disk::tree_bytes(
+            &self.context.layout.instance_dir(&self.app),
+        ));
         let root = self.context.layout.root().to_path_buf();
         match crate::disk::free_bytes(&root) {
             Ok(free) => {

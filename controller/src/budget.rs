@@ -7,14 +7,20 @@ use crate::fleet_state::InstanceStatus;
 use crate::model::{Batch, HostRecord};
 use fleet_proto::instance_state::InstanceState;
 
-/// Why a host has no healthy instance of the app right now, or `None` when it has one.
+/// Why a host that should serve `app` has no healthy instance of it right now, or `None` when
+/// it has one or was never given the app (a host of a first rollout is not down: it never
+/// served).
 pub fn unavailable(
     host: &HostRecord,
+    app: &str,
     instance: Option<&InstanceStatus>,
     lost: bool,
 ) -> Option<String> {
     if host.drain.is_some() {
         return Some("drained".to_string());
+    }
+    if !host.desired.contains_key(app) {
+        return None;
     }
     if lost {
         return Some("lost".to_string());
@@ -76,7 +82,19 @@ mod tests {
             advertise_addr: "127.0.0.2".into(),
             registered_unix_ms: 0,
             last_seen_unix_ms: 0,
-            desired: Default::default(),
+            desired: [(
+                "web".to_string(),
+                crate::model::Desired {
+                    version: "1.0".into(),
+                    rollout_id: "r1".into(),
+                    generation: 1,
+                    smoke_timeout_ms: 0,
+                    run_release_hook: false,
+                    min_healthy_ms: None,
+                    deployment: None,
+                },
+            )]
+            .into(),
             drain: drained.then(|| crate::model::DrainRecord {
                 requested_by: "ann".into(),
                 requested_unix_ms: 0,
@@ -94,19 +112,24 @@ mod tests {
         };
         let running = instance(InstanceState::Running);
         let starting = instance(InstanceState::Starting);
-        assert_eq!(unavailable(&host(false), Some(&running), false), None);
         assert_eq!(
-            unavailable(&host(true), Some(&running), false).as_deref(),
+            unavailable(&host(false), "web", Some(&running), false),
+            None
+        );
+        assert_eq!(
+            unavailable(&host(true), "web", Some(&running), false).as_deref(),
             Some("drained")
         );
         assert_eq!(
-            unavailable(&host(false), Some(&running), true).as_deref(),
+            unavailable(&host(false), "web", Some(&running), true).as_deref(),
             Some("lost")
         );
         assert_eq!(
-            unavailable(&host(false), Some(&starting), false).as_deref(),
+            unavailable(&host(false), "web", Some(&starting), false).as_deref(),
             Some("1.0 starting")
         );
-        assert!(unavailable(&host(false), None, false).is_some());
+        assert!(unavailable(&host(false), "web", None, false).is_some());
+        // A host never given the app (a first rollout's) is not down: it never served.
+        assert_eq!(unavailable(&host(false), "api", None, false), None);
     }
 }

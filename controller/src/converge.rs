@@ -289,6 +289,7 @@ mod tests {
             rollout_id: "r1".into(),
             updated_unix_ms: 0,
             updated_by: "ci".into(),
+            seq: 1,
         }
     }
 

@@ -258,6 +258,10 @@ pub struct WaveHost {
     pub host: String,
     /// The version the host ran before this rollout touched it, if any.
     pub previous_version: Option<String>,
+    /// The deployment that had given it that version (`Desired::deployment`), restored with
+    /// it by a rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_deployment: Option<String>,
     pub result: HostResult,
     pub message: String,
 }
@@ -312,6 +316,9 @@ pub struct DeploymentRecord {
     pub rollout_id: String,
     pub updated_unix_ms: i64,
     pub updated_by: String,
+    /// The completing rollout's sequence number: orders deployments whatever the clock did.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl DeploymentRecord {

@@ -185,7 +185,7 @@ async fn start_on(
         .iter()
         .filter_map(|h| {
             let instance = fleet.instance(&h.name, &app);
-            budget::unavailable(h, instance.as_ref(), fleet.is_lost(h))
+            budget::unavailable(h, &app, instance.as_ref(), fleet.is_lost(h))
                 .map(|why| format!("{}: {why}", h.name))
         })
         .collect();
@@ -235,6 +235,7 @@ async fn start_on(
                 .map(|host| WaveHost {
                     host,
                     previous_version: None,
+                    previous_deployment: None,
                     result: HostResult::Pending,
                     message: String::new(),
                 })
@@ -355,6 +356,7 @@ pub async fn start_rollback(
     actor: String,
 ) -> Result<(RolloutRecord, broadcast::Receiver<Progress>), RolloutError> {
     let deployments = fleet.deployments(Some(app))?;
+    let no_deployments = deployments.is_empty();
     let selector = match selector {
         Some(selector) => {
             if !deployments.is_empty() && !deployments.iter().any(|d| d.selector == selector) {
@@ -397,7 +399,7 @@ pub async fn start_rollback(
             .filter(|r| {
                 r.state == RolloutState::Succeeded
                     && r.version != current
-                    && r.policy.selector == selector
+                    && (no_deployments || r.policy.selector == selector)
             })
             .map(|r| r.version)
             .next()
@@ -603,6 +605,14 @@ fn wave_deadline_for(
     }
 }
 
+/// What the budget lets a wave do.
+enum Fit {
+    Go,
+    /// The budget stayed spent until the wave's deadline; its hosts are failed.
+    Spent,
+    Aborted(String),
+}
+
 enum WaitEnd {
     Done,
     Deadline,
@@ -698,15 +708,21 @@ impl Executor {
                 return self.aborted(actor).await;
             }
             let idx = self.record.current_wave;
-            let started = Instant::now();
             if self.record.waves[idx].state == WaveState::Pending {
-                self.begin_wave(idx).await?;
+                // The budget first (it may wait for hosts to come back); the wave's clock
+                // starts once its hosts are given the release.
+                match self.fit_wave_to_budget(idx).await? {
+                    Fit::Go => self.begin_wave(idx).await?,
+                    Fit::Spent => {}
+                    Fit::Aborted(actor) => return self.aborted(actor).await,
+                }
             } else {
                 self.emit(format!(
                     "{}: continuing after a controller restart",
                     self.wave_label(idx)
                 ));
             }
+            let started = Instant::now();
             let wave_deadline = self.wave_deadline(idx)?;
             match self.wait_wave(idx, started + wave_deadline).await {
                 WaitEnd::Aborted(actor) => return self.aborted(actor).await,
@@ -815,10 +831,22 @@ impl Executor {
             rollout_id: self.record.id.clone(),
             updated_unix_ms: self.record.finished_unix_ms,
             updated_by: self.record.started_by.clone(),
+            seq: self.record.seq,
         };
-        self.fleet
-            .complete_rollout(&self.record, deployment)
-            .await?;
+        // A rollback moves its deployment back; one of an app that has no deployment (its hosts
+        // ran it before deployments existed) leaves none: that would select every host.
+        let key = DeploymentRecord::key(&deployment.app, &deployment.selector);
+        let moves_a_deployment = !self.record.is_rollback
+            || self
+                .fleet
+                .deployments(Some(&self.record.app))?
+                .iter()
+                .any(|d| DeploymentRecord::key(&d.app, &d.selector) == key);
+        if moves_a_deployment {
+            self.fleet
+                .complete_rollout(&self.record, deployment)
+                .await?;
+        }
         self.finish(line).await;
         Ok(())
     }
@@ -915,30 +943,37 @@ impl Executor {
                 continue;
             };
             let instance = self.fleet.instance(&name, &self.record.app);
-            if let Some(why) =
-                budget::unavailable(&host, instance.as_ref(), self.fleet.is_lost(&host))
-            {
+            if let Some(why) = budget::unavailable(
+                &host,
+                &self.record.app,
+                instance.as_ref(),
+                self.fleet.is_lost(&host),
+            ) {
                 down.push(format!("{name}: {why}"));
             }
         }
         Ok(down)
     }
 
-    /// Shrinks wave `idx` to what the unavailability budget leaves, moving the rest into a new
-    /// wave after it; while it leaves nothing, waits for hosts to come back, until the wave's
-    /// deadline. Returns false when the budget stayed spent (the wave's hosts are then failed).
-    async fn fit_wave_to_budget(&mut self, idx: usize) -> Result<bool, StoreError> {
+    /// Shrinks wave `idx` to what an explicit unavailability budget (`--max-unavailable`)
+    /// leaves, moving the rest into a new wave after it (never splitting the canary, which is
+    /// waited for whole); while it leaves nothing, waits for hosts to come back until the
+    /// wave's deadline, or an abort. `Spent` when the budget stayed spent: the wave's hosts are
+    /// then failed, and the rollout halts.
+    async fn fit_wave_to_budget(&mut self, idx: usize) -> Result<Fit, StoreError> {
         let budget = self.record.max_unavailable as usize;
-        if budget == 0 {
-            return Ok(true);
+        if budget == 0 || self.record.policy.max_unavailable.is_none() {
+            return Ok(Fit::Go);
         }
+        let is_canary = idx == 0 && self.record.policy.canary > 0 && !self.record.is_rollback;
         let until = tokio::time::Instant::now() + self.wave_deadline(idx)?;
         let mut changes = self.fleet.changes();
         loop {
             changes.borrow_and_update();
             let down = self.down_outside_wave(idx)?;
             let room = budget::room(budget, down.len());
-            if room > 0 {
+            let fits_whole = room >= self.record.waves[idx].hosts.len();
+            if room > 0 && (fits_whole || !is_canary) {
                 let wave = &mut self.record.waves[idx];
                 if wave.hosts.len() > room {
                     let rest = wave.hosts.split_off(room);
@@ -956,11 +991,12 @@ impl Executor {
                         down.join(", ")
                     ));
                 }
-                return Ok(true);
+                return Ok(Fit::Go);
             }
             let waited = tokio::select! {
                 _ = changes.changed() => true,
                 _ = tokio::time::sleep_until(until) => false,
+                actor = abort_requested(&mut self.control) => return Ok(Fit::Aborted(actor)),
             };
             if !waited {
                 let why = format!(
@@ -973,15 +1009,12 @@ impl Executor {
                 }
                 self.record.waves[idx].state = WaveState::Running;
                 self.save().await?;
-                return Ok(false);
+                return Ok(Fit::Spent);
             }
         }
     }
 
     async fn begin_wave(&mut self, idx: usize) -> Result<(), StoreError> {
-        if !self.fit_wave_to_budget(idx).await? {
-            return Ok(());
-        }
         let app = self.record.app.clone();
         let mut names = Vec::with_capacity(self.record.waves[idx].hosts.len());
         let mut skipped = Vec::new();
@@ -993,6 +1026,7 @@ impl Executor {
                 continue;
             };
             entry.previous_version = host.desired.get(&app).map(|d| d.version.clone());
+            entry.previous_deployment = host.desired.get(&app).and_then(|d| d.deployment.clone());
             if host.drain.is_some() {
                 entry.result = HostResult::Skipped;
                 entry.message = "host is drained".to_string();
@@ -1215,11 +1249,17 @@ impl Executor {
             self.finish(line).await;
             return Ok(());
         }
-        let previous: HashMap<String, Option<String>> = touched
+        let previous: HashMap<String, (Option<String>, Option<String>)> = touched
             .iter()
             .map(|&(w, h)| {
                 let entry = &self.record.waves[w].hosts[h];
-                (entry.host.clone(), entry.previous_version.clone())
+                (
+                    entry.host.clone(),
+                    (
+                        entry.previous_version.clone(),
+                        entry.previous_deployment.clone(),
+                    ),
+                )
             })
             .collect();
         let names: Vec<String> = previous.keys().cloned().collect();
@@ -1233,8 +1273,9 @@ impl Executor {
         self.fleet
             .update_hosts(
                 &names,
-                |host| match previous.get(&host.name).cloned().flatten() {
-                    Some(version) => {
+                |host| match previous.get(&host.name).cloned() {
+                    // Back to what it ran, as it was given (by a deployment or not).
+                    Some((Some(version), deployment)) => {
                         host.desired.insert(
                             app.clone(),
                             Desired {
@@ -1244,14 +1285,11 @@ impl Executor {
                                 smoke_timeout_ms: 0,
                                 run_release_hook: false,
                                 min_healthy_ms: None,
-                                deployment: Some(DeploymentRecord::key(
-                                    &app,
-                                    &snapshot.policy.selector,
-                                )),
+                                deployment,
                             },
                         );
                     }
-                    None => {
+                    _ => {
                         host.desired.remove(&app);
                     }
                 },

@@ -246,6 +246,7 @@ mod tests {
                         .map(|(i, result)| WaveHost {
                             host: format!("h{i}"),
                             previous_version: None,
+                            previous_deployment: None,
                             result: *result,
                             message: String::new(),
                         })

@@ -344,7 +344,7 @@ impl Store {
             .into_iter()
             .filter(|d: &DeploymentRecord| app.is_none_or(|app| d.app == app))
             .collect();
-        deployments.sort_by_key(|d| std::cmp::Reverse(d.updated_unix_ms));
+        deployments.sort_by_key(|d| std::cmp::Reverse((d.seq, d.updated_unix_ms)));
         Ok(deployments)
     }
 
