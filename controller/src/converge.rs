@@ -68,9 +68,19 @@ pub fn wanted(
             deployment: d.selector_text(),
             key: DeploymentRecord::key(&d.app, &d.selector),
         },
-        // Only what a deployment gave is taken away when none selects the host any more; what
-        // was set before deployments existed stays.
-        None if desired.is_some_and(|d| d.deployment.is_some()) => Want::Remove,
+        // Only what a deployment that exists gave is taken away when none selects the host any
+        // more; what was set before deployments existed, or by a rollout that never completed
+        // its deployment, stays.
+        None if desired
+            .and_then(|d| d.deployment.as_deref())
+            .is_some_and(|key| {
+                deployments
+                    .iter()
+                    .any(|d| DeploymentRecord::key(&d.app, &d.selector) == key)
+            }) =>
+        {
+            Want::Remove
+        }
         None => Want::Keep,
     }
 }
@@ -422,6 +432,21 @@ mod tests {
         };
         assert_eq!(
             wanted(&labels("env=dev"), Some(&legacy), &newest_first, None),
+            Want::Keep
+        );
+        // Given for a deployment that never came to exist (its rollout failed, was aborted,
+        // rolled back): kept.
+        let never = Desired {
+            deployment: Some("web/env=dev".into()),
+            ..desired("0.1")
+        };
+        assert_eq!(
+            wanted(
+                &labels("env=dev"),
+                Some(&never),
+                &newest_first,
+                Some(RolloutState::RolledBack)
+            ),
             Want::Keep
         );
         // The most recently updated deployment that matches wins.
