@@ -10,7 +10,7 @@
 //! changed is the rollout's; any other host converges to the deployment's current release, and
 //! the rollout takes it later like any other host. A host that a failed (no auto-rollback) or
 //! aborted rollout left on its release stays held there, shown as drift, until the next rollout
-//! of its deployment.
+//! of its deployment; one that a rolled-back rollout put back stays as it was before it.
 
 use crate::fleet_state::{FleetState, InstanceStatus};
 use crate::model::{DeploymentRecord, Desired, HostRecord, RolloutState};
@@ -51,10 +51,16 @@ pub fn wanted(
         return Want::Keep;
     }
     // Under way: the rollout owns the host. Halted without rollback, or aborted: held there.
+    // Rolled back: back as it was before that rollout, held or not, until the next one.
     if matches!(
         set_by,
-        Some(RolloutState::Running | RolloutState::Paused | RolloutState::Failed)
-            | Some(RolloutState::Aborted)
+        Some(
+            RolloutState::Running
+                | RolloutState::Paused
+                | RolloutState::Failed
+                | RolloutState::Aborted
+                | RolloutState::RolledBack
+        )
     ) {
         return Want::Keep;
     }
@@ -408,13 +414,13 @@ mod tests {
                 Some(Aborted),
                 Want::Keep,
             ),
-            // Rolled back to another release than the deployment's: converge.
+            // Rolled back: as it was before that rollout (here held on 1.0), until the next one.
             (
                 "env=prod",
                 Some("1.0"),
                 &newest_first,
                 Some(RolledBack),
-                set("1.1", "env=prod"),
+                Want::Keep,
             ),
         ];
         for (host_labels, runs, deployments, state, expect) in cases {
