@@ -290,12 +290,7 @@ async fn converge_once(fleet: &FleetState, rollouts: &Rollouts) -> Result<(), St
 mod tests {
     use super::*;
 
-    fn labels(text: &str) -> BTreeMap<String, String> {
-        fleet_proto::names::parse_labels(text)
-            .unwrap()
-            .into_iter()
-            .collect()
-    }
+    use crate::fleet_state::tests::labels;
 
     fn deployment(selector: &str, version: &str) -> DeploymentRecord {
         DeploymentRecord {

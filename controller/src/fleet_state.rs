@@ -943,11 +943,7 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
     if labels.is_empty() {
         return "(none)".to_string();
     }
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    fleet_proto::names::format_labels(labels)
 }
 
 /// The labels a connecting host gets, and whether its own claim was ignored. A host's labels
@@ -969,10 +965,11 @@ pub fn labels_on_connect(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn labels(text: &str) -> BTreeMap<String, String> {
+    /// `k=v,...` as a label map (tests of other modules use it too).
+    pub(crate) fn labels(text: &str) -> BTreeMap<String, String> {
         fleet_proto::names::parse_labels(text)
             .unwrap()
             .into_iter()

@@ -324,8 +324,7 @@ pub struct DeploymentRecord {
 impl DeploymentRecord {
     /// The store key: one deployment per app and selector.
     pub fn key(app: &str, selector: &BTreeMap<String, String>) -> String {
-        let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        format!("{app}/{}", selector.join(","))
+        format!("{app}/{}", fleet_proto::names::format_labels(selector))
     }
 
     /// `env=prod,zone=a`, or `(every host)`.
@@ -333,12 +332,7 @@ impl DeploymentRecord {
         if self.selector.is_empty() {
             return "(every host)".to_string();
         }
-        let parts: Vec<String> = self
-            .selector
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        parts.join(",")
+        fleet_proto::names::format_labels(&self.selector)
     }
 }
 

@@ -535,11 +535,7 @@ pub async fn recover(
 }
 
 fn selector_text(selector: &std::collections::BTreeMap<String, String>) -> String {
-    selector
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    fleet_proto::names::format_labels(selector)
 }
 
 fn deployments_text(deployments: &[DeploymentRecord]) -> String {

@@ -616,9 +616,7 @@ pub async fn replace(ctx: &Context, config_dir: &Path, args: &ReplaceArgs) -> Re
     // NEW takes OLD's labels unless told otherwise: it joins the same deployments.
     let mut flags = args.flags.clone();
     if flags.labels.is_none() && !old.labels.is_empty() {
-        let mut labels: Vec<String> = old.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        labels.sort();
-        flags.labels = Some(labels.join(","));
+        flags.labels = Some(output::labels(&old.labels));
     }
     let prepared = prepare(ctx, config_dir, vec![TargetSpec::new(address)], &flags).await?;
     let new_name = prepared.jobs[0].host_name.clone();

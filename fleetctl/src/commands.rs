@@ -301,13 +301,10 @@ pub fn render_deployments(deployments: &[pb::Deployment], now: i64) -> String {
     ]);
     let mut drift = Vec::new();
     for d in deployments {
-        let mut selector: Vec<String> =
-            d.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        selector.sort();
-        let selector = if selector.is_empty() {
+        let selector = if d.selector.is_empty() {
             "(every host)".to_string()
         } else {
-            selector.join(",")
+            output::labels(&d.selector)
         };
         table.row(vec![
             d.app.clone(),

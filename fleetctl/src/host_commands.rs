@@ -110,15 +110,13 @@ pub async fn label(ctx: &Context, host: &str, changes: &[LabelChanges]) -> Resul
     if ctx.json() {
         output::print_json(&snapshot);
     } else {
-        let labels: std::collections::BTreeMap<_, _> = snapshot.labels.iter().collect();
-        let text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
             "{} has labels {}",
             snapshot.name,
-            if text.is_empty() {
+            if snapshot.labels.is_empty() {
                 "(none)".to_string()
             } else {
-                text.join(",")
+                output::labels(&snapshot.labels)
             }
         );
     }

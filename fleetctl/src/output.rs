@@ -177,13 +177,7 @@ pub fn short_digest(digest: &str) -> String {
 
 /// Labels as `k=v,k2=v2`, sorted by key so the output is stable.
 pub fn labels<'a>(pairs: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
-    let mut pairs: Vec<_> = pairs.into_iter().collect();
-    pairs.sort();
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    fleet_proto::names::format_labels(pairs)
 }
 
 /// The state an instance report names, `None` when it names none this build knows.

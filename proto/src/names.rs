@@ -85,6 +85,18 @@ pub fn parse_labels(text: &str) -> Result<Vec<(String, String)>, NameError> {
     Ok(labels)
 }
 
+/// Labels (or a selector) as `k=v,k2=v2`, sorted by key: the one text form, the reverse of
+/// [`parse_labels`].
+pub fn format_labels<'a>(pairs: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+    let mut pairs: Vec<_> = pairs.into_iter().collect();
+    pairs.sort();
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Checks one label pair.
 pub fn check_label(key: &str, value: &str) -> Result<(), NameError> {
     let key_ok = check_dns_name("label", key).is_ok();
