@@ -53,6 +53,30 @@ pub fn room(budget: usize, down: usize) -> usize {
     budget.saturating_sub(down)
 }
 
+/// What the budget lets a wave of `wave_len` hosts do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaveFit {
+    /// Go, all of it.
+    Whole,
+    /// Go with the first this many hosts; the rest become the next wave.
+    Shrink(usize),
+    /// Nothing may go down now: wait for hosts to come back.
+    Wait,
+}
+
+/// The wave's fit, with `down` selected hosts outside it unavailable. The canary is never
+/// split (the pause after it, and its hook, belong to the whole of it): it waits instead.
+pub fn fit(budget: usize, down: usize, wave_len: usize, is_canary: bool) -> WaveFit {
+    let room = room(budget, down);
+    if room >= wave_len {
+        WaveFit::Whole
+    } else if room == 0 || is_canary {
+        WaveFit::Wait
+    } else {
+        WaveFit::Shrink(room)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +95,21 @@ mod tests {
         }
         for (budget, down, expect) in [(2, 1, 1), (2, 2, 0), (2, 5, 0), (4, 0, 4)] {
             assert_eq!(room(budget, down), expect);
+        }
+        // (budget, down outside the wave, wave size, is the canary) -> fit
+        for (budget, down, len, canary, expect) in [
+            (2, 0, 2, false, WaveFit::Whole),
+            (2, 1, 2, false, WaveFit::Shrink(1)),
+            (2, 2, 2, false, WaveFit::Wait),
+            (2, 1, 2, true, WaveFit::Wait),
+            (2, 1, 1, true, WaveFit::Whole),
+            (5, 0, 3, true, WaveFit::Whole),
+        ] {
+            assert_eq!(
+                fit(budget, down, len, canary),
+                expect,
+                "{budget} {down} {len} {canary}"
+            );
         }
     }
 

@@ -967,12 +967,11 @@ impl Executor {
         loop {
             changes.borrow_and_update();
             let down = self.down_outside_wave(idx)?;
-            let room = budget::room(budget, down.len());
-            let fits_whole = room >= self.record.waves[idx].hosts.len();
-            if room > 0 && (fits_whole || !is_canary) {
-                let wave = &mut self.record.waves[idx];
-                if wave.hosts.len() > room {
-                    let rest = wave.hosts.split_off(room);
+            let wave_len = self.record.waves[idx].hosts.len();
+            match budget::fit(budget, down.len(), wave_len, is_canary) {
+                budget::WaveFit::Whole => return Ok(Fit::Go),
+                budget::WaveFit::Shrink(room) => {
+                    let rest = self.record.waves[idx].hosts.split_off(room);
                     self.record.waves.insert(
                         idx + 1,
                         Wave {
@@ -986,8 +985,9 @@ impl Executor {
                         down.len(),
                         down.join(", ")
                     ));
+                    return Ok(Fit::Go);
                 }
-                return Ok(Fit::Go);
+                budget::WaveFit::Wait => {}
             }
             let waited = tokio::select! {
                 _ = changes.changed() => true,
