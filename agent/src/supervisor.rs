@@ -381,19 +381,27 @@ impl AppTask {
                 digest_hex(&assignment.artifact_digest),
             )
             .is_dir();
-        // Starting removes the app's current instance directory before it copies the release.
         let need = crate::disk::Need::of(
             assignment.artifact_size,
             assignment.unpacked_size,
             cached,
             unpacked,
-        )
-        .replacing(crate::disk::tree_bytes(
-            &self.context.layout.instance_dir(&self.app),
-        ));
+        );
         let root = self.context.layout.root().to_path_buf();
-        match crate::disk::free_bytes(&root) {
-            Ok(free) => {
+        let instance_dir = self.context.layout.instance_dir(&self.app);
+        // A walk of the instance directory and a statvfs: off the agent's one runtime thread.
+        let measured = tokio::task::spawn_blocking({
+            let root = root.clone();
+            // Starting removes the app's current instance directory before it copies the
+            // release: those bytes come back.
+            move || {
+                crate::disk::free_bytes(&root)
+                    .map(|free| (need.replacing(crate::disk::tree_bytes(&instance_dir)), free))
+            }
+        })
+        .await;
+        match measured {
+            Ok(Ok((need, free))) => {
                 if let Some(why) =
                     crate::disk::shortfall(&self.context.host_name, &root, &need, free)
                 {
@@ -401,7 +409,8 @@ impl AppTask {
                     return None;
                 }
             }
-            Err(e) => tracing::warn!("cannot tell the free space of {}: {e}", root.display()),
+            Ok(Err(e)) => tracing::warn!("cannot tell the free space of {}: {e}", root.display()),
+            Err(e) => tracing::warn!("the free-space check crashed: {e}"),
         }
         let artifact = match fetcher.cached(&assignment.artifact_digest) {
             Some(path) => {
