@@ -6,22 +6,14 @@
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::{http, wait_for};
+use serde_json::Value;
 use std::time::Duration;
 
 const PAUSE_MS: i64 = 10_000;
 
-#[test]
-fn a_rollout_survives_a_controller_crash_and_keeps_its_canary_pause() {
-    let mut fleet = Fleet::start(3);
-    fleet.create_web_releases(&["1.0.0", "1.1.0"]);
-    fleet
-        .ctl(&[
-            "rollout", "web", "1.0.0", "--canary", "1", "--batch", "100%",
-        ])
-        .expect_code(0);
-    fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
-
-    let pause = format!("{}s", PAUSE_MS / 1000);
+/// Starts `rollout web 1.1.0 --canary 1 --batch 100% --pause-after-canary PAUSE --detach` and
+/// waits until the canary passed and the pause began; the started rollout and the pause's end.
+fn roll_out_1_1_0_and_wait_for_the_canary_pause(fleet: &Fleet, pause: &str) -> (Value, i64) {
     let started = fleet
         .ctl(&[
             "rollout",
@@ -32,7 +24,7 @@ fn a_rollout_survives_a_controller_crash_and_keeps_its_canary_pause() {
             "--batch",
             "100%",
             "--pause-after-canary",
-            &pause,
+            pause,
             "--detach",
         ])
         .expect_code(0)
@@ -48,6 +40,23 @@ fn a_rollout_survives_a_controller_crash_and_keeps_its_canary_pause() {
                 .filter(|&until| until > 0)
         },
     );
+    (started, hold_until)
+}
+
+#[test]
+fn a_rollout_survives_a_controller_crash_and_keeps_its_canary_pause() {
+    let mut fleet = Fleet::start(3);
+    fleet.create_web_releases(&["1.0.0", "1.1.0"]);
+    fleet
+        .ctl(&[
+            "rollout", "web", "1.0.0", "--canary", "1", "--batch", "100%",
+        ])
+        .expect_code(0);
+    fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
+
+    let (started, hold_until) =
+        roll_out_1_1_0_and_wait_for_the_canary_pause(&fleet, &format!("{}s", PAUSE_MS / 1000));
+    let id = started["id"].as_str().expect("a rollout id").to_string();
     let canary = started["waves"][0]["hosts"][0]["host"]
         .as_str()
         .expect("the canary host")
@@ -102,32 +111,8 @@ fn a_controller_asked_to_stop_mid_rollout_stops_its_rollout_within_the_grace() {
     fleet
         .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
         .expect_code(0);
-    let started = fleet
-        .ctl(&[
-            "rollout",
-            "web",
-            "1.1.0",
-            "--canary",
-            "1",
-            "--batch",
-            "100%",
-            "--pause-after-canary",
-            "4s",
-            "--detach",
-        ])
-        .expect_code(0)
-        .json;
+    let (started, _) = roll_out_1_1_0_and_wait_for_the_canary_pause(&fleet, "4s");
     let id = started["id"].as_str().expect("a rollout id").to_string();
-    wait_for(
-        Duration::from_secs(20),
-        "the canary to pass and the canary pause to begin",
-        || {
-            let rollout = fleet.ctl_ok(&["rollout", "status", &id]);
-            rollout["hold_until_unix_ms"]
-                .as_i64()
-                .filter(|&until| until > 0)
-        },
-    );
 
     // The grace is 5 s; a controller that waited on its executors to the end would take the
     // whole pause and more.
