@@ -335,10 +335,10 @@ const AGENT_SERVICE_PREFIX: &str = "/fleet.v1.AgentService/";
 pub enum Caller {
     /// No client certificate.
     Anonymous,
-    /// An agent certificate, not revoked, and the host it names.
-    Agent(String),
+    /// An agent certificate, not revoked, and who it names.
+    Agent(fleet_pki::Identity),
     /// An operator's or CI's certificate, not revoked.
-    Client,
+    Client(fleet_pki::Identity),
     /// A certificate that was revoked or cannot be read, and why.
     Refused(String),
 }
@@ -414,9 +414,10 @@ where
                 "this call needs a client certificate from the fleet's CA: use the directory written by `fleetctl init` or `fleetctl credentials create` (--config-dir DIR)",
             )),
             Caller::Refused(why) => Some(tonic::Status::unauthenticated(why.clone())),
-            Caller::Agent(host) if !path.starts_with(AGENT_SERVICE_PREFIX) => {
+            Caller::Agent(identity) if !path.starts_with(AGENT_SERVICE_PREFIX) => {
                 Some(tonic::Status::permission_denied(format!(
-                    "this call needs the admin or deployer role; your credential `{host}` has role agent, which may call the agent service only"
+                    "this call needs the admin or deployer role; your credential `{}` has role agent, which may call the agent service only",
+                    identity.name
                 )))
             }
             _ => None,
@@ -426,6 +427,11 @@ where
         }
         let authenticated = caller != Caller::Anonymous;
         let cap = (!authenticated).then_some(limits.anonymous_request_bytes);
+        let mut request = request;
+        // Read and checked once: `auth::require` takes the identity from here.
+        if let Caller::Agent(identity) | Caller::Client(identity) = caller {
+            request.extensions_mut().insert(identity);
+        }
         let request = request.map(|body| {
             tonic::body::Body::new(GuardedBody::new(body, limits.message_deadline, cap))
         });

@@ -36,19 +36,11 @@ pub fn require<T>(
     request: &Request<T>,
     needed: Role,
 ) -> Result<Identity, Status> {
-    let certs = request.peer_certs();
-    let Some(leaf) = certs.as_ref().and_then(|certs| certs.first()) else {
-        return Err(Status::unauthenticated(
-            "this call needs a client certificate from the fleet's CA: use the directory written by `fleetctl init` or `fleetctl credentials create` (--config-dir DIR)",
-        ));
+    let identity = match request.extensions().get::<Identity>() {
+        // The edge read it and checked it is not revoked, for this very request.
+        Some(identity) => identity.clone(),
+        None => identity_of(fleet, request)?,
     };
-    let identity =
-        Identity::from_der(leaf.as_ref()).map_err(|e| Status::unauthenticated(unreadable(e)))?;
-    match fleet.is_revoked(&identity.serial) {
-        Ok(false) => {}
-        Ok(true) => return Err(Status::unauthenticated(revoked(&identity))),
-        Err(e) => return Err(store_status(e)),
-    }
     if !identity.role.grants(needed) {
         return Err(Status::permission_denied(format!(
             "this call needs the {} role; your credential `{}` has role {}",
@@ -58,6 +50,24 @@ pub fn require<T>(
         )));
     }
     Ok(identity)
+}
+
+/// The identity in the request's client certificate, refused when there is none, it cannot be
+/// read, or it was revoked.
+fn identity_of<T>(fleet: &FleetState, request: &Request<T>) -> Result<Identity, Status> {
+    let certs = request.peer_certs();
+    let Some(leaf) = certs.as_ref().and_then(|certs| certs.first()) else {
+        return Err(Status::unauthenticated(
+            "this call needs a client certificate from the fleet's CA: use the directory written by `fleetctl init` or `fleetctl credentials create` (--config-dir DIR)",
+        ));
+    };
+    let identity =
+        Identity::from_der(leaf.as_ref()).map_err(|e| Status::unauthenticated(unreadable(e)))?;
+    match fleet.is_revoked(&identity.serial) {
+        Ok(false) => Ok(identity),
+        Ok(true) => Err(Status::unauthenticated(revoked(&identity))),
+        Err(e) => Err(store_status(e)),
+    }
 }
 
 fn revoked(identity: &Identity) -> String {
@@ -73,20 +83,28 @@ fn unreadable(e: impl std::fmt::Display) -> String {
 
 /// Who presents a client certificate (DER, verified against the fleet CA), for the edge to
 /// refuse a revoked or unreadable one, and an agent's outside the agent service, before any
-/// request body is read. A store that cannot be read lets the call through to
-/// [`require`], which reports it.
+/// request body is read; a store that cannot be read refuses it too (fail closed). The identity
+/// it returns travels with the request, so [`require`] does not read the certificate again.
 pub fn classify(fleet: &FleetState, der: &[u8]) -> crate::edge::Caller {
     use crate::edge::Caller;
     let identity = match Identity::from_der(der) {
         Ok(identity) => identity,
         Err(e) => return Caller::Refused(unreadable(e)),
     };
-    if fleet.is_revoked(&identity.serial).unwrap_or(false) {
-        return Caller::Refused(revoked(&identity));
+    match fleet.is_revoked(&identity.serial) {
+        Ok(false) => {}
+        Ok(true) => return Caller::Refused(revoked(&identity)),
+        // Fail closed: nothing is let through unchecked.
+        Err(e) => {
+            tracing::error!("{e}");
+            return Caller::Refused(format!(
+                "the controller cannot check this certificate against its revoked list ({e}): its data directory may be damaged or full; try again, and tell its operator"
+            ));
+        }
     }
     if identity.role == Role::Agent {
-        Caller::Agent(identity.name)
+        Caller::Agent(identity)
     } else {
-        Caller::Client
+        Caller::Client(identity)
     }
 }
