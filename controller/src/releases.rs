@@ -59,6 +59,18 @@ impl From<ArtifactStoreError> for ReleaseError {
     }
 }
 
+/// Refuses a variable whose name is not letters, digits and '_' or whose value holds a NUL or
+/// is over `max` bytes. The value is never quoted (it may be a secret).
+fn check_variable(what: &str, key: &str, value: &str, max: usize) -> Result<(), ReleaseError> {
+    if names::check_env_key(key) && !value.contains('\0') && value.len() <= max {
+        return Ok(());
+    }
+    Err(ReleaseError::Invalid(format!(
+        "{what} {} is invalid: names are letters, digits and '_', values at most {max} bytes without NUL",
+        names::quoted(key)
+    )))
+}
+
 /// What a release is to be, checked.
 #[derive(Debug, Clone)]
 pub struct NewRelease {
@@ -81,29 +93,12 @@ impl NewRelease {
         names::check_version(&version).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
         let mut checked = BTreeMap::new();
         for (key, value) in env {
-            if !names::check_env_key(&key)
-                || value.contains('\0')
-                || value.len() > MAX_ENV_VALUE_BYTES
-            {
-                return Err(ReleaseError::Invalid(format!(
-                    "environment variable {} is invalid: names are letters, digits and '_', values at most {MAX_ENV_VALUE_BYTES} bytes",
-                    names::quoted(&key)
-                )));
-            }
+            check_variable("environment variable", &key, &value, MAX_ENV_VALUE_BYTES)?;
             checked.insert(key, value);
         }
         let mut checked_secrets = Secrets::default();
         for (key, value) in secrets {
-            if !names::check_env_key(&key)
-                || value.contains('\0')
-                || value.len() > MAX_SECRET_VALUE_BYTES
-            {
-                // The value is not quoted: it is a secret.
-                return Err(ReleaseError::Invalid(format!(
-                    "secret {} is invalid: names are letters, digits and '_', values at most {MAX_SECRET_VALUE_BYTES} bytes without NUL",
-                    names::quoted(&key)
-                )));
-            }
+            check_variable("secret", &key, &value, MAX_SECRET_VALUE_BYTES)?;
             if checked.contains_key(&key) {
                 return Err(ReleaseError::Invalid(format!(
                     "{} is both an environment variable and a secret: give it once",
