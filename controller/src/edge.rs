@@ -446,7 +446,7 @@ where
             match tokio::time::timeout(limits.anonymous_call, call).await {
                 Ok(result) => result,
                 Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
-                    "a call without a client certificate must finish within {:?}",
+                    "a call without a client certificate must finish within {:?}: send the whole request at once (a join is a few kilobytes)",
                     limits.anonymous_call
                 ))
                 .into_http()),

@@ -996,7 +996,7 @@ impl Executor {
             };
             if !waited {
                 let why = format!(
-                    "not started: --max-unavailable {budget} is spent by {}",
+                    "not started: --max-unavailable {budget} is spent by {}; bring those hosts back, or roll out again with a larger budget",
                     down.join(", ")
                 );
                 for entry in &mut self.record.waves[idx].hosts {
