@@ -1,7 +1,7 @@
 //! The release hook (`[hooks] release` in `fleet.toml`): a command run once per rollout, on the
 //! first host that takes the release, before its instance starts — a database migration, say.
-//! It runs in a fresh copy of the release (`DATA/hooks/<app>`, removed afterwards) with the
-//! instance's environment, its output appended to the app's log, in its own process group so
+//! It runs in a fresh copy of the release (`DATA/hooks/<app>`, removed afterwards) as the app's
+//! user with the instance's environment, its output appended to the app's log, in its own process group so
 //! a timeout kills all of it. A hook that fails or times out fails the deploy on that host
 //! before the old instance is touched.
 
@@ -31,8 +31,12 @@ pub async fn run_release_hook(
         return Ok("no release hook".to_string());
     };
     let hook_dir = layout.root().join("hooks").join(&vars.app);
-    let (from, to) = (release_dir.to_path_buf(), hook_dir.clone());
-    tokio::task::spawn_blocking(move || prepare_from_origin(&from, &to))
+    let (from, to, run_as) = (
+        release_dir.to_path_buf(),
+        hook_dir.clone(),
+        vars.run_as.clone(),
+    );
+    tokio::task::spawn_blocking(move || prepare_from_origin(&from, &to, &run_as))
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         .map_err(|e| {
@@ -54,9 +58,7 @@ async fn run_in(
     vars: &InstanceVars,
     timeout: Duration,
 ) -> Result<String, String> {
-    // A migration keeps its data in the app's lasting directory.
-    std::fs::create_dir_all(&vars.state_dir)
-        .map_err(|e| format!("cannot make {}: {e}", vars.state_dir.display()))?;
+    // A migration keeps its data in the app's lasting directory, which the supervisor made.
     let env = instance_env(vars, manifest);
     let command: Vec<String> = hook.iter().map(|arg| substitute(arg, &env)).collect();
     let log_path = layout.log_file(&vars.app);
@@ -68,7 +70,9 @@ async fn run_in(
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))
     };
     let (stdout, stderr) = (open_log()?, open_log()?);
-    let mut child = tokio::process::Command::new(resolve_program(&command[0], dir))
+    let mut child = tokio::process::Command::new(resolve_program(&command[0], dir));
+    vars.run_as.apply(&mut child);
+    let mut child = child
         .args(&command[1..])
         .current_dir(dir)
         .env_clear()

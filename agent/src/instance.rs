@@ -1,8 +1,11 @@
 //! One app instance as a process: started from origin state and stopped gracefully.
 //!
-//! Start from origin: `DATA/instances/<app>` is wiped and the release directory copied into it
-//! afresh on *every* start, so nothing an earlier instance wrote survives. The command runs in
-//! that directory, in its own process group (its pid is the group id), with stdin closed and
+//! Start from origin: `DATA/instances/<app>` is wiped and made afresh from the release directory
+//! on *every* start, so nothing an earlier instance wrote survives: for an app that runs as a
+//! user of its own (a root agent, see [`crate::app_user`]), of hard links to the release's
+//! files, which the app can read but not change, so a start costs the same for any release
+//! size; for an agent that is not root, a copy. The command runs in that directory, as the
+//! app's user, in its own process group (its pid is the group id), with stdin closed and
 //! stdout and stderr appended to `DATA/logs/<app>.log`. A relative `command[0]` is resolved
 //! inside the instance directory (a bare name that is not there is looked up on `PATH`), and
 //! `${VAR}` in the arguments is replaced from the instance environment.
@@ -16,6 +19,7 @@
 //! leader to exit, then SIGKILL to the group. Leftover processes that still carry the token in
 //! their environment are SIGKILLed one by one; a pid is never signalled on a guess.
 
+use crate::app_user::RunAs;
 use crate::model::DataLayout;
 use crate::state::{SavedInstance, INSTANCE_ID_VAR};
 use fleet_proto::manifest::{substitute, Manifest, StopSignal};
@@ -49,6 +53,8 @@ pub enum InstanceError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the app runs as uid {uid}, which cannot reach its instance directory: {closed} is not searchable by other users; make it so (chmod o+x), or give the agent a data directory under searchable directories (like /var/lib/fleet-agent)")]
+    Unreachable { uid: u32, closed: PathBuf },
     #[error("cannot start {program:?}: {source}")]
     Spawn {
         program: String,
@@ -69,6 +75,8 @@ pub struct InstanceVars {
     pub secrets: fleet_proto::secrets::Secrets,
     /// `FLEET_STATE_DIR`, the app's lasting directory (absolute).
     pub state_dir: PathBuf,
+    /// Who the instance, its release hook and its exec checks run as.
+    pub run_as: RunAs,
 }
 
 /// The variables an instance sees (without its token and its secrets): what `${VAR}` in a
@@ -124,14 +132,68 @@ pub fn resolve_program(program: &str, dir: &Path) -> PathBuf {
     }
 }
 
-/// Wipes `instance_dir` and copies `release_dir` into it. Blocking.
-pub fn prepare_from_origin(release_dir: &Path, instance_dir: &Path) -> std::io::Result<()> {
+/// Wipes `instance_dir` and fills it afresh from `release_dir`, for `run_as`. Blocking.
+///
+/// For another user (a root agent): the directories are made anew, owned by that user (0700);
+/// every file is a hard link to the release's own file, which is owned by root and the app's
+/// group, 0640 (0750 when executable). The app can read and run its files, and remove or
+/// replace them, but not change their bytes, which the release and every later start share.
+/// No byte is copied, whatever the release's size; where a link cannot be made (another file
+/// system), a copy with the same owner and mode. For the agent's own user, a copy: a link
+/// would let the app change the release itself.
+pub fn prepare_from_origin(
+    release_dir: &Path,
+    instance_dir: &Path,
+    run_as: &RunAs,
+) -> std::io::Result<()> {
     match std::fs::remove_dir_all(instance_dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    copy_tree(release_dir, instance_dir)
+    match run_as.ids() {
+        Some((uid, gid)) => link_tree(release_dir, instance_dir, uid, gid),
+        None => copy_tree(release_dir, instance_dir),
+    }
+}
+
+fn link_tree(from: &Path, to: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
+    std::fs::create_dir(to)?;
+    lchown(to, Some(uid), Some(gid))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&source)?, &target)?;
+            lchown(&target, Some(uid), Some(gid))?;
+        } else if kind.is_dir() {
+            link_tree(&source, &target, uid, gid)?;
+        } else if kind.is_file() {
+            // The release's file, as shipped, for the app's group only: root owns it.
+            let meta = entry.metadata()?;
+            let mode = if meta.mode() & 0o111 != 0 {
+                0o750
+            } else {
+                0o640
+            };
+            if meta.uid() != 0 || meta.gid() != gid {
+                lchown(&source, Some(0), Some(gid))?;
+            }
+            if meta.mode() & 0o7777 != mode {
+                std::fs::set_permissions(&source, std::fs::Permissions::from_mode(mode))?;
+            }
+            if std::fs::hard_link(&source, &target).is_err() {
+                std::fs::copy(&source, &target)?;
+                lchown(&target, Some(0), Some(gid))?;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -202,20 +264,26 @@ impl Instance {
     ) -> Result<Instance, InstanceError> {
         let instance_dir = std::path::absolute(layout.instance_dir(&vars.app))
             .unwrap_or_else(|_| layout.instance_dir(&vars.app));
-        let (from, to) = (release_dir.to_path_buf(), instance_dir.clone());
-        tokio::task::spawn_blocking(move || prepare_from_origin(&from, &to))
+        let (from, to, run_as) = (
+            release_dir.to_path_buf(),
+            instance_dir.clone(),
+            vars.run_as.clone(),
+        );
+        tokio::task::spawn_blocking(move || prepare_from_origin(&from, &to, &run_as))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(|source| InstanceError::Prepare {
                 path: instance_dir.clone(),
                 source,
             })?;
-        // The app's lasting directory: made once, never wiped by a start.
-        std::fs::create_dir_all(&vars.state_dir).map_err(|source| InstanceError::Prepare {
-            path: vars.state_dir.clone(),
-            source,
-        })?;
 
+        if let Some((uid, _)) = vars.run_as.ids() {
+            // The instance directory is the app's own; every one above it must be searchable.
+            let above = instance_dir.parent().unwrap_or(&instance_dir);
+            if let Some(closed) = crate::app_user::unreachable_for_others(above) {
+                return Err(InstanceError::Unreachable { uid, closed });
+            }
+        }
         let env = instance_env(vars, manifest);
         let token = crate::state::new_token();
         let command: Vec<String> = manifest
@@ -258,6 +326,7 @@ impl Instance {
             .stderr(Stdio::from(stderr))
             .process_group(0)
             .kill_on_drop(false);
+        vars.run_as.apply(&mut cmd);
         let child = cmd.spawn().map_err(|source| InstanceError::Spawn {
             program: command[0].clone(),
             source,
@@ -443,6 +512,7 @@ mod tests {
             release_env: BTreeMap::from([("GREETING".into(), "from-release".into())]),
             secrets: Default::default(),
             state_dir: layout.app_state_dir(app),
+            run_as: crate::app_user::prepare(layout, app, None).unwrap(),
         }
     }
 
@@ -537,6 +607,96 @@ mod tests {
         assert_eq!(log.matches("--- fleet-agent: starting app 1.0").count(), 2);
         // The release itself was never written to.
         assert!(!release_dir.join("written").exists());
+    }
+
+    #[tokio::test]
+    async fn an_app_runs_as_its_own_user_and_cannot_change_its_release() {
+        if !crate::app_user::drops_privileges() {
+            eprintln!("skipped: running apps as other users needs the test to run as root");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DataLayout::new(dir.path());
+        layout.create_all().unwrap();
+        let release_dir = release(
+            &layout,
+            &[
+                ("bin/run.sh", "id -u > uid\n(echo changed >> data.txt) 2>/dev/null && echo changed > write || echo refused > write\ncat ../../state.json > /dev/null 2>&1 && echo read > agent || echo refused > agent\nrm -f conf.txt && echo mine > conf.txt && echo replaced > replace\nexec sleep 30\n", 0o755),
+                ("data.txt", "shipped\n", 0o600),
+                ("conf.txt", "shipped\n", 0o644),
+            ],
+        );
+        // As the agent writes it: private (its binary runs with umask 077).
+        std::fs::write(layout.state_file(), "{}").unwrap();
+        std::fs::set_permissions(
+            layout.state_file(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let m = manifest("[process]\ncommand = [\"/bin/sh\", \"bin/run.sh\"]\n");
+        let vars = vars(&layout, "app");
+        let (uid, gid) = vars.run_as.ids().unwrap();
+        let mut instance = Instance::start(&layout, &release_dir, &m, &vars)
+            .await
+            .unwrap();
+        let inst = layout.instance_dir("app");
+        eventually("the instance to try its writes", || {
+            inst.join("replace").exists()
+        })
+        .await;
+        let read = |name: &str| std::fs::read_to_string(inst.join(name)).unwrap();
+        assert_eq!(read("uid").trim(), uid.to_string(), "runs as its own user");
+        assert_eq!(
+            read("write").trim(),
+            "refused",
+            "cannot change a shipped file"
+        );
+        assert_eq!(
+            read("agent").trim(),
+            "refused",
+            "cannot read the agent's state"
+        );
+        assert_eq!(
+            read("replace").trim(),
+            "replaced",
+            "can replace a shipped file"
+        );
+        assert_eq!(read("conf.txt"), "mine\n");
+        // The release is as shipped, and the instance's files are its very files (no copy).
+        assert_eq!(
+            std::fs::read_to_string(release_dir.join("data.txt")).unwrap(),
+            "shipped\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(release_dir.join("conf.txt")).unwrap(),
+            "shipped\n"
+        );
+        for name in ["bin/run.sh", "data.txt"] {
+            let (shipped, linked) = (
+                std::fs::metadata(release_dir.join(name)).unwrap(),
+                std::fs::metadata(inst.join(name)).unwrap(),
+            );
+            assert_eq!(shipped.ino(), linked.ino(), "{name} is a hard link");
+            assert_eq!((shipped.uid(), shipped.gid()), (0, gid), "{name}");
+        }
+        assert_eq!(
+            std::fs::metadata(release_dir.join("bin/run.sh"))
+                .unwrap()
+                .mode()
+                & 0o777,
+            0o750
+        );
+        assert_eq!(
+            std::fs::metadata(release_dir.join("data.txt"))
+                .unwrap()
+                .mode()
+                & 0o777,
+            0o640
+        );
+        let state_dir = std::fs::metadata(layout.app_state_dir("app")).unwrap();
+        assert_eq!(state_dir.uid(), uid, "FLEET_STATE_DIR is the app's");
+        instance.stop().await;
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 //! - [`releases`]: unpacking into immutable release directories and pruning old ones.
 //! - [`supervisor`]: one task per app running the instance lifecycle state machine.
 //! - [`instance`]: start from origin state, process groups, graceful stop.
+//! - [`app_user`]: who an app runs as (never root), and its lasting directory.
 //! - [`smoke`]: http, tcp and exec smoke checks.
 //! - [`state`]: `state.json`, what survives the agent's own restart.
 //! - [`model`]: the domain types the parts share (never prost types past the session).
@@ -22,6 +23,7 @@
 //! domain types. The agent never writes outside its data directory.
 #![forbid(unsafe_code)]
 
+pub mod app_user;
 pub mod config;
 pub mod direct_io;
 pub mod disk;

@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 /// DATA/artifacts/<hex>.tar.gz                   a verified artifact
 /// DATA/releases/<app>/<version>-<hex12>/        an unpacked release, immutable
 /// DATA/releases/<app>/.unpack-*                 an unpack in progress
-/// DATA/instances/<app>/                         the running instance's fresh copy
+/// DATA/instances/<app>/                         the running instance's files, fresh each start
+/// DATA/hooks/<app>/                             the release hook's, while it runs
 /// DATA/app-state/<app>/                         FLEET_STATE_DIR: kept across starts and releases
 /// DATA/logs/<app>.log                           the instance's stdout and stderr
 /// ```
@@ -37,20 +38,27 @@ impl DataLayout {
         &self.root
     }
 
-    /// Creates the directories of the layout (not the per-app ones), and makes the root
-    /// private (0700), also when it existed with looser modes: release environments (secrets)
-    /// live under it.
+    /// Creates the directories of the layout (not the per-app ones) with their modes, also
+    /// when they existed with looser ones. Others may only pass through the root (0711) to the
+    /// directories apps run in (`instances`, `hooks`, `app-state`: 0711, each app's own
+    /// directory below is its user's); the rest, where release environments (secrets),
+    /// artifacts and logs live, is private (0700).
     pub fn create_all(&self) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(&self.root)?;
-        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
+        let make = |dir: &Path, mode: u32| {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        };
+        make(&self.root, 0o711)?;
         for dir in [
             self.artifacts_dir(),
             self.root.join("releases"),
-            self.root.join("instances"),
             self.logs_dir(),
         ] {
-            std::fs::create_dir_all(dir)?;
+            make(&dir, 0o700)?;
+        }
+        for dir in ["instances", "hooks", "app-state"] {
+            make(&self.root.join(dir), 0o711)?;
         }
         Ok(())
     }

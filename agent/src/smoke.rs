@@ -36,6 +36,8 @@ pub struct CheckContext {
     pub env: BTreeMap<String, String>,
     /// The assignment's cap on every check's timeout; zero means none.
     pub smoke_timeout: Duration,
+    /// Who exec checks run as: the app's user.
+    pub run_as: crate::app_user::RunAs,
 }
 
 /// The timeout of one check: its own, or the assignment's if smaller and non-zero.
@@ -179,7 +181,9 @@ async fn http_get(url: &str, expect_status: u16) -> Result<(), String> {
 
 async fn exec(command: &[String], context: &CheckContext) -> Result<(), String> {
     let program = crate::instance::resolve_program(&command[0], &context.instance_dir);
-    let output = tokio::process::Command::new(&program)
+    let mut output = tokio::process::Command::new(&program);
+    context.run_as.apply(&mut output);
+    let output = output
         .args(&command[1..])
         .current_dir(&context.instance_dir)
         .env_clear()
@@ -225,6 +229,7 @@ mod tests {
             instance_dir: dir.to_path_buf(),
             env: BTreeMap::from([("FLEET_ADDR".to_string(), "127.0.0.1".to_string())]),
             smoke_timeout: Duration::from_millis(cap_ms),
+            run_as: crate::app_user::RunAs::Agent,
         }
     }
 

@@ -497,7 +497,13 @@ impl AppTask {
                 };
                 self.record_hook_run(&run);
                 self.report(InstanceState::Starting, "running the release hook");
-                let vars = self.instance_vars(&assignment);
+                let vars = match self.instance_vars(&assignment, &release.manifest).await {
+                    Ok(vars) => vars,
+                    Err(message) => {
+                        self.report(InstanceState::Failed, message);
+                        return None;
+                    }
+                };
                 let hook = crate::hook::run_release_hook(
                     &self.context.layout,
                     &release.dir,
@@ -558,9 +564,24 @@ impl AppTask {
         }
     }
 
-    /// The variables an instance of `assignment` sees.
-    fn instance_vars(&self, assignment: &Assignment) -> InstanceVars {
-        InstanceVars {
+    /// The variables an instance of `assignment` sees, and who it runs as (its lasting
+    /// directory made for that user).
+    async fn instance_vars(
+        &self,
+        assignment: &Assignment,
+        manifest: &fleet_proto::manifest::Manifest,
+    ) -> Result<InstanceVars, String> {
+        let (layout, app, user) = (
+            self.context.layout.clone(),
+            self.app.clone(),
+            manifest.process.user.clone(),
+        );
+        let run_as = tokio::task::spawn_blocking(move || {
+            crate::app_user::prepare(&layout, &app, user.as_deref())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))?;
+        Ok(InstanceVars {
             app: self.app.clone(),
             version: assignment.version.clone(),
             host_name: self.context.host_name.clone(),
@@ -569,7 +590,8 @@ impl AppTask {
             secrets: assignment.secrets.clone(),
             state_dir: std::path::absolute(self.context.layout.app_state_dir(&self.app))
                 .unwrap_or_else(|_| self.context.layout.app_state_dir(&self.app)),
-        }
+            run_as,
+        })
     }
 
     /// Starts a fresh instance from origin and runs the smoke checks against it. On anything
@@ -581,7 +603,10 @@ impl AppTask {
             "starting a fresh instance from the release".to_string(),
         );
         crate::releases::touch(&release.dir);
-        let vars = self.instance_vars(assignment);
+        let vars = match self.instance_vars(assignment, &release.manifest).await {
+            Ok(vars) => vars,
+            Err(message) => return Started::Failed(message),
+        };
         let started =
             Instance::start(&self.context.layout, &release.dir, &release.manifest, &vars).await;
         let mut instance = match started {
@@ -605,6 +630,7 @@ impl AppTask {
                 .unwrap_or_else(|_| self.context.layout.instance_dir(&self.app)),
             env: crate::instance::instance_env(&vars, &release.manifest),
             smoke_timeout: Duration::from_millis(assignment.smoke_timeout_ms),
+            run_as: vars.run_as.clone(),
         };
         let min_healthy = assignment
             .min_healthy_ms

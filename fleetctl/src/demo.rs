@@ -87,6 +87,13 @@ impl LocalFleet {
                     "cannot create a temporary directory: {e}; set TMPDIR to a writable directory"
                 ))
             })?;
+        // The demo's apps run as users of their own when it runs as root: they pass through
+        // this directory to their hosts' data directories.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .map_err(|e| CliError::Failed(format!("cannot open up the demo's directory: {e}")))?;
         std::fs::create_dir(dir.path().join("logs")).map_err(|e| {
             CliError::Failed(format!("cannot create the demo's log directory: {e}"))
         })?;

@@ -44,6 +44,9 @@ pub struct Process {
     /// running (`min_healthy`; default 0 with smoke checks, [`MIN_HEALTHY_WITHOUT_CHECKS`]
     /// without, since staying up is then the only signal there is).
     pub min_healthy: Duration,
+    /// The host user the instance runs as (`user`), when the agent runs as root. Without it, a
+    /// root agent runs each app as a user of its own (a reserved uid, no passwd entry).
+    pub user: Option<String>,
 }
 
 /// The signals an app may ask to be stopped with.
@@ -108,6 +111,7 @@ struct RawProcess {
     #[serde(default)]
     env: BTreeMap<String, String>,
     min_healthy: Option<String>,
+    user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +166,14 @@ impl Manifest {
             None if raw.smoke.is_empty() => MIN_HEALTHY_WITHOUT_CHECKS,
             None => Duration::ZERO,
         };
+        if let Some(user) = &raw.process.user {
+            if !is_user_name(user) {
+                return Err(invalid(format!(
+                    "[process] user {} is not a user name: use the name of a user of the hosts, like user = \"www-data\" (letters, digits, '_' and '-', at most 32), or leave it out to run the app as a user of its own",
+                    crate::names::quoted(user)
+                )));
+            }
+        }
         let stop_timeout = parse_timeout("[process] stop_timeout", &raw.process.stop_timeout)?
             .unwrap_or(DEFAULT_STOP_TIMEOUT);
         for (key, value) in &raw.process.env {
@@ -239,11 +251,23 @@ impl Manifest {
                 stop_timeout,
                 env: raw.process.env,
                 min_healthy,
+                user: raw.process.user,
             },
             smoke,
             release_hook,
         })
     }
+}
+
+/// Whether `name` is a portable user name: a letter or '_' first, then letters, digits, '_'
+/// and '-', at most 32 bytes.
+fn is_user_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= 32
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn check_command_strings(what: &str, command: &[String]) -> Result<(), ManifestError> {
@@ -324,6 +348,31 @@ timeout = "10s"
 [hooks]
 release = ["bin/migrate"]
 "#;
+
+    #[test]
+    fn user_is_a_user_name_or_absent() {
+        let with = |user: &str| {
+            Manifest::parse(&format!(
+                "[process]\ncommand = [\"x\"]\nuser = \"{user}\"\n"
+            ))
+        };
+        assert_eq!(
+            Manifest::parse("[process]\ncommand = [\"x\"]\n")
+                .unwrap()
+                .process
+                .user,
+            None
+        );
+        for good in ["www-data", "_app", "nobody", "a1"] {
+            assert_eq!(with(good).unwrap().process.user.as_deref(), Some(good));
+        }
+        let too_long = "a".repeat(33);
+        for bad in ["", "1abc", "a b", "../x", "a:b", too_long.as_str()] {
+            let error = with(bad).unwrap_err().to_string();
+            assert!(error.contains("[process] user"), "{error}");
+            assert!(error.contains("leave it out"), "{error}");
+        }
+    }
 
     #[test]
     fn min_healthy_defaults_to_five_seconds_only_without_checks() {

@@ -12,6 +12,7 @@ use crate::process::{self, ChildGuard};
 use crate::{http, wait_for, wait_until, WEB_PORT};
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -102,6 +103,10 @@ impl Fleet {
             .prefix("fleet-e2e-")
             .tempdir()
             .expect("a temp directory");
+        // Apps run as users of their own (under a root agent): they must be able to pass
+        // through to the agents' data directories, as they do under /var/lib.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod the temp directory");
         let range = AddressRange::allocate(n_hosts, WEB_PORT);
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
         std::fs::create_dir_all(dir.path().join("artifacts")).expect("artifacts dir");
@@ -140,6 +145,16 @@ impl Fleet {
     /// The test's temp directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A directory every app may write to (1777): apps run as users of their own, so a test
+    /// whose app or hook reports back through a file has it write here.
+    pub fn outbox(&self) -> PathBuf {
+        let dir = self.dir.path().join("outbox");
+        std::fs::create_dir_all(&dir).expect("the outbox");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod the outbox");
+        dir
     }
 
     /// Where `fleetctl init` wrote controller.toml and client.toml.

@@ -1,9 +1,11 @@
 //! User story: an operator starts the controller and an agent by hand from a shell with umask
 //! 022 (not through the shipped units, which set one). A release whose environment holds a
 //! secret is rolled out. No file of the controller's data directory or the agent's may be
-//! readable by another local user: the data directories are 0700 and every file in them is
-//! private, including those made before fleet started (the harness makes the agent's data
-//! directory 0755 up front).
+//! readable by another local user: the controller's data directory is 0700; the agent's is
+//! 0711, so that apps (which run as users of their own) can pass through to their directories,
+//! and every file in it is private, including those made before fleet started (the harness
+//! makes the agent's data directory 0755 up front). A release's files are readable by the
+//! app's group only.
 
 use fleet_tests::fleet::Fleet;
 use std::os::unix::fs::PermissionsExt;
@@ -47,21 +49,36 @@ fn data_directories_are_private_under_umask_022() {
     fleet.wait_all_serve("1.0.0", Duration::from_secs(10));
 
     let controller_dir = fleet.config_dir().join("data");
-    for root in [&controller_dir, &agent_dir] {
-        assert_eq!(mode(root), 0o700, "{}", root.display());
+    assert_eq!(mode(&controller_dir), 0o700);
+    assert_eq!(mode(&agent_dir), 0o711, "others may pass through, not list");
+    for passage in ["instances", "hooks", "app-state"] {
+        assert_eq!(mode(&agent_dir.join(passage)), 0o711, "{passage}");
     }
     assert_eq!(mode(&controller_dir.join("fleet.redb")) & 0o077, 0);
-    // The files that hold the secret, and the rest, are private; the release's own files
-    // keep their modes from the artifact but sit behind the 0700 root.
+    // The files that hold the secret, and the rest, are private; a release's files, and the
+    // app's own directories, are for the app's user and group, never for others.
     let mut checked = 0;
     for root in [&controller_dir, &agent_dir] {
         let mut paths = Vec::new();
         everything_under(root, &mut paths);
         for path in paths {
-            let inside_a_release = path
-                .strip_prefix(&agent_dir)
-                .is_ok_and(|rel| rel.starts_with("releases") || rel.starts_with("instances"));
-            if !inside_a_release {
+            let rel = path.strip_prefix(&agent_dir).ok();
+            if rel.is_some_and(|rel| rel.components().count() == 1 && mode(&path) == 0o711) {
+                continue;
+            }
+            let the_apps = rel.is_some_and(|rel| {
+                rel.starts_with("releases")
+                    || rel.starts_with("instances")
+                    || rel.starts_with("app-state")
+            });
+            if the_apps {
+                assert_eq!(
+                    mode(&path) & 0o007,
+                    0,
+                    "{} is readable by others",
+                    path.display()
+                );
+            } else {
                 assert_eq!(
                     mode(&path) & 0o077,
                     0,

@@ -31,7 +31,7 @@ fn two_hosts_serving_1_0_0() -> Fleet {
 #[test]
 fn the_release_hook_runs_once_per_rollout_and_a_failing_one_halts_it() {
     let fleet = Fleet::start(3);
-    let hook_log = fleet.dir().join("hook.log");
+    let hook_log = fleet.outbox().join("hook.log");
     let hook_env = format!("HOOK_LOG={}", hook_log.display());
     let good = manifest_with_hook("echo \"$FLEET_HOST $FLEET_VERSION\" >> \"$HOOK_LOG\"");
     fleet
@@ -79,7 +79,7 @@ fn the_release_hook_runs_once_per_rollout_and_a_failing_one_halts_it() {
 
     // Left failed (--no-auto-rollback), then the canary's agent is SIGKILLed and comes back:
     // the failed hook is not run again, and the release is not started without it.
-    let runs_log = fleet.dir().join("failing-hook.log");
+    let runs_log = fleet.outbox().join("failing-hook.log");
     let counted = manifest_with_hook("echo run >> \"$HOOK_LOG\"; exit 3");
     let runs_env = format!("HOOK_LOG={}", runs_log.display());
     fleet
@@ -136,7 +136,7 @@ fn the_release_hook_runs_once_per_rollout_and_a_failing_one_halts_it() {
 fn a_rollback_to_the_release_whose_hook_just_failed_is_not_refused() {
     let fleet = two_hosts_serving_1_0_0();
     // A migration that succeeds once and refuses to run twice.
-    let marker = fleet.dir().join("migrated");
+    let marker = fleet.outbox().join("migrated");
     let once = manifest_with_hook(
         "if [ -e \"$MARKER\" ]; then echo already migrated >&2; exit 3; fi; touch \"$MARKER\"",
     );
