@@ -1,6 +1,6 @@
 //! Disk space before a deploy: what a release needs on this host's data directory (its
 //! artifact when not cached, its unpacked tree when not unpacked yet, and the instance's copy
-//! of it, plus a margin) against what is free, so a release that does not fit fails at once,
+//! of it unless the start links the release's files, plus a margin) against what is free, so a release that does not fit fails at once,
 //! with the figures, and writes nothing.
 
 use std::path::Path;
@@ -25,6 +25,13 @@ impl Need {
             unpacked: if unpacked { 0 } else { unpacked_size },
             instance: unpacked_size,
         }
+    }
+
+    /// The same, when the start links the release's files (an agent that runs as root, see
+    /// [`crate::app_user`]) rather than copying them: the instance then writes no release byte.
+    pub fn linking(mut self) -> Need {
+        self.instance = 0;
+        self
     }
 
     /// The same, when starting the instance first removes one that takes `bytes` now.
@@ -101,6 +108,9 @@ mod tests {
         // The instance it replaces is removed first: its bytes come back.
         let need = Need::of(30 * mib, 40 * mib, true, true).replacing(25 * mib);
         assert_eq!(need.total() - MARGIN_BYTES, 15 * mib);
+        // A start that links copies nothing.
+        let need = Need::of(30 * mib, 40 * mib, true, true).linking();
+        assert_eq!(need.total() - MARGIN_BYTES, 0);
         let need = Need::of(30 * mib, 40 * mib, false, false);
         assert!(shortfall("h1", Path::new("/d"), &need, need.total()).is_none());
         let why = shortfall("h1", Path::new("/d"), &need, 100 * mib).unwrap();

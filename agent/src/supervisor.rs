@@ -381,12 +381,15 @@ impl AppTask {
                 digest_hex(&assignment.artifact_digest),
             )
             .is_dir();
-        let need = crate::disk::Need::of(
+        let mut need = crate::disk::Need::of(
             assignment.artifact_size,
             assignment.unpacked_size,
             cached,
             unpacked,
         );
+        if crate::app_user::drops_privileges() {
+            need = need.linking();
+        }
         let root = self.context.layout.root().to_path_buf();
         let instance_dir = self.context.layout.instance_dir(&self.app);
         // A walk of the instance directory and a statvfs: off the agent's one runtime thread.

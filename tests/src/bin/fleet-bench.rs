@@ -16,7 +16,13 @@
 //!   time of one. The hosts share this machine's cores, so it also shows the floor their own
 //!   CPU (sshd, the agents) puts under the ratio here.
 //!
-//! Run it with `cargo run --release -p fleet-tests --bin fleet-bench -- [rollout|artifact|memory|bootstrap|all]`.
+//! - `start`: the start of an instance from origin state (make its directory afresh from the
+//!   release, spawn) of a 1 MiB and of a 1 GiB release, each of 64 files, the median of 21
+//!   starts; side by side, the same starts by copying the release (what every start did before,
+//!   and what an agent that is not root still does). Target: the 1 GiB start takes at most 1.1x
+//!   the 1 MiB one. Needs root (apps then run as users of their own and the start links).
+//!
+//! Run it with `cargo run --release -p fleet-tests --bin fleet-bench -- [rollout|artifact|memory|bootstrap|start|all]`.
 //! When started by cargo it first runs `cargo build --workspace --bins` for its own profile so
 //! the controller, agent and app it measures are built the same way (when that build fails, it
 //! measures the binaries already built and says so). Every process it starts is
@@ -71,9 +77,10 @@ fn main() -> Result<()> {
         "artifact" => &["artifact"],
         "memory" => &["memory"],
         "bootstrap" => &["bootstrap"],
-        "all" => &["rollout", "artifact", "memory", "bootstrap"],
+        "start" => &["start"],
+        "all" => &["rollout", "artifact", "memory", "bootstrap", "start"],
         other => {
-            bail!("unknown benchmark {other:?}: use rollout, artifact, memory, bootstrap or all")
+            bail!("unknown benchmark {other:?}: use rollout, artifact, memory, bootstrap, start or all")
         }
     };
     build_binaries()?;
@@ -85,6 +92,7 @@ fn main() -> Result<()> {
             "rollout" => rows.extend(bench_rollout()?),
             "artifact" => rows.extend(bench_artifact()?),
             "bootstrap" => rows.extend(bench_bootstrap()?),
+            "start" => rows.extend(bench_start()?),
             _ => rows.extend(bench_memory()?),
         }
         if let (Some(before), Some(after)) = (before, CpuTicks::read()) {
@@ -504,6 +512,116 @@ fn bench_memory() -> Result<Vec<Row>> {
             format!("{:.1} MB", controller_kib as f64 / 1024.0),
         ),
     ])
+}
+
+const START_FILES: usize = 64;
+const START_RUNS: usize = 21;
+const START_COPY_RUNS: usize = 3;
+const START_TARGET_RATIO: f64 = 1.1;
+
+/// One start (and stop) of an instance of the release in `layout`, run as `run_as`: a start
+/// that links for a user of its own, a copy for the agent's own user. Returns the start's time.
+fn time_start(
+    runtime: &tokio::runtime::Runtime,
+    layout: &fleet_agent::model::DataLayout,
+    release: &std::path::Path,
+    run_as: &fleet_agent::app_user::RunAs,
+) -> Result<Duration> {
+    use fleet_agent::instance::{Instance, InstanceVars};
+    let manifest = fleet_proto::manifest::Manifest::parse(START_MANIFEST)?;
+    let vars = InstanceVars {
+        app: "bench".into(),
+        version: "1.0".into(),
+        host_name: "bench".into(),
+        advertise: "127.0.0.1".into(),
+        release_env: Default::default(),
+        secrets: Default::default(),
+        state_dir: layout.app_state_dir("bench"),
+        run_as: run_as.clone(),
+    };
+    let began = Instant::now();
+    let mut instance = runtime.block_on(Instance::start(layout, release, &manifest, &vars))?;
+    let took = began.elapsed();
+    runtime.block_on(instance.stop());
+    Ok(took)
+}
+
+const START_MANIFEST: &str = "[process]\ncommand = [\"/bin/true\"]\n";
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn bench_start() -> Result<Vec<Row>> {
+    use fleet_agent::app_user::{self, RunAs};
+    if !app_user::drops_privileges() {
+        bail!("the start benchmark needs root: only a root agent runs apps as users of their own and links their files");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let chunk: Vec<u8> = incompressible_bytes(1 << 20);
+    let sizes = [("1 MiB", 1usize << 20), ("1 GiB", 1usize << 30)];
+    let mut setups = Vec::new();
+    for (_, total) in sizes {
+        let dir = tempfile::tempdir().context("a temp dir")?;
+        let layout = fleet_agent::model::DataLayout::new(dir.path());
+        layout.create_all()?;
+        let release = layout.release_dir("bench", "1.0", "000000000000");
+        std::fs::create_dir_all(release.join("lib"))?;
+        std::fs::write(release.join("fleet.toml"), START_MANIFEST)?;
+        let per_file = total / START_FILES;
+        for idx in 0..START_FILES {
+            let mut file = std::fs::File::create(release.join(format!("lib/part-{idx:02}")))?;
+            let mut left = per_file;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                std::io::Write::write_all(&mut file, &chunk[..n])?;
+                left -= n;
+            }
+        }
+        let run_as = app_user::prepare(&layout, "bench", None).map_err(anyhow::Error::msg)?;
+        setups.push((dir, layout, release, run_as));
+    }
+    // The releases' bytes on disk first, so that their writeback does not land in a start.
+    nix::unistd::sync();
+    // Linked starts of both sizes in turn (what a root agent does), then the copies.
+    let mut linked = vec![Vec::new(), Vec::new()];
+    for _ in 0..START_RUNS {
+        for (idx, (_, layout, release, run_as)) in setups.iter().enumerate() {
+            linked[idx].push(time_start(&runtime, layout, release, run_as)?);
+        }
+    }
+    let linked: Vec<Duration> = linked.into_iter().map(median).collect();
+    let mut rows = Vec::new();
+    for (idx, (_, layout, release, _)) in setups.iter().enumerate() {
+        let copies = (0..START_COPY_RUNS)
+            .map(|_| time_start(&runtime, layout, release, &RunAs::Agent))
+            .collect::<Result<Vec<_>>>()?;
+        let label = sizes[idx].0;
+        rows.push(Row::info(
+            "start",
+            format!(
+                "start of a {label} release ({START_FILES} files), linked, median of {START_RUNS}"
+            ),
+            format!("{:.2} ms", linked[idx].as_secs_f64() * 1000.0),
+        ));
+        rows.push(Row::info(
+            "start",
+            format!("the same start copying the release (as before), median of {START_COPY_RUNS}"),
+            format_ms(median(copies)),
+        ));
+    }
+    let ratio = linked[1].as_secs_f64() / linked[0].as_secs_f64();
+    rows.push(Row {
+        bench: "start",
+        measurement: "linked start: 1 GiB release / 1 MiB release".into(),
+        value: format!("{ratio:.2}x"),
+        target: format!("<= {START_TARGET_RATIO}x"),
+        ok: Some(ratio <= START_TARGET_RATIO),
+    });
+    Ok(rows)
 }
 
 fn format_ms(duration: Duration) -> String {
