@@ -1,5 +1,5 @@
 //! The agent's configuration: from flags or a TOML file with the same keys (`controller`,
-//! `name`, `advertise`, `data_dir`, `labels = {k = "v"}`, `ca`, `join_token`), validated
+//! `name`, `advertise`, `data_dir`, `labels = {k = "v"}`, `ca`, `join_token`, `stop_apps_on_exit`), validated
 //! before anything starts. The controller speaks only mutual TLS, so its URL is `https://`.
 
 use serde::Deserialize;
@@ -26,6 +26,9 @@ pub struct Config {
     pub ca: Option<PathBuf>,
     /// A one-time join token (`fleetctl join-token create`), needed only on the first start.
     pub join_token: Option<String>,
+    /// Stop every instance when the agent stops (a local fleet); by default they keep running
+    /// and the agent's next run adopts them.
+    pub stop_apps_on_exit: bool,
 }
 
 #[derive(Debug, Error)]
@@ -59,6 +62,9 @@ pub struct ConfigFile {
     pub labels: BTreeMap<String, String>,
     pub ca: Option<PathBuf>,
     pub join_token: Option<String>,
+    /// `stop_apps_on_exit = true`: as `--stop-apps-on-exit`.
+    #[serde(default)]
+    pub stop_apps_on_exit: bool,
 }
 
 impl ConfigFile {
@@ -99,6 +105,8 @@ pub struct ConfigFlags {
     pub labels: Option<String>,
     pub ca: Option<PathBuf>,
     pub join_token: Option<String>,
+    /// `--stop-apps-on-exit` (either it or the file turns it on).
+    pub stop_apps_on_exit: bool,
 }
 
 impl Config {
@@ -149,6 +157,7 @@ impl Config {
             labels,
             ca: flags.ca.or(file.ca),
             join_token,
+            stop_apps_on_exit: flags.stop_apps_on_exit || file.stop_apps_on_exit,
         })
     }
 }
@@ -181,6 +190,7 @@ mod tests {
             labels: labels.map(str::to_string),
             ca: None,
             join_token: None,
+            stop_apps_on_exit: false,
         }
     }
 

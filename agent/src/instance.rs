@@ -240,16 +240,51 @@ pub fn describe_exit(status: &ExitStatus) -> String {
     }
 }
 
+/// How an instance ended, as far as the agent can tell: the exit status of a child it started;
+/// none for an instance it adopted after its own restart (not its child: it only sees it go).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit(pub Option<ExitStatus>);
+
+impl Exit {
+    /// For reports: "exited with status 3", "killed by SIGKILL", "ended".
+    pub fn describe(&self) -> String {
+        match &self.0 {
+            Some(status) => describe_exit(status),
+            None => {
+                "ended (it was adopted after the agent's restart, so its exit status is not known)"
+                    .to_string()
+            }
+        }
+    }
+
+    fn signal(&self) -> Option<i32> {
+        self.0.and_then(|status| status.signal())
+    }
+}
+
+/// What the agent holds of an instance's leader process.
+enum Leader {
+    /// A child this agent started.
+    Child(tokio::process::Child),
+    /// A process an earlier run of the agent started, found alive and adopted: a thread waits
+    /// on its pidfd (readable once it exits) and says so here.
+    Adopted(tokio::sync::watch::Receiver<bool>),
+}
+
 /// A running (or just exited) instance process.
 pub struct Instance {
-    child: tokio::process::Child,
+    leader: Leader,
     pid: i32,
+    /// When the leader started, in clock ticks after boot (`/proc/PID/stat`): with the token,
+    /// what tells it from a later process that reuses its pid.
+    start_ticks: Option<u64>,
     token: String,
     stop_signal: Signal,
     stop_timeout: Duration,
     /// Set once the leader has been reaped; the group is not signalled after that.
-    exit_status: Option<ExitStatus>,
-    /// Set once `stop` finished; the drop guard then has nothing to do.
+    exit_status: Option<Exit>,
+    /// Set once `stop` finished, or the instance was left running on purpose (`detach`): the
+    /// drop guard then has nothing to do.
     stopped: bool,
     pub started_at: Instant,
 }
@@ -333,8 +368,9 @@ impl Instance {
         })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         Ok(Instance {
-            child,
+            leader: Leader::Child(child),
             pid,
+            start_ticks: start_ticks(pid),
             token,
             stop_signal: nix_signal(manifest.process.stop_signal),
             stop_timeout: manifest.process.stop_timeout,
@@ -342,6 +378,55 @@ impl Instance {
             stopped: false,
             started_at: Instant::now(),
         })
+    }
+
+    /// Adopts the instance an earlier run of the agent started, when it still runs: its pid
+    /// carries the recorded token and, when recorded, started at the recorded time. `None`
+    /// when it is gone or the pid is now another process's.
+    pub fn adopt(saved: &SavedInstance) -> Option<Instance> {
+        if saved.pid <= 0 || !has_token(saved.pid, &saved.token) {
+            return None;
+        }
+        if saved.start_ticks.is_some() && saved.start_ticks != start_ticks(saved.pid) {
+            return None;
+        }
+        let pid = rustix::process::Pid::from_raw(saved.pid)?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
+        // A plain thread, not the blocking pool: it may wait as long as the process runs, and
+        // the runtime must not wait for it when it shuts down.
+        std::thread::Builder::new()
+            .name(format!("pidfd-{}", saved.pid))
+            .spawn(move || {
+                use rustix::event::{poll, PollFd, PollFlags};
+                loop {
+                    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+                    match poll(&mut fds, None) {
+                        Ok(_) if !fds[0].revents().is_empty() => break,
+                        Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+                        Err(_) => break,
+                    }
+                }
+                let _ = exited_tx.send(true);
+            })
+            .ok()?;
+        Some(Instance {
+            leader: Leader::Adopted(exited),
+            pid: saved.pid,
+            start_ticks: start_ticks(saved.pid),
+            token: saved.token.clone(),
+            stop_signal: signal_by_name(&saved.stop_signal).unwrap_or(Signal::SIGTERM),
+            stop_timeout: Duration::from_millis(saved.stop_timeout_ms),
+            exit_status: None,
+            stopped: false,
+            started_at: Instant::now(),
+        })
+    }
+
+    /// Leaves the instance running when this value goes (the agent is stopping or being
+    /// upgraded; its next run adopts the instance).
+    pub fn detach(&mut self) {
+        self.stopped = true;
     }
 
     pub fn pid(&self) -> i32 {
@@ -352,10 +437,13 @@ impl Instance {
         &self.token
     }
 
-    /// What `state.json` records about this instance.
-    pub fn saved(&self, version: &str) -> SavedInstance {
+    /// What `state.json` records about this instance, started from release `version` with
+    /// the artifact `digest`.
+    pub fn saved(&self, version: &str, digest: &str) -> SavedInstance {
         SavedInstance {
             version: version.to_string(),
+            artifact_digest: digest.to_string(),
+            start_ticks: self.start_ticks,
             pid: self.pid,
             token: self.token.clone(),
             stop_signal: self
@@ -368,19 +456,27 @@ impl Instance {
     }
 
     /// Waits for the leader to exit on its own. Cancel safe; returns at once once exited.
-    pub async fn wait(&mut self) -> ExitStatus {
-        if let Some(status) = self.exit_status {
-            return status;
+    pub async fn wait(&mut self) -> Exit {
+        if let Some(exit) = self.exit_status {
+            return exit;
         }
-        let status = match self.child.wait().await {
-            Ok(status) => status,
-            Err(e) => {
-                tracing::warn!(pid = self.pid, "cannot wait for the instance: {e}");
-                ExitStatus::from_raw(0x7f00)
+        let exit = match &mut self.leader {
+            Leader::Child(child) => match child.wait().await {
+                Ok(status) => Exit(Some(status)),
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, "cannot wait for the instance: {e}");
+                    Exit(Some(ExitStatus::from_raw(0x7f00)))
+                }
+            },
+            Leader::Adopted(exited) => {
+                // An error means the waiting thread is gone, which it is only once it saw the
+                // exit (or could not wait): either way the process is taken as ended.
+                let _ = exited.wait_for(|exited| *exited).await;
+                Exit(None)
             }
         };
-        self.exit_status = Some(status);
-        status
+        self.exit_status = Some(exit);
+        exit
     }
 
     /// Stops the instance: stop signal to the group, `stop_timeout`, then SIGKILL to the group;
@@ -389,16 +485,16 @@ impl Instance {
         if self.stopped {
             return "already stopped".into();
         }
-        let outcome = if let Some(status) = self.exit_status {
-            describe_exit(&status)
+        let outcome = if let Some(exit) = self.exit_status {
+            exit.describe()
         } else {
             let group = Pid::from_raw(self.pid);
             let _ = killpg(group, self.stop_signal);
             match tokio::time::timeout(self.stop_timeout, self.wait()).await {
-                Ok(status) if status.signal() == Some(self.stop_signal as i32) => {
+                Ok(exit) if exit.signal() == Some(self.stop_signal as i32) || exit.0.is_none() => {
                     format!("stopped by {}", self.stop_signal)
                 }
-                Ok(status) => format!("{} after {}", describe_exit(&status), self.stop_signal),
+                Ok(exit) => format!("{} after {}", exit.describe(), self.stop_signal),
                 Err(_) => {
                     let _ = killpg(group, Signal::SIGKILL);
                     let _ = tokio::time::timeout(KILL_WAIT, self.wait()).await;
@@ -423,6 +519,14 @@ impl Drop for Instance {
             let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
         }
     }
+}
+
+/// When process `pid` started, in clock ticks after boot (field 22 of `/proc/PID/stat`).
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Whether process `pid` carries `FLEET_INSTANCE_ID=<token>` in its environment.
@@ -700,6 +804,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_instance_left_running_is_adopted_only_by_its_token_and_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DataLayout::new(dir.path());
+        layout.create_all().unwrap();
+        let release_dir = release(&layout, &[]);
+        let m = manifest("[process]\ncommand = [\"sleep\", \"60\"]\n");
+        let mut started = Instance::start(&layout, &release_dir, &m, &vars(&layout, "app"))
+            .await
+            .unwrap();
+        let pid = started.pid();
+        eventually("the token to show", || has_token(pid, started.token())).await;
+        let saved = started.saved("1.0", "sha256:00");
+        assert_eq!(saved.start_ticks, start_ticks(pid));
+        assert!(saved.start_ticks.is_some());
+        // The agent that started it goes away without stopping it.
+        started.detach();
+        drop(started);
+        assert!(has_token(pid, &saved.token), "a detached instance keeps running");
+
+        let mut wrong = saved.clone();
+        wrong.token = "0".repeat(32);
+        assert!(Instance::adopt(&wrong).is_none(), "another token");
+        let mut reused = saved.clone();
+        reused.start_ticks = saved.start_ticks.map(|t| t + 1);
+        assert!(Instance::adopt(&reused).is_none(), "a pid reused since");
+
+        let mut adopted = Instance::adopt(&saved).expect("adopted");
+        assert_eq!(adopted.pid(), pid);
+        // Not its child, and still watched: its end is seen (with no exit status to tell).
+        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(5), adopted.wait())
+            .await
+            .expect("the adopted instance's end is seen");
+        assert_eq!(exit, Exit(None));
+        assert!(exit.describe().contains("adopted"), "{}", exit.describe());
+        adopted.stop().await;
+    }
+
+    #[tokio::test]
     async fn graceful_stop_escalates_to_sigkill_for_the_whole_group() {
         let dir = tempfile::tempdir().unwrap();
         let layout = DataLayout::new(dir.path());
@@ -743,7 +886,7 @@ mod tests {
             .unwrap();
         let pid = instance.pid();
         eventually("the token to show", || has_token(pid, instance.token())).await;
-        let mut wrong = instance.saved("1.0");
+        let mut wrong = instance.saved("1.0", "sha256:00");
         wrong.token = "0".repeat(32);
         kill_leftovers(&BTreeMap::from([("app".to_string(), wrong)])).await;
         assert!(
@@ -751,12 +894,12 @@ mod tests {
             "a wrong token never kills"
         );
 
-        let saved = instance.saved("1.0");
+        let saved = instance.saved("1.0", "sha256:00");
         kill_leftovers(&BTreeMap::from([("app".to_string(), saved)])).await;
         let status = tokio::time::timeout(Duration::from_secs(5), instance.wait())
             .await
             .expect("the leftover instance is stopped");
-        assert_eq!(describe_exit(&status), "killed by SIGTERM");
+        assert_eq!(status.describe(), "killed by SIGTERM");
         instance.stop().await;
     }
 }

@@ -61,12 +61,46 @@ pub enum AgentError {
     Join(#[from] join::JoinError),
 }
 
+/// Splits the instances `saved` records into those still running the app's assigned release,
+/// adopted (see [`instance::Instance::adopt`]), and the rest, to stop.
+#[allow(clippy::type_complexity)]
+fn adopt_instances(
+    saved: &state::AgentState,
+) -> (
+    std::collections::BTreeMap<String, (state::SavedInstance, instance::Instance)>,
+    std::collections::BTreeMap<String, state::SavedInstance>,
+) {
+    let mut adopted = std::collections::BTreeMap::new();
+    let mut leftovers = std::collections::BTreeMap::new();
+    for (app, record) in &saved.instances {
+        let assigned = saved.assignments.iter().any(|a| {
+            &a.app == app
+                && a.version == record.version
+                && a.artifact_digest == record.artifact_digest
+        });
+        match assigned
+            .then(|| instance::Instance::adopt(record))
+            .flatten()
+        {
+            Some(found) => {
+                tracing::info!(%app, pid = record.pid, "adopting the instance the last run left running");
+                adopted.insert(app.clone(), (record.clone(), found));
+            }
+            None => {
+                leftovers.insert(app.clone(), record.clone());
+            }
+        }
+    }
+    (adopted, leftovers)
+}
+
 /// How long the session task may take to wind down after the instances stopped.
 const SESSION_GRACE: Duration = Duration::from_secs(2);
 
-/// Runs the agent until `shutdown` completes: recovers what an earlier run left behind, brings
-/// the assigned releases up from the local cache, keeps the controller session alive and, on
-/// shutdown, stops every instance gracefully before returning.
+/// Runs the agent until `shutdown` completes: adopts the instances an earlier run left running
+/// (and stops those it cannot), brings the other assigned releases up from the local cache,
+/// keeps the controller session alive and, on shutdown, leaves the instances running for the
+/// next run (or, with `stop_apps_on_exit`, stops each gracefully) before returning.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let data_dir_error = |source| AgentError::DataDir {
         path: config.data_dir.clone(),
@@ -78,12 +112,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     layout.create_all().map_err(data_dir_error)?;
     let store = Arc::new(state::StateStore::open(layout.state_file())?);
 
-    // Whatever an earlier run of the agent left running (it may have been SIGKILLed) goes
-    // first, so that the ports are free for the fresh instances.
-    let leftovers = store.snapshot().instances;
+    // What an earlier run of the agent left running (it stopped, was upgraded, or was
+    // SIGKILLed) is adopted when it still runs the app's assigned release: apps outlive their
+    // agent. The rest goes first, so that the ports are free for the fresh instances.
+    let saved = store.snapshot();
+    let (adopted, leftovers) = adopt_instances(&saved);
     if !leftovers.is_empty() {
         instance::kill_leftovers(&leftovers).await;
-        store.clear_instances()?;
+        for app in leftovers.keys() {
+            store.set_instance(app, None)?;
+        }
     }
 
     let credentials = join::ensure_credentials(&config, &data_dir).await?;
@@ -97,8 +135,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         fetcher: fetch::Fetcher::new(channel.clone(), layout.clone()),
         reporter: reporter.clone(),
         store: store.clone(),
+        stop_apps_on_exit: config.stop_apps_on_exit,
     });
-    let (supervisor_tx, supervisor_task) = supervisor::Supervisor::spawn(context);
+    let (supervisor_tx, supervisor_task) = supervisor::Supervisor::spawn(context, adopted);
 
     // Bring the assigned releases up again from origin, before the controller is even reached.
     // A restart is not a new rollout: the hook runs recorded in the state keep a hook from
@@ -135,7 +174,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
 
     shutdown.await;
-    tracing::info!("shutting down: stopping every instance gracefully");
+    if config.stop_apps_on_exit {
+        tracing::info!("shutting down: stopping every instance gracefully");
+    } else {
+        tracing::info!("shutting down: the instances keep running for the agent's next run");
+    }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     if supervisor_tx
         .send(supervisor::SupervisorCommand::Shutdown(done_tx))

@@ -42,6 +42,10 @@ struct Args {
         hide_env_values = true
     )]
     join_token: Option<String>,
+    /// Stop every app instance when the agent stops (for a local fleet). Without it, the
+    /// instances keep running and the agent's next run (a restart, an upgrade) adopts them.
+    #[arg(long)]
+    stop_apps_on_exit: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -86,6 +90,7 @@ fn load_config(args: Args) -> anyhow::Result<Config> {
         labels: args.labels,
         ca: args.ca,
         join_token: args.join_token,
+        stop_apps_on_exit: args.stop_apps_on_exit,
     };
     Ok(Config::build(file, flags)?)
 }

@@ -69,6 +69,13 @@ impl HookRun {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedInstance {
     pub version: String,
+    /// The artifact the instance was started from (empty in a file from before it was kept).
+    #[serde(default)]
+    pub artifact_digest: String,
+    /// When its leader started, in clock ticks after boot, if known: a pid reused since by
+    /// another process is never taken for it.
+    #[serde(default)]
+    pub start_ticks: Option<u64>,
     /// The pid of the instance's leader, which is also its process group id.
     pub pid: i32,
     /// The random `FLEET_INSTANCE_ID` in the instance's environment.
@@ -215,6 +222,8 @@ mod tests {
                 "web",
                 Some(SavedInstance {
                     version: "1.0".into(),
+                    artifact_digest: "sha256:00".into(),
+                    start_ticks: Some(7),
                     pid: 42,
                     token: new_token(),
                     stop_signal: "TERM".into(),

@@ -6,8 +6,14 @@
 //!                    │             │            │            │           │ exits on its own
 //!                    └─────────────┴──── failed ┴────────────┘           v
 //!                                                     starting <──── crashed (backoff)
-//!  unassigned / agent shutdown:  (any) ──> stopping ──> stopped
+//!  unassigned (drain, remove, a new assignment elsewhere):  (any) ──> stopping ──> stopped
 //! ```
+//!
+//! The agent's own stop does not stop its apps: the instances keep running, `state.json` keeps
+//! their pids and tokens, and the agent's next run (a restart, an upgrade, after a SIGKILL)
+//! adopts each one that still runs its app's assigned release, without a restart, and watches
+//! it through a pidfd (it is no longer its child). Only `--stop-apps-on-exit` (a local fleet)
+//! stops them with the agent.
 //!
 //! What each transition guarantees:
 //! - **fetching**: the artifact is downloaded (or found in the cache) and verified against its
@@ -36,7 +42,7 @@
 //! command arriving while fetching or checking interrupts that step (a download resumes later).
 
 use crate::fetch::Fetcher;
-use crate::instance::{describe_exit, Instance, InstanceVars};
+use crate::instance::{Exit, Instance, InstanceVars};
 use crate::model::{
     digest_hex, release_dir_name, Assignment, DataLayout, InstanceState, Report, Reporter,
 };
@@ -45,7 +51,6 @@ use crate::smoke::{run_checks, CheckContext};
 use crate::state::{HookRun, StateStore};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -65,6 +70,9 @@ pub struct Context {
     pub fetcher: Fetcher,
     pub reporter: Arc<Reporter>,
     pub store: Arc<StateStore>,
+    /// Stop every instance when the agent stops (`--stop-apps-on-exit`, for a local fleet);
+    /// by default they keep running and the agent's next run adopts them.
+    pub stop_apps_on_exit: bool,
 }
 
 /// Commands to the manager.
@@ -146,6 +154,10 @@ pub struct Supervisor {
     apps: BTreeMap<String, AppHandle>,
     /// Tasks of apps being removed; a new task for the same app waits for its predecessor.
     retiring: BTreeMap<String, JoinHandle<()>>,
+    /// Instances an earlier run of the agent left running, by app, each with the record it
+    /// was found by: the app's task takes its instance over when its first assignment is the
+    /// release the instance runs.
+    adopted: BTreeMap<String, (crate::state::SavedInstance, Instance)>,
 }
 
 struct AppHandle {
@@ -154,15 +166,18 @@ struct AppHandle {
 }
 
 impl Supervisor {
-    /// Starts the manager task; send it commands through the returned sender.
+    /// Starts the manager task, with the instances an earlier run left running (see
+    /// [`Instance::adopt`]); send it commands through the returned sender.
     pub fn spawn(
         context: Arc<Context>,
+        adopted: BTreeMap<String, (crate::state::SavedInstance, Instance)>,
     ) -> (mpsc::UnboundedSender<SupervisorCommand>, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
             context,
             apps: BTreeMap::new(),
             retiring: BTreeMap::new(),
+            adopted,
         };
         (tx, tokio::spawn(supervisor.run(rx)))
     }
@@ -221,6 +236,7 @@ impl Supervisor {
                     restarts: 0,
                     consecutive_crashes: 0,
                     live: None,
+                    adopted: self.adopted.remove(&app),
                 };
                 let predecessor = self.retiring.remove(&app);
                 AppHandle {
@@ -264,11 +280,13 @@ struct AppTask {
     /// Crashes in a row without a stable run in between; sets the backoff.
     consecutive_crashes: u32,
     live: Option<Live>,
+    /// The instance an earlier run of the agent left running, until the first assignment.
+    adopted: Option<(crate::state::SavedInstance, Instance)>,
 }
 
 enum Event {
     Command(AppCommand),
-    Exited(ExitStatus),
+    Exited(Exit),
 }
 
 /// How starting and checking a fresh instance ended.
@@ -291,6 +309,9 @@ impl AppTask {
             };
             match event {
                 Event::Command(AppCommand::Assign(assignment)) => {
+                    if let Some((saved, instance)) = self.adopted.take() {
+                        self.take_over(saved, instance, &assignment).await;
+                    }
                     if decide(self.target.as_ref(), self.state, &assignment) == Decision::Keep {
                         continue;
                     }
@@ -304,11 +325,27 @@ impl AppTask {
                         .await;
                     return;
                 }
-                Event::Command(AppCommand::Shutdown) => {
+                Event::Command(AppCommand::Shutdown) if self.context.stop_apps_on_exit => {
                     self.stop_live("the agent is shutting down").await;
+                    if let Some((_, mut instance)) = self.adopted.take() {
+                        instance.stop().await;
+                        self.record_instance(None);
+                    }
                     return;
                 }
-                Event::Exited(status) => next = self.after_crash(status).await,
+                Event::Command(AppCommand::Shutdown) => {
+                    // Apps outlive their agent: its next run adopts them. Stopping them is
+                    // for drain, remove and new assignments.
+                    if let Some(live) = self.live.as_mut() {
+                        live.instance.detach();
+                        tracing::info!(app = %self.app, pid = live.instance.pid(), "the agent is stopping: leaving the instance running for its next run");
+                    }
+                    if let Some((_, instance)) = self.adopted.as_mut() {
+                        instance.detach();
+                    }
+                    return;
+                }
+                Event::Exited(exit) => next = self.after_crash(exit).await,
             }
         }
     }
@@ -322,7 +359,7 @@ impl AppTask {
             Some(live) => {
                 tokio::select! {
                     command = rx.recv() => Event::Command(command.unwrap_or(AppCommand::Shutdown)),
-                    status = live.instance.wait() => Event::Exited(status),
+                    exit = live.instance.wait() => Event::Exited(exit),
                 }
             }
             _ => Event::Command(rx.recv().await.unwrap_or(AppCommand::Shutdown)),
@@ -616,7 +653,9 @@ impl AppTask {
             Ok(instance) => instance,
             Err(e) => return Started::Failed(e.to_string()),
         };
-        self.record_instance(Some(instance.saved(&assignment.version)));
+        self.record_instance(Some(
+            instance.saved(&assignment.version, &assignment.artifact_digest),
+        ));
 
         let checks = &release.manifest.smoke;
         self.report_for(
@@ -645,9 +684,9 @@ impl AppTask {
             let race = async move {
                 tokio::select! {
                     checked = run_checks(checks, &context) => checked?,
-                    status = instance.wait() => return Err(format!(
+                    exit = instance.wait() => return Err(format!(
                         "the instance {} while the smoke checks ran (see the app's log)",
-                        describe_exit(&status)
+                        exit.describe()
                     )),
                 }
                 let checked_in = began.elapsed();
@@ -655,9 +694,9 @@ impl AppTask {
                 if !min_healthy.is_zero() {
                     tokio::select! {
                         () = tokio::time::sleep(min_healthy) => {}
-                        status = instance.wait() => return Err(format!(
+                        exit = instance.wait() => return Err(format!(
                             "the instance {} {} after its smoke checks passed, before it had stayed up for {} (min_healthy; see the app's log)",
-                            describe_exit(&status),
+                            exit.describe(),
                             fleet_proto::duration::format_duration(began.elapsed() - checked_in),
                             fleet_proto::duration::format_duration(min_healthy)
                         )),
@@ -702,6 +741,47 @@ impl AppTask {
         }
     }
 
+    /// Takes over the instance an earlier run of the agent left running when it runs
+    /// `assignment`'s release (same version and artifact) and that release is still unpacked
+    /// here: it is then the running instance, with no restart. Otherwise it is stopped, and the
+    /// assignment is deployed as usual.
+    async fn take_over(
+        &mut self,
+        saved: crate::state::SavedInstance,
+        mut instance: Instance,
+        assignment: &Assignment,
+    ) {
+        let same_release = saved.version == assignment.version
+            && saved.artifact_digest == assignment.artifact_digest;
+        let release_dir = self.context.layout.release_dir(
+            &self.app,
+            &assignment.version,
+            digest_hex(&assignment.artifact_digest),
+        );
+        let release = if same_release {
+            crate::releases::load(&release_dir).ok()
+        } else {
+            None
+        };
+        let Some(release) = release else {
+            let outcome = instance.stop().await;
+            self.record_instance(None);
+            tracing::info!(app = %self.app, "the instance left by the last run is not the assigned release: {outcome}");
+            return;
+        };
+        let pid = instance.pid();
+        self.live = Some(Live {
+            assignment: assignment.clone(),
+            release,
+            instance,
+        });
+        self.target = Some(assignment.clone());
+        self.report(
+            InstanceState::Running,
+            format!("pid {pid}: adopted after the agent's restart (it kept running)"),
+        );
+    }
+
     /// Reports about an instance of `assignment`: as the target's state when it is the
     /// target's deployment; under its own version, leaving the target's state alone, when it
     /// is the instance a failed converge left running (restarted after a crash).
@@ -719,7 +799,7 @@ impl AppTask {
     }
 
     /// The live instance exited on its own: report, back off, start again from origin.
-    async fn after_crash(&mut self, status: ExitStatus) -> Option<AppCommand> {
+    async fn after_crash(&mut self, exit: Exit) -> Option<AppCommand> {
         let live = self.live.as_mut()?;
         let stable = live.instance.started_at.elapsed() >= STABLE_RUN;
         live.instance.stop().await;
@@ -728,7 +808,7 @@ impl AppTask {
         if stable {
             self.consecutive_crashes = 0;
         }
-        let mut message = format!("the instance {}", describe_exit(&status));
+        let mut message = format!("the instance {}", exit.describe());
         loop {
             self.restarts += 1;
             self.consecutive_crashes += 1;

@@ -1,6 +1,7 @@
 //! The agent against an in-process fake controller: a resumed, verified fetch, a converge to
 //! `running`, idempotent resends, a crash and its restart, unassignment, graceful shutdown, and
-//! the agent binary brought back after a SIGKILL (its instance restarted from origin).
+//! the agent binary brought back after a SIGKILL (it adopts its instance, which a graceful stop
+//! leaves running too, unless `--stop-apps-on-exit`).
 
 use fleet_proto::pb;
 use fleet_proto::pb::agent_service_server::{AgentService, AgentServiceServer};
@@ -282,6 +283,8 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
         labels: BTreeMap::from([("env".to_string(), "test".to_string())]),
         ca: None,
         join_token: None,
+        // As a local fleet runs it: its apps go with it.
+        stop_apps_on_exit: true,
     };
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(fleet_agent::run(config, async {
@@ -416,18 +419,36 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let spawn_agent = || {
+    let spawn_agent = |extra: &[&str], log: &str| {
+        let log = std::fs::File::create(dir.path().join(log)).unwrap();
         ProcessGuard(
             std::process::Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
                 .args(["--controller", &format!("https://{dead_controller}")])
                 .args(["--name", "h1", "--advertise", "127.0.0.1", "--data-dir"])
                 .arg(&data_dir)
-                .stderr(std::process::Stdio::null())
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .stderr(log)
                 .spawn()
                 .unwrap(),
         )
     };
-    let mut first = spawn_agent();
+    // The agent says so when it has taken over the instance (its signal handlers are set up by
+    // then: they are before its apps' tasks first run).
+    let adopted = |log: &str| {
+        std::fs::read_to_string(dir.path().join(log))
+            .unwrap_or_default()
+            .contains("adopted after the agent's restart")
+            .then_some(())
+    };
+    let sigterm = |guard: &mut ProcessGuard| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(guard.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    };
+    let mut first = spawn_agent(&[], "first.log");
     let (pid1, token1) = eventually("the instance up without a controller", || {
         saved_instance(&data_dir).filter(|(p, t)| fleet_agent::instance::has_token(*p, t))
     })
@@ -436,27 +457,41 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
     first.0.wait().unwrap();
     assert!(fleet_agent::instance::has_token(pid1, &token1));
 
-    let mut second = spawn_agent();
-    let (pid2, token2) = eventually("a fresh instance after the agent's restart", || {
-        saved_instance(&data_dir)
-            .filter(|(p, t)| *p != pid1 && fleet_agent::instance::has_token(*p, t))
+    // The next run adopts it: same pid, same token, still recorded.
+    let mut second = spawn_agent(&[], "second.log");
+    eventually("the second agent to adopt the instance", || {
+        adopted("second.log")
     })
     .await;
-    assert!(
-        !fleet_agent::instance::has_token(pid1, &token1),
-        "the orphan was stopped"
-    );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(second.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    // A graceful stop leaves the app running for the next run.
+    sigterm(&mut second);
     let status = eventually("the agent to exit on SIGTERM", || {
         second.0.try_wait().unwrap()
     })
     .await;
     assert!(status.success(), "{status}");
-    assert!(!fleet_agent::instance::has_token(pid2, &token2));
+    assert!(
+        fleet_agent::instance::has_token(pid1, &token1),
+        "the instance outlived its agent"
+    );
+    assert_eq!(saved_instance(&data_dir), Some((pid1, token1.clone())));
+
+    // With --stop-apps-on-exit, the agent adopts it and stops it when it stops.
+    let mut third = spawn_agent(&["--stop-apps-on-exit"], "third.log");
+    eventually("the third agent to adopt the instance", || {
+        adopted("third.log")
+    })
+    .await;
+    sigterm(&mut third);
+    let status = eventually("the agent to exit on SIGTERM", || {
+        third.0.try_wait().unwrap()
+    })
+    .await;
+    assert!(status.success(), "{status}");
+    assert!(
+        !fleet_agent::instance::has_token(pid1, &token1),
+        "--stop-apps-on-exit stopped the adopted instance"
+    );
 }
 
 /// The state a report names, read from the enum, which must agree with the text field kept

@@ -341,6 +341,8 @@ async fn run_steps(
                 init_outcome.ca.display().to_string(),
                 "--join-token".to_string(),
                 token,
+                // A local fleet: its apps go when the demo stops its agents.
+                "--stop-apps-on-exit".to_string(),
             ],
         )?;
         host_addrs.push((name, advertise));

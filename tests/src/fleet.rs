@@ -384,6 +384,21 @@ impl Fleet {
         }
     }
 
+    /// Asks agent `name` to stop (SIGTERM, as `systemctl stop` does) and waits at most
+    /// `deadline` for it to exit; its exit status, or `None` when it was still running (it is
+    /// SIGKILLed then).
+    pub fn stop_agent(
+        &mut self,
+        name: &str,
+        deadline: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let mut guard = self.agent_mut(name).process.take()?;
+        guard.signal(Signal::SIGTERM);
+        let status = guard.wait_exit(deadline);
+        guard.kill_now();
+        status
+    }
+
     /// Starts a killed agent again with the same name, address and data dir.
     pub fn restart_agent(&mut self, name: &str) {
         self.kill_agent(name);
@@ -624,6 +639,16 @@ impl Fleet {
 /// Whether a rollout state is final.
 pub fn is_end_state(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "rolled_back" | "aborted")
+}
+
+/// `DIR/remote`, made searchable (0755) like the `/opt` a bootstrapped host's remote directory
+/// sits in: the apps there run as users of their own and pass through it.
+pub fn remote_parent(dir: &Path) -> PathBuf {
+    let parent = dir.join("remote");
+    std::fs::create_dir_all(&parent).expect("the remote parent dir");
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the remote parent dir");
+    parent
 }
 
 impl Drop for Fleet {

@@ -42,7 +42,7 @@ fn setup() -> Option<Setup> {
 
 impl Setup {
     fn remote_dir(&mut self, name: &str) -> PathBuf {
-        let dir = self.fleet.dir().join("remote").join(name);
+        let dir = fleet_tests::fleet::remote_parent(self.fleet.dir()).join(name);
         self.agents.remote_dirs.push(dir.clone());
         dir
     }
@@ -316,9 +316,10 @@ fn a_bootstrapped_host_runs_its_agent_takes_a_rollout_and_upgrades_in_place() {
         .json;
     assert_eq!(rollout["state"], "succeeded", "{rollout:#}");
     wait_serves(&advertise, "1.0.0", "b1");
+    let app_pid = fleet_tests::http::get_ok(&advertise, "/pid").expect("the app's pid");
 
     // Bootstrap again: the old agent is stopped, the new one started with the same data dir
-    // (so no new join is needed), and the host runs its release again.
+    // (so no new join is needed), and it adopts the app, which never stopped.
     let second = setup.bootstrap(&args).expect_code(0);
     let result = &second.json["results"][0];
     assert_eq!(result["install"]["upgraded"], true, "{result:#}");
@@ -329,6 +330,11 @@ fn a_bootstrapped_host_runs_its_agent_takes_a_rollout_and_upgrades_in_place() {
     });
     assert!(process::pid_is_alive(new_pid as u32));
     wait_serves(&advertise, "1.0.0", "b1");
+    assert_eq!(
+        fleet_tests::http::get_ok(&advertise, "/pid"),
+        Some(app_pid),
+        "the upgrade did not restart the app"
+    );
     let hosts = setup.fleet.ctl_ok(&["hosts"]);
     assert_eq!(hosts["hosts"].as_array().unwrap().len(), 1, "{hosts:#}");
 }

@@ -20,7 +20,7 @@ fn replace_brings_in_the_new_host_with_every_release_before_the_old_one_goes() {
     let Some(sshd) = Sshd::start(&fleet.dir().join("sshd"), &client.public_line) else {
         return;
     };
-    let remote = fleet.dir().join("remote").join("n1");
+    let remote = fleet_tests::fleet::remote_parent(fleet.dir()).join("n1");
     let _agents = RemoteAgents {
         remote_dirs: vec![remote.clone()],
     };

@@ -4,6 +4,7 @@
 //! REMOTE_DIR/bin/fleet-agent        the agent binary (replaced atomically)
 //! REMOTE_DIR/agent.toml             0600: controller, name, advertise, data_dir, labels, ca, join_token
 //! REMOTE_DIR/ca.pem                 the fleet CA the agent trusts (with mTLS)
+//! REMOTE_DIR/                       0711: apps (users of their own) pass through to data/
 //! REMOTE_DIR/data/                  the agent's data dir (credentials, releases, instances)
 //! REMOTE_DIR/fleet-agent.pid|.log   when no systemd runs: the detached agent's pid and log
 //! /etc/systemd/system/fleet-agent.service   where systemd runs (packaging/systemd)
@@ -310,7 +311,7 @@ fn install_script(dir: &str, arch_check: &str) -> String {
     format!(
         "set -e; umask 077; {arch_check}\
          staging={dir}/.incoming.$$; \
-         mkdir -p {dir}/bin {dir}/data \"$staging\"; cd {dir}; \
+         mkdir -p {dir}/bin {dir}/data \"$staging\"; chmod 711 {dir}; cd {dir}; \
          trap 'rm -rf \"$staging\"' EXIT; \
          tar -xf - -C \"$staging\"; \
          if [ -f bin/fleet-agent ] && cmp -s bin/fleet-agent \"$staging/fleet-agent\" 2>/dev/null; then \
