@@ -1,25 +1,11 @@
-//! The rollout engine's decisions as plain functions: how a host of a wave stands, given the
-//! facts the controller observed about it; whether a host that passed went down since; and what
-//! a wave's end means for the rollout (widen, pause after the canary, succeed, or halt and roll
-//! back). The executor in `rollout` gathers the facts and carries the verdicts out; these only
-//! decide, and are tested with tables.
+//! Waiting on a wave: how a host of it stands, from the facts observed about it; whether a
+//! host that passed went down since; what one look at the wave changes in the record; and what
+//! the wave's deadline does to the hosts still on their way.
 
+use super::{HostFacts, Observed};
 use crate::fleet_state::InstanceStatus;
 use crate::model::{HostResult, RolloutRecord};
 use fleet_proto::instance_state::InstanceState;
-use std::time::Duration;
-
-/// What the controller knows of one host of a wave.
-#[derive(Debug, Clone, Default)]
-pub struct HostFacts {
-    /// Its instance of the app, as last reported (while connected).
-    pub instance: Option<InstanceStatus>,
-    /// Whether the host is still registered (not removed).
-    pub registered: bool,
-    pub drained: bool,
-    /// How long nothing was heard from it, when it counts as lost.
-    pub lost_for_secs: Option<i64>,
-}
 
 /// How one host stands in the wave being waited on.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,47 +70,94 @@ pub fn went_down_after_passing(
     }
 }
 
-/// What the end of wave `idx` means for the rollout.
+/// What one look at a wave found.
 #[derive(Debug, Clone, PartialEq)]
-pub enum WaveVerdict {
-    /// Go on to the next wave.
-    Widen,
-    /// The canary passed: wait this long (`--pause-after-canary`), then widen.
-    PauseThenWiden(Duration),
-    /// That was the last wave and every host passed.
-    Succeed,
-    /// A host of this wave or an earlier one failed: halt, and roll back when asked to.
-    Halt { roll_back: bool },
+pub struct WaveProgress {
+    /// A line for each host whose result changed, for the operator (the record changed: save
+    /// it before they go out).
+    pub lines: Vec<String>,
+    /// Nothing more to wait for: every host of the wave passed, failed or was skipped, or a
+    /// host of this wave or an earlier one failed.
+    pub done: bool,
 }
 
-/// The verdict on wave `idx`, from the results its hosts and the earlier waves' hosts have
-/// now (a host that passed earlier and went down since counts as failed).
-pub fn wave_verdict(record: &RolloutRecord, idx: usize) -> WaveVerdict {
-    let passed = record.waves[..=idx]
+/// One look at wave `idx`: each host still deploying gets the outcome its facts give
+/// ([`host_outcome`]), and each host of this wave or an earlier one that passed fails if its
+/// instance went down since ([`went_down_after_passing`]). Reads the full facts of the wave's
+/// deploying hosts and only the instance of the hosts that passed.
+pub fn observe_wave(record: &mut RolloutRecord, idx: usize, observed: &Observed) -> WaveProgress {
+    let (rollout_id, version) = (record.id.clone(), record.version.clone());
+    let mut waiting = 0;
+    let mut lines = Vec::new();
+    for entry in &mut record.waves[idx].hosts {
+        if entry.result != HostResult::Deploying {
+            continue;
+        }
+        let (result, message, line) =
+            match host_outcome(observed.host(&entry.host), &rollout_id, &version) {
+                HostOutcome::Waiting => {
+                    waiting += 1;
+                    continue;
+                }
+                HostOutcome::Passed => (
+                    HostResult::Passed,
+                    "smoke checks passed".to_string(),
+                    format!("{} passed smoke checks", entry.host),
+                ),
+                HostOutcome::Failed(why) => {
+                    let line = format!("{} failed: {why}", entry.host);
+                    (HostResult::Failed, why, line)
+                }
+                HostOutcome::Skipped(why) => {
+                    let line = format!("{} skipped: {why}", entry.host);
+                    (HostResult::Skipped, why, line)
+                }
+            };
+        entry.result = result;
+        entry.message = message;
+        lines.push(line);
+    }
+    // A host that passed earlier must still be up.
+    for entry in record.waves[..=idx].iter_mut().flat_map(|w| &mut w.hosts) {
+        if entry.result != HostResult::Passed {
+            continue;
+        }
+        let instance = observed.host(&entry.host).instance.as_ref();
+        if let Some(why) = went_down_after_passing(instance, &rollout_id, &version) {
+            lines.push(format!("{} failed: {why}", entry.host));
+            entry.result = HostResult::Failed;
+            entry.message = why;
+        }
+    }
+    let any_failed = record.waves[..=idx]
         .iter()
         .flat_map(|w| &w.hosts)
-        .all(|h| matches!(h.result, HostResult::Passed | HostResult::Skipped));
-    if !passed {
-        return WaveVerdict::Halt {
-            roll_back: record.policy.auto_rollback,
-        };
+        .any(|h| h.result == HostResult::Failed);
+    WaveProgress {
+        lines,
+        done: waiting == 0 || any_failed,
     }
-    let last = idx + 1 >= record.waves.len();
-    if last {
-        return WaveVerdict::Succeed;
+}
+
+/// Wave `idx`'s deadline passed: each host still deploying fails, saying whether its agent was
+/// connected. Reads whether each deploying host is connected.
+pub fn wave_deadline_passed(record: &mut RolloutRecord, idx: usize, observed: &Observed) {
+    for entry in &mut record.waves[idx].hosts {
+        if entry.result == HostResult::Deploying {
+            entry.result = HostResult::Failed;
+            entry.message = if observed.host(&entry.host).connected {
+                "did not pass its smoke checks before the deadline".to_string()
+            } else {
+                "did not report before the deadline: host not connected".to_string()
+            };
+        }
     }
-    if idx == 0 && record.policy.canary > 0 && record.policy.pause_after_canary_ms > 0 {
-        return WaveVerdict::PauseThenWiden(Duration::from_millis(
-            record.policy.pause_after_canary_ms,
-        ));
-    }
-    WaveVerdict::Widen
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Batch, RolloutPolicy, RolloutState, Wave, WaveHost, WaveState};
+    use crate::step::fixtures::{instance, record, up};
 
     fn status(state: InstanceState, rollout: &str, restarts: u32) -> InstanceStatus {
         InstanceStatus {
@@ -223,109 +256,154 @@ mod tests {
         }
     }
 
-    fn record(
-        results: &[&[HostResult]],
-        canary: u32,
-        pause_ms: u64,
-        rollback: bool,
-    ) -> RolloutRecord {
-        RolloutRecord {
-            id: "r1".into(),
-            app: "web".into(),
-            version: "2.0".into(),
-            state: RolloutState::Running,
-            started_by: "ci".into(),
-            started_unix_ms: 0,
-            finished_unix_ms: 0,
-            waves: results
-                .iter()
-                .map(|hosts| Wave {
-                    hosts: hosts
-                        .iter()
-                        .enumerate()
-                        .map(|(i, result)| WaveHost {
-                            host: format!("h{i}"),
-                            previous_version: None,
-                            previous_deployment: None,
-                            result: *result,
-                            message: String::new(),
-                        })
-                        .collect(),
-                    state: WaveState::Running,
-                })
-                .collect(),
-            current_wave: 0,
-            message: String::new(),
-            policy: RolloutPolicy {
-                selector: Default::default(),
-                canary,
-                batch: Batch::Percent(25),
-                pause_after_canary_ms: pause_ms,
-                smoke_timeout_ms: 0,
-                auto_rollback: rollback,
-                skip_lost: false,
-                min_healthy_ms: None,
-                max_unavailable: None,
-            },
-            is_rollback: false,
-            seq: 1,
-            hold_until_unix_ms: 0,
-            max_unavailable: 0,
-            unavailable_at_start: Vec::new(),
+    /// Each host's result in the record, wave after wave.
+    fn results(record: &RolloutRecord) -> Vec<(String, HostResult)> {
+        record
+            .waves
+            .iter()
+            .flat_map(|w| &w.hosts)
+            .map(|h| (h.host.clone(), h.result))
+            .collect()
+    }
+
+    #[test]
+    fn one_look_at_a_wave() {
+        use HostResult::*;
+        use InstanceState::{Checking, Crashed, Running};
+        let on = |state: InstanceState| HostFacts {
+            instance: Some(instance(state, "2.0", "r1")),
+            ..up()
+        };
+        let restarted = HostFacts {
+            instance: Some(InstanceStatus {
+                restarts: 1,
+                ..instance(Running, "2.0", "r1")
+            }),
+            ..up()
+        };
+        // (the canary wave, the wave looked at, facts) -> (results after, lines, done)
+        type Row<'a> = (
+            &'a [(&'a str, HostResult)],
+            &'a [(&'a str, HostResult)],
+            Vec<(&'a str, HostFacts)>,
+            &'a [HostResult],
+            &'a [&'a str],
+            bool,
+        );
+        let rows: Vec<Row> =
+            vec![
+            // Passed once its instance of this rollout runs.
+            (
+                &[("c", Passed)],
+                &[("a", Deploying)],
+                vec![("c", on(Running)), ("a", on(Running))],
+                &[Passed, Passed],
+                &["a passed smoke checks"],
+                true,
+            ),
+            // Still checking: waited for.
+            (
+                &[("c", Passed)],
+                &[("a", Deploying)],
+                vec![("c", on(Running)), ("a", on(Checking))],
+                &[Passed, Deploying],
+                &[],
+                false,
+            ),
+            // A failure ends the wait, even with a host still on its way.
+            (
+                &[("c", Passed)],
+                &[("a", Deploying), ("b", Deploying)],
+                vec![("c", on(Running)), ("a", on(InstanceState::Failed)), ("b", on(Checking))],
+                &[Passed, Failed, Deploying],
+                &["a failed: exit status 1"],
+                true,
+            ),
+            // Removed during the wave: skipped.
+            (
+                &[("c", Passed)],
+                &[("a", Deploying)],
+                vec![("c", on(Running))],
+                &[Passed, Skipped],
+                &["a skipped: host was removed during the wave"],
+                true,
+            ),
+            // A canary that went down since it passed fails the wave being waited on.
+            (
+                &[("c", Passed)],
+                &[("a", Deploying)],
+                vec![("c", on(Crashed)), ("a", on(Checking))],
+                &[Failed, Deploying],
+                &["c failed: its instance went down after it passed: exit status 1"],
+                true,
+            ),
+            // A host that passes already restarted fails in the same look.
+            (
+                &[("c", Passed)],
+                &[("a", Deploying)],
+                vec![("c", on(Running)), ("a", restarted)],
+                &[Passed, Failed],
+                &[
+                    "a passed smoke checks",
+                    "a failed: its instance was restarted 1 time(s) after it passed (it crashed)",
+                ],
+                true,
+            ),
+            // Hosts that never started (skipped, or held back by a lost host) are not waited
+            // for.
+            (
+                &[("c", Passed)],
+                &[("a", Skipped), ("b", Pending)],
+                vec![("c", on(Running))],
+                &[Passed, Skipped, Pending],
+                &[],
+                true,
+            ),
+        ];
+        for (canary, wave, facts, expect, lines, done) in rows {
+            let mut record = record(&[canary, wave]);
+            let observed = Observed {
+                hosts: facts
+                    .into_iter()
+                    .map(|(name, f)| (name.to_string(), f))
+                    .collect(),
+            };
+            let progress = observe_wave(&mut record, 1, &observed);
+            let got: Vec<HostResult> = results(&record).into_iter().map(|(_, r)| r).collect();
+            assert_eq!(got, expect, "{wave:?}");
+            assert_eq!(progress.lines, lines, "{wave:?}");
+            assert_eq!(progress.done, done, "{wave:?}");
         }
     }
 
     #[test]
-    fn what_the_end_of_a_wave_means() {
+    fn the_deadline_fails_the_hosts_still_on_their_way() {
         use HostResult::*;
-        let ok: &[HostResult] = &[Passed];
-        let two_ok: &[HostResult] = &[Passed, Skipped];
-        let bad: &[HostResult] = &[Passed, Failed];
-        // (waves' results, wave that ended, canary, pause, auto-rollback) -> verdict
-        type Case<'a> = (Vec<&'a [HostResult]>, usize, u32, u64, bool, WaveVerdict);
-        let cases: Vec<Case> = vec![
-            (vec![ok, two_ok], 0, 1, 0, true, WaveVerdict::Widen),
+        // (result before, connected) -> (result after, message)
+        for (before, connected, after, message) in [
             (
-                vec![ok, two_ok],
-                0,
-                1,
-                5_000,
+                Deploying,
                 true,
-                WaveVerdict::PauseThenWiden(Duration::from_secs(5)),
-            ),
-            // No canary wave: nothing to pause after.
-            (vec![two_ok, two_ok], 0, 0, 5_000, true, WaveVerdict::Widen),
-            (vec![ok, two_ok], 1, 1, 5_000, true, WaveVerdict::Succeed),
-            (vec![ok], 0, 1, 5_000, true, WaveVerdict::Succeed),
-            (
-                vec![ok, bad],
-                1,
-                1,
-                0,
-                true,
-                WaveVerdict::Halt { roll_back: true },
+                Failed,
+                "did not pass its smoke checks before the deadline",
             ),
             (
-                vec![ok, bad],
-                1,
-                1,
-                0,
+                Deploying,
                 false,
-                WaveVerdict::Halt { roll_back: false },
+                Failed,
+                "did not report before the deadline: host not connected",
             ),
-            // A host of an earlier wave that went down since fails this one too.
-            (
-                vec![bad, two_ok],
-                1,
-                1,
-                0,
-                true,
-                WaveVerdict::Halt { roll_back: true },
-            ),
-        ];
-        for (waves, idx, canary, pause, rollback, expect) in cases {
-            let record = record(&waves, canary, pause, rollback);
-            assert_eq!(wave_verdict(&record, idx), expect, "{waves:?} wave {idx}");
+            (Passed, true, Passed, ""),
+            (Skipped, false, Skipped, ""),
+        ] {
+            let mut record = record(&[&[("a", before)]]);
+            let facts = HostFacts { connected, ..up() };
+            let observed = Observed {
+                hosts: [("a".to_string(), facts)].into(),
+            };
+            wave_deadline_passed(&mut record, 0, &observed);
+            let entry = &record.waves[0].hosts[0];
+            assert_eq!((entry.result, entry.message.as_str()), (after, message));
         }
     }
 }
