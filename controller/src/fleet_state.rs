@@ -862,20 +862,53 @@ impl FleetState {
     pub async fn update_hosts(
         &self,
         names: &[String],
-        change: impl FnMut(&mut HostRecord),
+        mut change: impl FnMut(&mut HostRecord),
         rollout: Option<&crate::model::RolloutRecord>,
     ) -> Result<Vec<HostRecord>, StoreError> {
-        let mut change = change;
+        let mut rollout = rollout.cloned();
+        self.write_hosts(names, |host, _| change(host), rollout.as_mut())
+            .await
+    }
+
+    /// [`FleetState::update_hosts`] for a rollout that records what it saw of each host:
+    /// `change` gets each host as it stands under the host lock together with the rollout's
+    /// record, so what it reads there (a host's release before the change) cannot go stale
+    /// before the write, and the record it leaves is written with the hosts in one
+    /// transaction.
+    pub async fn update_hosts_for_rollout(
+        &self,
+        names: &[String],
+        mut change: impl FnMut(&mut HostRecord, &mut crate::model::RolloutRecord),
+        rollout: &mut crate::model::RolloutRecord,
+    ) -> Result<Vec<HostRecord>, StoreError> {
+        self.write_hosts(
+            names,
+            |host, rollout| {
+                if let Some(rollout) = rollout {
+                    change(host, rollout);
+                }
+            },
+            Some(rollout),
+        )
+        .await
+    }
+
+    async fn write_hosts(
+        &self,
+        names: &[String],
+        mut change: impl FnMut(&mut HostRecord, Option<&mut crate::model::RolloutRecord>),
+        mut rollout: Option<&mut crate::model::RolloutRecord>,
+    ) -> Result<Vec<HostRecord>, StoreError> {
         let hosts = {
             let held = self.lock_hosts().await;
             let mut hosts = Vec::with_capacity(names.len());
             for name in names {
                 if let Some(mut host) = self.store.get_host(name)? {
-                    change(&mut host);
+                    change(&mut host, rollout.as_deref_mut());
                     hosts.push(host);
                 }
             }
-            let (written, rollout) = (hosts.clone(), rollout.cloned());
+            let (written, rollout) = (hosts.clone(), rollout.as_deref().cloned());
             let ((), _held) = self
                 .write_holding(held, move |store| {
                     store.put_hosts_and_rollout(&written, rollout.as_ref())

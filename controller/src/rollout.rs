@@ -11,14 +11,13 @@
 use crate::budget;
 use crate::fleet_state::FleetState;
 use crate::model::{
-    Batch, DeploymentRecord, Desired, HostResult, RolloutPolicy, RolloutRecord, RolloutState, Wave,
-    WaveHost, WaveState,
+    Batch, DeploymentRecord, HostRecord, HostResult, RolloutPolicy, RolloutRecord, RolloutState,
+    Wave, WaveHost, WaveState,
 };
 use crate::planner;
-use crate::step::{self, HostFacts, HostOutcome, WaveVerdict};
+use crate::step::{self, FitWave, HostFacts, Observed, WaveEnd};
 use crate::store::StoreError;
 use fleet_proto::duration::format_duration;
-use fleet_proto::instance_state::InstanceState;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -651,12 +650,7 @@ impl Executor {
     }
 
     fn wave_label(&self, idx: usize) -> String {
-        let n = self.record.waves.len();
-        if idx == 0 && self.record.policy.canary > 0 && !self.record.is_rollback {
-            format!("canary (wave 1/{n})")
-        } else {
-            format!("wave {}/{n}", idx + 1)
-        }
+        step::wave_label(&self.record, idx)
     }
 
     /// How long wave `idx` may take (see [`wave_deadline_for`]).
@@ -724,121 +718,68 @@ impl Executor {
                 WaitEnd::Aborted(actor) => return self.aborted(actor).await,
                 WaitEnd::Done | WaitEnd::Deadline => {}
             }
-            // Every host so far, earlier waves included: one that went down since it passed
-            // fails this wave too.
-            let verdict = step::wave_verdict(&self.record, idx);
-            let passed = !matches!(verdict, WaveVerdict::Halt { .. });
-            for entry in &mut self.record.waves[idx].hosts {
-                if entry.result == HostResult::Deploying {
-                    entry.message = "not waited for: another host of the wave failed".to_string();
-                }
-            }
-            let failed: Vec<String> = self.record.waves[..=idx]
-                .iter()
-                .flat_map(|w| &w.hosts)
-                .filter(|h| h.result == HostResult::Failed)
-                .map(|h| format!("{}: {}", h.host, h.message))
-                .collect();
-            if passed {
-                self.record.waves[idx].state = WaveState::Passed;
-                self.record.current_wave += 1;
-                let pause = match verdict {
-                    WaveVerdict::PauseThenWiden(pause) => Some(pause),
-                    _ => None,
-                };
-                // The pause's end goes into the same save as the canary's pass: a restart in
-                // between cannot skip it.
-                if let Some(pause) = pause {
-                    self.record.hold_until_unix_ms =
-                        fleet_proto::now_unix_ms() + pause.as_millis() as i64;
-                }
-                self.save().await?;
-                self.emit(format!(
-                    "{} passed in {}",
-                    self.wave_label(idx),
-                    format_duration(started.elapsed())
-                ));
-                if let Some(pause) = pause {
+            match step::settle_wave(&mut self.record, idx, fleet_proto::now_unix_ms()) {
+                WaveEnd::Passed { pause } => {
+                    // The pause's end is in this save, with the canary's pass: a restart in
+                    // between cannot skip it.
+                    self.save().await?;
                     self.emit(format!(
-                        "canary passed: waiting {} before widening",
-                        format_duration(pause)
+                        "{} passed in {}",
+                        self.wave_label(idx),
+                        format_duration(started.elapsed())
                     ));
-                    if let Some(actor) = self.hold_recorded().await? {
-                        return self.aborted(actor).await;
+                    if let Some(pause) = pause {
+                        self.emit(format!(
+                            "canary passed: waiting {} before widening",
+                            format_duration(pause)
+                        ));
+                        if let Some(actor) = self.hold_recorded().await? {
+                            return self.aborted(actor).await;
+                        }
                     }
                 }
-            } else {
-                self.record.waves[idx].state = WaveState::Failed;
-                let why = failed.join("; ");
-                self.record.message = format!("{} failed: {why}", self.wave_label(idx));
-                self.save().await?;
-                self.emit(format!("{} failed: {why}", self.wave_label(idx)));
-                self.fleet
-                    .event(
-                        &self.record.started_by,
-                        "rollout.halted",
-                        &self.record.app,
-                        "",
-                        format!(
-                            "rollout {} of {}@{} halted: {}",
-                            self.record.id,
-                            self.record.app,
-                            self.record.version,
-                            self.record.message
-                        ),
-                    )
-                    .await;
-                return if matches!(verdict, WaveVerdict::Halt { roll_back: true }) {
-                    self.roll_back(wave_deadline).await
-                } else {
-                    self.record.state = RolloutState::Failed;
-                    self.record.message.push_str(&format!(
-                        "; auto-rollback is off: hosts keep what they run; roll back with `fleetctl rollback {}`",
-                        self.record.app
-                    ));
-                    let line = format!("rollout {} failed", self.record.id);
-                    self.finish(line).await;
-                    Ok(())
-                };
+                WaveEnd::Halted { why, roll_back } => {
+                    self.save().await?;
+                    self.emit(format!("{} failed: {why}", self.wave_label(idx)));
+                    self.fleet
+                        .event(
+                            &self.record.started_by,
+                            "rollout.halted",
+                            &self.record.app,
+                            "",
+                            format!(
+                                "rollout {} of {}@{} halted: {}",
+                                self.record.id,
+                                self.record.app,
+                                self.record.version,
+                                self.record.message
+                            ),
+                        )
+                        .await;
+                    return if roll_back {
+                        self.roll_back(wave_deadline).await
+                    } else {
+                        self.record.state = RolloutState::Failed;
+                        self.record.message.push_str(&format!(
+                            "; auto-rollback is off: hosts keep what they run; roll back with `fleetctl rollback {}`",
+                            self.record.app
+                        ));
+                        let line = format!("rollout {} failed", self.record.id);
+                        self.finish(line).await;
+                        Ok(())
+                    };
+                }
             }
         }
-        self.record.state = RolloutState::Succeeded;
-        self.record.message = format!(
-            "{}@{} runs on {} hosts",
-            self.record.app,
-            self.record.version,
-            self.record
-                .waves
-                .iter()
-                .map(|w| w.hosts.len())
-                .sum::<usize>()
-        );
+        // The deployment `(app, selector)` now stands at this release, written with the
+        // rollout's end: hosts that join, return or change labels converge to it.
+        let deployments = self.fleet.deployments(Some(&self.record.app))?;
+        let deployment = step::succeed(&mut self.record, &deployments, fleet_proto::now_unix_ms());
         let line = format!(
             "rollout {} succeeded: {}",
             self.record.id, self.record.message
         );
-        // The deployment `(app, selector)` now stands at this release, written with the
-        // rollout's end: hosts that join, return or change labels converge to it.
-        self.record.finished_unix_ms = fleet_proto::now_unix_ms();
-        let deployment = DeploymentRecord {
-            app: self.record.app.clone(),
-            selector: self.record.policy.selector.clone(),
-            version: self.record.version.clone(),
-            rollout_id: self.record.id.clone(),
-            updated_unix_ms: self.record.finished_unix_ms,
-            updated_by: self.record.started_by.clone(),
-            seq: self.record.seq,
-        };
-        // A rollback moves its deployment back; one of an app that has no deployment (its hosts
-        // ran it before deployments existed) leaves none: that would select every host.
-        let key = DeploymentRecord::key(&deployment.app, &deployment.selector);
-        let moves_a_deployment = !self.record.is_rollback
-            || self
-                .fleet
-                .deployments(Some(&self.record.app))?
-                .iter()
-                .any(|d| DeploymentRecord::key(&d.app, &d.selector) == key);
-        if moves_a_deployment {
+        if let Some(deployment) = deployment {
             self.fleet
                 .complete_rollout(&self.record, deployment)
                 .await?;
@@ -910,31 +851,64 @@ impl Executor {
         Ok(aborted_by)
     }
 
-    /// Points the wave's hosts at the new release, recording what each ran before. Only this
-    /// executor changes this app's desired release on these hosts (one rollout per app), so
-    /// the previous versions read first cannot change before the write.
+    /// The facts about `host` the steps decide from, from its record (`None`: removed).
+    fn host_facts(&self, host: &str, record: Option<HostRecord>) -> HostFacts {
+        HostFacts {
+            instance: self.fleet.instance(host, &self.record.app),
+            registered: record.is_some(),
+            drained: record.as_ref().is_some_and(|r| r.drain.is_some()),
+            lost_for_secs: record
+                .as_ref()
+                .filter(|r| self.fleet.is_lost(r))
+                .map(|r| self.fleet.silent_for_secs(r)),
+            desired: record.and_then(|mut r| r.desired.remove(&self.record.app)),
+            connected: self.fleet.is_connected(host),
+        }
+    }
+
+    /// The facts about `hosts`, as they stand now.
+    fn observe<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Observed, StoreError> {
+        let mut observed = Observed::default();
+        for host in hosts {
+            let record = self.fleet.host_record(host)?;
+            observed
+                .hosts
+                .insert(host.to_string(), self.host_facts(host, record));
+        }
+        Ok(observed)
+    }
+
+    /// The facts about `hosts` while waiting on them: a host whose record cannot be read counts
+    /// as removed (a wait has no way to fail).
+    fn observe_waiting<'a>(&self, hosts: impl IntoIterator<Item = &'a str>) -> Observed {
+        let mut observed = Observed::default();
+        for host in hosts {
+            let record = self.fleet.host_record(host).ok().flatten();
+            observed
+                .hosts
+                .insert(host.to_string(), self.host_facts(host, record));
+        }
+        observed
+    }
+
+    /// The hosts of wave `idx` by their result.
+    fn wave_hosts(&self, idx: usize, result: HostResult) -> Vec<String> {
+        self.record.waves[idx]
+            .hosts
+            .iter()
+            .filter(|h| h.result == result)
+            .map(|h| h.host.clone())
+            .collect()
+    }
+
     /// The selected hosts outside wave `idx` that have no healthy instance of the app now,
     /// each as `host: why`.
     fn down_outside_wave(&self, idx: usize) -> Result<Vec<String>, StoreError> {
-        let mut candidates: std::collections::BTreeSet<String> = self
-            .record
-            .waves
-            .iter()
-            .enumerate()
-            .filter(|(w, _)| *w != idx)
-            .flat_map(|(_, wave)| wave.hosts.iter().map(|h| h.host.clone()))
-            .collect();
-        // Hosts left out at the start (drained) are selected too.
-        for entry in &self.record.unavailable_at_start {
-            if let Some((host, _)) = entry.split_once(": ") {
-                candidates.insert(host.to_string());
-            }
-        }
-        for host in &self.record.waves[idx].hosts {
-            candidates.remove(&host.host);
-        }
         let mut down = Vec::new();
-        for name in candidates {
+        for name in step::outside_wave(&self.record, idx) {
             let Some(host) = self.fleet.host_record(&name)? else {
                 continue;
             };
@@ -951,43 +925,26 @@ impl Executor {
         Ok(down)
     }
 
-    /// Shrinks wave `idx` to what an explicit unavailability budget (`--max-unavailable`)
-    /// leaves, moving the rest into a new wave after it (never splitting the canary, which is
-    /// waited for whole); while it leaves nothing, waits for hosts to come back until the
+    /// Fits wave `idx` to an explicit unavailability budget (`--max-unavailable`,
+    /// [`step::fit_wave`]); while it leaves nothing, waits for hosts to come back until the
     /// wave's deadline, or an abort. `Spent` when the budget stayed spent: the wave's hosts are
     /// then failed, and the rollout halts.
     async fn fit_wave_to_budget(&mut self, idx: usize) -> Result<Fit, StoreError> {
-        let budget = self.record.max_unavailable as usize;
-        if budget == 0 || self.record.policy.max_unavailable.is_none() {
+        if step::explicit_budget(&self.record).is_none() {
             return Ok(Fit::Go);
         }
-        let is_canary = idx == 0 && self.record.policy.canary > 0 && !self.record.is_rollback;
         let until = tokio::time::Instant::now() + self.wave_deadline(idx)?;
         let mut changes = self.fleet.changes();
         loop {
             changes.borrow_and_update();
             let down = self.down_outside_wave(idx)?;
-            let wave_len = self.record.waves[idx].hosts.len();
-            match budget::fit(budget, down.len(), wave_len, is_canary) {
-                budget::WaveFit::Whole => return Ok(Fit::Go),
-                budget::WaveFit::Shrink(room) => {
-                    let rest = self.record.waves[idx].hosts.split_off(room);
-                    self.record.waves.insert(
-                        idx + 1,
-                        Wave {
-                            hosts: rest,
-                            state: WaveState::Pending,
-                        },
-                    );
-                    self.emit(format!(
-                        "{} shrinks to {room} host(s): --max-unavailable {budget} with {} already down ({})",
-                        self.wave_label(idx),
-                        down.len(),
-                        down.join(", ")
-                    ));
+            match step::fit_wave(&mut self.record, idx, &down) {
+                FitWave::Go => return Ok(Fit::Go),
+                FitWave::Shrunk(line) => {
+                    self.emit(line);
                     return Ok(Fit::Go);
                 }
-                budget::WaveFit::Wait => {}
+                FitWave::Wait => {}
             }
             let waited = tokio::select! {
                 _ = changes.changed() => true,
@@ -995,127 +952,70 @@ impl Executor {
                 actor = abort_requested(&mut self.control) => return Ok(Fit::Aborted(actor)),
             };
             if !waited {
-                let why = format!(
-                    "not started: --max-unavailable {budget} is spent by {}; bring those hosts back, or roll out again with a larger budget",
-                    down.join(", ")
-                );
-                for entry in &mut self.record.waves[idx].hosts {
-                    entry.result = HostResult::Failed;
-                    entry.message = why.clone();
-                }
-                self.record.waves[idx].state = WaveState::Running;
+                step::wave_budget_spent(&mut self.record, idx, &down);
                 self.save().await?;
                 return Ok(Fit::Spent);
             }
         }
     }
 
+    /// Starts wave `idx` ([`step::start_wave`]): points the hosts that take the release at it
+    /// and records what each ran before, read under the host lock in the same transaction
+    /// that writes the new desired release and the record ([`step::give_release`]).
     async fn begin_wave(&mut self, idx: usize) -> Result<(), StoreError> {
-        let app = self.record.app.clone();
-        let mut names = Vec::with_capacity(self.record.waves[idx].hosts.len());
-        let mut skipped = Vec::new();
-        for entry in &mut self.record.waves[idx].hosts {
-            let Some(host) = self.fleet.host_record(&entry.host)? else {
-                entry.result = HostResult::Skipped;
-                entry.message = "host was removed".to_string();
-                skipped.push(format!("{}: removed", entry.host));
-                continue;
-            };
-            entry.previous_version = host.desired.get(&app).map(|d| d.version.clone());
-            entry.previous_deployment = host.desired.get(&app).and_then(|d| d.deployment.clone());
-            if host.drain.is_some() {
-                entry.result = HostResult::Skipped;
-                entry.message = "host is drained".to_string();
-                skipped.push(format!("{}: drained", entry.host));
-            } else if self.fleet.is_lost(&host) {
-                let silent = self.fleet.silent_for_secs(&host);
-                if self.record.policy.skip_lost {
-                    entry.result = HostResult::Skipped;
-                    entry.message = format!("host is lost (silent for {silent}s)");
-                    skipped.push(format!("{}: lost", entry.host));
-                } else {
-                    entry.result = HostResult::Failed;
-                    entry.message = format!(
-                        "host is lost (nothing heard from it for {silent}s): bring it back, drain it, or roll out with --skip-lost"
-                    );
-                }
-            } else {
-                entry.result = HostResult::Deploying;
-                names.push(entry.host.clone());
-            }
-        }
-        self.record.waves[idx].state = WaveState::Running;
-        // A lost host halts the wave before anything changes: no host of it takes the release
-        // (nor runs the release hook) only to be rolled back at once.
-        if self.record.waves[idx]
+        let names: Vec<String> = self.record.waves[idx]
             .hosts
             .iter()
-            .any(|h| h.result == HostResult::Failed)
-        {
-            for entry in &mut self.record.waves[idx].hosts {
-                if entry.result == HostResult::Deploying {
-                    entry.result = HostResult::Pending;
-                    entry.message = "not started: another host of the wave is lost".to_string();
-                }
-            }
+            .map(|h| h.host.clone())
+            .collect();
+        let observed = self.observe(names.iter().map(String::as_str))?;
+        let start = step::start_wave(&mut self.record, idx, &observed);
+        if start.halted {
             self.save().await?;
             return Ok(());
         }
-        // The release hook runs once per rollout, on the first host that takes the release.
-        let hook_host = (idx == 0 && !self.record.is_rollback)
-            .then(|| names.first().cloned())
-            .flatten();
-        let desired = Desired {
-            version: self.record.version.clone(),
-            rollout_id: self.record.id.clone(),
-            generation: self.record.seq,
-            smoke_timeout_ms: self.record.policy.smoke_timeout_ms,
-            run_release_hook: false,
-            min_healthy_ms: self.record.policy.min_healthy_ms,
-            deployment: Some(DeploymentRecord::key(&app, &self.record.policy.selector)),
-        };
+        let hook_host = start.hook_host.as_deref();
         self.fleet
-            .update_hosts(
-                &names,
-                |host| {
-                    let mut desired = desired.clone();
-                    desired.run_release_hook = hook_host.as_deref() == Some(host.name.as_str());
-                    host.desired.insert(app.clone(), desired);
-                },
-                Some(&self.record),
+            .update_hosts_for_rollout(
+                &start.deploy,
+                |host, record| step::give_release(record, idx, host, hook_host),
+                &mut self.record,
             )
             .await?;
-        if !skipped.is_empty() {
+        if !start.skipped.is_empty() {
             self.emit(format!(
                 "{}: skipping {}",
                 self.wave_label(idx),
-                skipped.join(", ")
+                start.skipped.join(", ")
             ));
         }
-        if !names.is_empty() {
+        if !start.deploy.is_empty() {
             self.emit(format!(
                 "{}: deploying {}@{} to {}",
                 self.wave_label(idx),
                 self.record.app,
                 self.record.version,
-                names.join(", ")
+                start.deploy.join(", ")
             ));
         }
         Ok(())
     }
 
-    /// The facts about `host` that its outcome in this rollout is decided from.
-    fn host_facts(&self, host: &str) -> HostFacts {
-        let record = self.fleet.host_record(host).ok().flatten();
-        HostFacts {
-            instance: self.fleet.instance(host, &self.record.app),
-            registered: record.is_some(),
-            drained: record.as_ref().is_some_and(|r| r.drain.is_some()),
-            lost_for_secs: record
-                .as_ref()
-                .filter(|r| self.fleet.is_lost(r))
-                .map(|r| self.fleet.silent_for_secs(r)),
+    /// What one look at wave `idx` reads: the full facts of its hosts still deploying, and
+    /// the instance of each host that passed (it must stay up).
+    fn observe_wave(&self, idx: usize) -> Observed {
+        let deploying = self.wave_hosts(idx, HostResult::Deploying);
+        let mut observed = self.observe_waiting(deploying.iter().map(String::as_str));
+        for entry in self.record.waves[..=idx].iter().flat_map(|w| &w.hosts) {
+            if entry.result == HostResult::Passed {
+                let facts = HostFacts {
+                    instance: self.fleet.instance(&entry.host, &self.record.app),
+                    ..HostFacts::default()
+                };
+                observed.hosts.insert(entry.host.clone(), facts);
+            }
         }
+        observed
     }
 
     /// Waits until every host of the wave passed or failed, the deadline passed, or an abort.
@@ -1124,119 +1024,54 @@ impl Executor {
         let deadline = tokio::time::Instant::from_std(deadline);
         loop {
             changes.borrow_and_update();
-            let mut waiting = 0;
-            let mut newly = Vec::new();
-            for h_idx in 0..self.record.waves[idx].hosts.len() {
-                let host = self.record.waves[idx].hosts[h_idx].host.clone();
-                if self.record.waves[idx].hosts[h_idx].result != HostResult::Deploying {
-                    continue;
-                }
-                match step::host_outcome(
-                    &self.host_facts(&host),
-                    &self.record.id,
-                    &self.record.version,
-                ) {
-                    HostOutcome::Waiting => waiting += 1,
-                    HostOutcome::Passed => {
-                        let entry = &mut self.record.waves[idx].hosts[h_idx];
-                        entry.result = HostResult::Passed;
-                        entry.message = "smoke checks passed".to_string();
-                        newly.push(format!("{host} passed smoke checks"));
-                    }
-                    HostOutcome::Failed(why) => {
-                        let entry = &mut self.record.waves[idx].hosts[h_idx];
-                        entry.result = HostResult::Failed;
-                        entry.message = why.clone();
-                        newly.push(format!("{host} failed: {why}"));
-                    }
-                    HostOutcome::Skipped(why) => {
-                        let entry = &mut self.record.waves[idx].hosts[h_idx];
-                        entry.result = HostResult::Skipped;
-                        entry.message = why.clone();
-                        newly.push(format!("{host} skipped: {why}"));
-                    }
-                }
-            }
-            // A host that passed earlier must still be up.
-            for w_idx in 0..=idx {
-                for h_idx in 0..self.record.waves[w_idx].hosts.len() {
-                    let entry = &self.record.waves[w_idx].hosts[h_idx];
-                    if entry.result != HostResult::Passed {
-                        continue;
-                    }
-                    let instance = self.fleet.instance(&entry.host, &self.record.app);
-                    if let Some(why) = step::went_down_after_passing(
-                        instance.as_ref(),
-                        &self.record.id,
-                        &self.record.version,
-                    ) {
-                        let entry = &mut self.record.waves[w_idx].hosts[h_idx];
-                        entry.result = HostResult::Failed;
-                        entry.message = why.clone();
-                        newly.push(format!("{} failed: {why}", entry.host));
-                    }
-                }
-            }
-            if !newly.is_empty() {
+            let observed = self.observe_wave(idx);
+            let progress = step::observe_wave(&mut self.record, idx, &observed);
+            if !progress.lines.is_empty() {
                 if let Err(e) = self.save().await {
                     tracing::error!("cannot save rollout {}: {e}", self.record.id);
                 }
-                for line in newly {
+                for line in progress.lines {
                     self.emit(line);
                 }
             }
-            let any_failed = self.record.waves[..=idx]
-                .iter()
-                .flat_map(|w| &w.hosts)
-                .any(|h| h.result == HostResult::Failed);
-            if waiting == 0 || any_failed {
+            if progress.done {
                 return WaitEnd::Done;
             }
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    for entry in &mut self.record.waves[idx].hosts {
-                        if entry.result == HostResult::Deploying {
-                            entry.result = HostResult::Failed;
-                            entry.message = if self.fleet.is_connected(&entry.host) {
-                                "did not pass its smoke checks before the deadline".to_string()
-                            } else {
-                                "did not report before the deadline: host not connected".to_string()
-                            };
-                        }
-                    }
-                    return WaitEnd::Deadline;
-                }
-                _ = changes.changed() => {}
+            let deadline_passed = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => true,
+                _ = changes.changed() => false,
                 changed = self.control.changed() => {
                     if changed.is_ok() {
                         if let (Control::Abort, actor) = self.control.borrow().clone() {
                             return WaitEnd::Aborted(actor);
                         }
                     }
+                    false
                 }
+            };
+            if deadline_passed {
+                let deploying = self.wave_hosts(idx, HostResult::Deploying);
+                let observed = self.observe_waiting(deploying.iter().map(String::as_str));
+                step::wave_deadline_passed(&mut self.record, idx, &observed);
+                return WaitEnd::Deadline;
             }
         }
     }
 
-    /// Puts every host this rollout touched back on the release it ran before.
+    /// Puts every host this rollout touched back on the release it ran before
+    /// ([`step::plan_rollback`]), and waits for them.
     async fn roll_back(&mut self, deadline: Duration) -> Result<(), StoreError> {
         let app = self.record.app.clone();
-        // The hosts this rollout changed are those whose desired release is still its own; a
-        // host that failed before it was changed (lost, say) has nothing to undo.
-        let mut touched: Vec<(usize, usize)> = Vec::new();
-        for (w_idx, wave) in self.record.waves.iter().enumerate() {
-            for (h_idx, entry) in wave.hosts.iter().enumerate() {
-                let changed = self.fleet.host_record(&entry.host)?.is_some_and(|host| {
-                    host.desired
-                        .get(&app)
-                        .is_some_and(|d| d.rollout_id == self.record.id)
-                });
-                if changed {
-                    touched.push((w_idx, h_idx));
-                }
-            }
-        }
-        if touched.is_empty() {
+        let names: Vec<String> = self
+            .record
+            .waves
+            .iter()
+            .flat_map(|w| &w.hosts)
+            .map(|h| h.host.clone())
+            .collect();
+        let observed = self.observe(names.iter().map(String::as_str))?;
+        let plan = step::plan_rollback(&self.record, &observed);
+        if plan.touched.is_empty() {
             self.record.state = RolloutState::RolledBack;
             let line = format!(
                 "rollout {} halted: no host had taken {}",
@@ -1245,45 +1080,18 @@ impl Executor {
             self.finish(line).await;
             return Ok(());
         }
-        let previous: HashMap<String, (Option<String>, Option<String>)> = touched
-            .iter()
-            .map(|&(w, h)| {
-                let entry = &self.record.waves[w].hosts[h];
-                (
-                    entry.host.clone(),
-                    (
-                        entry.previous_version.clone(),
-                        entry.previous_deployment.clone(),
-                    ),
-                )
-            })
-            .collect();
-        let names: Vec<String> = previous.keys().cloned().collect();
         self.emit(format!(
             "rolling back {} to the releases they ran before",
-            names.join(", ")
+            plan.hosts.join(", ")
         ));
-        let rollout_id = self.record.id.clone();
-        let generation = self.record.seq;
         let snapshot = self.record.clone();
         self.fleet
             .update_hosts(
-                &names,
-                |host| match previous.get(&host.name).cloned() {
+                &plan.hosts,
+                |host| match plan.restore.get(&host.name) {
                     // Back to what it ran, as it was given (by a deployment or not).
-                    Some((Some(version), deployment)) => {
-                        host.desired.insert(
-                            app.clone(),
-                            Desired {
-                                version,
-                                rollout_id: rollout_id.clone(),
-                                generation,
-                                smoke_timeout_ms: 0,
-                                run_release_hook: false,
-                                min_healthy_ms: None,
-                                deployment,
-                            },
-                        );
+                    Some(Some(desired)) => {
+                        host.desired.insert(app.clone(), desired.clone());
                     }
                     _ => {
                         host.desired.remove(&app);
@@ -1295,6 +1103,7 @@ impl Executor {
 
         // Wait until each host runs its previous release again (or has stopped the app), or
         // until someone aborts: the hosts still go back, the rollout stops waiting for them.
+        let touched = plan.touched;
         let mut lost_hosts: Vec<String> = Vec::new();
         let fleet = self.fleet.clone();
         let until = tokio::time::Instant::now() + deadline;
@@ -1334,72 +1143,26 @@ impl Executor {
         Ok(())
     }
 
-    /// One look at the hosts a rollback waits on: marks those back on their previous release
-    /// (or lost, which cannot confirm) and says whether every one is settled.
+    /// One look at the hosts a rollback waits on ([`step::note_rollback_progress`]); says
+    /// whether every one is settled.
     fn note_hosts_back(
         &mut self,
         touched: &[(usize, usize)],
         lost_hosts: &mut Vec<String>,
     ) -> bool {
-        let app = self.record.app.clone();
-        let rollout_id = self.record.id.clone();
-        let mut all_back = true;
-        for &(w, h) in touched {
-            let entry = &self.record.waves[w].hosts[h];
-            if entry.result == HostResult::RolledBack || lost_hosts.contains(&entry.host) {
-                continue;
-            }
-            let lost = self
-                .fleet
-                .host_record(&entry.host)
-                .ok()
-                .flatten()
-                .is_some_and(|record| self.fleet.is_lost(&record));
-            if lost {
-                // A lost host cannot confirm; it gets its previous release when it returns.
-                let host = entry.host.clone();
-                let entry = &mut self.record.waves[w].hosts[h];
-                entry.message = format!(
-                    "{} (lost: goes back to {} when it returns)",
-                    entry.message,
-                    entry.previous_version.as_deref().unwrap_or("nothing")
-                );
-                self.emit(format!("{host} is lost: it goes back when it returns"));
-                lost_hosts.push(host);
-                continue;
-            }
-            let instance = self.fleet.instance(&entry.host, &app);
-            let back = match &entry.previous_version {
-                Some(version) => instance.is_some_and(|i| {
-                    &i.version == version
-                        && i.rollout_id == rollout_id
-                        && i.state == InstanceState::Running
-                }),
-                None => instance.is_none_or(|i| {
-                    matches!(i.state, InstanceState::Stopped | InstanceState::Failed)
-                }),
-            };
-            if back {
-                let entry = &mut self.record.waves[w].hosts[h];
-                entry.result = HostResult::RolledBack;
-                entry.message = match &entry.previous_version {
-                    Some(v) => format!("{} (rolled back to {v})", entry.message),
-                    None => format!(
-                        "{} (rolled back: {app} stopped, it ran no earlier release)",
-                        entry.message
-                    ),
-                };
-                let line = format!(
-                    "{} is back on {}",
-                    entry.host,
-                    entry.previous_version.as_deref().unwrap_or("nothing")
-                );
-                self.emit(line);
-            } else {
-                all_back = false;
-            }
+        let waiting: Vec<String> = touched
+            .iter()
+            .map(|&(w, h)| &self.record.waves[w].hosts[h])
+            .filter(|e| e.result != HostResult::RolledBack && !lost_hosts.contains(&e.host))
+            .map(|e| e.host.clone())
+            .collect();
+        let observed = self.observe_waiting(waiting.iter().map(String::as_str));
+        let progress =
+            step::note_rollback_progress(&mut self.record, touched, lost_hosts, &observed);
+        for line in progress.lines {
+            self.emit(line);
         }
-        all_back
+        progress.all_back
     }
 
     async fn aborted(&mut self, actor: String) -> Result<(), StoreError> {
