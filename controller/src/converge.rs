@@ -5,20 +5,40 @@
 //! from lost or changes labels is given the deployment's current release (or, when no
 //! deployment matches it any more, none).
 //!
-//! What it decides is [`wanted`], a plain function of the host and the deployments; [`run`] does
-//! the I/O. It never takes an app's rollout lock: a host that a rollout under way has already
+//! What it decides are plain functions: [`wanted`] (what a host should run of an app, from its
+//! labels and the app's deployments), [`converge_now`] (which of the hosts that should change
+//! go now, under the budget) and [`settled`] (how a convergence ended); [`run`] does the I/O.
+//!
+//! **The budget.** A host that converges counts against the unavailability budget like a
+//! rollout's hosts: per deployment, no more of the hosts it selects may be unavailable
+//! ([`budget::unavailable`], plus the hosts still converging) than its budget, which is the
+//! `max_unavailable` its last rollout ran with (`RolloutRecord::max_unavailable`), or 1 for a
+//! rollout from before budgets. A host that serves the app healthy goes only within that
+//! budget; a host that is down already goes at once (converging is its way up), and so does a
+//! host never given the app, such as a fresh joiner (starting it takes nothing down; it counts
+//! as down from then until it is healthy). A host that waits is taken when the converger wakes
+//! again: it wakes on reports that end a transition while anything waits. A convergence that
+//! fails leaves its host failed (and so down, holding the budget) and touches no other host.
+//!
+//! **History.** Every convergence is a [`ConvergenceRecord`], written with the desired state it
+//! sets, shown by `history APP` and settled (passed, failed, stopped, superseded) once its host
+//! reports; it says why the host moved (`joined`, `relabeled by ann`, ...) as `FleetState`
+//! noted it. It never takes an app's rollout lock: a host that a rollout under way has already
 //! changed is the rollout's; any other host converges to the deployment's current release, and
 //! the rollout takes it later like any other host. A host that a failed (no auto-rollback) or
 //! aborted rollout left on its release stays held there, shown as drift, until the next rollout
 //! of its deployment; one that a rolled-back rollout put back stays as it was before it.
 
+use crate::budget;
 use crate::fleet_state::{FleetState, InstanceStatus};
-use crate::model::{DeploymentRecord, Desired, HostRecord, RolloutState};
+use crate::model::{
+    ConvergenceRecord, ConvergenceResult, DeploymentRecord, Desired, HostRecord, RolloutState,
+};
 use crate::planner;
 use crate::rollout::Rollouts;
 use crate::store::StoreError;
 use fleet_proto::instance_state::InstanceState;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -185,25 +205,213 @@ pub fn report(fleet: &FleetState, app: Option<&str>) -> Result<Vec<DeploymentRep
     Ok(reports)
 }
 
-/// Keeps hosts on their deployments until `stop` turns true: after every change of the fleet's
-/// shape (a host connects, is relabeled, drained, undrained or forgotten; a rollout ends), not
-/// on every instance report, and once at start.
+/// How a host that should converge stands now, for the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// It runs a healthy instance of the app: converging it takes that down.
+    Serving,
+    /// It has no healthy instance and already counts as down for its deployment.
+    Down,
+    /// It has no healthy instance and does not count yet (a host never given the app, such as
+    /// a fresh joiner): converging it takes nothing down, but it counts once given the app.
+    Idle,
+}
+
+/// A host that should change one app now (its [`Want`] is not `Keep`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub host: String,
+    pub app: String,
+    /// The deployment it counts against (`DeploymentRecord::key`): the one that selects it,
+    /// or, for an app taken away, the one that gave it.
+    pub deployment: String,
+    pub standing: Standing,
+}
+
+/// The budget of a deployment whose last rollout ran with `max_unavailable` (0 or `None` for
+/// a rollout from before budgets, or one that is gone): the same, or 1.
+pub fn default_budget(max_unavailable: Option<u32>) -> usize {
+    max_unavailable.unwrap_or(0).max(1) as usize
+}
+
+/// Which of `candidates` converge now; the others wait until the converger is woken again.
+/// `down` counts, per deployment, the hosts it selects that are unavailable now (see
+/// [`budget::unavailable`]) or still converging; `budgets` is each deployment's budget (one
+/// missing counts as 1). The rules, in order:
+///
+/// - a host that is `Down` always goes: it is down already, and converging it is the way up;
+/// - a host that is `Idle` always goes (starting it takes nothing down), and counts as down
+///   from then on, so it is taken before the serving ones;
+/// - a `Serving` host goes only while fewer of its deployment's hosts are down than the
+///   budget allows, and counts as down from then on;
+/// - within each kind, in the order given.
+pub fn converge_now(
+    candidates: &[Candidate],
+    down: &BTreeMap<String, usize>,
+    budgets: &BTreeMap<String, usize>,
+) -> Vec<Candidate> {
+    let mut down = down.clone();
+    let mut chosen = Vec::with_capacity(candidates.len());
+    for candidate in candidates
+        .iter()
+        .filter(|c| c.standing != Standing::Serving)
+    {
+        if candidate.standing == Standing::Idle {
+            *down.entry(candidate.deployment.clone()).or_default() += 1;
+        }
+        chosen.push(candidate.clone());
+    }
+    for candidate in candidates
+        .iter()
+        .filter(|c| c.standing == Standing::Serving)
+    {
+        let budget = budgets
+            .get(&candidate.deployment)
+            .copied()
+            .unwrap_or_else(|| default_budget(None));
+        let down = down.entry(candidate.deployment.clone()).or_default();
+        if *down < budget {
+            *down += 1;
+            chosen.push(candidate.clone());
+        }
+    }
+    chosen
+}
+
+/// How a convergence under way ended, if it has: from its host's record (`None` once the host
+/// is forgotten) and the instance the host last reported of the app.
+pub fn settled(
+    convergence: &ConvergenceRecord,
+    host: Option<&HostRecord>,
+    instance: Option<&InstanceStatus>,
+) -> Option<(ConvergenceResult, String)> {
+    let Some(host) = host else {
+        return Some((
+            ConvergenceResult::Superseded,
+            format!("host {} was removed", convergence.host),
+        ));
+    };
+    let desired = host.desired.get(&convergence.app);
+    match &convergence.to_version {
+        Some(version) => {
+            match desired {
+                Some(d) if d.rollout_id == convergence.id => {}
+                Some(d) => {
+                    return Some((
+                        ConvergenceResult::Superseded,
+                        format!(
+                            "{} gave it {}@{} since",
+                            d.rollout_id, convergence.app, d.version
+                        ),
+                    ))
+                }
+                None => {
+                    return Some((
+                        ConvergenceResult::Superseded,
+                        format!("{} was taken away from it since", convergence.app),
+                    ))
+                }
+            }
+            let instance = instance.filter(|i| i.rollout_id == convergence.id)?;
+            match instance.state {
+                InstanceState::Running => Some((
+                    ConvergenceResult::Passed,
+                    format!("{}@{version} runs and passed its checks", convergence.app),
+                )),
+                InstanceState::Failed => Some((
+                    ConvergenceResult::Failed,
+                    format!("{}@{version} failed: {}", convergence.app, instance.message),
+                )),
+                // On its way, or crashed and restarting: not settled yet.
+                _ => None,
+            }
+        }
+        None => {
+            if let Some(d) = desired {
+                return Some((
+                    ConvergenceResult::Superseded,
+                    format!(
+                        "{} gave it {}@{} again",
+                        d.rollout_id, convergence.app, d.version
+                    ),
+                ));
+            }
+            match instance {
+                None => Some((ConvergenceResult::Stopped, "stopped".to_string())),
+                Some(i) if matches!(i.state, InstanceState::Stopped | InstanceState::Failed) => {
+                    Some((ConvergenceResult::Stopped, "stopped".to_string()))
+                }
+                Some(_) => None,
+            }
+        }
+    }
+}
+
+/// Keeps hosts on their deployments until `stop` turns true: once at start, after every change
+/// of the fleet's shape (a host connects, is relabeled, drained, undrained or forgotten; a
+/// rollout ends; `replace` gives a host releases), and, while hosts wait for the budget or
+/// convergences for their result, after every report that ends a transition (an instance
+/// running, failed, crashed or stopped), which is what frees budget. Not on every report.
 pub async fn run(fleet: Arc<FleetState>, rollouts: Arc<Rollouts>, mut stop: watch::Receiver<bool>) {
     let mut changes = fleet.topology_changes();
+    let mut settled = fleet.settled_changes();
     loop {
         changes.borrow_and_update();
-        if let Err(e) = converge_once(&fleet, &rollouts).await {
-            tracing::error!("cannot converge hosts: {e}");
-        }
+        settled.borrow_and_update();
+        let busy = match converge_once(&fleet, &rollouts).await {
+            Ok(busy) => busy,
+            Err(e) => {
+                tracing::error!("cannot converge hosts: {e}");
+                // Tried again on the next report or change.
+                true
+            }
+        };
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
+            changed = settled.changed(), if busy => if changed.is_err() { return },
             _ = stop.wait_for(|stop| *stop) => return,
         }
     }
 }
 
-/// One pass: every host, every app that has deployments.
-async fn converge_once(fleet: &FleetState, rollouts: &Rollouts) -> Result<(), StoreError> {
+/// Records the result of every convergence whose host has said how it went.
+async fn settle(fleet: &FleetState) -> Result<(), StoreError> {
+    for mut convergence in fleet.pending_convergences() {
+        let host = fleet.host_record(&convergence.host)?;
+        let instance = fleet.instance(&convergence.host, &convergence.app);
+        let Some((result, message)) = settled(&convergence, host.as_ref(), instance.as_ref())
+        else {
+            continue;
+        };
+        convergence.result = result;
+        convergence.message = message;
+        convergence.finished_unix_ms = fleet_proto::now_unix_ms();
+        let (host, app) = (convergence.host.clone(), convergence.app.clone());
+        let text = format!(
+            "convergence {} of host {host} {}: {}",
+            convergence.id,
+            result.as_str(),
+            convergence.message
+        );
+        fleet.finish_convergence(convergence).await?;
+        fleet
+            .event(
+                "controller",
+                &format!("host.converge_{}", result.as_str()),
+                &app,
+                &host,
+                text,
+            )
+            .await;
+    }
+    Ok(())
+}
+
+/// One pass: settles what it can, then moves, under each deployment's budget, every host of
+/// every app that has deployments. Returns whether anything waits (hosts for the budget, or
+/// convergences for their result).
+async fn converge_once(fleet: &FleetState, rollouts: &Rollouts) -> Result<bool, StoreError> {
+    settle(fleet).await?;
     let mut by_app: BTreeMap<String, Vec<DeploymentRecord>> = BTreeMap::new();
     for deployment in fleet.deployments(None)? {
         by_app
@@ -211,8 +419,9 @@ async fn converge_once(fleet: &FleetState, rollouts: &Rollouts) -> Result<(), St
             .or_default()
             .push(deployment);
     }
+    let pending = fleet.pending_convergences();
     if by_app.is_empty() {
-        return Ok(());
+        return Ok(!pending.is_empty());
     }
     let set_by = |desired: Option<&Desired>| -> Option<RolloutState> {
         let id = &desired?.rollout_id;
@@ -221,67 +430,177 @@ async fn converge_once(fleet: &FleetState, rollouts: &Rollouts) -> Result<(), St
         }
         fleet.rollout(id).ok().flatten().map(|r| r.state)
     };
-    for host in fleet.host_records()? {
+    let mut budgets = BTreeMap::new();
+    for deployment in by_app.values().flatten() {
+        let rollout = fleet.rollout(&deployment.rollout_id)?;
+        budgets.insert(
+            DeploymentRecord::key(&deployment.app, &deployment.selector),
+            default_budget(rollout.map(|r| r.max_unavailable)),
+        );
+    }
+    // Who is down per deployment: what the budget counts, and the convergences under way.
+    let mut down: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for convergence in &pending {
+        down.entry(convergence.deployment_key.clone())
+            .or_default()
+            .insert(convergence.host.clone());
+    }
+    let hosts = fleet.host_records()?;
+    let mut candidates = Vec::new();
+    for host in &hosts {
+        let lost = fleet.is_lost(host);
+        let mut needs_nothing = true;
         for (app, deployments) in &by_app {
-            let desired = host.desired.get(app);
-            let want = wanted(&host.labels, desired, deployments, set_by(desired));
-            if want == Want::Keep {
-                continue;
+            let instance = fleet.instance(&host.name, app);
+            let unavailable = budget::unavailable(host, app, instance.as_ref(), lost).is_some();
+            let owner = deployments
+                .iter()
+                .find(|d| planner::matches(&d.selector, &host.labels));
+            if let (Some(owner), true) = (owner, unavailable) {
+                down.entry(DeploymentRecord::key(&owner.app, &owner.selector))
+                    .or_default()
+                    .insert(host.name.clone());
             }
-            // Written under the host lock from the record as it is then: a rollout that wrote
-            // meanwhile wins.
-            let seq = fleet.next_seq("converge").await?;
-            let id = format!("converge{seq}");
-            let mut applied = Want::Keep;
-            fleet
-                .update_hosts(
-                    std::slice::from_ref(&host.name),
-                    |record| {
-                        let desired = record.desired.get(app);
-                        applied = wanted(&record.labels, desired, deployments, set_by(desired));
-                        match &applied {
-                            Want::Keep => {}
-                            Want::Remove => {
-                                record.desired.remove(app);
-                            }
-                            Want::Set { version, key, .. } => {
-                                record.desired.insert(
-                                    app.clone(),
-                                    Desired {
-                                        version: version.clone(),
-                                        rollout_id: id.clone(),
-                                        generation: seq,
-                                        smoke_timeout_ms: 0,
-                                        run_release_hook: false,
-                                        min_healthy_ms: None,
-                                        deployment: Some(key.clone()),
-                                    },
-                                );
-                            }
-                        }
-                    },
-                    None,
-                )
-                .await?;
-            let message = match &applied {
-                Want::Keep => continue,
+            let desired = host.desired.get(app);
+            let (deployment, removes) =
+                match wanted(&host.labels, desired, deployments, set_by(desired)) {
+                    Want::Keep => continue,
+                    Want::Set { key, .. } => (key, false),
+                    Want::Remove => (
+                        desired
+                            .and_then(|d| d.deployment.clone())
+                            .unwrap_or_default(),
+                        true,
+                    ),
+                };
+            needs_nothing = false;
+            let serving = host.drain.is_none()
+                && !lost
+                && instance.is_some_and(|i| i.state == InstanceState::Running);
+            // Not serving: counted already (given the app, and down), or taking an app away
+            // from a host that does not serve it (which takes nothing down and adds nothing),
+            // or idle (never given the app: a fresh joiner).
+            let standing = if serving {
+                Standing::Serving
+            } else if unavailable || removes {
+                Standing::Down
+            } else {
+                Standing::Idle
+            };
+            candidates.push(Candidate {
+                host: host.name.clone(),
+                app: app.clone(),
+                deployment,
+                standing,
+            });
+        }
+        if needs_nothing {
+            fleet.forget_why(&host.name);
+        }
+    }
+    let down: BTreeMap<String, usize> = down.into_iter().map(|(k, v)| (k, v.len())).collect();
+    let chosen = converge_now(&candidates, &down, &budgets);
+    let waiting = candidates.len() - chosen.len();
+    if waiting > 0 {
+        tracing::debug!("{waiting} host(s) wait for their deployment's unavailability budget");
+    }
+    for candidate in &chosen {
+        converge_host(fleet, candidate, &by_app[&candidate.app], &set_by).await?;
+    }
+    Ok(waiting > 0 || !fleet.pending_convergences().is_empty())
+}
+
+/// Moves one host's app to what its deployments want, recorded as a convergence.
+async fn converge_host(
+    fleet: &FleetState,
+    candidate: &Candidate,
+    deployments: &[DeploymentRecord],
+    set_by: &impl Fn(Option<&Desired>) -> Option<RolloutState>,
+) -> Result<(), StoreError> {
+    let (host, app) = (&candidate.host, &candidate.app);
+    let seq = fleet.next_seq("converge").await?;
+    let id = format!("converge{seq}");
+    let why = fleet.why(host);
+    // Written under the host lock from the record as it is then: a rollout that wrote
+    // meanwhile wins.
+    let written = fleet
+        .converge_hosts(std::slice::from_ref(host), |record| {
+            let desired = record.desired.get(app);
+            let want = wanted(&record.labels, desired, deployments, set_by(desired));
+            let from_version = desired.map(|d| d.version.clone());
+            let fallback = match (&want, desired) {
+                (_, None) => "not given the app yet".to_string(),
+                (Want::Remove, Some(_)) => "no deployment selects it any more".to_string(),
+                (_, Some(_)) => "drifted from its deployment".to_string(),
+            };
+            let convergence =
+                |to_version: Option<String>, deployment: String, key: String| ConvergenceRecord {
+                    id: id.clone(),
+                    seq,
+                    app: app.clone(),
+                    host: host.clone(),
+                    from_version: from_version.clone(),
+                    to_version,
+                    deployment,
+                    deployment_key: key,
+                    why: why.clone().unwrap_or(fallback.clone()),
+                    actor: "controller".to_string(),
+                    started_unix_ms: fleet_proto::now_unix_ms(),
+                    finished_unix_ms: 0,
+                    result: ConvergenceResult::Converging,
+                    message: String::new(),
+                };
+            match want {
+                Want::Keep => Vec::new(),
+                Want::Remove => {
+                    let key = desired
+                        .and_then(|d| d.deployment.clone())
+                        .unwrap_or_default();
+                    let selector = deployments
+                        .iter()
+                        .find(|d| DeploymentRecord::key(&d.app, &d.selector) == key)
+                        .map(|d| d.selector_text())
+                        .unwrap_or_default();
+                    record.desired.remove(app);
+                    vec![convergence(None, selector, key)]
+                }
                 Want::Set {
                     version,
                     deployment,
-                    ..
-                } => format!(
-                    "host {} converges to {app}@{version}, the release of its deployment {deployment} ({id})",
-                    host.name
-                ),
-                Want::Remove => format!(
-                    "host {} stops {app}: no deployment of it selects the host any more ({id})",
-                    host.name
-                ),
-            };
-            fleet
-                .event("controller", "host.converging", app, &host.name, message)
-                .await;
-        }
+                    key,
+                } => {
+                    record.desired.insert(
+                        app.clone(),
+                        Desired {
+                            version: version.clone(),
+                            rollout_id: id.clone(),
+                            generation: seq,
+                            smoke_timeout_ms: 0,
+                            run_release_hook: false,
+                            min_healthy_ms: None,
+                            deployment: Some(key.clone()),
+                        },
+                    );
+                    vec![convergence(Some(version), deployment, key)]
+                }
+            }
+        })
+        .await?;
+    for convergence in written {
+        let message = match &convergence.to_version {
+            Some(version) => format!(
+                "host {host} converges to {app}@{version}, the release of its deployment {} ({why}; {id})",
+                convergence.deployment,
+                why = convergence.why,
+            ),
+            None => format!(
+                "host {host} stops {app}: no deployment of it selects the host any more ({why}; {id})",
+                why = convergence.why,
+            ),
+        };
+        fleet
+            .event("controller", "host.converging", app, host, message)
+            .await;
     }
     Ok(())
 }
@@ -456,6 +775,228 @@ mod tests {
             wanted(&labels("env=prod"), None, &both, None),
             set("0.9", "(every host)")
         );
+    }
+
+    #[test]
+    fn hosts_converge_now_within_their_deployments_budget() {
+        use Standing::*;
+        let candidate = |host: &str, deployment: &str, standing| Candidate {
+            host: host.into(),
+            app: "web".into(),
+            deployment: deployment.into(),
+            standing,
+        };
+        let counts = |pairs: &[(&str, usize)]| -> BTreeMap<String, usize> {
+            pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        // (candidates (host, deployment, standing), down per deployment, budgets, who goes)
+        type Case<'a> = (
+            &'a [(&'a str, &'a str, Standing)],
+            &'a [(&'a str, usize)],
+            &'a [(&'a str, usize)],
+            &'a [&'a str],
+        );
+        let cases: Vec<Case> = vec![
+            // Ten hosts relabeled at once, a budget of 1: one restarts, nine wait.
+            (
+                &[
+                    ("h1", "prod", Serving),
+                    ("h2", "prod", Serving),
+                    ("h3", "prod", Serving),
+                ],
+                &[],
+                &[("prod", 1)],
+                &["h1"],
+            ),
+            // A budget of 2 with one host already down: one more.
+            (
+                &[("h1", "prod", Serving), ("h2", "prod", Serving)],
+                &[("prod", 1)],
+                &[("prod", 2)],
+                &["h1"],
+            ),
+            // The budget is spent: every serving host waits.
+            (
+                &[("h1", "prod", Serving)],
+                &[("prod", 2)],
+                &[("prod", 2)],
+                &[],
+            ),
+            // A host that is down already goes, whatever is spent.
+            (
+                &[("h1", "prod", Down)],
+                &[("prod", 5)],
+                &[("prod", 1)],
+                &["h1"],
+            ),
+            // A fresh joiner goes (it takes nothing down), and then counts: the serving host
+            // behind it waits.
+            (
+                &[("h1", "prod", Serving), ("h9", "prod", Idle)],
+                &[],
+                &[("prod", 1)],
+                &["h9"],
+            ),
+            // Two idle joiners both go, even past the budget.
+            (
+                &[("h8", "prod", Idle), ("h9", "prod", Idle)],
+                &[],
+                &[("prod", 1)],
+                &["h8", "h9"],
+            ),
+            // Budgets are per deployment.
+            (
+                &[("h1", "prod", Serving), ("h2", "staging", Serving)],
+                &[("prod", 1)],
+                &[("prod", 1), ("staging", 1)],
+                &["h2"],
+            ),
+            // A deployment with no budget given gets 1.
+            (
+                &[("h1", "prod", Serving), ("h2", "prod", Serving)],
+                &[],
+                &[],
+                &["h1"],
+            ),
+        ];
+        for (candidates, down, budgets, expect) in cases {
+            let candidates: Vec<Candidate> = candidates
+                .iter()
+                .map(|(host, deployment, standing)| candidate(host, deployment, *standing))
+                .collect();
+            let chosen: Vec<String> = converge_now(&candidates, &counts(down), &counts(budgets))
+                .into_iter()
+                .map(|c| c.host)
+                .collect();
+            assert_eq!(
+                chosen, expect,
+                "{candidates:?} down {down:?} budgets {budgets:?}"
+            );
+        }
+        // The default budget: what the deployment's last rollout ran with, or 1.
+        for (recorded, expect) in [(Some(3), 3), (Some(0), 1), (None, 1)] {
+            assert_eq!(default_budget(recorded), expect, "{recorded:?}");
+        }
+    }
+
+    #[test]
+    fn a_convergence_settles_when_its_host_says_how_it_went() {
+        use ConvergenceResult::*;
+        let convergence = |to: Option<&str>| ConvergenceRecord {
+            id: "converge7".into(),
+            seq: 7,
+            app: "web".into(),
+            host: "h1".into(),
+            from_version: None,
+            to_version: to.map(String::from),
+            deployment: "env=prod".into(),
+            deployment_key: "web/env=prod".into(),
+            why: "joined".into(),
+            actor: "controller".into(),
+            started_unix_ms: 0,
+            finished_unix_ms: 0,
+            result: Converging,
+            message: String::new(),
+        };
+        let host = |desired_by: Option<&str>| HostRecord {
+            name: "h1".into(),
+            labels: labels("env=prod"),
+            advertise_addr: "127.0.0.2".into(),
+            registered_unix_ms: 0,
+            last_seen_unix_ms: 0,
+            desired: desired_by
+                .map(|id| {
+                    let d = Desired {
+                        rollout_id: id.into(),
+                        ..desired("1.1")
+                    };
+                    [("web".to_string(), d)].into()
+                })
+                .unwrap_or_default(),
+            drain: None,
+        };
+        let instance = |state, rollout_id: &str| InstanceStatus {
+            app: "web".into(),
+            version: "1.1".into(),
+            state,
+            message: "exit status 1".into(),
+            since_unix_ms: 0,
+            restarts: 0,
+            rollout_id: rollout_id.into(),
+        };
+        use InstanceState as S;
+        // (to version, host desired by, instance reported, result)
+        type Case<'a> = (
+            Option<&'a str>,
+            Option<Option<&'a str>>,
+            Option<InstanceStatus>,
+            Option<ConvergenceResult>,
+        );
+        let cases: Vec<Case> = vec![
+            // Given a release: passed once it runs for this convergence, failed when it fails.
+            (
+                Some("1.1"),
+                Some(Some("converge7")),
+                Some(instance(S::Running, "converge7")),
+                Some(Passed),
+            ),
+            (
+                Some("1.1"),
+                Some(Some("converge7")),
+                Some(instance(S::Failed, "converge7")),
+                Some(Failed),
+            ),
+            // On its way, or still the old instance: not yet.
+            (
+                Some("1.1"),
+                Some(Some("converge7")),
+                Some(instance(S::Checking, "converge7")),
+                None,
+            ),
+            (
+                Some("1.1"),
+                Some(Some("converge7")),
+                Some(instance(S::Running, "r1")),
+                None,
+            ),
+            (Some("1.1"), Some(Some("converge7")), None, None),
+            // Crashed and restarting: not yet (it still counts as down).
+            (
+                Some("1.1"),
+                Some(Some("converge7")),
+                Some(instance(S::Crashed, "converge7")),
+                None,
+            ),
+            // A rollout or another convergence wrote the host since, or took the app away.
+            (
+                Some("1.1"),
+                Some(Some("r9")),
+                Some(instance(S::Running, "r9")),
+                Some(Superseded),
+            ),
+            (Some("1.1"), Some(None), None, Some(Superseded)),
+            // The host was forgotten.
+            (Some("1.1"), None, None, Some(Superseded)),
+            // Taken away: stopped once the instance is gone or stopped.
+            (None, Some(None), Some(instance(S::Stopping, "r1")), None),
+            (
+                None,
+                Some(None),
+                Some(instance(S::Stopped, "r1")),
+                Some(Stopped),
+            ),
+            (None, Some(None), None, Some(Stopped)),
+            (None, Some(Some("r9")), None, Some(Superseded)),
+        ];
+        for (to, desired_by, reported, expect) in cases {
+            let record = desired_by.map(host);
+            let got = settled(&convergence(to), record.as_ref(), reported.as_ref());
+            assert_eq!(
+                got.as_ref().map(|(result, _)| *result),
+                expect,
+                "{to:?} {desired_by:?} {reported:?}: {got:?}"
+            );
+        }
     }
 
     #[test]

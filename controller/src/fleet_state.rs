@@ -4,7 +4,10 @@
 //! that changes a host's desired state and tells its agent.
 //!
 //! Waiters (the rollout executor) watch `changes()`, which ticks on every report, connect,
-//! disconnect and host that goes lost, so they wake on facts instead of polling.
+//! disconnect and host that goes lost, so they wake on facts instead of polling. The converger
+//! watches `topology_changes()` (the fleet's shape) and, while it has hosts waiting,
+//! `settled_changes()` (reports that end a transition); it reads here why a host last changed
+//! shape, and the convergences still under way.
 //!
 //! A host is `lost` when nothing was heard from it for `lost_after_ms`; a controller that just
 //! started counts its own start as the last time it heard from everyone, so a restart does not
@@ -12,7 +15,8 @@
 
 use crate::artifacts::ArtifactStore;
 use crate::model::{
-    DeploymentRecord, DrainRecord, EventRecord, HostRecord, HostState, ReleaseRecord, RolloutRecord,
+    ConvergenceRecord, ConvergenceResult, DeploymentRecord, DrainRecord, EventRecord, HostRecord,
+    HostState, ReleaseRecord, RolloutRecord,
 };
 use crate::store::{
     CertificateRecord, JoinTokenRecord, ReleaseInsert, Store, StoreError, TokenUse,
@@ -78,6 +82,12 @@ struct LiveHost {
 struct Live {
     hosts: HashMap<String, LiveHost>,
     next_session: u64,
+    /// The last change of each host's shape that may make it converge (`joined`, `relabeled
+    /// by ann`), for the convergence it causes to say why; dropped once the host needs nothing.
+    why: HashMap<String, String>,
+    /// Convergences whose result is not known yet, by key: what the converger resolves and
+    /// counts against the budget.
+    pending: BTreeMap<String, ConvergenceRecord>,
 }
 
 pub struct FleetState {
@@ -98,6 +108,10 @@ pub struct FleetState {
     /// that connect, are relabeled, drained, undrained or forgotten, go lost or come back;
     /// rollouts that end), but not on instance reports: what the converger wakes on.
     topology: watch::Sender<u64>,
+    /// Ticks on reports that end a transition (an instance running, failed, crashed or
+    /// stopped): what frees or spends the budget and settles a convergence. The converger
+    /// wakes on it while hosts wait for the budget or convergences wait for their result.
+    settled: watch::Sender<u64>,
     events: broadcast::Sender<EventRecord>,
     /// Held while an event is appended and broadcast.
     event_order: Arc<Mutex<()>>,
@@ -120,16 +134,31 @@ impl FleetState {
         heartbeat_interval_ms: u64,
         lost_after_ms: u64,
     ) -> FleetState {
+        let pending = match store.list_convergences(None) {
+            Ok(all) => all
+                .into_iter()
+                .filter(|c| c.result == ConvergenceResult::Converging)
+                .map(|c| (c.key(), c))
+                .collect(),
+            Err(e) => {
+                tracing::error!("cannot read the convergences under way: {e}");
+                BTreeMap::new()
+            }
+        };
         FleetState {
             store,
             artifacts,
             heartbeat_interval_ms,
             lost_after_ms,
             started_unix_ms: fleet_proto::now_unix_ms(),
-            live: Mutex::new(Live::default()),
+            live: Mutex::new(Live {
+                pending,
+                ..Live::default()
+            }),
             host_writes: Arc::new(tokio::sync::Mutex::new(())),
             changes: watch::channel(0).0,
             topology: watch::channel(0).0,
+            settled: watch::channel(0).0,
             events: broadcast::channel(1024).0,
             event_order: Arc::new(Mutex::new(())),
         }
@@ -343,6 +372,51 @@ impl FleetState {
         self.bump();
     }
 
+    /// Desired state changed outside a rollout and the converger (`replace`'s converge-like):
+    /// the converger looks again.
+    pub fn desired_changed(&self) {
+        self.bump();
+    }
+
+    /// Ticks on reports that end a transition (see the field).
+    pub fn settled_changes(&self) -> watch::Receiver<u64> {
+        self.settled.subscribe()
+    }
+
+    /// Notes the last change of a host's shape, for the convergence it causes to say why.
+    fn note_why(&self, host: &str, why: String) {
+        self.live().why.insert(host.to_string(), why);
+    }
+
+    /// Why the host may have to converge, as last noted.
+    pub fn why(&self, host: &str) -> Option<String> {
+        self.live().why.get(host).cloned()
+    }
+
+    /// Drops the note of a host that needs nothing any more.
+    pub fn forget_why(&self, host: &str) {
+        self.live().why.remove(host);
+    }
+
+    /// The convergences whose result is not known yet.
+    pub fn pending_convergences(&self) -> Vec<ConvergenceRecord> {
+        self.live().pending.values().cloned().collect()
+    }
+
+    /// Every convergence of an app (or all), newest first.
+    pub fn convergences(&self, app: Option<&str>) -> Result<Vec<ConvergenceRecord>, StoreError> {
+        self.store.list_convergences(app)
+    }
+
+    /// Records how a convergence ended.
+    pub async fn finish_convergence(&self, record: ConvergenceRecord) -> Result<(), StoreError> {
+        let saved = record.clone();
+        self.write(move |store| store.put_convergence(&saved))
+            .await?;
+        self.live().pending.remove(&record.key());
+        Ok(())
+    }
+
     /// Ticks whenever a host connects, disconnects or reports.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -445,6 +519,7 @@ impl FleetState {
                 drain: None,
             });
             let is_new = record.advertise_addr.is_empty();
+            let was_lost = !is_new && record.drain.is_none() && self.is_lost(&record);
             let known = (!is_new).then_some(&record.labels);
             let (labels, claim_ignored) =
                 labels_on_connect(known, joined_labels.as_ref(), &hello.labels);
@@ -467,6 +542,11 @@ impl FleetState {
                     ),
                 )
                 .await;
+            }
+            if is_new {
+                self.note_why(&hello.name, "joined".to_string());
+            } else if was_lost {
+                self.note_why(&hello.name, "back from lost".to_string());
             }
             if is_new {
                 self.event(
@@ -520,6 +600,11 @@ impl FleetState {
     /// Records an instance transition reported by a host's current session.
     pub async fn host_reported(&self, host: &str, session: u64, status: InstanceStatus) {
         let notable = matches!(status.state, InstanceState::Crashed | InstanceState::Failed);
+        let settles = notable
+            || matches!(
+                status.state,
+                InstanceState::Running | InstanceState::Stopped
+            );
         {
             let mut live = self.live();
             let Some(live_host) = live.hosts.get_mut(host).filter(|h| h.session == session) else {
@@ -549,6 +634,9 @@ impl FleetState {
             }
         }
         self.bump_report();
+        if settles {
+            self.settled.send_modify(|n| *n += 1);
+        }
     }
 
     /// Whether every instance the connected host reported has stopped.
@@ -613,6 +701,7 @@ impl FleetState {
                 return Ok(Some(record));
             }
             let _held = self.save_host(held, &record).await?;
+            self.note_why(host, format!("relabeled by {actor}"));
             self.event(
                 actor,
                 "host.labeled",
@@ -675,6 +764,7 @@ impl FleetState {
             };
             let _held = if record.drain.take().is_some() {
                 let held = self.save_host(held, &record).await?;
+                self.note_why(host, format!("undrained by {actor}"));
                 self.event(
                     actor,
                     "host.undrained",
@@ -707,7 +797,11 @@ impl FleetState {
             self.write_holding(held, move |store| store.delete_host(&host))
                 .await?;
         }
-        self.live().hosts.remove(host);
+        {
+            let mut live = self.live();
+            live.hosts.remove(host);
+            live.why.remove(host);
+        }
         self.event(
             actor,
             "host.removed",
@@ -778,6 +872,7 @@ impl FleetState {
                         .await;
                     changed = true;
                 } else if !is_lost && lost.remove(&host.name) {
+                    self.note_why(&host.name, "back from lost".to_string());
                     self.event(
                         "controller",
                         "host.ready",
@@ -921,6 +1016,48 @@ impl FleetState {
             hosts
         };
         Ok(hosts)
+    }
+
+    /// Like [`FleetState::update_hosts`], for changes outside a rollout: `change` edits a host
+    /// and returns the convergences that explain it, written with the hosts in one transaction
+    /// and pending until the converger settles them. A host it returns none for is not written.
+    pub async fn converge_hosts(
+        &self,
+        names: &[String],
+        mut change: impl FnMut(&mut HostRecord) -> Vec<ConvergenceRecord>,
+    ) -> Result<Vec<ConvergenceRecord>, StoreError> {
+        let held = self.lock_hosts().await;
+        let mut hosts = Vec::with_capacity(names.len());
+        let mut convergences = Vec::new();
+        for name in names {
+            if let Some(mut host) = self.store.get_host(name)? {
+                let made = change(&mut host);
+                if !made.is_empty() {
+                    convergences.extend(made);
+                    hosts.push(host);
+                }
+            }
+        }
+        if hosts.is_empty() {
+            return Ok(convergences);
+        }
+        let (written, records) = (hosts.clone(), convergences.clone());
+        let ((), _held) = self
+            .write_holding(held, move |store| {
+                store.put_hosts_and_convergences(&written, &records)
+            })
+            .await?;
+        {
+            let mut live = self.live();
+            for convergence in &convergences {
+                live.pending.insert(convergence.key(), convergence.clone());
+            }
+        }
+        // Pushed under the lock, so desired states reach agents in the order written.
+        for host in &hosts {
+            self.push_desired(host);
+        }
+        Ok(convergences)
     }
 
     /// Sends a host's desired state to its agent, if connected.

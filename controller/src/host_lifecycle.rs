@@ -1,10 +1,11 @@
 //! Host lifecycle operations beyond a rollout: drain and undrain (in `FleetState`), and
 //! converging a new host to everything an old one runs, the first half of `replace`. Each
 //! operation is a change of desired state plus a condition the caller waits on; the waiting
-//! (and streaming to the operator) is the API's.
+//! (and streaming to the operator) is the API's. A converge-like is recorded as a convergence
+//! per app (`history` shows it) and wakes the converger.
 
 use crate::fleet_state::FleetState;
-use crate::model::{Desired, HostState};
+use crate::model::{ConvergenceRecord, ConvergenceResult, DeploymentRecord, Desired, HostState};
 use crate::store::StoreError;
 use fleet_proto::instance_state::InstanceState;
 use thiserror::Error;
@@ -91,28 +92,53 @@ pub async fn converge_like(
         .collect();
     let desired = source.desired.clone();
     let converge_id = id.clone();
+    let why = format!("replaces {like}");
+    let deployments = fleet.deployments(None)?;
+    let selector_of = |key: &Option<String>| {
+        deployments
+            .iter()
+            .find(|d| Some(DeploymentRecord::key(&d.app, &d.selector)) == *key)
+            .map(|d| d.selector_text())
+            .unwrap_or_default()
+    };
     fleet
-        .update_hosts(
-            &[host.to_string()],
-            |record| {
-                for (app, d) in &desired {
-                    record.desired.insert(
-                        app.clone(),
-                        Desired {
-                            version: d.version.clone(),
-                            rollout_id: converge_id.clone(),
-                            generation: seq,
-                            smoke_timeout_ms: d.smoke_timeout_ms,
-                            run_release_hook: false,
-                            min_healthy_ms: d.min_healthy_ms,
-                            deployment: d.deployment.clone(),
-                        },
-                    );
-                }
-            },
-            None,
-        )
+        .converge_hosts(&[host.to_string()], |record| {
+            let mut made = Vec::with_capacity(desired.len());
+            for (app, d) in &desired {
+                let before = record.desired.insert(
+                    app.clone(),
+                    Desired {
+                        version: d.version.clone(),
+                        rollout_id: converge_id.clone(),
+                        generation: seq,
+                        smoke_timeout_ms: d.smoke_timeout_ms,
+                        run_release_hook: false,
+                        min_healthy_ms: d.min_healthy_ms,
+                        deployment: d.deployment.clone(),
+                    },
+                );
+                made.push(ConvergenceRecord {
+                    id: converge_id.clone(),
+                    seq,
+                    app: app.clone(),
+                    host: host.to_string(),
+                    from_version: before.map(|b| b.version),
+                    to_version: Some(d.version.clone()),
+                    deployment: selector_of(&d.deployment),
+                    deployment_key: d.deployment.clone().unwrap_or_default(),
+                    why: why.clone(),
+                    actor: actor.to_string(),
+                    started_unix_ms: fleet_proto::now_unix_ms(),
+                    finished_unix_ms: 0,
+                    result: ConvergenceResult::Converging,
+                    message: String::new(),
+                });
+            }
+            made
+        })
         .await?;
+    // The converger looks at the host again (its labels may select other deployments).
+    fleet.desired_changed();
     let list: Vec<String> = apps.iter().map(|(a, v)| format!("{a}@{v}")).collect();
     fleet
         .event(

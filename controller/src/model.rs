@@ -336,6 +336,70 @@ impl DeploymentRecord {
     }
 }
 
+/// How a convergence ended, once its host said.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvergenceResult {
+    /// Given to the host; its agent has not said how it went yet.
+    Converging,
+    /// The release runs there and passed its checks (and stayed up `min_healthy`).
+    Passed,
+    /// The release failed its checks there: the host stays failed, nothing else is touched.
+    Failed,
+    /// The app was taken away and its instance stopped.
+    Stopped,
+    /// Something else (a rollout, a newer convergence, a removal) changed the host first.
+    Superseded,
+}
+
+impl ConvergenceResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConvergenceResult::Converging => "converging",
+            ConvergenceResult::Passed => "passed",
+            ConvergenceResult::Failed => "failed",
+            ConvergenceResult::Stopped => "stopped",
+            ConvergenceResult::Superseded => "superseded",
+        }
+    }
+}
+
+/// One host moved to (or off) an app's release between rollouts, by the converger or by
+/// `replace`: what `history APP` shows beside the rollouts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConvergenceRecord {
+    /// `converge<seq>`, also the `rollout_id` of the desired release it wrote, so the host's
+    /// reports name it (`replace` gives several apps under one id: see [`ConvergenceRecord::key`]).
+    pub id: String,
+    pub seq: u64,
+    pub app: String,
+    pub host: String,
+    /// What the host was given before (`None`: nothing).
+    pub from_version: Option<String>,
+    /// What it is given (`None`: the app stops there).
+    pub to_version: Option<String>,
+    /// The deployment, as its selector text (`env=prod`, `(every host)`).
+    pub deployment: String,
+    /// The deployment's key (`DeploymentRecord::key`): what the convergence counts against.
+    pub deployment_key: String,
+    /// Why it moved (`joined`, `undrained by ann`, `relabeled by ann`, `back from lost`,
+    /// `replaces web-1`).
+    pub why: String,
+    pub actor: String,
+    pub started_unix_ms: i64,
+    /// 0 while converging.
+    pub finished_unix_ms: i64,
+    pub result: ConvergenceResult,
+    pub message: String,
+}
+
+impl ConvergenceRecord {
+    /// The store key: `replace` gives one host several apps under one id, a record each.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.id, self.app)
+    }
+}
+
 /// One line of the event log: who did what, to which app or host, when.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventRecord {

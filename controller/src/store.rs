@@ -1,12 +1,14 @@
-//! The embedded store: hosts, releases, rollouts and the event log in one redb file in the data
-//! directory. Every write is a transaction that is fsynced before it returns, so a controller
-//! killed at any moment restarts with every record it acknowledged.
+//! The embedded store: hosts, releases, rollouts, deployments, convergences and the event log
+//! in one redb file in the data directory. Every write is a transaction that is fsynced before
+//! it returns, so a controller killed at any moment restarts with every record it acknowledged.
 //!
 //! This is the one narrow interface to state: a deployment that outgrows one controller can put
 //! another implementation (etcd) behind the same methods. Records are stored as JSON so the
 //! file stays readable with any redb tool and survives added fields.
 
-use crate::model::{DeploymentRecord, EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
+use crate::model::{
+    ConvergenceRecord, DeploymentRecord, EventRecord, HostRecord, ReleaseRecord, RolloutRecord,
+};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
@@ -25,6 +27,8 @@ const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certifi
 const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked");
 /// Standing deployments by `app/selector` (see `DeploymentRecord::key`).
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+/// Hosts moved between rollouts (by the converger or `replace`), by `converge<seq>/app`.
+const CONVERGENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("convergences");
 
 /// The file name of the store inside the data directory.
 pub const STORE_FILE: &str = "fleet.redb";
@@ -184,6 +188,7 @@ impl Store {
             txn.open_table(CERTIFICATES).map_err(db_err)?;
             txn.open_table(REVOKED).map_err(db_err)?;
             txn.open_table(DEPLOYMENTS).map_err(db_err)?;
+            txn.open_table(CONVERGENCES).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Store {
@@ -264,6 +269,46 @@ impl Store {
             }
             Ok(())
         })
+    }
+
+    /// Writes hosts' desired state and the convergences that changed it in one transaction, so
+    /// a host never runs a convergence that `history` does not show.
+    pub fn put_hosts_and_convergences(
+        &self,
+        hosts: &[HostRecord],
+        convergences: &[ConvergenceRecord],
+    ) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(HOSTS)?;
+            for host in hosts {
+                table.insert(host.name.as_str(), encode(host).as_slice())?;
+            }
+            drop(table);
+            let mut table = txn.open_table(CONVERGENCES)?;
+            for convergence in convergences {
+                table.insert(convergence.key().as_str(), encode(convergence).as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Saves a convergence (its result, once known).
+    pub fn put_convergence(&self, convergence: &ConvergenceRecord) -> Result<(), StoreError> {
+        self.put_hosts_and_convergences(&[], std::slice::from_ref(convergence))
+    }
+
+    /// Every convergence (of one app, when given), newest first.
+    pub fn list_convergences(
+        &self,
+        app: Option<&str>,
+    ) -> Result<Vec<ConvergenceRecord>, StoreError> {
+        let mut convergences: Vec<ConvergenceRecord> = self
+            .all::<ConvergenceRecord>(CONVERGENCES)?
+            .into_iter()
+            .filter(|c| app.is_none_or(|app| c.app == app))
+            .collect();
+        convergences.sort_by(|a, b| b.seq.cmp(&a.seq).then_with(|| a.app.cmp(&b.app)));
+        Ok(convergences)
     }
 
     pub fn get_release(

@@ -64,11 +64,13 @@ pub enum Command {
         #[arg(value_parser = parse_app)]
         app: Option<String>,
     },
-    /// The rollouts of an app, newest first, with each host's result
+    /// The rollouts of an app, newest first, with each host's result, and each host that
+    /// converged on its own between them (joined, undrained, back from lost, relabeled,
+    /// replaced)
     History {
         #[arg(value_parser = parse_app)]
         app: String,
-        /// At most this many rollouts (0: the controller's default)
+        /// At most this many rollouts and this many convergences (0: the controller's default)
         #[arg(long, default_value_t = 0)]
         limit: u32,
     },

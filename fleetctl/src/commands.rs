@@ -549,18 +549,68 @@ pub async fn history(ctx: &Context, app: &str, limit: u32) -> Result<(), CliErro
         output::print_json(&response);
         return Ok(());
     }
-    if response.rollouts.is_empty() {
+    if response.rollouts.is_empty() && response.convergences.is_empty() {
         println!("{app} has no rollouts yet: start one with `fleetctl rollout {app} VERSION`");
         return Ok(());
     }
     let now = fleet_proto::now_unix_ms();
-    let text: Vec<String> = response
+    // Rollouts and convergences, newest first.
+    let mut entries: Vec<(i64, String)> = response
         .rollouts
         .iter()
-        .map(|rollout| render_rollout(rollout, now))
+        .map(|rollout| (rollout.started_unix_ms, render_rollout(rollout, now)))
+        .chain(response.convergences.iter().map(|convergence| {
+            (
+                convergence.started_unix_ms,
+                render_convergence(convergence, now),
+            )
+        }))
         .collect();
+    entries.sort_by_key(|(started, _)| std::cmp::Reverse(*started));
+    let text: Vec<String> = entries.into_iter().map(|(_, text)| text).collect();
     print!("{}", text.join("\n"));
     Ok(())
+}
+
+/// A convergence for people: one line (host, from -> to, result, why, deployment, when), and
+/// what went wrong when it did not pass.
+pub fn render_convergence(convergence: &pb::Convergence, now: i64) -> String {
+    let version = |v: &str| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    let mut text = format!(
+        "{}  {} {} -> {} on {}  {}  {}  deployment {}  {}  took {}\n",
+        convergence.id,
+        convergence.app,
+        version(&convergence.from_version),
+        version(&convergence.to_version),
+        convergence.host,
+        convergence.result,
+        dash(&convergence.why),
+        dash(&convergence.deployment),
+        output::ago(convergence.started_unix_ms, now),
+        if convergence.finished_unix_ms > 0 {
+            output::took(convergence.started_unix_ms, convergence.finished_unix_ms)
+        } else {
+            format!(
+                "{} so far",
+                output::took(
+                    convergence.started_unix_ms,
+                    now.max(convergence.started_unix_ms)
+                )
+            )
+        },
+    );
+    if !convergence.message.is_empty()
+        && matches!(convergence.result.as_str(), "failed" | "superseded")
+    {
+        text.push_str(&format!("  {}\n", convergence.message));
+    }
+    text
 }
 
 /// A rollout for people: one summary line, its message, and each wave's host results.

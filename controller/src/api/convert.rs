@@ -1,7 +1,7 @@
 //! Conversions between domain records and the generated wire types, in one place.
 
 use crate::fleet_state::{Assignment, FleetState, InstanceStatus};
-use crate::model::{EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
+use crate::model::{ConvergenceRecord, EventRecord, HostRecord, ReleaseRecord, RolloutRecord};
 use fleet_proto::instance_state::InstanceState;
 use fleet_proto::pb;
 
@@ -106,6 +106,23 @@ pub fn host(fleet: &FleetState, h: &HostRecord, only_app: Option<&str>) -> pb::H
                 app,
             })
             .collect(),
+    }
+}
+
+pub fn convergence(c: &ConvergenceRecord) -> pb::Convergence {
+    pb::Convergence {
+        id: c.id.clone(),
+        app: c.app.clone(),
+        host: c.host.clone(),
+        from_version: c.from_version.clone().unwrap_or_default(),
+        to_version: c.to_version.clone().unwrap_or_default(),
+        deployment: c.deployment.clone(),
+        why: c.why.clone(),
+        actor: c.actor.clone(),
+        started_unix_ms: c.started_unix_ms,
+        finished_unix_ms: c.finished_unix_ms,
+        result: c.result.as_str().to_string(),
+        message: c.message.clone(),
     }
 }
 

@@ -302,8 +302,17 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .fleet
             .rollouts(Some(&request.app))
             .map_err(store_status)?;
+        let convergences = self
+            .fleet
+            .convergences(Some(&request.app))
+            .map_err(store_status)?;
         Ok(Response::new(pb::HistoryResponse {
             rollouts: rollouts.iter().take(limit).map(convert::rollout).collect(),
+            convergences: convergences
+                .iter()
+                .take(limit)
+                .map(convert::convergence)
+                .collect(),
         }))
     }
 
