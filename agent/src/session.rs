@@ -242,6 +242,7 @@ async fn session_once(
         labels: config.labels.clone().into_iter().collect(),
         advertise_addr: config.advertise.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_arch: std::env::consts::ARCH.to_string(),
         instances: instances.iter().map(report_to_pb).collect(),
     };
     let _ = out_tx.try_send(pb::AgentMessage {

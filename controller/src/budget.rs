@@ -139,6 +139,7 @@ mod tests {
                 requested_unix_ms: 0,
                 drained_unix_ms: None,
             }),
+            agent: Default::default(),
         };
         let instance = |state| InstanceStatus {
             app: "web".into(),

@@ -914,6 +914,7 @@ mod tests {
                 })
                 .unwrap_or_default(),
             drain: None,
+            agent: Default::default(),
         };
         let instance = |state, rollout_id: &str| InstanceStatus {
             app: "web".into(),
@@ -1010,6 +1011,7 @@ mod tests {
             last_seen_unix_ms: 0,
             desired: [("web".to_string(), desired("1.1"))].into(),
             drain: None,
+            agent: Default::default(),
         };
         let running = |restarts| InstanceStatus {
             app: "web".into(),

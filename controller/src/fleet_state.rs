@@ -15,8 +15,8 @@
 
 use crate::artifacts::ArtifactStore;
 use crate::model::{
-    ConvergenceRecord, ConvergenceResult, DeploymentRecord, DrainRecord, EventRecord, HostRecord,
-    HostState, ReleaseRecord, RolloutRecord,
+    AgentInfo, ConvergenceRecord, ConvergenceResult, DeploymentRecord, DrainRecord, EventRecord,
+    HostRecord, HostState, ReleaseRecord, RolloutRecord,
 };
 use crate::store::{
     CertificateRecord, JoinTokenRecord, ReleaseInsert, Store, StoreError, TokenUse,
@@ -69,6 +69,7 @@ pub struct HostHello {
     pub labels: BTreeMap<String, String>,
     pub advertise_addr: String,
     pub instances: Vec<InstanceStatus>,
+    pub agent: AgentInfo,
 }
 
 struct LiveHost {
@@ -517,6 +518,7 @@ impl FleetState {
                 last_seen_unix_ms: now,
                 desired: BTreeMap::new(),
                 drain: None,
+                agent: AgentInfo::default(),
             });
             let is_new = record.advertise_addr.is_empty();
             let was_lost = !is_new && record.drain.is_none() && self.is_lost(&record);
@@ -525,6 +527,7 @@ impl FleetState {
                 labels_on_connect(known, joined_labels.as_ref(), &hello.labels);
             record.labels = labels;
             record.advertise_addr = hello.advertise_addr.clone();
+            record.agent = hello.agent.clone();
             record.last_seen_unix_ms = now;
             held = self.save_host(held, &record).await?;
             if claim_ignored {

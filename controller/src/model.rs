@@ -19,6 +19,16 @@ pub struct HostRecord {
     /// Set while the host is drained: it keeps `desired` but runs nothing until undrained.
     #[serde(default)]
     pub drain: Option<DrainRecord>,
+    /// What its agent said of itself in its last session (empty in a record from before).
+    #[serde(default)]
+    pub agent: AgentInfo,
+}
+
+/// An agent's version and the CPU architecture it was built for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub version: String,
+    pub arch: String,
 }
 
 /// Who drained a host, when, and when its last instance was seen gone.

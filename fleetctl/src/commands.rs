@@ -354,6 +354,7 @@ pub async fn hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError> {
         "ADDRESS",
         "LABELS",
         "LAST SEEN",
+        "AGENT",
         "APPS",
     ]);
     for host in &response.hosts {
@@ -373,6 +374,11 @@ pub async fn hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError> {
                 "now".to_string()
             } else {
                 output::ago(host.last_seen_unix_ms, now)
+            },
+            if host.agent_version.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{} {}", host.agent_version, host.agent_arch)
             },
             apps,
         ]);

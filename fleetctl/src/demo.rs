@@ -314,7 +314,17 @@ async fn run_steps(
         output: OutputFormat::Text,
     };
 
-    // The hosts.
+    // The hosts. Their apps pass through `hosts/` to their data directories (as through
+    // /var/lib on a real host) when the agents run as root and the apps as users of their own.
+    let hosts_dir = dir.join("hosts");
+    std::fs::create_dir_all(&hosts_dir)
+        .and_then(|()| {
+            std::fs::set_permissions(
+                &hosts_dir,
+                std::os::unix::fs::PermissionsExt::from_mode(0o711),
+            )
+        })
+        .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", hosts_dir.display())))?;
     let mut host_addrs = Vec::new();
     for host_idx in 1..=n_hosts {
         let name = format!("demo-{host_idx}");

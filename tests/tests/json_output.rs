@@ -24,6 +24,9 @@ fn every_read_verb_prints_json() {
         assert_eq!(host["state"], "ready");
         assert_eq!(host["connected"], true);
         assert!(host["last_seen_unix_ms"].as_i64().unwrap_or(0) > 0);
+        // What the agent said of itself: the workspace's version, built for this machine.
+        assert_eq!(host["agent_version"], env!("CARGO_PKG_VERSION"), "{host:#}");
+        assert_eq!(host["agent_arch"], std::env::consts::ARCH, "{host:#}");
         let app = &host["apps"][0];
         assert_eq!(app["app"], "web", "{host:#}");
         assert_eq!(app["desired_version"], "1.0.0", "{host:#}");

@@ -7,6 +7,7 @@
 use super::{convert, store_status};
 use crate::auth::{self, Role};
 use crate::fleet_state::{FleetState, HostHello};
+use crate::model::AgentInfo;
 use crate::store::{CertificateRecord, TokenUse};
 use fleet_pki::ca::Authority;
 use fleet_proto::pb::{
@@ -57,6 +58,17 @@ fn check_hello(hello: pb::Hello) -> Result<HostHello, Status> {
             fleet_proto::names::quoted(&hello.advertise_addr)
         )));
     }
+    for (what, value) in [
+        ("agent version", &hello.agent_version),
+        ("agent architecture", &hello.agent_arch),
+    ] {
+        if value.len() > 64 || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(bad(format!(
+                "{what} {} is not a version or an architecture name",
+                fleet_proto::names::quoted(value)
+            )));
+        }
+    }
     let mut instances = Vec::new();
     for report in hello.instances {
         match convert::instance_from(report) {
@@ -69,6 +81,10 @@ fn check_hello(hello: pb::Hello) -> Result<HostHello, Status> {
         labels,
         advertise_addr: hello.advertise_addr,
         instances,
+        agent: AgentInfo {
+            version: hello.agent_version,
+            arch: hello.agent_arch,
+        },
     })
 }
 

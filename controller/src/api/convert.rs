@@ -93,6 +93,8 @@ pub fn host(fleet: &FleetState, h: &HostRecord, only_app: Option<&str>) -> pb::H
         state: fleet.host_state(h).as_str().to_string(),
         connected,
         last_seen_unix_ms: fleet.last_seen(&h.name).unwrap_or(h.last_seen_unix_ms),
+        agent_version: h.agent.version.clone(),
+        agent_arch: h.agent.arch.clone(),
         apps: apps
             .into_iter()
             .filter(|app| only_app.is_none_or(|only| only == app))

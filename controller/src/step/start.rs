@@ -396,6 +396,7 @@ mod tests {
                     .into_iter()
                     .collect(),
                 drain: None,
+                agent: Default::default(),
             };
             give_release(&mut record, 0, &mut host, start.hook_host.as_deref());
             let entry = &record.waves[0].hosts[0];
