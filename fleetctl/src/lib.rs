@@ -43,7 +43,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Init(init_args) => {
             let dir = init_args.dir.unwrap_or(config_dir);
-            let outcome = init::init_dir(&dir, &init_args.listen)?;
+            let outcome = init::init_dir(&dir, &init_args.listen, init_args.url.as_ref())?;
             if cli.output == OutputFormat::Json {
                 output::print_json(&outcome);
             } else {
@@ -66,9 +66,12 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         _ => {}
     }
 
-    let url = client::resolve_controller_url(cli.controller.as_deref(), &config_dir)?;
+    // Several controllers: fleetctl dials the first for now (failover is not built yet).
+    let urls = client::resolve_controller_urls(cli.controller.as_deref(), &config_dir)?;
+    let mut connection = client::connect(&urls[0], &config_dir).await?;
+    connection.controller_urls = urls;
     let ctx = Context {
-        connection: client::connect(&url, &config_dir).await?,
+        connection,
         output: cli.output,
     };
     match cli.command {
