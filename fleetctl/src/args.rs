@@ -3,8 +3,8 @@
 
 use crate::parse::{
     parse_app, parse_batch, parse_controller_urls, parse_duration_arg, parse_env_pair, parse_host,
-    parse_label_change, parse_max_unavailable, parse_min_healthy_arg, parse_selector,
-    parse_version, ControllerUrls, LabelChanges, Selector,
+    parse_join_token_ttl, parse_label_change, parse_max_unavailable, parse_min_healthy_arg,
+    parse_selector, parse_version, ControllerUrls, LabelChanges, Selector,
 };
 use crate::ssh::install::DEFAULT_REMOTE_DIR;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -325,8 +325,8 @@ pub enum JoinTokenCommand {
 
 #[derive(Debug, Args)]
 pub struct JoinTokenCreateArgs {
-    /// How long the token may be used, e.g. 30m, 1h (at most 7 days)
-    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration_arg)]
+    /// How long the token may be used, e.g. 30m, 1h, 7d (at most 7 days)
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_join_token_ttl)]
     pub ttl: Duration,
     /// The labels the host that joins with it gets, whatever its agent claims, e.g.
     /// env=prod,zone=a [default: the host's first claim]

@@ -34,6 +34,23 @@ pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
     fleet_proto::duration::parse_duration(text)
 }
 
+/// Parses `join-token create --ttl`: more than 0 and at most 7 days (`7d`, `168h`), the
+/// longest the controller lets a join token live.
+pub fn parse_join_token_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration_arg(text)?;
+    let max = Duration::from_millis(fleet_proto::MAX_JOIN_TOKEN_TTL_MS);
+    if ttl.is_zero() {
+        return Err("--ttl 0 makes a token nobody can use: write a duration like 1h".to_string());
+    }
+    if ttl > max {
+        return Err(format!(
+            "--ttl {} is longer than a join token may live: write at most 7d (168h), and make a new token when it runs out",
+            fleet_proto::names::quoted(text)
+        ));
+    }
+    Ok(ttl)
+}
+
 /// Parses `--max-unavailable`: `N` hosts (N > 0) or `P%` (1 to 100).
 pub fn parse_max_unavailable(text: &str) -> Result<String, String> {
     if matches!(text.trim(), "0" | "0%") {
@@ -285,6 +302,30 @@ fn is_dns_name(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn join_token_ttls() {
+        for (text, expect) in [
+            ("1h", Some(3600)),
+            ("7d", Some(7 * 86_400)),
+            ("168h", Some(7 * 86_400)),
+            ("6d23h59m59s", Some(7 * 86_400 - 1)),
+            ("7d1s", None),
+            ("8d", None),
+            ("169h", None),
+            ("0s", None),
+            ("soon", None),
+        ] {
+            assert_eq!(
+                parse_join_token_ttl(text).ok(),
+                expect.map(Duration::from_secs),
+                "{text:?}"
+            );
+        }
+        assert!(parse_join_token_ttl("7d1s")
+            .unwrap_err()
+            .contains("at most 7d"));
+    }
 
     #[test]
     fn controller_urls() {
