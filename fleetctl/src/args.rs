@@ -124,7 +124,8 @@ pub enum Command {
     #[command(subcommand)]
     Credentials(CredentialsCommand),
     /// Start a whole local fleet (a controller and N hosts) on this machine, deploy the example
-    /// web app to it, and clean everything up again
+    /// web app to it, and clean everything up again (text output only: --output json is
+    /// refused)
     Demo(DemoArgs),
 }
 
@@ -227,7 +228,8 @@ pub enum RolloutAction {
     Pause { rollout_id: String },
     /// Continue a paused rollout
     Resume { rollout_id: String },
-    /// Stop a rollout (hosts go back to their previous release unless --no-auto-rollback)
+    /// Stop a rollout where it stands: hosts keep the release they run now (also those the
+    /// rollout already moved); take them back with `fleetctl rollback APP`
     Abort { rollout_id: String },
 }
 

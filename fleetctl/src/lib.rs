@@ -62,7 +62,16 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             }
             return Ok(EXIT_OK);
         }
-        Command::Demo(demo_args) => return demo::run(demo_args.hosts).await,
+        Command::Demo(demo_args) => {
+            // The demo's steps print through the verbs' own text output; a JSON document of its
+            // own would need them silenced, so it is refused rather than ignored.
+            if cli.output == OutputFormat::Json {
+                return Err(client::usage(
+                    "demo prints its steps for people and has no JSON output: run it without --output json, and use --output json with the verbs (status, hosts, history) against a fleet",
+                ));
+            }
+            return demo::run(demo_args.hosts).await;
+        }
         _ => {}
     }
 
