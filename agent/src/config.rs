@@ -42,7 +42,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{0} is missing: give it as a flag or in the config file")]
     Missing(&'static str),
-    #[error("controller {0:?} is invalid: write it like https://127.0.0.1:7070 (the controller speaks only TLS)")]
+    #[error("controller {0:?} is invalid: write it like https://controller.example.com:7700 (the controller speaks only TLS)")]
     Controller(String),
     #[error("advertise address {0:?} is invalid: give an IP address like 127.0.0.2")]
     Advertise(String),

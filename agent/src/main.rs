@@ -15,7 +15,8 @@ struct Args {
     /// labels = {k = "v"}, ca, join_token); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The controller, like https://127.0.0.1:7070 (mutual TLS only).
+    /// The controller, like https://controller.example.com:7700 (what `fleetctl init --url`
+    /// recorded; https only: the controller speaks only mutual TLS).
     #[arg(long)]
     controller: Option<String>,
     /// This host's name.

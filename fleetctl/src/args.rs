@@ -2,9 +2,9 @@
 //! Values are checked by the parsers of [`crate::parse`] as clap reads them.
 
 use crate::parse::{
-    parse_app, parse_batch, parse_duration_arg, parse_env_pair, parse_host, parse_label_change,
-    parse_max_unavailable, parse_min_healthy_arg, parse_selector, parse_version, LabelChanges,
-    Selector,
+    parse_app, parse_batch, parse_controller_urls, parse_duration_arg, parse_env_pair, parse_host,
+    parse_join_token_ttl, parse_label_change, parse_max_unavailable, parse_min_healthy_arg,
+    parse_selector, parse_version, ControllerUrls, LabelChanges, Selector,
 };
 use crate::ssh::install::DEFAULT_REMOTE_DIR;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -26,7 +26,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "FLEET_CONFIG_DIR", value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
 
-    /// The controller's URL, e.g. http://127.0.0.1:7700 (overrides DIR/client.toml)
+    /// The controller's URL, e.g. https://controller.example.com:7700 (overrides
+    /// DIR/client.toml)
     #[arg(long, global = true, env = "FLEET_CONTROLLER", value_name = "URL")]
     pub controller: Option<String>,
 
@@ -125,7 +126,8 @@ pub enum Command {
     #[command(subcommand)]
     Credentials(CredentialsCommand),
     /// Start a whole local fleet (a controller and N hosts) on this machine, deploy the example
-    /// web app to it, and clean everything up again
+    /// web app to it, and clean everything up again (text output only: --output json is
+    /// refused)
     Demo(DemoArgs),
 }
 
@@ -134,9 +136,16 @@ pub struct InitArgs {
     /// Where to write the files [default: the config dir]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// The address the controller listens on (any address: every call is mutual TLS)
+    /// The address the controller listens on (any address: every call is mutual TLS); with
+    /// 0.0.0.0 or :: also pass --url
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
     pub listen: String,
+    /// The address hosts, operators and CI dial the controller at, e.g.
+    /// https://controller.example.com:7700 (several: URL1,URL2); it goes into client.toml,
+    /// what bootstrap and `credentials create` write, and the controller's certificate
+    /// [default: https://LISTEN]
+    #[arg(long, value_name = "URL[,URL...]", value_parser = parse_controller_urls)]
+    pub url: Option<ControllerUrls>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,7 +230,8 @@ pub enum RolloutAction {
     Pause { rollout_id: String },
     /// Continue a paused rollout
     Resume { rollout_id: String },
-    /// Stop a rollout (hosts go back to their previous release unless --no-auto-rollback)
+    /// Stop a rollout where it stands: hosts keep the release they run now (also those the
+    /// rollout already moved); take them back with `fleetctl rollback APP`
     Abort { rollout_id: String },
 }
 
@@ -319,8 +329,8 @@ pub enum JoinTokenCommand {
 
 #[derive(Debug, Args)]
 pub struct JoinTokenCreateArgs {
-    /// How long the token may be used, e.g. 30m, 1h (at most 7 days)
-    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration_arg)]
+    /// How long the token may be used, e.g. 30m, 1h, 7d (at most 7 days)
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_join_token_ttl)]
     pub ttl: Duration,
     /// The labels the host that joins with it gets, whatever its agent claims, e.g.
     /// env=prod,zone=a [default: the host's first claim]

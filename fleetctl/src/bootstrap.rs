@@ -186,6 +186,8 @@ async fn prepare(
             }
         },
     };
+    // What fleetctl dials: client.toml's URL (`fleetctl init --url`), the first one when it
+    // names several controllers (an agent dials one; failover is not built yet).
     let controller_url = flags
         .controller_url
         .clone()

@@ -93,18 +93,47 @@ pub fn default_config_dir() -> PathBuf {
 /// What `DIR/client.toml` holds.
 #[derive(Debug, serde::Deserialize)]
 struct ClientConfigFile {
-    controller: Option<String>,
+    controller: Option<ControllerField>,
+}
+
+/// client.toml's `controller`: one URL, or an array of them (several controllers).
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum ControllerField {
+    One(String),
+    Several(Vec<String>),
 }
 
 /// Works out the controller's URL: `--controller`/`FLEET_CONTROLLER` win, else
-/// `CONFIG_DIR/client.toml`. When that file names port 0 (a controller told to pick a port),
-/// the address the controller wrote to `CONFIG_DIR/controller.addr` is used instead.
+/// `CONFIG_DIR/client.toml`; the first of [`resolve_controller_urls`].
 pub fn resolve_controller_url(
     controller_flag: Option<&str>,
     config_dir: &Path,
 ) -> Result<String, CliError> {
-    if let Some(url) = controller_flag.map(str::trim).filter(|u| !u.is_empty()) {
-        return Ok(normalize_url(url));
+    let mut urls = resolve_controller_urls(controller_flag, config_dir)?;
+    Ok(urls.swap_remove(0))
+}
+
+/// Every address of the controller, never empty: `--controller`/`FLEET_CONTROLLER` win (one
+/// URL, or several separated by commas), else `CONFIG_DIR/client.toml`, whose `controller` is
+/// a URL or an array of URLs. fleetctl dials the first for now (failing over to the others
+/// is not built yet); `credentials create` passes them all on. When a URL names port 0 (a
+/// controller told to pick a port), the port the controller wrote to
+/// `CONFIG_DIR/controller.addr` is used instead, with the URL's host.
+pub fn resolve_controller_urls(
+    controller_flag: Option<&str>,
+    config_dir: &Path,
+) -> Result<Vec<String>, CliError> {
+    if let Some(flag) = controller_flag.map(str::trim).filter(|u| !u.is_empty()) {
+        let urls: Vec<String> = flag
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(normalize_url)
+            .collect();
+        if !urls.is_empty() {
+            return Ok(urls);
+        }
     }
     let no_controller = || {
         usage(
@@ -124,26 +153,35 @@ pub fn resolve_controller_url(
     };
     let parsed: ClientConfigFile = toml::from_str(&text).map_err(|e| {
         usage(format!(
-            "{} is invalid: {}; it should hold controller = \"https://ADDR:PORT\"",
+            "{} is invalid: {}; it should hold controller = \"https://HOST:PORT\" (or an array of such URLs)",
             client_toml.display(),
             e.message()
         ))
     })?;
-    let url = parsed
-        .controller
-        .filter(|u| !u.trim().is_empty())
-        .ok_or_else(no_controller)?;
-    let url = normalize_url(url.trim());
-    if url.ends_with(":0") {
-        let addr_file = config_dir.join("controller.addr");
-        if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-            let addr = addr.trim();
-            if !addr.is_empty() {
-                return Ok(format!("https://{addr}"));
-            }
-        }
+    let urls: Vec<String> = match parsed.controller {
+        None => Vec::new(),
+        Some(ControllerField::One(url)) => vec![url],
+        Some(ControllerField::Several(urls)) => urls,
     }
-    Ok(url)
+    .iter()
+    .map(|url| url.trim())
+    .filter(|url| !url.is_empty())
+    .map(normalize_url)
+    .collect();
+    if urls.is_empty() {
+        return Err(no_controller());
+    }
+    let picked_port = std::fs::read_to_string(config_dir.join("controller.addr"))
+        .ok()
+        .and_then(|addr| addr.trim().parse::<std::net::SocketAddr>().ok())
+        .map(|addr| addr.port());
+    Ok(urls
+        .into_iter()
+        .map(|url| match (url.strip_suffix(":0"), picked_port) {
+            (Some(host_part), Some(port)) => format!("{host_part}:{port}"),
+            _ => url,
+        })
+        .collect())
 }
 
 /// Accepts `ADDR:PORT` as shorthand for `https://ADDR:PORT`.
@@ -265,6 +303,9 @@ pub type FleetClient = FleetServiceClient<InterceptedService<Channel, ActorInter
 pub struct Connection {
     pub client: FleetClient,
     pub url: String,
+    /// Every address of the controller, `url` first: what `credentials create` writes into
+    /// the client.toml it makes.
+    pub controller_urls: Vec<String>,
 }
 
 impl Connection {
@@ -312,6 +353,7 @@ pub async fn connect(url: &str, config_dir: &Path) -> Result<Connection, CliErro
     Ok(Connection {
         client,
         url: url.to_string(),
+        controller_urls: vec![url.to_string()],
     })
 }
 
@@ -382,7 +424,7 @@ mod tests {
 
         std::fs::write(
             dir.path().join("client.toml"),
-            "controller = \"http://127.0.0.1:0\"\n",
+            "controller = \"https://127.0.0.1:0\"\n",
         )
         .unwrap();
         std::fs::write(dir.path().join("controller.addr"), "127.0.0.1:4567\n").unwrap();
@@ -390,6 +432,39 @@ mod tests {
             resolve_controller_url(None, dir.path()).unwrap(),
             "https://127.0.0.1:4567"
         );
+
+        // Port 0 takes the picked port and keeps the URL's host.
+        std::fs::write(
+            dir.path().join("client.toml"),
+            "controller = \"https://localhost:0\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_controller_url(None, dir.path()).unwrap(),
+            "https://localhost:4567"
+        );
+
+        // Several controllers: an array, the first is dialled.
+        std::fs::write(
+            dir.path().join("client.toml"),
+            "controller = [\"https://c1.example.com:7700\", \"https://c2.example.com:7700\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_controller_urls(None, dir.path()).unwrap(),
+            ["https://c1.example.com:7700", "https://c2.example.com:7700"]
+        );
+        assert_eq!(
+            resolve_controller_url(None, dir.path()).unwrap(),
+            "https://c1.example.com:7700"
+        );
+        assert_eq!(
+            resolve_controller_urls(Some("https://a:1, https://b:2"), dir.path()).unwrap(),
+            ["https://a:1", "https://b:2"]
+        );
+        std::fs::write(dir.path().join("client.toml"), "controller = []\n").unwrap();
+        let empty = resolve_controller_url(None, dir.path()).unwrap_err();
+        assert!(empty.to_string().contains("fleetctl init"), "{empty}");
 
         std::fs::write(dir.path().join("client.toml"), "controller = [").unwrap();
         assert_eq!(

@@ -297,7 +297,7 @@ async fn run_steps(
     );
 
     // The controller, configured exactly as `fleetctl init` would.
-    let init_outcome = init::init_dir(&dir, "127.0.0.1:0")?;
+    let init_outcome = init::init_dir(&dir, "127.0.0.1:0", None)?;
     fleet.spawn(
         "controller",
         &binaries.controller,

@@ -1,13 +1,16 @@
 //! `fleetctl init`: makes a new fleet in a directory: the fleet CA (`ca.pem`, `ca.key`), the
 //! controller's certificate (`controller.pem`, `controller.key`; DNS names `fleet-controller`
-//! and `localhost`, plus the listen IP), an admin credential for fleetctl (`client.pem`,
-//! `client.key`: CN `admin`, role admin), `controller.toml` (`listen`, `data_dir = "data"`, and
-//! the TLS files, relative to the directory) and `client.toml` (`controller =
-//! "https://ADDR:PORT"`). Private keys are written with mode 0600. Every call to the controller
-//! is authenticated with mutual TLS, so any listen address is allowed. An existing
-//! controller.toml is never overwritten.
+//! and `localhost`, plus the listen IP and the host of every `--url`), an admin credential for
+//! fleetctl (`client.pem`, `client.key`: CN `admin`, role admin), `controller.toml` (`listen`,
+//! `data_dir = "data"`, and the TLS files, relative to the directory) and `client.toml`
+//! (`controller = "https://HOST:PORT"`, or an array of them: the `--url` addresses hosts,
+//! operators and CI dial, else the listen address). Private keys are written with mode 0600.
+//! Every call to the controller is authenticated with mutual TLS, so any listen address is
+//! allowed; an unspecified one (`0.0.0.0`, `::`) needs `--url`, since nobody can dial it. An
+//! existing controller.toml is never overwritten.
 
 use crate::client::{usage, CliError, CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE};
+use crate::parse::ControllerUrls;
 use fleet_pki::ca::{self, Authority};
 use fleet_pki::Role;
 use std::io::Write;
@@ -28,7 +31,11 @@ pub struct InitOutcome {
     /// The fleet CA certificate: agents need it (`fleet-agent --ca`).
     pub ca: PathBuf,
     pub listen: String,
+    /// The address fleetctl, bootstrap and `credentials create` use: the first of
+    /// `controller_urls`.
     pub controller_url: String,
+    /// Every address the controller is dialled at (`--url`), as client.toml holds them.
+    pub controller_urls: Vec<String>,
 }
 
 /// Checks the listen address: `IP:PORT`, any address.
@@ -63,10 +70,42 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CliError> {
         .map_err(|e| usage(format!("cannot write {}: {e}", path.display())))
 }
 
+/// The addresses client.toml gets: the `--url` ones, else the listen address when it is one a
+/// host can dial. Port 0 in a URL (the port a local controller picks, read from
+/// `controller.addr`) only goes with a listen port of 0.
+fn controller_urls(
+    addr: SocketAddr,
+    urls: Option<&ControllerUrls>,
+) -> Result<Vec<String>, CliError> {
+    let Some(urls) = urls else {
+        if addr.ip().is_unspecified() {
+            return Err(usage(format!(
+                "--listen {addr} accepts connections on every address of this machine, so it is no address that hosts, operators and CI can dial: pass the one they reach the controller at too, e.g. --url https://controller.example.com:{port} (several: --url URL1,URL2)",
+                port = addr.port()
+            )));
+        }
+        return Ok(vec![format!("https://{addr}")]);
+    };
+    if let Some(url) = urls.0.iter().find(|url| url.port == 0 && addr.port() != 0) {
+        return Err(usage(format!(
+            "--url {} has port 0, which only a controller that picks its own port (--listen IP:0) can use: write the port hosts reach the controller at (--listen gives {})",
+            url.url,
+            addr.port()
+        )));
+    }
+    Ok(urls.0.iter().map(|url| url.url.clone()).collect())
+}
+
 /// Writes the CA, the certificates, controller.toml and client.toml into `dir` (created if
-/// missing).
-pub fn init_dir(dir: &Path, listen: &str) -> Result<InitOutcome, CliError> {
+/// missing). `urls` are the addresses hosts, operators and CI dial (`--url`); without them,
+/// the listen address, which must then be a specific one.
+pub fn init_dir(
+    dir: &Path,
+    listen: &str,
+    urls: Option<&ControllerUrls>,
+) -> Result<InitOutcome, CliError> {
     let addr = parse_listen(listen)?;
+    let controller_urls = controller_urls(addr, urls)?;
     std::fs::create_dir_all(dir).map_err(|e| {
         usage(format!(
             "cannot create {}: {e}; pass --dir with a directory you can write",
@@ -81,14 +120,16 @@ pub fn init_dir(dir: &Path, listen: &str) -> Result<InitOutcome, CliError> {
             controller_config.display()
         )));
     }
-    let controller_url = format!("https://{addr}");
     let failed = |e: ca::CaError| CliError::Failed(e.to_string());
 
     let (ca_pem, ca_key) = ca::generate_ca().map_err(failed)?;
     let authority = Authority::load(&ca_pem, &ca_key).map_err(failed)?;
-    let controller_cert = authority
-        .issue_controller(Some(addr.ip()))
-        .map_err(failed)?;
+    // The certificate names every host the controller is dialled at, and its listen address.
+    let mut names: Vec<String> = urls
+        .map(|urls| urls.0.iter().map(|url| url.host.clone()).collect())
+        .unwrap_or_default();
+    names.push(addr.ip().to_string());
+    let controller_cert = authority.issue_controller(&names).map_err(failed)?;
     let admin = authority
         .issue_client("admin", Role::Admin)
         .map_err(failed)?;
@@ -128,7 +169,7 @@ pub fn init_dir(dir: &Path, listen: &str) -> Result<InitOutcome, CliError> {
         toml_string(&addr.to_string()),
     );
     write_new(&controller_config, &controller_text, 0o644)?;
-    write_client_toml(&client_config, &controller_url)?;
+    write_client_toml(&client_config, &controller_urls)?;
 
     Ok(InitOutcome {
         dir: dir.to_path_buf(),
@@ -136,17 +177,29 @@ pub fn init_dir(dir: &Path, listen: &str) -> Result<InitOutcome, CliError> {
         client_config,
         ca: dir.join(CA_FILE),
         listen: addr.to_string(),
-        controller_url,
+        controller_url: controller_urls[0].clone(),
+        controller_urls,
     })
 }
 
-/// Writes `client.toml` naming the controller (fleetctl reads the TLS files beside it).
-pub fn write_client_toml(path: &Path, controller_url: &str) -> Result<(), CliError> {
+/// Writes `client.toml` naming the controller (fleetctl reads the TLS files beside it): one
+/// URL as a string, several as an array.
+pub fn write_client_toml(path: &Path, controller_urls: &[String]) -> Result<(), CliError> {
+    let controller = match controller_urls {
+        [url] => toml_string(url),
+        urls => format!(
+            "[{}]\n# fleetctl dials the first of these for now.",
+            urls.iter()
+                .map(|url| toml_string(url))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let text = format!(
         "# fleetctl configuration. The credential is client.pem and client.key beside this file,\n\
-         # the fleet CA is ca.pem.\n\
-         controller = {}\n",
-        toml_string(controller_url),
+         # the fleet CA is ca.pem. `controller` is the address of the controller: a URL, or an\n\
+         # array of them when there are several.\n\
+         controller = {controller}\n",
     );
     std::fs::write(path, text).map_err(|e| usage(format!("cannot write {}: {e}", path.display())))
 }
@@ -159,6 +212,7 @@ fn toml_string(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parse::parse_controller_urls;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -181,7 +235,7 @@ mod tests {
     fn writes_the_fleet_and_never_overwrites() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("fleet");
-        let outcome = init_dir(&target, "127.0.0.1:7701").unwrap();
+        let outcome = init_dir(&target, "127.0.0.1:7701", None).unwrap();
         assert_eq!(outcome.controller_url, "https://127.0.0.1:7701");
 
         // That fleet-controller starts from this file, every end-to-end test shows.
@@ -209,10 +263,138 @@ mod tests {
         let ca_key = std::fs::read_to_string(target.join("ca.key")).unwrap();
         Authority::load(&ca_pem, &ca_key).unwrap();
 
-        let again = init_dir(&target, "127.0.0.1:7702").unwrap_err();
+        let again = init_dir(&target, "127.0.0.1:7702", None).unwrap_err();
         assert_eq!(again.exit_code(), 2);
         assert!(again.to_string().contains("already exists"));
         let unchanged = std::fs::read_to_string(target.join("controller.toml")).unwrap();
         assert!(unchanged.contains("127.0.0.1:7701"));
+    }
+
+    fn client_controller(dir: &Path) -> toml::Value {
+        let client: toml::Table =
+            toml::from_str(&std::fs::read_to_string(dir.join("client.toml")).unwrap()).unwrap();
+        client["controller"].clone()
+    }
+
+    /// The certificate's DNS names and IP addresses, as text.
+    fn certificate_names(dir: &Path) -> Vec<String> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let pem = std::fs::read_to_string(dir.join(CONTROLLER_CERT_FILE)).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(&pem.contents).unwrap();
+        cert.subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|name| match name {
+                GeneralName::DNSName(dns) => dns.to_string(),
+                GeneralName::IPAddress(bytes) => match bytes.len() {
+                    4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap()).to_string(),
+                    _ => std::net::IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap()).to_string(),
+                },
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unspecified_listen_address_needs_url() {
+        for listen in ["0.0.0.0:7700", "[::]:7700"] {
+            let dir = tempfile::tempdir().unwrap();
+            let error = init_dir(dir.path(), listen, None).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{listen}");
+            assert!(
+                error
+                    .to_string()
+                    .contains("--url https://controller.example.com:7700"),
+                "{error}"
+            );
+            // Nothing written: the refusal comes first.
+            assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+        }
+    }
+
+    #[test]
+    fn url_goes_into_client_toml_and_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let urls = parse_controller_urls("https://Controller.Example.com:7700").unwrap();
+        let outcome = init_dir(dir.path(), "0.0.0.0:7700", Some(&urls)).unwrap();
+        assert_eq!(
+            outcome.controller_url,
+            "https://controller.example.com:7700"
+        );
+        assert_eq!(
+            outcome.controller_urls,
+            ["https://controller.example.com:7700"]
+        );
+        assert_eq!(
+            client_controller(dir.path()).as_str(),
+            Some("https://controller.example.com:7700")
+        );
+        let config: toml::Table =
+            toml::from_str(&std::fs::read_to_string(dir.path().join("controller.toml")).unwrap())
+                .unwrap();
+        assert_eq!(config["listen"].as_str(), Some("0.0.0.0:7700"));
+        let mut names = certificate_names(dir.path());
+        names.sort();
+        assert_eq!(
+            names,
+            ["controller.example.com", "fleet-controller", "localhost"]
+        );
+        let text = client_controller(dir.path());
+        let back = crate::client::resolve_controller_urls(None, dir.path()).unwrap();
+        assert_eq!(back, [text.as_str().unwrap()]);
+    }
+
+    #[test]
+    fn several_urls_make_an_array_and_name_every_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let urls =
+            parse_controller_urls("https://c1.example.com:7700,https://10.0.0.7:7700").unwrap();
+        let outcome = init_dir(dir.path(), "10.0.0.5:7700", Some(&urls)).unwrap();
+        assert_eq!(outcome.controller_url, "https://c1.example.com:7700");
+        let controller = client_controller(dir.path());
+        let array: Vec<&str> = controller
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            array,
+            ["https://c1.example.com:7700", "https://10.0.0.7:7700"]
+        );
+        let mut names = certificate_names(dir.path());
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "10.0.0.5",
+                "10.0.0.7",
+                "c1.example.com",
+                "fleet-controller",
+                "localhost"
+            ]
+        );
+        assert_eq!(
+            crate::client::resolve_controller_url(None, dir.path()).unwrap(),
+            "https://c1.example.com:7700"
+        );
+    }
+
+    #[test]
+    fn a_url_with_port_0_needs_a_picked_port() {
+        let urls = parse_controller_urls("https://localhost:0").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let error = init_dir(dir.path(), "127.0.0.1:7700", Some(&urls)).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        assert!(error.to_string().contains("port 0"), "{error}");
+        init_dir(dir.path(), "127.0.0.1:0", Some(&urls)).unwrap();
+        assert_eq!(
+            client_controller(dir.path()).as_str(),
+            Some("https://localhost:0")
+        );
     }
 }

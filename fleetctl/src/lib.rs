@@ -43,7 +43,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Init(init_args) => {
             let dir = init_args.dir.unwrap_or(config_dir);
-            let outcome = init::init_dir(&dir, &init_args.listen)?;
+            let outcome = init::init_dir(&dir, &init_args.listen, init_args.url.as_ref())?;
             if cli.output == OutputFormat::Json {
                 output::print_json(&outcome);
             } else {
@@ -62,13 +62,25 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             }
             return Ok(EXIT_OK);
         }
-        Command::Demo(demo_args) => return demo::run(demo_args.hosts).await,
+        Command::Demo(demo_args) => {
+            // The demo's steps print through the verbs' own text output; a JSON document of its
+            // own would need them silenced, so it is refused rather than ignored.
+            if cli.output == OutputFormat::Json {
+                return Err(client::usage(
+                    "demo prints its steps for people and has no JSON output: run it without --output json, and use --output json with the verbs (status, hosts, history) against a fleet",
+                ));
+            }
+            return demo::run(demo_args.hosts).await;
+        }
         _ => {}
     }
 
-    let url = client::resolve_controller_url(cli.controller.as_deref(), &config_dir)?;
+    // Several controllers: fleetctl dials the first for now (failover is not built yet).
+    let urls = client::resolve_controller_urls(cli.controller.as_deref(), &config_dir)?;
+    let mut connection = client::connect(&urls[0], &config_dir).await?;
+    connection.controller_urls = urls;
     let ctx = Context {
-        connection: client::connect(&url, &config_dir).await?,
+        connection,
         output: cli.output,
     };
     match cli.command {

@@ -34,6 +34,23 @@ pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
     fleet_proto::duration::parse_duration(text)
 }
 
+/// Parses `join-token create --ttl`: more than 0 and at most 7 days (`7d`, `168h`), the
+/// longest the controller lets a join token live.
+pub fn parse_join_token_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration_arg(text)?;
+    let max = Duration::from_millis(fleet_proto::MAX_JOIN_TOKEN_TTL_MS);
+    if ttl.is_zero() {
+        return Err("--ttl 0 makes a token nobody can use: write a duration like 1h".to_string());
+    }
+    if ttl > max {
+        return Err(format!(
+            "--ttl {} is longer than a join token may live: write at most 7d (168h), and make a new token when it runs out",
+            fleet_proto::names::quoted(text)
+        ));
+    }
+    Ok(ttl)
+}
+
 /// Parses `--max-unavailable`: `N` hosts (N > 0) or `P%` (1 to 100).
 pub fn parse_max_unavailable(text: &str) -> Result<String, String> {
     if matches!(text.trim(), "0" | "0%") {
@@ -160,9 +177,229 @@ pub fn parse_env_pair(text: &str) -> Result<(String, String), String> {
     Ok((key.to_string(), value.to_string()))
 }
 
+/// One address of the controller, as hosts, operators and CI dial it: `https://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerUrl {
+    /// The URL as written to client.toml and agent.toml: `https://HOST:PORT`, the host
+    /// lowercased, an IPv6 address in brackets.
+    pub url: String,
+    /// The host: a DNS name or an IP address (IPv6 without brackets), as the controller's
+    /// certificate names it.
+    pub host: String,
+    /// 0 only for a local fleet whose controller picks its port (`--listen IP:0`).
+    pub port: u16,
+}
+
+/// `fleetctl init --url URL[,URL...]`: the controller's addresses, at least one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerUrls(pub Vec<ControllerUrl>);
+
+/// Parses `https://HOST:PORT[,https://HOST2:PORT...]`: each must be https (the controller
+/// speaks only mutual TLS), name a host that can be dialled (a DNS name or an IP address, not
+/// `0.0.0.0` or `::`) and a port, and carry nothing after the port.
+pub fn parse_controller_urls(text: &str) -> Result<ControllerUrls, String> {
+    let urls = text
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(parse_controller_url)
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(
+            "--url is empty: write the address hosts dial, e.g. https://controller.example.com:7700"
+                .to_string(),
+        );
+    }
+    Ok(ControllerUrls(urls))
+}
+
+/// Parses one `https://HOST:PORT`; see [`parse_controller_urls`].
+pub fn parse_controller_url(text: &str) -> Result<ControllerUrl, String> {
+    const EXAMPLE: &str = "https://controller.example.com:7700 or https://10.0.0.5:7700";
+    let quoted = fleet_proto::names::quoted(text);
+    let Some(rest) = text.strip_prefix("https://") else {
+        return Err(format!(
+            "controller URL {quoted} is not https: the controller speaks only mutual TLS; write it like {EXAMPLE}"
+        ));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#', '@']) {
+        return Err(format!(
+            "controller URL {quoted} has more than a host and a port: write it like {EXAMPLE}"
+        ));
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        // An IPv6 address: [ADDR]:PORT.
+        let (addr, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| format!("controller URL {quoted} has an unclosed '[': write an IPv6 address like https://[fd00::1]:7700"))?;
+        let ip: std::net::Ipv6Addr = addr.parse().map_err(|_| {
+            format!("controller URL {quoted} has an invalid IPv6 address: write it like https://[fd00::1]:7700")
+        })?;
+        (ip.to_string(), after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host.to_ascii_lowercase(), Some(port)),
+            None => (authority.to_ascii_lowercase(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "controller URL {quoted} has no host: write the name or address hosts dial, like {EXAMPLE}"
+        ));
+    }
+    let Some(port) = port.filter(|p| !p.is_empty()) else {
+        return Err(format!(
+            "controller URL {quoted} has no port: add the port the controller is reached at, like {EXAMPLE}"
+        ));
+    };
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|_| port.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| {
+            format!("controller URL {quoted} has an invalid port: write a number from 1 to 65535, like {EXAMPLE}")
+        })?;
+    if host.contains(':') && !authority.starts_with('[') {
+        return Err(format!(
+            "controller URL {quoted} has an IPv6 address without brackets: write it like https://[fd00::1]:7700"
+        ));
+    }
+    let ip = host.parse::<std::net::IpAddr>().ok();
+    if ip.is_some_and(|ip| ip.is_unspecified()) {
+        return Err(format!(
+            "controller URL {quoted} names no host ({host} means every address of the controller's machine, which no host can dial): write the name or address hosts dial, like {EXAMPLE}"
+        ));
+    }
+    if ip.is_none() && !is_dns_name(&host) {
+        return Err(format!(
+            "controller URL {quoted} has an invalid host {}: write a DNS name (letters, digits, '-' and '.') or an IP address, like {EXAMPLE}",
+            fleet_proto::names::quoted(&host)
+        ));
+    }
+    let url = match ip {
+        Some(std::net::IpAddr::V6(v6)) => format!("https://[{v6}]:{port}"),
+        _ => format!("https://{host}:{port}"),
+    };
+    Ok(ControllerUrl { url, host, port })
+}
+
+/// A DNS name a certificate can carry: dot-separated labels of ASCII letters, digits and '-'
+/// (not at either end of a label), at most 63 bytes each and 253 in all.
+fn is_dns_name(host: &str) -> bool {
+    host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn join_token_ttls() {
+        for (text, expect) in [
+            ("1h", Some(3600)),
+            ("7d", Some(7 * 86_400)),
+            ("168h", Some(7 * 86_400)),
+            ("6d23h59m59s", Some(7 * 86_400 - 1)),
+            ("7d1s", None),
+            ("8d", None),
+            ("169h", None),
+            ("0s", None),
+            ("soon", None),
+        ] {
+            assert_eq!(
+                parse_join_token_ttl(text).ok(),
+                expect.map(Duration::from_secs),
+                "{text:?}"
+            );
+        }
+        assert!(parse_join_token_ttl("7d1s")
+            .unwrap_err()
+            .contains("at most 7d"));
+    }
+
+    #[test]
+    fn controller_urls() {
+        for (text, expect) in [
+            (
+                "https://controller.example.com:7700",
+                Some((
+                    "https://controller.example.com:7700",
+                    "controller.example.com",
+                    7700,
+                )),
+            ),
+            (
+                "https://Controller.Example.com:7700/",
+                Some((
+                    "https://controller.example.com:7700",
+                    "controller.example.com",
+                    7700,
+                )),
+            ),
+            (
+                "https://10.0.0.5:7700",
+                Some(("https://10.0.0.5:7700", "10.0.0.5", 7700)),
+            ),
+            (
+                "https://[fd00::1]:7700",
+                Some(("https://[fd00::1]:7700", "fd00::1", 7700)),
+            ),
+            (
+                "https://localhost:0",
+                Some(("https://localhost:0", "localhost", 0)),
+            ),
+            ("http://controller.example.com:7700", None),
+            ("controller.example.com:7700", None),
+            ("https://:7700", None),
+            ("https://", None),
+            ("https://controller.example.com", None),
+            ("https://controller.example.com:", None),
+            ("https://controller.example.com:70000", None),
+            ("https://controller.example.com:+7", None),
+            ("https://0.0.0.0:7700", None),
+            ("https://[::]:7700", None),
+            ("https://[fd00::1:7700", None),
+            ("https://fd00::1:7700", None),
+            ("https://controller.example.com:7700/api", None),
+            ("https://admin@controller.example.com:7700", None),
+            ("https://contr oller:7700", None),
+            ("https://-bad.example.com:7700", None),
+            ("https://a..b:7700", None),
+        ] {
+            let got = parse_controller_url(text).ok();
+            let got = got
+                .as_ref()
+                .map(|u| (u.url.as_str(), u.host.as_str(), u.port));
+            assert_eq!(got, expect, "{text:?}");
+        }
+        let urls =
+            parse_controller_urls("https://a.example.com:7700, https://10.0.0.6:7700").unwrap();
+        assert_eq!(urls.0.len(), 2);
+        assert_eq!(urls.0[1].url, "https://10.0.0.6:7700");
+        assert!(parse_controller_urls("").is_err());
+        assert!(parse_controller_urls(",").is_err());
+        assert!(parse_controller_urls("https://a.example.com:7700,http://b:7700").is_err());
+        // Each refusal says what to write.
+        for bad in [
+            "http://c:7700",
+            "https://:7700",
+            "https://c",
+            "https://0.0.0.0:7700",
+        ] {
+            let error = parse_controller_url(bad).unwrap_err();
+            assert!(error.contains("like https://"), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn a_refused_secret_is_not_quoted() {

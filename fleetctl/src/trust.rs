@@ -59,7 +59,10 @@ pub struct CredentialOutcome {
     pub name: String,
     pub role: String,
     pub dir: PathBuf,
+    /// The first of `controller_urls`, the one the credential's holder dials.
     pub controller_url: String,
+    /// What the credential's client.toml names.
+    pub controller_urls: Vec<String>,
 }
 
 /// `fleetctl credentials create NAME --role ROLE --out DIR`.
@@ -96,12 +99,13 @@ pub async fn credentials_create(
     write_private(&key_path, &key_pem)?;
     write_file(&out.join(CLIENT_CERT_FILE), &response.certificate_pem)?;
     write_file(&out.join(CA_FILE), &response.ca_pem)?;
-    init::write_client_toml(&out.join("client.toml"), &ctx.connection.url)?;
+    init::write_client_toml(&out.join("client.toml"), &ctx.connection.controller_urls)?;
     let outcome = CredentialOutcome {
         name: create.name.clone(),
         role: create.role.as_str().to_string(),
         dir: out.clone(),
         controller_url: ctx.connection.url.clone(),
+        controller_urls: ctx.connection.controller_urls.clone(),
     };
     if ctx.output == output::OutputFormat::Json {
         output::print_json(&outcome);

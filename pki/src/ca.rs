@@ -121,16 +121,29 @@ impl Authority {
     }
 
     /// The controller's own certificate and key: DNS names `fleet-controller` (what clients
-    /// verify) and `localhost`, plus `ip` when it is a specific address.
-    pub fn issue_controller(&self, ip: Option<IpAddr>) -> Result<Issued, CaError> {
+    /// verify) and `localhost`, plus `names`: the hosts of the URLs the controller is dialled
+    /// at (`fleetctl init --url`) and its specific listen address, each an IP address or a DNS
+    /// name. Unspecified addresses (`0.0.0.0`, `::`) and repeats are left out.
+    pub fn issue_controller(&self, names: &[String]) -> Result<Issued, CaError> {
         let key = KeyPair::generate().map_err(CaError::Generate)?;
         let mut params = CertificateParams::new(vec![
             CONTROLLER_TLS_NAME.to_string(),
             "localhost".to_string(),
         ])
         .map_err(CaError::Generate)?;
-        if let Some(ip) = ip.filter(|ip| !ip.is_unspecified()) {
-            params.subject_alt_names.push(SanType::IpAddress(ip));
+        for name in names {
+            let san = match name.parse::<IpAddr>() {
+                Ok(ip) if ip.is_unspecified() => continue,
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.to_ascii_lowercase()
+                        .try_into()
+                        .map_err(CaError::Generate)?,
+                ),
+            };
+            if !params.subject_alt_names.contains(&san) {
+                params.subject_alt_names.push(san);
+            }
         }
         params.distinguished_name = distinguished_name(CONTROLLER_TLS_NAME, None);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -254,7 +267,56 @@ mod tests {
             .sign_request(&"x".repeat(MAX_CSR_BYTES + 1), "x", Role::Agent)
             .is_err());
         // The controller's certificate has no role: it is no client credential.
-        let server = authority.issue_controller(None).unwrap();
+        let server = authority.issue_controller(&[]).unwrap();
         assert!(Identity::from_der(&der_of(&server.cert_pem)).is_err());
+    }
+
+    #[test]
+    fn the_controller_is_named_by_its_urls_hosts() {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let (ca_pem, ca_key) = generate_ca().unwrap();
+        let authority = Authority::load(&ca_pem, &ca_key).unwrap();
+        let names = [
+            "controller.example.com",
+            "10.0.0.5",
+            "0.0.0.0",
+            "::",
+            "Controller.Example.com",
+            "fd00::1",
+        ]
+        .map(String::from);
+        let server = authority.issue_controller(&names).unwrap();
+        let der = der_of(&server.cert_pem);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let mut sans: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|name| match name {
+                GeneralName::DNSName(dns) => dns.to_string(),
+                GeneralName::IPAddress(bytes) => match bytes.len() {
+                    4 => IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap()).to_string(),
+                    _ => IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap()).to_string(),
+                },
+                other => panic!("unexpected name {other:?}"),
+            })
+            .collect();
+        sans.sort();
+        assert_eq!(
+            sans,
+            [
+                "10.0.0.5",
+                "controller.example.com",
+                "fd00::1",
+                "fleet-controller",
+                "localhost"
+            ]
+        );
+        assert!(authority
+            .issue_controller(&["not a name\u{0}é".to_string()])
+            .is_err());
     }
 }

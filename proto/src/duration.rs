@@ -1,5 +1,5 @@
 //! Durations as people write them on the command line and in `fleet.toml`: `500ms`, `90s`,
-//! `5m`, `1h`, or a sum like `1m30s`.
+//! `5m`, `1h`, `7d`, or a sum like `1m30s`.
 
 use std::time::Duration;
 
@@ -7,7 +7,7 @@ use std::time::Duration;
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || {
         format!(
-            "duration {} is invalid: write it like 500ms, 90s, 5m or 1h",
+            "duration {} is invalid: write it like 500ms, 90s, 5m, 1h or 7d",
             crate::names::quoted(text)
         )
     };
@@ -30,6 +30,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(number),
             "m" => Duration::from_secs(number * 60),
             "h" => Duration::from_secs(number * 3600),
+            "d" => Duration::from_secs(number * 86_400),
             _ => return Err(bad()),
         };
         total = total.checked_add(part).ok_or_else(bad)?;
@@ -64,6 +65,8 @@ mod tests {
             ("5m", Some(Duration::from_secs(300))),
             ("1h", Some(Duration::from_secs(3600))),
             ("1m30s", Some(Duration::from_secs(90))),
+            ("7d", Some(Duration::from_secs(7 * 86_400))),
+            ("1d12h", Some(Duration::from_secs(36 * 3600))),
             ("", None),
             ("10", None),
             ("s", None),

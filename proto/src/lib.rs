@@ -23,6 +23,10 @@ pub mod pb {
 /// controller records it beside the certificate's name as who made a change.
 pub const ACTOR_HEADER: &str = "x-fleet-actor";
 
+/// The longest a join token may live (7 days): the controller refuses a longer one, and
+/// fleetctl checks `--ttl` against it before asking.
+pub const MAX_JOIN_TOKEN_TTL_MS: u64 = 7 * 24 * 3_600_000;
+
 /// Unix time in milliseconds, the one clock format on the wire and in the store.
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()

@@ -84,6 +84,8 @@ pub struct Fleet {
     pub range: AddressRange,
     controller: Option<ChildGuard>,
     controller_addr: String,
+    /// The URL agents dial, when not the controller's listen address (`https://IP:PORT`).
+    agent_controller_url: Option<String>,
     agents: Vec<Agent>,
     /// Declared last so it is removed only after every process is gone.
     dir: tempfile::TempDir,
@@ -98,6 +100,15 @@ impl Fleet {
     /// Like [`Fleet::start`], with `extra` lines appended to controller.toml (for example
     /// short heartbeat and lost-host timeouts).
     pub fn start_with_controller_config(n_hosts: usize, extra: &str) -> Fleet {
+        Fleet::start_with(n_hosts, extra, &[])
+    }
+
+    /// Like [`Fleet::start`], with `init_args` added to `fleetctl init` (for example `--url`).
+    pub fn start_with_init_args(n_hosts: usize, init_args: &[&str]) -> Fleet {
+        Fleet::start_with(n_hosts, "", init_args)
+    }
+
+    fn start_with(n_hosts: usize, extra: &str, more_init_args: &[&str]) -> Fleet {
         let bins = Bins::locate();
         let dir = tempfile::Builder::new()
             .prefix("fleet-e2e-")
@@ -115,18 +126,22 @@ impl Fleet {
             range,
             controller: None,
             controller_addr: String::new(),
+            agent_controller_url: None,
             agents: Vec::new(),
             dir,
         };
         let config_dir = fleet.config_dir();
-        let init_args = [
+        let init_args: Vec<String> = [
             "init",
             "--dir",
             &config_dir.display().to_string(),
             "--listen",
             "127.0.0.1:0",
         ]
-        .map(String::from);
+        .iter()
+        .chain(more_init_args)
+        .map(|arg| arg.to_string())
+        .collect();
         let init = fleet.run_fleetctl(&init_args, None, CTL_DEADLINE);
         init.expect_code(0);
         if !extra.is_empty() {
@@ -306,8 +321,16 @@ impl Fleet {
         });
     }
 
+    /// Makes agents started from now on dial `url` instead of the controller's listen address.
+    pub fn set_agent_controller_url(&mut self, url: &str) {
+        self.agent_controller_url = Some(url.to_string());
+    }
+
     fn spawn_agent(&mut self, name: &str, token: Option<String>) {
-        let url = self.controller_url();
+        let url = self
+            .agent_controller_url
+            .clone()
+            .unwrap_or_else(|| self.controller_url());
         let log = self.dir.path().join(format!("logs/agent-{name}.log"));
         let bin = self.bins.agent.clone();
         let ca = self.config_dir().join("ca.pem");
@@ -441,6 +464,22 @@ impl Fleet {
     /// Like [`Fleet::ctl`] with a deadline of the caller's choosing (for long benchmarks).
     pub fn ctl_with_deadline(&self, args: &[&str], deadline: Duration) -> CtlOutput {
         self.run_fleetctl(&self.full_args(args), None, deadline)
+    }
+
+    /// Runs `fleetctl --config-dir DIR --output json ARGS...`: the controller comes from
+    /// `DIR/client.toml`, as for an operator or a CI job.
+    pub fn ctl_in(&self, config_dir: &Path, args: &[&str]) -> CtlOutput {
+        let full: Vec<String> = [
+            "--config-dir",
+            &config_dir.display().to_string(),
+            "--output",
+            "json",
+        ]
+        .iter()
+        .chain(args)
+        .map(|arg| arg.to_string())
+        .collect();
+        self.run_fleetctl(&full, None, CTL_DEADLINE)
     }
 
     /// Like [`Fleet::ctl_with_deadline`], with `SSH_AUTH_SOCK` set to `socket` (fleetctl

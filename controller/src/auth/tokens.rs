@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 /// How long a join token lives when `--ttl` is not given.
 pub const DEFAULT_TTL_MS: u64 = 3_600_000;
 /// The longest a join token may live.
-pub const MAX_TTL_MS: u64 = 7 * 24 * 3_600_000;
+pub const MAX_TTL_MS: u64 = fleet_proto::MAX_JOIN_TOKEN_TTL_MS;
 
 /// A fresh random token.
 pub fn generate() -> Result<String, getrandom::Error> {
