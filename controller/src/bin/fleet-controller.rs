@@ -10,7 +10,11 @@ use std::process::ExitCode;
 
 /// The fleet controller: keeps releases, runs rollouts, and tells agents what to run.
 #[derive(Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Flags {
     /// The controller.toml written by `fleetctl init`.
     #[arg(long, env = "FLEET_CONTROLLER_CONFIG", required = true)]
