@@ -242,6 +242,21 @@ impl ArtifactStore {
     }
 }
 
+/// Where the artifact with `digest` lives in the data directory `data_dir`, without opening
+/// the artifact store (a backup reads it beside a running controller; a restore fills it), or
+/// None when the digest is malformed.
+pub fn artifact_path(data_dir: &Path, digest: &str) -> Option<PathBuf> {
+    if !artifact::check_digest(digest) {
+        return None;
+    }
+    Some(
+        data_dir
+            .join("artifacts")
+            .join("sha256")
+            .join(&digest["sha256:".len()..]),
+    )
+}
+
 impl Upload {
     /// Appends bytes to the upload.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), ArtifactStoreError> {

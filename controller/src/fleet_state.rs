@@ -282,6 +282,15 @@ impl FleetState {
         self.write(move |store| store.next_seq(counter)).await
     }
 
+    /// Writes a consistent snapshot of the whole store as a store dump ([`Store::export`]).
+    /// Blocking (it reads every record): call it on the blocking pool.
+    pub fn export_store(
+        &self,
+        to: impl std::io::Write,
+    ) -> Result<crate::store::ExportSummary, StoreError> {
+        self.store.export(to)
+    }
+
     pub fn recent_events(&self, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
         self.store.recent_events(limit)
     }

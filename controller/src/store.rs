@@ -5,11 +5,22 @@
 //! This is the one narrow interface to state: a deployment that outgrows one controller can put
 //! another implementation (etcd) behind the same methods. Records are stored as JSON so the
 //! file stays readable with any redb tool and survives added fields.
+//!
+//! ## Export and import (backup and restore)
+//!
+//! [`Store::export`] writes every record of every table, read in one read transaction (a
+//! consistent snapshot, taken while writers go on), as a *store dump*: JSON lines, backend
+//! neutral, so a dump of this store can be imported into another backend (etcd) and back.
+//! The first line is the header `{"fleet_store_dump":1}`; each further line is one record,
+//! `{"table":"hosts","key":"web-1","value":"<the record's JSON, as stored>"}`. Keys of the
+//! `events` table (numbers) and values of the `counters` table (numbers) are written in
+//! decimal. [`Store::import`] makes a new store from a dump in one transaction and refuses a
+//! data directory that holds a store already, a table it does not know and a newer dump.
 
 use crate::model::{
     ConvergenceRecord, DeploymentRecord, EventRecord, HostRecord, ReleaseRecord, RolloutRecord,
 };
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 use thiserror::Error;
@@ -33,8 +44,51 @@ const CONVERGENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("converg
 /// The file name of the store inside the data directory.
 pub const STORE_FILE: &str = "fleet.redb";
 
+/// The version of the store dump [`Store::export`] writes; [`Store::import`] reads it and
+/// every older one.
+pub const DUMP_VERSION: u32 = 1;
+
+/// The tables whose keys and values are both text (records as JSON), by name.
+const TEXT_TABLES: [TableDefinition<&str, &[u8]>; 8] = [
+    HOSTS,
+    RELEASES,
+    ROLLOUTS,
+    JOIN_TOKENS,
+    CERTIFICATES,
+    REVOKED,
+    DEPLOYMENTS,
+    CONVERGENCES,
+];
+
+/// The header line of a store dump.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct DumpHeader {
+    fleet_store_dump: u32,
+}
+
+/// One record of a store dump (see the module doc).
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct DumpRecord {
+    pub table: String,
+    pub key: String,
+    pub value: String,
+}
+
+/// What [`Store::export`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportSummary {
+    pub records: u64,
+    /// The artifact digests (`sha256:…`) that the exported releases refer to: what a backup
+    /// must hold beside the dump.
+    pub artifact_digests: std::collections::BTreeSet<String>,
+}
+
 #[derive(Debug, Error)]
 pub enum StoreError {
+    #[error("the store dump cannot be read: {0}")]
+    Dump(String),
+    #[error("{path} holds a store already: import fills only a data directory without one")]
+    Exists { path: std::path::PathBuf },
     #[error("store: {0}")]
     Db(Box<redb::Error>),
     #[error("store record {key} is corrupt: {source}")]
@@ -650,6 +704,143 @@ impl Store {
         Ok(n_revoked)
     }
 
+    /// Writes every record, read in one read transaction, as a store dump (see the module
+    /// doc). Writers go on meanwhile; the dump is the state of one moment.
+    pub fn export(&self, to: impl std::io::Write) -> Result<ExportSummary, StoreError> {
+        let mut to = std::io::BufWriter::new(to);
+        let io = |e: std::io::Error| StoreError::Dump(format!("cannot write it: {e}"));
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let mut summary = ExportSummary::default();
+        let line = |to: &mut std::io::BufWriter<_>, record: DumpRecord| {
+            serde_json::to_writer(&mut *to, &record).map_err(|e| io(e.into()))?;
+            to.write_all(b"\n").map_err(io)
+        };
+        use std::io::Write;
+        serde_json::to_writer(
+            &mut to,
+            &DumpHeader {
+                fleet_store_dump: DUMP_VERSION,
+            },
+        )
+        .map_err(|e| io(e.into()))?;
+        to.write_all(b"\n").map_err(io)?;
+        for definition in TEXT_TABLES {
+            let table = txn.open_table(definition).map_err(db_err)?;
+            for item in table.iter().map_err(db_err)? {
+                let (key, value) = item.map_err(db_err)?;
+                let value = std::str::from_utf8(value.value()).map_err(|e| {
+                    StoreError::Dump(format!(
+                        "record {} of {} is not text: {e}",
+                        key.value(),
+                        definition.name()
+                    ))
+                })?;
+                if definition.name() == RELEASES.name() {
+                    let release: ReleaseRecord = decode(key.value(), value.as_bytes())?;
+                    summary.artifact_digests.insert(release.artifact_digest);
+                }
+                line(
+                    &mut to,
+                    DumpRecord {
+                        table: definition.name().to_string(),
+                        key: key.value().to_string(),
+                        value: value.to_string(),
+                    },
+                )?;
+                summary.records += 1;
+            }
+        }
+        let events = txn.open_table(EVENTS).map_err(db_err)?;
+        for item in events.iter().map_err(db_err)? {
+            let (key, value) = item.map_err(db_err)?;
+            let value = String::from_utf8(value.value().to_vec())
+                .map_err(|e| StoreError::Dump(format!("event {} is not text: {e}", key.value())))?;
+            line(
+                &mut to,
+                DumpRecord {
+                    table: EVENTS.name().to_string(),
+                    key: key.value().to_string(),
+                    value,
+                },
+            )?;
+            summary.records += 1;
+        }
+        let counters = txn.open_table(COUNTERS).map_err(db_err)?;
+        for item in counters.iter().map_err(db_err)? {
+            let (key, value) = item.map_err(db_err)?;
+            line(
+                &mut to,
+                DumpRecord {
+                    table: COUNTERS.name().to_string(),
+                    key: key.value().to_string(),
+                    value: value.value().to_string(),
+                },
+            )?;
+            summary.records += 1;
+        }
+        to.flush().map_err(io)?;
+        Ok(summary)
+    }
+
+    /// Makes a new store in `data_dir` from a store dump, in one transaction: either every
+    /// record is in, or the store is not there. Refuses a data directory that has a store.
+    pub fn import(data_dir: &Path, from: impl std::io::Read) -> Result<Store, StoreError> {
+        use std::io::BufRead;
+        let path = data_dir.join(STORE_FILE);
+        if path.exists() {
+            return Err(StoreError::Exists { path });
+        }
+        let dump = |message: String| StoreError::Dump(message);
+        let mut lines = std::io::BufReader::new(from).lines();
+        let header = lines
+            .next()
+            .ok_or_else(|| dump("it is empty".into()))?
+            .map_err(|e| dump(e.to_string()))?;
+        let header: DumpHeader = serde_json::from_str(&header)
+            .map_err(|e| dump(format!("its first line is not a store dump header: {e}")))?;
+        if header.fleet_store_dump > DUMP_VERSION {
+            return Err(dump(format!(
+                "it is of version {}, newer than this controller reads ({DUMP_VERSION}): import it with a newer fleet-controller",
+                header.fleet_store_dump
+            )));
+        }
+        let store = Store::open(data_dir)?;
+        let imported = store.write(|txn| {
+            for (n, line) in lines.enumerate() {
+                let line = line.map_err(|e| dump(e.to_string()))?;
+                let record: DumpRecord = serde_json::from_str(&line)
+                    .map_err(|e| dump(format!("record {} is not a dump record: {e}", n + 1)))?;
+                let bad_number =
+                    |what: &str| dump(format!("record {} has a {what} that is not a number", n + 1));
+                if let Some(definition) = TEXT_TABLES.iter().find(|t| t.name() == record.table) {
+                    txn.open_table(*definition)?
+                        .insert(record.key.as_str(), record.value.as_bytes())?;
+                } else if record.table == EVENTS.name() {
+                    let seq: u64 = record.key.parse().map_err(|_| bad_number("key"))?;
+                    txn.open_table(EVENTS)?
+                        .insert(seq, record.value.as_bytes())?;
+                } else if record.table == COUNTERS.name() {
+                    let value: u64 = record.value.parse().map_err(|_| bad_number("value"))?;
+                    txn.open_table(COUNTERS)?
+                        .insert(record.key.as_str(), value)?;
+                } else {
+                    return Err(dump(format!(
+                        "record {} is of table {:?}, which this controller does not know: import it with the fleet-controller that made it, or a newer one",
+                        n + 1,
+                        record.table
+                    )));
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = imported {
+            drop(store);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(store)
+    }
+
     fn write(
         &self,
         body: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
@@ -659,6 +850,25 @@ impl Store {
         txn.commit().map_err(db_err)?;
         Ok(())
     }
+}
+
+/// The artifact digests the releases of a store dump refer to, read from the dump itself (for
+/// a backup taken over the wire, where the summary of [`Store::export`] stays on the other side).
+pub fn dump_artifact_digests(
+    from: impl std::io::Read,
+) -> Result<std::collections::BTreeSet<String>, StoreError> {
+    use std::io::BufRead;
+    let mut digests = std::collections::BTreeSet::new();
+    for (n, line) in std::io::BufReader::new(from).lines().enumerate().skip(1) {
+        let line = line.map_err(|e| StoreError::Dump(e.to_string()))?;
+        let record: DumpRecord = serde_json::from_str(&line)
+            .map_err(|e| StoreError::Dump(format!("record {n} is not a dump record: {e}")))?;
+        if record.table == RELEASES.name() {
+            let release: ReleaseRecord = decode(&record.key, record.value.as_bytes())?;
+            digests.insert(release.artifact_digest);
+        }
+    }
+    Ok(digests)
 }
 
 /// Whether a join token admits host `name` with the key `key_sha256` now: `Ok(false)` to
@@ -734,6 +944,24 @@ mod tests {
             secrets: Default::default(),
             secrets_sha256: String::new(),
         }
+    }
+
+    #[test]
+    fn a_dump_holds_every_table_the_store_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let txn = store.db.begin_read().unwrap();
+        let existing: std::collections::BTreeSet<String> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_string())
+            .collect();
+        let dumped: std::collections::BTreeSet<String> = TEXT_TABLES
+            .iter()
+            .map(|t| t.name().to_string())
+            .chain([EVENTS.name().to_string(), COUNTERS.name().to_string()])
+            .collect();
+        assert_eq!(existing, dumped, "a table the backup would leave out");
     }
 
     #[test]

@@ -783,6 +783,82 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .map_err(store_status)?;
         Ok(Response::new(pb::RemoveHostResponse { host: last }))
     }
+
+    type ExportStoreStream = ReceiverStream<Result<pb::StoreDumpChunk, Status>>;
+
+    async fn export_store(
+        &self,
+        request: Request<pb::ExportStoreRequest>,
+    ) -> Result<Response<Self::ExportStoreStream>, Status> {
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
+        let actor = actor_of(&identity, &request);
+        // Recorded first, so the backup holds the event of its own making.
+        self.fleet
+            .event(
+                &actor,
+                "store.exported",
+                "",
+                "",
+                format!("store snapshot taken by {} (a backup)", identity.name),
+            )
+            .await;
+        let (tx, out) = mpsc::channel(4);
+        let fleet = self.fleet.clone();
+        // One read transaction, on the blocking pool; writers go on meanwhile. The channel's
+        // bound holds the reader back while the client is slower.
+        tokio::task::spawn_blocking(move || {
+            let mut writer = ChunkWriter {
+                tx: tx.clone(),
+                buffer: Vec::with_capacity(DUMP_CHUNK_BYTES),
+            };
+            let exported = fleet
+                .export_store(&mut writer)
+                .and_then(|_| writer.send().map_err(|_| closed_dump()));
+            if let Err(e) = exported {
+                let _ = tx.blocking_send(Err(store_status(e)));
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out)))
+    }
+}
+
+/// The size of one chunk of a store dump on the wire.
+const DUMP_CHUNK_BYTES: usize = 1 << 20;
+
+fn closed_dump() -> crate::store::StoreError {
+    crate::store::StoreError::Dump("the client went away".into())
+}
+
+/// A `Write` that sends what it is given as chunks of a stream, from the blocking pool.
+struct ChunkWriter {
+    tx: mpsc::Sender<Result<pb::StoreDumpChunk, Status>>,
+    buffer: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.buffer, Vec::with_capacity(DUMP_CHUNK_BYTES));
+        self.tx
+            .blocking_send(Ok(pb::StoreDumpChunk { data }))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= DUMP_CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 const DEFAULT_HOST_DEADLINE_MS: u64 = 5 * 60_000;

@@ -1,22 +1,66 @@
 //! `fleet-controller --config DIR/controller.toml`: parses flags, sets up logging, and runs
-//! the controller until SIGTERM or SIGINT.
+//! the controller until SIGTERM or SIGINT. Two subcommands work beside it on the same host:
+//! `backup` (a consistent copy of the running controller's store, CA and artifacts) and
+//! `restore` (an empty data directory filled from such a copy); see `fleet_controller::backup`.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 /// The fleet controller: keeps releases, runs rollouts, and tells agents what to run.
 #[derive(Parser)]
-#[command(version)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Flags {
     /// The controller.toml written by `fleetctl init`.
-    #[arg(long, env = "FLEET_CONTROLLER_CONFIG")]
-    config: PathBuf,
+    #[arg(long, env = "FLEET_CONTROLLER_CONFIG", required = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn main() -> std::process::ExitCode {
-    // Every file the controller makes (the store, artifacts, uploads) is private to its user,
-    // whatever umask it was started with.
+#[derive(Subcommand)]
+enum Command {
+    /// Copies the running controller's store (a consistent snapshot), CA, certificates and
+    /// artifacts into one new file, 0600: it holds the CA key, keep it as secret as ca.key.
+    ///
+    /// Run it on the controller's host, as the user the controller runs as.
+    ///
+    /// Example: fleet-controller backup --config /etc/fleet/controller.toml --to /var/backups/fleet-2025-01-31.tar.gz
+    Backup {
+        /// The running controller's controller.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// The backup file to write; it must not exist.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Fills an empty data directory from a backup; a controller started on it has every
+    /// release, deployment, rollout, host and event of the backup, and its hosts reconnect.
+    ///
+    /// Example: fleet-controller restore --from fleet-2025-01-31.tar.gz --data-dir /var/lib/fleet/data
+    Restore {
+        /// A file written by `fleet-controller backup`.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to fill: new or empty. Point controller.toml's data_dir at it.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Also write the backup's controller.toml (its data_dir set to --data-dir), CA and
+        /// controller certificate here, for a controller whose config was lost too. Leave it
+        /// out to keep the config you have.
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    // Every file the controller makes (the store, artifacts, uploads, backups) is private to
+    // its user, whatever umask it was started with.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let flags = Flags::parse();
     tracing_subscriber::fmt()
@@ -27,26 +71,105 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = match fleet_controller::config::ControllerConfig::load(&flags.config) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("fleet-controller: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    match flags.command {
+        Some(Command::Backup { config, to }) => backup(&config, &to),
+        Some(Command::Restore {
+            from,
+            data_dir,
+            config_dir,
+        }) => restore(&from, &data_dir, config_dir.as_deref()),
+        None => run(&flags.config.expect("clap requires --config")),
+    }
+}
+
+fn load_config(
+    path: &std::path::Path,
+) -> Result<fleet_controller::config::ControllerConfig, ExitCode> {
+    fleet_controller::config::ControllerConfig::load(path).map_err(|e| {
+        eprintln!("fleet-controller: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("tokio runtime");
-    match runtime.block_on(fleet_controller::server::run(
+        .expect("tokio runtime")
+}
+
+fn run(config_path: &std::path::Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match runtime().block_on(fleet_controller::server::run(
         config,
         fleet_controller::shutdown_signal(),
     )) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleet-controller: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn backup(config_path: &std::path::Path, to: &std::path::Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match runtime().block_on(fleet_controller::backup::take(config_path, &config, to)) {
+        Ok(manifest) => {
+            let n_artifacts = manifest
+                .members
+                .iter()
+                .filter(|m| m.path.starts_with("artifacts/"))
+                .count();
+            eprintln!(
+                "fleet-controller: backup written to {} ({n_artifacts} artifact(s)); it holds the CA key: keep it as secret as ca.key",
+                to.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet-controller: backup failed: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn restore(
+    from: &std::path::Path,
+    data_dir: &std::path::Path,
+    config_dir: Option<&std::path::Path>,
+) -> ExitCode {
+    match fleet_controller::backup::restore(from, data_dir, config_dir) {
+        Ok(restored) => {
+            eprintln!(
+                "fleet-controller: restored a backup made by fleet-controller {} into {}: the store and {} artifact(s)",
+                restored.manifest.controller_version,
+                data_dir.display(),
+                restored.n_artifacts,
+            );
+            match restored.config_dir {
+                Some(dir) => eprintln!(
+                    "fleet-controller: wrote controller.toml, the CA and the controller's certificate into {}; start it with `fleet-controller --config {}`",
+                    dir.display(),
+                    dir.join("controller.toml").display()
+                ),
+                None => eprintln!(
+                    "fleet-controller: set data_dir in controller.toml to {} and start the controller; hosts reconnect by themselves",
+                    data_dir.display()
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet-controller: restore failed: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
