@@ -119,6 +119,12 @@ pub enum Command {
     Bootstrap(BootstrapArgs),
     /// Bring a new host in (over SSH) with every release OLD runs, then drain and remove OLD
     Replace(ReplaceArgs),
+    /// Install a new agent binary on the fleet's hosts over SSH, one host first, then wave by
+    /// wave; the apps keep running (the new agent adopts them)
+    #[command(
+        after_help = "Example:\n  fleetctl upgrade-agents --targets hosts.txt --agent-binary ./fleet-agent --batch 25%"
+    )]
+    UpgradeAgents(UpgradeAgentsArgs),
     /// One-time tokens a new host joins the fleet with
     #[command(subcommand)]
     JoinToken(JoinTokenCommand),
@@ -304,6 +310,26 @@ pub struct BootstrapArgs {
     /// [labels=k=v,...] [remote_dir=DIR]
     #[arg(long = "targets", value_name = "FILE")]
     pub targets_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub flags: BootstrapFlags,
+}
+
+/// `fleetctl upgrade-agents`.
+#[derive(Debug, Clone, Args)]
+pub struct UpgradeAgentsArgs {
+    /// The hosts, each ssh://USER@HOST[:PORT] (as bootstrap was given them)
+    #[arg(value_name = "ssh://USER@HOST[:PORT]")]
+    pub targets: Vec<String>,
+    /// A file of hosts, one a line, as for bootstrap: ssh://USER@HOST[:PORT] [name=N]
+    /// [advertise=IP] [labels=k=v,...] [remote_dir=DIR]
+    #[arg(long = "targets", value_name = "FILE")]
+    pub targets_file: Option<PathBuf>,
+    /// Only the hosts (of the targets) whose labels in the fleet match, e.g. role=web
+    #[arg(long, value_name = "k=v,...", value_parser = parse_selector)]
+    pub selector: Option<Selector>,
+    /// Hosts per wave after the first (which is one host): N hosts or P% of them
+    #[arg(long, value_name = "N|P%", default_value = "1", value_parser = parse_batch)]
+    pub batch: String,
     #[command(flatten)]
     pub flags: BootstrapFlags,
 }

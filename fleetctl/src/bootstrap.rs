@@ -72,16 +72,16 @@ fn local_user() -> String {
 }
 
 /// Everything resolved before any host is touched: bad input fails here with exit 2.
-struct Prepared {
-    jobs: Vec<HostJob>,
-    shared: SharedSettings,
-    agent_binary: Arc<AgentBinary>,
+pub(crate) struct Prepared {
+    pub(crate) jobs: Vec<HostJob>,
+    pub(crate) shared: SharedSettings,
+    pub(crate) agent_binary: Arc<AgentBinary>,
     /// The binary as a tar entry, made once and sent to every host.
-    binary_entry: Arc<Vec<u8>>,
-    deadline: Duration,
+    pub(crate) binary_entry: Arc<Vec<u8>>,
+    pub(crate) deadline: Duration,
 }
 
-async fn prepare(
+pub(crate) async fn prepare(
     ctx: &Context,
     config_dir: &Path,
     specs: Vec<TargetSpec>,
@@ -482,7 +482,7 @@ fn render_result(result: &HostResult) -> String {
 }
 
 /// Bootstraps every job in parallel (bounded) and returns their results in job order.
-async fn run_jobs(ctx: &Context, prepared: &Prepared) -> Vec<HostResult> {
+pub(crate) async fn run_jobs(ctx: &Context, prepared: &Prepared) -> Vec<HostResult> {
     let semaphore = Arc::new(tokio::sync::Semaphore::new(MAX_PARALLEL_HOSTS));
     let registrations = Arc::new(Registrations::follow(ctx).await);
     let mut tasks = Vec::new();
@@ -525,20 +525,19 @@ async fn run_jobs(ctx: &Context, prepared: &Prepared) -> Vec<HostResult> {
     results
 }
 
-/// `fleetctl bootstrap`: exit 0 only when every host registered.
-pub async fn bootstrap(
-    ctx: &Context,
-    config_dir: &Path,
-    args: &BootstrapArgs,
-) -> Result<u8, CliError> {
+/// The hosts named on the command line and in a targets file.
+pub(crate) fn read_targets(
+    addresses: &[String],
+    targets_file: Option<&Path>,
+) -> Result<Vec<TargetSpec>, CliError> {
     let user = local_user();
     let mut specs = Vec::new();
-    for text in &args.targets {
+    for text in addresses {
         specs.push(TargetSpec::new(
             targets::parse_ssh_address(text, &user).map_err(|e| usage(e.to_string()))?,
         ));
     }
-    if let Some(path) = &args.targets_file {
+    if let Some(path) = targets_file {
         let text = std::fs::read_to_string(path).map_err(|e| {
             usage(format!(
                 "cannot read the targets file {}: {e}",
@@ -550,6 +549,16 @@ pub async fn bootstrap(
                 .map_err(|e| usage(format!("{}: {e}", path.display())))?,
         );
     }
+    Ok(specs)
+}
+
+/// `fleetctl bootstrap`: exit 0 only when every host registered.
+pub async fn bootstrap(
+    ctx: &Context,
+    config_dir: &Path,
+    args: &BootstrapArgs,
+) -> Result<u8, CliError> {
+    let specs = read_targets(&args.targets, args.targets_file.as_deref())?;
     let prepared = prepare(ctx, config_dir, specs, &args.flags).await?;
     let results = run_jobs(ctx, &prepared).await;
     let all_ok = results.iter().all(|r| r.ok);
@@ -574,7 +583,7 @@ pub struct ReplaceReport {
 }
 
 /// Whether every app on the host runs its desired version and passed its smoke checks.
-fn converged(host: &pb::Host, apps: &BTreeSet<String>) -> bool {
+pub(crate) fn converged(host: &pb::Host, apps: &BTreeSet<String>) -> bool {
     apps.iter().all(|app| {
         host.apps.iter().any(|a| {
             &a.app == app
@@ -586,7 +595,7 @@ fn converged(host: &pb::Host, apps: &BTreeSet<String>) -> bool {
     })
 }
 
-fn describe_apps(host: &pb::Host) -> String {
+pub(crate) fn describe_apps(host: &pb::Host) -> String {
     if host.apps.is_empty() {
         return "no apps".to_string();
     }

@@ -17,6 +17,7 @@ pub mod output;
 pub mod parse;
 pub mod ssh;
 pub mod trust;
+pub mod upgrade;
 
 use args::{Cli, Command, ReleaseCommand, RolloutAction};
 use client::{CliError, EXIT_OK};
@@ -159,6 +160,9 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Replace(replace_args) => {
             return bootstrap::replace(&ctx, &config_dir, &replace_args).await;
+        }
+        Command::UpgradeAgents(upgrade_args) => {
+            return upgrade::upgrade_agents(&ctx, &config_dir, &upgrade_args).await;
         }
         Command::JoinToken(args::JoinTokenCommand::Create(create)) => {
             let labels = create.labels.map(|s| s.0).unwrap_or_default();

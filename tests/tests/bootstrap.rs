@@ -49,15 +49,14 @@ impl Setup {
 
     /// `fleetctl bootstrap` with the test's key and known_hosts, plus `extra`.
     fn bootstrap(&self, extra: &[&str]) -> CtlOutput {
+        self.over_ssh("bootstrap", extra)
+    }
+
+    /// `fleetctl VERB` (bootstrap, upgrade-agents) with the test's key and known_hosts.
+    fn over_ssh(&self, verb: &str, extra: &[&str]) -> CtlOutput {
         let identity = self.client.identity.display().to_string();
         let known_hosts = self.client.known_hosts.display().to_string();
-        let mut args = vec![
-            "bootstrap",
-            "--identity",
-            &identity,
-            "--known-hosts",
-            &known_hosts,
-        ];
+        let mut args = vec![verb, "--identity", &identity, "--known-hosts", &known_hosts];
         args.extend_from_slice(extra);
         let out = self.fleet.ctl_with_deadline(&args, BOOTSTRAP_DEADLINE);
         if out.code != 0 {
@@ -382,6 +381,117 @@ fn several_hosts_from_a_targets_file_are_bootstrapped_in_parallel() {
         ])
         .expect_code(1);
     assert_eq!(bad.json["results"][0]["ok"], false);
+}
+
+/// User story: two hosts were bootstrapped from a targets file and run web. A new agent build
+/// goes out with `upgrade-agents` over the same file: one host, then the other; each agent is
+/// replaced and the apps never stop (same pids before and after).
+#[test]
+fn upgrade_agents_replaces_every_agent_wave_by_wave_and_no_app_restarts() {
+    let Some(mut setup) = setup() else { return };
+    let url = setup.sshd.url();
+    let mut lines = String::new();
+    let mut addrs = Vec::new();
+    for idx in 0..2 {
+        let name = format!("u{}", idx + 1);
+        let remote = setup.remote_dir(&name);
+        let addr = setup.fleet.range.host_addr(idx);
+        lines.push_str(&format!(
+            "{url} name={name} advertise={addr} labels=role=web remote_dir={}\n",
+            remote.display()
+        ));
+        addrs.push((name, addr));
+    }
+    let targets = setup.fleet.dir().join("targets.txt");
+    std::fs::write(&targets, lines).unwrap();
+    let targets_text = targets.display().to_string();
+    let first = setup
+        .bootstrap(&["--targets", &targets_text, "--accept-new-host-key"])
+        .expect_code(0);
+    setup.fleet.wait_hosts_ready(2);
+    setup
+        .fleet
+        .create_web_release("1.0.0", &web_manifest("20s"), &[])
+        .expect_code(0);
+    setup
+        .fleet
+        .ctl_with_deadline(
+            &["rollout", "web", "1.0.0", "--batch", "100%"],
+            BOOTSTRAP_DEADLINE,
+        )
+        .expect_code(0);
+    let mut app_pids = Vec::new();
+    for (name, addr) in &addrs {
+        wait_serves(addr, "1.0.0", name);
+        app_pids.push(http::get_ok(addr, "/pid").expect("the app's pid"));
+    }
+    let old_agents: Vec<u64> = first.json["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(detached_pid)
+        .collect();
+
+    // A new build: the same program with other bytes (an ELF runs with bytes appended).
+    let mut build = std::fs::read(&setup.fleet.bins.agent).unwrap();
+    build.extend_from_slice(b"\nfleet-agent, a newer build\n");
+    let new_agent = setup.fleet.dir().join("fleet-agent-new");
+    std::fs::write(&new_agent, &build).unwrap();
+    let new_agent_text = new_agent.display().to_string();
+    let out = setup
+        .over_ssh(
+            "upgrade-agents",
+            &[
+                "--targets",
+                &targets_text,
+                "--agent-binary",
+                &new_agent_text,
+                "--selector",
+                "role=web",
+            ],
+        )
+        .expect_code(0);
+    let hosts = out.json["hosts"].as_array().expect("the upgraded hosts");
+    assert_eq!(hosts.len(), 2, "{:#}", out.json);
+    for (idx, host) in hosts.iter().enumerate() {
+        assert_eq!(host["ok"], true, "{host:#}");
+        assert_eq!(host["wave"], idx + 1, "one host per wave: {host:#}");
+        assert_eq!(host["install"]["install"]["upgraded"], true, "{host:#}");
+        assert!(host["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("web kept running"));
+        assert_ne!(
+            detached_pid(&host["install"]),
+            old_agents[idx],
+            "a new agent"
+        );
+    }
+    for ((name, addr), pid) in addrs.iter().zip(&app_pids) {
+        assert_eq!(
+            http::get_ok(addr, "/pid").as_ref(),
+            Some(pid),
+            "{name}'s app was not restarted"
+        );
+    }
+    // The binary on each host is the new build.
+    for dir in &setup.agents.remote_dirs {
+        assert_eq!(std::fs::read(dir.join("bin/fleet-agent")).unwrap(), build);
+    }
+
+    // A host the fleet does not know is refused before anything is touched.
+    let stranger = format!("{url} name=stranger advertise=127.0.0.1 remote_dir=/tmp/fleet-never\n");
+    let strangers = setup.fleet.dir().join("strangers.txt");
+    std::fs::write(&strangers, stranger).unwrap();
+    let strangers_text = strangers.display().to_string();
+    let refused = setup
+        .over_ssh("upgrade-agents", &["--targets", &strangers_text])
+        .expect_code(2);
+    assert!(
+        refused.stderr.contains("not in the fleet"),
+        "{}",
+        refused.stderr
+    );
 }
 
 #[test]
