@@ -262,6 +262,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a list of waves that holds one
     fn one_host_first_then_batches() {
         for (n, batch, expect) in [
             (0, "1", vec![]),
