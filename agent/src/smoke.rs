@@ -2,7 +2,9 @@
 //! `http://` only), `tcp` (a connection must open) and `exec` (must exit 0; runs in the
 //! instance directory with the instance environment). `${VAR}` in a check is replaced from the
 //! instance environment. Each check is retried, first after [`FIRST_RETRY`] and then doubling to
-//! [`RETRY_INTERVAL`] (a fresh app is often up within milliseconds), until its timeout, capped
+//! [`FAST_RETRY_CAP`] for the first [`FAST_PHASE`] (most apps are up within it, and each try
+//! that is too early costs the rollout up to one pause), then to [`RETRY_INTERVAL`]
+//! ([`retry_pause`]), until its timeout, capped
 //! by the assignment's smoke timeout when that is non-zero and smaller; the checks run in order
 //! and the first that runs out of time fails the lot, naming itself and its last error.
 //!
@@ -21,8 +23,22 @@ use tokio::time::Instant;
 
 /// The pause before the second try of a check.
 pub const FIRST_RETRY: Duration = Duration::from_millis(5);
+/// The longest pause between two tries of one check while it is young.
+pub const FAST_RETRY_CAP: Duration = Duration::from_millis(20);
+/// How long a check is retried at most [`FAST_RETRY_CAP`] apart.
+pub const FAST_PHASE: Duration = Duration::from_secs(2);
 /// The longest pause between two tries of one check.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(150);
+
+/// The pause after a failed try, given the one before and how long the check has run. Pure.
+pub fn retry_pause(previous: Duration, running_for: Duration) -> Duration {
+    let cap = if running_for < FAST_PHASE {
+        FAST_RETRY_CAP
+    } else {
+        RETRY_INTERVAL
+    };
+    (previous * 2).min(cap)
+}
 /// One try never takes longer than this (nor past the check's deadline).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most of an exec check's output quoted in an error.
@@ -54,7 +70,8 @@ pub async fn run_checks(checks: &[SmokeCheck], context: &CheckContext) -> Result
     for (idx, check) in checks.iter().enumerate() {
         let probe = substituted(&check.probe, &context.env);
         let timeout = effective_timeout(check.timeout, context.smoke_timeout);
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let mut tries: u32 = 0;
         let mut pause = FIRST_RETRY;
         loop {
@@ -82,7 +99,7 @@ pub async fn run_checks(checks: &[SmokeCheck], context: &CheckContext) -> Result
                         ));
                     }
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(RETRY_INTERVAL);
+                    pause = retry_pause(pause, started.elapsed());
                 }
             }
         }
@@ -280,6 +297,26 @@ mod tests {
             }
         });
         (port, task)
+    }
+
+    #[test]
+    fn retries_come_fast_while_the_check_is_young() {
+        let ms = Duration::from_millis;
+        for (previous, running_for, expect) in [
+            (ms(5), ms(5), ms(10)),
+            (ms(10), ms(15), ms(20)),
+            (ms(20), ms(35), ms(20)),
+            (ms(20), ms(1999), ms(20)),
+            (ms(20), ms(2000), ms(40)),
+            (ms(80), ms(3000), ms(150)),
+            (ms(150), ms(9000), ms(150)),
+        ] {
+            assert_eq!(
+                retry_pause(previous, running_for),
+                expect,
+                "{previous:?} after {running_for:?}"
+            );
+        }
     }
 
     #[tokio::test]
