@@ -22,6 +22,12 @@
 //!   and what an agent that is not root still does). Target: the 1 GiB start takes at most 1.1x
 //!   the 1 MiB one. Needs root (apps then run as users of their own and the start links).
 //!
+//! - `pace`: a rollout at the app's own pace. 20 agents run a small Python web app (about 80 ms
+//!   from exec to a healthy `/healthz`); rollouts with `--canary 1 --batch 25%`, back and forth
+//!   between two releases, each paired with the floor: a plain loop that, wave by wave, stops
+//!   the old processes and starts and checks the new ones (1 ms polls), with nothing else, on
+//!   other loopback addresses. 10 interleaved pairs; the ratio of the medians. Target: 1.2x.
+//!
 //! Run it with `cargo run --release -p fleet-tests --bin fleet-bench -- [rollout|artifact|memory|bootstrap|start|all]`.
 //! When started by cargo it first runs `cargo build --workspace --bins` for its own profile so
 //! the controller, agent and app it measures are built the same way (when that build fails, it
@@ -78,9 +84,17 @@ fn main() -> Result<()> {
         "memory" => &["memory"],
         "bootstrap" => &["bootstrap"],
         "start" => &["start"],
-        "all" => &["rollout", "artifact", "memory", "bootstrap", "start"],
+        "pace" => &["pace"],
+        "all" => &[
+            "rollout",
+            "artifact",
+            "memory",
+            "bootstrap",
+            "start",
+            "pace",
+        ],
         other => {
-            bail!("unknown benchmark {other:?}: use rollout, artifact, memory, bootstrap, start or all")
+            bail!("unknown benchmark {other:?}: use rollout, artifact, memory, bootstrap, start, pace or all")
         }
     };
     build_binaries()?;
@@ -93,6 +107,7 @@ fn main() -> Result<()> {
             "artifact" => rows.extend(bench_artifact()?),
             "bootstrap" => rows.extend(bench_bootstrap()?),
             "start" => rows.extend(bench_start()?),
+            "pace" => rows.extend(bench_pace()?),
             _ => rows.extend(bench_memory()?),
         }
         if let (Some(before), Some(after)) = (before, CpuTicks::read()) {
@@ -622,6 +637,178 @@ fn bench_start() -> Result<Vec<Row>> {
         ok: Some(ratio <= START_TARGET_RATIO),
     });
     Ok(rows)
+}
+
+const PACE_HOSTS: usize = 20;
+const PACE_PAIRS: usize = 10;
+const PACE_TARGET_RATIO: f64 = 1.2;
+const PYTHON: &str = "/usr/bin/python3";
+
+/// A small Python web app: `/healthz`, and `/` answering `web VERSION on HOST`.
+const PYTHON_APP: &str = r#"import http.server, os, signal, sys
+addr, port = sys.argv[2].rsplit(":", 1)
+text = ("web %s on %s\n" % (os.environ.get("FLEET_VERSION", "?"), os.environ.get("FLEET_HOST", "?"))).encode()
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"ok\n" if self.path == "/healthz" else text
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+signal.signal(signal.SIGTERM, lambda *args: os._exit(0))
+http.server.HTTPServer((addr, int(port)), Handler).serve_forever()
+"#;
+
+/// The waves of `--canary 1 --batch 25%` over `n` hosts, as sizes.
+fn pace_waves(n: usize) -> Vec<usize> {
+    let batch = n.div_ceil(4).max(1);
+    let mut waves = vec![1];
+    let mut left = n - 1;
+    while left > 0 {
+        let wave = left.min(batch);
+        waves.push(wave);
+        left -= wave;
+    }
+    waves
+}
+
+/// The floor: wave by wave, stop the old process of each host of the wave and start and check
+/// its new one, all hosts of a wave at once, with nothing else. Returns the wall time.
+fn pace_floor(
+    dir: &std::path::Path,
+    range: &AddressRange,
+    running: &mut [Option<ChildGuard>],
+    version: &str,
+) -> Result<Duration> {
+    let began = Instant::now();
+    let mut first = 0;
+    for wave in pace_waves(running.len()) {
+        let hosts: Vec<usize> = (first..first + wave).collect();
+        first += wave;
+        std::thread::scope(|scope| -> Result<()> {
+            let mut handles = Vec::new();
+            for (idx, slot) in running.iter_mut().enumerate() {
+                if !hosts.contains(&idx) {
+                    continue;
+                }
+                let addr = range.host_addr(idx);
+                handles.push(scope.spawn(move || -> Result<()> {
+                    if let Some(mut old) = slot.take() {
+                        old.signal(nix::sys::signal::Signal::SIGTERM);
+                        old.wait_exit(Duration::from_secs(10));
+                        old.kill_now();
+                    }
+                    let mut command = Command::new(PYTHON);
+                    command
+                        .args(["app.py", "--listen", &format!("{addr}:{WEB_PORT}")])
+                        .current_dir(dir)
+                        .env("FLEET_VERSION", version)
+                        .env("FLEET_HOST", format!("f{idx}"));
+                    let mut app = ChildGuard::spawn(
+                        "floor-app",
+                        command,
+                        &dir.join(format!("floor-{idx}.log")),
+                    );
+                    let until = Instant::now() + Duration::from_secs(10);
+                    while !matches!(http::get(&addr, WEB_PORT, "/healthz"), Ok((200, _))) {
+                        if Instant::now() > until || app.has_exited() {
+                            bail!("the floor's app on {addr} did not become healthy");
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    *slot = Some(app);
+                    Ok(())
+                }));
+            }
+            for handle in handles {
+                handle
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a floor thread panicked"))??;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(began.elapsed())
+}
+
+fn bench_pace() -> Result<Vec<Row>> {
+    if !std::path::Path::new(PYTHON).exists() {
+        bail!("the pace benchmark needs {PYTHON}");
+    }
+    let fleet = Fleet::start(PACE_HOSTS);
+    let manifest = format!(
+        "[process]\ncommand = [\"{PYTHON}\", \"app.py\", \"--listen\", \"${{FLEET_ADDR}}:{WEB_PORT}\"]\nstop_timeout = \"5s\"\n\n[[smoke]]\nhttp = \"http://${{FLEET_ADDR}}:{WEB_PORT}/healthz\"\ntimeout = \"10s\"\n"
+    );
+    for version in ["1.0.0", "1.1.0"] {
+        let artifact = fleet.write_artifact(&[
+            ("fleet.toml", manifest.as_bytes(), 0o644),
+            ("app.py", PYTHON_APP.as_bytes(), 0o644),
+            ("VERSION", version.as_bytes(), 0o644),
+        ]);
+        fleet
+            .create_release("web", version, &artifact, &[])
+            .expect_code(0);
+    }
+    let rollout_args = |version| ["rollout", "web", version, "--canary", "1", "--batch", "25%"];
+    fleet
+        .ctl_with_deadline(
+            &["rollout", "web", "1.0.0", "--batch", "100%"],
+            LONG_CTL_DEADLINE,
+        )
+        .expect_code(0);
+
+    // The floor's own apps, on other loopback addresses.
+    let floor_dir = tempfile::tempdir().context("a temp dir")?;
+    std::fs::write(floor_dir.path().join("app.py"), PYTHON_APP)?;
+    let floor_range = AddressRange::allocate(PACE_HOSTS, WEB_PORT);
+    let mut floor_apps: Vec<Option<ChildGuard>> = (0..PACE_HOSTS).map(|_| None).collect();
+    pace_floor(floor_dir.path(), &floor_range, &mut floor_apps, "1.0.0")?;
+
+    let (mut fleet_times, mut floor_times) = (Vec::new(), Vec::new());
+    for pair in 0..PACE_PAIRS {
+        let version = if pair % 2 == 0 { "1.1.0" } else { "1.0.0" };
+        let began = Instant::now();
+        fleet
+            .ctl_with_deadline(&rollout_args(version), LONG_CTL_DEADLINE)
+            .expect_code(0);
+        fleet_times.push(began.elapsed());
+        floor_times.push(pace_floor(
+            floor_dir.path(),
+            &floor_range,
+            &mut floor_apps,
+            version,
+        )?);
+    }
+    for app in floor_apps.iter_mut().flatten() {
+        app.kill_now();
+    }
+    let (fleet_median, floor_median) = (median(fleet_times), median(floor_times));
+    let n_waves = pace_waves(PACE_HOSTS).len();
+    let ratio = fleet_median.as_secs_f64() / floor_median.as_secs_f64();
+    let per_wave =
+        (fleet_median.saturating_sub(floor_median)).as_secs_f64() * 1000.0 / n_waves as f64;
+    Ok(vec![
+        Row::info(
+            "pace",
+            format!("{PACE_HOSTS} hosts, Python app, canary 1, batch 25% ({n_waves} waves): fleet, median of {PACE_PAIRS}"),
+            format_ms(fleet_median),
+        ),
+        Row::info(
+            "pace",
+            format!("the floor (stop, start, check wave by wave, nothing else), median of {PACE_PAIRS}"),
+            format_ms(floor_median),
+        ),
+        Row::info("pace", "fleet over the floor, per wave", format!("{per_wave:.0} ms")),
+        Row {
+            bench: "pace",
+            measurement: "fleet / floor".into(),
+            value: format!("{ratio:.2}x"),
+            target: format!("<= {PACE_TARGET_RATIO}x"),
+            ok: Some(ratio <= PACE_TARGET_RATIO),
+        },
+    ])
 }
 
 fn format_ms(duration: Duration) -> String {
