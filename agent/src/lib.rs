@@ -18,6 +18,8 @@
 //! - [`smoke`]: http, tcp and exec smoke checks.
 //! - [`state`]: `state.json`, what survives the agent's own restart.
 //! - [`model`]: the domain types the parts share (never prost types past the session).
+//! - [`removal`]: what a removed host's agent does on the controller's revoked answer (stop
+//!   every instance, purge, disable its unit, exit with [`removal::EXIT_REVOKED`]).
 //!
 //! **Architecture Invariant:** only [`session`] and [`fetch`] speak gRPC; the supervisor sees
 //! domain types. The agent never writes outside its data directory.
@@ -33,6 +35,7 @@ pub mod instance;
 pub mod join;
 pub mod model;
 pub mod releases;
+pub mod removal;
 pub mod session;
 pub mod smoke;
 pub mod state;
@@ -59,6 +62,10 @@ pub enum AgentError {
     ControllerUrl { url: String, reason: String },
     #[error(transparent)]
     Join(#[from] join::JoinError),
+    /// The controller answered that this host's certificate was revoked: the host was removed
+    /// (`fleetctl remove`). Every instance was stopped; the agent exits for good.
+    #[error("this host was removed from the fleet ({why}): its instances are stopped{}; the agent exits and is not restarted", if *purge { " and its releases, secrets and state wiped" } else { "" })]
+    Revoked { purge: bool, why: String },
 }
 
 /// Splits the instances `saved` records into those still running the app's assigned release,
@@ -164,7 +171,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let (stop_session_tx, stop_session_rx) = tokio::sync::watch::channel(false);
-    let session_task = tokio::spawn(session::run_session(
+    let mut session_task = tokio::spawn(session::run_session(
         session::SessionConfig::from_config(&config),
         channel,
         reporter.clone(),
@@ -173,7 +180,39 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_session_rx,
     ));
 
-    shutdown.await;
+    tokio::pin!(shutdown);
+    let revoked = tokio::select! {
+        _ = &mut shutdown => None,
+        ended = &mut session_task => match ended {
+            Ok(session::SessionEnd::Revoked { purge, why }) => Some((purge, why)),
+            // The session ends on its own only when revoked; otherwise wait for the signal.
+            Ok(session::SessionEnd::Stopped) | Err(_) => {
+                shutdown.await;
+                None
+            }
+        },
+    };
+    if let Some((purge, why)) = revoked {
+        tracing::error!(
+            "the controller refused this host as revoked ({why}): the host was removed with `fleetctl remove`; stopping every instance{} and exiting for good (status {})",
+            if purge { ", wiping its releases, secrets and state," } else { "" },
+            removal::EXIT_REVOKED
+        );
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if supervisor_tx
+            .send(supervisor::SupervisorCommand::StopAll(done_tx))
+            .is_ok()
+        {
+            let _ = done_rx.await;
+        }
+        drop(supervisor_tx);
+        let _ = supervisor_task.await;
+        if purge {
+            removal::purge(&layout).await;
+        }
+        removal::disable_unit().await;
+        return Err(AgentError::Revoked { purge, why });
+    }
     if config.stop_apps_on_exit {
         tracing::info!("shutting down: stopping every instance gracefully");
     } else {

@@ -71,6 +71,15 @@ fn main() -> std::process::ExitCode {
     };
     match run(config) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e)
+            if matches!(
+                e.downcast_ref::<fleet_agent::AgentError>(),
+                Some(fleet_agent::AgentError::Revoked { .. })
+            ) =>
+        {
+            eprintln!("fleet-agent: {e:#}");
+            std::process::ExitCode::from(fleet_agent::removal::EXIT_REVOKED)
+        }
         Err(e) => {
             eprintln!("fleet-agent: {e:#}");
             std::process::ExitCode::from(1)

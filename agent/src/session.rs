@@ -1,8 +1,11 @@
 //! The agent's one long-lived `AgentService.Session` stream. On connect it sends `Hello` (name,
 //! labels, advertise address, agent version and the latest report of every instance), then
 //! forwards every instance report and a heartbeat every `Welcome.heartbeat_interval_ms`; it
-//! hands each `DesiredState` to the supervisor. When the controller goes away it reconnects
-//! forever with a backoff from 200ms doubling to 5s; instances keep running meanwhile.
+//! hands each `DesiredState` to the supervisor. When the controller goes away or refuses it
+//! reconnects forever with a backoff from 200ms doubling to 5s; instances keep running
+//! meanwhile. The one exception is the controller's explicit revoked answer
+//! (`fleet_proto::refusal`: the host was removed): the session ends for good with
+//! [`SessionEnd::Revoked`] and the agent ends (see `crate::run`).
 //!
 //! This is the gRPC edge: prost types are converted to and from [`crate::model`] here and go
 //! no further.
@@ -169,15 +172,42 @@ fn desired_from_pb(desired: pb::DesiredState, reporter: &Reporter) -> Desired {
     out
 }
 
+/// How the session task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The agent is shutting down.
+    Stopped,
+    /// The controller answered that this host's certificate was revoked (`fleetctl remove`);
+    /// `why` is its message.
+    Revoked { purge: bool, why: String },
+}
+
 /// How one session ended.
 enum Ended {
     /// The agent is shutting down.
     Stopped,
+    /// The explicit revoked answer: never retried.
+    Revoked { purge: bool, why: String },
     /// The controller went away or refused; `welcomed` says whether it had answered at all.
     Lost { welcomed: bool, why: String },
 }
 
-/// Keeps a session to the controller open until `stop` turns true, reconnecting forever.
+/// What a refused or failed session means: `Some` only for the controller's explicit revoked
+/// answer, which ends the agent; anything else (another CA, a host the controller does not
+/// know, a restored backup, an older controller) is `None` and retried.
+fn ended_by(welcomed: bool, status: &tonic::Status) -> Ended {
+    let why = format!("{:?}: {}", status.code(), status.message());
+    match fleet_proto::refusal::revoked(status) {
+        Some(revoked) => Ended::Revoked {
+            purge: revoked.purge,
+            why: status.message().to_string(),
+        },
+        None => Ended::Lost { welcomed, why },
+    }
+}
+
+/// Keeps a session to the controller open until `stop` turns true, reconnecting forever,
+/// or until the controller answers that this host was revoked.
 pub async fn run_session(
     config: SessionConfig,
     channel: Channel,
@@ -185,7 +215,7 @@ pub async fn run_session(
     mut report_rx: mpsc::UnboundedReceiver<Report>,
     supervisor: mpsc::UnboundedSender<SupervisorCommand>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> SessionEnd {
     let mut backoff = MIN_RECONNECT_BACKOFF;
     let mut was_connected = true;
     loop {
@@ -199,7 +229,8 @@ pub async fn run_session(
         )
         .await;
         match ended {
-            Ended::Stopped => return,
+            Ended::Stopped => return SessionEnd::Stopped,
+            Ended::Revoked { purge, why } => return SessionEnd::Revoked { purge, why },
             Ended::Lost { welcomed, why } => {
                 if welcomed {
                     backoff = MIN_RECONNECT_BACKOFF;
@@ -214,7 +245,7 @@ pub async fn run_session(
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = stopped(&mut stop) => return,
+            _ = stopped(&mut stop) => return SessionEnd::Stopped,
         }
         backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
     }
@@ -255,9 +286,7 @@ async fn session_once(
     };
     let mut inbound = match opened {
         Err(_) => return lost(false, "the session did not open in time".into()),
-        Ok(Err(status)) => {
-            return lost(false, format!("{:?}: {}", status.code(), status.message()))
-        }
+        Ok(Err(status)) => return ended_by(false, &status),
         Ok(Ok(response)) => response.into_inner(),
     };
     let mut welcomed = false;
@@ -301,9 +330,7 @@ async fn session_once(
                         None => None,
                     },
                     Ok(None) => return lost(welcomed, "the controller closed the session".into()),
-                    Err(status) => {
-                        return lost(welcomed, format!("{:?}: {}", status.code(), status.message()))
-                    }
+                    Err(status) => return ended_by(welcomed, &status),
                 }
             }
             report = report_rx.recv() => report.map(|report| pb::AgentMessage {

@@ -79,8 +79,12 @@ pub struct Context {
 pub enum SupervisorCommand {
     /// The full desired state; apps in neither list are stopped and forgotten.
     Desired(Desired),
-    /// Stop every instance gracefully, then answer.
+    /// The agent is stopping: leave the instances running for its next run (or, with
+    /// `stop_apps_on_exit`, stop each gracefully), then answer.
     Shutdown(oneshot::Sender<()>),
+    /// The host was removed: stop every instance gracefully (those adopted too), forget every
+    /// assignment, then answer. Nothing is started again by this run or the next.
+    StopAll(oneshot::Sender<()>),
 }
 
 /// What the controller wants the host to run.
@@ -191,6 +195,11 @@ impl Supervisor {
                     let _ = done.send(());
                     return;
                 }
+                SupervisorCommand::StopAll(done) => {
+                    self.stop_all().await;
+                    let _ = done.send(());
+                    return;
+                }
             }
         }
         self.shutdown().await;
@@ -245,6 +254,27 @@ impl Supervisor {
                 }
             });
             let _ = handle.tx.send(AppCommand::Assign(assignment));
+        }
+    }
+
+    /// Stops every instance through the same path as an unassigned app (graceful stop, the
+    /// instance directory removed), and the adopted instances no task took over.
+    async fn stop_all(&mut self) {
+        if let Err(e) = self.context.store.set_assignments(Vec::new()) {
+            tracing::error!("{e}");
+        }
+        let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+        for (_, handle) in std::mem::take(&mut self.apps) {
+            let _ = handle.tx.send(AppCommand::Remove);
+            tasks.push(handle.task);
+        }
+        tasks.extend(std::mem::take(&mut self.retiring).into_values());
+        futures::future::join_all(tasks).await;
+        for (app, (_, mut instance)) in std::mem::take(&mut self.adopted) {
+            instance.stop().await;
+            if let Err(e) = self.context.store.set_instance(&app, None) {
+                tracing::error!("{e}");
+            }
         }
     }
 

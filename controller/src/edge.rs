@@ -339,8 +339,11 @@ pub enum Caller {
     Agent(fleet_pki::Identity),
     /// An operator's or CI's certificate, not revoked.
     Client(fleet_pki::Identity),
-    /// A certificate that was revoked or cannot be read, and why.
+    /// A certificate that cannot be read (or not checked), and why.
     Refused(String),
+    /// A revoked certificate: answered with the explicit revoked refusal
+    /// (`fleet_proto::refusal`), which tells a removed host's agent to end (and to purge).
+    Revoked { why: String, purge: bool },
 }
 
 /// Tells who presents a (DER) client certificate, already verified against the fleet CA.
@@ -414,6 +417,9 @@ where
                 "this call needs a client certificate from the fleet's CA: use the directory written by `fleetctl init` or `fleetctl credentials create` (--config-dir DIR)",
             )),
             Caller::Refused(why) => Some(tonic::Status::unauthenticated(why.clone())),
+            Caller::Revoked { why, purge } => {
+                Some(fleet_proto::refusal::revoked_status(why.clone(), *purge))
+            }
             Caller::Agent(identity) if !path.starts_with(AGENT_SERVICE_PREFIX) => {
                 Some(tonic::Status::permission_denied(format!(
                     "this call needs the admin or deployer role; your credential `{}` has role agent, which may call the agent service only",

@@ -116,7 +116,15 @@ pub struct FleetState {
     events: broadcast::Sender<EventRecord>,
     /// Held while an event is appended and broadcast.
     event_order: Arc<Mutex<()>>,
+    /// The latest use of each operator or CI credential since the last flush, by serial: kept
+    /// in memory on every call and written in one transaction every
+    /// [`CREDENTIAL_USE_FLUSH`] (and before `credentials list` and `revoke`), so a call never
+    /// costs a store write.
+    credential_uses: Mutex<std::collections::HashMap<String, crate::store::CredentialUse>>,
 }
+
+/// How often the credentials' last uses are written to the store.
+pub const CREDENTIAL_USE_FLUSH: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The host lock, owned, so it can travel into a blocking write.
 type HostLock = tokio::sync::OwnedMutexGuard<()>;
@@ -162,6 +170,7 @@ impl FleetState {
             settled: watch::channel(0).0,
             events: broadcast::channel(1024).0,
             event_order: Arc::new(Mutex::new(())),
+            credential_uses: Mutex::new(Default::default()),
         }
     }
 
@@ -297,6 +306,123 @@ impl FleetState {
 
     pub fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
         self.store.is_revoked(serial)
+    }
+
+    /// The revocation of a certificate, if it was revoked (and whether to purge, for a host).
+    pub fn revocation(
+        &self,
+        serial: &str,
+    ) -> Result<Option<crate::store::RevokedRecord>, StoreError> {
+        self.store.revocation(serial)
+    }
+
+    /// Notes a call by an operator or CI credential (in memory only; see
+    /// [`FleetState::flush_credential_uses`]). Agents are not tracked: their sessions are.
+    pub fn note_credential_use(&self, identity: &fleet_pki::Identity) {
+        if identity.role == fleet_pki::Role::Agent {
+            return;
+        }
+        let seen = crate::store::CredentialUse {
+            serial: identity.serial.clone(),
+            name: identity.name.clone(),
+            role: identity.role.as_str().to_string(),
+            not_after_unix_ms: identity.not_after_unix_ms,
+            used_unix_ms: fleet_proto::now_unix_ms(),
+        };
+        self.credential_uses
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(seen.serial.clone(), seen);
+    }
+
+    /// Writes the credential uses noted since the last flush, in one transaction; a credential
+    /// the controller did not sign (`fleetctl init`'s admin, `issue-admin`'s) is recorded at
+    /// its first use, with an event.
+    pub async fn flush_credential_uses(&self) -> Result<(), StoreError> {
+        let uses: Vec<_> = std::mem::take(
+            &mut *self
+                .credential_uses
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+        .into_values()
+        .collect();
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let learned = self
+            .write(move |store| store.record_credential_uses(&uses))
+            .await?;
+        for certificate in learned {
+            self.event(
+                &certificate.name,
+                "credential.learned",
+                "",
+                "",
+                format!(
+                    "credential `{}` with role {} (certificate {}), signed with the CA key outside the controller (fleetctl init or fleet-controller issue-admin), first used",
+                    certificate.name, certificate.role, certificate.serial
+                ),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Flushes the credential uses every [`CREDENTIAL_USE_FLUSH`] and once more when `stop`
+    /// turns true.
+    pub async fn keep_credential_uses(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(CREDENTIAL_USE_FLUSH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stopping = tokio::select! {
+                _ = tick.tick() => false,
+                _ = stop.wait_for(|stop| *stop) => true,
+            };
+            if let Err(e) = self.flush_credential_uses().await {
+                tracing::warn!("cannot record when credentials were last used: {e}");
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Every operator and CI credential, with its last use up to now.
+    pub async fn list_credentials(&self) -> Result<Vec<crate::store::CredentialView>, StoreError> {
+        self.flush_credential_uses().await?;
+        self.store.list_credentials()
+    }
+
+    /// Revokes the credential `name` (see [`Store::revoke_credential`]); from the next call
+    /// on, also on connections already open, it is refused.
+    pub async fn revoke_credential(
+        &self,
+        name: &str,
+        actor: &str,
+    ) -> Result<crate::store::CredentialRevocation, StoreError> {
+        // The caller's own credential is known before the last-admin rule counts admins.
+        self.flush_credential_uses().await?;
+        let outcome = {
+            let name = name.to_string();
+            self.write(move |store| store.revoke_credential(&name, fleet_proto::now_unix_ms()))
+                .await?
+        };
+        if let crate::store::CredentialRevocation::Revoked(certificates) = &outcome {
+            let serials: Vec<&str> = certificates.iter().map(|c| c.serial.as_str()).collect();
+            self.event(
+                actor,
+                "credential.revoked",
+                "",
+                "",
+                format!(
+                    "credential `{name}` revoked by {actor} (certificate {})",
+                    serials.join(", ")
+                ),
+            )
+            .await;
+        }
+        Ok(outcome)
     }
 
     pub async fn insert_join_token(
@@ -798,10 +924,11 @@ impl FleetState {
     /// Revokes every certificate of a host, forgets it and ends its session. Revocation comes
     /// first: a crash in between leaves a host that can no longer connect, never a forgotten
     /// host whose certificate still works.
-    pub async fn forget(&self, host: &str, actor: &str) -> Result<(), StoreError> {
+    pub async fn forget(&self, host: &str, actor: &str, purge: bool) -> Result<(), StoreError> {
         let n_revoked = {
             let host = host.to_string();
-            self.write(move |store| store.revoke_host(&host)).await?
+            self.write(move |store| store.revoke_host(&host, purge))
+                .await?
         };
         {
             let held = self.lock_hosts().await;
@@ -819,7 +946,14 @@ impl FleetState {
             "host.removed",
             "",
             host,
-            format!("host {host} removed by {actor}: {n_revoked} certificate(s) revoked"),
+            format!(
+                "host {host} removed by {actor}: {n_revoked} certificate(s) revoked{}",
+                if purge {
+                    "; its agent is told to wipe its releases, secrets and state"
+                } else {
+                    ""
+                }
+            ),
         )
         .await;
         self.bump();

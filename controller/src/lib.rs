@@ -10,6 +10,7 @@ pub mod api;
 pub mod artifacts;
 pub mod auth;
 pub mod backup;
+pub mod break_glass;
 pub mod budget;
 pub mod config;
 pub mod converge;

@@ -65,6 +65,7 @@ pub async fn run(
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let lost_host_watcher = tokio::spawn(fleet.clone().watch_for_lost_hosts(stop_rx.clone()));
+    let credential_uses = tokio::spawn(fleet.clone().keep_credential_uses(stop_rx.clone()));
     let rollouts = Arc::new(Rollouts::default());
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -159,6 +160,12 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("the lost-host watcher did not stop within {SHUTDOWN_GRACE:?}");
+    }
+    if tokio::time::timeout_at(deadline, credential_uses)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the credentials' last uses were not written within {SHUTDOWN_GRACE:?}");
     }
     if tokio::time::timeout_at(deadline, converger).await.is_err() {
         tracing::warn!("the converger did not stop within {SHUTDOWN_GRACE:?}");

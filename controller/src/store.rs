@@ -13,8 +13,8 @@
 //! neutral, so a dump of this store can be imported into another backend (etcd) and back.
 //! The first line is the header `{"fleet_store_dump":1}`; each further line is one record,
 //! `{"table":"hosts","key":"web-1","value":"<the record's JSON, as stored>"}`. Keys of the
-//! `events` table (numbers) and values of the `counters` table (numbers) are written in
-//! decimal. [`Store::import`] makes a new store from a dump in one transaction and refuses a
+//! `events` table and values of the `counters` and `credential_uses` tables (numbers) are
+//! written in decimal. [`Store::import`] makes a new store from a dump in one transaction and refuses a
 //! data directory that holds a store already, a table it does not know and a newer dump.
 
 use crate::model::{
@@ -36,6 +36,9 @@ const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tok
 const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
 /// Revoked certificates by serial (hex); auth refuses them on every call.
 const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked");
+/// When each operator or CI credential was last used, by serial (unix ms): written in batches
+/// by `FleetState::flush_credential_uses`, never once per call.
+const CREDENTIAL_USES: TableDefinition<&str, i64> = TableDefinition::new("credential_uses");
 /// Standing deployments by `app/selector` (see `DeploymentRecord::key`).
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
 /// Hosts moved between rollouts (by the converger or `replace`), by `converge<seq>/app`.
@@ -210,6 +213,50 @@ pub struct RevokedRecord {
     pub serial: String,
     pub name: String,
     pub revoked_unix_ms: i64,
+    /// The host was removed with `--purge`: its agent is told to wipe its data along with the
+    /// revoked answer, for as long as the record is kept (the controller cannot know when the
+    /// agent heard it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub purge: bool,
+}
+
+/// Who `issued_by` names for a credential the controller did not sign itself and learned of
+/// at its first use (`fleetctl init`'s admin, or `fleet-controller issue-admin`'s while the
+/// controller ran).
+pub const ISSUED_OUTSIDE: &str = "the CA key (fleetctl init or fleet-controller issue-admin)";
+
+/// One use of an operator or CI credential, as the controller saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialUse {
+    pub serial: String,
+    pub name: String,
+    /// admin | deployer
+    pub role: String,
+    pub not_after_unix_ms: i64,
+    pub used_unix_ms: i64,
+}
+
+/// An operator or CI credential as `credentials list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialView {
+    pub certificate: CertificateRecord,
+    pub last_used_unix_ms: Option<i64>,
+    pub revoked_unix_ms: Option<i64>,
+}
+
+/// What `revoke_credential` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialRevocation {
+    /// These certificates (every live one of that name) are revoked now.
+    Revoked(Vec<CertificateRecord>),
+    /// No operator or CI credential has that name.
+    Unknown,
+    /// The name is a host's: hosts are removed with `fleetctl remove`.
+    IsHost,
+    /// Every certificate of that name was revoked already.
+    AlreadyRevoked,
+    /// It holds the last live admin certificates: revoking would lock every admin out.
+    LastAdmin,
 }
 
 fn release_key(app: &str, version: &str) -> String {
@@ -241,6 +288,7 @@ impl Store {
             txn.open_table(JOIN_TOKENS).map_err(db_err)?;
             txn.open_table(CERTIFICATES).map_err(db_err)?;
             txn.open_table(REVOKED).map_err(db_err)?;
+            txn.open_table(CREDENTIAL_USES).map_err(db_err)?;
             txn.open_table(DEPLOYMENTS).map_err(db_err)?;
             txn.open_table(CONVERGENCES).map_err(db_err)?;
         }
@@ -640,12 +688,132 @@ impl Store {
         Ok(table.get(serial).map_err(db_err)?.is_some())
     }
 
+    /// The revocation of a certificate serial (hex), if it was revoked.
+    pub fn revocation(&self, serial: &str) -> Result<Option<RevokedRecord>, StoreError> {
+        self.get(REVOKED, serial)
+    }
+
+    /// Records when operator and CI credentials were used, in ONE transaction (called in
+    /// batches, never per call). A credential the controller did not sign (the admin of
+    /// `fleetctl init`, one from `fleet-controller issue-admin`) is recorded at its first use;
+    /// those are returned, for an event.
+    pub fn record_credential_uses(
+        &self,
+        uses: &[CredentialUse],
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        let mut learned = Vec::new();
+        self.write(|txn| {
+            let mut certificates = txn.open_table(CERTIFICATES)?;
+            let mut last_used = txn.open_table(CREDENTIAL_USES)?;
+            for seen in uses {
+                if certificates.get(seen.serial.as_str())?.is_none() {
+                    let record = CertificateRecord {
+                        serial: seen.serial.clone(),
+                        name: seen.name.clone(),
+                        role: seen.role.clone(),
+                        issued_unix_ms: seen.used_unix_ms,
+                        not_after_unix_ms: seen.not_after_unix_ms,
+                        issued_by: ISSUED_OUTSIDE.to_string(),
+                        labels: None,
+                    };
+                    certificates.insert(record.serial.as_str(), encode(&record).as_slice())?;
+                    learned.push(record);
+                }
+                let before = last_used.get(seen.serial.as_str())?.map(|v| v.value());
+                if before.is_none_or(|before| before < seen.used_unix_ms) {
+                    last_used.insert(seen.serial.as_str(), seen.used_unix_ms)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(learned)
+    }
+
+    /// Every operator and CI credential (certificates of role admin or deployer), with when
+    /// it was last used and revoked, ordered by name and issue time.
+    pub fn list_credentials(&self) -> Result<Vec<CredentialView>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let certificates = txn.open_table(CERTIFICATES).map_err(db_err)?;
+        let revoked = txn.open_table(REVOKED).map_err(db_err)?;
+        let last_used = txn.open_table(CREDENTIAL_USES).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in certificates.iter().map_err(db_err)? {
+            let (key, value) = item.map_err(db_err)?;
+            let certificate: CertificateRecord = decode(key.value(), value.value())?;
+            if certificate.role == "agent" {
+                continue;
+            }
+            let revoked_unix_ms = match revoked.get(key.value()).map_err(db_err)? {
+                Some(v) => Some(decode::<RevokedRecord>(key.value(), v.value())?.revoked_unix_ms),
+                None => None,
+            };
+            let last_used_unix_ms = last_used
+                .get(key.value())
+                .map_err(db_err)?
+                .map(|v| v.value());
+            out.push(CredentialView {
+                certificate,
+                last_used_unix_ms,
+                revoked_unix_ms,
+            });
+        }
+        out.sort_by(|a, b| {
+            (&a.certificate.name, a.certificate.issued_unix_ms)
+                .cmp(&(&b.certificate.name, b.certificate.issued_unix_ms))
+        });
+        Ok(out)
+    }
+
+    /// Revokes every live certificate of the operator or CI credential `name`, in ONE
+    /// transaction that also checks that some other live admin certificate remains (see
+    /// [`revocation_refusal`]).
+    pub fn revoke_credential(
+        &self,
+        name: &str,
+        now_unix_ms: i64,
+    ) -> Result<CredentialRevocation, StoreError> {
+        let mut outcome = CredentialRevocation::Unknown;
+        self.write(|txn| {
+            let certificates = txn.open_table(CERTIFICATES)?;
+            let mut revoked = txn.open_table(REVOKED)?;
+            let mut all = Vec::new();
+            for item in certificates.iter()? {
+                let (key, value) = item?;
+                let certificate: CertificateRecord = decode(key.value(), value.value())?;
+                let is_revoked = revoked.get(key.value())?.is_some();
+                all.push((certificate, is_revoked));
+            }
+            drop(certificates);
+            if let Some(refusal) = revocation_refusal(&all, name, now_unix_ms) {
+                outcome = refusal;
+                return Ok(());
+            }
+            let mut done = Vec::new();
+            for (certificate, is_revoked) in all {
+                if certificate.name == name && certificate.role != "agent" && !is_revoked {
+                    let record = RevokedRecord {
+                        serial: certificate.serial.clone(),
+                        name: name.to_string(),
+                        revoked_unix_ms: now_unix_ms,
+                        purge: false,
+                    };
+                    revoked.insert(certificate.serial.as_str(), encode(&record).as_slice())?;
+                    done.push(certificate);
+                }
+            }
+            outcome = CredentialRevocation::Revoked(done);
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
     /// Revokes one certificate by serial (hex); `name` is kept for the record.
     pub fn revoke_certificate(&self, serial: &str, name: &str) -> Result<(), StoreError> {
         let record = RevokedRecord {
             serial: serial.to_string(),
             name: name.to_string(),
             revoked_unix_ms: fleet_proto::now_unix_ms(),
+            purge: false,
         };
         self.write(|txn| {
             let mut table = txn.open_table(REVOKED)?;
@@ -657,8 +825,10 @@ impl Store {
     /// Revokes every agent certificate ever signed for host `name` (what `fleetctl remove`
     /// calls), and kills every join token it joined with, so not even a retried join brings it
     /// back: from the next call on, that host's agent is refused, and the name may join again
-    /// only with a new token. Returns how many certificates were revoked.
-    pub fn revoke_host(&self, name: &str) -> Result<usize, StoreError> {
+    /// only with a new token. With `purge`, the revocation tells the agent to wipe its data
+    /// (also when its certificates were revoked before). Returns how many certificates were
+    /// revoked.
+    pub fn revoke_host(&self, name: &str, purge: bool) -> Result<usize, StoreError> {
         let now = fleet_proto::now_unix_ms();
         let mut n_revoked = 0;
         self.write(|txn| {
@@ -674,15 +844,24 @@ impl Store {
             drop(certs);
             let mut revoked = txn.open_table(REVOKED)?;
             for serial in serials {
-                if revoked.get(serial.as_str())?.is_none() {
-                    let record = RevokedRecord {
-                        serial: serial.clone(),
-                        name: name.to_string(),
-                        revoked_unix_ms: now,
-                    };
-                    revoked.insert(serial.as_str(), encode(&record).as_slice())?;
-                    n_revoked += 1;
-                }
+                let before: Option<RevokedRecord> = match revoked.get(serial.as_str())? {
+                    Some(v) => Some(decode(&serial, v.value())?),
+                    None => None,
+                };
+                let record = match before {
+                    None => {
+                        n_revoked += 1;
+                        RevokedRecord {
+                            serial: serial.clone(),
+                            name: name.to_string(),
+                            revoked_unix_ms: now,
+                            purge,
+                        }
+                    }
+                    Some(before) if purge && !before.purge => RevokedRecord { purge, ..before },
+                    Some(_) => continue,
+                };
+                revoked.insert(serial.as_str(), encode(&record).as_slice())?;
             }
             let mut tokens = txn.open_table(JOIN_TOKENS)?;
             let mut dead = Vec::new();
@@ -778,6 +957,19 @@ impl Store {
             )?;
             summary.records += 1;
         }
+        let uses = txn.open_table(CREDENTIAL_USES).map_err(db_err)?;
+        for item in uses.iter().map_err(db_err)? {
+            let (key, value) = item.map_err(db_err)?;
+            line(
+                &mut to,
+                DumpRecord {
+                    table: CREDENTIAL_USES.name().to_string(),
+                    key: key.value().to_string(),
+                    value: value.value().to_string(),
+                },
+            )?;
+            summary.records += 1;
+        }
         to.flush().map_err(io)?;
         Ok(summary)
     }
@@ -822,6 +1014,10 @@ impl Store {
                 } else if record.table == COUNTERS.name() {
                     let value: u64 = record.value.parse().map_err(|_| bad_number("value"))?;
                     txn.open_table(COUNTERS)?
+                        .insert(record.key.as_str(), value)?;
+                } else if record.table == CREDENTIAL_USES.name() {
+                    let value: i64 = record.value.parse().map_err(|_| bad_number("value"))?;
+                    txn.open_table(CREDENTIAL_USES)?
                         .insert(record.key.as_str(), value)?;
                 } else {
                     return Err(dump(format!(
@@ -869,6 +1065,44 @@ pub fn dump_artifact_digests(
         }
     }
     Ok(digests)
+}
+
+/// Why the credential `name` may not be revoked, given every certificate the controller knows
+/// and whether each is revoked: no such credential, a host's name, all revoked already, or the
+/// last live admin certificates (whose revocation would leave nobody to run `remove`,
+/// `credentials create` or another revocation). `None`: revoke it. Pure.
+pub fn revocation_refusal(
+    all: &[(CertificateRecord, bool)],
+    name: &str,
+    now_unix_ms: i64,
+) -> Option<CredentialRevocation> {
+    let live = |(certificate, is_revoked): &(CertificateRecord, bool)| {
+        !*is_revoked && certificate.not_after_unix_ms > now_unix_ms
+    };
+    let named: Vec<_> = all.iter().filter(|(c, _)| c.name == name).collect();
+    let credentials: Vec<_> = named.iter().filter(|(c, _)| c.role != "agent").collect();
+    if credentials.is_empty() {
+        return Some(if named.is_empty() {
+            CredentialRevocation::Unknown
+        } else {
+            CredentialRevocation::IsHost
+        });
+    }
+    if credentials.iter().all(|(_, is_revoked)| *is_revoked) {
+        return Some(CredentialRevocation::AlreadyRevoked);
+    }
+    let other_live_admins = all
+        .iter()
+        .filter(|entry| live(entry))
+        .filter(|(c, _)| c.role == "admin" && c.name != name)
+        .count();
+    let revokes_a_live_admin = credentials
+        .iter()
+        .any(|entry| live(entry) && entry.0.role == "admin");
+    if revokes_a_live_admin && other_live_admins == 0 {
+        return Some(CredentialRevocation::LastAdmin);
+    }
+    None
 }
 
 /// Whether a join token admits host `name` with the key `key_sha256` now: `Ok(false)` to
@@ -960,6 +1194,7 @@ mod tests {
             .iter()
             .map(|t| t.name().to_string())
             .chain([EVENTS.name().to_string(), COUNTERS.name().to_string()])
+            .chain([CREDENTIAL_USES.name().to_string()])
             .collect();
         assert_eq!(existing, dumped, "a table the backup would leave out");
     }
@@ -1195,8 +1430,8 @@ mod tests {
                 .unwrap(),
             TokenUse::HostHasCertificate
         );
-        assert_eq!(store.revoke_host("web-1").unwrap(), 1);
-        assert_eq!(store.revoke_host("web-1").unwrap(), 0);
+        assert_eq!(store.revoke_host("web-1", false).unwrap(), 1);
+        assert_eq!(store.revoke_host("web-1", false).unwrap(), 0);
         assert!(store.is_revoked("01").unwrap());
         assert!(!store.is_revoked("02").unwrap());
         assert!(!store.is_revoked("03").unwrap());
@@ -1209,7 +1444,7 @@ mod tests {
         );
         // Removed again, web-1 cannot come back with that token, not even as a retry of the
         // same key (its answer "lost") while the token is still valid.
-        store.revoke_host("web-1").unwrap();
+        store.revoke_host("web-1", false).unwrap();
         assert_eq!(
             store
                 .join_with_token("t2", &rejoin("06"), "pem-06", "k", 6)
@@ -1238,5 +1473,218 @@ mod tests {
         }
         let recent = store.recent_events(2).unwrap();
         assert_eq!(recent.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+    }
+
+    fn credential(
+        serial: &str,
+        name: &str,
+        role: &str,
+        not_after_unix_ms: i64,
+    ) -> CertificateRecord {
+        CertificateRecord {
+            serial: serial.to_string(),
+            name: name.to_string(),
+            role: role.to_string(),
+            issued_unix_ms: 1,
+            not_after_unix_ms,
+            issued_by: "admin".to_string(),
+            labels: None,
+        }
+    }
+
+    /// Which revocations are refused, and why.
+    #[test]
+    fn a_credential_may_be_revoked_unless_it_is_unknown_a_host_or_the_last_admin() {
+        let now = 1_000;
+        let live = 2_000;
+        let expired = 500;
+        let fleet = |certs: &[(&str, &str, &str, i64, bool)]| -> Vec<(CertificateRecord, bool)> {
+            certs
+                .iter()
+                .map(|(serial, name, role, not_after, revoked)| {
+                    (credential(serial, name, role, *not_after), *revoked)
+                })
+                .collect()
+        };
+        use CredentialRevocation::*;
+        type Case = (
+            &'static str,
+            Vec<(CertificateRecord, bool)>,
+            &'static str,
+            Option<CredentialRevocation>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "a deployer",
+                fleet(&[
+                    ("1", "admin", "admin", live, false),
+                    ("2", "ci", "deployer", live, false),
+                ]),
+                "ci",
+                None,
+            ),
+            (
+                "one of two admins",
+                fleet(&[
+                    ("1", "admin", "admin", live, false),
+                    ("2", "alice", "admin", live, false),
+                ]),
+                "admin",
+                None,
+            ),
+            (
+                "unknown",
+                fleet(&[("1", "admin", "admin", live, false)]),
+                "bob",
+                Some(Unknown),
+            ),
+            (
+                "a host",
+                fleet(&[
+                    ("1", "admin", "admin", live, false),
+                    ("2", "web-1", "agent", live, false),
+                ]),
+                "web-1",
+                Some(IsHost),
+            ),
+            (
+                "revoked already",
+                fleet(&[
+                    ("1", "admin", "admin", live, false),
+                    ("2", "ci", "deployer", live, true),
+                ]),
+                "ci",
+                Some(AlreadyRevoked),
+            ),
+            (
+                "the last admin",
+                fleet(&[
+                    ("1", "admin", "admin", live, false),
+                    ("2", "ci", "deployer", live, false),
+                ]),
+                "admin",
+                Some(LastAdmin),
+            ),
+            (
+                "the other admin is revoked",
+                fleet(&[
+                    ("1", "admin", "admin", live, false),
+                    ("2", "alice", "admin", live, true),
+                ]),
+                "admin",
+                Some(LastAdmin),
+            ),
+            (
+                "the other admin expired",
+                fleet(&[
+                    ("1", "admin", "admin", live, false),
+                    ("2", "alice", "admin", expired, false),
+                ]),
+                "admin",
+                Some(LastAdmin),
+            ),
+            (
+                "two certificates of one name are one credential",
+                fleet(&[
+                    ("1", "admin", "admin", live, false),
+                    ("2", "admin", "admin", live, false),
+                ]),
+                "admin",
+                Some(LastAdmin),
+            ),
+            (
+                "an expired admin may go",
+                fleet(&[
+                    ("1", "admin", "admin", live, false),
+                    ("2", "old", "admin", expired, false),
+                ]),
+                "old",
+                None,
+            ),
+        ];
+        for (what, all, name, expect) in cases {
+            assert_eq!(revocation_refusal(&all, name, now), expect, "{what}");
+        }
+    }
+
+    #[test]
+    fn credential_uses_are_recorded_and_unknown_credentials_learned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let far = i64::MAX / 2;
+        store
+            .record_certificate(&credential("0a", "ci", "deployer", far))
+            .unwrap();
+        let seen = |serial: &str, name: &str, role: &str, at: i64| CredentialUse {
+            serial: serial.to_string(),
+            name: name.to_string(),
+            role: role.to_string(),
+            not_after_unix_ms: far,
+            used_unix_ms: at,
+        };
+        let learned = store
+            .record_credential_uses(&[
+                seen("0a", "ci", "deployer", 10),
+                seen("0b", "admin", "admin", 20),
+            ])
+            .unwrap();
+        assert_eq!(learned.len(), 1);
+        assert_eq!(
+            (learned[0].name.as_str(), learned[0].issued_by.as_str()),
+            ("admin", ISSUED_OUTSIDE)
+        );
+        // An older use never moves the time back; a known credential is not learned again.
+        assert!(store
+            .record_credential_uses(&[
+                seen("0a", "ci", "deployer", 5),
+                seen("0b", "admin", "admin", 30)
+            ])
+            .unwrap()
+            .is_empty());
+        let list = store.list_credentials().unwrap();
+        let summary: Vec<_> = list
+            .iter()
+            .map(|c| {
+                (
+                    c.certificate.name.as_str(),
+                    c.last_used_unix_ms,
+                    c.revoked_unix_ms,
+                )
+            })
+            .collect();
+        assert_eq!(summary, [("admin", Some(30), None), ("ci", Some(10), None)]);
+
+        assert_eq!(
+            store.revoke_credential("admin", 40).unwrap(),
+            CredentialRevocation::LastAdmin
+        );
+        match store.revoke_credential("ci", 40).unwrap() {
+            CredentialRevocation::Revoked(done) => assert_eq!(done.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        assert!(store.is_revoked("0a").unwrap());
+        assert_eq!(
+            store.revoke_credential("ci", 41).unwrap(),
+            CredentialRevocation::AlreadyRevoked
+        );
+        assert_eq!(
+            store.list_credentials().unwrap()[1].revoked_unix_ms,
+            Some(40)
+        );
+    }
+
+    #[test]
+    fn a_purge_is_remembered_with_the_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .record_certificate(&credential("01", "web-1", "agent", i64::MAX / 2))
+            .unwrap();
+        store.revoke_host("web-1", false).unwrap();
+        assert!(!store.revocation("01").unwrap().unwrap().purge);
+        // Removed again with --purge (the host was gone already): the agent is told to wipe.
+        assert_eq!(store.revoke_host("web-1", true).unwrap(), 0);
+        assert!(store.revocation("01").unwrap().unwrap().purge);
+        assert_eq!(store.revocation("02").unwrap(), None);
     }
 }

@@ -110,10 +110,14 @@ pub enum Command {
         #[arg(value_name = "k=v|k-", required = true, value_parser = parse_label_change)]
         changes: Vec<LabelChanges>,
     },
-    /// Drain a host, revoke its credential and forget it
+    /// Drain a host, revoke its credential and forget it; its agent stops its instances and
+    /// itself, and disables its unit, e.g. `remove web-1 --purge`
     Remove {
         #[arg(value_parser = parse_host)]
         host: String,
+        /// Also have the agent wipe the host's releases, secrets and state directories
+        #[arg(long)]
+        purge: bool,
     },
     /// Install and start the agent on fresh hosts over SSH, and wait until they registered
     Bootstrap(BootstrapArgs),
@@ -368,6 +372,15 @@ pub struct JoinTokenCreateArgs {
 pub enum CredentialsCommand {
     /// Create a client credential (key, certificate, CA, client.toml) usable with --config-dir
     Create(CredentialsCreateArgs),
+    /// List the operator and CI credentials: name, role, expiry, last use, revoked or not
+    List,
+    /// Revoke a credential by name, e.g. `credentials revoke ci`: refused from its next call
+    /// on, also on connections already open (never the last admin credential)
+    Revoke {
+        /// The credential's name, as `credentials list` shows it
+        #[arg(value_parser = parse_app)]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

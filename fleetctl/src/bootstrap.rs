@@ -742,8 +742,9 @@ pub async fn replace(ctx: &Context, config_dir: &Path, args: &ReplaceArgs) -> Re
     }
     let removed = ctx
         .client()
-        .remove_host(pb::HostRef {
+        .remove_host(pb::RemoveHostRequest {
             host: args.old.clone(),
+            purge: false,
         })
         .await;
     match removed {

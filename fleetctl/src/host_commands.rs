@@ -123,12 +123,13 @@ pub async fn label(ctx: &Context, host: &str, changes: &[LabelChanges]) -> Resul
     Ok(())
 }
 
-/// `fleetctl remove HOST`.
-pub async fn remove(ctx: &Context, host: &str) -> Result<(), CliError> {
+/// `fleetctl remove HOST [--purge]`.
+pub async fn remove(ctx: &Context, host: &str, purge: bool) -> Result<(), CliError> {
     let response = ctx
         .client()
-        .remove_host(pb::HostRef {
+        .remove_host(pb::RemoveHostRequest {
             host: host.to_string(),
+            purge,
         })
         .await
         .map_err(|status| ctx.error(status))?
@@ -140,6 +141,16 @@ pub async fn remove(ctx: &Context, host: &str) -> Result<(), CliError> {
         println!("{host} is removed: it was drained, its credential revoked, and it is forgotten");
     } else {
         println!("{host} is removed: its credential is revoked and it is forgotten");
+    }
+    if !ctx.json() {
+        println!(
+            "its agent stops its instances and itself, and disables its unit, when it next hears from the controller{}",
+            if purge {
+                "; it also wipes the host's releases, secrets and state"
+            } else {
+                ""
+            }
+        );
     }
     if !drained {
         eprintln!(

@@ -153,7 +153,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             return host_commands::drain(&ctx, &host, deadline.unwrap_or(Duration::ZERO)).await;
         }
         Command::Undrain { host } => host_commands::undrain(&ctx, &host).await?,
-        Command::Remove { host } => host_commands::remove(&ctx, &host).await?,
+        Command::Remove { host, purge } => host_commands::remove(&ctx, &host, purge).await?,
         Command::Label { host, changes } => host_commands::label(&ctx, &host, &changes).await?,
         Command::Bootstrap(bootstrap_args) => {
             return bootstrap::bootstrap(&ctx, &config_dir, &bootstrap_args).await;
@@ -170,6 +170,12 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Credentials(args::CredentialsCommand::Create(create)) => {
             trust::credentials_create(&ctx, &create).await?;
+        }
+        Command::Credentials(args::CredentialsCommand::List) => {
+            trust::credentials_list(&ctx).await?;
+        }
+        Command::Credentials(args::CredentialsCommand::Revoke { name }) => {
+            trust::credentials_revoke(&ctx, &name).await?;
         }
         Command::Rollback(rollback_args) => {
             let outcome = commands::rollback(

@@ -1,7 +1,8 @@
 //! The trust verbs: `fleetctl join-token create [--ttl DUR]` (a one-time token a new host
 //! joins with) and `fleetctl credentials create NAME --role admin|deployer --out DIR` (a
 //! client credential for an operator or a CI job: the key is made here and never leaves this
-//! machine; the controller signs a certificate request). Both need the admin role.
+//! machine; the controller signs a certificate request), `credentials list` (name, role,
+//! expiry, last use) and `credentials revoke NAME`. All need the admin role.
 
 use crate::args::CredentialsCreateArgs;
 use crate::client::{usage, CliError, CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE};
@@ -121,6 +122,78 @@ pub async fn credentials_create(
     Ok(outcome)
 }
 
+/// `fleetctl credentials list`.
+pub async fn credentials_list(ctx: &Context) -> Result<Vec<pb::Credential>, CliError> {
+    let mut client = ctx.connection.client.clone();
+    let credentials = client
+        .list_credentials(pb::ListCredentialsRequest {})
+        .await
+        .map_err(|status| ctx.connection.error(status))?
+        .into_inner()
+        .credentials;
+    if ctx.output == output::OutputFormat::Json {
+        output::print_json(&credentials);
+    } else {
+        print!(
+            "{}",
+            credentials_table(&credentials, fleet_proto::now_unix_ms())
+        );
+    }
+    Ok(credentials)
+}
+
+/// The table `credentials list` prints.
+fn credentials_table(credentials: &[pb::Credential], now_unix_ms: i64) -> String {
+    let mut table =
+        output::Table::new(&["NAME", "ROLE", "EXPIRES", "LAST USED", "STATE", "SERIAL"]);
+    for credential in credentials {
+        let state = if credential.revoked_unix_ms > 0 {
+            format!(
+                "revoked {}",
+                output::ago(credential.revoked_unix_ms, now_unix_ms)
+            )
+        } else if credential.not_after_unix_ms <= now_unix_ms {
+            "expired".to_string()
+        } else {
+            "valid".to_string()
+        };
+        table.row(vec![
+            credential.name.clone(),
+            credential.role.clone(),
+            output::utc_time(credential.not_after_unix_ms),
+            output::ago(credential.last_used_unix_ms, now_unix_ms),
+            state,
+            credential.serial.clone(),
+        ]);
+    }
+    table.render()
+}
+
+/// `fleetctl credentials revoke NAME`.
+pub async fn credentials_revoke(
+    ctx: &Context,
+    name: &str,
+) -> Result<pb::RevokeCredentialResponse, CliError> {
+    let mut client = ctx.connection.client.clone();
+    let response = client
+        .revoke_credential(pb::RevokeCredentialRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(|status| ctx.connection.error(status))?
+        .into_inner();
+    if ctx.output == output::OutputFormat::Json {
+        output::print_json(&response);
+    } else {
+        let serials: Vec<&str> = response.revoked.iter().map(|c| c.serial.as_str()).collect();
+        println!(
+            "revoked credential `{name}` (certificate {}): every call with it is refused from now on",
+            serials.join(", ")
+        );
+    }
+    Ok(response)
+}
+
 fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -135,4 +208,54 @@ fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
 
 fn write_file(path: &Path, text: &str) -> Result<(), CliError> {
     std::fs::write(path, text).map_err(|e| usage(format!("cannot write {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_credentials_table_says_which_are_valid_expired_or_revoked() {
+        let now = 10 * 86_400_000;
+        let credential =
+            |name: &str, not_after: i64, last_used: i64, revoked: i64| pb::Credential {
+                name: name.to_string(),
+                role: "deployer".to_string(),
+                serial: "ab".to_string(),
+                not_after_unix_ms: not_after,
+                last_used_unix_ms: last_used,
+                revoked_unix_ms: revoked,
+                ..Default::default()
+            };
+        let table = credentials_table(
+            &[
+                credential("ci", now + 1, now - 90_000, 0),
+                credential("old", now - 1, 0, 0),
+                credential("gone", now + 1, 0, now - 7_200_000),
+            ],
+            now,
+        );
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|line| {
+                line.split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            lines[0],
+            ["NAME", "ROLE", "EXPIRES", "LAST USED", "STATE", "SERIAL"]
+        );
+        assert_eq!(
+            (lines[1][0], lines[1][3], lines[1][4]),
+            ("ci", "1m ago", "valid")
+        );
+        assert_eq!(
+            (lines[2][0], lines[2][3], lines[2][4]),
+            ("old", "-", "expired")
+        );
+        assert_eq!((lines[3][0], lines[3][4]), ("gone", "revoked 2h ago"));
+    }
 }

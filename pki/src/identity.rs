@@ -52,6 +52,9 @@ pub struct Identity {
     pub role: Role,
     /// The certificate's serial number, lowercase hex.
     pub serial: String,
+    /// When the certificate expires (what `credentials list` shows for a credential the
+    /// controller learns of at its first use, such as `fleetctl init`'s).
+    pub not_after_unix_ms: i64,
 }
 
 impl Identity {
@@ -87,6 +90,7 @@ impl Identity {
             name,
             role,
             serial: hex::encode(cert.raw_serial()),
+            not_after_unix_ms: cert.validity().not_after.timestamp().saturating_mul(1000),
         })
     }
 }

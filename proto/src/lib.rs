@@ -1,6 +1,6 @@
 //! The contract shared by `fleet-controller`, `fleetctl` and `fleet-agent`: the gRPC types
 //! generated from `fleet.proto`, the artifact format (`fleet.toml` and the tarball rules), and
-//! the rules for names, versions and durations.
+//! the rules for names, versions and durations, and the revoked answer ([`refusal`]).
 //!
 //! **Architecture Invariant:** controller and agent never depend on each other; this crate is
 //! all they share. It does no I/O beyond reading an artifact it is handed.
@@ -11,6 +11,7 @@ pub mod duration;
 pub mod instance_state;
 pub mod manifest;
 pub mod names;
+pub mod refusal;
 pub mod secrets;
 
 /// Types and service stubs generated from `proto/fleet.proto`.

@@ -38,6 +38,8 @@ pub struct Agent {
     process_started: bool,
     /// The labels the agent claims (`--labels`) at its next start, if any.
     labels: Option<String>,
+    /// Environment variables the agent gets at its next start (beside the test's own).
+    env: Vec<(String, String)>,
 }
 
 /// What one `fleetctl` call did.
@@ -295,6 +297,23 @@ impl Fleet {
         self.agent_mut(name).labels = Some(labels.to_string());
     }
 
+    /// Sets an environment variable for agent `name`'s next start (see [`Fleet::restart_agent`]).
+    pub fn set_agent_env(&mut self, name: &str, key: &str, value: &str) {
+        self.agent_mut(name)
+            .env
+            .push((key.to_string(), value.to_string()));
+    }
+
+    /// Waits at most `deadline` for agent `name` to exit on its own (nothing is sent to it);
+    /// its exit status, or `None` when it still runs (or was not running).
+    pub fn wait_agent_exit(
+        &mut self,
+        name: &str,
+        deadline: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        self.agent_mut(name).process.as_mut()?.wait_exit(deadline)
+    }
+
     /// Whether agent `name`'s process has exited (a refused join ends the agent).
     pub fn agent_has_exited(&mut self, name: &str) -> bool {
         self.agent_mut(name)
@@ -318,6 +337,7 @@ impl Fleet {
             process: None,
             process_started: false,
             labels: None,
+            env: Vec::new(),
         });
     }
 
@@ -362,6 +382,7 @@ impl Fleet {
         if let Some(labels) = &agent.labels {
             command.arg("--labels").arg(labels);
         }
+        command.envs(agent.env.iter().map(|(k, v)| (k, v)));
         agent.process = Some(ChildGuard::spawn(
             &format!("fleet-agent {name}"),
             command,

@@ -84,6 +84,10 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
                 "ProtectSystem=strict",
                 "PrivateTmp=yes",
                 "Restart=on-failure",
+                // A removed host's agent exits with this and is not restarted; it disables the
+                // unit it names.
+                "RestartPreventExitStatus=78",
+                "Environment=FLEET_AGENT_UNIT=%n",
             ][..],
         ),
         (
@@ -107,5 +111,9 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         }
     }
     let agent_text = std::fs::read_to_string(&agent_path).unwrap();
+    assert!(agent_text.contains(&format!(
+        "RestartPreventExitStatus={}",
+        fleet_agent::removal::EXIT_REVOKED
+    )));
     assert!(agent_text.contains(&format!("ReadWritePaths={}", remote_dir.display())));
 }

@@ -123,10 +123,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .await
             .map_err(store_status)?
         else {
-            return Err(Status::unauthenticated(format!(
-                "the certificate of `{}` was revoked: the host was removed",
-                identity.name
-            )));
+            let purge = self
+                .fleet
+                .revocation(&identity.serial)
+                .map_err(store_status)?
+                .is_some_and(|revocation| revocation.purge);
+            return Err(fleet_proto::refusal::revoked_status(
+                auth::revoked(&identity),
+                purge,
+            ));
         };
         let (tx, rx) = mpsc::channel::<Outbound>(16);
         let welcome = pb::ControllerMessage {
@@ -167,7 +172,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 tokio::select! {
                     changed = desired.changed() => match changed {
                         Ok(()) => send_desired = true,
-                        Err(_) => break, // a newer session of this host replaced this one
+                        // A newer session of this host replaced this one, or the host was
+                        // removed: then the agent hears it was revoked at once.
+                        Err(_) => {
+                            if let Err(revoked) = auth::host_scope::session_still_allowed(&fleet, &identity) {
+                                let _ = tx.send(Err(revoked)).await;
+                            }
+                            break;
+                        }
                     },
                     message = tokio::time::timeout(silence, inbound.message()) => match message {
                         Ok(Ok(Some(pb::AgentMessage { body: Some(AgentBody::Report(report)) }))) => {
@@ -177,9 +189,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             }
                         }
                         Ok(Ok(Some(pb::AgentMessage { body: Some(AgentBody::Heartbeat(_)) }))) => {
-                            // A host removed (its certificate revoked) loses its session here.
-                            if !auth::host_scope::session_still_allowed(&fleet, &identity) {
+                            // A host removed (its certificate revoked) loses its session here,
+                            // with the revoked answer, so that its agent ends.
+                            if let Err(revoked) = auth::host_scope::session_still_allowed(&fleet, &identity) {
                                 tracing::warn!("host {host}'s certificate was revoked: ending its session");
+                                let _ = tx.send(Err(revoked)).await;
                                 break;
                             }
                             fleet.host_heartbeat(&host, session.id);

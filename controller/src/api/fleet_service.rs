@@ -616,6 +616,72 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         }))
     }
 
+    async fn list_credentials(
+        &self,
+        request: Request<pb::ListCredentialsRequest>,
+    ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+        auth::require(&self.fleet, &request, Role::Admin)?;
+        let credentials = self
+            .fleet
+            .list_credentials()
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .map(|view| {
+                credential_to_pb(
+                    &view.certificate,
+                    view.last_used_unix_ms,
+                    view.revoked_unix_ms,
+                )
+            })
+            .collect();
+        Ok(Response::new(pb::ListCredentialsResponse { credentials }))
+    }
+
+    async fn revoke_credential(
+        &self,
+        request: Request<pb::RevokeCredentialRequest>,
+    ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
+        use crate::store::CredentialRevocation;
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
+        let actor = actor_of(&identity, &request);
+        let name = request.into_inner().name;
+        names::check_app(&name).map_err(|_| {
+            bad(format!(
+                "credential name {} is invalid: see `fleetctl credentials list`",
+                names::quoted(&name)
+            ))
+        })?;
+        let now = fleet_proto::now_unix_ms();
+        match self
+            .fleet
+            .revoke_credential(&name, &actor)
+            .await
+            .map_err(store_status)?
+        {
+            CredentialRevocation::Revoked(certificates) => {
+                Ok(Response::new(pb::RevokeCredentialResponse {
+                    revoked: certificates
+                        .iter()
+                        .map(|c| credential_to_pb(c, None, Some(now)))
+                        .collect(),
+                }))
+            }
+            CredentialRevocation::Unknown => Err(Status::not_found(format!(
+                "no credential `{name}`: see `fleetctl credentials list`"
+            ))),
+            CredentialRevocation::IsHost => Err(Status::failed_precondition(format!(
+                "`{name}` is a host, not a credential: remove a host with `fleetctl remove {name}`"
+            ))),
+            CredentialRevocation::AlreadyRevoked => Err(Status::failed_precondition(format!(
+                "credential `{name}` is revoked already"
+            ))),
+            CredentialRevocation::LastAdmin => Err(Status::failed_precondition(format!(
+                "credential `{name}` is the last live admin credential: revoking it would leave nobody who can manage the fleet; create another first (`fleetctl credentials create NAME --role admin --out DIR`) and revoke `{name}` with it, or, if every other admin credential is lost, run `fleet-controller issue-admin --config controller.toml --out DIR` on the controller's host"
+            ))),
+        }
+    }
+
     type DrainHostStream = HostStream;
 
     async fn drain_host(
@@ -751,11 +817,11 @@ impl pb::fleet_service_server::FleetService for FleetApi {
 
     async fn remove_host(
         &self,
-        request: Request<pb::HostRef>,
+        request: Request<pb::RemoveHostRequest>,
     ) -> Result<Response<pb::RemoveHostResponse>, Status> {
         let identity = auth::require(&self.fleet, &request, Role::Admin)?;
         let actor = actor_of(&identity, &request);
-        let host = request.into_inner().host;
+        let pb::RemoveHostRequest { host, purge } = request.into_inner();
         names::check_host(&host).map_err(bad)?;
         if !self
             .fleet
@@ -778,7 +844,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         }
         let last = host_snapshot(&self.fleet, &host);
         self.fleet
-            .forget(&host, &actor)
+            .forget(&host, &actor, purge)
             .await
             .map_err(store_status)?;
         Ok(Response::new(pb::RemoveHostResponse { host: last }))
@@ -858,6 +924,23 @@ impl std::io::Write for ChunkWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+fn credential_to_pb(
+    certificate: &crate::store::CertificateRecord,
+    last_used_unix_ms: Option<i64>,
+    revoked_unix_ms: Option<i64>,
+) -> pb::Credential {
+    pb::Credential {
+        name: certificate.name.clone(),
+        role: certificate.role.clone(),
+        serial: certificate.serial.clone(),
+        issued_unix_ms: certificate.issued_unix_ms,
+        not_after_unix_ms: certificate.not_after_unix_ms,
+        last_used_unix_ms: last_used_unix_ms.unwrap_or(0),
+        revoked_unix_ms: revoked_unix_ms.unwrap_or(0),
+        issued_by: certificate.issued_by.clone(),
     }
 }
 

@@ -39,15 +39,19 @@ pub fn require_artifact_of_own_host(
     )))
 }
 
-/// Whether an open session of `identity` may go on: false once its certificate was revoked
-/// (`fleetctl remove`). A store that cannot be read keeps the session (the next heartbeat asks
-/// again).
-pub fn session_still_allowed(fleet: &FleetState, identity: &Identity) -> bool {
-    match fleet.is_revoked(&identity.serial) {
-        Ok(revoked) => !revoked,
+/// `Err` with the explicit revoked answer (see `fleet_proto::refusal`) once the certificate of
+/// an open session was revoked (`fleetctl remove`): the session ends with it, so the agent
+/// hears why. A store that cannot be read keeps the session (the next heartbeat asks again).
+pub fn session_still_allowed(fleet: &FleetState, identity: &Identity) -> Result<(), Status> {
+    match fleet.revocation(&identity.serial) {
+        Ok(None) => Ok(()),
+        Ok(Some(revocation)) => Err(fleet_proto::refusal::revoked_status(
+            super::revoked(identity),
+            revocation.purge,
+        )),
         Err(e) => {
             tracing::warn!("cannot check whether {} was revoked: {e}", identity.name);
-            true
+            Ok(())
         }
     }
 }

@@ -11,7 +11,11 @@
 //! | `agent` | only `AgentService.Session` and `FetchArtifact`, and only for its own host |
 //!
 //! A certificate whose serial is on the revoked list (`Store::revoke_host`,
-//! `Store::revoke_certificate`) is refused on every call.
+//! `Store::revoke_credential`) is refused on every call, also on a connection opened before it
+//! was revoked: the list is read per call, not per connection. The refusal is the explicit
+//! revoked answer of `fleet_proto::refusal` (`UNAUTHENTICATED` with a `Refusal` detail, and
+//! whether to purge), the only refusal an agent ends on. Every call of an operator or CI
+//! credential is noted in memory for `credentials list`'s last use.
 //!
 //! The fleet CA and the identity in a certificate are `fleet_pki`'s (shared with fleetctl and
 //! the agent). Here:
@@ -63,18 +67,32 @@ fn identity_of<T>(fleet: &FleetState, request: &Request<T>) -> Result<Identity, 
     };
     let identity =
         Identity::from_der(leaf.as_ref()).map_err(|e| Status::unauthenticated(unreadable(e)))?;
-    match fleet.is_revoked(&identity.serial) {
-        Ok(false) => Ok(identity),
-        Ok(true) => Err(Status::unauthenticated(revoked(&identity))),
+    match fleet.revocation(&identity.serial) {
+        Ok(None) => {
+            fleet.note_credential_use(&identity);
+            Ok(identity)
+        }
+        Ok(Some(revocation)) => Err(fleet_proto::refusal::revoked_status(
+            revoked(&identity),
+            revocation.purge,
+        )),
         Err(e) => Err(store_status(e)),
     }
 }
 
-fn revoked(identity: &Identity) -> String {
-    format!(
-        "the certificate of `{}` (serial {}) was revoked: ask an admin for a new credential, or join the host again",
-        identity.name, identity.serial
-    )
+/// Why a revoked certificate is refused, and what to do.
+pub fn revoked(identity: &Identity) -> String {
+    if identity.role == Role::Agent {
+        format!(
+            "the certificate of host `{}` (serial {}) was revoked: the host was removed with `fleetctl remove`; to bring it back, join it again with a new token",
+            identity.name, identity.serial
+        )
+    } else {
+        format!(
+            "the certificate of `{}` (serial {}) was revoked: ask an admin for a new credential (`fleetctl credentials create`)",
+            identity.name, identity.serial
+        )
+    }
 }
 
 fn unreadable(e: impl std::fmt::Display) -> String {
@@ -91,9 +109,14 @@ pub fn classify(fleet: &FleetState, der: &[u8]) -> crate::edge::Caller {
         Ok(identity) => identity,
         Err(e) => return Caller::Refused(unreadable(e)),
     };
-    match fleet.is_revoked(&identity.serial) {
-        Ok(false) => {}
-        Ok(true) => return Caller::Refused(revoked(&identity)),
+    match fleet.revocation(&identity.serial) {
+        Ok(None) => {}
+        Ok(Some(revocation)) => {
+            return Caller::Revoked {
+                why: revoked(&identity),
+                purge: revocation.purge,
+            }
+        }
         // Fail closed: nothing is let through unchecked.
         Err(e) => {
             tracing::error!("{e}");
@@ -105,6 +128,7 @@ pub fn classify(fleet: &FleetState, der: &[u8]) -> crate::edge::Caller {
     if identity.role == Role::Agent {
         Caller::Agent(identity)
     } else {
+        fleet.note_credential_use(&identity);
         Caller::Client(identity)
     }
 }

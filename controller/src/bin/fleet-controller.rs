@@ -1,7 +1,9 @@
 //! `fleet-controller --config DIR/controller.toml`: parses flags, sets up logging, and runs
-//! the controller until SIGTERM or SIGINT. Two subcommands work beside it on the same host:
-//! `backup` (a consistent copy of the running controller's store, CA and artifacts) and
-//! `restore` (an empty data directory filled from such a copy); see `fleet_controller::backup`.
+//! the controller until SIGTERM or SIGINT. Three subcommands work beside it on the same host:
+//! `backup` (a consistent copy of the running controller's store, CA and artifacts),
+//! `restore` (an empty data directory filled from such a copy; see `fleet_controller::backup`)
+//! and `issue-admin` (a break-glass admin credential made with the CA key; see
+//! `fleet_controller::break_glass`).
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
@@ -56,6 +58,21 @@ enum Command {
         #[arg(long)]
         config_dir: Option<PathBuf>,
     },
+    /// Makes a new admin credential with the CA key, when every admin credential is lost,
+    /// expired or revoked (break glass; recorded as an event). Run it on the controller's host.
+    ///
+    /// Example: fleet-controller issue-admin --config /etc/fleet/controller.toml --out ./admin
+    IssueAdmin {
+        /// The controller.toml that names the CA and its key.
+        #[arg(long)]
+        config: PathBuf,
+        /// The directory to write client.key, client.pem, ca.pem and client.toml into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The credential's name, shown by `fleetctl credentials list`.
+        #[arg(long, default_value = "break-glass")]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +95,7 @@ fn main() -> ExitCode {
             data_dir,
             config_dir,
         }) => restore(&from, &data_dir, config_dir.as_deref()),
+        Some(Command::IssueAdmin { config, out, name }) => issue_admin(&config, &out, &name),
         None => run(&flags.config.expect("clap requires --config")),
     }
 }
@@ -170,6 +188,32 @@ fn restore(
         Err(e) => {
             eprintln!("fleet-controller: restore failed: {e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn issue_admin(config: &std::path::Path, out: &std::path::Path, name: &str) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match fleet_controller::break_glass::issue_admin(&config, out, name) {
+        Ok(issued) => {
+            println!(
+                "wrote admin credential `{}` (certificate {}) to {}: use it with fleetctl --config-dir {}",
+                issued.name,
+                issued.serial,
+                issued.dir.display(),
+                issued.dir.display()
+            );
+            if !issued.recorded {
+                println!("the controller records it, with an event, at its first use");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet-controller: {e}");
+            ExitCode::from(2)
         }
     }
 }
