@@ -62,7 +62,12 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             }
             return Ok(EXIT_OK);
         }
-        Command::Demo(demo_args) => return demo::run(demo_args.hosts).await,
+        Command::Demo(demo_args) => {
+            if let Some(dir) = &demo_args.stop {
+                return demo::stop(dir);
+            }
+            return demo::run(demo_args.hosts, demo_args.keep).await;
+        }
         _ => {}
     }
 
@@ -93,6 +98,9 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
                 &secrets,
             )
             .await?;
+        }
+        Command::Release(ReleaseCommand::Prune(prune)) => {
+            commands::release_prune(&ctx, &prune.app, prune.keep).await?
         }
         Command::Releases { app } => commands::releases(&ctx, &app).await?,
         Command::Deployments { app } => commands::deployments(&ctx, app.as_deref()).await?,
