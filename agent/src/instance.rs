@@ -821,7 +821,10 @@ mod tests {
         // The agent that started it goes away without stopping it.
         started.detach();
         drop(started);
-        assert!(has_token(pid, &saved.token), "a detached instance keeps running");
+        assert!(
+            has_token(pid, &saved.token),
+            "a detached instance keeps running"
+        );
 
         let mut wrong = saved.clone();
         wrong.token = "0".repeat(32);
