@@ -537,7 +537,10 @@ fn print_keep_hints(dir: &Path, pids: &[u32]) {
         ("hosts", "the hosts and what they run"),
         ("drain demo-1", "stop demo-1's app and keep releases off it"),
         ("undrain demo-1", "bring it back"),
-        ("rollback web", "back to 1.0.0, canary first"),
+        (
+            "rollback web",
+            "back to the release it ran before, canary first",
+        ),
     ] {
         println!("  fleetctl {command} {config}    # {what}");
     }
