@@ -233,6 +233,19 @@ impl ArtifactStore {
         Ok(stored)
     }
 
+    /// Deletes the artifact with `digest` (once no release uses it); one that is not there is
+    /// fine.
+    pub fn delete(&self, digest: &str) -> Result<(), ArtifactStoreError> {
+        let Some(path) = self.path_of(digest) else {
+            return Ok(());
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
     /// Where the artifact with `digest` lives, or None when the digest is malformed.
     pub fn path_of(&self, digest: &str) -> Option<PathBuf> {
         if !artifact::check_digest(digest) {

@@ -51,6 +51,10 @@ pub struct ControllerFile {
     /// decompression bomb is refused at upload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_compression_ratio: Option<u64>,
+    /// How many events the event log keeps (default 10000); older ones are deleted in batches
+    /// as new ones are written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_events: Option<u64>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -70,6 +74,8 @@ pub struct ControllerConfig {
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
     pub uploads: UploadLimits,
+    /// How many events the event log keeps (`max_events`).
+    pub max_events: u64,
     pub tls: TlsPaths,
 }
 
@@ -170,7 +176,14 @@ impl ControllerConfig {
                 "max_compression_ratio must be between 1 and 100000, like 200 for 200:1".into(),
             ));
         }
+        let max_events = file.max_events.unwrap_or(crate::store::DEFAULT_MAX_EVENTS);
+        if !(100..=100_000_000).contains(&max_events) {
+            return Err(invalid(
+                "max_events must be between 100 and 100000000, like 10000".into(),
+            ));
+        }
         Ok(ControllerConfig {
+            max_events,
             listen,
             data_dir,
             addr_file: base.join(ADDR_FILE),
@@ -229,5 +242,25 @@ mod tests {
         let config = ControllerConfig::load(&path).unwrap();
         assert_eq!(config.tls.ca, dir.path().join("ca.pem"));
         assert_eq!(config.tls.key, dir.path().join("controller.key"));
+        assert_eq!(config.max_events, crate::store::DEFAULT_MAX_EVENTS);
+    }
+
+    #[test]
+    fn max_events_is_read_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        let tls = "ca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        let write = |max_events: &str| {
+            std::fs::write(
+                &path,
+                format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nmax_events = {max_events}\n{tls}"),
+            )
+            .unwrap();
+        };
+        write("500");
+        assert_eq!(ControllerConfig::load(&path).unwrap().max_events, 500);
+        write("0");
+        let error = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("max_events must be between 100"), "{error}");
     }
 }

@@ -253,6 +253,36 @@ impl FleetState {
         self.write(move |store| store.insert_release(&record)).await
     }
 
+    /// Deletes old releases of `app` (see [`Store::prune_releases`]), counting the versions its
+    /// agents report as in use; under the host lock, so no desired state changes meanwhile.
+    pub async fn prune_releases(
+        &self,
+        app: &str,
+        keep: usize,
+    ) -> Result<crate::store::PruneOutcome, StoreError> {
+        let lock = self.lock_hosts().await;
+        let running: BTreeMap<String, String> = self
+            .live()
+            .hosts
+            .iter()
+            .filter_map(|(name, host)| {
+                let instance = host.instances.get(app)?;
+                let gone = matches!(
+                    instance.state,
+                    InstanceState::Stopped | InstanceState::Failed
+                );
+                (!gone).then(|| (name.clone(), instance.version.clone()))
+            })
+            .collect();
+        let app = app.to_string();
+        let (outcome, _lock) = self
+            .write_holding(lock, move |store| {
+                store.prune_releases(&app, keep, &running)
+            })
+            .await?;
+        Ok(outcome)
+    }
+
     pub fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
         self.store.get_rollout(id)
     }

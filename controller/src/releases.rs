@@ -240,6 +240,79 @@ pub async fn create(
     }
 }
 
+/// One release [`prune`] removed, and what became of its artifact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removed {
+    pub record: ReleaseRecord,
+    /// Deleted with it: no other release uses the same digest.
+    pub artifact_deleted: bool,
+}
+
+/// What [`prune`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pruned {
+    pub removed: Vec<Removed>,
+    /// The releases that stay, oldest first, each with why.
+    pub kept: Vec<(ReleaseRecord, String)>,
+}
+
+/// `fleetctl release prune APP --keep N` by `actor`: deletes all but the newest `keep`
+/// releases of `app`, never one in use (see [`crate::prune`]), then the artifacts no release
+/// shares any more. An artifact is deleted only after its last release is gone from the store,
+/// so a crash in between leaves a file without a release, never a release without its file.
+pub async fn prune(
+    fleet: &FleetState,
+    app: &str,
+    keep: u32,
+    actor: &str,
+) -> Result<Pruned, ReleaseError> {
+    names::check_app(app).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+    if keep == 0 {
+        return Err(ReleaseError::Invalid(
+            "--keep 0 would delete every release of the app: keep at least 1 (the release a rollback goes back to is kept anyway while a host runs it)".into(),
+        ));
+    }
+    let outcome = fleet.prune_releases(app, keep as usize).await?;
+    let mut removed = Vec::new();
+    for record in outcome.plan.removed {
+        let artifact_deleted = outcome.orphaned_digests.contains(&record.artifact_digest);
+        removed.push(Removed {
+            record,
+            artifact_deleted,
+        });
+    }
+    let artifacts = fleet.artifacts().clone();
+    let orphaned = outcome.orphaned_digests.clone();
+    tokio::task::spawn_blocking(move || {
+        orphaned
+            .iter()
+            .try_for_each(|digest| artifacts.delete(digest))
+    })
+    .await
+    .map_err(|e| ReleaseError::Internal(format!("deleting artifacts crashed: {e}")))??;
+    if !removed.is_empty() {
+        let versions: Vec<&str> = removed.iter().map(|r| r.record.version.as_str()).collect();
+        fleet
+            .event(
+                actor,
+                "release.pruned",
+                app,
+                "",
+                format!(
+                    "{} release(s) of {app} pruned by {actor}: {}; {} artifact(s) deleted",
+                    removed.len(),
+                    versions.join(", "),
+                    outcome.orphaned_digests.len()
+                ),
+            )
+            .await;
+    }
+    Ok(Pruned {
+        removed,
+        kept: outcome.plan.kept,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,12 +48,14 @@ pub async fn run(
                 )
             })?;
     }
-    let store = Store::open(&config.data_dir).with_context(|| {
-        format!(
-            "cannot open the store in {} (is another fleet-controller using it?)",
-            config.data_dir.display()
-        )
-    })?;
+    let store = Store::open(&config.data_dir)
+        .with_context(|| {
+            format!(
+                "cannot open the store in {} (is another fleet-controller using it?)",
+                config.data_dir.display()
+            )
+        })?
+        .with_max_events(config.max_events);
     let artifacts = ArtifactStore::open(&config.data_dir, config.uploads)?;
     let (tls, authority) = load_tls(&config.tls)?;
     let authority = Arc::new(authority);

@@ -22,6 +22,7 @@ use crate::model::{
 };
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 use thiserror::Error;
 
@@ -138,6 +139,20 @@ pub enum ReleaseInsert {
 #[derive(Clone)]
 pub struct Store {
     db: std::sync::Arc<Database>,
+    /// How many events the log keeps at least (`max_events` in controller.toml); older ones
+    /// are deleted in batches as new ones are written.
+    max_events: u64,
+}
+
+/// How many events the log keeps by default.
+pub const DEFAULT_MAX_EVENTS: u64 = 10_000;
+
+/// What `prune_releases` did: the plan, and the artifacts no release uses any more.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PruneOutcome {
+    pub plan: crate::prune::PrunePlan,
+    /// Digests of removed releases that no remaining release (of any app) shares.
+    pub orphaned_digests: Vec<String>,
 }
 
 /// A join token as stored: only its hash, when it expires, and whether it was spent.
@@ -295,7 +310,14 @@ impl Store {
         txn.commit().map_err(db_err)?;
         Ok(Store {
             db: std::sync::Arc::new(db),
+            max_events: DEFAULT_MAX_EVENTS,
         })
+    }
+
+    /// The same store, keeping at least `max_events` events (at least 1).
+    pub fn with_max_events(mut self, max_events: u64) -> Store {
+        self.max_events = max_events.max(1);
+        self
     }
 
     fn get<T: DeserializeOwned>(
@@ -519,13 +541,23 @@ impl Store {
         Ok(next)
     }
 
-    /// Appends an event, numbering it; returns it with its number.
+    /// Appends an event, numbering it; returns it with its number. Once the log holds a tenth
+    /// more than `max_events`, the oldest are deleted in the same transaction down to
+    /// `max_events`, so the cost of trimming is spread over many writes.
     pub fn append_event(&self, mut event: EventRecord) -> Result<EventRecord, StoreError> {
+        let max_events = self.max_events;
         self.write(|txn| {
             let mut table = txn.open_table(EVENTS)?;
             let last = table.last()?.map(|(k, _)| k.value()).unwrap_or(0);
             event.seq = last + 1;
             table.insert(event.seq, encode(&event).as_slice())?;
+            // Numbers are consecutive, so the first and the last say how many there are.
+            let first = table.first()?.map(|(k, _)| k.value()).unwrap_or(event.seq);
+            let n_events = event.seq - first + 1;
+            if n_events > max_events + trim_batch(max_events) {
+                let keep_from = event.seq - max_events + 1;
+                table.retain_in(..keep_from, |_, _| false)?;
+            }
             Ok(())
         })?;
         Ok(event)
@@ -1037,6 +1069,72 @@ impl Store {
         Ok(store)
     }
 
+    /// Deletes the releases of `app` that [`crate::prune::plan`] lets go: all but the newest
+    /// `keep`, never one a standing deployment, a host's desired state or a rollout under way
+    /// (its release, or one it may roll back to) uses, nor one `running` names (host -> the
+    /// version its agent reports running). Reading what uses them and deleting are one
+    /// transaction, so no write in between can start using a release that goes.
+    pub fn prune_releases(
+        &self,
+        app: &str,
+        keep: usize,
+        running: &BTreeMap<String, String>,
+    ) -> Result<PruneOutcome, StoreError> {
+        let mut outcome = None;
+        self.write(|txn| {
+            fn all_in<T: DeserializeOwned>(
+                table: &impl ReadableTable<&'static str, &'static [u8]>,
+            ) -> Result<Vec<T>, StoreError> {
+                let mut out = Vec::new();
+                for item in table.iter()? {
+                    let (key, value) = item?;
+                    out.push(decode(key.value(), value.value())?);
+                }
+                Ok(out)
+            }
+            let hosts: Vec<HostRecord> = all_in(&txn.open_table(HOSTS)?)?;
+            let deployments: Vec<DeploymentRecord> = all_in(&txn.open_table(DEPLOYMENTS)?)?;
+            let rollouts: Vec<RolloutRecord> = all_in(&txn.open_table(ROLLOUTS)?)?;
+            let mut table = txn.open_table(RELEASES)?;
+            let every_release: Vec<ReleaseRecord> = all_in(&table)?;
+            let mut releases: Vec<ReleaseRecord> = every_release
+                .iter()
+                .filter(|r| r.app == app)
+                .cloned()
+                .collect();
+            releases.sort_by_key(|r| r.created_unix_ms);
+            let in_use = crate::prune::uses(app, &deployments, &hosts, &rollouts, running);
+            let plan = crate::prune::plan(releases, keep, &in_use);
+            for release in &plan.removed {
+                table.remove(release_key(&release.app, &release.version).as_str())?;
+            }
+            let still_used: std::collections::BTreeSet<&str> = every_release
+                .iter()
+                .filter(|r| {
+                    !plan
+                        .removed
+                        .iter()
+                        .any(|gone| gone.app == r.app && gone.version == r.version)
+                })
+                .map(|r| r.artifact_digest.as_str())
+                .collect();
+            let mut orphaned_digests: Vec<String> = plan
+                .removed
+                .iter()
+                .map(|r| r.artifact_digest.clone())
+                .filter(|digest| !still_used.contains(digest.as_str()))
+                .collect();
+            orphaned_digests.sort();
+            orphaned_digests.dedup();
+            outcome = Some(PruneOutcome {
+                plan,
+                orphaned_digests,
+            });
+            Ok(())
+        })?;
+        Ok(outcome.expect("the write ran"))
+    }
+
     fn write(
         &self,
         body: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
@@ -1103,6 +1201,12 @@ pub fn revocation_refusal(
         return Some(CredentialRevocation::LastAdmin);
     }
     None
+}
+
+/// How many events beyond `max_events` the log may hold before the oldest are trimmed: a
+/// tenth, at least 1.
+fn trim_batch(max_events: u64) -> u64 {
+    (max_events / 10).max(1)
 }
 
 /// Whether a join token admits host `name` with the key `key_sha256` now: `Ok(false)` to
@@ -1178,6 +1282,126 @@ mod tests {
             secrets: Default::default(),
             secrets_sha256: String::new(),
         }
+    }
+
+    fn event(n: u64) -> EventRecord {
+        EventRecord {
+            seq: 0,
+            unix_ms: n as i64,
+            actor: "test".into(),
+            kind: "test".into(),
+            app: String::new(),
+            host: String::new(),
+            message: format!("event {n}"),
+        }
+    }
+
+    #[test]
+    fn the_event_log_keeps_the_newest_max_events_trimmed_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap().with_max_events(20);
+        // Up to max_events plus a tenth, nothing goes.
+        for n in 1..=22 {
+            assert_eq!(store.append_event(event(n)).unwrap().seq, n);
+        }
+        assert_eq!(store.recent_events(1000).unwrap().len(), 22);
+        // The next write trims to the newest 20, numbers unchanged.
+        store.append_event(event(23)).unwrap();
+        let events = store.recent_events(1000).unwrap();
+        assert_eq!(events.len(), 20);
+        assert_eq!(events.first().unwrap().seq, 4);
+        assert_eq!(events.last().unwrap().message, "event 23");
+        for n in 24..=100 {
+            store.append_event(event(n)).unwrap();
+        }
+        let events = store.recent_events(1000).unwrap();
+        assert!((20..=22).contains(&events.len()), "{}", events.len());
+        assert_eq!(events.last().unwrap().seq, 100);
+        // Numbering goes on after a reopen with the default retention.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.append_event(event(101)).unwrap().seq, 101);
+    }
+
+    #[test]
+    fn prune_deletes_old_unused_releases_and_names_the_artifacts_no_one_shares() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // 1.0 and 1.1 share an artifact (other config); 1.2 is desired on h1; 1.3 runs on h2.
+        for (idx, (version, digest)) in [
+            ("1.0", "sha256:a"),
+            ("1.1", "sha256:a"),
+            ("1.2", "sha256:b"),
+            ("1.3", "sha256:c"),
+            ("1.4", "sha256:d"),
+            ("1.5", "sha256:e"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut record = release(version, digest);
+            record.created_unix_ms = idx as i64;
+            store.insert_release(&record).unwrap();
+        }
+        let mut other_app = release("9.9", "sha256:d");
+        other_app.app = "api".into();
+        store.insert_release(&other_app).unwrap();
+        let host = HostRecord {
+            name: "h1".into(),
+            labels: BTreeMap::new(),
+            advertise_addr: "127.0.0.2".into(),
+            registered_unix_ms: 0,
+            last_seen_unix_ms: 0,
+            desired: BTreeMap::from([(
+                "web".to_string(),
+                crate::model::Desired {
+                    version: "1.2".into(),
+                    rollout_id: "r1".into(),
+                    generation: 1,
+                    smoke_timeout_ms: 0,
+                    run_release_hook: false,
+                    min_healthy_ms: None,
+                    deployment: None,
+                },
+            )]),
+            drain: None,
+            agent: Default::default(),
+        };
+        store.put_host(&host).unwrap();
+        let running = BTreeMap::from([("h2".to_string(), "1.3".to_string())]);
+
+        let outcome = store.prune_releases("web", 1, &running).unwrap();
+        let removed: Vec<&str> = outcome
+            .plan
+            .removed
+            .iter()
+            .map(|r| r.version.as_str())
+            .collect();
+        assert_eq!(removed, ["1.0", "1.1", "1.4"]);
+        let kept: Vec<String> = outcome
+            .plan
+            .kept
+            .iter()
+            .map(|(r, why)| format!("{}: {why}", r.version))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "1.2: in use: desired on h1",
+                "1.3: in use: running on h2",
+                "1.5: one of the newest 1"
+            ]
+        );
+        // sha256:d is still the artifact of api@9.9.
+        assert_eq!(outcome.orphaned_digests, ["sha256:a"]);
+        let left: Vec<String> = store
+            .list_releases("web")
+            .unwrap()
+            .into_iter()
+            .map(|r| r.version)
+            .collect();
+        assert_eq!(left, ["1.2", "1.3", "1.5"]);
+        assert_eq!(store.list_releases("api").unwrap().len(), 1);
     }
 
     #[test]

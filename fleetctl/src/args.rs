@@ -3,8 +3,8 @@
 
 use crate::parse::{
     parse_app, parse_batch, parse_controller_urls, parse_duration_arg, parse_env_pair, parse_host,
-    parse_join_token_ttl, parse_label_change, parse_max_unavailable, parse_min_healthy_arg,
-    parse_selector, parse_version, ControllerUrls, LabelChanges, Selector,
+    parse_join_token_ttl, parse_keep, parse_label_change, parse_max_unavailable,
+    parse_min_healthy_arg, parse_selector, parse_version, ControllerUrls, LabelChanges, Selector,
 };
 use crate::ssh::install::DEFAULT_REMOTE_DIR;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -42,24 +42,33 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write controller.toml and client.toml for a new controller
+    #[command(after_help = "Example:\n  fleetctl init --dir /var/lib/fleet --listen 0.0.0.0:7700")]
     Init(InitArgs),
-    /// Create releases
-    #[command(subcommand)]
+    /// Create releases, or prune old ones
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  fleetctl release create web 1.4.2 web.tar.gz --env LOG_LEVEL=info\n  fleetctl release prune web --keep 5"
+    )]
     Release(ReleaseCommand),
     /// List the releases of an app
+    #[command(after_help = "Example:\n  fleetctl releases web")]
     Releases {
+        /// The app whose releases to list
         #[arg(value_parser = parse_app)]
         app: String,
     },
     /// List the hosts and what they run
+    #[command(after_help = "Example:\n  fleetctl hosts --output json")]
     Hosts,
     /// What runs where, since when, and the rollouts in progress
+    #[command(after_help = "Examples:\n  fleetctl status\n  fleetctl status web")]
     Status {
         /// Only this app
         #[arg(value_parser = parse_app)]
         app: Option<String>,
     },
     /// The standing deployments (app, selector -> release), their hosts and drift
+    #[command(after_help = "Example:\n  fleetctl deployments web")]
     Deployments {
         /// Only this app
         #[arg(value_parser = parse_app)]
@@ -68,7 +77,9 @@ pub enum Command {
     /// The rollouts of an app, newest first, with each host's result, and each host that
     /// converged on its own between them (joined, undrained, back from lost, relabeled,
     /// replaced)
+    #[command(after_help = "Example:\n  fleetctl history web --limit 5")]
     History {
+        /// The app whose history to show
         #[arg(value_parser = parse_app)]
         app: String,
         /// At most this many rollouts and this many convergences (0: the controller's default)
@@ -76,6 +87,9 @@ pub enum Command {
         limit: u32,
     },
     /// The event log: every change and who made it
+    #[command(
+        after_help = "Examples:\n  fleetctl events --limit 50\n  fleetctl events --follow --output json"
+    )]
     Events {
         /// Keep printing new events as they happen (Ctrl-C stops)
         #[arg(long)]
@@ -85,11 +99,19 @@ pub enum Command {
         limit: u32,
     },
     /// Roll a release out wave by wave, or act on a running rollout
+    #[command(
+        after_help = "Examples:\n  fleetctl rollout web 1.4.2 --selector env=prod --canary 1 --batch 25%\n  fleetctl rollout web 1.4.2 --pause-after-canary 10m --detach\n  fleetctl rollout status r7"
+    )]
     Rollout(RolloutArgs),
     /// Roll an app back to the release it ran before (or to --to VERSION)
+    #[command(
+        after_help = "Examples:\n  fleetctl rollback web\n  fleetctl rollback web --to 1.4.1 --selector env=prod"
+    )]
     Rollback(RollbackArgs),
     /// Stop a host's instances gracefully and keep new releases off it
+    #[command(after_help = "Example:\n  fleetctl drain web-1 --deadline 2m")]
     Drain {
+        /// The host to drain
         #[arg(value_parser = parse_host)]
         host: String,
         /// Give up waiting after this long, e.g. 2m [default: 5m]
@@ -97,13 +119,17 @@ pub enum Command {
         deadline: Option<Duration>,
     },
     /// Bring a drained host back to its releases
+    #[command(after_help = "Example:\n  fleetctl undrain web-1")]
     Undrain {
+        /// The drained host
         #[arg(value_parser = parse_host)]
         host: String,
     },
     /// Set (k=v) or remove (k-) labels of a host, e.g. `label web-1 zone=b,tier-`; the only
     /// way a host's labels change after it joined
+    #[command(after_help = "Example:\n  fleetctl label web-1 zone=b,tier-")]
     Label {
+        /// The host whose labels change
         #[arg(value_parser = parse_host)]
         host: String,
         /// k=v to set, k- to remove; comma-separated or several arguments
@@ -111,8 +137,10 @@ pub enum Command {
         changes: Vec<LabelChanges>,
     },
     /// Drain a host, revoke its credential and forget it; its agent stops its instances and
-    /// itself, and disables its unit, e.g. `remove web-1 --purge`
+    /// itself, and disables its unit
+    #[command(after_help = "Examples:\n  fleetctl remove web-3\n  fleetctl remove web-3 --purge")]
     Remove {
+        /// The host to remove
         #[arg(value_parser = parse_host)]
         host: String,
         /// Also have the agent wipe the host's releases, secrets and state directories
@@ -120,8 +148,14 @@ pub enum Command {
         purge: bool,
     },
     /// Install and start the agent on fresh hosts over SSH, and wait until they registered
+    #[command(
+        after_help = "Examples:\n  fleetctl bootstrap ssh://root@web-1 ssh://root@web-2 --labels env=prod\n  fleetctl bootstrap --targets hosts.txt --known-hosts ./known_hosts"
+    )]
     Bootstrap(BootstrapArgs),
     /// Bring a new host in (over SSH) with every release OLD runs, then drain and remove OLD
+    #[command(
+        after_help = "Example:\n  fleetctl replace web-1 --with ssh://root@10.0.0.12 --name web-5 --labels env=prod"
+    )]
     Replace(ReplaceArgs),
     /// Install a new agent binary on the fleet's hosts over SSH, one host first, then wave by
     /// wave; the apps keep running (the new agent adopts them)
@@ -130,14 +164,23 @@ pub enum Command {
     )]
     UpgradeAgents(UpgradeAgentsArgs),
     /// One-time tokens a new host joins the fleet with
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  fleetctl join-token create --ttl 1h --labels env=prod"
+    )]
     JoinToken(JoinTokenCommand),
     /// Client credentials (certificates with a role) for operators and CI
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  fleetctl credentials create ci --role deployer --out ./ci-credential"
+    )]
     Credentials(CredentialsCommand),
     /// Start a whole local fleet (a controller and N hosts) on this machine, deploy the example
     /// web app to it, and clean everything up again (text output only: --output json is
     /// refused)
+    #[command(
+        after_help = "Examples:\n  fleetctl demo\n  fleetctl demo --hosts 5 --keep\n  fleetctl demo --stop /tmp/fleet-demo-AbC123"
+    )]
     Demo(DemoArgs),
 }
 
@@ -161,13 +204,32 @@ pub struct InitArgs {
 #[derive(Debug, Subcommand)]
 pub enum ReleaseCommand {
     /// Upload an artifact (.tar.gz with fleet.toml at its root) as APP@VERSION
+    #[command(
+        after_help = "Example:\n  fleetctl release create web 1.4.2 web.tar.gz --env LOG_LEVEL=info --secret-file DB_PASSWORD=./db-password"
+    )]
     Create(ReleaseCreateArgs),
+    /// Delete old releases of an app on the controller, with their artifacts when no other
+    /// release shares them; never the newest N, nor one a deployment or a host still uses
+    #[command(after_help = "Example:\n  fleetctl release prune web --keep 5")]
+    Prune(ReleasePruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReleasePruneArgs {
+    /// The app whose old releases to delete
+    #[arg(value_parser = parse_app)]
+    pub app: String,
+    /// How many of the newest releases to keep, at least 1
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    pub keep: u32,
 }
 
 #[derive(Debug, Args)]
 pub struct ReleaseCreateArgs {
+    /// The app, e.g. web (lowercase letters, digits and '-')
     #[arg(value_parser = parse_app)]
     pub app: String,
+    /// The release's version, e.g. 1.4.2; once created it always means the same bytes and config
     #[arg(value_parser = parse_version)]
     pub version: String,
     /// The artifact file
@@ -235,18 +297,35 @@ pub struct RolloutArgs {
 #[derive(Debug, Subcommand)]
 pub enum RolloutAction {
     /// Show a rollout's state and each host's result
-    Status { rollout_id: String },
+    #[command(after_help = "Example:\n  fleetctl rollout status r7")]
+    Status {
+        /// The rollout's id, e.g. r7 (`fleetctl history APP` lists them)
+        rollout_id: String,
+    },
     /// Stop widening a rollout after the current wave
-    Pause { rollout_id: String },
+    #[command(after_help = "Example:\n  fleetctl rollout pause r7")]
+    Pause {
+        /// The rollout's id, e.g. r7
+        rollout_id: String,
+    },
     /// Continue a paused rollout
-    Resume { rollout_id: String },
+    #[command(after_help = "Example:\n  fleetctl rollout resume r7")]
+    Resume {
+        /// The rollout's id, e.g. r7
+        rollout_id: String,
+    },
     /// Stop a rollout where it stands: hosts keep the release they run now (also those the
     /// rollout already moved); take them back with `fleetctl rollback APP`
-    Abort { rollout_id: String },
+    #[command(after_help = "Example:\n  fleetctl rollout abort r7")]
+    Abort {
+        /// The rollout's id, e.g. r7
+        rollout_id: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct RollbackArgs {
+    /// The app to roll back
     #[arg(value_parser = parse_app)]
     pub app: String,
     /// Roll back to this version instead of the one that ran before
@@ -265,6 +344,12 @@ pub struct DemoArgs {
     /// How many hosts (agents) to start, 1 to 20
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub hosts: u32,
+    /// Leave the fleet running at the end and print the commands to try on it
+    #[arg(long)]
+    pub keep: bool,
+    /// Stop what `demo --keep` left running in DIR (the pids it started) and remove DIR
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["hosts", "keep"])]
+    pub stop: Option<PathBuf>,
 }
 
 /// The flags `bootstrap` and `replace` share.
@@ -354,6 +439,9 @@ pub struct ReplaceArgs {
 #[derive(Debug, Subcommand)]
 pub enum JoinTokenCommand {
     /// Create a one-time token a new host joins with (`fleet-agent --join-token TOKEN`)
+    #[command(
+        after_help = "Example:\n  fleetctl join-token create --ttl 30m --labels env=prod,zone=a"
+    )]
     Create(JoinTokenCreateArgs),
 }
 
@@ -371,11 +459,16 @@ pub struct JoinTokenCreateArgs {
 #[derive(Debug, Subcommand)]
 pub enum CredentialsCommand {
     /// Create a client credential (key, certificate, CA, client.toml) usable with --config-dir
+    #[command(
+        after_help = "Example:\n  fleetctl credentials create ci --role deployer --out ./ci-credential"
+    )]
     Create(CredentialsCreateArgs),
     /// List the operator and CI credentials: name, role, expiry, last use, revoked or not
+    #[command(after_help = "Example:\n  fleetctl credentials list")]
     List,
     /// Revoke a credential by name, e.g. `credentials revoke ci`: refused from its next call
     /// on, also on connections already open (never the last admin credential)
+    #[command(after_help = "Example:\n  fleetctl credentials revoke ci")]
     Revoke {
         /// The credential's name, as `credentials list` shows it
         #[arg(value_parser = parse_app)]
@@ -411,6 +504,32 @@ impl CredentialRole {
     }
 }
 
+/// The global flags a verb ignores, hidden from its help: `init` writes the config dir and
+/// dials no controller; `demo` makes a fleet of its own in a temporary directory.
+const IGNORED_GLOBAL_FLAGS: &[(&str, &[&str])] = &[
+    ("init", &["controller"]),
+    ("demo", &["config_dir", "controller"]),
+];
+
+/// fleetctl's clap command, as `main` parses with it: [`Cli`] with the global flags a verb
+/// ignores hidden from that verb's help. A verb that has an argument of a global flag's id is
+/// not given the global one, so each such verb gets a hidden copy of it.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    for (verb, flags) in IGNORED_GLOBAL_FLAGS {
+        let hidden: Vec<clap::Arg> = flags
+            .iter()
+            .filter_map(|flag| {
+                let arg = command.get_arguments().find(|arg| arg.get_id() == *flag)?;
+                Some(arg.clone().hide(true))
+            })
+            .collect();
+        command = command.mut_subcommand(verb, |subcommand| subcommand.args(hidden));
+    }
+    command
+}
+
 /// `--output text|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
@@ -428,6 +547,81 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    /// Every verb and sub-verb, with its path (`fleetctl rollout status`).
+    fn every_verb(command: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
+        for subcommand in command.get_subcommands() {
+            if subcommand.get_name() == "help" {
+                continue;
+            }
+            let sub_path = format!("{path} {}", subcommand.get_name());
+            out.push((sub_path.clone(), subcommand.clone()));
+            every_verb(subcommand, &sub_path, out);
+        }
+    }
+
+    #[test]
+    fn every_verb_has_an_example_and_every_argument_a_description() {
+        let mut command = command();
+        // Built, as for parsing: the global flags are then on every verb.
+        command.build();
+        let mut verbs = Vec::new();
+        every_verb(&command, "fleetctl", &mut verbs);
+        assert!(verbs.len() > 20, "{} verbs", verbs.len());
+        let mut problems = Vec::new();
+        for (path, mut verb) in verbs {
+            let help = verb.render_long_help().to_string();
+            let example = help
+                .split_once("Example")
+                .map(|(_, rest)| rest.to_string())
+                .unwrap_or_default();
+            let verb_words = path.trim_start_matches("fleetctl ");
+            if !example.contains(&format!("fleetctl {verb_words}")) {
+                problems.push(format!("`{path} --help` shows no example of `{path}`"));
+            }
+            if verb.get_about().is_none() {
+                problems.push(format!("`{path}` has no description"));
+            }
+            for arg in verb.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    problems.push(format!("`{path}`: argument {id} has no help text"));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn verbs_do_not_show_global_flags_they_ignore() {
+        let mut command = command();
+        command.build();
+        let demo_help = command
+            .find_subcommand_mut("demo")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(!demo_help.contains("--config-dir"), "{demo_help}");
+        assert!(!demo_help.contains("--controller"), "{demo_help}");
+        let init_help = command
+            .find_subcommand_mut("init")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(!init_help.contains("--controller"), "{init_help}");
+        let status_help = command
+            .find_subcommand_mut("status")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for flag in ["--config-dir", "--controller", "--output"] {
+            assert!(status_help.contains(flag), "{flag}: {status_help}");
+        }
     }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -526,5 +720,14 @@ mod tests {
         assert!(parse(&["release", "create", "web", "1", "x", "--env", "1=x"]).is_err());
         assert!(parse(&["rollback", "web", "--to", "1.0.0", "--detach"]).is_ok());
         assert!(parse(&["events", "--follow", "--limit", "10"]).is_ok());
+        let cli = parse(&["release", "prune", "web", "--keep", "3"]).unwrap();
+        let Command::Release(ReleaseCommand::Prune(prune)) = cli.command else {
+            panic!("not release prune")
+        };
+        assert_eq!((prune.app.as_str(), prune.keep), ("web", 3));
+        let error = parse(&["release", "prune", "web", "--keep", "0"]).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        assert!(error.to_string().contains("keep at least 1"), "{error}");
+        assert!(parse(&["release", "prune", "web"]).is_err());
     }
 }

@@ -261,6 +261,45 @@ pub async fn releases(ctx: &Context, app: &str) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `fleetctl release prune APP --keep N`: prints what went and what stayed, and why.
+pub async fn release_prune(ctx: &Context, app: &str, keep: u32) -> Result<(), CliError> {
+    let response = ctx
+        .client()
+        .prune_releases(pb::PruneReleasesRequest {
+            app: app.to_string(),
+            keep,
+        })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    if ctx.json() {
+        output::print_json(&response);
+        return Ok(());
+    }
+    if response.removed.is_empty() && response.kept.is_empty() {
+        println!("{app} has no releases: nothing to prune");
+        return Ok(());
+    }
+    let mut table = Table::new(&["VERSION", "ARTIFACT", "", "WHY"]);
+    for (what, releases) in [("removed", &response.removed), ("kept", &response.kept)] {
+        for release in releases {
+            table.row(vec![
+                release.version.clone(),
+                output::short_digest(&release.artifact_digest),
+                what.to_string(),
+                release.reason.clone(),
+            ]);
+        }
+    }
+    table.print();
+    println!(
+        "{} release(s) of {app} removed, {} kept",
+        response.removed.len(),
+        response.kept.len()
+    );
+    Ok(())
+}
+
 /// `fleetctl deployments [APP]`.
 pub async fn deployments(ctx: &Context, app: Option<&str>) -> Result<(), CliError> {
     let response = ctx

@@ -1,11 +1,16 @@
-//! `fleetctl demo [--hosts N]`: a whole fleet on this machine for a first look. It makes a
-//! fleet with `fleetctl init` (CA, certificates), starts a controller and N agents, each
-//! joining with its own one-time join token, (hosts `demo-1..demo-N` advertising 127.0.0.2, 127.0.0.3, ...) as
-//! child processes in a temporary directory, releases the example web app twice, rolls out
-//! 1.0.0 and then 1.1.0 canary-first, asks every host what it serves, prints `status web`, and
-//! stops everything again: SIGTERM to every child by pid, SIGKILL after a deadline, temporary
-//! directory removed, also on error and on Ctrl-C. Every step calls the same functions as the
-//! fleetctl verbs.
+//! `fleetctl demo [--hosts N] [--keep]`: a whole fleet on this machine for a first look. It
+//! makes a fleet with `fleetctl init` (CA, certificates), starts a controller and N agents, each
+//! joining with its own one-time join token, (hosts `demo-1..demo-N` advertising 127.0.0.2,
+//! 127.0.0.3, ...) as child processes in a temporary directory, releases the example web app
+//! twice, rolls out 1.0.0 and then 1.1.0 canary-first, then shows the safety net: a third
+//! release (1.2.0) whose smoke check fails halts at the canary, which goes back to 1.1.0. It
+//! asks every host what it serves, prints `status web`, and stops everything again: SIGTERM to
+//! every child by pid, SIGKILL after a deadline, temporary directory removed, also on error and
+//! on Ctrl-C. Every step calls the same functions as the fleetctl verbs.
+//!
+//! With `--keep` a demo that went well leaves its fleet running, writes the pids it started to
+//! `DIR/demo.pids` and prints what to try next; `fleetctl demo --stop DIR` stops exactly those
+//! pids (each only while its command line still names DIR) and removes DIR.
 
 use crate::client::{self, CliError, EXIT_OK};
 use crate::commands::{self, Context, RolloutOptions};
@@ -30,6 +35,12 @@ const STOP_DEADLINE: Duration = Duration::from_secs(15);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 const EXIT_INTERRUPTED: u8 = 130;
+/// Where `--keep` writes the pids the demo started, one `PID NAME` a line; `--stop` reads it.
+const PIDS_FILE: &str = "demo.pids";
+/// The demo's third release: its smoke check fails, so its rollout halts at the canary.
+const BROKEN_VERSION: &str = "1.2.0";
+/// The cap on the broken release's smoke check (the manifest's own is 10s).
+const BROKEN_SMOKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The three binaries the demo runs, found next to fleetctl.
 struct Binaries {
@@ -97,6 +108,19 @@ impl LocalFleet {
         std::fs::create_dir(dir.path().join("logs")).map_err(|e| {
             CliError::Failed(format!("cannot create the demo's log directory: {e}"))
         })?;
+        // The hosts' data directories go below `hosts/`, which apps pass through too (the
+        // agents make their own directories, with a umask that closes them to others).
+        let hosts = dir.path().join("hosts");
+        std::fs::create_dir(&hosts)
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    &hosts,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                )
+            })
+            .map_err(|e| {
+                CliError::Failed(format!("cannot create the demo's hosts directory: {e}"))
+            })?;
         Ok(LocalFleet {
             dir: Some(dir),
             children: Vec::new(),
@@ -217,6 +241,31 @@ impl LocalFleet {
     }
 }
 
+impl LocalFleet {
+    /// `--keep`: writes `DIR/demo.pids` and lets go of the children and the directory, so
+    /// neither is stopped or removed when the demo exits. Returns the pids.
+    fn leave_running(&mut self) -> Result<Vec<u32>, CliError> {
+        let pids: Vec<u32> = self
+            .children
+            .iter()
+            .map(|demo_child| demo_child.child.id())
+            .collect();
+        let text: String = self
+            .children
+            .iter()
+            .map(|demo_child| format!("{} {}\n", demo_child.child.id(), demo_child.name))
+            .collect();
+        let pids_file = self.path().join(PIDS_FILE);
+        std::fs::write(&pids_file, text)
+            .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", pids_file.display())))?;
+        self.children.clear();
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.keep();
+        }
+        Ok(pids)
+    }
+}
+
 impl Drop for LocalFleet {
     fn drop(&mut self) {
         self.shutdown();
@@ -240,8 +289,9 @@ fn log_tail(path: &Path, n_lines: usize) -> String {
     }
 }
 
-/// Runs the demo with `n_hosts` agents and returns the exit code.
-pub async fn run(n_hosts: u32) -> Result<u8, CliError> {
+/// Runs the demo with `n_hosts` agents and returns the exit code; with `keep`, a demo that
+/// went well leaves its fleet running.
+pub async fn run(n_hosts: u32, keep: bool) -> Result<u8, CliError> {
     let binaries = Binaries::find()?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| CliError::Failed(format!("cannot watch for SIGTERM: {e}")))?;
@@ -253,6 +303,12 @@ pub async fn run(n_hosts: u32) -> Result<u8, CliError> {
         _ = tokio::signal::ctrl_c() => None,
         _ = terminate.recv() => None,
     };
+    if keep && matches!(outcome, Some(Ok(()))) {
+        let dir = fleet.path().to_path_buf();
+        let pids = fleet.leave_running()?;
+        print_keep_hints(&dir, &pids);
+        return Ok(EXIT_OK);
+    }
     let n_processes = fleet.children.len();
     println!(
         "\n==> stopping {n_processes} processes and removing {}",
@@ -266,7 +322,7 @@ pub async fn run(n_hosts: u32) -> Result<u8, CliError> {
     match outcome {
         Some(Ok(())) => {
             println!(
-                "demo done in {:.0}s. Next: `fleetctl init`, start fleet-controller and fleet-agent on your hosts, and deploy your own app.",
+                "demo done in {:.0}s. Next: `fleetctl demo --keep` to try the commands on a fleet that stays up, or the README's walk to a real fleet.",
                 started.elapsed().as_secs_f64()
             );
             Ok(EXIT_OK)
@@ -405,6 +461,8 @@ async fn run_steps(
         }
     }
 
+    show_the_safety_net(&ctx, &dir, &web_binary).await?;
+
     // What every host serves now.
     println!("\n==> what each host serves (GET http://ADDR:{WEB_PORT}/)");
     for (name, addr) in &host_addrs {
@@ -418,6 +476,146 @@ async fn run_steps(
     println!("\n==> fleetctl status web");
     commands::status(&ctx, Some("web")).await?;
     Ok(())
+}
+
+/// The third release: the example app with `WEB_BROKEN=1`, so its `/healthz` answers 500. Its
+/// rollout must halt at the canary and put the canary back on 1.1.0; the other hosts are never
+/// touched. Anything else is a failed demo.
+async fn show_the_safety_net(ctx: &Context, dir: &Path, web_binary: &[u8]) -> Result<(), CliError> {
+    let artifact = write_web_artifact(dir, BROKEN_VERSION, web_binary)?;
+    println!(
+        "\n==> fleetctl release create web {BROKEN_VERSION} {} --env WEB_BROKEN=1   (its /healthz answers 500)",
+        artifact.display()
+    );
+    let broken_env = [("WEB_BROKEN".to_string(), "1".to_string())];
+    commands::release_create(ctx, "web", BROKEN_VERSION, &artifact, &broken_env, &[]).await?;
+    println!(
+        "\n==> fleetctl rollout web {BROKEN_VERSION} --canary 1 --batch 50% --smoke-timeout {}s",
+        BROKEN_SMOKE_TIMEOUT.as_secs()
+    );
+    let options = RolloutOptions {
+        app: "web".to_string(),
+        version: BROKEN_VERSION.to_string(),
+        selector: vec![("env".to_string(), "demo".to_string())],
+        canary: 1,
+        batch: "50%".to_string(),
+        pause_after_canary: Duration::ZERO,
+        smoke_timeout: BROKEN_SMOKE_TIMEOUT,
+        min_healthy: None,
+        max_unavailable: None,
+        auto_rollback: true,
+        detach: false,
+        skip_lost: false,
+    };
+    let outcome = commands::rollout(ctx, &options).await?;
+    let rollout = &outcome.rollout;
+    if rollout.state != "rolled_back" {
+        return Err(CliError::Failed(format!(
+            "the rollout of web@{BROKEN_VERSION}, whose smoke check fails, ended {}, not rolled_back",
+            rollout.state
+        )));
+    }
+    let canary: Vec<&str> = rollout
+        .waves
+        .first()
+        .map(|wave| wave.hosts.iter().map(|host| host.host.as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "\n==> the safety net: web@{BROKEN_VERSION} failed its smoke check on the canary ({}), so rollout {} \
+         halted there, the canary went back to 1.1.0 and no other host was touched. \
+         `fleetctl history web --config-dir {}` shows it, host by host (`fleetctl demo --keep` \
+         leaves the fleet up to try it).",
+        canary.join(", "),
+        rollout.id,
+        dir.display()
+    );
+    Ok(())
+}
+
+/// What `--keep` prints: the commands to try next, with the `--config-dir` they need, and how
+/// to stop it all.
+fn print_keep_hints(dir: &Path, pids: &[u32]) {
+    let config = format!("--config-dir {}", dir.display());
+    println!(
+        "\n==> the demo fleet keeps running (files in {})",
+        dir.display()
+    );
+    println!("try next:");
+    for (command, what) in [
+        ("status web", "what runs where"),
+        ("history web", "the three rollouts, host by host"),
+        ("hosts", "the hosts and what they run"),
+        ("drain demo-1", "stop demo-1's app and keep releases off it"),
+        ("undrain demo-1", "bring it back"),
+        (
+            "rollback web",
+            "back to the release it ran before, canary first",
+        ),
+    ] {
+        println!("  fleetctl {command} {config}    # {what}");
+    }
+    let pid_list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    println!(
+        "stop it all: fleetctl demo --stop {}    (SIGTERM to the demo's pids {}, then removes the directory)",
+        dir.display(),
+        pid_list.join(" ")
+    );
+}
+
+/// `fleetctl demo --stop DIR`: stops what a `--keep` demo left running in DIR and removes DIR.
+/// Only the pids in `DIR/demo.pids` are signalled, and each only while its command line still
+/// names DIR, so a pid the system gave to another process since is left alone.
+pub fn stop(dir: &Path) -> Result<u8, CliError> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let pids_file = dir.join(PIDS_FILE);
+    let text = std::fs::read_to_string(&pids_file).map_err(|e| {
+        client::usage(format!(
+            "cannot read {}: {e}; pass the directory that `fleetctl demo --keep` printed",
+            pids_file.display()
+        ))
+    })?;
+    let needle = dir.display().to_string();
+    let ours = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
+    };
+    // Agents first, the controller (the first line) last, as the demo itself stops them.
+    let pids: Vec<u32> = text
+        .lines()
+        .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+        .rev()
+        .collect();
+    for pid in &pids {
+        if ours(*pid) {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_DEADLINE;
+    while pids.iter().any(|pid| ours(*pid)) && Instant::now() < deadline {
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    for pid in &pids {
+        if ours(*pid) {
+            eprintln!(
+                "warning: pid {pid} did not stop within {}s of SIGTERM; killing it",
+                STOP_DEADLINE.as_secs()
+            );
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| {
+        CliError::Failed(format!(
+            "the demo's processes are stopped but {} could not be removed: {e}",
+            dir.display()
+        ))
+    })?;
+    println!(
+        "stopped {} processes and removed {}",
+        pids.len(),
+        dir.display()
+    );
+    Ok(EXIT_OK)
 }
 
 /// Waits (bounded) for the controller to write its bound address.

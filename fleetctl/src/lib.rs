@@ -64,6 +64,9 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             return Ok(EXIT_OK);
         }
         Command::Demo(demo_args) => {
+            if let Some(dir) = &demo_args.stop {
+                return demo::stop(dir);
+            }
             // The demo's steps print through the verbs' own text output; a JSON document of its
             // own would need them silenced, so it is refused rather than ignored.
             if cli.output == OutputFormat::Json {
@@ -71,7 +74,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
                     "demo prints its steps for people and has no JSON output: run it without --output json, and use --output json with the verbs (status, hosts, history) against a fleet",
                 ));
             }
-            return demo::run(demo_args.hosts).await;
+            return demo::run(demo_args.hosts, demo_args.keep).await;
         }
         _ => {}
     }
@@ -106,6 +109,9 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
                 &secrets,
             )
             .await?;
+        }
+        Command::Release(ReleaseCommand::Prune(prune)) => {
+            commands::release_prune(&ctx, &prune.app, prune.keep).await?
         }
         Command::Releases { app } => commands::releases(&ctx, &app).await?,
         Command::Deployments { app } => commands::deployments(&ctx, app.as_deref()).await?,

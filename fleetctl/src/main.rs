@@ -2,10 +2,15 @@
 //! `fleetctl::run`, which returns the exit code of the CLI contract.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use clap::FromArgMatches;
 
 fn main() -> std::process::ExitCode {
-    let cli = fleetctl::args::Cli::parse();
+    let mut command = fleetctl::args::command();
+    let matches = command.get_matches_mut();
+    let cli = match fleetctl::args::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.format(&mut command).exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

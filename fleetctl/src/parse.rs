@@ -116,6 +116,21 @@ pub fn parse_label_change(text: &str) -> Result<LabelChanges, String> {
     Ok(changes)
 }
 
+/// `release prune --keep N`: how many of the newest releases stay, at least 1.
+pub fn parse_keep(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(0) => Err(
+            "--keep 0 would delete every release of the app: keep at least 1, like --keep 5"
+                .to_string(),
+        ),
+        Ok(keep) => Ok(keep),
+        Err(_) => Err(format!(
+            "--keep {} is not a count: give how many of the newest releases stay, like --keep 5",
+            fleet_proto::names::quoted(text)
+        )),
+    }
+}
+
 /// Parses a batch size: `N` hosts (N > 0) or `P%` of the selected hosts (1 to 100), and returns
 /// it in the form the controller reads.
 pub fn parse_batch(text: &str) -> Result<String, String> {

@@ -234,6 +234,46 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         }))
     }
 
+    async fn prune_releases(
+        &self,
+        request: Request<pb::PruneReleasesRequest>,
+    ) -> Result<Response<pb::PruneReleasesResponse>, Status> {
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
+        let actor = actor_of(&identity, &request);
+        let request = request.into_inner();
+        check_app(&request.app)?;
+        let pruned = releases::prune(&self.fleet, &request.app, request.keep, &actor)
+            .await
+            .map_err(release_status)?;
+        Ok(Response::new(pb::PruneReleasesResponse {
+            removed: pruned
+                .removed
+                .into_iter()
+                .map(|removed| pb::PrunedRelease {
+                    reason: if removed.artifact_deleted {
+                        "removed with its artifact".to_string()
+                    } else {
+                        "removed; its artifact stays: another release has the same digest"
+                            .to_string()
+                    },
+                    version: removed.record.version,
+                    artifact_digest: removed.record.artifact_digest,
+                    artifact_deleted: removed.artifact_deleted,
+                })
+                .collect(),
+            kept: pruned
+                .kept
+                .into_iter()
+                .map(|(record, reason)| pb::PrunedRelease {
+                    version: record.version,
+                    artifact_digest: record.artifact_digest,
+                    reason,
+                    artifact_deleted: false,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_hosts(
         &self,
         request: Request<pb::ListHostsRequest>,
