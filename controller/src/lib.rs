@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod backup;
 pub mod budget;
+pub mod ca_trust;
 pub mod config;
 pub mod converge;
 pub mod edge;
