@@ -167,6 +167,9 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         Command::Credentials(args::CredentialsCommand::Create(create)) => {
             trust::credentials_create(&ctx, &create).await?;
         }
+        Command::Ca(args::CaCommand::Rotate(rotate)) => {
+            trust::ca_rotate(&ctx, &config_dir, rotate.finish).await?;
+        }
         Command::Rollback(rollback_args) => {
             let outcome = commands::rollback(
                 &ctx,
