@@ -51,14 +51,15 @@ pub enum FetchError {
 /// Downloads artifacts into the data directory; clones share one connection.
 #[derive(Clone)]
 pub struct Fetcher {
-    channel: Channel,
+    /// The current channel to the controller (replaced when the certificate is renewed).
+    channel: tokio::sync::watch::Receiver<Channel>,
     layout: DataLayout,
     /// One download at a time: two apps of the same release never write one partial file.
     one_at_a_time: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Fetcher {
-    pub fn new(channel: Channel, layout: DataLayout) -> Fetcher {
+    pub fn new(channel: tokio::sync::watch::Receiver<Channel>, layout: DataLayout) -> Fetcher {
         Fetcher {
             channel,
             layout,
@@ -186,7 +187,7 @@ impl Fetcher {
         let mut cut: Option<String> = None;
         if expected_size == 0 || offset < expected_size {
             let mut client =
-                pb::agent_service_client::AgentServiceClient::new(self.channel.clone())
+                pb::agent_service_client::AgentServiceClient::new(self.channel.borrow().clone())
                     .max_decoding_message_size(MAX_CHUNK_BYTES);
             let request = pb::FetchArtifactRequest {
                 digest: digest.to_string(),

@@ -22,6 +22,10 @@ pub const TLS_DIR: &str = "tls";
 pub const KEY_FILE: &str = "agent.key";
 pub const CERT_FILE: &str = "agent.pem";
 pub const CA_FILE: &str = "ca.pem";
+/// A renewed key and certificate, complete, before they take the place of `agent.key` and
+/// `agent.pem` (see [`keep_renewed`]).
+pub const RENEWED_KEY_FILE: &str = "agent.key.renewed";
+pub const RENEWED_CERT_FILE: &str = "agent.pem.renewed";
 
 #[derive(Debug, Error)]
 pub enum JoinError {
@@ -88,8 +92,16 @@ pub async fn ensure_credentials(
     let dir = data_dir.join(TLS_DIR);
     let key_path = dir.join(KEY_FILE);
     let cert_path = dir.join(CERT_FILE);
+    finish_renewal(&dir)?;
     if key_path.is_file() && cert_path.is_file() {
-        let ca_path = config.ca.clone().unwrap_or_else(|| dir.join(CA_FILE));
+        // The CA bundle kept here is the one the controller sent last (a CA rotation changes
+        // it); `--ca` is for joining, and for a data directory that has none.
+        let kept_ca = dir.join(CA_FILE);
+        let ca_path = if kept_ca.is_file() {
+            kept_ca
+        } else {
+            config.ca.clone().unwrap_or(kept_ca)
+        };
         let credentials = Credentials {
             ca_pem: read(&ca_path)?,
             cert_pem: read(&cert_path)?,
@@ -208,6 +220,39 @@ async fn join(
     }
 }
 
+/// Keeps renewed credentials in `DATA/tls`: the CA bundle, then the new key and certificate
+/// beside the old ones, then each renamed into place, the key first. A crash before the
+/// certificate is complete leaves the old pair; after it, [`finish_renewal`] completes the
+/// renames at the next start.
+pub fn keep_renewed(data_dir: &Path, credentials: &Credentials) -> Result<(), JoinError> {
+    let dir = data_dir.join(TLS_DIR);
+    write_private(&dir.join(CA_FILE), &credentials.ca_pem)?;
+    write_private(&dir.join(RENEWED_KEY_FILE), &credentials.key_pem)?;
+    write_private(&dir.join(RENEWED_CERT_FILE), &credentials.cert_pem)?;
+    finish_renewal(&dir)
+}
+
+/// Moves a complete renewed pair into place (both files, or the certificate alone when the
+/// key was moved before a crash); a renewed key without its certificate is dropped.
+fn finish_renewal(dir: &Path) -> Result<(), JoinError> {
+    let rename = |from: &str, to: &str| {
+        std::fs::rename(dir.join(from), dir.join(to)).map_err(|source| JoinError::Write {
+            path: dir.join(to),
+            source,
+        })
+    };
+    let renewed_key = dir.join(RENEWED_KEY_FILE);
+    if dir.join(RENEWED_CERT_FILE).is_file() {
+        if renewed_key.is_file() {
+            rename(RENEWED_KEY_FILE, KEY_FILE)?;
+        }
+        rename(RENEWED_CERT_FILE, CERT_FILE)?;
+    } else if renewed_key.is_file() {
+        let _ = std::fs::remove_file(&renewed_key);
+    }
+    Ok(())
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -267,6 +312,62 @@ fn write_private(path: &Path, text: &str) -> Result<(), JoinError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewal_cut_at_any_point_leaves_a_matching_pair() {
+        let read = |dir: &Path, name: &str| std::fs::read_to_string(dir.join(name)).ok();
+        // (renewed key written, renewed cert written, key already renamed) -> which pair is kept
+        for (key_written, cert_written, key_moved, expect_new) in [
+            (false, false, false, false),
+            (true, false, false, false),
+            (true, true, false, true),
+            (true, true, true, true),
+        ] {
+            let data = tempfile::tempdir().unwrap();
+            let dir = data.path().join(TLS_DIR);
+            create_private_dir(&dir).unwrap();
+            write_private(&dir.join(KEY_FILE), "old key").unwrap();
+            write_private(&dir.join(CERT_FILE), "old cert").unwrap();
+            if key_written {
+                write_private(&dir.join(RENEWED_KEY_FILE), "new key").unwrap();
+            }
+            if cert_written {
+                write_private(&dir.join(RENEWED_CERT_FILE), "new cert").unwrap();
+            }
+            if key_moved {
+                std::fs::rename(dir.join(RENEWED_KEY_FILE), dir.join(KEY_FILE)).unwrap();
+            }
+            finish_renewal(&dir).unwrap();
+            let pair = (
+                read(&dir, KEY_FILE).unwrap(),
+                read(&dir, CERT_FILE).unwrap(),
+            );
+            let expected = if expect_new {
+                ("new key".to_string(), "new cert".to_string())
+            } else {
+                ("old key".to_string(), "old cert".to_string())
+            };
+            assert_eq!(pair, expected, "{key_written} {cert_written} {key_moved}");
+            assert!(
+                read(&dir, RENEWED_KEY_FILE).is_none() && read(&dir, RENEWED_CERT_FILE).is_none()
+            );
+        }
+        let data = tempfile::tempdir().unwrap();
+        create_private_dir(&data.path().join(TLS_DIR)).unwrap();
+        keep_renewed(
+            data.path(),
+            &Credentials {
+                ca_pem: "ca".into(),
+                cert_pem: "cert".into(),
+                key_pem: "key".into(),
+            },
+        )
+        .unwrap();
+        let dir = data.path().join(TLS_DIR);
+        assert_eq!(read(&dir, CA_FILE).as_deref(), Some("ca"));
+        assert_eq!(read(&dir, CERT_FILE).as_deref(), Some("cert"));
+        assert_eq!(read(&dir, KEY_FILE).as_deref(), Some("key"));
+    }
 
     #[test]
     fn private_files_are_0600() {

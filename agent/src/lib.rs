@@ -8,6 +8,8 @@
 //! - [`join`]: the host's key and certificate in `DATA/tls`, joining with a one-time token on
 //!   the first start; the TLS setup of every connection to the controller.
 //! - [`session`]: the `AgentService.Session` stream, reconnecting forever.
+//! - [`renew`]: the certificate renewed over the agent's own connection before it ends, or
+//!   when the controller asks (CA rotation).
 //! - [`fetch`]: resumable, digest-verified artifact download.
 //! - [`direct_io`]: artifact files written and read around the page cache.
 //! - [`disk`]: whether a release fits on the data directory's disk before anything is written.
@@ -21,7 +23,7 @@
 //! - [`removal`]: what a removed host's agent does on the controller's revoked answer (stop
 //!   every instance, purge, disable its unit, exit with [`removal::EXIT_REVOKED`]).
 //!
-//! **Architecture Invariant:** only [`session`] and [`fetch`] speak gRPC; the supervisor sees
+//! **Architecture Invariant:** only [`session`], [`fetch`] and [`renew`] speak gRPC; the supervisor sees
 //! domain types. The agent never writes outside its data directory.
 #![forbid(unsafe_code)]
 
@@ -36,6 +38,7 @@ pub mod join;
 pub mod model;
 pub mod releases;
 pub mod removal;
+pub mod renew;
 pub mod session;
 pub mod smoke;
 pub mod state;
@@ -132,7 +135,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let credentials = join::ensure_credentials(&config, &data_dir).await?;
-    let channel = session::lazy_channel(&config.controller, &credentials)?;
+    let (channels, channel) =
+        tokio::sync::watch::channel(session::lazy_channel(&config.controller, &credentials)?);
     let reporter = Arc::new(model::Reporter::new());
     let report_rx = reporter.take_receiver();
     let context = Arc::new(supervisor::Context {
@@ -171,9 +175,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let (stop_session_tx, stop_session_rx) = tokio::sync::watch::channel(false);
+    let (renew_advice_tx, renew_advice_rx) = tokio::sync::mpsc::unbounded_channel();
+    let renewer = renew::Renewer {
+        data_dir: data_dir.clone(),
+        host_name: config.host_name.clone(),
+        controller: config.controller.clone(),
+        credentials,
+        channels,
+    };
+    let renew_task = tokio::spawn(renewer.run(renew_advice_rx, stop_session_rx.clone()));
     let mut session_task = tokio::spawn(session::run_session(
         session::SessionConfig::from_config(&config),
         channel,
+        renew_advice_tx,
         reporter.clone(),
         report_rx,
         supervisor_tx.clone(),
@@ -232,6 +246,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     {
         tracing::warn!("the controller session did not close in time");
     }
+    let _ = tokio::time::timeout(SESSION_GRACE, renew_task).await;
     drop(supervisor_tx);
     let _ = supervisor_task.await;
     tracing::info!("stopped");

@@ -206,11 +206,15 @@ fn ended_by(welcomed: bool, status: &tonic::Status) -> Ended {
     }
 }
 
-/// Keeps a session to the controller open until `stop` turns true, reconnecting forever,
-/// or until the controller answers that this host was revoked.
+/// Keeps a session to the controller open until `stop` turns true, reconnecting forever, or
+/// until the controller answers that this host was revoked. Each session takes the channel
+/// current at its start and ends when a renewed certificate brings a new one (see
+/// [`crate::renew`]); the controller's `RenewCertificate` goes to `renew_advice`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_session(
     config: SessionConfig,
-    channel: Channel,
+    mut channel: watch::Receiver<Channel>,
+    renew_advice: mpsc::UnboundedSender<String>,
     reporter: Arc<Reporter>,
     mut report_rx: mpsc::UnboundedReceiver<Report>,
     supervisor: mpsc::UnboundedSender<SupervisorCommand>,
@@ -221,7 +225,8 @@ pub async fn run_session(
     loop {
         let ended = session_once(
             &config,
-            &channel,
+            &mut channel,
+            &renew_advice,
             &reporter,
             &mut report_rx,
             &supervisor,
@@ -256,9 +261,11 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session_once(
     config: &SessionConfig,
-    channel: &Channel,
+    channels: &mut watch::Receiver<Channel>,
+    renew_advice: &mpsc::UnboundedSender<String>,
     reporter: &Reporter,
     report_rx: &mut mpsc::UnboundedReceiver<Report>,
     supervisor: &mpsc::UnboundedSender<SupervisorCommand>,
@@ -279,7 +286,8 @@ async fn session_once(
     let _ = out_tx.try_send(pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(hello)),
     });
-    let mut client = pb::agent_service_client::AgentServiceClient::new(channel.clone());
+    let channel = channels.borrow_and_update().clone();
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
     let opened = tokio::select! {
         opened = tokio::time::timeout(OPEN_TIMEOUT, client.session(ReceiverStream::new(out_rx))) => opened,
         _ = stopped(stop) => return Ended::Stopped,
@@ -296,6 +304,9 @@ async fn session_once(
     loop {
         let outgoing = tokio::select! {
             _ = stopped(stop) => return Ended::Stopped,
+            _ = channels.changed() => {
+                return lost(true, "the certificate was renewed: reconnecting with it".into())
+            }
             message = inbound.message() => {
                 match message {
                     Ok(Some(message)) => match message.body {
@@ -325,6 +336,10 @@ async fn session_once(
                             let desired = desired_from_pb(desired, reporter);
                             tracing::info!(n_assignments = desired.assignments.len(), "desired state received");
                             let _ = supervisor.send(SupervisorCommand::Desired(desired));
+                            None
+                        }
+                        Some(pb::controller_message::Body::Renew(renew)) => {
+                            let _ = renew_advice.send(renew.reason);
                             None
                         }
                         None => None,

@@ -77,6 +77,15 @@ impl AgentService for FakeController {
         ))
     }
 
+    async fn renew(
+        &self,
+        _request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        Err(Status::unimplemented(
+            "the agent's certificate here outlives the test",
+        ))
+    }
+
     async fn fetch_artifact(
         &self,
         request: Request<pb::FetchArtifactRequest>,

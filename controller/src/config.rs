@@ -55,6 +55,10 @@ pub struct ControllerFile {
     /// as new ones are written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_events: Option<u64>,
+    /// How long the certificates of hosts (agents) are valid, like `30d` or `12h` (default 30
+    /// days, at least 1 minute); agents renew theirs once two thirds of it passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_certificate_ttl: Option<String>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -77,6 +81,31 @@ pub struct ControllerConfig {
     /// How many events the event log keeps (`max_events`).
     pub max_events: u64,
     pub tls: TlsPaths,
+    /// How long the agent certificates the controller signs are valid.
+    pub host_certificate_ttl: std::time::Duration,
+}
+
+/// The default lifetime of a host's certificate.
+pub const DEFAULT_HOST_CERTIFICATE_TTL: std::time::Duration =
+    std::time::Duration::from_secs(30 * 86_400);
+/// The shortest lifetime a host's certificate may be given (tests use it).
+pub const MIN_HOST_CERTIFICATE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// The longest: what a credential is valid for.
+pub const MAX_HOST_CERTIFICATE_TTL: std::time::Duration = fleet_pki::ca::LEAF_VALIDITY;
+
+/// Parses `host_certificate_ttl`.
+pub fn parse_host_certificate_ttl(text: Option<&str>) -> Result<std::time::Duration, String> {
+    let Some(text) = text else {
+        return Ok(DEFAULT_HOST_CERTIFICATE_TTL);
+    };
+    let ttl = fleet_proto::duration::parse_duration(text)
+        .map_err(|e| format!("host_certificate_ttl: {e}"))?;
+    if !(MIN_HOST_CERTIFICATE_TTL..=MAX_HOST_CERTIFICATE_TTL).contains(&ttl) {
+        return Err(format!(
+            "host_certificate_ttl {text:?} must be between 1m and 365d, like 30d"
+        ));
+    }
+    Ok(ttl)
 }
 
 /// What release uploads may take: how many at once, how long one may idle, and the disk space
@@ -182,8 +211,11 @@ impl ControllerConfig {
                 "max_events must be between 100 and 100000000, like 10000".into(),
             ));
         }
+        let host_certificate_ttl =
+            parse_host_certificate_ttl(file.host_certificate_ttl.as_deref()).map_err(invalid)?;
         Ok(ControllerConfig {
             max_events,
+            host_certificate_ttl,
             listen,
             data_dir,
             addr_file: base.join(ADDR_FILE),
@@ -225,6 +257,22 @@ mod tests {
         assert!(check_listen("10.0.0.1:7700").is_ok());
         assert!(check_listen("localhost").is_err());
         assert!(check_listen("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn host_certificate_ttl_is_a_duration_of_at_least_a_minute() {
+        use std::time::Duration;
+        for (text, expect) in [
+            (None, Some(Duration::from_secs(30 * 86_400))),
+            (Some("2m"), Some(Duration::from_secs(120))),
+            (Some("1m"), Some(Duration::from_secs(60))),
+            (Some("90d"), Some(Duration::from_secs(90 * 86_400))),
+            (Some("59s"), None),
+            (Some("400d"), None),
+            (Some("soon"), None),
+        ] {
+            assert_eq!(parse_host_certificate_ttl(text).ok(), expect, "{text:?}");
+        }
     }
 
     #[test]

@@ -248,16 +248,19 @@ impl AsyncWrite for EdgeTcp {
     }
 }
 
+/// The TLS server config a connection accepted now is handshaken with (it changes when the
+/// fleet CA is rotated, see `crate::ca_trust`).
+pub type CurrentTls = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
+
 /// Accepts connections on `listener` and hands over those whose TLS handshake completed within
 /// the limits. Handshakes run concurrently, so a slow one holds up nobody. Ends when the
 /// receiver is dropped.
 pub fn incoming(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: CurrentTls,
     limits: Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<EdgeTcp>>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let anonymous = Arc::new(AnonymousConnections::default());
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes));
     tokio::spawn(async move {
@@ -279,7 +282,8 @@ pub fn incoming(
                 () = tx.closed() => return,
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx, anonymous) = (acceptor.clone(), tx.clone(), anonymous.clone());
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls());
+            let (tx, anonymous) = (tx.clone(), anonymous.clone());
             tokio::spawn(async move {
                 let stream = EdgeTcp {
                     tcp,

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod backup;
 pub mod break_glass;
 pub mod budget;
+pub mod ca_trust;
 pub mod config;
 pub mod converge;
 pub mod edge;

@@ -6,13 +6,13 @@
 use crate::api::agent_service::AgentApi;
 use crate::api::fleet_service::FleetApi;
 use crate::artifacts::ArtifactStore;
-use crate::config::{ControllerConfig, TlsPaths};
+use crate::ca_trust::Trust;
+use crate::config::ControllerConfig;
 use crate::edge;
 use crate::fleet_state::FleetState;
 use crate::rollout::{self, Rollouts};
 use crate::store::Store;
 use anyhow::Context;
-use fleet_pki::ca::Authority;
 use fleet_proto::pb;
 use std::future::Future;
 use std::sync::Arc;
@@ -57,8 +57,7 @@ pub async fn run(
         })?
         .with_max_events(config.max_events);
     let artifacts = ArtifactStore::open(&config.data_dir, config.uploads)?;
-    let (tls, authority) = load_tls(&config.tls)?;
-    let authority = Arc::new(authority);
+    let trust = Trust::load(&config.tls, config.host_certificate_ttl)?;
     let fleet = Arc::new(FleetState::new(
         store,
         artifacts,
@@ -89,7 +88,7 @@ pub async fn run(
 
     let agent_api = AgentApi {
         fleet: fleet.clone(),
-        authority: authority.clone(),
+        trust: trust.clone(),
         shutdown: stop_rx.clone(),
         joins: Arc::new(tokio::sync::Semaphore::new(
             crate::api::agent_service::MAX_CONCURRENT_JOINS,
@@ -97,7 +96,7 @@ pub async fn run(
     };
     let fleet_api = FleetApi {
         fleet: fleet.clone(),
-        authority,
+        trust: trust.clone(),
         rollouts: rollouts.clone(),
         shutdown: stop_rx.clone(),
     };
@@ -117,8 +116,12 @@ pub async fn run(
         .layer(edge::EdgeLayer {
             limits,
             classify: {
-                let fleet = fleet.clone();
-                Arc::new(move |der: &[u8]| crate::auth::classify(&fleet, der))
+                let (fleet, trust) = (fleet.clone(), trust.clone());
+                // A connection opened before its certificate's CA was retired is refused too.
+                Arc::new(move |der: &[u8]| match trust.refusal(der) {
+                    Some(why) => edge::Caller::Refused(why),
+                    None => crate::auth::classify(&fleet, der),
+                })
             },
         })
         .add_service(
@@ -132,7 +135,14 @@ pub async fn run(
         .serve_with_incoming_shutdown(
             // TLS at the edge (no Nagle there: an answer written in two parts must not wait
             // for the peer's delayed ACK before its second part goes out).
-            edge::incoming(listener, tls, limits),
+            edge::incoming(
+                listener,
+                {
+                    let trust = trust.clone();
+                    Arc::new(move || trust.server_tls())
+                },
+                limits,
+            ),
             async {
                 let _ = signalled_rx.await;
             },
@@ -181,29 +191,6 @@ pub async fn run(
     tracing::info!("stopped");
     let _ = std::fs::remove_file(&config.addr_file);
     Ok(())
-}
-
-/// Reads the TLS files named in controller.toml: the server side of mutual TLS (the
-/// controller's certificate, client certificates verified against the fleet CA but optional
-/// at the handshake) and the CA that signs new certificates.
-fn load_tls(
-    paths: &TlsPaths,
-) -> anyhow::Result<(Arc<tokio_rustls::rustls::ServerConfig>, Authority)> {
-    let read = |path: &std::path::Path| {
-        std::fs::read_to_string(path).with_context(|| {
-            format!(
-                "cannot read {}; `fleetctl init --dir DIR` makes the CA and the controller's certificate",
-                path.display()
-            )
-        })
-    };
-    let ca_pem = read(&paths.ca)?;
-    let authority = Authority::load(&ca_pem, &read(&paths.ca_key)?)
-        .with_context(|| format!("cannot load the fleet CA {}", paths.ca.display()))?;
-    let tls = edge::server_tls(&ca_pem, &read(&paths.cert)?, &read(&paths.key)?)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("cannot set up TLS with {}", paths.cert.display()))?;
-    Ok((tls, authority))
 }
 
 /// Writes the bound address atomically, so a reader never sees half of it.

@@ -175,6 +175,12 @@ pub enum Command {
         after_help = "Example:\n  fleetctl credentials create ci --role deployer --out ./ci-credential"
     )]
     Credentials(CredentialsCommand),
+    /// The fleet CA: rotate it while the fleet runs (hosts move over their own sessions)
+    #[command(
+        subcommand,
+        after_help = "Example:\n  fleetctl ca rotate && fleetctl ca rotate --finish"
+    )]
+    Ca(CaCommand),
     /// Start a whole local fleet (a controller and N hosts) on this machine, deploy the example
     /// web app to it, and clean everything up again (text output only: --output json is
     /// refused)
@@ -454,6 +460,24 @@ pub struct JoinTokenCreateArgs {
     /// env=prod,zone=a [default: the host's first claim]
     #[arg(long, value_name = "k=v,...", value_parser = parse_selector)]
     pub labels: Option<Selector>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Start a CA rotation: a new CA signs from now on, old and new are both trusted, every
+    /// connected host renews its certificate over its session, and this credential (client.pem,
+    /// ca.pem in --config-dir) is re-issued by the new CA. Then `ca rotate --finish`.
+    #[command(after_help = "Example:\n  fleetctl ca rotate && fleetctl ca rotate --finish")]
+    Rotate(CaRotateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaRotateArgs {
+    /// End the rotation: refused while a connected host still uses an old-CA certificate
+    /// (named); otherwise the controller takes a certificate of the new CA and stops trusting
+    /// the old one
+    #[arg(long)]
+    pub finish: bool,
 }
 
 #[derive(Debug, Subcommand)]

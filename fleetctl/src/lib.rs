@@ -183,6 +183,9 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         Command::Credentials(args::CredentialsCommand::Revoke { name }) => {
             trust::credentials_revoke(&ctx, &name).await?;
         }
+        Command::Ca(args::CaCommand::Rotate(rotate)) => {
+            trust::ca_rotate(&ctx, &config_dir, rotate.finish).await?;
+        }
         Command::Rollback(rollback_args) => {
             let outcome = commands::rollback(
                 &ctx,

@@ -194,6 +194,81 @@ pub async fn credentials_revoke(
     Ok(response)
 }
 
+/// What `ca rotate` did.
+#[derive(Debug, serde::Serialize)]
+pub struct RotateOutcome {
+    pub finished: bool,
+    pub message: String,
+    /// Files of --config-dir rewritten (ca.pem; client.key and client.pem when starting).
+    pub rewrote: Vec<PathBuf>,
+    pub hosts_not_connected: Vec<String>,
+}
+
+/// `fleetctl ca rotate [--finish]`: starts or ends a CA rotation, and keeps this credential's
+/// directory usable across it (the CA bundle; when starting, a key and certificate of the new
+/// CA for the same name and role).
+pub async fn ca_rotate(
+    ctx: &Context,
+    config_dir: &Path,
+    finish: bool,
+) -> Result<RotateOutcome, CliError> {
+    let mut client = ctx.connection.client.clone();
+    let (csr_pem, key_pem) = if finish {
+        (String::new(), String::new())
+    } else {
+        fleet_pki::request::new_key_and_request("fleetctl")
+            .map_err(|e| CliError::Failed(format!("cannot make a key: {e}")))?
+    };
+    let response = client
+        .rotate_ca(pb::RotateCaRequest { finish, csr_pem })
+        .await
+        .map_err(|status| ctx.connection.error(status))?
+        .into_inner();
+    let mut rewrote = Vec::new();
+    if !response.certificate_pem.is_empty() {
+        let (key_path, cert_path) = (
+            config_dir.join(CLIENT_KEY_FILE),
+            config_dir.join(CLIENT_CERT_FILE),
+        );
+        replace_private(&key_path, &key_pem)?;
+        replace_private(&cert_path, &response.certificate_pem)?;
+        rewrote.extend([key_path, cert_path]);
+    }
+    let ca_path = config_dir.join(CA_FILE);
+    replace_private(&ca_path, &response.ca_pem)?;
+    rewrote.push(ca_path);
+    let outcome = RotateOutcome {
+        finished: finish,
+        message: response.message,
+        rewrote,
+        hosts_not_connected: response.hosts_not_connected,
+    };
+    if ctx.output == output::OutputFormat::Json {
+        output::print_json(&outcome);
+    } else {
+        println!("{}", outcome.message);
+        for path in &outcome.rewrote {
+            println!("rewrote {}", path.display());
+        }
+        if !outcome.hosts_not_connected.is_empty() {
+            println!(
+                "not connected: {}; a host that did not renew during the rotation must join again (`fleetctl remove HOST`, then bootstrap it)",
+                outcome.hosts_not_connected.join(", ")
+            );
+        }
+    }
+    Ok(outcome)
+}
+
+/// Replaces a file (mode 0600) through a temporary file and a rename.
+fn replace_private(path: &Path, text: &str) -> Result<(), CliError> {
+    let tmp = path.with_extension("rotating.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", path.display())))
+}
+
 fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

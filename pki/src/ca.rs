@@ -74,12 +74,15 @@ fn random_serial() -> Result<(SerialNumber, String), CaError> {
     Ok((SerialNumber::from_slice(&bytes), hex::encode(bytes)))
 }
 
+/// How far back a certificate's `not_before` is set from its issue (clock skew), in seconds.
+pub const BACKDATE_SECS: i64 = 60;
+
 /// `not_before` a minute ago (clock skew), `not_after` after `validity`.
 fn validity_window(params: &mut CertificateParams, validity: Duration) -> i64 {
     let now = crate::now_unix_secs();
     let not_after = now + validity.as_secs() as i64;
     params.not_before =
-        time::OffsetDateTime::from_unix_timestamp(now - 60).unwrap_or(params.not_before);
+        time::OffsetDateTime::from_unix_timestamp(now - BACKDATE_SECS).unwrap_or(params.not_before);
     params.not_after =
         time::OffsetDateTime::from_unix_timestamp(not_after).unwrap_or(params.not_after);
     not_after * 1000
@@ -89,7 +92,12 @@ fn validity_window(params: &mut CertificateParams, validity: Duration) -> i64 {
 pub fn generate_ca() -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(CaError::Generate)?;
     let mut params = CertificateParams::default();
-    params.distinguished_name = distinguished_name("fleet CA", None);
+    // A CN of its own (a random suffix), so the CA before a rotation and the one after it are
+    // told apart by the issuer a certificate names.
+    let mut suffix = [0u8; 4];
+    getrandom::fill(&mut suffix).map_err(CaError::Random)?;
+    params.distinguished_name =
+        distinguished_name(&format!("fleet CA {}", hex::encode(suffix)), None);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -107,6 +115,21 @@ impl Authority {
     pub fn load(ca_pem: &str, ca_key_pem: &str) -> Result<Authority, CaError> {
         let key = KeyPair::from_pem(ca_key_pem)
             .map_err(|e| CaError::BadCa(format!("its key cannot be read: {e}")))?;
+        // The first certificate of `ca_pem` signs; more may follow (a CA being rotated out,
+        // still trusted). A key of another certificate (a rotation cut half-way) is refused.
+        {
+            use rcgen::PublicKeyData;
+            let (_, pem) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes())
+                .map_err(|e| CaError::BadCa(format!("its certificate cannot be read: {e}")))?;
+            let cert = pem
+                .parse_x509()
+                .map_err(|e| CaError::BadCa(format!("its certificate cannot be read: {e}")))?;
+            if cert.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
+                return Err(CaError::BadCa(
+                    "its key is not the key of its (first) certificate: put the CA's certificate and key of one pair in place".into(),
+                ));
+            }
+        }
         let issuer = Issuer::from_ca_cert_pem(ca_pem, key)
             .map_err(|e| CaError::BadCa(format!("its certificate cannot be read: {e}")))?;
         Ok(Authority {
@@ -165,7 +188,7 @@ impl Authority {
     /// A client credential made here, key included (the admin credential of `fleetctl init`).
     pub fn issue_client(&self, name: &str, role: Role) -> Result<Issued, CaError> {
         let key = KeyPair::generate().map_err(CaError::Generate)?;
-        let mut issued = self.sign_client(&key, name, role)?;
+        let mut issued = self.sign_client(&key, name, role, LEAF_VALIDITY)?;
         issued.key_pem = Some(key.serialize_pem());
         Ok(issued)
     }
@@ -180,7 +203,26 @@ impl Authority {
         }
         let request = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadRequest(e.to_string()))?;
-        self.sign_client(&request.public_key, name, role)
+        self.sign_client(&request.public_key, name, role, LEAF_VALIDITY)
+    }
+
+    /// Like [`Authority::sign_request`], valid for `validity` (an agent's certificate, whose
+    /// lifetime `controller.toml` sets).
+    pub fn sign_request_valid_for(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        role: Role,
+        validity: Duration,
+    ) -> Result<Issued, CaError> {
+        if csr_pem.len() > MAX_CSR_BYTES {
+            return Err(CaError::BadRequest(format!(
+                "it is over {MAX_CSR_BYTES} bytes"
+            )));
+        }
+        let request = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::BadRequest(e.to_string()))?;
+        self.sign_client(&request.public_key, name, role, validity)
     }
 
     fn sign_client(
@@ -188,6 +230,7 @@ impl Authority {
         public_key: &impl rcgen::PublicKeyData,
         name: &str,
         role: Role,
+        validity: Duration,
     ) -> Result<Issued, CaError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = distinguished_name(name, Some(role));
@@ -195,7 +238,7 @@ impl Authority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let (serial_number, serial) = random_serial()?;
         params.serial_number = Some(serial_number);
-        let not_after_unix_ms = validity_window(&mut params, LEAF_VALIDITY);
+        let not_after_unix_ms = validity_window(&mut params, validity);
         let cert = params
             .signed_by(public_key, &self.issuer)
             .map_err(CaError::Generate)?;
@@ -318,5 +361,34 @@ mod tests {
         assert!(authority
             .issue_controller(&["not a name\u{0}é".to_string()])
             .is_err());
+    }
+
+    #[test]
+    fn a_bundle_signs_with_its_first_ca_and_a_mismatched_key_is_refused() {
+        use crate::identity::{alt_names_of_pem, facts_of_pem, split_pem_bundle};
+        let (old_pem, old_key) = generate_ca().unwrap();
+        let (new_pem, new_key) = generate_ca().unwrap();
+        let bundle = format!("{new_pem}{old_pem}");
+        assert_eq!(
+            split_pem_bundle(&bundle),
+            [new_pem.clone(), old_pem.clone()]
+        );
+        let authority = Authority::load(&bundle, &new_key).unwrap();
+        let (csr, _key) = new_key_and_request("web-1").unwrap();
+        let issued = authority
+            .sign_request_valid_for(&csr, "web-1", Role::Agent, Duration::from_secs(120))
+            .unwrap();
+        let facts = facts_of_pem(&issued.cert_pem).unwrap();
+        assert_eq!(facts.issuer, facts_of_pem(&new_pem).unwrap().subject);
+        assert_ne!(facts.issuer, facts_of_pem(&old_pem).unwrap().subject);
+        // Back-dated a minute against clock skew, valid for what was asked.
+        assert_eq!(facts.not_after_unix - facts.not_before_unix, 180);
+        assert!(Authority::load(&bundle, &old_key).is_err());
+        let server = authority
+            .issue_controller(&["10.0.0.5".to_string()])
+            .unwrap();
+        let mut names = alt_names_of_pem(&server.cert_pem);
+        names.sort();
+        assert_eq!(names, ["10.0.0.5", "fleet-controller", "localhost"]);
     }
 }

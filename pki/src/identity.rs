@@ -104,6 +104,78 @@ pub fn common_name_of_pem(cert_pem: &str) -> Option<String> {
     Some(name.to_string())
 }
 
+/// What a certificate (PEM) says about itself that renewal and rotation look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFacts {
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
+    /// The issuer's and the subject's distinguished names, as text (`CN=fleet CA 1a2b3c4d, O=fleet`).
+    pub issuer: String,
+    pub subject: String,
+}
+
+/// The validity and names of the first certificate in `cert_pem`; `None` when it cannot be read.
+pub fn facts_of_pem(cert_pem: &str) -> Option<CertificateFacts> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    facts_of_der(&pem.contents)
+}
+
+/// Like [`facts_of_pem`], from DER.
+pub fn facts_of_der(der: &[u8]) -> Option<CertificateFacts> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(CertificateFacts {
+        not_before_unix: cert.validity().not_before.timestamp(),
+        not_after_unix: cert.validity().not_after.timestamp(),
+        issuer: cert.issuer().to_string(),
+        subject: cert.subject().to_string(),
+    })
+}
+
+/// Every certificate of a PEM bundle, each as PEM text of its own, in order.
+pub fn split_pem_bundle(bundle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in bundle.lines() {
+        if line.starts_with("-----BEGIN") {
+            current.clear();
+        }
+        current.push_str(line);
+        current.push('\n');
+        if line.starts_with("-----END") {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    out
+}
+
+/// The DNS names and IP addresses a certificate (PEM) names in its subject alternative names.
+pub fn alt_names_of_pem(cert_pem: &str) -> Vec<String> {
+    use x509_parser::prelude::GeneralName;
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else {
+        return Vec::new();
+    };
+    let Ok(cert) = pem.parse_x509() else {
+        return Vec::new();
+    };
+    let Ok(Some(names)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    names
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(dns.to_string()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(*bytes).ok()?).to_string()),
+                16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(*bytes).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

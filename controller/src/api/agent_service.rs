@@ -6,10 +6,10 @@
 
 use super::{convert, store_status};
 use crate::auth::{self, Role};
+use crate::ca_trust::{self, Trust, TrustEvent};
 use crate::fleet_state::{FleetState, HostHello};
 use crate::model::AgentInfo;
 use crate::store::{CertificateRecord, TokenUse};
-use fleet_pki::ca::Authority;
 use fleet_proto::pb::{
     self, agent_message::Body as AgentBody, controller_message::Body as ControllerBody,
 };
@@ -31,8 +31,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AgentApi {
     pub fleet: Arc<FleetState>,
-    /// The fleet CA, which signs the certificates of joining hosts.
-    pub authority: Arc<Authority>,
+    /// The fleet CA, which signs the certificates of joining and renewing hosts.
+    pub trust: Arc<Trust>,
     /// Turns true when the controller shuts down, ending every session.
     pub shutdown: watch::Receiver<bool>,
     /// Joins under way at once ([`MAX_CONCURRENT_JOINS`]).
@@ -97,6 +97,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let identity = auth::require(&self.fleet, &request, Role::Agent)?;
+        let presented: Vec<u8> = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|cert| cert.to_vec()))
+            .unwrap_or_default();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -140,6 +144,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
             })),
         };
         let _ = tx.send(Ok(welcome)).await;
+        // Counted by the CA of its certificate while it lasts (`ca rotate --finish` asks), and
+        // told to renew when that CA no longer signs.
+        self.trust.session_opened(&host, &presented);
+        let trust = self.trust.clone();
+        let mut trust_changes = self.trust.changes();
+        let mut trust_event = Some(TrustEvent::Connected);
         let fleet = self.fleet.clone();
         let mut shutdown = self.shutdown.clone();
         // Three missed heartbeats end the session.
@@ -148,6 +158,23 @@ impl pb::agent_service_server::AgentService for AgentApi {
             let mut desired = session.desired;
             let mut send_desired = true;
             loop {
+                if let Some(event) = trust_event.take() {
+                    if ca_trust::advise_renewal(
+                        event,
+                        trust.from_signing_ca(&presented),
+                        trust.issued_before_last_finish(&presented),
+                    ) {
+                        tracing::info!("asking host {host} to renew its certificate ({event:?})");
+                        let message = pb::ControllerMessage {
+                            body: Some(ControllerBody::Renew(pb::RenewCertificate {
+                                reason: format!("{event:?}"),
+                            })),
+                        };
+                        if tx.send(Ok(message)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
                 if send_desired {
                     let (assignments, draining) = {
                         let desired = desired.borrow_and_update();
@@ -209,6 +236,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             break;
                         }
                     },
+                    changed = trust_changes.changed() => match changed {
+                        Ok(()) => trust_event = Some(trust_changes.borrow_and_update().1),
+                        Err(_) => break,
+                    },
                     _ = shutdown.changed() => break,
                 }
             }
@@ -252,14 +283,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
             if let Some(certificate_pem) = join_answer(outcome, &host)? {
                 return Ok(Response::new(pb::JoinResponse {
                     certificate_pem,
-                    ca_pem: self.authority.ca_pem().to_string(),
+                    ca_pem: self.trust.ca_bundle(),
                 }));
             }
         }
         // Signed first, handed out only when the store admits the join (one transaction).
-        let issued = self
-            .authority
-            .sign_request(&request.csr_pem, &host, Role::Agent)
+        let authority = self.trust.authority();
+        let issued = authority
+            .sign_request_valid_for(
+                &request.csr_pem,
+                &host,
+                Role::Agent,
+                self.trust.host_certificate_ttl,
+            )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let certificate = CertificateRecord {
             serial: issued.serial.clone(),
@@ -284,7 +320,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         if let Some(certificate_pem) = join_answer(outcome, &host)? {
             return Ok(Response::new(pb::JoinResponse {
                 certificate_pem,
-                ca_pem: self.authority.ca_pem().to_string(),
+                ca_pem: self.trust.ca_bundle(),
             }));
         }
         self.fleet
@@ -301,7 +337,64 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .await;
         Ok(Response::new(pb::JoinResponse {
             certificate_pem: issued.cert_pem,
-            ca_pem: self.authority.ca_pem().to_string(),
+            ca_pem: authority.ca_pem().to_string(),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        // The name and role come from the certificate presented: a host renews only itself,
+        // and only while that certificate is trusted and not revoked.
+        let identity = auth::require(&self.fleet, &request, Role::Agent)?;
+        let request = request.into_inner();
+        let authority = self.trust.authority();
+        let issued = authority
+            .sign_request_valid_for(
+                &request.csr_pem,
+                &identity.name,
+                Role::Agent,
+                self.trust.host_certificate_ttl,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The labels its join token named go with the host to its new certificate.
+        let labels = self
+            .fleet
+            .certificate(&identity.serial)
+            .map_err(store_status)?
+            .and_then(|certificate| certificate.labels);
+        let now = fleet_proto::now_unix_ms();
+        self.fleet
+            .record_certificate(CertificateRecord {
+                serial: issued.serial.clone(),
+                name: identity.name.clone(),
+                role: Role::Agent.as_str().to_string(),
+                issued_unix_ms: now,
+                not_after_unix_ms: issued.not_after_unix_ms,
+                issued_by: format!("renewal of {}", identity.serial),
+                labels,
+            })
+            .await
+            .map_err(store_status)?;
+        let host = &identity.name;
+        self.fleet
+            .event(
+                &format!("host:{host}"),
+                "host.certificate_renewed",
+                "",
+                host,
+                format!(
+                    "host {host} renewed its certificate {} for {} (valid {}s)",
+                    identity.serial,
+                    issued.serial,
+                    self.trust.host_certificate_ttl.as_secs(),
+                ),
+            )
+            .await;
+        Ok(Response::new(pb::RenewResponse {
+            certificate_pem: issued.cert_pem,
+            ca_pem: authority.ca_pem().to_string(),
         }))
     }
 

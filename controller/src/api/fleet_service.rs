@@ -8,7 +8,6 @@ use crate::host_lifecycle::{self, Progress};
 use crate::model::{Batch, RolloutPolicy};
 use crate::releases;
 use crate::rollout::{self, Rollouts, StartRequest};
-use fleet_pki::ca::Authority;
 use fleet_proto::names;
 use fleet_proto::pb::{self, create_release_request::Body as ReleaseBody};
 use std::collections::BTreeMap;
@@ -24,7 +23,7 @@ const DEFAULT_BATCH: Batch = Batch::Percent(25);
 pub struct FleetApi {
     pub fleet: Arc<FleetState>,
     /// The fleet CA, which signs credentials (`IssueCredential`).
-    pub authority: Arc<Authority>,
+    pub trust: Arc<crate::ca_trust::Trust>,
     pub rollouts: Arc<Rollouts>,
     /// Turns true when the controller shuts down, ending `events --follow` streams.
     pub shutdown: watch::Receiver<bool>,
@@ -619,8 +618,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 )))
             }
         };
-        let issued = self
-            .authority
+        let authority = self.trust.authority();
+        let issued = authority
             .sign_request(&request.csr_pem, &request.name, role)
             .map_err(bad)?;
         self.fleet
@@ -652,7 +651,111 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .await;
         Ok(Response::new(pb::IssueCredentialResponse {
             certificate_pem: issued.cert_pem,
-            ca_pem: self.authority.ca_pem().to_string(),
+            ca_pem: authority.ca_pem().to_string(),
+        }))
+    }
+
+    async fn rotate_ca(
+        &self,
+        request: Request<pb::RotateCaRequest>,
+    ) -> Result<Response<pb::RotateCaResponse>, Status> {
+        let identity = auth::require(&self.fleet, &request, Role::Admin)?;
+        let actor = actor_of(&identity, &request);
+        let request = request.into_inner();
+        let trust = self.trust.clone();
+        let failed = |e: anyhow::Error| Status::failed_precondition(format!("{e:#}"));
+        if !request.finish {
+            tokio::task::spawn_blocking(move || trust.start_rotation())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(failed)?;
+            self.fleet
+                .event(
+                    &actor,
+                    "ca.rotation_started",
+                    "",
+                    "",
+                    "a new CA signs from now on; the old one is trusted until `fleetctl ca rotate --finish`; connected hosts were told to renew".to_string(),
+                )
+                .await;
+            // The caller's own credential, from the new CA, so `--finish` does not lock it out.
+            let mut certificate_pem = String::new();
+            if !request.csr_pem.is_empty() {
+                let issued = self
+                    .trust
+                    .authority()
+                    .sign_request(&request.csr_pem, &identity.name, identity.role)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                self.fleet
+                    .record_certificate(crate::store::CertificateRecord {
+                        serial: issued.serial.clone(),
+                        name: identity.name.clone(),
+                        role: identity.role.as_str().to_string(),
+                        issued_unix_ms: fleet_proto::now_unix_ms(),
+                        not_after_unix_ms: issued.not_after_unix_ms,
+                        issued_by: format!("ca rotation, for {}", identity.serial),
+                        labels: None,
+                    })
+                    .await
+                    .map_err(store_status)?;
+                certificate_pem = issued.cert_pem;
+            }
+            return Ok(Response::new(pb::RotateCaResponse {
+                ca_pem: self.trust.ca_bundle(),
+                certificate_pem,
+                hosts_not_connected: Vec::new(),
+                message: "rotation started: a new CA signs from now on and both are trusted; connected hosts renew by themselves; run `fleetctl ca rotate --finish` once `fleetctl ca rotate --finish` stops naming hosts".to_string(),
+            }));
+        }
+        // Hosts whose latest session used an old-CA certificate, unless removed or lost (a
+        // host between two sessions has not moved yet).
+        let mut on_old = Vec::new();
+        for host in self.trust.hosts_on_old_ca() {
+            let record = self.fleet.host_record(&host).map_err(store_status)?;
+            if record.is_some_and(|record| !self.fleet.is_lost(&record)) {
+                on_old.push(host);
+            }
+        }
+        if !on_old.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "hosts still use a certificate of the old CA: {}; connected hosts were told to renew and normally do within seconds: try again in a moment, and look at their agents' logs if they stay (a host that is down counts once it shows as lost)",
+                on_old.join(", ")
+            )));
+        }
+        let trust = self.trust.clone();
+        tokio::task::spawn_blocking(move || trust.finish_rotation())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(failed)?;
+        let hosts_not_connected: Vec<String> = self
+            .fleet
+            .host_records()
+            .map_err(store_status)?
+            .into_iter()
+            .map(|host| host.name)
+            .filter(|name| !self.fleet.is_connected(name))
+            .collect();
+        self.fleet
+            .event(
+                &actor,
+                "ca.rotation_finished",
+                "",
+                "",
+                format!(
+                    "the old CA is no longer trusted; the controller presents a certificate of the new one{}",
+                    if hosts_not_connected.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; not connected: {}", hosts_not_connected.join(", "))
+                    }
+                ),
+            )
+            .await;
+        Ok(Response::new(pb::RotateCaResponse {
+            ca_pem: self.trust.ca_bundle(),
+            certificate_pem: String::new(),
+            hosts_not_connected,
+            message: "rotation finished: only the new CA is trusted; give operators and CI new credentials (`fleetctl credentials create`) and the new ca.pem".to_string(),
         }))
     }
 

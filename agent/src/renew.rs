@@ -1,0 +1,199 @@
+//! Certificate renewal: the agent trades its certificate for a fresh one over its own
+//! mutual-TLS connection (`AgentService.Renew`; no join token), with a new key each time.
+//!
+//! When: once less than a third of the certificate's lifetime is left ([`decide`]), checked at
+//! start and then at the moment that third begins (never later than [`MAX_CHECK`] after the
+//! last check), and at once when the controller says so (`RenewCertificate`, during a CA
+//! rotation). A failed attempt is retried after [`RETRY`].
+//!
+//! How: a new key and request; the answer's certificate and CA bundle are written to
+//! `DATA/tls` (see [`crate::join::keep_renewed`]: a crash at any point leaves the old pair or
+//! the new one), then a new channel with them replaces the old one: the session reconnects on
+//! it at once and later fetches use it. The old certificate stays valid until it expires, so a
+//! reconnect in flight on it is not refused.
+
+use crate::join::{self, Credentials};
+use fleet_proto::pb;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+/// The longest time between two checks of the certificate's lifetime.
+pub const MAX_CHECK: Duration = Duration::from_secs(3600);
+/// How long after a failed renewal the agent tries again.
+pub const RETRY: Duration = Duration::from_secs(5);
+/// How long one renewal call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What to do about a certificate valid from `not_before` to `not_after` (unix seconds) at
+/// `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Less than a third of its lifetime is left (or it cannot be read): renew now.
+    RenewNow,
+    /// Look again after this long.
+    CheckIn(Duration),
+}
+
+/// Renew once less than a third of the lifetime is left; otherwise look again when that third
+/// begins, at most [`MAX_CHECK`] from now (a clock that jumps is caught within the hour).
+pub fn decide(not_before: i64, not_after: i64, now: i64) -> Decision {
+    let lifetime = not_after - not_before;
+    if lifetime <= 0 {
+        return Decision::RenewNow;
+    }
+    let renew_at = not_after - lifetime / 3;
+    if now >= renew_at {
+        return Decision::RenewNow;
+    }
+    let wait = Duration::from_secs((renew_at - now) as u64);
+    Decision::CheckIn(wait.min(MAX_CHECK))
+}
+
+fn now_unix() -> i64 {
+    fleet_proto::now_unix_ms() / 1000
+}
+
+/// What the renewal task works with.
+pub struct Renewer {
+    pub data_dir: PathBuf,
+    pub host_name: String,
+    pub controller: String,
+    pub credentials: Credentials,
+    /// The channel every call to the controller takes; replaced after a renewal.
+    pub channels: watch::Sender<Channel>,
+}
+
+impl Renewer {
+    /// Renews when [`decide`] or the controller (`advice`) says so, until `stop` turns true.
+    pub async fn run(
+        mut self,
+        mut advice: mpsc::UnboundedReceiver<String>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut advised: Option<String> = None;
+        loop {
+            let decision = match fleet_pki::identity::facts_of_pem(&self.credentials.cert_pem) {
+                Some(facts) => decide(facts.not_before_unix, facts.not_after_unix, now_unix()),
+                None => Decision::RenewNow,
+            };
+            let wait = match (decision, advised.take()) {
+                (_, Some(reason)) => {
+                    tracing::info!("the controller asked for a certificate renewal ({reason})");
+                    self.renew_or_retry().await
+                }
+                (Decision::RenewNow, None) => {
+                    tracing::info!(
+                        "the certificate has less than a third of its lifetime left: renewing it"
+                    );
+                    self.renew_or_retry().await
+                }
+                (Decision::CheckIn(wait), None) => wait,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                reason = advice.recv() => match reason {
+                    Some(reason) => advised = Some(reason),
+                    None => return,
+                },
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// One renewal; returns how long to wait before the next check.
+    async fn renew_or_retry(&mut self) -> Duration {
+        match self.renew().await {
+            Ok(()) => Duration::ZERO,
+            Err(message) => {
+                tracing::warn!(
+                    "cannot renew this host's certificate, trying again in {RETRY:?}: {message}"
+                );
+                RETRY
+            }
+        }
+    }
+
+    async fn renew(&mut self) -> Result<(), String> {
+        let key_pem = fleet_pki::request::new_key().map_err(|e| e.to_string())?;
+        let csr_pem = fleet_pki::request::request_for(&self.host_name, &key_pem)
+            .map_err(|e| e.to_string())?;
+        let channel = self.channels.borrow().clone();
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let response =
+            tokio::time::timeout(CALL_TIMEOUT, client.renew(pb::RenewRequest { csr_pem }))
+                .await
+                .map_err(|_| format!("the controller did not answer within {CALL_TIMEOUT:?}"))?
+                .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+                .into_inner();
+        let found = fleet_pki::identity::common_name_of_pem(&response.certificate_pem);
+        if found.as_deref() != Some(self.host_name.as_str()) {
+            return Err(format!(
+                "the controller answered with a certificate for {found:?}, not for this host"
+            ));
+        }
+        let credentials = Credentials {
+            ca_pem: if response.ca_pem.is_empty() {
+                self.credentials.ca_pem.clone()
+            } else {
+                response.ca_pem
+            },
+            cert_pem: response.certificate_pem,
+            key_pem,
+        };
+        let channel = crate::session::lazy_channel(&self.controller, &credentials)
+            .map_err(|e| e.to_string())?;
+        join::keep_renewed(&self.data_dir, &credentials).map_err(|e| e.to_string())?;
+        if let Some(facts) = fleet_pki::identity::facts_of_pem(&credentials.cert_pem) {
+            tracing::info!(
+                issuer = %facts.issuer,
+                "certificate renewed; valid for {}s more; reconnecting with it",
+                facts.not_after_unix - now_unix()
+            );
+        }
+        self.credentials = credentials;
+        self.channels.send_replace(channel);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_when_less_than_a_third_of_the_lifetime_is_left() {
+        use Decision::*;
+        let hour = 3600;
+        let year = 365 * 86_400;
+        for (not_before, not_after, now, expect) in [
+            // A 90-second certificate: renew from second 60 on.
+            (0, 90, 0, CheckIn(Duration::from_secs(60))),
+            (0, 90, 59, CheckIn(Duration::from_secs(1))),
+            (0, 90, 60, RenewNow),
+            (0, 90, 89, RenewNow),
+            (0, 90, 200, RenewNow), // expired: try anyway (the controller decides)
+            // A year: look again within the hour, renew in the last third.
+            (0, year, 0, CheckIn(MAX_CHECK)),
+            (
+                0,
+                year,
+                year - year / 3 - 10,
+                CheckIn(Duration::from_secs(10)),
+            ),
+            (0, year, year - year / 3, RenewNow),
+            // Not yet valid (clock behind): wait, bounded.
+            (hour, 4 * hour, 0, CheckIn(MAX_CHECK)),
+            // Nonsense validity: renew.
+            (10, 10, 0, RenewNow),
+            (10, 5, 0, RenewNow),
+        ] {
+            assert_eq!(
+                decide(not_before, not_after, now),
+                expect,
+                "{not_before}..{not_after} at {now}"
+            );
+        }
+    }
+}
