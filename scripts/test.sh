@@ -19,4 +19,6 @@ fi
 # The end-to-end tests start fleet-controller, fleet-agent and the example app as processes;
 # they find them in target/debug beside the test binaries.
 cargo build --workspace --bins
+# The agent of the previous release, for tests/tests/previous_agent.rs.
+bash scripts/build-previous-agent.sh
 cargo test --workspace -- --test-threads=2

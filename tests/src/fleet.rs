@@ -40,6 +40,8 @@ pub struct Agent {
     labels: Option<String>,
     /// Environment variables the agent gets at its next start (beside the test's own).
     env: Vec<(String, String)>,
+    /// Another fleet-agent binary to run (an older build), instead of the workspace's.
+    binary: Option<PathBuf>,
 }
 
 /// What one `fleetctl` call did.
@@ -278,6 +280,14 @@ impl Fleet {
         self.spawn_agent(name, None);
     }
 
+    /// Starts a new agent called `name` from another fleet-agent `binary` (an older build); it
+    /// joins with a fresh one-time token.
+    pub fn start_agent_from(&mut self, name: &str, binary: &Path) {
+        self.add_agent(name);
+        self.agent_mut(name).binary = Some(binary.to_path_buf());
+        self.spawn_agent(name, None);
+    }
+
     /// Starts a new agent called `name` that joins with `token` (which may be refused: see
     /// [`Fleet::agent_has_exited`]).
     pub fn start_agent_with_token(&mut self, name: &str, token: &str) {
@@ -338,6 +348,7 @@ impl Fleet {
             process_started: false,
             labels: None,
             env: Vec::new(),
+            binary: None,
         });
     }
 
@@ -352,7 +363,11 @@ impl Fleet {
             .clone()
             .unwrap_or_else(|| self.controller_url());
         let log = self.dir.path().join(format!("logs/agent-{name}.log"));
-        let bin = self.bins.agent.clone();
+        let bin = self
+            .agent(name)
+            .binary
+            .clone()
+            .unwrap_or_else(|| self.bins.agent.clone());
         let ca = self.config_dir().join("ca.pem");
         // Only the first start joins with a one-time token; a restart keeps its certificate.
         let join_token = if token.is_some() || self.agent(name).process_started {
