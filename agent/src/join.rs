@@ -289,24 +289,10 @@ fn create_private_dir(dir: &Path) -> Result<(), JoinError> {
 
 /// Writes a file with mode 0600 through a temporary file and a rename.
 fn write_private(path: &Path, text: &str) -> Result<(), JoinError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let write_error = |source| JoinError::Write {
+    fleet_pki::files::write_private_atomically(path, text).map_err(|source| JoinError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(write_error)?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(write_error)?;
-    std::fs::rename(&tmp, path).map_err(write_error)
+    })
 }
 
 #[cfg(test)]

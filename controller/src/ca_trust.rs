@@ -94,20 +94,8 @@ fn read(path: &Path) -> anyhow::Result<String> {
 
 /// Writes a file with mode 0600 through a temporary file and a rename.
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("rotating.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    fleet_pki::files::write_private_atomically(path, text)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn client_verifier(ca_bundle: &str) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {

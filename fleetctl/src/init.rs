@@ -278,25 +278,8 @@ mod tests {
 
     /// The certificate's DNS names and IP addresses, as text.
     fn certificate_names(dir: &Path) -> Vec<String> {
-        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
         let pem = std::fs::read_to_string(dir.join(CONTROLLER_CERT_FILE)).unwrap();
-        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
-        let (_, cert) = X509Certificate::from_der(&pem.contents).unwrap();
-        cert.subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-            .iter()
-            .map(|name| match name {
-                GeneralName::DNSName(dns) => dns.to_string(),
-                GeneralName::IPAddress(bytes) => match bytes.len() {
-                    4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap()).to_string(),
-                    _ => std::net::IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap()).to_string(),
-                },
-                other => format!("{other:?}"),
-            })
-            .collect()
+        fleet_pki::identity::alt_names_of_pem(&pem)
     }
 
     #[test]

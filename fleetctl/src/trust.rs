@@ -262,10 +262,7 @@ pub async fn ca_rotate(
 
 /// Replaces a file (mode 0600) through a temporary file and a rename.
 fn replace_private(path: &Path, text: &str) -> Result<(), CliError> {
-    let tmp = path.with_extension("rotating.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    write_private(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    fleet_pki::files::write_private_atomically(path, text)
         .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", path.display())))
 }
 

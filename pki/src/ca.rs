@@ -316,7 +316,6 @@ mod tests {
 
     #[test]
     fn the_controller_is_named_by_its_urls_hosts() {
-        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
         let (ca_pem, ca_key) = generate_ca().unwrap();
         let authority = Authority::load(&ca_pem, &ca_key).unwrap();
         let names = [
@@ -329,24 +328,7 @@ mod tests {
         ]
         .map(String::from);
         let server = authority.issue_controller(&names).unwrap();
-        let der = der_of(&server.cert_pem);
-        let (_, cert) = X509Certificate::from_der(&der).unwrap();
-        let mut sans: Vec<String> = cert
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-            .iter()
-            .map(|name| match name {
-                GeneralName::DNSName(dns) => dns.to_string(),
-                GeneralName::IPAddress(bytes) => match bytes.len() {
-                    4 => IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap()).to_string(),
-                    _ => IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap()).to_string(),
-                },
-                other => panic!("unexpected name {other:?}"),
-            })
-            .collect();
+        let mut sans = crate::identity::alt_names_of_pem(&server.cert_pem);
         sans.sort();
         assert_eq!(
             sans,

@@ -3,10 +3,12 @@
 //! ([`request`]), and the identity a certificate carries ([`identity`]: CN = name, OU = role,
 //! the serial that revocation lists).
 //!
-//! It does no I/O and knows nothing of gRPC: PEM text in, PEM text or an [`Identity`] out.
+//! It knows nothing of gRPC: PEM text in, PEM text or an [`Identity`] out. Its one I/O is
+//! [`files`]: writing a key or certificate privately and atomically.
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod files;
 pub mod identity;
 pub mod request;
 
