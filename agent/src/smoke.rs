@@ -2,7 +2,7 @@
 //! `http://` only), `tcp` (a connection must open) and `exec` (must exit 0; runs in the
 //! instance directory with the instance environment). `${VAR}` in a check is replaced from the
 //! instance environment. Each check is retried, first after [`FIRST_RETRY`] and then doubling to
-//! [`FAST_RETRY_CAP`] for the first [`FAST_PHASE`] (most apps are up within it, and each try
+//! [`FAST_RETRY_CAP`] (10 ms) for the first [`FAST_PHASE`] (most apps are up within it, and each try
 //! that is too early costs the rollout up to one pause), then to [`RETRY_INTERVAL`]
 //! ([`retry_pause`]), until its timeout, capped
 //! by the assignment's smoke timeout when that is non-zero and smaller; the checks run in order
@@ -24,7 +24,7 @@ use tokio::time::Instant;
 /// The pause before the second try of a check.
 pub const FIRST_RETRY: Duration = Duration::from_millis(5);
 /// The longest pause between two tries of one check while it is young.
-pub const FAST_RETRY_CAP: Duration = Duration::from_millis(20);
+pub const FAST_RETRY_CAP: Duration = Duration::from_millis(10);
 /// How long a check is retried at most [`FAST_RETRY_CAP`] apart.
 pub const FAST_PHASE: Duration = Duration::from_secs(2);
 /// The longest pause between two tries of one check.
@@ -304,10 +304,10 @@ mod tests {
         let ms = Duration::from_millis;
         for (previous, running_for, expect) in [
             (ms(5), ms(5), ms(10)),
-            (ms(10), ms(15), ms(20)),
-            (ms(20), ms(35), ms(20)),
-            (ms(20), ms(1999), ms(20)),
-            (ms(20), ms(2000), ms(40)),
+            (ms(10), ms(15), ms(10)),
+            (ms(10), ms(1999), ms(10)),
+            (ms(10), ms(2000), ms(20)),
+            (ms(40), ms(2500), ms(80)),
             (ms(80), ms(3000), ms(150)),
             (ms(150), ms(9000), ms(150)),
         ] {
