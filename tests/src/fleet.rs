@@ -42,6 +42,9 @@ pub struct Agent {
     env: Vec<(String, String)>,
     /// Another fleet-agent binary to run (an older build), instead of the workspace's.
     binary: Option<PathBuf>,
+    /// The URL this agent dials when not the controller's listen address: fixed when the agent
+    /// is added, so each agent can have its own (a fault proxy of its own) across restarts.
+    controller_url: Option<String>,
 }
 
 /// What one `fleetctl` call did.
@@ -159,6 +162,11 @@ impl Fleet {
         }
         fleet.wait_hosts_ready(n_hosts);
         fleet
+    }
+
+    /// Keeps the test's directory (logs, data dirs) when the fleet is dropped.
+    pub fn keep_dir(&mut self) {
+        self.dir.disable_cleanup(true);
     }
 
     /// The test's temp directory.
@@ -349,6 +357,7 @@ impl Fleet {
             labels: None,
             env: Vec::new(),
             binary: None,
+            controller_url: self.agent_controller_url.clone(),
         });
     }
 
@@ -357,10 +366,23 @@ impl Fleet {
         self.agent_controller_url = Some(url.to_string());
     }
 
+    /// Starts a new agent called `name` that dials `url` (a fault proxy in front of the
+    /// controller, say) instead of the controller's listen address, at this and every restart.
+    /// The agent still verifies the controller's certificate under its TLS name, so any
+    /// loopback address that forwards to the controller works.
+    pub fn start_agent_via(&mut self, name: &str, url: &str) {
+        let before = self.agent_controller_url.replace(url.to_string());
+        self.add_agent(name);
+        self.agent_controller_url = before;
+        self.spawn_agent(name, None);
+    }
+
     fn spawn_agent(&mut self, name: &str, token: Option<String>) {
         let url = self
-            .agent_controller_url
+            .agent(name)
+            .controller_url
             .clone()
+            .or_else(|| self.agent_controller_url.clone())
             .unwrap_or_else(|| self.controller_url());
         let log = self.dir.path().join(format!("logs/agent-{name}.log"));
         let bin = self

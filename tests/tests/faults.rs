@@ -1,0 +1,39 @@
+//! The fault runner's short run: a few faults of `fleet-faults`, each tried twice (the first
+//! two phases of a rollout: right after it starts, and while the canary deploys), every
+//! invariant checked after each try. The long run (`fleet-faults`, 20 tries of every fault)
+//! is not part of the suite; its figures are in RELIABILITY.md.
+
+use fleet_tests::faults::{self, report, Fault, Options};
+
+/// The seed of the short run: fixed, so a failure here replays with the line it prints.
+const SEED: u64 = 20_261_201;
+
+fn tried_twice(fault: Fault) {
+    let options = Options {
+        repeat: 2,
+        seed: SEED,
+        faults: vec![fault],
+        only_try: None,
+        verbose: true,
+        jobs: 1,
+    };
+    let reports = faults::run(&options);
+    let fault_report = &reports[0];
+    assert_eq!(fault_report.tries.len(), 2);
+    assert_eq!(fault_report.held(), 2, "{}", report::line(fault_report));
+}
+
+#[test]
+fn a_controller_killed_mid_rollout_breaks_no_invariant() {
+    tried_twice(Fault::ControllerKill);
+}
+
+#[test]
+fn an_agent_killed_mid_rollout_breaks_no_invariant() {
+    tried_twice(Fault::AgentKill);
+}
+
+#[test]
+fn a_link_cut_mid_rollout_breaks_no_invariant() {
+    tried_twice(Fault::LinkCut);
+}
