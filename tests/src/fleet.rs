@@ -116,6 +116,26 @@ impl Fleet {
     }
 
     fn start_with(n_hosts: usize, extra: &str, more_init_args: &[&str]) -> Fleet {
+        Fleet::start_prepared(n_hosts, extra, more_init_args, |_| {})
+    }
+
+    /// Like [`Fleet::start_with_controller_config`], calling `prepare` with the controller's
+    /// data directory (empty, not yet used) before the controller first starts: to mount a
+    /// small filesystem there, say.
+    pub fn start_with_controller_data(
+        n_hosts: usize,
+        extra: &str,
+        prepare: impl FnOnce(&Path),
+    ) -> Fleet {
+        Fleet::start_prepared(n_hosts, extra, &[], prepare)
+    }
+
+    fn start_prepared(
+        n_hosts: usize,
+        extra: &str,
+        more_init_args: &[&str],
+        prepare: impl FnOnce(&Path),
+    ) -> Fleet {
         let bins = Bins::locate();
         let dir = tempfile::Builder::new()
             .prefix("fleet-e2e-")
@@ -156,6 +176,9 @@ impl Fleet {
             let text = std::fs::read_to_string(&path).expect("controller.toml");
             std::fs::write(&path, format!("{text}\n{extra}\n")).expect("extend controller.toml");
         }
+        let data_dir = fleet.controller_data_dir();
+        std::fs::create_dir_all(&data_dir).expect("the controller's data dir");
+        prepare(&data_dir);
         fleet.start_controller();
         for idx in 0..n_hosts {
             fleet.start_agent(&format!("h{}", idx + 1));
@@ -187,6 +210,12 @@ impl Fleet {
     /// Where `fleetctl init` wrote controller.toml and client.toml.
     pub fn config_dir(&self) -> PathBuf {
         self.dir.path().join("config")
+    }
+
+    /// The controller's data directory (`data_dir = "data"` in controller.toml, as `fleetctl
+    /// init` writes it, is relative to the config dir).
+    pub fn controller_data_dir(&self) -> PathBuf {
+        self.config_dir().join("data")
     }
 
     /// `https://IP:PORT` of the controller (it speaks only mutual TLS).

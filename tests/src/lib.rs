@@ -27,6 +27,7 @@ pub mod net;
 pub mod process;
 pub mod proxy;
 pub mod sshd;
+pub mod tmpfs;
 
 use std::time::{Duration, Instant};
 

@@ -6,6 +6,7 @@
 use super::invariants::Baseline;
 use crate::fleet::Fleet;
 use crate::proxy::Proxy;
+use crate::tmpfs::Tmpfs;
 use crate::{incompressible_bytes, web_manifest};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -14,10 +15,12 @@ use std::time::Duration;
 
 /// Hosts of the fleet: a canary and two later waves of one host each.
 pub const N_HOSTS: usize = 3;
-/// Heartbeats every 300 ms, a host lost after 2 s of silence: the lost-host grace the faults
-/// are measured against.
-pub const LOST_AFTER: Duration = Duration::from_millis(2_000);
-const FAST_LOST: &str = "heartbeat_interval_ms = 300\nlost_after_ms = 2000";
+/// Heartbeats every 500 ms, a host lost after 6 s of silence: the lost-host grace the faults
+/// are measured against. It must be longer than the agent's longest pause between reconnects
+/// (`MAX_RECONNECT_BACKOFF`, 5 s): with a shorter grace a link cut a few times in a row makes
+/// a host lost only because its agent is waiting to dial again.
+pub const LOST_AFTER: Duration = Duration::from_millis(6_000);
+const FAST_LOST: &str = "heartbeat_interval_ms = 500\nlost_after_ms = 6000";
 /// The smoke checks' timeout in the releases the runner makes.
 pub const SMOKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The canary pause of the rollouts that test the paused phase.
@@ -38,13 +41,38 @@ pub struct Bench {
     pub acknowledged: Vec<String>,
     pub baseline: Baseline,
     releases_made: u32,
+    /// The small filesystem the controller's data directory is on, when the fault fills it.
+    pub controller_disk: Option<Tmpfs>,
 }
 
+/// The size of the controller's data directory when it is a tmpfs: room for the releases of a
+/// long run (about 3 MiB each), little enough to fill in a moment.
+pub const CONTROLLER_DISK_MIB: u64 = 160;
+
 impl Bench {
-    /// Starts the fleet, rolls out a first release and one more (so caches and pools are warm),
-    /// then takes the baseline of open files and memory.
-    pub fn start(seed: u64) -> Result<Bench> {
-        let mut fleet = Fleet::start_with_controller_config(0, FAST_LOST);
+    /// Starts the fleet, rolls out [`WARM_UP_ROLLOUTS`] releases (so caches and pools are
+    /// warm), then takes the baseline of open files and memory.
+    /// With `controller_disk`, the controller's data directory is a tmpfs of
+    /// [`CONTROLLER_DISK_MIB`] (root only).
+    pub fn start(seed: u64, controller_disk: bool) -> Result<Bench> {
+        let mut disk = None;
+        let mut mount_error = None;
+        let mut fleet = if controller_disk {
+            // The upload check's free-space floor is for real disks; here the disk is small.
+            let extra = format!("{FAST_LOST}\nmin_free_disk_mb = 1");
+            Fleet::start_with_controller_data(0, &extra, |dir| {
+                match Tmpfs::mount(dir, CONTROLLER_DISK_MIB) {
+                    Ok(tmpfs) => disk = Some(tmpfs),
+                    Err(e) => mount_error = Some(e),
+                }
+            })
+        } else {
+            Fleet::start_with_controller_config(0, FAST_LOST)
+        };
+        if let Some(e) = mount_error {
+            fleet.kill_controller();
+            bail!("{e}");
+        }
         let controller: SocketAddr = fleet
             .controller_url()
             .trim_start_matches("https://")
@@ -65,6 +93,7 @@ impl Bench {
             acknowledged: Vec::new(),
             baseline: Baseline::default(),
             releases_made: 0,
+            controller_disk: disk,
         };
         // Warm-up rollouts as large as the tries' (their artifacts carry up to 1 MiB of padding).
         for _ in 0..WARM_UP_ROLLOUTS {
@@ -157,6 +186,17 @@ impl Bench {
         Ok(id)
     }
 
+    /// `release create probe VERSION` of a tiny artifact (an app of its own, so `web` is not
+    /// touched): what a call that must write to the controller's disk does.
+    pub fn create_probe_release(&self, version: &str) -> crate::fleet::CtlOutput {
+        let manifest = web_manifest("5s");
+        let artifact = self.fleet.write_artifact(&[
+            ("fleet.toml", manifest.as_bytes(), 0o644),
+            ("bin/web", b"#!/bin/sh\nexit 0\n", 0o755),
+        ]);
+        self.fleet.create_release("probe", version, &artifact, &[])
+    }
+
     /// `rollout status ID`, or `None` while the controller does not answer.
     pub fn rollout_status(&self, id: &str) -> Option<Value> {
         let out = self.fleet.ctl(&["rollout", "status", id]);
@@ -188,5 +228,16 @@ impl Bench {
             last["current_wave"],
             last["message"]
         )
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        // The controller goes before the filesystem under it; the fleet then removes the rest.
+        if let Some(disk) = self.controller_disk.take() {
+            self.fleet.kill_controller();
+            disk.free();
+            drop(disk);
+        }
     }
 }

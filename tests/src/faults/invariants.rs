@@ -256,7 +256,7 @@ pub fn history(fleet: &Fleet, acknowledged: &[String]) -> Result<(), String> {
     }
     let lost: Vec<&String> = acknowledged
         .iter()
-        .filter(|id| !out.stdout.contains(id.as_str()))
+        .filter(|id| !out.stdout.contains(&format!("\"{id}\"")))
         .collect();
     if lost.is_empty() {
         Ok(())

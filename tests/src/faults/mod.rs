@@ -40,17 +40,22 @@ pub enum Fault {
     ArtifactCut,
     /// One bit flipped in the bytes from the controller on every host's next 1–3 connections.
     ByteFlip,
+    /// The controller's data directory (a tmpfs) filled up for 0.5–3 s: a release created
+    /// meanwhile must fail with a clear error, and once space is freed the same call must
+    /// work and the rollout under way must end as any other. Root only.
+    ControllerDiskFull,
 }
 
 impl Fault {
     /// Every fault run by default, in order (`none`, the control, only when asked for).
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 7] = [
         Fault::ControllerKill,
         Fault::AgentKill,
         Fault::AgentStop,
         Fault::LinkCut,
         Fault::ArtifactCut,
         Fault::ByteFlip,
+        Fault::ControllerDiskFull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +67,7 @@ impl Fault {
             Fault::LinkCut => "link-cut",
             Fault::ArtifactCut => "artifact-cut",
             Fault::ByteFlip => "byte-flip",
+            Fault::ControllerDiskFull => "controller-disk-full",
         }
     }
 
@@ -70,10 +76,11 @@ impl Fault {
             Fault::Nothing => "no fault: the control",
             Fault::ControllerKill => "controller SIGKILL, restarted 0-3 s later",
             Fault::AgentKill => "agent SIGKILL, restarted 0-1 s later (its app runs on, adopted)",
-            Fault::AgentStop => "agent SIGSTOP past the lost-host grace (2 s), then SIGCONT",
+            Fault::AgentStop => "agent SIGSTOP past the lost-host grace (6 s), then SIGCONT",
             Fault::LinkCut => "agent-controller link cut at a TCP proxy for 0.3-4 s",
             Fault::ArtifactCut => "every host's next 2-4 connections cut after 32 KiB-1.5 MiB",
             Fault::ByteFlip => "one bit flipped from the controller on the next 1-3 connections",
+            Fault::ControllerDiskFull => "the controller's data directory (tmpfs) full for 0.5-3 s",
         }
     }
 
@@ -83,7 +90,10 @@ impl Fault {
     /// cuts fewer times in a row than the agent's limit of attempts without progress), a
     /// corrupted record is refused by TLS and fetched again.
     pub fn may_halt(self) -> bool {
-        matches!(self, Fault::AgentStop | Fault::LinkCut)
+        matches!(
+            self,
+            Fault::AgentStop | Fault::LinkCut | Fault::ControllerDiskFull
+        )
     }
 
     pub fn from_name(name: &str) -> Option<Fault> {
@@ -189,6 +199,9 @@ pub struct TryOutcome {
     /// What broke; empty when every invariant held.
     pub broken: Vec<String>,
     pub took: Duration,
+    /// Whether the fleet came out of the try working (only its resources, if anything, were
+    /// off): then the next try goes on with it rather than with a fresh fleet.
+    pub fleet_sound: bool,
     /// Open files and resident memory of each process after the try (`controller`, `h1`, …).
     pub usage: std::collections::BTreeMap<String, invariants::Usage>,
 }
@@ -242,13 +255,17 @@ fn run_fault(fault: Fault, options: &Options) -> FaultReport {
         Some(idx) => vec![idx],
         None => (0..options.repeat).collect(),
     };
+    if fault == Fault::ControllerDiskFull && !crate::tmpfs::Tmpfs::can_mount() {
+        report.skipped = Some("needs root to mount a tmpfs".to_string());
+        return report;
+    }
     let mut bench: Option<Bench> = None;
     for try_idx in tries {
         let seed = Rng::try_seed(options.seed, fault.index(), try_idx);
         let phase = Phase::of_try(try_idx);
         let started = Instant::now();
         if bench.is_none() {
-            match catch(|| Bench::start(seed)) {
+            match catch(|| Bench::start(seed, fault == Fault::ControllerDiskFull)) {
                 Ok(fresh) => bench = Some(fresh),
                 Err(why) => {
                     report.tries.push(TryOutcome {
@@ -258,6 +275,7 @@ fn run_fault(fault: Fault, options: &Options) -> FaultReport {
                         in_phase: false,
                         broken: vec![format!("the fleet did not start: {why}")],
                         took: started.elapsed(),
+                        fleet_sound: false,
                         usage: Default::default(),
                     });
                     continue;
@@ -273,6 +291,7 @@ fn run_fault(fault: Fault, options: &Options) -> FaultReport {
                 in_phase: false,
                 broken: vec![why],
                 took: Duration::ZERO,
+                fleet_sound: false,
                 usage: Default::default(),
             });
         let outcome = TryOutcome {
@@ -308,7 +327,7 @@ fn run_fault(fault: Fault, options: &Options) -> FaultReport {
                 }
             );
         }
-        if !outcome.broken.is_empty() {
+        if !outcome.fleet_sound {
             // Whatever state the fleet is in, the next try starts from a fresh one.
             if let Some(mut broken_bench) = bench.take() {
                 if std::env::var_os("FLEET_FAULTS_KEEP").is_some_and(|v| v == "1") {
@@ -353,6 +372,7 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
         in_phase: false,
         broken: Vec::new(),
         took: Duration::ZERO,
+        fleet_sound: false,
         usage: Default::default(),
     };
     let extra = rng.between(64 * 1024, 1024 * 1024) as usize;
@@ -467,6 +487,9 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
     if let Err(e) = invariants::history(&bench.fleet, &bench.acknowledged) {
         broken.push(e);
     }
+    // A process over its memory or files is reported; the fleet itself still works, so the
+    // next try goes on with it (and the growth, if it is one, shows in the figures).
+    outcome.fleet_sound = broken.is_empty();
     if let Err(e) = invariants::resources(&bench.fleet, &bench.baseline) {
         broken.push(e);
     }
@@ -531,6 +554,38 @@ fn inject(bench: &mut Bench, fault: Fault, target: &str, rng: &mut Rng) -> Resul
                 // The rules apply to new connections: end the ones open now.
                 proxy.cut();
                 proxy.restore();
+            }
+        }
+        Fault::ControllerDiskFull => {
+            let disk = bench
+                .controller_disk
+                .as_ref()
+                .ok_or("the controller's data directory is no tmpfs")?;
+            disk.fill();
+            let probe = format!("0.{}.0", rng.between(1, 1_000_000));
+            let refused = bench.create_probe_release(&probe);
+            std::thread::sleep(rng.millis(500, 3_000));
+            let disk = bench
+                .controller_disk
+                .as_ref()
+                .ok_or("the controller's data directory is no tmpfs")?;
+            disk.free();
+            let said = format!("{}{}", refused.stdout, refused.stderr).to_lowercase();
+            if refused.code == 0 {
+                return Err(format!("release create {probe} succeeded on a full disk"));
+            }
+            if !["space", "disk", "full"].iter().any(|w| said.contains(w)) {
+                return Err(format!(
+                    "release create on a full disk failed without saying why: {}",
+                    refused.stderr.trim()
+                ));
+            }
+            let again = bench.create_probe_release(&probe);
+            if again.code != 0 {
+                return Err(format!(
+                    "release create {probe} still fails once space is free: {}",
+                    again.stderr.trim()
+                ));
             }
         }
         Fault::ByteFlip => {
