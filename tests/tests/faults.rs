@@ -37,3 +37,26 @@ fn an_agent_killed_mid_rollout_breaks_no_invariant() {
 fn a_link_cut_mid_rollout_breaks_no_invariant() {
     tried_twice(Fault::LinkCut);
 }
+
+/// The controller's data directory fills up (a tmpfs, so root only: skipped otherwise): a
+/// call that must write fails saying so, the rollout under way ends, and once space is freed
+/// the same call works, without a restart (redb refuses everything after an I/O error until
+/// the store is opened again).
+#[test]
+fn a_full_controller_disk_fails_calls_clearly_and_works_once_freed() {
+    let options = Options {
+        repeat: 2,
+        seed: SEED,
+        faults: vec![Fault::ControllerDiskFull],
+        only_try: None,
+        verbose: true,
+        jobs: 1,
+    };
+    let reports = faults::run(&options);
+    let fault_report = &reports[0];
+    if let Some(why) = &fault_report.skipped {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    assert_eq!(fault_report.held(), 2, "{}", report::line(fault_report));
+}
