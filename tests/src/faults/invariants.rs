@@ -143,11 +143,59 @@ pub fn resources(fleet: &Fleet, baseline: &Baseline) -> Result<(), String> {
 
 /// Waits until every host serves `version` and `status` shows it running there.
 pub fn converged(fleet: &Fleet, version: &str, deadline: Duration) -> Result<(), String> {
+    converged_to(fleet, |_, _| Some(version.to_string()), deadline)
+}
+
+/// After a rollout that halted without rolling back: waits until every host serves the release
+/// `status` says it should run (its desired version), one of `allowed`, and shows it running
+/// there; which host was left on which, as `h1 1.4.0, h2 1.3.0`.
+pub fn converged_as_desired(
+    fleet: &Fleet,
+    allowed: &[&str],
+    deadline: Duration,
+) -> Result<String, String> {
+    let mut left = BTreeMap::new();
+    converged_to(
+        fleet,
+        |name, status| {
+            let desired = status["hosts"]
+                .as_array()?
+                .iter()
+                .find(|h| h["name"] == name)?["apps"]
+                .as_array()?
+                .iter()
+                .find(|a| a["app"] == "web")?["desired_version"]
+                .as_str()?
+                .to_string();
+            left.insert(name.to_string(), desired.clone());
+            allowed.contains(&desired.as_str()).then_some(desired)
+        },
+        deadline,
+    )?;
+    Ok(left
+        .iter()
+        .map(|(host, version)| format!("{host} {version}"))
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// Waits until every host serves the version `expect` gives it (from `status`; `None`: no
+/// acceptable version) and `status` shows it running there.
+fn converged_to(
+    fleet: &Fleet,
+    mut expect: impl FnMut(&str, &serde_json::Value) -> Option<String>,
+    deadline: Duration,
+) -> Result<(), String> {
     let started = Instant::now();
     loop {
         let status = fleet.ctl(&["status", "web"]);
         let mut wrong = Vec::new();
         for name in fleet.host_names() {
+            let Some(version) = expect(&name, &status.json) else {
+                wrong.push(format!("{name}: no acceptable desired release in status"));
+                continue;
+            };
+            let version = version.as_str();
             let expect = format!("web {version} on {name}\n");
             let served = fleet.web_get(&name, "/");
             if served.as_deref() != Some(expect.as_str()) {

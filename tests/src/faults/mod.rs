@@ -199,6 +199,8 @@ pub struct TryOutcome {
     /// What broke; empty when every invariant held.
     pub broken: Vec<String>,
     pub took: Duration,
+    /// What the try left that is fine but worth saying (hosts left on two releases).
+    pub note: String,
     /// Whether the fleet came out of the try working (only its resources, if anything, were
     /// off): then the next try goes on with it rather than with a fresh fleet.
     pub fleet_sound: bool,
@@ -275,6 +277,7 @@ fn run_fault(fault: Fault, options: &Options) -> FaultReport {
                         in_phase: false,
                         broken: vec![format!("the fleet did not start: {why}")],
                         took: started.elapsed(),
+                        note: String::new(),
                         fleet_sound: false,
                         usage: Default::default(),
                     });
@@ -291,6 +294,7 @@ fn run_fault(fault: Fault, options: &Options) -> FaultReport {
                 in_phase: false,
                 broken: vec![why],
                 took: Duration::ZERO,
+                note: String::new(),
                 fleet_sound: false,
                 usage: Default::default(),
             });
@@ -321,7 +325,11 @@ fn run_fault(fault: Fault, options: &Options) -> FaultReport {
                     .map(|(role, u)| format!(" {role} {}fd/{}KiB", u.fds, u.rss_kib))
                     .collect::<String>(),
                 if outcome.broken.is_empty() {
-                    String::new()
+                    if outcome.note.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", outcome.note)
+                    }
                 } else {
                     format!("; BROKE: {}", outcome.broken.join("; "))
                 }
@@ -372,6 +380,7 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
         in_phase: false,
         broken: Vec::new(),
         took: Duration::ZERO,
+        note: String::new(),
         fleet_sound: false,
         usage: Default::default(),
     };
@@ -472,7 +481,25 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
     } else {
         previous.clone()
     };
-    if !outcome.end.is_empty() {
+    let mut mixed = false;
+    if matches!(outcome.end.as_str(), "failed" | "aborted") {
+        // Halted without rolling back (the store failed, say): each host keeps what the
+        // controller last gave it, the old release or the new one, and serves that.
+        mixed = true;
+        match invariants::converged_as_desired(
+            &bench.fleet,
+            &[previous.as_str(), version.as_str()],
+            CONVERGE_DEADLINE,
+        ) {
+            Ok(left) => {
+                outcome.note = format!("halted without rolling back, hosts left on: {left}")
+            }
+            Err(e) => broken.push(format!(
+                "after {} hosts did not serve what status says: {e}",
+                outcome.end
+            )),
+        }
+    } else if !outcome.end.is_empty() {
         match invariants::converged(&bench.fleet, &expected, CONVERGE_DEADLINE) {
             Ok(()) => bench.current_version = expected,
             Err(e) => broken.push(format!(
@@ -489,7 +516,7 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
     }
     // A process over its memory or files is reported; the fleet itself still works, so the
     // next try goes on with it (and the growth, if it is one, shows in the figures).
-    outcome.fleet_sound = broken.is_empty();
+    outcome.fleet_sound = broken.is_empty() && !mixed;
     if let Err(e) = invariants::resources(&bench.fleet, &bench.baseline) {
         broken.push(e);
     }
