@@ -89,6 +89,12 @@ struct Live {
     /// Convergences whose result is not known yet, by key: what the converger resolves and
     /// counts against the budget.
     pending: BTreeMap<String, ConvergenceRecord>,
+    /// When each host whose session ended was last heard from, set in the same step that
+    /// forgets the session. The store's copy is written a moment later, after the host lock:
+    /// without this, a reader in between found neither and took the stored time of the
+    /// host's last connect, so a host cut off for an instant mid-wave was "lost: nothing heard
+    /// from it for 13s" (found by fleet-faults' artifact-cut).
+    heard_before_disconnect: HashMap<String, i64>,
 }
 
 pub struct FleetState {
@@ -1009,6 +1015,7 @@ impl FleetState {
         let last_seen = self
             .last_seen(&record.name)
             .unwrap_or(record.last_seen_unix_ms)
+            .max(record.last_seen_unix_ms)
             .max(self.started_unix_ms);
         fleet_proto::now_unix_ms() - last_seen > self.lost_after_ms as i64
     }
@@ -1017,7 +1024,8 @@ impl FleetState {
     pub fn silent_for_secs(&self, record: &HostRecord) -> i64 {
         let last_seen = self
             .last_seen(&record.name)
-            .unwrap_or(record.last_seen_unix_ms);
+            .unwrap_or(record.last_seen_unix_ms)
+            .max(record.last_seen_unix_ms);
         (fleet_proto::now_unix_ms() - last_seen) / 1000
     }
 
@@ -1073,17 +1081,24 @@ impl FleetState {
         }
     }
 
+    /// Removes the live entry of `host` if it is still `session`'s, keeping when it was last
+    /// heard from ([`Live::heard_before_disconnect`]); that time, if it was.
+    fn forget_session(&self, host: &str, session: u64) -> Option<i64> {
+        let mut live = self.live();
+        match live.hosts.get(host) {
+            Some(h) if h.session == session => {
+                let last_seen = live.hosts.remove(host).map(|h| h.last_seen_unix_ms)?;
+                live.heard_before_disconnect
+                    .insert(host.to_string(), last_seen);
+                Some(last_seen)
+            }
+            _ => None,
+        }
+    }
+
     /// Forgets a session when its stream ends (unless a newer one already replaced it).
     pub async fn host_disconnected(&self, host: &str, session: u64) {
-        let last_seen = {
-            let mut live = self.live();
-            match live.hosts.get(host) {
-                Some(h) if h.session == session => {
-                    live.hosts.remove(host).map(|h| h.last_seen_unix_ms)
-                }
-                _ => None,
-            }
-        };
+        let last_seen = self.forget_session(host, session);
         if let Some(last_seen) = last_seen {
             {
                 // Under the lock: a removed host stays removed, a wave just written stays.
@@ -1109,9 +1124,13 @@ impl FleetState {
         self.live().hosts.contains_key(host)
     }
 
-    /// When the host was last heard from while connected.
+    /// When the host was last heard from while connected (this run of the controller).
     pub fn last_seen(&self, host: &str) -> Option<i64> {
-        self.live().hosts.get(host).map(|h| h.last_seen_unix_ms)
+        let live = self.live();
+        live.hosts
+            .get(host)
+            .map(|h| h.last_seen_unix_ms)
+            .or_else(|| live.heard_before_disconnect.get(host).copied())
     }
 
     /// The instance of `app` on `host` as last reported, if the host is connected.
@@ -1320,6 +1339,46 @@ pub(crate) mod tests {
             .unwrap()
             .into_iter()
             .collect()
+    }
+
+    /// A session that ends leaves when its host was last heard from readable at once, before
+    /// the store's copy is written: a host heard a moment ago is not lost.
+    #[test]
+    fn a_host_whose_session_just_ended_is_not_silent_since_it_connected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let artifacts =
+            ArtifactStore::open(dir.path(), crate::config::UploadLimits::default()).unwrap();
+        let fleet = FleetState::new(store, artifacts, 500, 6_000);
+        let heard = fleet_proto::now_unix_ms() - 100;
+        fleet.live().hosts.insert(
+            "h1".to_string(),
+            LiveHost {
+                session: 7,
+                desired_tx: watch::channel(DesiredAssignments::default()).0,
+                instances: BTreeMap::new(),
+                last_seen_unix_ms: heard,
+            },
+        );
+        // A stale session's end changes nothing.
+        assert_eq!(fleet.forget_session("h1", 6), None);
+        assert!(fleet.is_connected("h1"));
+        assert_eq!(fleet.forget_session("h1", 7), Some(heard));
+        assert!(!fleet.is_connected("h1"));
+        assert_eq!(fleet.last_seen("h1"), Some(heard));
+        // The host's record still holds the time it connected, long ago.
+        let record = HostRecord {
+            name: "h1".to_string(),
+            labels: BTreeMap::new(),
+            advertise_addr: "127.0.0.2".to_string(),
+            registered_unix_ms: heard - 60_000,
+            last_seen_unix_ms: heard - 60_000,
+            desired: BTreeMap::new(),
+            drain: None,
+            agent: AgentInfo::default(),
+        };
+        assert!(!fleet.is_lost(&record));
+        assert_eq!(fleet.silent_for_secs(&record), 0);
     }
 
     #[test]

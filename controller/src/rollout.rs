@@ -1180,8 +1180,29 @@ impl Executor {
 
     async fn finish(&mut self, line: String) {
         self.record.finished_unix_ms = fleet_proto::now_unix_ms();
-        if let Err(e) = self.save().await {
-            tracing::error!("cannot save the end of rollout {}: {e}", self.record.id);
+        // The end must be written: a rollout whose record still says `running` with no executor
+        // behind it would hold its app until the next controller start. A store that failed
+        // (a full disk) works again once the cause is gone, so try again until then.
+        let mut pause = END_SAVE_FIRST_PAUSE;
+        for attempt in 1..=END_SAVE_ATTEMPTS {
+            let Err(e) = self.save().await else {
+                break;
+            };
+            if attempt == END_SAVE_ATTEMPTS {
+                tracing::error!(
+                    "cannot save the end of rollout {} after {attempt} attempts: {e}; the next controller start picks it up",
+                    self.record.id
+                );
+                break;
+            }
+            if attempt == 1 {
+                tracing::error!(
+                    "cannot save the end of rollout {}: {e}; trying again until it is written",
+                    self.record.id
+                );
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(END_SAVE_MAX_PAUSE);
         }
         let kind = format!("rollout.{}", self.record.state.as_str());
         self.fleet
@@ -1199,6 +1220,12 @@ impl Executor {
         self.emit(line);
     }
 }
+
+/// How often, and how far apart, the executor tries again to write a rollout's end that the
+/// store refused (a full disk): about 15 minutes in all; a shutdown stops it sooner.
+const END_SAVE_ATTEMPTS: u32 = 200;
+const END_SAVE_FIRST_PAUSE: Duration = Duration::from_millis(100);
+const END_SAVE_MAX_PAUSE: Duration = Duration::from_secs(5);
 
 /// Resolves with the actor once the rollout's control says abort (at once if it already does);
 /// never, if the control goes away.

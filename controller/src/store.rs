@@ -138,7 +138,11 @@ pub enum ReleaseInsert {
 /// blocking pool (see `FleetState`), never run on a runtime worker.
 #[derive(Clone)]
 pub struct Store {
-    db: std::sync::Arc<Database>,
+    /// The open database; `None` while it is being reopened after an I/O error (see
+    /// [`Store::reopen_after_io_error`]).
+    db: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<Database>>>>,
+    /// The database file, to reopen it.
+    path: std::path::PathBuf,
     /// How many events the log keeps at least (`max_events` in controller.toml); older ones
     /// are deleted in batches as new ones are written.
     max_events: u64,
@@ -292,7 +296,8 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError>
 impl Store {
     /// Opens (or creates) the store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(data_dir.join(STORE_FILE)).map_err(db_err)?;
+        let path = data_dir.join(STORE_FILE);
+        let db = Database::create(&path).map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
         {
             txn.open_table(HOSTS).map_err(db_err)?;
@@ -309,9 +314,48 @@ impl Store {
         }
         txn.commit().map_err(db_err)?;
         Ok(Store {
-            db: std::sync::Arc::new(db),
+            db: std::sync::Arc::new(std::sync::Mutex::new(Some(std::sync::Arc::new(db)))),
+            path,
             max_events: DEFAULT_MAX_EVENTS,
         })
+    }
+
+    /// The open database, reopened first if an I/O error closed it.
+    fn db(&self) -> Result<std::sync::Arc<Database>, StoreError> {
+        let mut slot = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        // redb refuses every transaction after an I/O error until the database is opened
+        // again; opening it checks (and if need be repairs) the file. It fails while a
+        // transaction of the old handle is still alive, or while the disk is still full: then
+        // this call fails and the next one tries again.
+        let db = Database::create(&self.path).map_err(|e| {
+            StoreError::Db(Box::new(redb::Error::Io(std::io::Error::other(format!(
+                "the store is being reopened after an I/O error, and reopening failed: {}",
+                redb::Error::from(e)
+            )))))
+        })?;
+        tracing::info!("store reopened after an I/O error");
+        let db = std::sync::Arc::new(db);
+        *slot = Some(db.clone());
+        Ok(db)
+    }
+
+    /// After an I/O error (a full disk, say) redb answers every later transaction with
+    /// "Previous I/O error occurred": the handle is dropped here so that the next call opens
+    /// the database again, and the store works once the cause is gone, without a restart.
+    fn reopen_after_io_error(&self, result: &Result<(), StoreError>) {
+        let failed_io = matches!(
+            result,
+            Err(StoreError::Db(e)) if matches!(**e, redb::Error::Io(_) | redb::Error::PreviousIo)
+        );
+        if failed_io {
+            let mut slot = self.db.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.take().is_some() {
+                tracing::warn!("the store had an I/O error; it is opened again on its next use");
+            }
+        }
     }
 
     /// The same store, keeping at least `max_events` events (at least 1).
@@ -325,7 +369,7 @@ impl Store {
         table: TableDefinition<&str, &[u8]>,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(table).map_err(db_err)?;
         match table.get(key).map_err(db_err)? {
             Some(value) => Ok(Some(decode(key, value.value())?)),
@@ -337,7 +381,7 @@ impl Store {
         &self,
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(table).map_err(db_err)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(db_err)? {
@@ -565,7 +609,7 @@ impl Store {
 
     /// The newest `limit` events, oldest first.
     pub fn recent_events(&self, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(EVENTS).map_err(db_err)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(db_err)?.rev().take(limit) {
@@ -715,7 +759,7 @@ impl Store {
 
     /// Whether a certificate serial (hex) is revoked. Called by auth on every call.
     pub fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(REVOKED).map_err(db_err)?;
         Ok(table.get(serial).map_err(db_err)?.is_some())
     }
@@ -764,7 +808,7 @@ impl Store {
     /// Every operator and CI credential (certificates of role admin or deployer), with when
     /// it was last used and revoked, ordered by name and issue time.
     pub fn list_credentials(&self) -> Result<Vec<CredentialView>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let certificates = txn.open_table(CERTIFICATES).map_err(db_err)?;
         let revoked = txn.open_table(REVOKED).map_err(db_err)?;
         let last_used = txn.open_table(CREDENTIAL_USES).map_err(db_err)?;
@@ -920,7 +964,7 @@ impl Store {
     pub fn export(&self, to: impl std::io::Write) -> Result<ExportSummary, StoreError> {
         let mut to = std::io::BufWriter::new(to);
         let io = |e: std::io::Error| StoreError::Dump(format!("cannot write it: {e}"));
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let mut summary = ExportSummary::default();
         let line = |to: &mut std::io::BufWriter<_>, record: DumpRecord| {
             serde_json::to_writer(&mut *to, &record).map_err(|e| io(e.into()))?;
@@ -1139,10 +1183,15 @@ impl Store {
         &self,
         body: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        body(&txn)?;
-        txn.commit().map_err(db_err)?;
-        Ok(())
+        let db = self.db()?;
+        let result = (|| {
+            let txn = db.begin_write().map_err(db_err)?;
+            body(&txn)?;
+            txn.commit().map_err(db_err)
+        })();
+        drop(db);
+        self.reopen_after_io_error(&result);
+        result
     }
 }
 
@@ -1408,7 +1457,7 @@ mod tests {
     fn a_dump_holds_every_table_the_store_has() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let txn = store.db.begin_read().unwrap();
+        let txn = store.db().unwrap().begin_read().unwrap();
         let existing: std::collections::BTreeSet<String> = txn
             .list_tables()
             .unwrap()

@@ -42,6 +42,9 @@ pub struct Agent {
     env: Vec<(String, String)>,
     /// Another fleet-agent binary to run (an older build), instead of the workspace's.
     binary: Option<PathBuf>,
+    /// The URL this agent dials when not the controller's listen address: fixed when the agent
+    /// is added, so each agent can have its own (a fault proxy of its own) across restarts.
+    controller_url: Option<String>,
 }
 
 /// What one `fleetctl` call did.
@@ -113,6 +116,26 @@ impl Fleet {
     }
 
     fn start_with(n_hosts: usize, extra: &str, more_init_args: &[&str]) -> Fleet {
+        Fleet::start_prepared(n_hosts, extra, more_init_args, |_| {})
+    }
+
+    /// Like [`Fleet::start_with_controller_config`], calling `prepare` with the controller's
+    /// data directory (empty, not yet used) before the controller first starts: to mount a
+    /// small filesystem there, say.
+    pub fn start_with_controller_data(
+        n_hosts: usize,
+        extra: &str,
+        prepare: impl FnOnce(&Path),
+    ) -> Fleet {
+        Fleet::start_prepared(n_hosts, extra, &[], prepare)
+    }
+
+    fn start_prepared(
+        n_hosts: usize,
+        extra: &str,
+        more_init_args: &[&str],
+        prepare: impl FnOnce(&Path),
+    ) -> Fleet {
         let bins = Bins::locate();
         let dir = tempfile::Builder::new()
             .prefix("fleet-e2e-")
@@ -153,12 +176,20 @@ impl Fleet {
             let text = std::fs::read_to_string(&path).expect("controller.toml");
             std::fs::write(&path, format!("{text}\n{extra}\n")).expect("extend controller.toml");
         }
+        let data_dir = fleet.controller_data_dir();
+        std::fs::create_dir_all(&data_dir).expect("the controller's data dir");
+        prepare(&data_dir);
         fleet.start_controller();
         for idx in 0..n_hosts {
             fleet.start_agent(&format!("h{}", idx + 1));
         }
         fleet.wait_hosts_ready(n_hosts);
         fleet
+    }
+
+    /// Keeps the test's directory (logs, data dirs) when the fleet is dropped.
+    pub fn keep_dir(&mut self) {
+        self.dir.disable_cleanup(true);
     }
 
     /// The test's temp directory.
@@ -179,6 +210,12 @@ impl Fleet {
     /// Where `fleetctl init` wrote controller.toml and client.toml.
     pub fn config_dir(&self) -> PathBuf {
         self.dir.path().join("config")
+    }
+
+    /// The controller's data directory (`data_dir = "data"` in controller.toml, as `fleetctl
+    /// init` writes it, is relative to the config dir).
+    pub fn controller_data_dir(&self) -> PathBuf {
+        self.config_dir().join("data")
     }
 
     /// `https://IP:PORT` of the controller (it speaks only mutual TLS).
@@ -349,6 +386,7 @@ impl Fleet {
             labels: None,
             env: Vec::new(),
             binary: None,
+            controller_url: self.agent_controller_url.clone(),
         });
     }
 
@@ -357,10 +395,23 @@ impl Fleet {
         self.agent_controller_url = Some(url.to_string());
     }
 
+    /// Starts a new agent called `name` that dials `url` (a fault proxy in front of the
+    /// controller, say) instead of the controller's listen address, at this and every restart.
+    /// The agent still verifies the controller's certificate under its TLS name, so any
+    /// loopback address that forwards to the controller works.
+    pub fn start_agent_via(&mut self, name: &str, url: &str) {
+        let before = self.agent_controller_url.replace(url.to_string());
+        self.add_agent(name);
+        self.agent_controller_url = before;
+        self.spawn_agent(name, None);
+    }
+
     fn spawn_agent(&mut self, name: &str, token: Option<String>) {
         let url = self
-            .agent_controller_url
+            .agent(name)
+            .controller_url
             .clone()
+            .or_else(|| self.agent_controller_url.clone())
             .unwrap_or_else(|| self.controller_url());
         let log = self.dir.path().join(format!("logs/agent-{name}.log"));
         let bin = self

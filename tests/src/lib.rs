@@ -7,6 +7,8 @@
 //! what an app instance serves, [`fleet`] ties them into a whole local fleet, [`grpc`] talks to its controller
 //! directly, and
 //! [`wait_until`] / [`wait_for`] await conditions with a deadline instead of sleeping.
+//! [`proxy`] is a TCP proxy whose link the fault runner ([`faults`], `fleet-faults`) cuts and
+//! corrupts.
 //!
 //! **How tests keep out of each other's way.** Tests run in parallel and every app instance
 //! binds port [`WEB_PORT`] on the address its host advertises. Each [`fleet::Fleet`] therefore
@@ -17,12 +19,15 @@
 #![forbid(unsafe_code)]
 
 pub mod bins;
+pub mod faults;
 pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod net;
 pub mod process;
+pub mod proxy;
 pub mod sshd;
+pub mod tmpfs;
 
 use std::time::{Duration, Instant};
 
