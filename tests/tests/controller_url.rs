@@ -11,7 +11,7 @@ use fleet_tests::process;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 /// client.toml's `controller`, as written.
 fn client_toml_controller(config_dir: &Path) -> toml::Value {
@@ -27,19 +27,7 @@ async fn channel_verifying(
     url: &str,
     server_name: &str,
 ) -> Result<Channel, tonic::transport::Error> {
-    let ca = std::fs::read_to_string(fleet.config_dir().join("ca.pem")).unwrap();
-    let (cert, key) = admin_identity(fleet);
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(server_name)
-        .identity(Identity::from_pem(cert, key));
-    Channel::from_shared(url.to_string())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .timeout(Duration::from_secs(20))
-        .connect()
-        .await
+    fleet_tests::grpc::channel_to(fleet, url, server_name, Some(admin_identity(fleet))).await
 }
 
 #[test]
