@@ -1,7 +1,10 @@
 //! `controller.toml`: where the controller listens, where it keeps its data, and the TLS files
 //! `fleetctl init` made (the fleet CA's certificate and key, the controller's certificate and
 //! key). Read once at start and validated; relative paths are taken relative to the file's own
-//! directory. The controller serves only mutual TLS, so it may listen on any address.
+//! directory. The controller serves only mutual TLS, so it may listen on any address; its
+//! operators' HTTP listener (`http_listen`: metrics, health, the status page) is
+//! unauthenticated, so it stays on loopback unless `http_allow_remote = true`. `[[webhook]]`
+//! entries are checked here too (see `http::webhooks`).
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -10,6 +13,10 @@ use thiserror::Error;
 
 /// The name of the file the controller writes its bound address to, beside `controller.toml`.
 pub const ADDR_FILE: &str = "controller.addr";
+/// The name of the file the controller writes its HTTP listener's bound address to.
+pub const HTTP_ADDR_FILE: &str = "controller.http.addr";
+/// Where `fleetctl init` puts the HTTP listener unless told otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7701";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -59,6 +66,16 @@ pub struct ControllerFile {
     /// days, at least 1 minute); agents renew theirs once two thirds of it passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_certificate_ttl: Option<String>,
+    /// The operators' HTTP listener (`/metrics`, `/healthz`, `/readyz`, the status page), like
+    /// `127.0.0.1:7701`; none when absent. Unauthenticated and read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<String>,
+    /// Allows `http_listen` on an address other machines reach (see SECURITY.md first).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http_allow_remote: bool,
+    /// `[[webhook]]`: where notifications of events go.
+    #[serde(default, rename = "webhook", skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<crate::http::webhooks::WebhookFile>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -83,6 +100,43 @@ pub struct ControllerConfig {
     pub tls: TlsPaths,
     /// How long the agent certificates the controller signs are valid.
     pub host_certificate_ttl: std::time::Duration,
+    /// The operators' HTTP listener, if any.
+    pub http: Option<HttpListen>,
+    /// Where the HTTP listener's bound address is written (`controller.http.addr`).
+    pub http_addr_file: PathBuf,
+    /// Checked `[[webhook]]` entries, in file order.
+    pub webhooks: Vec<crate::http::webhooks::Webhook>,
+}
+
+/// Where the operators' HTTP listener binds, and whether a non-loopback address is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpListen {
+    pub addr: SocketAddr,
+    pub allow_remote: bool,
+}
+
+impl ControllerConfig {
+    /// `fleet-controller --http-listen ADDR`: replaces `http_listen`, checked the same way.
+    pub fn override_http_listen(&mut self, text: &str) -> Result<(), String> {
+        let allow_remote = self.http.is_some_and(|h| h.allow_remote);
+        let addr = check_http_listen(text, allow_remote)?;
+        self.http = Some(HttpListen { addr, allow_remote });
+        Ok(())
+    }
+}
+
+/// Parses `http_listen`: `IP:PORT` on a loopback address, or any address with
+/// `http_allow_remote = true`. The listener is unauthenticated.
+pub fn check_http_listen(text: &str, allow_remote: bool) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        format!("http_listen {text:?} is not IP:PORT, like {DEFAULT_HTTP_LISTEN}")
+    })?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(format!(
+            "http_listen {text:?} is not a loopback address: the HTTP listener (metrics, status page) has no authentication; keep it on 127.0.0.1, or set http_allow_remote = true after reading SECURITY.md (\"The operators' HTTP listener\")"
+        ));
+    }
+    Ok(addr)
 }
 
 /// The default lifetime of a host's certificate.
@@ -213,7 +267,24 @@ impl ControllerConfig {
         }
         let host_certificate_ttl =
             parse_host_certificate_ttl(file.host_certificate_ttl.as_deref()).map_err(invalid)?;
+        let http = match &file.http_listen {
+            Some(text) => Some(HttpListen {
+                addr: check_http_listen(text, file.http_allow_remote).map_err(invalid)?,
+                allow_remote: file.http_allow_remote,
+            }),
+            None => None,
+        };
+        let webhooks = file
+            .webhooks
+            .iter()
+            .enumerate()
+            .map(|(idx, hook)| crate::http::webhooks::Webhook::check(idx + 1, hook))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(invalid)?;
         Ok(ControllerConfig {
+            http,
+            http_addr_file: base.join(HTTP_ADDR_FILE),
+            webhooks,
             max_events,
             host_certificate_ttl,
             listen,
@@ -257,6 +328,53 @@ mod tests {
         assert!(check_listen("10.0.0.1:7700").is_ok());
         assert!(check_listen("localhost").is_err());
         assert!(check_listen("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn http_listen_is_loopback_unless_allowed() {
+        for (text, allow_remote, ok) in [
+            ("127.0.0.1:7701", false, true),
+            ("[::1]:0", false, true),
+            ("127.0.0.5:0", false, true),
+            ("0.0.0.0:7701", false, false),
+            ("10.0.0.1:7701", false, false),
+            ("0.0.0.0:7701", true, true),
+            ("localhost:7701", false, false),
+            ("127.0.0.1", false, false),
+        ] {
+            assert_eq!(
+                check_http_listen(text, allow_remote).is_ok(),
+                ok,
+                "{text} {allow_remote}"
+            );
+        }
+        let error = check_http_listen("0.0.0.0:7701", false).unwrap_err();
+        assert!(error.contains("http_allow_remote = true"), "{error}");
+    }
+
+    #[test]
+    fn webhooks_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        let tls = "ca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        let write = |hook: &str| {
+            std::fs::write(
+                &path,
+                format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{tls}\n[[webhook]]\n{hook}\n"),
+            )
+            .unwrap();
+        };
+        write("url = \"http://127.0.0.1:9/hook\"\nevents = [\"rollout.*\"]\nformat = \"slack\"");
+        let config = ControllerConfig::load(&path).unwrap();
+        assert_eq!(config.webhooks.len(), 1);
+        write("url = \"not a url\"\nevents = [\"rollout.*\"]");
+        let error = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("webhook 1") && error.contains("url"), "{error}");
+        write("url = \"http://127.0.0.1:9/\"\nevents = [\"rolout.*\"]");
+        let error = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("matches no event"), "{error}");
+        write("url = \"http://127.0.0.1:9/\"\nevents = [\"rollout.*\"]\nformat = \"xml\"");
+        assert!(ControllerConfig::load(&path).is_err());
     }
 
     #[test]
