@@ -34,7 +34,7 @@ fn dump_dom(chromium: &Path, profile: &Path, url: &str) -> String {
             "--disable-default-apps",
             "--no-first-run",
             "--no-default-browser-check",
-            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
             "--virtual-time-budget=2500",
             "--dump-dom",
         ])
@@ -122,6 +122,7 @@ fn the_status_page_shows_hosts_releases_and_a_rollout_moving_from_wave_to_wave()
         (dom.contains("<p class=\"none\">none</p>") && dom.matches("web@2.0.0 running").count() >= 3)
             .then_some(dom)
     });
+    eprintln!("waves the page showed as current: {seen:?}");
     let running: Vec<&String> = seen.iter().filter(|w| w.ends_with(" running")).collect();
     assert!(
         !running.is_empty(),

@@ -279,3 +279,97 @@ impl Collector for Snapshot {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> (tempfile::TempDir, Metrics) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let artifacts = crate::artifacts::ArtifactStore::open(
+            dir.path(),
+            crate::config::UploadLimits::default(),
+        )
+        .unwrap();
+        let fleet = Arc::new(FleetState::new(store, artifacts, 500, 6_000));
+        let in_progress = Arc::new(InProgress::default());
+        in_progress.insert("r1", "web");
+        (dir, Metrics::new(fleet, in_progress))
+    }
+
+    /// The names in `# TYPE` lines of an exposition.
+    fn exposed(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A name as a query writes it → the family it belongs to, if the controller exposes it.
+    fn family_of(name: &str) -> Option<&'static str> {
+        let bare = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        METRIC_NAMES.iter().copied().find(|m| *m == bare || *m == name)
+    }
+
+    #[test]
+    fn every_metric_named_is_exposed_with_its_kind() {
+        let (_dir, metrics) = metrics();
+        metrics.rollout_ended("web", "succeeded", 12.0);
+        metrics.wave_ended("web", 3.0);
+        metrics.smoke_check_failed("web");
+        note_artifact_bytes_sent(10);
+        let text = metrics.encode().unwrap();
+        let types = exposed(&text);
+        let expect: std::collections::BTreeSet<String> = METRIC_NAMES
+            .iter()
+            .map(|m| m.strip_suffix("_total").unwrap_or(m).to_string())
+            .collect();
+        assert_eq!(types, expect, "{text}");
+        assert!(text.contains("fleet_rollouts_total{app=\"web\",result=\"succeeded\"} 1"), "{text}");
+        assert!(text.contains("fleet_rollout_in_progress{app=\"web\"} 1"), "{text}");
+        assert!(text.contains("fleet_hosts{state=\"lost\"} 0"), "{text}");
+        assert!(text.contains("fleet_smoke_check_failures_total{app=\"web\"} 1"), "{text}");
+        assert!(text.contains("fleet_wave_duration_seconds_count{app=\"web\"} 1"), "{text}");
+    }
+
+    /// The alert rules and the dashboard in contrib/ name only metrics the controller exposes.
+    #[test]
+    fn contrib_rules_and_dashboard_name_metrics_that_exist() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib");
+        let rules = std::fs::read_to_string(root.join("prometheus/fleet-alerts.yml")).unwrap();
+        let dashboard: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join("grafana/fleet-dashboard.json")).unwrap(),
+        )
+        .unwrap();
+        let mut queries: Vec<String> = rules
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr:"))
+            .map(str::to_string)
+            .collect();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                queries.push(target["expr"].as_str().unwrap().to_string());
+            }
+        }
+        assert!(queries.len() >= 10, "{queries:?}");
+        let mut named = std::collections::BTreeSet::new();
+        for query in &queries {
+            let words = query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+            for word in words.filter(|w| w.starts_with("fleet_")) {
+                assert!(
+                    family_of(word).is_some(),
+                    "{word} in `{query}` is no metric the controller exposes"
+                );
+                named.insert(family_of(word).unwrap());
+            }
+        }
+        for metric in METRIC_NAMES {
+            assert!(named.contains(metric), "the dashboard or the rules should show {metric}");
+        }
+    }
+}
