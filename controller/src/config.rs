@@ -6,6 +6,7 @@
 //! unauthenticated, so it stays on loopback unless `http_allow_remote = true`. `[[webhook]]`
 //! entries are checked here too (see `http::webhooks`).
 
+use crate::model::{glob_matches, EVENT_KINDS};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -75,7 +76,7 @@ pub struct ControllerFile {
     pub http_allow_remote: bool,
     /// `[[webhook]]`: where notifications of events go.
     #[serde(default, rename = "webhook", skip_serializing_if = "Vec::is_empty")]
-    pub webhooks: Vec<crate::http::webhooks::WebhookFile>,
+    pub webhooks: Vec<WebhookFile>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -105,14 +106,100 @@ pub struct ControllerConfig {
     /// Where the HTTP listener's bound address is written (`controller.http.addr`).
     pub http_addr_file: PathBuf,
     /// Checked `[[webhook]]` entries, in file order.
-    pub webhooks: Vec<crate::http::webhooks::Webhook>,
+    pub webhooks: Vec<Webhook>,
 }
 
-/// Where the operators' HTTP listener binds, and whether a non-loopback address is allowed.
+/// Where the operators' HTTP listener binds (`http_listen`), and whether a non-loopback
+/// address is allowed (`http_allow_remote`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpListen {
     pub addr: SocketAddr,
     pub allow_remote: bool,
+}
+
+/// The body a webhook is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `{"text": ...}`, for Slack, Mattermost and Rocket.Chat incoming webhooks.
+    Slack,
+    /// The event and, for a rollout's events, the rollout (and the same `text`).
+    #[default]
+    Json,
+}
+
+/// A `[[webhook]]` entry as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFile {
+    pub url: String,
+    /// Globs over event kinds (`*` matches anything, dots too): `rollout.*`, `host.lost`.
+    pub events: Vec<String>,
+    #[serde(default)]
+    pub format: Format,
+}
+
+/// A checked webhook.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// Its place in controller.toml, from 1: how messages name it.
+    pub idx: usize,
+    pub url: http::Uri,
+    pub events: Vec<String>,
+    pub format: Format,
+}
+
+impl Webhook {
+    /// Checks a `[[webhook]]` entry: the URL is http(s) with a host, every glob matches some
+    /// event kind.
+    pub fn check(idx: usize, file: &WebhookFile) -> Result<Webhook, String> {
+        let bad_url = |why: &str| {
+            format!(
+                "webhook {idx}: url {:?} {why}: write it like https://hooks.slack.com/services/T0/B0/XXXX or http://127.0.0.1:9000/hook",
+                file.url
+            )
+        };
+        let url: http::Uri = file.url.parse().map_err(|_| bad_url("is not a URL"))?;
+        match url.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err(bad_url("is not http:// or https://")),
+        }
+        if url.host().is_none_or(str::is_empty) {
+            return Err(bad_url("has no host"));
+        }
+        if file.events.is_empty() {
+            return Err(format!(
+                "webhook {idx}: events is empty: name the events to send, like events = [\"rollout.*\", \"host.lost\"]"
+            ));
+        }
+        for glob in &file.events {
+            if !EVENT_KINDS.iter().any(|kind| glob_matches(glob, kind)) {
+                return Err(format!(
+                    "webhook {idx}: events glob {glob:?} matches no event kind; the kinds are {}",
+                    EVENT_KINDS.join(", ")
+                ));
+            }
+        }
+        Ok(Webhook {
+            idx,
+            url,
+            events: file.events.clone(),
+            format: file.format,
+        })
+    }
+
+    /// The URL without its path and query (which may hold a secret).
+    pub fn display_url(&self) -> String {
+        format!(
+            "{}://{}/…",
+            self.url.scheme_str().unwrap_or("http"),
+            self.url.authority().map(|a| a.as_str()).unwrap_or("")
+        )
+    }
+
+    pub fn wants(&self, kind: &str) -> bool {
+        self.events.iter().any(|glob| glob_matches(glob, kind))
+    }
 }
 
 impl ControllerConfig {
@@ -128,9 +215,9 @@ impl ControllerConfig {
 /// Parses `http_listen`: `IP:PORT` on a loopback address, or any address with
 /// `http_allow_remote = true`. The listener is unauthenticated.
 pub fn check_http_listen(text: &str, allow_remote: bool) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = text.parse().map_err(|_| {
-        format!("http_listen {text:?} is not IP:PORT, like {DEFAULT_HTTP_LISTEN}")
-    })?;
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("http_listen {text:?} is not IP:PORT, like {DEFAULT_HTTP_LISTEN}"))?;
     if !addr.ip().is_loopback() && !allow_remote {
         return Err(format!(
             "http_listen {text:?} is not a loopback address: the HTTP listener (metrics, status page) has no authentication; keep it on 127.0.0.1, or set http_allow_remote = true after reading SECURITY.md (\"The operators' HTTP listener\")"
@@ -278,7 +365,7 @@ impl ControllerConfig {
             .webhooks
             .iter()
             .enumerate()
-            .map(|(idx, hook)| crate::http::webhooks::Webhook::check(idx + 1, hook))
+            .map(|(idx, hook)| Webhook::check(idx + 1, hook))
             .collect::<Result<Vec<_>, String>>()
             .map_err(invalid)?;
         Ok(ControllerConfig {
@@ -360,7 +447,9 @@ mod tests {
         let write = |hook: &str| {
             std::fs::write(
                 &path,
-                format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{tls}\n[[webhook]]\n{hook}\n"),
+                format!(
+                    "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{tls}\n[[webhook]]\n{hook}\n"
+                ),
             )
             .unwrap();
         };
@@ -369,7 +458,10 @@ mod tests {
         assert_eq!(config.webhooks.len(), 1);
         write("url = \"not a url\"\nevents = [\"rollout.*\"]");
         let error = ControllerConfig::load(&path).unwrap_err().to_string();
-        assert!(error.contains("webhook 1") && error.contains("url"), "{error}");
+        assert!(
+            error.contains("webhook 1") && error.contains("url"),
+            "{error}"
+        );
         write("url = \"http://127.0.0.1:9/\"\nevents = [\"rolout.*\"]");
         let error = ControllerConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("matches no event"), "{error}");

@@ -78,7 +78,15 @@ pub async fn run(
     tracing::info!("listening on {addr}");
 
     // Metrics, health, the status page and webhooks; before recovery, to see its events.
-    let ops = crate::http::start(&config, &fleet, &rollouts, stop_rx.clone()).await?;
+    let ops = crate::http::start(
+        config.http,
+        &config.http_addr_file,
+        &config.webhooks,
+        &fleet,
+        &rollouts,
+        stop_rx.clone(),
+    )
+    .await?;
 
     let recovered = rollout::recover(&fleet, &rollouts).await?;
     let converger = tokio::spawn(crate::converge::run(
@@ -207,7 +215,7 @@ pub async fn run(
 }
 
 /// Writes the bound address atomically, so a reader never sees half of it.
-pub(crate) fn write_addr_file(path: &std::path::Path, addr: &str) -> anyhow::Result<()> {
+fn write_addr_file(path: &std::path::Path, addr: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("addr.tmp");
     std::fs::write(&tmp, format!("{addr}\n"))
         .with_context(|| format!("cannot write {}", tmp.display()))?;

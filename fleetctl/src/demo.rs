@@ -365,7 +365,8 @@ async fn run_steps(
     let addr = wait_for_controller_addr(fleet, &dir.join("controller.addr")).await?;
     let url = format!("https://{addr}");
     println!("==> controller listening on {addr} (mutual TLS)");
-    if let Ok(http_addr) = wait_for_controller_addr(fleet, &dir.join("controller.http.addr")).await {
+    if let Ok(http_addr) = wait_for_controller_addr(fleet, &dir.join("controller.http.addr")).await
+    {
         println!("==> status page and metrics on http://{http_addr}/ (open it in a browser)");
     }
     let ctx = Context {

@@ -31,7 +31,11 @@ fn promtool_accepts_the_alert_rules_and_the_scrape_config() {
         let mut command = Command::new(&promtool);
         command.args(args).current_dir(&contrib);
         let out = process::run_with_deadline(command, Duration::from_secs(60));
-        assert_eq!(out.code, 0, "promtool {args:?}:\n{}\n{}", out.stdout, out.stderr);
+        assert_eq!(
+            out.code, 0,
+            "promtool {args:?}:\n{}\n{}",
+            out.stdout, out.stderr
+        );
         assert!(out.stdout.contains("SUCCESS"), "{}", out.stdout);
     }
 }

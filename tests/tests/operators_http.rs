@@ -52,8 +52,11 @@ fn prometheus_sees_hosts_instances_and_rollouts_and_the_listener_stays_read_only
         || {
             let (status, body) = get(&addr, "/metrics");
             assert_eq!(status, 200, "{body}");
-            (sample(&body, r#"fleet_rollouts_total{app="web",result="succeeded"}"#) == Some(1.0))
-                .then_some(body)
+            (sample(
+                &body,
+                r#"fleet_rollouts_total{app="web",result="succeeded"}"#,
+            ) == Some(1.0))
+            .then_some(body)
         },
     );
     for (series, expect) in [
@@ -69,15 +72,25 @@ fn prometheus_sees_hosts_instances_and_rollouts_and_the_listener_stays_read_only
         (r#"fleet_wave_duration_seconds_count{app="web"}"#, 2.0),
         (r#"fleet_instance_restarts_total{app="web",host="h1"}"#, 0.0),
     ] {
-        assert_eq!(sample(&metrics, series), Some(expect), "{series}:\n{metrics}");
+        assert_eq!(
+            sample(&metrics, series),
+            Some(expect),
+            "{series}:\n{metrics}"
+        );
     }
     let sent = sample(&metrics, "fleet_artifact_bytes_sent_total").expect("bytes sent");
     assert!(sent > 0.0, "{metrics}");
 
     // Read-only, bodiless, and a 404 that says where to look.
-    let (status, body) = raw(&addr, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    let (status, body) = raw(
+        &addr,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
     assert!(status.contains(" 405 "), "{status}{body}");
-    let (status, _) = raw(&addr, "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello");
+    let (status, _) = raw(
+        &addr,
+        "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    );
     assert!(status.contains(" 413 "), "{status}");
     let (status, body) = get(&addr, "/nope");
     assert_eq!(status, 404);
@@ -85,8 +98,10 @@ fn prometheus_sees_hosts_instances_and_rollouts_and_the_listener_stays_read_only
 
     // A head that never ends is cut off at the head timeout, not held forever.
     let mut slow = TcpStream::connect(&addr).unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     let started = Instant::now();
     let mut rest = Vec::new();
     let _ = slow.read_to_end(&mut rest);
@@ -98,27 +113,39 @@ fn prometheus_sees_hosts_instances_and_rollouts_and_the_listener_stays_read_only
 
     // More connections than the limit: the ones over it are closed at once, and the listener
     // answers again once they are gone.
-    let mut idle: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    let mut idle: Vec<TcpStream> = (0..70)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
     let mut refused = 0;
     for stream in idle.iter_mut().rev().take(6) {
-        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         let mut byte = [0u8; 1];
         if matches!(stream.read(&mut byte), Ok(0)) {
             refused += 1;
         }
     }
-    assert!(refused >= 5, "connections over the limit of 64 were kept: {refused} of 6 closed");
+    assert!(
+        refused >= 5,
+        "connections over the limit of 64 were kept: {refused} of 6 closed"
+    );
     drop(idle);
     wait_until(Duration::from_secs(10), "/healthz to answer again", || {
         let (host, port) = addr.rsplit_once(':').unwrap();
-        matches!(http::get(host, port.parse().unwrap(), "/healthz"), Ok((200, _)))
+        matches!(
+            http::get(host, port.parse().unwrap(), "/healthz"),
+            Ok((200, _))
+        )
     });
 }
 
 /// Sends `request` as is and reads the answer: (status line, the rest).
 fn raw(addr: &str, request: &str) -> (String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     stream.write_all(request.as_bytes()).unwrap();
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
@@ -166,27 +193,31 @@ impl Receiver {
                 };
                 let seen = seen.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                        let seen = seen.clone();
-                        async move {
-                            use http_body_util::BodyExt;
-                            let body = request.into_body().collect().await?.to_bytes();
-                            seen.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
-                            let status = match behaviour {
-                                Behaviour::Ok => 200,
-                                Behaviour::Error500 => 500,
-                                Behaviour::Hang => {
-                                    tokio::time::sleep(Duration::from_secs(600)).await;
-                                    200
-                                }
-                            };
-                            let mut answer = hyper::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from_static(b"ok"),
-                            ));
-                            *answer.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                            Ok::<_, hyper::Error>(answer)
-                        }
-                    });
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let seen = seen.clone();
+                            async move {
+                                use http_body_util::BodyExt;
+                                let body = request.into_body().collect().await?.to_bytes();
+                                seen.lock()
+                                    .unwrap()
+                                    .push(String::from_utf8_lossy(&body).into_owned());
+                                let status = match behaviour {
+                                    Behaviour::Ok => 200,
+                                    Behaviour::Error500 => 500,
+                                    Behaviour::Hang => {
+                                        tokio::time::sleep(Duration::from_secs(600)).await;
+                                        200
+                                    }
+                                };
+                                let mut answer = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from_static(b"ok"),
+                                ));
+                                *answer.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                                Ok::<_, hyper::Error>(answer)
+                            }
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                         .await;
@@ -209,7 +240,17 @@ impl Receiver {
 fn timed_rollout(fleet: &Fleet, version: &str, expect_code: i32) -> Duration {
     let started = Instant::now();
     fleet
-        .ctl(&["rollout", "web", version, "--canary", "1", "--batch", "1", "--smoke-timeout", "5s"])
+        .ctl(&[
+            "rollout",
+            "web",
+            version,
+            "--canary",
+            "1",
+            "--batch",
+            "1",
+            "--smoke-timeout",
+            "5s",
+        ])
         .expect_code(expect_code);
     started.elapsed()
 }
@@ -228,9 +269,15 @@ fn webhooks_reach_a_slack_receiver_and_a_hanging_or_failing_one_never_slows_a_ro
 
     let mut fleet = Fleet::start(3);
     let manifest = web_manifest("5s");
-    fleet.create_web_release("1.0.0", &manifest, &[]).expect_code(0);
-    fleet.create_web_release("2.0.0", &manifest, &[]).expect_code(0);
-    fleet.create_web_release("2.1.0", &manifest, &["WEB_BROKEN=1"]).expect_code(0);
+    fleet
+        .create_web_release("1.0.0", &manifest, &[])
+        .expect_code(0);
+    fleet
+        .create_web_release("2.0.0", &manifest, &[])
+        .expect_code(0);
+    fleet
+        .create_web_release("2.1.0", &manifest, &["WEB_BROKEN=1"])
+        .expect_code(0);
     // The baseline: a rollout with no webhooks, on this machine, now.
     let baseline = timed_rollout(&fleet, "1.0.0", 0);
 
@@ -259,47 +306,99 @@ fn webhooks_reach_a_slack_receiver_and_a_hanging_or_failing_one_never_slows_a_ro
 
     // The Slack-compatible receiver got a `text` for each: app, release, result, who, how long,
     // and for the broken release the failed host and why.
-    let texts = wait_for(Duration::from_secs(30), "the slack receiver to get both ends", || {
-        let texts: Vec<String> = slack
-            .bodies()
-            .iter()
-            .map(|b| {
-                let v: serde_json::Value = serde_json::from_str(b).expect("JSON");
-                v["text"].as_str().expect("a text").to_string()
-            })
-            .collect();
-        (texts.iter().any(|t| t.contains("web@2.0.0 rollout") && t.contains("succeeded"))
-            && texts.iter().any(|t| t.contains("web@2.1.0 rollout") && t.contains("rolled_back")))
-        .then_some(texts)
-    });
-    let succeeded = texts.iter().find(|t| t.contains("web@2.0.0") && t.contains("succeeded")).unwrap();
-    assert!(succeeded.contains("started by admin") && succeeded.contains("took "), "{succeeded}");
-    let rolled_back = texts.iter().find(|t| t.contains("web@2.1.0") && t.contains("rolled_back")).unwrap();
-    assert!(rolled_back.contains("failed: h"), "no failed host in: {rolled_back}");
-    assert!(rolled_back.contains("smoke check"), "no reason in: {rolled_back}");
+    let texts = wait_for(
+        Duration::from_secs(30),
+        "the slack receiver to get both ends",
+        || {
+            let texts: Vec<String> = slack
+                .bodies()
+                .iter()
+                .map(|b| {
+                    let v: serde_json::Value = serde_json::from_str(b).expect("JSON");
+                    v["text"].as_str().expect("a text").to_string()
+                })
+                .collect();
+            (texts
+                .iter()
+                .any(|t| t.contains("web@2.0.0 rollout") && t.contains("succeeded"))
+                && texts
+                    .iter()
+                    .any(|t| t.contains("web@2.1.0 rollout") && t.contains("rolled_back")))
+            .then_some(texts)
+        },
+    );
+    let succeeded = texts
+        .iter()
+        .find(|t| t.contains("web@2.0.0") && t.contains("succeeded"))
+        .unwrap();
+    assert!(
+        succeeded.contains("started by admin") && succeeded.contains("took "),
+        "{succeeded}"
+    );
+    let rolled_back = texts
+        .iter()
+        .find(|t| t.contains("web@2.1.0") && t.contains("rolled_back"))
+        .unwrap();
+    assert!(
+        rolled_back.contains("failed: h"),
+        "no failed host in: {rolled_back}"
+    );
+    assert!(
+        rolled_back.contains("smoke check"),
+        "no reason in: {rolled_back}"
+    );
 
     // The one that answers 500 was tried three times per event; the hanging one got its tries
     // too. Each final failure is an event, sent to the webhook that wants those, with the URL
     // but not its secret path.
-    wait_until(Duration::from_secs(60), "webhook.failed events for both bad receivers", || {
-        let bodies = audit.bodies();
-        ["webhook 2 ", "webhook 3 "].iter().all(|hook| bodies.iter().any(|b| b.contains(hook)))
-    });
-    let started_bodies = failing.bodies().iter().filter(|b| b.contains("web@2.0.0 rollout") && b.contains(" started by ")).count();
-    assert_eq!(started_bodies, 3, "tries of the first event at the 500 receiver");
-    let events = fleet.ctl(&["events", "--limit", "200"]).expect_code(0).stdout;
+    wait_until(
+        Duration::from_secs(60),
+        "webhook.failed events for both bad receivers",
+        || {
+            let bodies = audit.bodies();
+            ["webhook 2 ", "webhook 3 "]
+                .iter()
+                .all(|hook| bodies.iter().any(|b| b.contains(hook)))
+        },
+    );
+    let started_bodies = failing
+        .bodies()
+        .iter()
+        .filter(|b| b.contains("web@2.0.0 rollout") && b.contains(" started by "))
+        .count();
+    assert_eq!(
+        started_bodies, 3,
+        "tries of the first event at the 500 receiver"
+    );
+    let events = fleet
+        .ctl(&["events", "--limit", "200"])
+        .expect_code(0)
+        .stdout;
     assert!(events.contains("webhook.failed"), "{events}");
-    assert!(!events.contains("secret-part"), "a webhook's path was shown: {events}");
-    assert!(events.contains(&format!("http://{}/", failing.addr)), "{events}");
+    assert!(
+        !events.contains("secret-part"),
+        "a webhook's path was shown: {events}"
+    );
+    assert!(
+        events.contains(&format!("http://{}/", failing.addr)),
+        "{events}"
+    );
     fleet.kill_controller();
 }
 
 /// `fleetctl init` into `dir`, then `extra` appended to its controller.toml.
 fn init_with(bins: &Bins, dir: &Path, extra: &str) -> std::path::PathBuf {
     let mut init = Command::new(&bins.fleetctl);
-    init.args(["init", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--dir"])
-        .arg(dir)
-        .env("HOME", dir);
+    init.args([
+        "init",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--dir",
+    ])
+    .arg(dir)
+    .env("HOME", dir);
     let out = process::run_with_deadline(init, Duration::from_secs(30));
     assert_eq!(out.code, 0, "{}", out.stderr);
     let path = dir.join("controller.toml");
@@ -347,13 +446,21 @@ fn bad_webhooks_and_listen_addresses_are_refused_at_start_with_what_to_do() {
     let config = init_with(&bins, &tmp.path().join("public"), "");
     let out = start_controller(&bins, &config, &["--http-listen", "0.0.0.0:7701"]);
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("http_allow_remote = true"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("http_allow_remote = true"),
+        "{}",
+        out.stderr
+    );
     let mut init = Command::new(&bins.fleetctl);
     init.args(["init", "--http-listen", "0.0.0.0:7701", "--dir"])
         .arg(tmp.path().join("public-init"));
     let out = process::run_with_deadline(init, Duration::from_secs(30));
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("not a loopback address"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("not a loopback address"),
+        "{}",
+        out.stderr
+    );
 
     // An address another program holds.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -361,8 +468,9 @@ fn bad_webhooks_and_listen_addresses_are_refused_at_start_with_what_to_do() {
     let out = start_controller(&bins, &config, &["--http-listen", &taken_addr]);
     assert_ne!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.stderr.contains(&format!("cannot listen for HTTP (metrics, status page) on {taken_addr}"))
-            && out.stderr.contains("--http-listen"),
+        out.stderr.contains(&format!(
+            "cannot listen for HTTP (metrics, status page) on {taken_addr}"
+        )) && out.stderr.contains("--http-listen"),
         "{}",
         out.stderr
     );

@@ -82,16 +82,30 @@ fn the_status_page_shows_hosts_releases_and_a_rollout_moving_from_wave_to_wave()
 
     let dom = dump_dom(&chromium, &profile, &url);
     for host in ["h1", "h2", "h3"] {
-        assert!(dom.contains(&format!("data-host=\"{host}\"")), "{host}:\n{dom}");
+        assert!(
+            dom.contains(&format!("data-host=\"{host}\"")),
+            "{host}:\n{dom}"
+        );
     }
     assert!(dom.matches("web@1.0.0 running").count() >= 3, "{dom}");
     assert!(dom.contains("(every host)"), "the deployment:\n{dom}");
-    assert!(refreshes(&dom) >= 1, "the script never redrew the page:\n{dom}");
+    assert!(
+        refreshes(&dom) >= 1,
+        "the script never redrew the page:\n{dom}"
+    );
 
     // A rollout paused after its canary: the page shows where it stands.
     let started = fleet
         .ctl(&[
-            "rollout", "web", "2.0.0", "--canary", "1", "--batch", "1", "--min-healthy", "3s",
+            "rollout",
+            "web",
+            "2.0.0",
+            "--canary",
+            "1",
+            "--batch",
+            "1",
+            "--min-healthy",
+            "3s",
             "--detach",
         ])
         .expect_code(0)
@@ -112,16 +126,21 @@ fn the_status_page_shows_hosts_releases_and_a_rollout_moving_from_wave_to_wave()
     // looked at again and again, shows other waves running.
     fleet.ctl(&["rollout", "resume", &id]).expect_code(0);
     let mut seen = vec![paused_at.clone()];
-    let last = wait_for(Duration::from_secs(90), "the rollout to end on the page", || {
-        let dom = dump_dom(&chromium, &profile, &url);
-        if let Some(wave) = current_wave(&dom) {
-            if !seen.contains(&wave) {
-                seen.push(wave);
+    let last = wait_for(
+        Duration::from_secs(90),
+        "the rollout to end on the page",
+        || {
+            let dom = dump_dom(&chromium, &profile, &url);
+            if let Some(wave) = current_wave(&dom) {
+                if !seen.contains(&wave) {
+                    seen.push(wave);
+                }
             }
-        }
-        (dom.contains("<p class=\"none\">none</p>") && dom.matches("web@2.0.0 running").count() >= 3)
-            .then_some(dom)
-    });
+            (dom.contains("<p class=\"none\">none</p>")
+                && dom.matches("web@2.0.0 running").count() >= 3)
+                .then_some(dom)
+        },
+    );
     eprintln!("waves the page showed as current: {seen:?}");
     let running: Vec<&String> = seen.iter().filter(|w| w.ends_with(" running")).collect();
     assert!(

@@ -313,7 +313,10 @@ mod tests {
             .iter()
             .find_map(|suffix| name.strip_suffix(suffix))
             .unwrap_or(name);
-        METRIC_NAMES.iter().copied().find(|m| *m == bare || *m == name)
+        METRIC_NAMES
+            .iter()
+            .copied()
+            .find(|m| *m == bare || *m == name)
     }
 
     #[test]
@@ -330,11 +333,23 @@ mod tests {
             .map(|m| m.strip_suffix("_total").unwrap_or(m).to_string())
             .collect();
         assert_eq!(types, expect, "{text}");
-        assert!(text.contains("fleet_rollouts_total{app=\"web\",result=\"succeeded\"} 1"), "{text}");
-        assert!(text.contains("fleet_rollout_in_progress{app=\"web\"} 1"), "{text}");
+        assert!(
+            text.contains("fleet_rollouts_total{app=\"web\",result=\"succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleet_rollout_in_progress{app=\"web\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("fleet_hosts{state=\"lost\"} 0"), "{text}");
-        assert!(text.contains("fleet_smoke_check_failures_total{app=\"web\"} 1"), "{text}");
-        assert!(text.contains("fleet_wave_duration_seconds_count{app=\"web\"} 1"), "{text}");
+        assert!(
+            text.contains("fleet_smoke_check_failures_total{app=\"web\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleet_wave_duration_seconds_count{app=\"web\"} 1"),
+            "{text}"
+        );
     }
 
     /// The alert rules and the dashboard in contrib/ name only metrics the controller exposes.
@@ -369,7 +384,10 @@ mod tests {
             }
         }
         for metric in METRIC_NAMES {
-            assert!(named.contains(metric), "the dashboard or the rules should show {metric}");
+            assert!(
+                named.contains(metric),
+                "the dashboard or the rules should show {metric}"
+            );
         }
     }
 }

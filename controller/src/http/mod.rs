@@ -15,12 +15,13 @@ pub mod server;
 pub mod status_page;
 pub mod webhooks;
 
-use crate::config::ControllerConfig;
+use crate::config::HttpListen;
 use crate::fleet_state::FleetState;
 use crate::rollout::Rollouts;
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -62,7 +63,9 @@ pub struct Started {
 /// Called before rollouts are recovered, so their events are seen too. Fails when the address
 /// is taken.
 pub async fn start(
-    config: &ControllerConfig,
+    http: Option<HttpListen>,
+    http_addr_file: &Path,
+    webhooks: &[webhooks::Webhook],
     fleet: &Arc<FleetState>,
     rollouts: &Arc<Rollouts>,
     stop: watch::Receiver<bool>,
@@ -75,7 +78,7 @@ pub async fn start(
     }
     let metrics = Arc::new(metrics::Metrics::new(fleet.clone(), in_progress.clone()));
     let mut tasks = Vec::new();
-    let (hooks, senders) = webhooks::spawn(&config.webhooks, fleet.clone(), stop.clone());
+    let (hooks, senders) = webhooks::spawn(webhooks, fleet.clone(), stop.clone());
     tasks.extend(senders);
     let observer = observer::Observer::new(
         fleet.clone(),
@@ -88,7 +91,7 @@ pub async fn start(
         observer.run(fleet.subscribe_events(), stop.clone()),
     ));
     let mut http_addr = None;
-    if let Some(http) = config.http {
+    if let Some(http) = http {
         let listener = tokio::net::TcpListener::bind(http.addr).await.with_context(|| {
             format!(
                 "cannot listen for HTTP (metrics, status page) on {}: is another fleet-controller or program using it? Choose another address with http_listen in controller.toml or --http-listen",
@@ -96,7 +99,7 @@ pub async fn start(
             )
         })?;
         let addr = listener.local_addr()?;
-        crate::server::write_addr_file(&config.http_addr_file, &addr.to_string())?;
+        write_addr_file(http_addr_file, &addr.to_string())?;
         tracing::info!("serving metrics and the status page on http://{addr}/");
         let state = server::AppState {
             fleet: fleet.clone(),
@@ -112,4 +115,13 @@ pub async fn start(
         http_addr = Some(addr);
     }
     Ok(Started { tasks, http_addr })
+}
+
+/// Writes the bound address atomically, so a reader never sees half of it.
+fn write_addr_file(path: &Path, addr: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("addr.tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }

@@ -81,17 +81,20 @@ pub async fn serve(
         let state = state.clone();
         connections.spawn(async move {
             let _slot = slot;
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.head_timeout)
-                .max_buf_size(limits.max_head_bytes)
-                .serve_connection(
-                    hyper_util::rt::TokioIo::new(stream),
-                    hyper::service::service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(handle(&state, request).await) }
-                    }),
-                );
+            let connection =
+                hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.head_timeout)
+                    .max_buf_size(limits.max_head_bytes)
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(stream),
+                        hyper::service::service_fn(move |request| {
+                            let state = state.clone();
+                            async move {
+                                Ok::<_, std::convert::Infallible>(handle(&state, request).await)
+                            }
+                        }),
+                    );
             let _ = tokio::time::timeout(limits.max_connection_age, connection).await;
         });
     }
@@ -107,7 +110,10 @@ fn answer(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Res
         header::HeaderValue::from_str(content_type)
             .unwrap_or(header::HeaderValue::from_static("text/plain")),
     );
-    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         header::HeaderValue::from_static("nosniff"),
@@ -143,7 +149,10 @@ async fn handle<B>(state: &Arc<AppState>, request: Request<B>) -> Response<Full<
         .is_some_and(|v| v != "0")
         || request.headers().contains_key(header::TRANSFER_ENCODING);
     if has_body {
-        return text(StatusCode::PAYLOAD_TOO_LARGE, "requests carry no body here\n");
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "requests carry no body here\n",
+        );
     }
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -164,7 +173,10 @@ async fn handle<B>(state: &Arc<AppState>, request: Request<B>) -> Response<Full<
             let metrics = state.metrics.clone();
             match tokio::task::spawn_blocking(move || metrics.encode()).await {
                 Ok(Ok(body)) => answer(StatusCode::OK, metrics::CONTENT_TYPE, body),
-                _ => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the metrics\n"),
+                _ => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot encode the metrics\n",
+                ),
             }
         }
         "/api/status" => {
@@ -177,7 +189,10 @@ async fn handle<B>(state: &Arc<AppState>, request: Request<B>) -> Response<Full<
                     "application/json",
                     serde_json::to_vec(&view).unwrap_or_default(),
                 ),
-                Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("the store does not answer: {e}\n")),
+                Ok(Err(e)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the store does not answer: {e}\n"),
+                ),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }
         }
@@ -191,7 +206,10 @@ async fn handle<B>(state: &Arc<AppState>, request: Request<B>) -> Response<Full<
                     "text/html; charset=utf-8",
                     status_page::render(&view),
                 ),
-                Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("the store does not answer: {e}\n")),
+                Ok(Err(e)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the store does not answer: {e}\n"),
+                ),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }
         }
@@ -200,7 +218,11 @@ async fn handle<B>(state: &Arc<AppState>, request: Request<B>) -> Response<Full<
             "text/javascript; charset=utf-8",
             status_page::SCRIPT,
         ),
-        "/status.css" => answer(StatusCode::OK, "text/css; charset=utf-8", status_page::STYLE),
+        "/status.css" => answer(
+            StatusCode::OK,
+            "text/css; charset=utf-8",
+            status_page::STYLE,
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /, /metrics, /healthz or /readyz\n",

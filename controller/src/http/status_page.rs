@@ -329,7 +329,8 @@ fn rollouts_html(view: &StatusView) -> String {
 }
 
 fn apps_html(view: &StatusView) -> String {
-    let mut html = String::from("<h2>Apps</h2><table><tr><th>app</th><th>running</th><th>rollout</th></tr>");
+    let mut html =
+        String::from("<h2>Apps</h2><table><tr><th>app</th><th>running</th><th>rollout</th></tr>");
     for a in &view.apps {
         let _ = write!(
             html,
@@ -391,7 +392,9 @@ fn hosts_html(view: &StatusView) -> String {
 }
 
 fn events_html(view: &StatusView) -> String {
-    let mut html = String::from("<h2>Recent events</h2><table><tr><th>#</th><th>kind</th><th>by</th><th>what</th></tr>");
+    let mut html = String::from(
+        "<h2>Recent events</h2><table><tr><th>#</th><th>kind</th><th>by</th><th>what</th></tr>",
+    );
     for e in &view.events {
         let _ = write!(
             html,

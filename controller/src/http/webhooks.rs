@@ -10,10 +10,11 @@
 //! cannot feed itself). URLs are shown without their path, which holds the secret of a Slack
 //! webhook.
 
+pub use crate::config::{Format, Webhook, WebhookFile};
 use crate::fleet_state::FleetState;
+pub use crate::model::{glob_matches, EVENT_KINDS};
 use crate::model::{EventRecord, HostResult, RolloutRecord};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -26,152 +27,6 @@ pub const TRIES: u32 = 3;
 pub const TRY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The pause before the second try; doubled before each next one.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-
-/// Every event kind the controller records: what `events` globs must match at least one of.
-pub const EVENT_KINDS: &[&str] = &[
-    "ca.rotation_finished",
-    "ca.rotation_started",
-    "credential.issued",
-    "credential.learned",
-    "credential.revoked",
-    "host.certificate_renewed",
-    "host.connected",
-    "host.converging",
-    "host.disconnected",
-    "host.drained",
-    "host.draining",
-    "host.joined",
-    "host.labeled",
-    "host.labels_ignored",
-    "host.lost",
-    "host.ready",
-    "host.registered",
-    "host.removed",
-    "host.undrained",
-    "instance.crashed",
-    "instance.failed",
-    "join_token.created",
-    "release.created",
-    "release.pruned",
-    "rollback.started",
-    "rollout.aborted",
-    "rollout.failed",
-    "rollout.halted",
-    "rollout.paused",
-    "rollout.recovered",
-    "rollout.resumed",
-    "rollout.rolled_back",
-    "rollout.started",
-    "rollout.succeeded",
-    "store.exported",
-    "webhook.failed",
-];
-
-/// The body a webhook is sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// `{"text": ...}`, for Slack, Mattermost and Rocket.Chat incoming webhooks.
-    Slack,
-    /// The event and, for a rollout's events, the rollout (and the same `text`).
-    #[default]
-    Json,
-}
-
-/// A `[[webhook]]` entry as written.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookFile {
-    pub url: String,
-    /// Globs over event kinds (`*` matches anything, dots too): `rollout.*`, `host.lost`.
-    pub events: Vec<String>,
-    #[serde(default)]
-    pub format: Format,
-}
-
-/// A checked webhook.
-#[derive(Debug, Clone)]
-pub struct Webhook {
-    /// Its place in controller.toml, from 1: how messages name it.
-    pub idx: usize,
-    pub url: http::Uri,
-    pub events: Vec<String>,
-    pub format: Format,
-}
-
-impl Webhook {
-    /// Checks a `[[webhook]]` entry: the URL is http(s) with a host, every glob matches some
-    /// event kind.
-    pub fn check(idx: usize, file: &WebhookFile) -> Result<Webhook, String> {
-        let bad_url = |why: &str| {
-            format!(
-                "webhook {idx}: url {:?} {why}: write it like https://hooks.slack.com/services/T0/B0/XXXX or http://127.0.0.1:9000/hook",
-                file.url
-            )
-        };
-        let url: http::Uri = file.url.parse().map_err(|_| bad_url("is not a URL"))?;
-        match url.scheme_str() {
-            Some("http") | Some("https") => {}
-            _ => return Err(bad_url("is not http:// or https://")),
-        }
-        if url.host().is_none_or(str::is_empty) {
-            return Err(bad_url("has no host"));
-        }
-        if file.events.is_empty() {
-            return Err(format!(
-                "webhook {idx}: events is empty: name the events to send, like events = [\"rollout.*\", \"host.lost\"]"
-            ));
-        }
-        for glob in &file.events {
-            if !EVENT_KINDS.iter().any(|kind| glob_matches(glob, kind)) {
-                return Err(format!(
-                    "webhook {idx}: events glob {glob:?} matches no event kind; the kinds are {}",
-                    EVENT_KINDS.join(", ")
-                ));
-            }
-        }
-        Ok(Webhook {
-            idx,
-            url,
-            events: file.events.clone(),
-            format: file.format,
-        })
-    }
-
-    /// The URL without its path and query (which may hold a secret).
-    pub fn display_url(&self) -> String {
-        format!(
-            "{}://{}/…",
-            self.url.scheme_str().unwrap_or("http"),
-            self.url.authority().map(|a| a.as_str()).unwrap_or("")
-        )
-    }
-
-    pub fn wants(&self, kind: &str) -> bool {
-        self.events.iter().any(|glob| glob_matches(glob, kind))
-    }
-}
-
-/// Whether `text` matches `glob`, where `*` matches any run of characters (none too).
-pub fn glob_matches(glob: &str, text: &str) -> bool {
-    let parts: Vec<&str> = glob.split('*').collect();
-    if parts.len() == 1 {
-        return glob == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last)
-    {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    true
-}
 
 /// The one-line text of a notification: for a rollout's end, the app, release, result, who
 /// started it, how long it took and each failed host with why.
@@ -195,7 +50,8 @@ pub fn text(event: &EventRecord, rollout: Option<&RolloutRecord>) -> String {
             event.message
         );
     }
-    let took = Duration::from_millis((rollout.finished_unix_ms - rollout.started_unix_ms).max(0) as u64);
+    let took =
+        Duration::from_millis((rollout.finished_unix_ms - rollout.started_unix_ms).max(0) as u64);
     let mut text = format!(
         "[fleet] {}@{} {what} {} {} (started by {}, took {})",
         rollout.app,
@@ -325,7 +181,12 @@ pub fn spawn(
         let hook = Arc::new(webhook.clone());
         let (tx, rx) = mpsc::channel(QUEUE);
         hooks.hooks.push((hook.clone(), tx));
-        tasks.push(tokio::spawn(send_all(hook, rx, fleet.clone(), stop.clone())));
+        tasks.push(tokio::spawn(send_all(
+            hook,
+            rx,
+            fleet.clone(),
+            stop.clone(),
+        )));
     }
     (hooks, tasks)
 }
@@ -420,7 +281,11 @@ async fn post(url: &http::Uri, body: &[u8]) -> Result<(), String> {
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_string();
-    let authority = url.authority().map(|a| a.as_str()).unwrap_or(host).to_string();
+    let authority = url
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or(host)
+        .to_string();
     if https {
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(bare_host.to_string())
             .map_err(|e| format!("{host} is no TLS server name: {e}"))?;
@@ -446,7 +311,10 @@ where
     let request = http::Request::post(path)
         .header(http::header::HOST, authority)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::USER_AGENT, concat!("fleet-controller/", env!("CARGO_PKG_VERSION")))
+        .header(
+            http::header::USER_AGENT,
+            concat!("fleet-controller/", env!("CARGO_PKG_VERSION")),
+        )
         .body(http_body_util::Full::new(Bytes::copy_from_slice(body)))
         .map_err(|e| format!("request: {e}"))?;
     let answer = sender.send_request(request).await;
@@ -462,7 +330,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{RolloutPolicy, RolloutState, Wave, WaveHost, WaveState, Batch};
+    use crate::model::{Batch, RolloutPolicy, RolloutState, Wave, WaveHost, WaveState};
 
     #[test]
     fn globs() {
@@ -496,16 +364,39 @@ mod tests {
     fn bad_webhooks_say_what_to_do() {
         for (url, events, expect) in [
             ("not a url", vec!["rollout.*"], "is not a URL"),
-            ("ftp://example.com/x", vec!["rollout.*"], "is not http:// or https://"),
-            ("/just/a/path", vec!["rollout.*"], "is not http:// or https://"),
+            (
+                "ftp://example.com/x",
+                vec!["rollout.*"],
+                "is not http:// or https://",
+            ),
+            (
+                "/just/a/path",
+                vec!["rollout.*"],
+                "is not http:// or https://",
+            ),
             ("http://127.0.0.1:9/", vec![], "events is empty"),
-            ("http://127.0.0.1:9/", vec!["rollouts.*"], "matches no event kind"),
-            ("http://127.0.0.1:9/", vec!["host.lost", "hots.*"], "\"hots.*\" matches no event kind"),
+            (
+                "http://127.0.0.1:9/",
+                vec!["rollouts.*"],
+                "matches no event kind",
+            ),
+            (
+                "http://127.0.0.1:9/",
+                vec!["host.lost", "hots.*"],
+                "\"hots.*\" matches no event kind",
+            ),
         ] {
             let error = Webhook::check(2, &file(url, &events)).unwrap_err();
-            assert!(error.contains(expect) && error.starts_with("webhook 2"), "{url}: {error}");
+            assert!(
+                error.contains(expect) && error.starts_with("webhook 2"),
+                "{url}: {error}"
+            );
         }
-        let hook = Webhook::check(1, &file("https://hooks.example.com/services/SECRET", &["*"])).unwrap();
+        let hook = Webhook::check(
+            1,
+            &file("https://hooks.example.com/services/SECRET", &["*"]),
+        )
+        .unwrap();
         assert_eq!(hook.display_url(), "https://hooks.example.com/…");
     }
 
@@ -540,7 +431,9 @@ mod tests {
                     };
                     let mut parts = kind.split('.');
                     let ok = |p: Option<&str>| {
-                        p.is_some_and(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                        p.is_some_and(|p| {
+                            !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        })
                     };
                     if ok(parts.next()) && ok(parts.next()) && parts.next().is_none() {
                         found.insert(kind.to_string());
@@ -550,9 +443,17 @@ mod tests {
         }
         assert!(found.len() > 20, "found only {found:?}");
         for kind in &found {
-            assert!(EVENT_KINDS.contains(&kind.as_str()), "event kind {kind} is missing from EVENT_KINDS");
+            assert!(
+                EVENT_KINDS.contains(&kind.as_str()),
+                "event kind {kind} is missing from EVENT_KINDS"
+            );
         }
-        for state in [RolloutState::Succeeded, RolloutState::Failed, RolloutState::RolledBack, RolloutState::Aborted] {
+        for state in [
+            RolloutState::Succeeded,
+            RolloutState::Failed,
+            RolloutState::RolledBack,
+            RolloutState::Aborted,
+        ] {
             let kind = format!("rollout.{}", state.as_str());
             assert!(EVENT_KINDS.contains(&kind.as_str()), "{kind}");
         }
@@ -583,7 +484,10 @@ mod tests {
             started_by: "ann".into(),
             started_unix_ms: 1_000,
             finished_unix_ms: 91_000,
-            waves: vec![Wave { hosts, state: WaveState::Passed }],
+            waves: vec![Wave {
+                hosts,
+                state: WaveState::Passed,
+            }],
             current_wave: 0,
             message: "3 hosts on 2.0".into(),
             policy: RolloutPolicy {
