@@ -266,6 +266,31 @@ mod tests {
     }
 
     #[test]
+    fn the_http_listener_is_loopback_and_written_to_controller_toml() {
+        for (text, ok) in [
+            ("127.0.0.1:7701", true),
+            ("[::1]:0", true),
+            ("127.0.0.1:0", true),
+            ("0.0.0.0:7701", false),
+            ("10.0.0.1:7701", false),
+            ("7701", false),
+        ] {
+            assert_eq!(parse_http_listen(text).is_ok(), ok, "{text}");
+        }
+        assert_eq!(parse_http_listen("0.0.0.0:1").unwrap_err().exit_code(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(&dir.path().join("a"), "127.0.0.1:7700", None).unwrap();
+        init_dir_with_http(&dir.path().join("b"), "127.0.0.1:7700", None, "127.0.0.1:0").unwrap();
+        for (sub, expect) in [("a", DEFAULT_HTTP_LISTEN), ("b", "127.0.0.1:0")] {
+            let config: toml::Table = toml::from_str(
+                &std::fs::read_to_string(dir.path().join(sub).join("controller.toml")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(config["http_listen"].as_str(), Some(expect));
+        }
+    }
+
+    #[test]
     fn writes_the_fleet_and_never_overwrites() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("fleet");

@@ -247,8 +247,15 @@ impl Collector for Snapshot {
             Ok(deployments) => deployments.into_iter().map(|d| (d.app, 0)).collect(),
             Err(_) => BTreeMap::new(),
         };
-        for (_, app) in self.in_progress.list() {
-            apps.insert(app, 1);
+        for (id, app) in self.in_progress.list() {
+            // An end the observer missed (it lagged) is found here.
+            match self.fleet.rollout(&id) {
+                Ok(Some(rollout)) if rollout.state.is_final() => self.in_progress.remove(&id),
+                Ok(None) => self.in_progress.remove(&id),
+                _ => {
+                    apps.insert(app, 1);
+                }
+            }
         }
         gauge(
             &mut encoder,
@@ -284,7 +291,7 @@ impl Collector for Snapshot {
 mod tests {
     use super::*;
 
-    fn metrics() -> (tempfile::TempDir, Metrics) {
+    fn metrics() -> (tempfile::TempDir, Metrics, Arc<InProgress>) {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
         let artifacts = crate::artifacts::ArtifactStore::open(
@@ -294,8 +301,9 @@ mod tests {
         .unwrap();
         let fleet = Arc::new(FleetState::new(store, artifacts, 500, 6_000));
         let in_progress = Arc::new(InProgress::default());
+        // A rollout the store does not know (it ended while the observer lagged, say).
         in_progress.insert("r1", "web");
-        (dir, Metrics::new(fleet, in_progress))
+        (dir, Metrics::new(fleet, in_progress.clone()), in_progress)
     }
 
     /// The names in `# TYPE` lines of an exposition.
@@ -321,7 +329,7 @@ mod tests {
 
     #[test]
     fn every_metric_named_is_exposed_with_its_kind() {
-        let (_dir, metrics) = metrics();
+        let (_dir, metrics, in_progress) = metrics();
         metrics.rollout_ended("web", "succeeded", 12.0);
         metrics.wave_ended("web", 3.0);
         metrics.smoke_check_failed("web");
@@ -338,8 +346,12 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("fleet_rollout_in_progress{app=\"web\"} 1"),
+            !text.contains("fleet_rollout_in_progress{app=\"web\"} 1"),
             "{text}"
+        );
+        assert!(
+            in_progress.list().is_empty(),
+            "a rollout the store does not have is dropped"
         );
         assert!(text.contains("fleet_hosts{state=\"lost\"} 0"), "{text}");
         assert!(

@@ -75,6 +75,15 @@ impl Observer {
                 Ok(event) => self.clone().see(event, &stop).await,
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!("the operators' event observer missed {n} event(s): metrics and webhooks miss them");
+                    // A rollout that started meanwhile is in progress all the same.
+                    let fleet = self.fleet.clone();
+                    if let Ok(Ok(rollouts)) =
+                        tokio::task::spawn_blocking(move || fleet.rollouts(None)).await
+                    {
+                        for rollout in rollouts.iter().filter(|r| !r.state.is_final()) {
+                            self.in_progress.insert(&rollout.id, &rollout.app);
+                        }
+                    }
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             }
@@ -115,6 +124,9 @@ impl Observer {
                 }
                 rollout = Some(record);
             }
+        } else if event.kind.starts_with("rollout.") || event.kind.starts_with("rollback.") {
+            // Paused, halted: the webhooks say which rollout.
+            rollout = self.newest_rollout(&event.app).await;
         } else if event.kind == "instance.failed" && event.message.contains("smoke check") {
             self.metrics.smoke_check_failed(&event.app);
         }

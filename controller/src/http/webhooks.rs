@@ -6,8 +6,8 @@
 //! per webhook ([`QUEUE`]; when it is full the event is dropped for that webhook, with a
 //! warning), and one task per webhook sends them in order, each try bounded by
 //! [`TRY_TIMEOUT`], [`TRIES`] tries with back-off. A delivery that finally fails is recorded as a
-//! `webhook.failed` event (never sent back to the webhook that failed, so a dead receiver
-//! cannot feed itself). URLs are shown without their path, which holds the secret of a Slack
+//! `webhook.failed` event (never sent back to the webhook that failed, and a `webhook.failed`
+//! event that cannot be delivered is only logged, so dead receivers cannot feed each other). URLs are shown without their path, which holds the secret of a Slack
 //! webhook.
 
 pub use crate::config::{Format, Webhook, WebhookFile};
@@ -229,7 +229,14 @@ async fn send_all(
                 pause *= 2;
             }
         }
-        if !delivered {
+        if !delivered && delivery.kind == "webhook.failed" {
+            // Not an event again: two dead receivers would pass their failures back and forth.
+            tracing::warn!(
+                "webhook {} ({}) did not take a webhook.failed event after {TRIES} tries: {last_error}",
+                hook.idx,
+                hook.display_url()
+            );
+        } else if !delivered {
             fleet
                 .event(
                     "controller",
