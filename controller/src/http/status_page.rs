@@ -77,6 +77,8 @@ pub struct RolloutView {
     pub started_by: String,
     pub is_rollback: bool,
     pub message: String,
+    /// Seconds left of the pause after the canary (`--pause-after-canary`), 0 when none.
+    pub canary_pause_left_secs: i64,
     pub waves: Vec<WaveView>,
 }
 
@@ -190,6 +192,10 @@ pub fn snapshot(fleet: &FleetState, in_progress: &InProgress) -> Result<StatusVi
             started_by: record.started_by,
             is_rollback: record.is_rollback,
             message: record.message,
+            canary_pause_left_secs: ((record.hold_until_unix_ms - fleet_proto::now_unix_ms())
+                .max(0)
+                + 999)
+                / 1000,
             waves,
         });
     }
@@ -284,7 +290,7 @@ fn rollouts_html(view: &StatusView) -> String {
     for r in &view.rollouts {
         let _ = write!(
             html,
-            "<div class=\"rollout\" data-rollout=\"{}\"><h3>{} {} of {} to {} <span class=\"state {}\">{}</span></h3><p>started by {}{}</p><ol class=\"waves\">",
+            "<div class=\"rollout\" data-rollout=\"{}\"><h3>{} {} of {} to {} <span class=\"state {}\">{}</span></h3><p>started by {}{}{}</p><ol class=\"waves\">",
             escape(&r.id),
             if r.is_rollback { "rollback" } else { "rollout" },
             escape(&r.id),
@@ -297,6 +303,14 @@ fn rollouts_html(view: &StatusView) -> String {
                 String::new()
             } else {
                 format!(": {}", escape(&r.message))
+            },
+            if r.canary_pause_left_secs > 0 {
+                format!(
+                    " · <span class=\"hold\">canary pause: {}s left</span>",
+                    r.canary_pause_left_secs
+                )
+            } else {
+                String::new()
             }
         );
         for w in &r.waves {
@@ -420,7 +434,7 @@ pub const SCRIPT: &str = r#"// fleet status page: redraws from /api/status every
     let h = "<h2>Rollouts in progress</h2>";
     if (v.rollouts.length === 0) h += '<p class="none">none</p>';
     for (const r of v.rollouts) {
-      h += `<div class="rollout" data-rollout="${esc(r.id)}"><h3>${r.is_rollback ? "rollback" : "rollout"} ${esc(r.id)} of ${esc(r.app)} to ${esc(r.release)} <span class="state ${esc(r.state)}">${esc(r.state)}</span></h3><p>started by ${esc(r.started_by)}${r.message ? ": " + esc(r.message) : ""}</p><ol class="waves">`;
+      h += `<div class="rollout" data-rollout="${esc(r.id)}"><h3>${r.is_rollback ? "rollback" : "rollout"} ${esc(r.id)} of ${esc(r.app)} to ${esc(r.release)} <span class="state ${esc(r.state)}">${esc(r.state)}</span></h3><p>started by ${esc(r.started_by)}${r.message ? ": " + esc(r.message) : ""}${r.canary_pause_left_secs > 0 ? ` · <span class="hold">canary pause: ${r.canary_pause_left_secs}s left</span>` : ""}</p><ol class="waves">`;
       for (const w of r.waves) {
         h += `<li class="wave ${esc(w.state)}${w.current ? " current" : ""}" data-wave-state="${esc(w.state)}"><b>${esc(w.label)}</b> <span class="state ${esc(w.state)}">${esc(w.state)}</span>${w.current ? " ◀ now" : ""}: `;
         for (const x of w.hosts) h += `<span class="host ${esc(x.result)}" title="${esc(x.message)}">${esc(x.host)} (${esc(x.result)})</span> `;
@@ -488,7 +502,7 @@ table{border-collapse:collapse;margin-bottom:1em}td,th{border-bottom:1px solid #
 .meta{color:#666}.stale .meta::after{content:' (the controller does not answer)';color:#b00}\
 .state.ready,.state.running,.state.passed,.host.passed{color:#070}.state.lost,.state.failed,.host.failed{color:#b00}\
 .state.paused,.state.draining,.state.drained,.host.deploying{color:#a60}.wave.current{font-weight:bold}\
-.drift{color:#a60}.none{color:#666}\n";
+.drift,.hold{color:#a60}.none{color:#666}\n";
 
 #[cfg(test)]
 mod tests {
@@ -527,8 +541,45 @@ mod tests {
                 message: "<img src=x onerror=alert(1)>".into(),
             }],
         };
+        let mut view = view;
+        view.rollouts.push(RolloutView {
+            id: "r3".into(),
+            app: "web".into(),
+            release: "2.0".into(),
+            state: "running".into(),
+            started_by: "ann".into(),
+            is_rollback: false,
+            message: String::new(),
+            canary_pause_left_secs: 30,
+            waves: vec![
+                WaveView {
+                    label: "canary (wave 1/2)".into(),
+                    state: "passed".into(),
+                    current: false,
+                    hosts: vec![WaveHostView {
+                        host: "h1".into(),
+                        result: "passed".into(),
+                        message: String::new(),
+                    }],
+                },
+                WaveView {
+                    label: "wave 2/2".into(),
+                    state: "pending".into(),
+                    current: true,
+                    hosts: vec![],
+                },
+            ],
+        });
         let page = render(&view);
         assert!(!page.contains("<img"), "{page}");
+        assert!(page.contains("canary pause: 30s left"), "{page}");
+        assert!(
+            page.contains(
+                "<li class=\"wave pending current\" data-wave-state=\"pending\"><b>wave 2/2</b>"
+            ),
+            "{page}"
+        );
+        assert!(page.contains("h1 (passed)"), "{page}");
         assert!(page.contains("web@1.0 failed"), "{page}");
     }
 }
