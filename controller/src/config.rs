@@ -59,6 +59,14 @@ pub struct ControllerFile {
     /// decompression bomb is refused at upload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_compression_ratio: Option<u64>,
+    /// How long a client's TLS handshake may take, in milliseconds (default 10000); a
+    /// connection that has not finished it by then is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// How long a connection may leave an answer unread, in milliseconds (default 60000): one
+    /// that took nothing of what the controller has to send it for that long is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_stall_timeout_ms: Option<u64>,
     /// How many events the event log keeps (default 10000); older ones are deleted in batches
     /// as new ones are written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +109,10 @@ pub struct ControllerConfig {
     pub tls: TlsPaths,
     /// How long the agent certificates the controller signs are valid.
     pub host_certificate_ttl: std::time::Duration,
+    /// `handshake_timeout_ms`: how long a TLS handshake may take.
+    pub handshake_timeout: std::time::Duration,
+    /// `write_stall_timeout_ms`: how long a connection may leave an answer unread.
+    pub write_stall_timeout: std::time::Duration,
     /// The operators' HTTP listener, if any.
     pub http: Option<HttpListen>,
     /// Where the HTTP listener's bound address is written (`controller.http.addr`).
@@ -225,6 +237,11 @@ pub fn check_http_listen(text: &str, allow_remote: bool) -> Result<SocketAddr, S
     }
     Ok(addr)
 }
+
+/// The default `handshake_timeout_ms`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// The default `write_stall_timeout_ms`.
+pub const DEFAULT_WRITE_STALL_TIMEOUT_MS: u64 = 60_000;
 
 /// The default lifetime of a host's certificate.
 pub const DEFAULT_HOST_CERTIFICATE_TTL: std::time::Duration =
@@ -368,7 +385,25 @@ impl ControllerConfig {
             .map(|(idx, hook)| Webhook::check(idx + 1, hook))
             .collect::<Result<Vec<_>, String>>()
             .map_err(invalid)?;
+        let handshake_timeout_ms = file
+            .handshake_timeout_ms
+            .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS);
+        if !(500..=120_000).contains(&handshake_timeout_ms) {
+            return Err(invalid(
+                "handshake_timeout_ms must be between 500 and 120000, like 10000".into(),
+            ));
+        }
+        let write_stall_timeout_ms = file
+            .write_stall_timeout_ms
+            .unwrap_or(DEFAULT_WRITE_STALL_TIMEOUT_MS);
+        if !(500..=3_600_000).contains(&write_stall_timeout_ms) {
+            return Err(invalid(
+                "write_stall_timeout_ms must be between 500 and 3600000, like 60000".into(),
+            ));
+        }
         Ok(ControllerConfig {
+            handshake_timeout: std::time::Duration::from_millis(handshake_timeout_ms),
+            write_stall_timeout: std::time::Duration::from_millis(write_stall_timeout_ms),
             http,
             http_addr_file: base.join(HTTP_ADDR_FILE),
             webhooks,

@@ -274,6 +274,26 @@ pub struct WaveHost {
     pub previous_deployment: Option<String>,
     pub result: HostResult,
     pub message: String,
+    /// Where this rollout's rollback stands with the host: `None` until it reaches it. Written
+    /// in the same transaction as the desired state it hands back, so a restarted controller
+    /// goes on with the rollback where it stood.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackMark>,
+}
+
+/// A host's place in its rollout's rollback (see `step::rollback`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackMark {
+    /// Its previous release was handed back; once it runs it again, its result is
+    /// `rolled_back`.
+    Sent,
+    /// The rollback went on without it: its previous release failed, a later change took it
+    /// over, or its batch's deadline passed. Its message says which.
+    NotBack,
+    /// It was lost on its way back: it gets its previous release when it returns, and the
+    /// rollback went on without it.
+    Lost,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

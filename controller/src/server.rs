@@ -113,7 +113,12 @@ pub async fn run(
         shutdown: stop_rx.clone(),
     };
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
-    let limits = edge::Limits::default();
+    let limits = edge::Limits {
+        handshake: config.handshake_timeout,
+        write_stall: config.write_stall_timeout,
+        ..edge::Limits::default()
+    };
+    let connections = Arc::new(edge::Connections::default());
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .max_concurrent_streams(limits.streams_per_connection)
@@ -127,6 +132,7 @@ pub async fn run(
         .initial_connection_window_size(Some(8 << 20))
         .layer(edge::EdgeLayer {
             limits,
+            connections: connections.clone(),
             classify: {
                 let (fleet, trust) = (fleet.clone(), trust.clone());
                 // A connection opened before its certificate's CA was retired is refused too.
@@ -154,6 +160,7 @@ pub async fn run(
                     Arc::new(move || trust.server_tls())
                 },
                 limits,
+                connections,
             ),
             async {
                 let _ = signalled_rx.await;

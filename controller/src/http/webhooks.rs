@@ -473,6 +473,7 @@ mod tests {
             previous_deployment: None,
             result: HostResult::Passed,
             message: String::new(),
+            rollback: None,
         }];
         if let Some((host, why)) = failed {
             hosts.push(WaveHost {
@@ -481,6 +482,7 @@ mod tests {
                 previous_deployment: None,
                 result: HostResult::Failed,
                 message: why.into(),
+                rollback: None,
             });
         }
         RolloutRecord {
