@@ -11,10 +11,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+/// Debian's `chromium` (or Ubuntu's `chromium-browser`) on the PATH.
 fn chromium() -> Option<std::path::PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+    let path = std::env::var_os("PATH")?;
+    let dirs: Vec<std::path::PathBuf> = std::env::split_paths(&path).collect();
+    ["chromium", "chromium-browser"]
         .iter()
-        .map(std::path::PathBuf::from)
+        .flat_map(|name| dirs.iter().map(move |dir| dir.join(name)))
         .find(|p| p.exists())
 }
 
