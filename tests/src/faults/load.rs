@@ -432,10 +432,59 @@ async fn one_call(
     Ok(())
 }
 
-/// The controller's delay between the waves of a finished rollout (ms): see the module doc.
+/// The controller's delay between the waves of a finished rollout (ms): for each wave after
+/// the first, from the time the host of the wave before reported its instance running (its
+/// agent's clock, in `status`: the agent reports running once the smoke checks passed and
+/// `--min-healthy` went by) to the time the controller logged giving the wave its release.
 fn wave_gaps(fleet: &Fleet, rollout: &Value) -> Result<Vec<f64>> {
-    let _ = (fleet, rollout);
-    bail!("wave_gaps: not written yet")
+    let id = rollout["id"].as_str().context("the rollout's id")?;
+    let version = rollout["version"].as_str().context("the rollout's version")?;
+    let log = fleet.controller_log();
+    let status = fleet.ctl(&["status", "web"]);
+    if status.code != 0 {
+        bail!("status web exited {}: {}", status.code, status.stderr);
+    }
+    let waves = rollout["waves"].as_array().context("the rollout's waves")?;
+    let mut gaps = Vec::new();
+    for idx in 1..waves.len() {
+        let before = waves[idx - 1]["hosts"][0]["host"].as_str().context("a host")?;
+        let host = waves[idx]["hosts"][0]["host"].as_str().context("a host")?;
+        let actual = Fleet::actual_of(&status.json, before, "web")
+            .with_context(|| format!("status shows nothing of web on {before}"))?;
+        if actual["version"] != version || actual["state"] != "running" {
+            bail!("{before} no longer runs {version} as the rollout left it: {actual}");
+        }
+        let reported = actual["since_unix_ms"]
+            .as_i64()
+            .with_context(|| format!("no since_unix_ms in {actual}"))?;
+        let needle = format!(": deploying web@{version} to {host} rollout={id}");
+        let given = log
+            .lines()
+            .find(|line| line.ends_with(&needle))
+            .and_then(|line| log_time_unix_ms(line.split_whitespace().next()?))
+            .with_context(|| format!("the controller's log has no line ending {needle:?}"))?;
+        gaps.push((given - reported) as f64);
+    }
+    Ok(gaps)
+}
+
+/// `2026-12-01T06:28:16.654181Z` (the controller log's timestamps, UTC) as Unix ms.
+fn log_time_unix_ms(text: &str) -> Option<i64> {
+    let (date, time) = text.strip_suffix('Z')?.split_once('T')?;
+    let mut ymd = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (year, month, day) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let (hms, fraction) = time.split_once('.').unwrap_or((time, "0"));
+    let mut parts = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (hour, minute, second) = (parts.next()??, parts.next()??, parts.next()??);
+    let millis: i64 = format!("{fraction:0<3}")[..3].parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis)
 }
 
 /// The load run's figures as markdown, with the machine and the date.
@@ -509,6 +558,19 @@ pub fn summary(report: &LoadReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_times_read_as_unix_ms() {
+        for (text, expect) in [
+            ("1970-01-01T00:00:00.000000Z", Some(0)),
+            ("1970-01-02T00:00:01.5Z", Some(86_401_500)),
+            ("2026-12-01T06:28:16.654181Z", Some(1_796_106_496_654)),
+            ("2000-02-29T12:00:00Z", Some(951_825_600_000)),
+            ("not a time", None),
+        ] {
+            assert_eq!(log_time_unix_ms(text), expect, "{text}");
+        }
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
