@@ -160,10 +160,10 @@ impl Assignment {
     }
 
     /// Whether an instance started for `self` runs exactly what `other` asks for, whatever the
-    /// rollout: the same release (version, artifact, configuration) and generation.
+    /// rollout: the same release (version, artifact, configuration). The generation is left
+    /// out: every rollout and rollback hands out one of its own.
     pub fn same_release(&self, other: &Assignment) -> bool {
         self.version == other.version
-            && self.generation == other.generation
             && self.artifact_digest == other.artifact_digest
             && self.env == other.env
             && self.secrets == other.secrets

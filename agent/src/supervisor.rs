@@ -1040,12 +1040,12 @@ mod tests {
         let failed = assignment("1.1", 1, "r2");
         let before = assignment("1.0", 1, "r1");
         for (state, live, new, expect) in [
-            // The rollback of r2 gives 1.0 back: the instance of 1.0 is kept.
-            (Some(Failed), Some(&before), assignment("1.0", 1, "r2"), KeepLive),
-            (Some(Failed), Some(&before), assignment("1.0", 1, "r3"), KeepLive),
-            // Another release, or the same one to be started afresh: deployed as usual.
-            (Some(Failed), Some(&before), assignment("1.2", 1, "r3"), Converge),
-            (Some(Failed), Some(&before), assignment("1.0", 2, "r3"), Converge),
+            // The rollback of r2 gives 1.0 back (under a generation of its own, as every
+            // rollout): the instance of 1.0 is kept.
+            (Some(Failed), Some(&before), assignment("1.0", 2, "r2"), KeepLive),
+            (Some(Failed), Some(&before), assignment("1.0", 3, "r3"), KeepLive),
+            // Another release: deployed as usual.
+            (Some(Failed), Some(&before), assignment("1.2", 3, "r3"), Converge),
             (Some(Failed), Some(&before), assignment("1.1", 1, "r2"), Converge),
             // Nothing runs: deployed as usual.
             (Some(Failed), None, assignment("1.0", 1, "r2"), Converge),
