@@ -32,6 +32,8 @@ pub const SOAK_FAULTS: [Fault; 6] = [
 ];
 /// Every this many rollouts, one of a release that fails on h3 (it rolls back).
 const ROLLBACK_EVERY: u32 = 4;
+/// How a broken budget starts in the report, so it is counted apart.
+const BUDGET_BROKEN: &str = "budget";
 
 /// What the soak did.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +63,17 @@ pub struct SoakReport {
 impl SoakReport {
     pub fn faults_injected(&self) -> u32 {
         self.faults.values().sum()
+    }
+
+    /// Rollouts after which only the budget broke.
+    pub fn budget_only(&self) -> usize {
+        self.broken
+            .iter()
+            .filter(|b| {
+                b.split_once(": ")
+                    .is_some_and(|(_, what)| what.split("; ").all(|w| w.starts_with(BUDGET_BROKEN)))
+            })
+            .count()
     }
 }
 
@@ -175,9 +188,17 @@ fn one_rollout(
             Ok(version) => version,
             Err(e) => return vec![format!("{e:#}")],
         };
-        match bench.start_rollout(&version, false) {
-            Ok(id) => (id, version),
-            Err(e) => return vec![format!("{e:#}")],
+        // A start the controller refuses because faults just took hosts down (the budget is
+        // spent before it starts) is tried again once they are back, as an operator would.
+        let until = Instant::now() + CONVERGE_DEADLINE;
+        loop {
+            match bench.start_rollout(&version, false) {
+                Ok(id) => break (id, version),
+                Err(e) if Instant::now() < until && format!("{e:#}").contains("is spent") => {
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => return vec![format!("{e:#}")],
+            }
         }
     };
     report.rollouts += 1;
@@ -222,11 +243,15 @@ fn one_rollout(
         broken.push(format!("rollout {id} of a failing release succeeded"));
     }
     let (most_down, which) = sampler.finish();
-    // The faults themselves take no app down; a host lost meanwhile may be moved back by the
-    // converger at the same time, so the budget is read as the rollout's (1).
+    // The faults themselves take no app down, so the budget is the rollout's (1).
     if most_down > 1 {
         broken.push(format!(
-            "{most_down} hosts down at once ({which}), budget 1"
+            "{BUDGET_BROKEN}: {most_down} hosts down at once ({which}), budget 1{}",
+            if rollback || bad {
+                " (a rollback: RELIABILITY.md, known failure 3)"
+            } else {
+                ""
+            }
         ));
     }
     if matches!(state.as_str(), "failed" | "aborted") {
@@ -282,7 +307,7 @@ pub fn table(report: &SoakReport, command: &str, build: &str) -> String {
          | ran | {:.0} min ({:.0} min asked), {} hosts, host certificates valid {CERTIFICATE_TTL} |\n\
          | rollouts done | {} ({} of them `fleetctl rollback`); ended: {} |\n\
          | faults injected | {} ({}) |\n\
-         | invariants held | after {} of {} rollouts |\n\
+         | invariants held | after {} of {} rollouts ({} broke only the budget) |\n\
          | certificates renewed | {} |\n",
         report.took.as_secs_f64() / 60.0,
         report.asked.as_secs_f64() / 60.0,
@@ -304,6 +329,7 @@ pub fn table(report: &SoakReport, command: &str, build: &str) -> String {
             .join(", "),
         report.held,
         report.rollouts,
+        report.budget_only(),
         report.renewals,
     ));
     text.push_str(&usage_rows(report));
