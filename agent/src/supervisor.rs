@@ -1042,15 +1042,40 @@ mod tests {
         for (state, live, new, expect) in [
             // The rollback of r2 gives 1.0 back (under a generation of its own, as every
             // rollout): the instance of 1.0 is kept.
-            (Some(Failed), Some(&before), assignment("1.0", 2, "r2"), KeepLive),
-            (Some(Failed), Some(&before), assignment("1.0", 3, "r3"), KeepLive),
+            (
+                Some(Failed),
+                Some(&before),
+                assignment("1.0", 2, "r2"),
+                KeepLive,
+            ),
+            (
+                Some(Failed),
+                Some(&before),
+                assignment("1.0", 3, "r3"),
+                KeepLive,
+            ),
             // Another release: deployed as usual.
-            (Some(Failed), Some(&before), assignment("1.2", 3, "r3"), Converge),
-            (Some(Failed), Some(&before), assignment("1.1", 1, "r2"), Converge),
+            (
+                Some(Failed),
+                Some(&before),
+                assignment("1.2", 3, "r3"),
+                Converge,
+            ),
+            (
+                Some(Failed),
+                Some(&before),
+                assignment("1.1", 1, "r2"),
+                Converge,
+            ),
             // Nothing runs: deployed as usual.
             (Some(Failed), None, assignment("1.0", 1, "r2"), Converge),
             // Only after a failure: a running target is replaced by a new rollout as always.
-            (Some(Running), Some(&before), assignment("1.0", 1, "r3"), Converge),
+            (
+                Some(Running),
+                Some(&before),
+                assignment("1.0", 1, "r3"),
+                Converge,
+            ),
         ] {
             assert_eq!(
                 decide(Some(&failed), state, live, &new),

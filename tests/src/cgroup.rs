@@ -88,7 +88,10 @@ impl CpuLimit {
         Err(if tried.is_empty() {
             "no cgroup hierarchy with a cpu controller is mounted".to_string()
         } else {
-            format!("no writable cgroup with a cpu controller: {}", tried.join("; "))
+            format!(
+                "no writable cgroup with a cpu controller: {}",
+                tried.join("; ")
+            )
         })
     }
 

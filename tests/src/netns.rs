@@ -85,7 +85,15 @@ impl Netns {
         ip(&["netns", "add", &netns.name])?;
         let cidr = |last: u32| format!("{}/29", Ipv4Addr::from(netns.base + last));
         ip(&[
-            "link", "add", &netns.host_if, "type", "veth", "peer", "name", &ns_if, "netns",
+            "link",
+            "add",
+            &netns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_if,
+            "netns",
             &netns.name,
         ])?;
         ip(&["addr", "add", &cidr(1), "dev", &netns.host_if])?;
@@ -180,10 +188,11 @@ pub fn remove_leftovers() -> Vec<String> {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if pid != std::process::id() && !crate::process::pid_is_alive(pid) {
-            if ip(&["netns", "delete", &name]).is_ok() {
-                removed.push(name);
-            }
+        if pid != std::process::id()
+            && !crate::process::pid_is_alive(pid)
+            && ip(&["netns", "delete", &name]).is_ok()
+        {
+            removed.push(name);
         }
     }
     removed

@@ -71,7 +71,7 @@ impl Tmpfs {
     /// The bytes free on the filesystem now.
     pub fn free_bytes(&self) -> u64 {
         nix::sys::statvfs::statvfs(&self.dir)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available() * s.fragment_size())
             .unwrap_or(0)
     }
 

@@ -25,9 +25,11 @@ use std::path::PathBuf;
 const USAGE: &str = "usage: fleet-faults [--repeat K] [--seed S] [--only FAULT[,FAULT...]] [--try N] [--jobs J] [--write [PATH]] [--quiet]\n       fleet-faults --soak DUR [--seed S] [--write [PATH]]\n       fleet-faults --load [--seed S] [--write [PATH]]";
 
 /// The markers of the soak's and the load run's figures in RELIABILITY.md.
-const SOAK_BEGIN: &str = "<!-- fleet-faults soak: begin (written by `fleet-faults --soak DUR --write`) -->";
+const SOAK_BEGIN: &str =
+    "<!-- fleet-faults soak: begin (written by `fleet-faults --soak DUR --write`) -->";
 const SOAK_END: &str = "<!-- fleet-faults soak: end -->";
-const LOAD_BEGIN: &str = "<!-- fleet-faults load: begin (written by `fleet-faults --load --write`) -->";
+const LOAD_BEGIN: &str =
+    "<!-- fleet-faults load: begin (written by `fleet-faults --load --write`) -->";
 const LOAD_END: &str = "<!-- fleet-faults load: end -->";
 
 fn main() -> Result<()> {

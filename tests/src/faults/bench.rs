@@ -333,8 +333,7 @@ impl Drop for Bench {
     fn drop(&mut self) {
         // The processes go before the filesystems under them and the namespaces they run in
         // (an unmounted data directory would hide its apps from the fleet's own cleanup).
-        if self.controller_disk.is_some() || !self.host_disks.is_empty() || !self.netns.is_empty()
-        {
+        if self.controller_disk.is_some() || !self.host_disks.is_empty() || !self.netns.is_empty() {
             for name in self.fleet.host_names() {
                 self.fleet.kill_agent(&name);
             }

@@ -191,7 +191,9 @@ fn run_with(seed: u64, verbose: bool, limit: &CpuLimit, report: &mut LoadReport)
         ));
     }
     if report.calls.is_empty() {
-        report.broken.push("the load generator made no call".to_string());
+        report
+            .broken
+            .push("the load generator made no call".to_string());
     }
     if report.ratio() > TARGET_RATIO {
         report.broken.push(format!(
@@ -364,7 +366,10 @@ pub fn worker_main(spec: &str) -> Result<()> {
                 }));
             }
             for task in tasks {
-                calls.push(task.await.unwrap_or_else(|e| json!({"kind": "?", "ms": 0, "error": e.to_string()})));
+                calls.push(
+                    task.await
+                        .unwrap_or_else(|e| json!({"kind": "?", "ms": 0, "error": e.to_string()})),
+                );
             }
             bursts += 1;
         }
@@ -425,15 +430,19 @@ async fn one_call(
                 .await
                 .map_err(|e| format!("read {}: {e}", artifact.display()))?;
             let mut messages = vec![pb::CreateReleaseRequest {
-                body: Some(pb::create_release_request::Body::Header(pb::ReleaseHeader {
-                    app: format!("load-{app_idx}"),
-                    version: version.to_string(),
-                    ..Default::default()
-                })),
+                body: Some(pb::create_release_request::Body::Header(
+                    pb::ReleaseHeader {
+                        app: format!("load-{app_idx}"),
+                        version: version.to_string(),
+                        ..Default::default()
+                    },
+                )),
             }];
             for chunk in bytes.chunks(64 * 1024) {
                 messages.push(pb::CreateReleaseRequest {
-                    body: Some(pb::create_release_request::Body::Chunk(chunk.to_vec().into())),
+                    body: Some(pb::create_release_request::Body::Chunk(
+                        chunk.to_vec().into(),
+                    )),
                 });
             }
             client
@@ -452,7 +461,9 @@ async fn one_call(
 /// `--min-healthy` went by) to the time the controller logged giving the wave its release.
 fn wave_gaps(fleet: &Fleet, rollout: &Value) -> Result<Vec<f64>> {
     let id = rollout["id"].as_str().context("the rollout's id")?;
-    let version = rollout["version"].as_str().context("the rollout's version")?;
+    let version = rollout["version"]
+        .as_str()
+        .context("the rollout's version")?;
     let log = fleet.controller_log();
     let status = fleet.ctl(&["status", "web"]);
     if status.code != 0 {
@@ -461,7 +472,9 @@ fn wave_gaps(fleet: &Fleet, rollout: &Value) -> Result<Vec<f64>> {
     let waves = rollout["waves"].as_array().context("the rollout's waves")?;
     let mut gaps = Vec::new();
     for idx in 1..waves.len() {
-        let before = waves[idx - 1]["hosts"][0]["host"].as_str().context("a host")?;
+        let before = waves[idx - 1]["hosts"][0]["host"]
+            .as_str()
+            .context("a host")?;
         let host = waves[idx]["hosts"][0]["host"].as_str().context("a host")?;
         let actual = Fleet::actual_of(&status.json, before, "web")
             .with_context(|| format!("status shows nothing of web on {before}"))?;

@@ -146,7 +146,7 @@ impl Fault {
     /// unpack, the canary's or a later wave's.
     fn phase_of_try(self, try_idx: u32) -> Phase {
         match self {
-            Fault::HostDiskFull if try_idx % 2 == 0 => Phase::Canary,
+            Fault::HostDiskFull if try_idx.is_multiple_of(2) => Phase::Canary,
             Fault::HostDiskFull => Phase::LaterWave,
             _ => Phase::of_try(try_idx),
         }
@@ -628,7 +628,12 @@ fn inject(
         }
         Fault::HostDiskFull => {
             let idx = host_index(target);
-            let releases = bench.fleet.agent(target).data_dir.join("releases").join("web");
+            let releases = bench
+                .fleet
+                .agent(target)
+                .data_dir
+                .join("releases")
+                .join("web");
             let until = Instant::now() + UNPACK_DEADLINE;
             let mut unpacking = false;
             // Bounded by the deadline; 2 ms apart, so an unpack of a moment is not missed.
@@ -766,7 +771,12 @@ fn host_disk_full_aftermath(
     version: &str,
     end: &Value,
 ) -> Result<String, String> {
-    let releases = bench.fleet.agent(target).data_dir.join("releases").join("web");
+    let releases = bench
+        .fleet
+        .agent(target)
+        .data_dir
+        .join("releases")
+        .join("web");
     let mut note = String::new();
     if end["state"] == "succeeded" {
         // The unpack ended between the moment it was seen and the disk filling up.
@@ -776,8 +786,7 @@ fn host_disk_full_aftermath(
         if !said.contains("no space") && !said.contains("space left") {
             return Err(format!(
                 "the rollout's record does not say {target}'s disk was full: {}; {}",
-                end["message"],
-                end["waves"]
+                end["message"], end["waves"]
             ));
         }
         if unpack_dirs(&releases) > 0 {

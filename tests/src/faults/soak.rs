@@ -167,8 +167,9 @@ fn one_rollout(
 ) -> Vec<String> {
     let mut broken = Vec::new();
     let previous = bench.current_version.clone();
-    let rollback = idx % 2 == 0 && idx % ROLLBACK_EVERY != 0 && !previous.is_empty();
-    let bad = idx % ROLLBACK_EVERY == 0;
+    let rollback =
+        idx.is_multiple_of(2) && !idx.is_multiple_of(ROLLBACK_EVERY) && !previous.is_empty();
+    let bad = idx.is_multiple_of(ROLLBACK_EVERY);
     let sampler = invariants::HealthSampler::start(bench);
     let (id, version) = if rollback {
         let out = bench.fleet.ctl(&["rollback", "web", "--detach"]);
@@ -260,7 +261,9 @@ fn one_rollout(
             &[previous.as_str(), version.as_str()],
             CONVERGE_DEADLINE,
         ) {
-            broken.push(format!("after {state} hosts did not serve what status says: {e}"));
+            broken.push(format!(
+                "after {state} hosts did not serve what status says: {e}"
+            ));
         }
         // Whatever each host was left on, the next rollout starts from what they serve.
         bench.current_version = String::new();
@@ -278,7 +281,9 @@ fn one_rollout(
         };
         match converged {
             Ok(()) => bench.current_version = expected,
-            Err(e) => broken.push(format!("after {state} hosts did not all serve {expected}: {e}")),
+            Err(e) => broken.push(format!(
+                "after {state} hosts did not all serve {expected}: {e}"
+            )),
         }
     }
     if let Err(e) = invariants::processes(&bench.fleet, Duration::from_secs(20)) {
