@@ -20,25 +20,6 @@ const MAX_SMOKE_TIMEOUT_MS: u64 = 3_600_000;
 const MAX_PAUSE_AFTER_CANARY_MS: u64 = 24 * 3_600_000;
 const DEFAULT_BATCH: Batch = Batch::Percent(25);
 
-/// The reads that walk the store (`status`, `history`) run one at a time, off the runtime's
-/// two worker threads: a burst of them (200 clients at once, `fleet-faults --load`) then waits
-/// its turn instead of holding both workers, which drive the agents' sessions and the rollouts
-/// (the delay between waves went from ~20 ms to over a second under such a burst before).
-static STORE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-
-/// Runs the store read `read` on the blocking pool once [`STORE_READS`] lets it.
-async fn store_read<T: Send + 'static>(
-    read: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    let _turn = STORE_READS
-        .acquire()
-        .await
-        .map_err(|_| Status::unavailable("the controller is shutting down: try again"))?;
-    tokio::task::spawn_blocking(read)
-        .await
-        .map_err(|e| Status::internal(format!("the read crashed: {e}")))?
-}
-
 pub struct FleetApi {
     pub fleet: Arc<FleetState>,
     /// The fleet CA, which signs credentials (`IssueCredential`).
@@ -312,37 +293,36 @@ impl pb::fleet_service_server::FleetService for FleetApi {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         auth::require(&self.fleet, &request, Role::Deployer)?;
         let app = request.into_inner().app;
-        if !app.is_empty() {
+        let only_app = if app.is_empty() {
+            None
+        } else {
             check_app(&app)?;
-        }
-        let fleet = self.fleet.clone();
-        store_read(move || {
-            let only_app = (!app.is_empty()).then_some(app.as_str());
-            let hosts = fleet.host_records().map_err(store_status)?;
-            let hosts = hosts
-                .iter()
-                .map(|h| convert::host(&fleet, h, only_app))
-                .filter(|h| only_app.is_none() || !h.apps.is_empty())
-                .collect();
-            let active_rollouts = fleet
-                .rollouts(only_app)
-                .map_err(store_status)?
-                .iter()
-                .filter(|r| !r.state.is_final())
-                .map(convert::rollout)
-                .collect();
-            let deployments = crate::converge::report(&fleet, only_app)
-                .map_err(store_status)?
-                .iter()
-                .map(convert::deployment)
-                .collect();
-            Ok(Response::new(pb::StatusResponse {
-                hosts,
-                active_rollouts,
-                deployments,
-            }))
-        })
-        .await
+            Some(app.as_str())
+        };
+        let hosts = self.fleet.host_records().map_err(store_status)?;
+        let hosts = hosts
+            .iter()
+            .map(|h| convert::host(&self.fleet, h, only_app))
+            .filter(|h| only_app.is_none() || !h.apps.is_empty())
+            .collect();
+        let active_rollouts = self
+            .fleet
+            .rollouts(only_app)
+            .map_err(store_status)?
+            .iter()
+            .filter(|r| !r.state.is_final())
+            .map(convert::rollout)
+            .collect();
+        let deployments = crate::converge::report(&self.fleet, only_app)
+            .map_err(store_status)?
+            .iter()
+            .map(convert::deployment)
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            hosts,
+            active_rollouts,
+            deployments,
+        }))
     }
 
     async fn history(
@@ -357,22 +337,22 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         } else {
             request.limit as usize
         };
-        let fleet = self.fleet.clone();
-        store_read(move || {
-            let rollouts = fleet.rollouts(Some(&request.app)).map_err(store_status)?;
-            let convergences = fleet
-                .convergences(Some(&request.app))
-                .map_err(store_status)?;
-            Ok(Response::new(pb::HistoryResponse {
-                rollouts: rollouts.iter().take(limit).map(convert::rollout).collect(),
-                convergences: convergences
-                    .iter()
-                    .take(limit)
-                    .map(convert::convergence)
-                    .collect(),
-            }))
-        })
-        .await
+        let rollouts = self
+            .fleet
+            .rollouts(Some(&request.app))
+            .map_err(store_status)?;
+        let convergences = self
+            .fleet
+            .convergences(Some(&request.app))
+            .map_err(store_status)?;
+        Ok(Response::new(pb::HistoryResponse {
+            rollouts: rollouts.iter().take(limit).map(convert::rollout).collect(),
+            convergences: convergences
+                .iter()
+                .take(limit)
+                .map(convert::convergence)
+                .collect(),
+        }))
     }
 
     type StartRolloutStream = ProgressStream;
