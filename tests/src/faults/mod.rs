@@ -7,7 +7,12 @@
 //! replay it (`--seed S --only FAULT --try N`: every try draws from a stream of its own), and
 //! the fleet is started afresh for the next try.
 //!
-//! Every wait is bounded; every process is killed by its pid when the bench is dropped.
+//! Beside the tries: [`soak`] (`--soak DUR`: rollouts and rollbacks back to back on 10 hosts
+//! with a random fault every few seconds) and [`load`] (`--load`: the controller under bursts
+//! of client calls from a CPU-limited generator).
+//!
+//! Every wait is bounded; every process is killed by its pid when the bench is dropped, and the
+//! tmpfs mounts and network namespaces it made are removed with it.
 
 pub mod bench;
 pub mod invariants;
