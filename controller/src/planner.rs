@@ -30,6 +30,19 @@ pub fn plan_waves(hosts: &[String], canary: u32, batch: Batch) -> Vec<Vec<String
     waves
 }
 
+/// Splits the hosts of a rollback (`hosts`, in rollout order) into waves: first every host in
+/// `down` (it has no healthy instance: going back is its way up, and costs the budget
+/// nothing more), then the others, `batch` at a time, as [`plan_waves`] does.
+pub fn plan_rollback_waves(hosts: &[String], down: &[&str], batch: Batch) -> Vec<Vec<String>> {
+    let (first, rest): (Vec<String>, Vec<String>) = hosts
+        .iter()
+        .cloned()
+        .partition(|host| down.contains(&host.as_str()));
+    let mut ordered = first.clone();
+    ordered.extend(rest);
+    plan_waves(&ordered, first.len() as u32, batch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +74,51 @@ mod tests {
             );
             let flat: Vec<String> = waves.concat();
             assert_eq!(flat, hosts(n_hosts), "every host exactly once, in order");
+        }
+    }
+
+    #[test]
+    fn a_rollback_takes_the_hosts_that_are_down_first_then_the_budget_at_a_time() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for (down, batch, expect) in [
+            // Nothing down: the budget at a time, in order.
+            (
+                vec![],
+                Batch::Hosts(1),
+                vec![vec!["h1"], vec!["h2"], vec!["h3"], vec!["h4"]],
+            ),
+            (
+                vec![],
+                Batch::Hosts(2),
+                vec![vec!["h1", "h2"], vec!["h3", "h4"]],
+            ),
+            // The hosts that are down go first, together, whatever the budget.
+            (
+                vec!["h3"],
+                Batch::Hosts(1),
+                vec![vec!["h3"], vec!["h1"], vec!["h2"], vec!["h4"]],
+            ),
+            (
+                vec!["h2", "h4", "h3"],
+                Batch::Hosts(1),
+                vec![vec!["h2", "h3", "h4"], vec!["h1"]],
+            ),
+            // Every host down: one wave.
+            (
+                vec!["h1", "h2", "h3", "h4"],
+                Batch::Hosts(1),
+                vec![vec!["h1", "h2", "h3", "h4"]],
+            ),
+            // A host named down that the rollback does not cover changes nothing.
+            (
+                vec!["h9"],
+                Batch::Hosts(4),
+                vec![vec!["h1", "h2", "h3", "h4"]],
+            ),
+        ] {
+            let waves = plan_rollback_waves(&hosts(4), &down, batch);
+            let expect: Vec<Vec<String>> = expect.iter().map(|w| names(w)).collect();
+            assert_eq!(waves, expect, "down {down:?}, {batch:?}");
         }
     }
 

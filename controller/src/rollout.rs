@@ -11,6 +11,7 @@
 //! ones stay paused.
 
 use crate::budget;
+use crate::converge;
 use crate::fleet_state::FleetState;
 use crate::model::{
     Batch, DeploymentRecord, HostRecord, HostResult, RolloutPolicy, RolloutRecord, RolloutState,
@@ -181,14 +182,18 @@ async fn start_on(
         .filter(|h| planner::matches(&policy.selector, &h.labels))
         .filter(|h| only.as_ref().is_none_or(|only| only.contains(&h.name)))
         .collect();
-    // What already spends the unavailability budget.
-    let unavailable_at_start: Vec<String> = all_selected
+    // What already spends the unavailability budget: (host, why).
+    let down_at_start: Vec<(String, String)> = all_selected
         .iter()
         .filter_map(|h| {
             let instance = fleet.instance(&h.name, &app);
             budget::unavailable(h, &app, instance.as_ref(), fleet.is_lost(h))
-                .map(|why| format!("{}: {why}", h.name))
+                .map(|why| (h.name.clone(), why))
         })
+        .collect();
+    let unavailable_at_start: Vec<String> = down_at_start
+        .iter()
+        .map(|(host, why)| format!("{host}: {why}"))
         .collect();
     let n_selected = all_selected.len();
     let (drained, selected): (Vec<_>, Vec<_>) =
@@ -212,7 +217,15 @@ async fn start_on(
             )
         }));
     }
-    let planned = planner::plan_waves(&host_names, policy.canary, policy.batch);
+    let planned = if is_rollback {
+        let down: Vec<&str> = down_at_start
+            .iter()
+            .map(|(host, _)| host.as_str())
+            .collect();
+        planner::plan_rollback_waves(&host_names, &down, policy.batch)
+    } else {
+        planner::plan_waves(&host_names, policy.canary, policy.batch)
+    };
     let batch_hosts = planned.iter().map(Vec::len).max().unwrap_or(1);
     let max_unavailable = budget::effective(
         policy.max_unavailable,
@@ -220,6 +233,11 @@ async fn start_on(
         batch_hosts,
         unavailable_at_start.len(),
     );
+    // A rollback records the budget it keeps to (its batch), which its deployment keeps after it.
+    let max_unavailable = match (is_rollback, policy.batch) {
+        (true, Batch::Hosts(n)) => n as usize,
+        _ => max_unavailable,
+    };
     if policy.max_unavailable.is_some() && unavailable_at_start.len() >= max_unavailable {
         return Err(RolloutError::BudgetSpent(format!(
             "--max-unavailable {} is spent before the rollout starts: {} of the {n_selected} selected hosts have no healthy instance of {app} ({}); bring them back, or allow more",
@@ -346,17 +364,36 @@ async fn start_on(
     Ok((record, progress_rx))
 }
 
+/// What `fleetctl rollback` asks for.
+#[derive(Debug, Clone)]
+pub struct RollbackRequest {
+    pub app: String,
+    /// The deployment, by its selector (may be left out when the app has one).
+    pub selector: Option<std::collections::BTreeMap<String, String>>,
+    /// The release to go back to; by default the one before the current one.
+    pub to_version: Option<String>,
+    /// The budget asked for; by default the deployment's ([`converge::default_budget`]).
+    pub max_unavailable: Option<Batch>,
+    pub actor: String,
+}
+
 /// Starts a rollback of one deployment of `app` (the one `selector` names; it may be left out
-/// when the app has one deployment): a one-wave rollout of an earlier release to every host of
-/// that deployment that runs `app`. Completed, it moves the deployment back.
+/// when the app has one deployment): a rollout of an earlier release to every host of that
+/// deployment that runs `app`, the hosts that are down first, then the others at most the
+/// budget at a time ([`planner::plan_rollback_waves`]). Completed, it moves the deployment back.
 pub async fn start_rollback(
     fleet: &Arc<FleetState>,
     rollouts: &Arc<Rollouts>,
-    app: &str,
-    selector: Option<std::collections::BTreeMap<String, String>>,
-    to_version: Option<String>,
-    actor: String,
+    request: RollbackRequest,
 ) -> Result<(RolloutRecord, broadcast::Receiver<Progress>), RolloutError> {
+    let RollbackRequest {
+        app,
+        selector,
+        to_version,
+        max_unavailable,
+        actor,
+    } = request;
+    let app = app.as_str();
     let deployments = fleet.deployments(Some(app))?;
     let no_deployments = deployments.is_empty();
     let selector = match selector {
@@ -411,10 +448,25 @@ pub async fn start_rollback(
                 ))
             })?,
     };
+    // The budget: what was asked, or what the deployment's last rollout ran with, or 1.
+    let budget = match max_unavailable {
+        Some(asked) => budget::effective(Some(asked), hosts.len(), 0, 0),
+        None => {
+            let completed_by = deployments
+                .iter()
+                .find(|d| d.selector == selector)
+                .map(|d| d.rollout_id.clone());
+            let last = match completed_by {
+                Some(id) => fleet.rollout(&id)?,
+                None => None,
+            };
+            converge::default_budget(last.map(|r| r.max_unavailable))
+        }
+    };
     let policy = RolloutPolicy {
         selector,
         canary: 0,
-        batch: Batch::Percent(100),
+        batch: Batch::Hosts(budget.max(1) as u32),
         pause_after_canary_ms: 0,
         smoke_timeout_ms: 0,
         auto_rollback: false,

@@ -103,9 +103,10 @@ pub enum Command {
         after_help = "Examples:\n  fleetctl rollout web 1.4.2 --selector env=prod --canary 1 --batch 25%\n  fleetctl rollout web 1.4.2 --pause-after-canary 10m --detach\n  fleetctl rollout status r7"
     )]
     Rollout(RolloutArgs),
-    /// Roll an app back to the release it ran before (or to --to VERSION)
+    /// Roll an app back to the release it ran before (or to --to VERSION): the hosts that are
+    /// down first, then the others at most --max-unavailable at a time
     #[command(
-        after_help = "Examples:\n  fleetctl rollback web\n  fleetctl rollback web --to 1.4.1 --selector env=prod"
+        after_help = "Examples:\n  fleetctl rollback web\n  fleetctl rollback web --to 1.4.1 --selector env=prod\n  fleetctl rollback web --max-unavailable 25%"
     )]
     Rollback(RollbackArgs),
     /// Stop a host's instances gracefully and keep new releases off it
@@ -345,6 +346,11 @@ pub struct RollbackArgs {
     /// The deployment to roll back, by its selector (needed when the app has several)
     #[arg(long, value_name = "k=v,...", value_parser = parse_selector)]
     pub selector: Option<Selector>,
+    /// At no moment may more hosts than this be without a healthy instance, beyond those
+    /// already down: N hosts or P% of them [default: the deployment's budget, from its last
+    /// rollout's --max-unavailable, or 1]
+    #[arg(long, value_name = "N|P%", value_parser = parse_max_unavailable)]
+    pub max_unavailable: Option<String>,
     /// Print the rollout id and return at once instead of following the progress
     #[arg(long)]
     pub detach: bool,

@@ -846,12 +846,13 @@ pub async fn rollout(ctx: &Context, options: &RolloutOptions) -> Result<RolloutO
     follow_progress(ctx, stream, started, options.detach).await
 }
 
-/// `fleetctl rollback APP [--to VERSION] [--detach]`.
+/// `fleetctl rollback APP [--to VERSION] [--max-unavailable N|P%] [--detach]`.
 pub async fn rollback(
     ctx: &Context,
     app: &str,
     selector: &[(String, String)],
     to_version: Option<&str>,
+    max_unavailable: Option<&str>,
     detach: bool,
 ) -> Result<RolloutOutcome, CliError> {
     let started = Instant::now();
@@ -862,6 +863,7 @@ pub async fn rollback(
             to_version: to_version.unwrap_or_default().to_string(),
             detach,
             selector: selector.iter().cloned().collect(),
+            max_unavailable: max_unavailable.unwrap_or_default().to_string(),
         })
         .await
         .map_err(|status| ctx.error(status))?

@@ -197,6 +197,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
                 &rollback_args.app,
                 &rollback_args.selector.unwrap_or_default().0,
                 rollback_args.to_version.as_deref(),
+                rollback_args.max_unavailable.as_deref(),
                 rollback_args.detach,
             )
             .await?;

@@ -3,7 +3,8 @@
 //! `--max-unavailable 1`. The rollback puts the failed host back first (it is down already),
 //! then one serving host at a time: a sampler of every host's `/healthz` never sees more than
 //! one host down beyond the failed one, and every host ends on the old release, serving it.
-//! A controller killed in the middle of such a rollback goes on from where it stood.
+//! A controller killed in the middle of such a rollback goes on from where it stood. And
+//! `fleetctl rollback` keeps to the deployment's budget the same way.
 
 use fleet_tests::fleet::Fleet;
 use fleet_tests::{http, web_manifest, WEB_PORT};
@@ -195,6 +196,53 @@ fn a_controller_killed_during_a_rollback_goes_on_from_where_it_was() {
     assert!(
         worst <= 2,
         "at most one host may be down beyond the failed one, across the restart; {worst} were: {ended:#}"
+    );
+    assert_all_back_on_1_0_0(&fleet);
+}
+
+#[test]
+fn a_manual_rollback_keeps_to_the_deployments_budget() {
+    let fleet = Fleet::start(3);
+    let manifest = slow_start_manifest();
+    for version in ["1.0.0", "1.2.0"] {
+        fleet
+            .create_web_release(version, &manifest, &[])
+            .expect_code(0);
+    }
+    fleet
+        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
+        .expect_code(0);
+    fleet.wait_all_serve("1.0.0", Duration::from_secs(30));
+    fleet
+        .ctl_with_deadline(
+            &[
+                "rollout",
+                "web",
+                "1.2.0",
+                "--batch",
+                "1",
+                "--max-unavailable",
+                "1",
+            ],
+            Duration::from_secs(180),
+        )
+        .expect_code(0);
+    fleet.wait_all_serve("1.2.0", Duration::from_secs(30));
+    // Back to 1.0.0 with no flag: the deployment's budget (1, from its last rollout) holds.
+    let sampler = sampler_of(&fleet);
+    let out = fleet.ctl_with_deadline(&["rollback", "web"], Duration::from_secs(180));
+    let (worst, samples) = sampler.finish();
+    let rollback = out.expect_code(0).json;
+    assert_eq!(rollback["state"], "succeeded", "{rollback:#}");
+    assert!(samples > 10, "the sampler must have run");
+    assert!(
+        worst <= 1,
+        "the deployment's budget is 1: {worst} hosts were down at once: {rollback:#}"
+    );
+    assert_eq!(
+        rollback["waves"].as_array().map(Vec::len),
+        Some(3),
+        "one host per wave: {rollback:#}"
     );
     assert_all_back_on_1_0_0(&fleet);
 }

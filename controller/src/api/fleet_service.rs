@@ -99,6 +99,22 @@ fn check_labels(
     Ok(checked)
 }
 
+/// A rollout's or rollback's `max_unavailable`: empty is none asked for.
+fn parse_max_unavailable(text: &str) -> Result<Option<Batch>, Status> {
+    match text.trim() {
+        "" => Ok(None),
+        "0" | "0%" => Err(bad(
+            "max unavailable 0 lets no host be updated: allow at least 1 host (or 1%)",
+        )),
+        text => Ok(Some(Batch::parse(text).map_err(|_| {
+            bad(format!(
+                "max unavailable {} is invalid: write a host count like 2 or a share like 25% (1% to 100%)",
+                names::quoted(text)
+            ))
+        })?)),
+    }
+}
+
 fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Status> {
     let mut selector = BTreeMap::new();
     for (key, value) in &request.selector {
@@ -128,20 +144,7 @@ fn parse_policy(request: &pb::StartRolloutRequest) -> Result<RolloutPolicy, Stat
         }
     }
     let min_healthy_ms = request.min_healthy_ms;
-    let max_unavailable = match request.max_unavailable.trim() {
-        "" => None,
-        "0" | "0%" => {
-            return Err(bad(
-                "max unavailable 0 lets no host be updated: allow at least 1 host (or 1%)",
-            ))
-        }
-        text => Some(Batch::parse(text).map_err(|_| {
-            bad(format!(
-                "max unavailable {} is invalid: write a host count like 2 or a share like 25% (1% to 100%)",
-                names::quoted(text)
-            ))
-        })?),
-    };
+    let max_unavailable = parse_max_unavailable(&request.max_unavailable)?;
     Ok(RolloutPolicy {
         selector,
         canary: request.canary,
@@ -405,13 +408,17 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         } else {
             Some(check_labels(&request.selector)?)
         };
+        let max_unavailable = parse_max_unavailable(&request.max_unavailable)?;
         let (record, rx) = rollout::start_rollback(
             &self.fleet,
             &self.rollouts,
-            &request.app,
-            selector,
-            to_version,
-            actor,
+            rollout::RollbackRequest {
+                app: request.app.clone(),
+                selector,
+                to_version,
+                max_unavailable,
+                actor,
+            },
         )
         .await
         .map_err(rollout_status)?;
