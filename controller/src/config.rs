@@ -55,10 +55,16 @@ pub struct ControllerFile {
     /// as new ones are written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_events: Option<u64>,
-    /// How long the certificates of hosts (agents) are valid, like `30d` or `12h` (default 30
-    /// days, at least 1 minute); agents renew theirs once two thirds of it passed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_certificate_ttl: Option<String>,
+    /// How long the certificates the controller issues (hosts' and clients') are valid, like
+    /// `30d` or `12h` (default 30 days, at least 1 minute, at most 365 days); each holder
+    /// renews its own once two thirds of it passed. `host_certificate_ttl`, its older name,
+    /// is read too.
+    #[serde(
+        default,
+        alias = "host_certificate_ttl",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub certificate_ttl: Option<String>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -81,31 +87,25 @@ pub struct ControllerConfig {
     /// How many events the event log keeps (`max_events`).
     pub max_events: u64,
     pub tls: TlsPaths,
-    /// How long the agent certificates the controller signs are valid.
-    pub host_certificate_ttl: std::time::Duration,
+    /// How long the certificates the controller issues (hosts' and clients') are valid
+    /// (`certificate_ttl`).
+    pub certificate_ttl: std::time::Duration,
 }
 
-/// The default lifetime of a host's certificate.
-pub const DEFAULT_HOST_CERTIFICATE_TTL: std::time::Duration =
-    std::time::Duration::from_secs(30 * 86_400);
-/// The shortest lifetime a host's certificate may be given (tests use it).
-pub const MIN_HOST_CERTIFICATE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
-/// The longest: what a credential is valid for.
-pub const MAX_HOST_CERTIFICATE_TTL: std::time::Duration = fleet_pki::ca::LEAF_VALIDITY;
-
-/// Parses `host_certificate_ttl`.
-pub fn parse_host_certificate_ttl(text: Option<&str>) -> Result<std::time::Duration, String> {
+/// Parses `certificate_ttl` (or its older name `host_certificate_ttl`): a duration within
+/// [`fleet_pki::lifetime::check_lifetime`]'s bounds, 30 days when absent.
+pub fn parse_certificate_ttl(text: Option<&str>) -> Result<std::time::Duration, String> {
     let Some(text) = text else {
-        return Ok(DEFAULT_HOST_CERTIFICATE_TTL);
+        return Ok(fleet_pki::lifetime::DEFAULT_LIFETIME);
     };
     let ttl = fleet_proto::duration::parse_duration(text)
-        .map_err(|e| format!("host_certificate_ttl: {e}"))?;
-    if !(MIN_HOST_CERTIFICATE_TTL..=MAX_HOST_CERTIFICATE_TTL).contains(&ttl) {
-        return Err(format!(
-            "host_certificate_ttl {text:?} must be between 1m and 365d, like 30d"
-        ));
-    }
-    Ok(ttl)
+        .map_err(|e| format!("certificate_ttl: {e}"))?;
+    fleet_pki::lifetime::check_lifetime(ttl).map_err(|_| {
+        format!(
+            "certificate_ttl {} must be at least 1m and at most 365d, like \"30d\" (how long the certificates of hosts and clients are valid)",
+            fleet_proto::names::quoted(text)
+        )
+    })
 }
 
 /// What release uploads may take: how many at once, how long one may idle, and the disk space
@@ -211,11 +211,11 @@ impl ControllerConfig {
                 "max_events must be between 100 and 100000000, like 10000".into(),
             ));
         }
-        let host_certificate_ttl =
-            parse_host_certificate_ttl(file.host_certificate_ttl.as_deref()).map_err(invalid)?;
+        let certificate_ttl =
+            parse_certificate_ttl(file.certificate_ttl.as_deref()).map_err(invalid)?;
         Ok(ControllerConfig {
             max_events,
-            host_certificate_ttl,
+            certificate_ttl,
             listen,
             data_dir,
             addr_file: base.join(ADDR_FILE),
@@ -260,18 +260,48 @@ mod tests {
     }
 
     #[test]
-    fn host_certificate_ttl_is_a_duration_of_at_least_a_minute() {
+    fn certificate_ttl_is_a_duration_of_at_least_a_minute_under_either_name() {
         use std::time::Duration;
-        for (text, expect) in [
-            (None, Some(Duration::from_secs(30 * 86_400))),
-            (Some("2m"), Some(Duration::from_secs(120))),
-            (Some("1m"), Some(Duration::from_secs(60))),
-            (Some("90d"), Some(Duration::from_secs(90 * 86_400))),
-            (Some("59s"), None),
-            (Some("400d"), None),
-            (Some("soon"), None),
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        let tls = "ca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        let day = 86_400;
+        // (lines added to controller.toml, the lifetime, or a part of the error)
+        for (lines, expect) in [
+            ("", Ok(30 * day)),
+            ("certificate_ttl = \"1m\"", Ok(60)),
+            ("certificate_ttl = \"2m\"", Ok(120)),
+            ("certificate_ttl = \"90d\"", Ok(90 * day)),
+            ("certificate_ttl = \"365d\"", Ok(365 * day)),
+            ("certificate_ttl = \"1h30m\"", Ok(5400)),
+            // The older name, as configs written before it changed have it.
+            ("host_certificate_ttl = \"12h\"", Ok(12 * 3600)),
+            ("certificate_ttl = \"59s\"", Err("at least 1m and at most 365d")),
+            ("certificate_ttl = \"0s\"", Err("at least 1m")),
+            ("certificate_ttl = \"400d\"", Err("at most 365d")),
+            ("certificate_ttl = \"soon\"", Err("certificate_ttl: duration \"soon\" is invalid")),
+            ("certificate_ttl = 60", Err("invalid type")),
+            ("host_certificate_ttl = \"59s\"", Err("at least 1m")),
+            (
+                "certificate_ttl = \"1d\"\nhost_certificate_ttl = \"2d\"",
+                Err("duplicate field"),
+            ),
         ] {
-            assert_eq!(parse_host_certificate_ttl(text).ok(), expect, "{text:?}");
+            std::fs::write(
+                &path,
+                format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{lines}\n{tls}"),
+            )
+            .unwrap();
+            match (ControllerConfig::load(&path), expect) {
+                (Ok(config), Ok(secs)) => {
+                    assert_eq!(config.certificate_ttl, Duration::from_secs(secs), "{lines}")
+                }
+                (Err(error), Err(part)) => {
+                    let error = error.to_string();
+                    assert!(error.contains(part), "{lines}: {error}");
+                }
+                (got, expect) => panic!("{lines}: got {got:?}, expected {expect:?}"),
+            }
         }
     }
 
