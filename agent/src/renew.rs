@@ -82,9 +82,7 @@ impl Renewer {
                     self.renew_or_retry().await
                 }
                 (Decision::RenewNow, None) => {
-                    tracing::info!(
-                        "two thirds of the certificate's lifetime passed: renewing it"
-                    );
+                    tracing::info!("two thirds of the certificate's lifetime passed: renewing it");
                     self.renew_or_retry().await
                 }
                 (Decision::CheckIn(wait), None) => wait,
@@ -175,7 +173,12 @@ mod tests {
             (-b, 60, 200, RenewNow), // expired: try anyway (the controller decides)
             // A year: look again within the hour, renew in the last third.
             (-b, year, 0, CheckIn(MAX_CHECK)),
-            (-b, year, year - year / 3 - 10, CheckIn(Duration::from_secs(10))),
+            (
+                -b,
+                year,
+                year - year / 3 - 10,
+                CheckIn(Duration::from_secs(10)),
+            ),
             (-b, year, year - year / 3, RenewNow),
             // Not yet valid (clock behind): wait, bounded.
             (hour, 4 * hour, 0, CheckIn(MAX_CHECK)),

@@ -98,8 +98,8 @@ pub fn parse_certificate_ttl(text: Option<&str>) -> Result<std::time::Duration, 
     let Some(text) = text else {
         return Ok(fleet_pki::lifetime::DEFAULT_LIFETIME);
     };
-    let ttl = fleet_proto::duration::parse_duration(text)
-        .map_err(|e| format!("certificate_ttl: {e}"))?;
+    let ttl =
+        fleet_proto::duration::parse_duration(text).map_err(|e| format!("certificate_ttl: {e}"))?;
     fleet_pki::lifetime::check_lifetime(ttl).map_err(|_| {
         format!(
             "certificate_ttl {} must be at least 1m and at most 365d, like \"30d\" (how long the certificates of hosts and clients are valid)",
@@ -276,10 +276,16 @@ mod tests {
             ("certificate_ttl = \"1h30m\"", Ok(5400)),
             // The older name, as configs written before it changed have it.
             ("host_certificate_ttl = \"12h\"", Ok(12 * 3600)),
-            ("certificate_ttl = \"59s\"", Err("at least 1m and at most 365d")),
+            (
+                "certificate_ttl = \"59s\"",
+                Err("at least 1m and at most 365d"),
+            ),
             ("certificate_ttl = \"0s\"", Err("at least 1m")),
             ("certificate_ttl = \"400d\"", Err("at most 365d")),
-            ("certificate_ttl = \"soon\"", Err("certificate_ttl: duration \"soon\" is invalid")),
+            (
+                "certificate_ttl = \"soon\"",
+                Err("certificate_ttl: duration \"soon\" is invalid"),
+            ),
             ("certificate_ttl = 60", Err("invalid type")),
             ("host_certificate_ttl = \"59s\"", Err("at least 1m")),
             (

@@ -2,9 +2,10 @@
 //! Values are checked by the parsers of [`crate::parse`] as clap reads them.
 
 use crate::parse::{
-    parse_app, parse_batch, parse_certificate_ttl, parse_controller_urls, parse_duration_arg, parse_env_pair, parse_host,
-    parse_join_token_ttl, parse_keep, parse_label_change, parse_max_unavailable,
-    parse_min_healthy_arg, parse_selector, parse_version, ControllerUrls, LabelChanges, Selector,
+    parse_app, parse_batch, parse_certificate_ttl, parse_controller_urls, parse_duration_arg,
+    parse_env_pair, parse_host, parse_join_token_ttl, parse_keep, parse_label_change,
+    parse_max_unavailable, parse_min_healthy_arg, parse_selector, parse_version, ControllerUrls,
+    LabelChanges, Selector,
 };
 use crate::ssh::install::DEFAULT_REMOTE_DIR;
 use clap::{Args, Parser, Subcommand, ValueEnum};

@@ -304,12 +304,14 @@ mod tests {
         let admin_lifetime = |dir: &Path| {
             let pem = std::fs::read_to_string(dir.join(CLIENT_CERT_FILE)).unwrap();
             let identity = fleet_pki::Identity::from_pem(&pem).unwrap();
-            assert_eq!((identity.name.as_str(), identity.role), ("admin", Role::Admin));
+            assert_eq!(
+                (identity.name.as_str(), identity.role),
+                ("admin", Role::Admin)
+            );
             identity.lifetime()
         };
         let config = |dir: &Path| -> toml::Table {
-            toml::from_str(&std::fs::read_to_string(dir.join("controller.toml")).unwrap())
-                .unwrap()
+            toml::from_str(&std::fs::read_to_string(dir.join("controller.toml")).unwrap()).unwrap()
         };
         let dir = tempfile::tempdir().unwrap();
         init_dir(dir.path(), "127.0.0.1:7700", None).unwrap();

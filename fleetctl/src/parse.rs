@@ -37,13 +37,12 @@ pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
 /// Parses a certificate's lifetime (`init --certificate-ttl`, `credentials create --ttl`):
 /// at least 1 minute, at most 365 days.
 pub fn parse_certificate_ttl(text: &str) -> Result<Duration, String> {
-    fleet_pki::lifetime::check_lifetime(parse_duration_arg(text)?)
-        .map_err(|_| {
-            format!(
-                "{} is not a certificate lifetime: write at least 1m and at most 365d, like 30d or 12h",
-                fleet_proto::names::quoted(text)
-            )
-        })
+    fleet_pki::lifetime::check_lifetime(parse_duration_arg(text)?).map_err(|_| {
+        format!(
+            "{} is not a certificate lifetime: write at least 1m and at most 365d, like 30d or 12h",
+            fleet_proto::names::quoted(text)
+        )
+    })
 }
 
 /// Parses `join-token create --ttl`: more than 0 and at most 7 days (`7d`, `168h`), the

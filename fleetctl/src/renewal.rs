@@ -215,8 +215,9 @@ async fn try_renew(connection: &Connection, dir: &Path, identity: &Identity) -> 
     .map_err(|_| format!("the controller did not answer within {CALL_TIMEOUT:?}"))?
     .map_err(|status| format!("the controller refused to renew it: {}", status.message()))?
     .into_inner();
-    let renewed = Identity::from_pem(&response.certificate_pem)
-        .map_err(|e| format!("the controller answered with a certificate fleetctl cannot read: {e}"))?;
+    let renewed = Identity::from_pem(&response.certificate_pem).map_err(|e| {
+        format!("the controller answered with a certificate fleetctl cannot read: {e}")
+    })?;
     if (renewed.name.as_str(), renewed.role) != (identity.name.as_str(), identity.role) {
         return Err(format!(
             "the controller answered with a certificate for `{}` (role {})",
@@ -285,9 +286,20 @@ mod tests {
             not_after_unix_ms: 7 * 86_400_000,
         };
         let dir = Path::new("secrets/ci");
-        let text = warning(&identity, dir, Some("secrets/ci is read-only"), 6 * 86_400_000);
-        assert!(text.contains("expires 1970-01-08 00:00:00Z (in 24h0m)"), "{text}");
-        assert!(text.contains("cannot renew itself: secrets/ci is read-only"), "{text}");
+        let text = warning(
+            &identity,
+            dir,
+            Some("secrets/ci is read-only"),
+            6 * 86_400_000,
+        );
+        assert!(
+            text.contains("expires 1970-01-08 00:00:00Z (in 24h0m)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cannot renew itself: secrets/ci is read-only"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "fleetctl credentials create ci --role deployer --ttl 7d --out secrets/ci.new"
@@ -295,7 +307,10 @@ mod tests {
             "{text}"
         );
         let expired = warning(&identity, dir, None, 8 * 86_400_000);
-        assert!(expired.contains("expired 1970-01-08 00:00:00Z"), "{expired}");
+        assert!(
+            expired.contains("expired 1970-01-08 00:00:00Z"),
+            "{expired}"
+        );
     }
 
     #[test]
@@ -310,7 +325,9 @@ mod tests {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
         };
         set_mode(&dir.path().join(CLIENT_CERT_FILE), 0o444);
-        assert!(writable(dir.path()).unwrap_err().contains("client.pem is read-only"));
+        assert!(writable(dir.path())
+            .unwrap_err()
+            .contains("client.pem is read-only"));
         set_mode(&dir.path().join(CLIENT_CERT_FILE), 0o644);
         set_mode(dir.path(), 0o555);
         let why = writable(dir.path()).unwrap_err();

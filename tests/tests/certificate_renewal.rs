@@ -106,7 +106,15 @@ fn certificates_renew_themselves_while_the_fleet_runs() {
     let ci = fleet.dir().join("ci");
     let ci_arg = ci.display().to_string();
     fleet.ctl_ok(&[
-        "credentials", "create", "ci", "--role", "deployer", "--ttl", "2m", "--out", &ci_arg,
+        "credentials",
+        "create",
+        "ci",
+        "--role",
+        "deployer",
+        "--ttl",
+        "2m",
+        "--out",
+        &ci_arg,
     ]);
     assert_eq!(
         identity_at(&ci.join("client.pem")).unwrap().lifetime(),
@@ -118,23 +126,37 @@ fn certificates_renew_themselves_while_the_fleet_runs() {
     let renewed_now = Instant::now();
     let mut admin_serials = Serials::default();
     admin_serials.note(&config_dir.join("client.pem"));
-    wait_until(Duration::from_secs(70), "a renewal of the admin credential", || {
-        fleet.ctl_ok(&["hosts"]);
-        admin_serials.note(&config_dir.join("client.pem")) && admin_serials.renewals() >= 1
-    });
+    wait_until(
+        Duration::from_secs(70),
+        "a renewal of the admin credential",
+        || {
+            fleet.ctl_ok(&["hosts"]);
+            admin_serials.note(&config_dir.join("client.pem")) && admin_serials.renewals() >= 1
+        },
+    );
     eprintln!("admin credential renewed after {:?}", renewed_now.elapsed());
     let read_only = fleet.dir().join("read-only");
     std::fs::create_dir_all(&read_only).unwrap();
-    for file in ["client.pem", "client.key", "ca.pem", "client.toml", "controller.addr"] {
+    for file in [
+        "client.pem",
+        "client.key",
+        "ca.pem",
+        "client.toml",
+        "controller.addr",
+    ] {
         std::fs::copy(config_dir.join(file), read_only.join(file)).unwrap();
         set_mode(&read_only.join(file), 0o400);
     }
     set_mode(&read_only, 0o555);
     let read_only_identity = identity_at(&read_only.join("client.pem")).unwrap();
     let out = fleet.ctl_in(&read_only, &["hosts"]).expect_code(0);
-    assert!(!out.stderr.contains("warning"), "not due yet: {}", out.stderr);
+    assert!(
+        !out.stderr.contains("warning"),
+        "not due yet: {}",
+        out.stderr
+    );
 
-    // About two more minutes: every host renews three times, the admin and CI credentials
+    // About two more minutes: every host renews four times, the admin and CI credentials
     // renew on the calls made after two thirds of their lifetime, the read-only copy warns
     // once it is due. Every call made meanwhile works, and the hosts stay connected.
     let started = Instant::now();
@@ -144,44 +166,48 @@ fn certificates_renew_themselves_while_the_fleet_runs() {
     let mut read_only_warned: Option<String> = None;
     let mut longest_gap = Duration::ZERO;
     let mut gap_started: Option<Instant> = None;
-    wait_until(Duration::from_secs(200), "three renewals of every host", || {
-        for host in hosts {
-            host_serials.entry(host).or_default().note(&agent_pem(host));
-        }
-        let listed = fleet.ctl(&["hosts"]).expect_code(0).json;
-        admin_serials.note(&config_dir.join("client.pem"));
-        let all_connected = hosts
-            .iter()
-            .all(|host| host_entry(&listed, host)["connected"] == true);
-        match (all_connected, gap_started) {
-            (false, None) => gap_started = Some(Instant::now()),
-            (true, Some(since)) => {
-                longest_gap = longest_gap.max(since.elapsed());
-                gap_started = None;
+    wait_until(
+        Duration::from_secs(240),
+        "four renewals of every host",
+        || {
+            for host in hosts {
+                host_serials.entry(host).or_default().note(&agent_pem(host));
             }
-            _ => {}
-        }
-        fleet.ctl_in(&ci, &["releases", "web"]).expect_code(0);
-        ci_serials.note(&ci.join("client.pem"));
-        // The read-only copy, while it is due but not expired yet.
-        let due = fleet_pki::lifetime::renew_due(
-            read_only_identity.not_before_unix_ms / 1000,
-            read_only_identity.not_after_unix_ms / 1000,
-            now_unix(),
-        );
-        if read_only_warned.is_none()
-            && due
-            && now_unix() < read_only_identity.not_after_unix_ms / 1000 - 3
-        {
-            let out = fleet.ctl_in(&read_only, &["hosts"]).expect_code(0);
-            assert_eq!(out.json["hosts"].as_array().map(Vec::len), Some(2));
-            read_only_warned = Some(out.stderr);
-        }
-        host_serials.values().all(|s| s.renewals() >= 3)
-            && admin_serials.renewals() >= 3
-            && ci_serials.renewals() >= 1
-            && read_only_warned.is_some()
-    });
+            let listed = fleet.ctl(&["hosts"]).expect_code(0).json;
+            admin_serials.note(&config_dir.join("client.pem"));
+            let all_connected = hosts
+                .iter()
+                .all(|host| host_entry(&listed, host)["connected"] == true);
+            match (all_connected, gap_started) {
+                (false, None) => gap_started = Some(Instant::now()),
+                (true, Some(since)) => {
+                    longest_gap = longest_gap.max(since.elapsed());
+                    gap_started = None;
+                }
+                _ => {}
+            }
+            fleet.ctl_in(&ci, &["releases", "web"]).expect_code(0);
+            ci_serials.note(&ci.join("client.pem"));
+            // The read-only copy, while it is due but not expired yet.
+            let due = fleet_pki::lifetime::renew_due(
+                read_only_identity.not_before_unix_ms / 1000,
+                read_only_identity.not_after_unix_ms / 1000,
+                now_unix(),
+            );
+            if read_only_warned.is_none()
+                && due
+                && now_unix() < read_only_identity.not_after_unix_ms / 1000 - 3
+            {
+                let out = fleet.ctl_in(&read_only, &["hosts"]).expect_code(0);
+                assert_eq!(out.json["hosts"].as_array().map(Vec::len), Some(2));
+                read_only_warned = Some(out.stderr);
+            }
+            host_serials.values().all(|s| s.renewals() >= 4)
+                && admin_serials.renewals() >= 4
+                && ci_serials.renewals() >= 1
+                && read_only_warned.is_some()
+        },
+    );
     eprintln!(
         "renewals after {:?}: hosts {:?}, admin {}, ci {}; longest time a host was seen disconnected: {longest_gap:?}",
         started.elapsed(),
@@ -212,7 +238,11 @@ fn certificates_renew_themselves_while_the_fleet_runs() {
     // private, nothing left beside it.
     let renewed_admin = identity_at(&config_dir.join("client.pem")).unwrap();
     assert_eq!(
-        (renewed_admin.name.as_str(), renewed_admin.role, renewed_admin.lifetime()),
+        (
+            renewed_admin.name.as_str(),
+            renewed_admin.role,
+            renewed_admin.lifetime()
+        ),
         ("admin", fleet_pki::Role::Admin, Duration::from_secs(60))
     );
     let key_mode = std::fs::metadata(config_dir.join("client.key"))
@@ -229,7 +259,11 @@ fn certificates_renew_themselves_while_the_fleet_runs() {
     // The CI credential kept its own lifetime and role.
     let renewed_ci = identity_at(&ci.join("client.pem")).unwrap();
     assert_eq!(
-        (renewed_ci.name.as_str(), renewed_ci.role, renewed_ci.lifetime()),
+        (
+            renewed_ci.name.as_str(),
+            renewed_ci.role,
+            renewed_ci.lifetime()
+        ),
         ("ci", fleet_pki::Role::Deployer, Duration::from_secs(120))
     );
 
@@ -263,14 +297,18 @@ fn certificates_renew_themselves_while_the_fleet_runs() {
 
     // `hosts` shows when each host's current certificate expires; `credentials list` shows
     // the credentials' expiry and which certificates were renewed.
-    wait_until(Duration::from_secs(20), "hosts show their current certificates", || {
-        let listed = fleet.ctl_ok(&["hosts"]);
-        hosts.iter().all(|host| {
-            let current = fleet_pki::identity::facts_of_pem(&read(&agent_pem(host))).unwrap();
-            host_entry(&listed, host)["certificate_not_after_unix_ms"].as_i64()
-                == Some(current.not_after_unix * 1000)
-        })
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "hosts show their current certificates",
+        || {
+            let listed = fleet.ctl_ok(&["hosts"]);
+            hosts.iter().all(|host| {
+                let current = fleet_pki::identity::facts_of_pem(&read(&agent_pem(host))).unwrap();
+                host_entry(&listed, host)["certificate_not_after_unix_ms"].as_i64()
+                    == Some(current.not_after_unix * 1000)
+            })
+        },
+    );
     let credentials = fleet.ctl_ok(&["credentials", "list"]);
     let current_ci = credentials
         .as_array()

@@ -103,7 +103,9 @@ pub async fn renew_credential(
 }
 
 /// For each certificate serial that a renewal replaced, the serial of its replacement.
-pub fn renewals(certificates: impl IntoIterator<Item = CertificateRecord>) -> BTreeMap<String, String> {
+pub fn renewals(
+    certificates: impl IntoIterator<Item = CertificateRecord>,
+) -> BTreeMap<String, String> {
     certificates
         .into_iter()
         .filter_map(|certificate| {
@@ -124,7 +126,10 @@ pub fn fill_certificate_expiry(
     for host in hosts.iter_mut() {
         host.certificate_not_after_unix_ms = presented.get(&host.name).copied().unwrap_or(0);
     }
-    if hosts.iter().all(|host| host.certificate_not_after_unix_ms > 0) {
+    if hosts
+        .iter()
+        .all(|host| host.certificate_not_after_unix_ms > 0)
+    {
         return Ok(());
     }
     let mut issued: BTreeMap<String, i64> = BTreeMap::new();

@@ -619,7 +619,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 )))
             }
         };
-        let lifetime = certificates::credential_lifetime(request.ttl_ms, self.trust.certificate_ttl)?;
+        let lifetime =
+            certificates::credential_lifetime(request.ttl_ms, self.trust.certificate_ttl)?;
         let authority = self.trust.authority();
         let issued = authority
             .sign_request(&request.csr_pem, &request.name, role, lifetime)
