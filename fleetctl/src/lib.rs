@@ -11,6 +11,7 @@ pub mod args;
 pub mod bootstrap;
 pub mod client;
 pub mod commands;
+pub mod credential_files;
 pub mod demo;
 pub mod host_commands;
 pub mod init;

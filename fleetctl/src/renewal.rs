@@ -12,22 +12,20 @@
 //! system), nothing is renewed: every call from then on warns on stderr when the credential
 //! expires and the command an admin runs to replace it, and still does what it was asked.
 //!
-//! fleetctl processes sharing a directory take turns with `flock` on it: a renewal holds it
-//! exclusively (another fleetctl that finds it held leaves the renewal to that one), and
-//! reading the credential to connect holds it shared, so no call reads a new key with an old
-//! certificate.
+//! fleetctl processes sharing a directory take turns with `flock` on it (`credential_files`):
+//! a renewal holds it exclusively (another fleetctl that finds it held leaves the renewal to
+//! that one), and reading the credential to connect holds it shared, so no call reads a new key
+//! with an old certificate.
 
-use crate::client::{Connection, CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE};
+use crate::client::Connection;
+use crate::credential_files::{lock_dir, writable, CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE};
 use fleet_pki::Identity;
 use fleet_proto::pb;
-use nix::fcntl::{Flock, FlockArg};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a renewal call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long reading the credential waits for another fleetctl's renewal to end.
-const SHARED_LOCK_WAIT: Duration = Duration::from_secs(20);
 
 /// What to do about the credential in a config directory at some moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,75 +78,6 @@ pub fn warning(identity: &Identity, dir: &Path, why: Option<&str>, now_unix_ms: 
         dir = dir.display(),
         ttl = fleet_pki::lifetime::format_lifetime(identity.lifetime()),
     )
-}
-
-/// Why the credential files in `dir` cannot be replaced in place, if they cannot: the
-/// directory (a rename needs it) or a file is read-only, by its mode (respected even by root)
-/// or for this user or file system.
-pub fn writable(dir: &Path) -> Result<(), String> {
-    use nix::unistd::{access, AccessFlags};
-    use std::os::unix::fs::PermissionsExt;
-    for path in [
-        dir.to_path_buf(),
-        dir.join(CLIENT_KEY_FILE),
-        dir.join(CLIENT_CERT_FILE),
-    ] {
-        let mode = std::fs::metadata(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o222 == 0 {
-            return Err(format!(
-                "{} is read-only (mode {:o})",
-                path.display(),
-                mode & 0o7777
-            ));
-        }
-        access(&path, AccessFlags::W_OK)
-            .map_err(|e| format!("{} is not writable ({e})", path.display()))?;
-    }
-    Ok(())
-}
-
-/// Locks `dir` (shared or exclusive) for fleetctl processes that share it; `None` when it
-/// cannot be opened or the lock is not had within `wait` (then the caller goes on without it).
-fn lock_dir(dir: &Path, exclusive: bool, wait: Duration) -> Option<Flock<std::fs::File>> {
-    let arg = if exclusive {
-        FlockArg::LockExclusiveNonblock
-    } else {
-        FlockArg::LockSharedNonblock
-    };
-    let mut file = std::fs::File::open(dir).ok()?;
-    let started = Instant::now();
-    // Bounded: at most `wait`, in steps of 10 ms.
-    for _ in 0..=wait.as_millis() / 10 {
-        match Flock::lock(file, arg) {
-            Ok(lock) => return Some(lock),
-            Err((back, _)) => file = back,
-        }
-        if started.elapsed() >= wait {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
-}
-
-/// Reads the credential of `dir` (key and certificate PEM) under the shared lock, after
-/// completing a replacement a crash cut short; `None` when there is none.
-pub fn read_credential(dir: &Path) -> std::io::Result<Option<(String, String)>> {
-    let (key_path, cert_path) = (dir.join(CLIENT_KEY_FILE), dir.join(CLIENT_CERT_FILE));
-    if fleet_pki::files::replacement_pending(&key_path, &cert_path) && writable(dir).is_ok() {
-        let _lock = lock_dir(dir, true, SHARED_LOCK_WAIT);
-        fleet_pki::files::finish_key_and_certificate(&key_path, &cert_path)?;
-    }
-    let _lock = lock_dir(dir, false, SHARED_LOCK_WAIT);
-    let cert = match std::fs::read_to_string(&cert_path) {
-        Ok(cert) => cert,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    Ok(Some((cert, std::fs::read_to_string(&key_path)?)))
 }
 
 /// Before connecting: whether the credential of `dir` (certificate `cert_pem`) is to be
@@ -311,27 +240,5 @@ mod tests {
             expired.contains("expired 1970-01-08 00:00:00Z"),
             "{expired}"
         );
-    }
-
-    #[test]
-    fn a_read_only_directory_or_file_cannot_be_renewed_in() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        for file in [CLIENT_KEY_FILE, CLIENT_CERT_FILE] {
-            std::fs::write(dir.path().join(file), "x").unwrap();
-        }
-        assert_eq!(writable(dir.path()), Ok(()));
-        let set_mode = |path: &Path, mode: u32| {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
-        };
-        set_mode(&dir.path().join(CLIENT_CERT_FILE), 0o444);
-        assert!(writable(dir.path())
-            .unwrap_err()
-            .contains("client.pem is read-only"));
-        set_mode(&dir.path().join(CLIENT_CERT_FILE), 0o644);
-        set_mode(dir.path(), 0o555);
-        let why = writable(dir.path()).unwrap_err();
-        set_mode(dir.path(), 0o755);
-        assert!(why.contains("is read-only (mode 555)"), "{why}");
     }
 }

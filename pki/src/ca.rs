@@ -72,10 +72,7 @@ fn random_serial() -> Result<(SerialNumber, String), CaError> {
     Ok((SerialNumber::from_slice(&bytes), hex::encode(bytes)))
 }
 
-/// How far back a certificate's `not_before` is set from its issue (clock skew), in seconds:
-/// every certificate this module makes, the CA's included, is valid from 5 minutes before it
-/// was made, so that a host or a client whose clock is a few minutes behind accepts it.
-pub const BACKDATE_SECS: i64 = 300;
+pub use crate::lifetime::BACKDATE_SECS;
 
 /// `not_before` [`BACKDATE_SECS`] ago (clock skew), `not_after` after `validity` from now.
 fn validity_window(params: &mut CertificateParams, validity: Duration) -> i64 {

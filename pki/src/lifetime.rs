@@ -8,8 +8,12 @@
 //! [`BACKDATE_SECS`] earlier against clock skew: a 1-minute certificate is renewed 40 s after
 //! its issue, not at once.
 
-pub use crate::ca::BACKDATE_SECS;
 use std::time::Duration;
+
+/// How far back a certificate's `not_before` is set from its issue (clock skew), in seconds:
+/// every certificate `crate::ca` makes, the CA's included, is valid from 5 minutes before it
+/// was made, so that a host or a client whose clock is a few minutes behind accepts it.
+pub const BACKDATE_SECS: i64 = 300;
 
 /// What a certificate is valid for when nothing says otherwise.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
@@ -73,9 +77,9 @@ pub fn format_lifetime(lifetime: Duration) -> String {
     let secs = lifetime.as_secs();
     match secs {
         0 => "0s".to_string(),
-        _ if secs % 86_400 == 0 => format!("{}d", secs / 86_400),
-        _ if secs % 3600 == 0 => format!("{}h", secs / 3600),
-        _ if secs % 60 == 0 => format!("{}m", secs / 60),
+        _ if secs.is_multiple_of(86_400) => format!("{}d", secs / 86_400),
+        _ if secs.is_multiple_of(3600) => format!("{}h", secs / 3600),
+        _ if secs.is_multiple_of(60) => format!("{}m", secs / 60),
         _ => format!("{secs}s"),
     }
 }
