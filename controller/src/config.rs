@@ -1,8 +1,9 @@
 //! `controller.toml`: where the controller listens, where it keeps its data, and the TLS files
 //! `fleetctl init` made (the fleet CA's certificate and key, the controller's certificate and
 //! key), and how long the certificates it issues live (`certificate_ttl`, older name
-//! `host_certificate_ttl`). Read once at start and validated; relative paths are taken relative to the file's own
-//! directory. The controller serves only mutual TLS, so it may listen on any address.
+//! `host_certificate_ttl`). Read once at start and validated; relative paths are taken
+//! relative to the file's own directory. The controller serves only mutual TLS, so it may
+//! listen on any address.
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
