@@ -208,6 +208,11 @@ pub struct InitArgs {
     /// [default: https://LISTEN]
     #[arg(long, value_name = "URL[,URL...]", value_parser = parse_controller_urls)]
     pub url: Option<ControllerUrls>,
+    /// Where the controller serves metrics, /healthz, /readyz and the status page: plain HTTP
+    /// without authentication, so a loopback address (port 0: any free port, written to
+    /// controller.http.addr)
+    #[arg(long, value_name = "ADDR:PORT", default_value = crate::init::DEFAULT_HTTP_LISTEN)]
+    pub http_listen: String,
     /// How long the certificates the controller issues to hosts and clients are valid, the
     /// admin credential written here included (at least 1m, at most 365d); each renews itself
     /// after two thirds of it. Written to controller.toml as certificate_ttl [default: 30d]

@@ -47,10 +47,11 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Init(init_args) => {
             let dir = init_args.dir.unwrap_or(config_dir);
-            let outcome = init::init_dir_with_ttl(
+            let outcome = init::init_dir_with_options(
                 &dir,
                 &init_args.listen,
                 init_args.url.as_ref(),
+                &init_args.http_listen,
                 init_args.certificate_ttl,
             )?;
             if cli.output == OutputFormat::Json {

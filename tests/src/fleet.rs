@@ -164,6 +164,8 @@ impl Fleet {
             &config_dir.display().to_string(),
             "--listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
         ]
         .iter()
         .chain(more_init_args)
@@ -221,6 +223,23 @@ impl Fleet {
     /// `https://IP:PORT` of the controller (it speaks only mutual TLS).
     pub fn controller_url(&self) -> String {
         format!("https://{}", self.controller_addr)
+    }
+
+    /// `IP:PORT` of the controller's HTTP listener (metrics, health, status page), as it wrote
+    /// it to controller.http.addr.
+    pub fn http_addr(&self) -> String {
+        let file = self.config_dir().join("controller.http.addr");
+        wait_for(
+            CONTROLLER_START_DEADLINE,
+            "the controller to write controller.http.addr",
+            || {
+                let text = std::fs::read_to_string(&file).ok()?;
+                let text = text.trim();
+                text.parse::<std::net::SocketAddr>()
+                    .ok()
+                    .map(|_| text.to_string())
+            },
+        )
     }
 
     pub fn controller_pid(&self) -> u32 {
