@@ -1,8 +1,8 @@
 //! Certificate renewal: the agent trades its certificate for a fresh one over its own
 //! mutual-TLS connection (`AgentService.Renew`; no join token), with a new key each time.
 //!
-//! When: once less than a third of the certificate's lifetime is left ([`decide`]), checked at
-//! start and then at the moment that third begins (never later than [`MAX_CHECK`] after the
+//! When: once two thirds of the certificate's lifetime passed ([`decide`], with the rule of
+//! `fleet_pki::lifetime::renew_due`), checked at start and then at the moment they have (never later than [`MAX_CHECK`] after the
 //! last check), and at once when the controller says so (`RenewCertificate`, during a CA
 //! rotation). A failed attempt is retried after [`RETRY`].
 //!
@@ -30,25 +30,23 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// `now`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// Less than a third of its lifetime is left (or it cannot be read): renew now.
+    /// Two thirds of its lifetime passed (or it cannot be read): renew now.
     RenewNow,
     /// Look again after this long.
     CheckIn(Duration),
 }
 
-/// Renew once less than a third of the lifetime is left; otherwise look again when that third
-/// begins, at most [`MAX_CHECK`] from now (a clock that jumps is caught within the hour).
+/// Renew once two thirds of the lifetime passed ([`fleet_pki::lifetime::renew_due`], the rule
+/// fleetctl's credentials follow too); otherwise look again when they have, at most
+/// [`MAX_CHECK`] from now (a clock that jumps is caught within the hour).
 pub fn decide(not_before: i64, not_after: i64, now: i64) -> Decision {
-    let lifetime = not_after - not_before;
-    if lifetime <= 0 {
-        return Decision::RenewNow;
+    match fleet_pki::lifetime::renew_at(not_before, not_after) {
+        Some(renew_at) if now < renew_at => {
+            let wait = Duration::from_secs((renew_at - now) as u64);
+            Decision::CheckIn(wait.min(MAX_CHECK))
+        }
+        _ => Decision::RenewNow,
     }
-    let renew_at = not_after - lifetime / 3;
-    if now >= renew_at {
-        return Decision::RenewNow;
-    }
-    let wait = Duration::from_secs((renew_at - now) as u64);
-    Decision::CheckIn(wait.min(MAX_CHECK))
 }
 
 fn now_unix() -> i64 {
@@ -84,9 +82,7 @@ impl Renewer {
                     self.renew_or_retry().await
                 }
                 (Decision::RenewNow, None) => {
-                    tracing::info!(
-                        "the certificate has less than a third of its lifetime left: renewing it"
-                    );
+                    tracing::info!("two thirds of the certificate's lifetime passed: renewing it");
                     self.renew_or_retry().await
                 }
                 (Decision::CheckIn(wait), None) => wait,
@@ -163,26 +159,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renews_when_less_than_a_third_of_the_lifetime_is_left() {
+    fn renews_when_two_thirds_of_the_lifetime_passed() {
         use Decision::*;
+        let b = fleet_pki::lifetime::BACKDATE_SECS;
         let hour = 3600;
         let year = 365 * 86_400;
         for (not_before, not_after, now, expect) in [
-            // A 90-second certificate: renew from second 60 on.
-            (0, 90, 0, CheckIn(Duration::from_secs(60))),
-            (0, 90, 59, CheckIn(Duration::from_secs(1))),
-            (0, 90, 60, RenewNow),
-            (0, 90, 89, RenewNow),
-            (0, 90, 200, RenewNow), // expired: try anyway (the controller decides)
+            // A 1-minute certificate issued at 0 (back-dated): renew from second 40 on.
+            (-b, 60, 0, CheckIn(Duration::from_secs(40))),
+            (-b, 60, 39, CheckIn(Duration::from_secs(1))),
+            (-b, 60, 40, RenewNow),
+            (-b, 60, 59, RenewNow),
+            (-b, 60, 200, RenewNow), // expired: try anyway (the controller decides)
             // A year: look again within the hour, renew in the last third.
-            (0, year, 0, CheckIn(MAX_CHECK)),
+            (-b, year, 0, CheckIn(MAX_CHECK)),
             (
-                0,
+                -b,
                 year,
                 year - year / 3 - 10,
                 CheckIn(Duration::from_secs(10)),
             ),
-            (0, year, year - year / 3, RenewNow),
+            (-b, year, year - year / 3, RenewNow),
             // Not yet valid (clock behind): wait, bounded.
             (hour, 4 * hour, 0, CheckIn(MAX_CHECK)),
             // Nonsense validity: renew.

@@ -76,7 +76,7 @@ pub fn issue_admin(
     let authority = Authority::load(&ca_pem, &read(&config.tls.ca_key)?)
         .map_err(|e| BreakGlassError::Ca(e.to_string()))?;
     let issued = authority
-        .issue_client(name, Role::Admin)
+        .issue_client(name, Role::Admin, config.certificate_ttl)
         .map_err(|e| BreakGlassError::Ca(e.to_string()))?;
     let write = |path: PathBuf, text: &str, mode: u32| -> Result<(), BreakGlassError> {
         use std::io::Write;

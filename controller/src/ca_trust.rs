@@ -79,8 +79,9 @@ pub struct Trust {
     sessions: Mutex<BTreeMap<String, Vec<u8>>>,
     /// When the last rotation finished (unix seconds), in this process.
     finished_at_unix: Mutex<Option<i64>>,
-    /// How long the agent certificates the controller signs are valid.
-    pub host_certificate_ttl: Duration,
+    /// How long the certificates the controller issues (hosts' and clients') are valid
+    /// (`certificate_ttl`); a renewed client credential keeps its own lifetime instead.
+    pub certificate_ttl: Duration,
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
@@ -139,7 +140,7 @@ fn current_from(ca_bundle: &str, ca_key: &str, cert: &str, key: &str) -> anyhow:
 
 impl Trust {
     /// Reads the TLS files named in controller.toml.
-    pub fn load(paths: &TlsPaths, host_certificate_ttl: Duration) -> anyhow::Result<Arc<Trust>> {
+    pub fn load(paths: &TlsPaths, certificate_ttl: Duration) -> anyhow::Result<Arc<Trust>> {
         let current = current_from(
             &read(&paths.ca)?,
             &read(&paths.ca_key)?,
@@ -156,7 +157,7 @@ impl Trust {
             changes: watch::channel((0, TrustEvent::Connected)).0,
             sessions: Mutex::default(),
             finished_at_unix: Mutex::default(),
-            host_certificate_ttl,
+            certificate_ttl,
         }))
     }
 
@@ -208,6 +209,20 @@ impl Trust {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(host.to_string(), der.to_vec());
+    }
+
+    /// When the certificate each host presented at its latest session (since this process
+    /// started) expires, in unix milliseconds: what `fleetctl hosts` shows.
+    pub fn presented_not_after(&self) -> BTreeMap<String, i64> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(host, der)| {
+                let facts = fleet_pki::identity::facts_of_der(der)?;
+                Some((host.clone(), facts.not_after_unix.saturating_mul(1000)))
+            })
+            .collect()
     }
 
     /// Hosts whose latest session presented a certificate of a CA that does not sign now.
@@ -351,7 +366,7 @@ mod tests {
                 .to_vec()
         };
         let old_client = der(&old
-            .issue_client("ops", fleet_pki::Role::Admin)
+            .issue_client("ops", fleet_pki::Role::Admin, Duration::from_secs(3600))
             .unwrap()
             .cert_pem);
 
@@ -371,7 +386,7 @@ mod tests {
         assert_eq!(trust.hosts_on_old_ca(), ["h1"]);
         let new_client = der(&trust
             .authority()
-            .issue_client("ops", fleet_pki::Role::Admin)
+            .issue_client("ops", fleet_pki::Role::Admin, Duration::from_secs(3600))
             .unwrap()
             .cert_pem);
         assert!(trust.from_signing_ca(&new_client));

@@ -1,10 +1,11 @@
 //! `controller.toml`: where the controller listens, where it keeps its data, and the TLS files
 //! `fleetctl init` made (the fleet CA's certificate and key, the controller's certificate and
-//! key). Read once at start and validated; relative paths are taken relative to the file's own
-//! directory. The controller serves only mutual TLS, so it may listen on any address; its
-//! operators' HTTP listener (`http_listen`: metrics, health, the status page) is
-//! unauthenticated, so it stays on loopback unless `http_allow_remote = true`. `[[webhook]]`
-//! entries are checked here too (see `http::webhooks`).
+//! key), and how long the certificates it issues live (`certificate_ttl`, older name
+//! `host_certificate_ttl`). Read once at start and validated; relative paths are taken
+//! relative to the file's own directory. The controller serves only mutual TLS, so it may
+//! listen on any address; its operators' HTTP listener (`http_listen`: metrics, health, the
+//! status page) is unauthenticated, so it stays on loopback unless `http_allow_remote = true`.
+//! `[[webhook]]` entries are checked here too (see `http::webhooks`).
 
 use crate::model::{glob_matches, EVENT_KINDS};
 use serde::{Deserialize, Serialize};
@@ -71,10 +72,16 @@ pub struct ControllerFile {
     /// as new ones are written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_events: Option<u64>,
-    /// How long the certificates of hosts (agents) are valid, like `30d` or `12h` (default 30
-    /// days, at least 1 minute); agents renew theirs once two thirds of it passed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_certificate_ttl: Option<String>,
+    /// How long the certificates the controller issues (hosts' and clients') are valid, like
+    /// `30d` or `12h` (default 30 days, at least 1 minute, at most 365 days); each holder
+    /// renews its own once two thirds of it passed. `host_certificate_ttl`, its older name,
+    /// is read too.
+    #[serde(
+        default,
+        alias = "host_certificate_ttl",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub certificate_ttl: Option<String>,
     /// The operators' HTTP listener (`/metrics`, `/healthz`, `/readyz`, the status page), like
     /// `127.0.0.1:7701`; none when absent. Unauthenticated and read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,8 +114,9 @@ pub struct ControllerConfig {
     /// How many events the event log keeps (`max_events`).
     pub max_events: u64,
     pub tls: TlsPaths,
-    /// How long the agent certificates the controller signs are valid.
-    pub host_certificate_ttl: std::time::Duration,
+    /// How long the certificates the controller issues (hosts' and clients') are valid
+    /// (`certificate_ttl`).
+    pub certificate_ttl: std::time::Duration,
     /// `handshake_timeout_ms`: how long a TLS handshake may take.
     pub handshake_timeout: std::time::Duration,
     /// `write_stall_timeout_ms`: how long a connection may leave an answer unread.
@@ -243,27 +251,20 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// The default `write_stall_timeout_ms`.
 pub const DEFAULT_WRITE_STALL_TIMEOUT_MS: u64 = 60_000;
 
-/// The default lifetime of a host's certificate.
-pub const DEFAULT_HOST_CERTIFICATE_TTL: std::time::Duration =
-    std::time::Duration::from_secs(30 * 86_400);
-/// The shortest lifetime a host's certificate may be given (tests use it).
-pub const MIN_HOST_CERTIFICATE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
-/// The longest: what a credential is valid for.
-pub const MAX_HOST_CERTIFICATE_TTL: std::time::Duration = fleet_pki::ca::LEAF_VALIDITY;
-
-/// Parses `host_certificate_ttl`.
-pub fn parse_host_certificate_ttl(text: Option<&str>) -> Result<std::time::Duration, String> {
+/// Parses `certificate_ttl` (or its older name `host_certificate_ttl`): a duration within
+/// [`fleet_pki::lifetime::check_lifetime`]'s bounds, 30 days when absent.
+pub fn parse_certificate_ttl(text: Option<&str>) -> Result<std::time::Duration, String> {
     let Some(text) = text else {
-        return Ok(DEFAULT_HOST_CERTIFICATE_TTL);
+        return Ok(fleet_pki::lifetime::DEFAULT_LIFETIME);
     };
-    let ttl = fleet_proto::duration::parse_duration(text)
-        .map_err(|e| format!("host_certificate_ttl: {e}"))?;
-    if !(MIN_HOST_CERTIFICATE_TTL..=MAX_HOST_CERTIFICATE_TTL).contains(&ttl) {
-        return Err(format!(
-            "host_certificate_ttl {text:?} must be between 1m and 365d, like 30d"
-        ));
-    }
-    Ok(ttl)
+    let ttl =
+        fleet_proto::duration::parse_duration(text).map_err(|e| format!("certificate_ttl: {e}"))?;
+    fleet_pki::lifetime::check_lifetime(ttl).map_err(|_| {
+        format!(
+            "certificate_ttl {} must be at least 1m and at most 365d, like \"30d\" (how long the certificates of hosts and clients are valid)",
+            fleet_proto::names::quoted(text)
+        )
+    })
 }
 
 /// What release uploads may take: how many at once, how long one may idle, and the disk space
@@ -369,8 +370,8 @@ impl ControllerConfig {
                 "max_events must be between 100 and 100000000, like 10000".into(),
             ));
         }
-        let host_certificate_ttl =
-            parse_host_certificate_ttl(file.host_certificate_ttl.as_deref()).map_err(invalid)?;
+        let certificate_ttl =
+            parse_certificate_ttl(file.certificate_ttl.as_deref()).map_err(invalid)?;
         let http = match &file.http_listen {
             Some(text) => Some(HttpListen {
                 addr: check_http_listen(text, file.http_allow_remote).map_err(invalid)?,
@@ -408,7 +409,7 @@ impl ControllerConfig {
             http_addr_file: base.join(HTTP_ADDR_FILE),
             webhooks,
             max_events,
-            host_certificate_ttl,
+            certificate_ttl,
             listen,
             data_dir,
             addr_file: base.join(ADDR_FILE),
@@ -505,18 +506,54 @@ mod tests {
     }
 
     #[test]
-    fn host_certificate_ttl_is_a_duration_of_at_least_a_minute() {
+    fn certificate_ttl_is_a_duration_of_at_least_a_minute_under_either_name() {
         use std::time::Duration;
-        for (text, expect) in [
-            (None, Some(Duration::from_secs(30 * 86_400))),
-            (Some("2m"), Some(Duration::from_secs(120))),
-            (Some("1m"), Some(Duration::from_secs(60))),
-            (Some("90d"), Some(Duration::from_secs(90 * 86_400))),
-            (Some("59s"), None),
-            (Some("400d"), None),
-            (Some("soon"), None),
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        let tls = "ca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        let day = 86_400;
+        // (lines added to controller.toml, the lifetime, or a part of the error)
+        for (lines, expect) in [
+            ("", Ok(30 * day)),
+            ("certificate_ttl = \"1m\"", Ok(60)),
+            ("certificate_ttl = \"2m\"", Ok(120)),
+            ("certificate_ttl = \"90d\"", Ok(90 * day)),
+            ("certificate_ttl = \"365d\"", Ok(365 * day)),
+            ("certificate_ttl = \"1h30m\"", Ok(5400)),
+            // The older name, as configs written before it changed have it.
+            ("host_certificate_ttl = \"12h\"", Ok(12 * 3600)),
+            (
+                "certificate_ttl = \"59s\"",
+                Err("at least 1m and at most 365d"),
+            ),
+            ("certificate_ttl = \"0s\"", Err("at least 1m")),
+            ("certificate_ttl = \"400d\"", Err("at most 365d")),
+            (
+                "certificate_ttl = \"soon\"",
+                Err("certificate_ttl: duration \"soon\" is invalid"),
+            ),
+            ("certificate_ttl = 60", Err("invalid type")),
+            ("host_certificate_ttl = \"59s\"", Err("at least 1m")),
+            (
+                "certificate_ttl = \"1d\"\nhost_certificate_ttl = \"2d\"",
+                Err("duplicate field"),
+            ),
         ] {
-            assert_eq!(parse_host_certificate_ttl(text).ok(), expect, "{text:?}");
+            std::fs::write(
+                &path,
+                format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{lines}\n{tls}"),
+            )
+            .unwrap();
+            match (ControllerConfig::load(&path), expect) {
+                (Ok(config), Ok(secs)) => {
+                    assert_eq!(config.certificate_ttl, Duration::from_secs(secs), "{lines}")
+                }
+                (Err(error), Err(part)) => {
+                    let error = error.to_string();
+                    assert!(error.contains(part), "{lines}: {error}");
+                }
+                (got, expect) => panic!("{lines}: got {got:?}, expected {expect:?}"),
+            }
         }
     }
 

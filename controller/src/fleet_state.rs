@@ -660,6 +660,11 @@ impl FleetState {
         self.store.get_certificate(serial)
     }
 
+    /// Every certificate the controller signed (or learned of at its first use).
+    pub fn certificates(&self) -> Result<Vec<CertificateRecord>, StoreError> {
+        self.store.list_certificates()
+    }
+
     /// Registers a connecting agent: records the host (keeping its desired state and the labels
     /// it joined with, see [`labels_on_connect`]), replaces any older session of the same host,
     /// and hands back the desired state to send. `joined_labels` are those its join token

@@ -448,6 +448,7 @@ pub const EVENT_KINDS: &[&str] = &[
     "ca.rotation_started",
     "credential.issued",
     "credential.learned",
+    "credential.renewed",
     "credential.revoked",
     "host.certificate_renewed",
     "host.connected",

@@ -58,7 +58,7 @@ pub async fn run(
         })?
         .with_max_events(config.max_events);
     let artifacts = ArtifactStore::open(&config.data_dir, config.uploads)?;
-    let trust = Trust::load(&config.tls, config.host_certificate_ttl)?;
+    let trust = Trust::load(&config.tls, config.certificate_ttl)?;
     let fleet = Arc::new(FleetState::new(
         store,
         artifacts,

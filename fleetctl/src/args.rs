@@ -2,9 +2,10 @@
 //! Values are checked by the parsers of [`crate::parse`] as clap reads them.
 
 use crate::parse::{
-    parse_app, parse_batch, parse_controller_urls, parse_duration_arg, parse_env_pair, parse_host,
-    parse_join_token_ttl, parse_keep, parse_label_change, parse_max_unavailable,
-    parse_min_healthy_arg, parse_selector, parse_version, ControllerUrls, LabelChanges, Selector,
+    parse_app, parse_batch, parse_certificate_ttl, parse_controller_urls, parse_duration_arg,
+    parse_env_pair, parse_host, parse_join_token_ttl, parse_keep, parse_label_change,
+    parse_max_unavailable, parse_min_healthy_arg, parse_selector, parse_version, ControllerUrls,
+    LabelChanges, Selector,
 };
 use crate::ssh::install::DEFAULT_REMOTE_DIR;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -42,7 +43,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write controller.toml and client.toml for a new controller
-    #[command(after_help = "Example:\n  fleetctl init --dir /var/lib/fleet --listen 0.0.0.0:7700")]
+    #[command(
+        after_help = "Example:\n  fleetctl init --dir /var/lib/fleet --listen 0.0.0.0:7700 --url https://controller.example.com:7700 --certificate-ttl 30d"
+    )]
     Init(InitArgs),
     /// Create releases, or prune old ones
     #[command(
@@ -57,7 +60,7 @@ pub enum Command {
         #[arg(value_parser = parse_app)]
         app: String,
     },
-    /// List the hosts and what they run
+    /// List the hosts, what they run and when their certificates expire (each renews its own)
     #[command(after_help = "Example:\n  fleetctl hosts --output json")]
     Hosts,
     /// What runs where, since when, and the rollouts in progress
@@ -173,7 +176,7 @@ pub enum Command {
     /// Client credentials (certificates with a role) for operators and CI
     #[command(
         subcommand,
-        after_help = "Example:\n  fleetctl credentials create ci --role deployer --out ./ci-credential"
+        after_help = "Examples:\n  fleetctl credentials create ci --role deployer --ttl 7d --out ./ci-credential\n  fleetctl credentials list"
     )]
     Credentials(CredentialsCommand),
     /// The fleet CA: rotate it while the fleet runs (hosts move over their own sessions)
@@ -211,6 +214,11 @@ pub struct InitArgs {
     /// controller.http.addr)
     #[arg(long, value_name = "ADDR:PORT", default_value = crate::init::DEFAULT_HTTP_LISTEN)]
     pub http_listen: String,
+    /// How long the certificates the controller issues to hosts and clients are valid, the
+    /// admin credential written here included (at least 1m, at most 365d); each renews itself
+    /// after two thirds of it. Written to controller.toml as certificate_ttl [default: 30d]
+    #[arg(long, value_name = "DUR", value_parser = parse_certificate_ttl)]
+    pub certificate_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -493,9 +501,10 @@ pub struct CaRotateArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CredentialsCommand {
-    /// Create a client credential (key, certificate, CA, client.toml) usable with --config-dir
+    /// Create a client credential (key, certificate, CA, client.toml) usable with --config-dir;
+    /// fleetctl renews it by itself while its files are writable
     #[command(
-        after_help = "Example:\n  fleetctl credentials create ci --role deployer --out ./ci-credential"
+        after_help = "Example:\n  fleetctl credentials create ci --role deployer --ttl 7d --out ./ci-credential"
     )]
     Create(CredentialsCreateArgs),
     /// List the operator and CI credentials: name, role, expiry, last use, revoked or not
@@ -522,6 +531,11 @@ pub struct CredentialsCreateArgs {
     /// The directory to write client.key, client.pem, ca.pem and client.toml into
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// How long its certificate is valid, e.g. 7d (at least 1m, at most 365d); fleetctl renews
+    /// it by itself, with this lifetime, after two thirds of it [default: the controller's
+    /// certificate_ttl]
+    #[arg(long, value_name = "DUR", value_parser = parse_certificate_ttl)]
+    pub ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -194,13 +194,11 @@ fn normalize_url(url: &str) -> String {
 }
 
 /// The files fleetctl reads from its config directory for mutual TLS.
-pub const CA_FILE: &str = "ca.pem";
-pub const CLIENT_CERT_FILE: &str = "client.pem";
-pub const CLIENT_KEY_FILE: &str = "client.key";
+pub use crate::credential_files::{CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE};
 
 /// The client side of mutual TLS from `config_dir`: the fleet CA (required) and the client
 /// credential (sent when present; without one, every call but an agent's join is refused by
-/// the controller with a message saying so).
+/// the controller with a message saying so), read as `credential_files::read_credential` does.
 pub fn tls_config(config_dir: &Path) -> Result<ClientTlsConfig, CliError> {
     let ca_path = config_dir.join(CA_FILE);
     let ca = std::fs::read_to_string(&ca_path).map_err(|e| {
@@ -212,19 +210,14 @@ pub fn tls_config(config_dir: &Path) -> Result<ClientTlsConfig, CliError> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name(fleet_pki::CONTROLLER_TLS_NAME);
-    let cert_path = config_dir.join(CLIENT_CERT_FILE);
-    let key_path = config_dir.join(CLIENT_KEY_FILE);
-    match (
-        std::fs::read_to_string(&cert_path),
-        std::fs::read_to_string(&key_path),
-    ) {
-        (Ok(cert), Ok(key)) => tls = tls.identity(Identity::from_pem(cert, key)),
-        (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => {}
-        (Err(e), _) => return Err(usage(format!("cannot read {}: {e}", cert_path.display()))),
-        (Ok(_), Err(e)) => {
+    // Read under the lock another fleetctl renewing this credential takes.
+    match crate::credential_files::read_credential(config_dir) {
+        Ok(Some((cert, key))) => tls = tls.identity(Identity::from_pem(cert, key)),
+        Ok(None) => {}
+        Err(e) => {
             return Err(usage(format!(
-                "cannot read {}: {e}; a credential is client.pem and client.key together",
-                key_path.display()
+                "cannot read the credential in {}: {e}; a credential is client.pem and client.key together",
+                config_dir.display()
             )))
         }
     }

@@ -394,6 +394,7 @@ pub async fn hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError> {
         "LABELS",
         "LAST SEEN",
         "AGENT",
+        "CERT EXPIRES",
         "APPS",
     ]);
     for host in &response.hosts {
@@ -419,6 +420,7 @@ pub async fn hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError> {
             } else {
                 format!("{} {}", host.agent_version, host.agent_arch)
             },
+            output::until(host.certificate_not_after_unix_ms, now),
             apps,
         ]);
     }

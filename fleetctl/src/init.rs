@@ -1,8 +1,9 @@
 //! `fleetctl init`: makes a new fleet in a directory: the fleet CA (`ca.pem`, `ca.key`), the
 //! controller's certificate (`controller.pem`, `controller.key`; DNS names `fleet-controller`
 //! and `localhost`, plus the listen IP and the host of every `--url`), an admin credential for
-//! fleetctl (`client.pem`, `client.key`: CN `admin`, role admin), `controller.toml` (`listen`,
-//! `data_dir = "data"`, and the TLS files, relative to the directory) and `client.toml`
+//! fleetctl (`client.pem`, `client.key`: CN `admin`, role admin, valid for `--certificate-ttl`,
+//! default 30 days, renewed by fleetctl itself), `controller.toml` (`listen`,
+//! `data_dir = "data"`, `certificate_ttl`, and the TLS files, relative to the directory) and `client.toml`
 //! (`controller = "https://HOST:PORT"`, or an array of them: the `--url` addresses hosts,
 //! operators and CI dial, else the listen address). Private keys are written with mode 0600.
 //! Every call to the controller is authenticated with mutual TLS, so any listen address is
@@ -16,6 +17,7 @@ use fleet_pki::Role;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// File names `init` writes, beside controller.toml.
 pub const CA_KEY_FILE: &str = "ca.key";
@@ -98,13 +100,26 @@ fn controller_urls(
 
 /// Writes the CA, the certificates, controller.toml and client.toml into `dir` (created if
 /// missing). `urls` are the addresses hosts, operators and CI dial (`--url`); without them,
-/// the listen address, which must then be a specific one.
+/// the listen address, which must then be a specific one. Certificates get the default
+/// lifetime (see [`init_dir_with_ttl`]).
 pub fn init_dir(
     dir: &Path,
     listen: &str,
     urls: Option<&ControllerUrls>,
 ) -> Result<InitOutcome, CliError> {
-    init_dir_with_http(dir, listen, urls, DEFAULT_HTTP_LISTEN)
+    init_dir_with_options(dir, listen, urls, DEFAULT_HTTP_LISTEN, None)
+}
+
+/// Like [`init_dir`], with `--certificate-ttl`: how long the certificates the controller
+/// issues are valid (`certificate_ttl` in controller.toml, written only when given), the admin
+/// credential's included; 30 days without it.
+pub fn init_dir_with_ttl(
+    dir: &Path,
+    listen: &str,
+    urls: Option<&ControllerUrls>,
+    certificate_ttl: Option<Duration>,
+) -> Result<InitOutcome, CliError> {
+    init_dir_with_options(dir, listen, urls, DEFAULT_HTTP_LISTEN, certificate_ttl)
 }
 
 /// The HTTP listener (metrics, status page) `init` writes unless `--http-listen` says otherwise.
@@ -133,6 +148,22 @@ pub fn init_dir_with_http(
     urls: Option<&ControllerUrls>,
     http_listen: &str,
 ) -> Result<InitOutcome, CliError> {
+    init_dir_with_options(dir, listen, urls, http_listen, None)
+}
+
+/// [`init_dir`] with every option of `fleetctl init`: the HTTP listener's address
+/// (`--http-listen`) and the certificates' lifetime (`--certificate-ttl`, see
+/// [`init_dir_with_ttl`]).
+pub fn init_dir_with_options(
+    dir: &Path,
+    listen: &str,
+    urls: Option<&ControllerUrls>,
+    http_listen: &str,
+    certificate_ttl: Option<Duration>,
+) -> Result<InitOutcome, CliError> {
+    let lifetime = certificate_ttl.unwrap_or(fleet_pki::lifetime::DEFAULT_LIFETIME);
+    fleet_pki::lifetime::check_lifetime(lifetime)
+        .map_err(|e| usage(format!("--certificate-ttl {e}")))?;
     let addr = parse_listen(listen)?;
     let http_addr = parse_http_listen(http_listen)?;
     let controller_urls = controller_urls(addr, urls)?;
@@ -161,7 +192,7 @@ pub fn init_dir_with_http(
     names.push(addr.ip().to_string());
     let controller_cert = authority.issue_controller(&names).map_err(failed)?;
     let admin = authority
-        .issue_client("admin", Role::Admin)
+        .issue_client("admin", Role::Admin, lifetime)
         .map_err(failed)?;
 
     write_new(&dir.join(CA_KEY_FILE), &ca_key, 0o600)?;
@@ -183,6 +214,13 @@ pub fn init_dir_with_http(
     )?;
     write_new(&dir.join(CLIENT_CERT_FILE), &admin.cert_pem, 0o644)?;
 
+    let ttl_line = match certificate_ttl {
+        Some(ttl) => format!(
+            "certificate_ttl = {}",
+            toml_string(&fleet_pki::lifetime::format_lifetime(ttl))
+        ),
+        None => "# certificate_ttl = \"30d\"".to_string(),
+    };
     let controller_text = format!(
         "# fleet-controller configuration, written by `fleetctl init`.\n\
          # Start the controller with: fleet-controller --config {}\n\
@@ -192,6 +230,10 @@ pub fn init_dir_with_http(
          http_listen = {}\n\
          # Relative paths are relative to this file's directory.\n\
          data_dir = \"data\"\n\
+         # How long the certificates the controller issues to hosts and to clients (operators,\n\
+         # CI) are valid, at least 1m, at most 365d (default 30d): each renews its own after\n\
+         # two thirds of it. A credential made with `fleetctl credentials create --ttl` keeps its own.\n\
+         {ttl_line}\n\
          # Mutual TLS: the fleet CA (it signs agents' and credentials' certificates) and the\n\
          # controller's own certificate. Keep ca.key secret: whoever holds it can mint credentials.\n\
          ca = \"{CA_FILE}\"\n\
@@ -327,6 +369,56 @@ mod tests {
         assert!(again.to_string().contains("already exists"));
         let unchanged = std::fs::read_to_string(target.join("controller.toml")).unwrap();
         assert!(unchanged.contains("127.0.0.1:7701"));
+    }
+
+    #[test]
+    fn the_admin_credential_and_controller_toml_take_the_certificate_ttl() {
+        let admin_lifetime = |dir: &Path| {
+            let pem = std::fs::read_to_string(dir.join(CLIENT_CERT_FILE)).unwrap();
+            let identity = fleet_pki::Identity::from_pem(&pem).unwrap();
+            assert_eq!(
+                (identity.name.as_str(), identity.role),
+                ("admin", Role::Admin)
+            );
+            identity.lifetime()
+        };
+        let config = |dir: &Path| -> toml::Table {
+            toml::from_str(&std::fs::read_to_string(dir.join("controller.toml")).unwrap()).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path(), "127.0.0.1:7700", None).unwrap();
+        assert_eq!(admin_lifetime(dir.path()), Duration::from_secs(30 * 86_400));
+        assert!(!config(dir.path()).contains_key("certificate_ttl"));
+
+        let dir = tempfile::tempdir().unwrap();
+        init_dir_with_ttl(
+            dir.path(),
+            "127.0.0.1:7700",
+            None,
+            Some(Duration::from_secs(60)),
+        )
+        .unwrap();
+        assert_eq!(admin_lifetime(dir.path()), Duration::from_secs(60));
+        assert_eq!(config(dir.path())["certificate_ttl"].as_str(), Some("1m"));
+        // Back-dated against clock skew.
+        let pem = std::fs::read_to_string(dir.path().join(CLIENT_CERT_FILE)).unwrap();
+        let facts = fleet_pki::identity::facts_of_pem(&pem).unwrap();
+        assert_eq!(
+            facts.not_after_unix - facts.not_before_unix,
+            60 + fleet_pki::lifetime::BACKDATE_SECS
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let error = init_dir_with_ttl(
+            dir.path(),
+            "127.0.0.1:7700",
+            None,
+            Some(Duration::from_secs(30)),
+        )
+        .unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        assert!(error.to_string().contains("between 1m and 365d"), "{error}");
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
     }
 
     fn client_controller(dir: &Path) -> toml::Value {

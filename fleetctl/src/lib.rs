@@ -1,5 +1,6 @@
 //! fleetctl, the one tool an operator or a CI job touches: the command line (`args`), how it
-//! reaches the controller and maps failures to exit codes (`client`), how it prints (`output`),
+//! reaches the controller and maps failures to exit codes (`client`), how its credential renews
+//! itself (`renewal`), how it prints (`output`),
 //! one function per verb (`commands`), `init` and the local `demo`. `run` dispatches a parsed
 //! command line and returns the process exit code; the binary only parses and calls it.
 //!
@@ -10,11 +11,13 @@ pub mod args;
 pub mod bootstrap;
 pub mod client;
 pub mod commands;
+pub mod credential_files;
 pub mod demo;
 pub mod host_commands;
 pub mod init;
 pub mod output;
 pub mod parse;
+pub mod renewal;
 pub mod ssh;
 pub mod trust;
 pub mod upgrade;
@@ -44,11 +47,12 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Init(init_args) => {
             let dir = init_args.dir.unwrap_or(config_dir);
-            let outcome = init::init_dir_with_http(
+            let outcome = init::init_dir_with_options(
                 &dir,
                 &init_args.listen,
                 init_args.url.as_ref(),
                 &init_args.http_listen,
+                init_args.certificate_ttl,
             )?;
             if cli.output == OutputFormat::Json {
                 output::print_json(&outcome);
@@ -86,8 +90,19 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
 
     // Several controllers: fleetctl dials the first for now (failover is not built yet).
     let urls = client::resolve_controller_urls(cli.controller.as_deref(), &config_dir)?;
+    // The credential renews itself once two thirds of its lifetime passed (`renewal`); not in
+    // `ca rotate`, which re-issues it itself.
+    let renew = match &cli.command {
+        Command::Ca(_) => None,
+        _ => std::fs::read_to_string(config_dir.join(client::CLIENT_CERT_FILE))
+            .ok()
+            .and_then(|cert_pem| renewal::before_connect(&config_dir, &cert_pem)),
+    };
     let mut connection = client::connect(&urls[0], &config_dir).await?;
     connection.controller_urls = urls;
+    if let Some(identity) = &renew {
+        renewal::renew(&connection, &config_dir, identity).await;
+    }
     let ctx = Context {
         connection,
         output: cli.output,

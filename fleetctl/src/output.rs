@@ -112,6 +112,26 @@ pub fn ago(unix_ms: i64, now_unix_ms: i64) -> String {
     }
 }
 
+/// How long until `unix_ms`, for people: "in 42s", "in 3m", "in 5h", "in 2d", or "expired"
+/// once it passed. Zero (unknown) prints as "-".
+pub fn until(unix_ms: i64, now_unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".to_string();
+    }
+    let seconds = (unix_ms - now_unix_ms) / 1000;
+    if unix_ms <= now_unix_ms {
+        "expired".to_string()
+    } else if seconds < 60 {
+        format!("in {seconds}s")
+    } else if seconds < 3600 {
+        format!("in {}m", seconds / 60)
+    } else if seconds < 86_400 {
+        format!("in {}h", seconds / 3600)
+    } else {
+        format!("in {}d", seconds / 86_400)
+    }
+}
+
 /// How long something took between two Unix-ms times ("-" when either is unknown).
 pub fn took(start_unix_ms: i64, end_unix_ms: i64) -> String {
     if start_unix_ms <= 0 || end_unix_ms <= 0 || end_unix_ms < start_unix_ms {
@@ -208,6 +228,22 @@ mod tests {
             (now - 2 * 86_400_000, "2d ago"),
         ] {
             assert_eq!(ago(then, now), expect, "{then}");
+        }
+    }
+
+    #[test]
+    fn until_reads_like_a_person() {
+        let now = 1_000_000_000_000;
+        for (then, expect) in [
+            (0, "-"),
+            (now - 1, "expired"),
+            (now, "expired"),
+            (now + 42_000, "in 42s"),
+            (now + 180_000, "in 3m"),
+            (now + 5 * 3_600_000, "in 5h"),
+            (now + 20 * 86_400_000, "in 20d"),
+        ] {
+            assert_eq!(until(then, now), expect, "{then}");
         }
     }
 

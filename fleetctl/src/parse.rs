@@ -34,6 +34,17 @@ pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
     fleet_proto::duration::parse_duration(text)
 }
 
+/// Parses a certificate's lifetime (`init --certificate-ttl`, `credentials create --ttl`):
+/// at least 1 minute, at most 365 days.
+pub fn parse_certificate_ttl(text: &str) -> Result<Duration, String> {
+    fleet_pki::lifetime::check_lifetime(parse_duration_arg(text)?).map_err(|_| {
+        format!(
+            "{} is not a certificate lifetime: write at least 1m and at most 365d, like 30d or 12h",
+            fleet_proto::names::quoted(text)
+        )
+    })
+}
+
 /// Parses `join-token create --ttl`: more than 0 and at most 7 days (`7d`, `168h`), the
 /// longest the controller lets a join token live.
 pub fn parse_join_token_ttl(text: &str) -> Result<Duration, String> {
@@ -317,6 +328,29 @@ fn is_dns_name(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_ttls() {
+        for (text, expect) in [
+            ("1m", Some(60)),
+            ("30d", Some(30 * 86_400)),
+            ("365d", Some(365 * 86_400)),
+            ("1h30m", Some(5400)),
+            ("59s", None),
+            ("366d", None),
+            ("0s", None),
+            ("soon", None),
+        ] {
+            assert_eq!(
+                parse_certificate_ttl(text).ok().map(|d| d.as_secs()),
+                expect,
+                "{text}"
+            );
+        }
+        assert!(parse_certificate_ttl("30s")
+            .unwrap_err()
+            .contains("at least 1m and at most 365d"));
+    }
 
     #[test]
     fn join_token_ttls() {

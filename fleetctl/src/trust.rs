@@ -1,8 +1,9 @@
 //! The trust verbs: `fleetctl join-token create [--ttl DUR]` (a one-time token a new host
 //! joins with) and `fleetctl credentials create NAME --role admin|deployer --out DIR` (a
 //! client credential for an operator or a CI job: the key is made here and never leaves this
-//! machine; the controller signs a certificate request), `credentials list` (name, role,
-//! expiry, last use) and `credentials revoke NAME`. All need the admin role.
+//! machine; the controller signs a certificate request; `--ttl` sets how long it is valid),
+//! `credentials list` (name, role, expiry, last use, renewed or revoked) and `credentials
+//! revoke NAME`. All need the admin role. A credential renews itself: see `renewal`.
 
 use crate::args::CredentialsCreateArgs;
 use crate::client::{usage, CliError, CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE};
@@ -87,6 +88,9 @@ pub async fn credentials_create(
             name: create.name.clone(),
             role: create.role.as_str().to_string(),
             csr_pem,
+            ttl_ms: create
+                .ttl
+                .map_or(0, |ttl| ttl.as_millis().min(u64::MAX as u128) as u64),
         })
         .await
         .map_err(|status| ctx.connection.error(status))?
@@ -154,6 +158,8 @@ fn credentials_table(credentials: &[pb::Credential], now_unix_ms: i64) -> String
             )
         } else if credential.not_after_unix_ms <= now_unix_ms {
             "expired".to_string()
+        } else if !credential.renewed_by.is_empty() {
+            format!("renewed ({})", short_serial(&credential.renewed_by))
         } else {
             "valid".to_string()
         };
@@ -167,6 +173,11 @@ fn credentials_table(credentials: &[pb::Credential], now_unix_ms: i64) -> String
         ]);
     }
     table.render()
+}
+
+/// The first 8 hex digits of a serial, enough to tell certificates apart in a table.
+fn short_serial(serial: &str) -> &str {
+    serial.get(..8).unwrap_or(serial)
 }
 
 /// `fleetctl credentials revoke NAME`.
@@ -304,6 +315,10 @@ mod tests {
                 credential("ci", now + 1, now - 90_000, 0),
                 credential("old", now - 1, 0, 0),
                 credential("gone", now + 1, 0, now - 7_200_000),
+                pb::Credential {
+                    renewed_by: "0123456789abcdef".to_string(),
+                    ..credential("admin", now + 1, now - 60_000, 0)
+                },
             ],
             now,
         );
@@ -329,5 +344,6 @@ mod tests {
             ("old", "-", "expired")
         );
         assert_eq!((lines[3][0], lines[3][4]), ("gone", "revoked 2h ago"));
+        assert_eq!((lines[4][0], lines[4][4]), ("admin", "renewed (01234567)"));
     }
 }

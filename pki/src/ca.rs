@@ -16,8 +16,6 @@ use thiserror::Error;
 
 /// How long the CA and the controller's certificate are valid.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
-/// How long agents' and credentials' certificates are valid.
-pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 /// A certificate request larger than this is refused before it is parsed.
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
 
@@ -74,10 +72,9 @@ fn random_serial() -> Result<(SerialNumber, String), CaError> {
     Ok((SerialNumber::from_slice(&bytes), hex::encode(bytes)))
 }
 
-/// How far back a certificate's `not_before` is set from its issue (clock skew), in seconds.
-pub const BACKDATE_SECS: i64 = 60;
+pub use crate::lifetime::BACKDATE_SECS;
 
-/// `not_before` a minute ago (clock skew), `not_after` after `validity`.
+/// `not_before` [`BACKDATE_SECS`] ago (clock skew), `not_after` after `validity` from now.
 fn validity_window(params: &mut CertificateParams, validity: Duration) -> i64 {
     let now = crate::now_unix_secs();
     let not_after = now + validity.as_secs() as i64;
@@ -185,30 +182,24 @@ impl Authority {
         })
     }
 
-    /// A client credential made here, key included (the admin credential of `fleetctl init`).
-    pub fn issue_client(&self, name: &str, role: Role) -> Result<Issued, CaError> {
+    /// A client credential made here, key included, valid for `validity` (the admin
+    /// credential of `fleetctl init`, `fleet-controller issue-admin`'s, the backup's).
+    pub fn issue_client(
+        &self,
+        name: &str,
+        role: Role,
+        validity: Duration,
+    ) -> Result<Issued, CaError> {
         let key = KeyPair::generate().map_err(CaError::Generate)?;
-        let mut issued = self.sign_client(&key, name, role, LEAF_VALIDITY)?;
+        let mut issued = self.sign_client(&key, name, role, validity)?;
         issued.key_pem = Some(key.serialize_pem());
         Ok(issued)
     }
 
-    /// Signs a certificate request (PEM) as `name` with `role`. Only the request's public key
-    /// is used: the subject and every extension come from here, never from the request.
-    pub fn sign_request(&self, csr_pem: &str, name: &str, role: Role) -> Result<Issued, CaError> {
-        if csr_pem.len() > MAX_CSR_BYTES {
-            return Err(CaError::BadRequest(format!(
-                "it is over {MAX_CSR_BYTES} bytes"
-            )));
-        }
-        let request = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| CaError::BadRequest(e.to_string()))?;
-        self.sign_client(&request.public_key, name, role, LEAF_VALIDITY)
-    }
-
-    /// Like [`Authority::sign_request`], valid for `validity` (an agent's certificate, whose
-    /// lifetime `controller.toml` sets).
-    pub fn sign_request_valid_for(
+    /// Signs a certificate request (PEM) as `name` with `role`, valid for `validity` (see
+    /// [`crate::lifetime`]). Only the request's public key is used: the subject and every
+    /// extension come from here, never from the request.
+    pub fn sign_request(
         &self,
         csr_pem: &str,
         name: &str,
@@ -289,13 +280,16 @@ mod tests {
         let (ca_pem, ca_key) = generate_ca().unwrap();
         let authority = Authority::load(&ca_pem, &ca_key).unwrap();
         let (csr, _key) = new_key_and_request("someone-else").unwrap();
-        let issued = authority.sign_request(&csr, "web-1", Role::Agent).unwrap();
+        let day = Duration::from_secs(86_400);
+        let issued = authority
+            .sign_request(&csr, "web-1", Role::Agent, day)
+            .unwrap();
         let identity = Identity::from_der(&der_of(&issued.cert_pem)).unwrap();
         assert_eq!(identity.name, "web-1");
         assert_eq!(identity.role, Role::Agent);
         assert_eq!(identity.serial, issued.serial);
 
-        let admin = authority.issue_client("admin", Role::Admin).unwrap();
+        let admin = authority.issue_client("admin", Role::Admin, day).unwrap();
         let identity = Identity::from_der(&der_of(&admin.cert_pem)).unwrap();
         assert_eq!(
             (identity.name.as_str(), identity.role),
@@ -304,10 +298,10 @@ mod tests {
         assert!(admin.key_pem.is_some());
 
         assert!(authority
-            .sign_request("not a csr", "x", Role::Agent)
+            .sign_request("not a csr", "x", Role::Agent, day)
             .is_err());
         assert!(authority
-            .sign_request(&"x".repeat(MAX_CSR_BYTES + 1), "x", Role::Agent)
+            .sign_request(&"x".repeat(MAX_CSR_BYTES + 1), "x", Role::Agent, day)
             .is_err());
         // The controller's certificate has no role: it is no client credential.
         let server = authority.issue_controller(&[]).unwrap();
@@ -358,13 +352,29 @@ mod tests {
         let authority = Authority::load(&bundle, &new_key).unwrap();
         let (csr, _key) = new_key_and_request("web-1").unwrap();
         let issued = authority
-            .sign_request_valid_for(&csr, "web-1", Role::Agent, Duration::from_secs(120))
+            .sign_request(&csr, "web-1", Role::Agent, Duration::from_secs(120))
             .unwrap();
         let facts = facts_of_pem(&issued.cert_pem).unwrap();
         assert_eq!(facts.issuer, facts_of_pem(&new_pem).unwrap().subject);
         assert_ne!(facts.issuer, facts_of_pem(&old_pem).unwrap().subject);
-        // Back-dated a minute against clock skew, valid for what was asked.
-        assert_eq!(facts.not_after_unix - facts.not_before_unix, 180);
+        // Back-dated 5 minutes against clock skew, valid for what was asked.
+        assert_eq!(
+            facts.not_after_unix - facts.not_before_unix,
+            120 + BACKDATE_SECS
+        );
+        assert_eq!(
+            crate::lifetime::lifetime_of(facts.not_before_unix, facts.not_after_unix),
+            Duration::from_secs(120)
+        );
+        // The CA's and the controller's own certificates are back-dated too.
+        for pem in [&new_pem, &authority.issue_controller(&[]).unwrap().cert_pem] {
+            let facts = facts_of_pem(pem).unwrap();
+            let now = crate::now_unix_secs();
+            assert!(
+                (now - BACKDATE_SECS - 2..=now - BACKDATE_SECS).contains(&facts.not_before_unix),
+                "{facts:?}"
+            );
+        }
         assert!(Authority::load(&bundle, &old_key).is_err());
         let server = authority
             .issue_controller(&["10.0.0.5".to_string()])

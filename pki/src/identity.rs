@@ -55,6 +55,9 @@ pub struct Identity {
     /// When the certificate expires (what `credentials list` shows for a credential the
     /// controller learns of at its first use, such as `fleetctl init`'s).
     pub not_after_unix_ms: i64,
+    /// When it became valid (back-dated, see [`crate::lifetime`]): with `not_after_unix_ms`,
+    /// the lifetime a renewal keeps.
+    pub not_before_unix_ms: i64,
 }
 
 impl Identity {
@@ -91,7 +94,23 @@ impl Identity {
             role,
             serial: hex::encode(cert.raw_serial()),
             not_after_unix_ms: cert.validity().not_after.timestamp().saturating_mul(1000),
+            not_before_unix_ms: cert.validity().not_before.timestamp().saturating_mul(1000),
         })
+    }
+
+    /// Like [`Identity::from_der`], from the first certificate of `cert_pem`.
+    pub fn from_pem(cert_pem: &str) -> Result<Identity, String> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| format!("cannot read the certificate: {e}"))?;
+        Identity::from_der(&pem.contents)
+    }
+
+    /// The lifetime the certificate was issued with (see [`crate::lifetime::lifetime_of`]).
+    pub fn lifetime(&self) -> std::time::Duration {
+        crate::lifetime::lifetime_of(
+            self.not_before_unix_ms / 1000,
+            self.not_after_unix_ms / 1000,
+        )
     }
 }
 

@@ -1,7 +1,8 @@
 //! The fleet's public-key infrastructure, the one copy that the controller, `fleetctl` and
 //! the agent share: the fleet CA and what it signs ([`ca`]), keys and certificate requests
 //! ([`request`]), and the identity a certificate carries ([`identity`]: CN = name, OU = role,
-//! the serial that revocation lists).
+//! the serial that revocation lists), and how long a certificate lives and when it is renewed
+//! ([`lifetime`]).
 //!
 //! It knows nothing of gRPC: PEM text in, PEM text or an [`Identity`] out. Its one I/O is
 //! [`files`]: writing a key or certificate privately and atomically.
@@ -10,6 +11,7 @@
 pub mod ca;
 pub mod files;
 pub mod identity;
+pub mod lifetime;
 pub mod request;
 
 pub use identity::{Identity, Role};

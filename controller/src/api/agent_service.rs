@@ -290,11 +290,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         // Signed first, handed out only when the store admits the join (one transaction).
         let authority = self.trust.authority();
         let issued = authority
-            .sign_request_valid_for(
+            .sign_request(
                 &request.csr_pem,
                 &host,
                 Role::Agent,
-                self.trust.host_certificate_ttl,
+                self.trust.certificate_ttl,
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let certificate = CertificateRecord {
@@ -351,11 +351,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let request = request.into_inner();
         let authority = self.trust.authority();
         let issued = authority
-            .sign_request_valid_for(
+            .sign_request(
                 &request.csr_pem,
                 &identity.name,
                 Role::Agent,
-                self.trust.host_certificate_ttl,
+                self.trust.certificate_ttl,
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // The labels its join token named go with the host to its new certificate.
@@ -372,7 +372,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 role: Role::Agent.as_str().to_string(),
                 issued_unix_ms: now,
                 not_after_unix_ms: issued.not_after_unix_ms,
-                issued_by: format!("renewal of {}", identity.serial),
+                issued_by: format!("{}{}", super::certificates::RENEWAL_OF, identity.serial),
                 labels,
             })
             .await
@@ -385,10 +385,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 "",
                 host,
                 format!(
-                    "host {host} renewed its certificate {} for {} (valid {}s)",
+                    "host {host} renewed its certificate {} for {} (valid {})",
                     identity.serial,
                     issued.serial,
-                    self.trust.host_certificate_ttl.as_secs(),
+                    fleet_pki::lifetime::format_lifetime(self.trust.certificate_ttl),
                 ),
             )
             .await;

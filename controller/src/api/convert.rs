@@ -95,6 +95,8 @@ pub fn host(fleet: &FleetState, h: &HostRecord, only_app: Option<&str>) -> pb::H
         last_seen_unix_ms: fleet.last_seen(&h.name).unwrap_or(h.last_seen_unix_ms),
         agent_version: h.agent.version.clone(),
         agent_arch: h.agent.arch.clone(),
+        // Filled in by `certificates::fill_certificate_expiry` where the trust is at hand.
+        certificate_not_after_unix_ms: 0,
         apps: apps
             .into_iter()
             .filter(|app| only_app.is_none_or(|only| only == app))

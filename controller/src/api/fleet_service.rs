@@ -1,7 +1,7 @@
 //! `FleetService`: what fleetctl calls. Releases, rollouts and their live progress, rollback,
 //! and the read verbs (hosts, status, history, events).
 
-use super::{actor_of, convert, rollout_status, store_status};
+use super::{actor_of, certificates, convert, rollout_status, store_status};
 use crate::auth::{self, Role};
 use crate::fleet_state::FleetState;
 use crate::host_lifecycle::{self, Progress};
@@ -281,13 +281,13 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
         auth::require(&self.fleet, &request, Role::Deployer)?;
-        let hosts = self.fleet.host_records().map_err(store_status)?;
-        Ok(Response::new(pb::ListHostsResponse {
-            hosts: hosts
-                .iter()
-                .map(|h| convert::host(&self.fleet, h, None))
-                .collect(),
-        }))
+        let records = self.fleet.host_records().map_err(store_status)?;
+        let mut hosts: Vec<pb::Host> = records
+            .iter()
+            .map(|h| convert::host(&self.fleet, h, None))
+            .collect();
+        certificates::fill_certificate_expiry(&self.fleet, &self.trust, &mut hosts)?;
+        Ok(Response::new(pb::ListHostsResponse { hosts }))
     }
 
     async fn status(
@@ -303,11 +303,12 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             Some(app.as_str())
         };
         let hosts = self.fleet.host_records().map_err(store_status)?;
-        let hosts = hosts
+        let mut hosts: Vec<pb::Host> = hosts
             .iter()
             .map(|h| convert::host(&self.fleet, h, only_app))
             .filter(|h| only_app.is_none() || !h.apps.is_empty())
             .collect();
+        certificates::fill_certificate_expiry(&self.fleet, &self.trust, &mut hosts)?;
         let active_rollouts = self
             .fleet
             .rollouts(only_app)
@@ -625,9 +626,11 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 )))
             }
         };
+        let lifetime =
+            certificates::credential_lifetime(request.ttl_ms, self.trust.certificate_ttl)?;
         let authority = self.trust.authority();
         let issued = authority
-            .sign_request(&request.csr_pem, &request.name, role)
+            .sign_request(&request.csr_pem, &request.name, role, lifetime)
             .map_err(bad)?;
         self.fleet
             .record_certificate(crate::store::CertificateRecord {
@@ -648,11 +651,12 @@ impl pb::fleet_service_server::FleetService for FleetApi {
                 "",
                 "",
                 format!(
-                    "credential `{}` with role {} issued by {} (certificate {})",
+                    "credential `{}` with role {} issued by {} (certificate {}, valid {})",
                     request.name,
                     role.as_str(),
                     identity.name,
-                    issued.serial
+                    issued.serial,
+                    fleet_pki::lifetime::format_lifetime(lifetime),
                 ),
             )
             .await;
@@ -660,6 +664,13 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             certificate_pem: issued.cert_pem,
             ca_pem: authority.ca_pem().to_string(),
         }))
+    }
+
+    async fn renew_credential(
+        &self,
+        request: Request<pb::RenewCredentialRequest>,
+    ) -> Result<Response<pb::RenewCredentialResponse>, Status> {
+        certificates::renew_credential(&self.fleet, &self.trust, request).await
     }
 
     async fn rotate_ca(
@@ -688,23 +699,14 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             // The caller's own credential, from the new CA, so `--finish` does not lock it out.
             let mut certificate_pem = String::new();
             if !request.csr_pem.is_empty() {
-                let issued = self
-                    .trust
-                    .authority()
-                    .sign_request(&request.csr_pem, &identity.name, identity.role)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                self.fleet
-                    .record_certificate(crate::store::CertificateRecord {
-                        serial: issued.serial.clone(),
-                        name: identity.name.clone(),
-                        role: identity.role.as_str().to_string(),
-                        issued_unix_ms: fleet_proto::now_unix_ms(),
-                        not_after_unix_ms: issued.not_after_unix_ms,
-                        issued_by: format!("ca rotation, for {}", identity.serial),
-                        labels: None,
-                    })
-                    .await
-                    .map_err(store_status)?;
+                let issued = certificates::reissue_own(
+                    &self.fleet,
+                    &self.trust,
+                    &identity,
+                    &request.csr_pem,
+                    format!("ca rotation, for {}", identity.serial),
+                )
+                .await?;
                 certificate_pem = issued.cert_pem;
             }
             return Ok(Response::new(pb::RotateCaResponse {
@@ -771,14 +773,16 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::ListCredentialsRequest>,
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
         auth::require(&self.fleet, &request, Role::Admin)?;
-        let credentials = self
-            .fleet
-            .list_credentials()
-            .await
-            .map_err(store_status)?
+        let views = self.fleet.list_credentials().await.map_err(store_status)?;
+        let renewals = certificates::renewals(views.iter().map(|view| view.certificate.clone()));
+        let credentials = views
             .into_iter()
-            .map(|view| {
-                credential_to_pb(
+            .map(|view| pb::Credential {
+                renewed_by: renewals
+                    .get(&view.certificate.serial)
+                    .cloned()
+                    .unwrap_or_default(),
+                ..credential_to_pb(
                     &view.certificate,
                     view.last_used_unix_ms,
                     view.revoked_unix_ms,
@@ -1091,6 +1095,7 @@ fn credential_to_pb(
         last_used_unix_ms: last_used_unix_ms.unwrap_or(0),
         revoked_unix_ms: revoked_unix_ms.unwrap_or(0),
         issued_by: certificate.issued_by.clone(),
+        renewed_by: String::new(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! generated type or a `Status`.
 
 pub mod agent_service;
+pub mod certificates;
 pub mod convert;
 pub mod fleet_service;
 

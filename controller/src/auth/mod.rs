@@ -7,8 +7,8 @@
 //! | role | may call |
 //! | --- | --- |
 //! | `admin` | every FleetService call |
-//! | `deployer` | release create, rollout, rollback, rollout status/pause/resume/abort, and the read verbs (hosts, releases, status, history, events) |
-//! | `agent` | only `AgentService.Session` and `FetchArtifact`, and only for its own host |
+//! | `deployer` | release create, rollout, rollback, rollout status/pause/resume/abort, the read verbs (hosts, releases, status, history, events), and `RenewCredential` for its own credential |
+//! | `agent` | only `AgentService.Session`, `FetchArtifact` and `Renew`, and only for its own host |
 //!
 //! A certificate whose serial is on the revoked list (`Store::revoke_host`,
 //! `Store::revoke_credential`) is refused on every call, also on a connection opened before it

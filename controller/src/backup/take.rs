@@ -31,7 +31,7 @@ pub async fn take(
     let authority = fleet_pki::ca::Authority::load(&text("ca.pem"), &text("ca.key"))
         .map_err(|e| BackupError::Controller(format!("cannot load the fleet CA: {e}")))?;
     let credential = authority
-        .issue_client(BACKUP_IDENTITY, Role::Admin)
+        .issue_client(BACKUP_IDENTITY, Role::Admin, config.certificate_ttl)
         .map_err(|e| {
             BackupError::Controller(format!("cannot sign the backup's credential: {e}"))
         })?;
