@@ -34,6 +34,10 @@ fn logs_show_every_host_follow_new_lines_and_are_the_agents_alone() {
             "{host}'s start line in {all:#?}"
         );
     }
+    // Enough lines on h2 (each request is one).
+    for _ in 0..6 {
+        let _ = http::get_ok(&fleet.agent("h2").advertise, "/");
+    }
     let five = fleet
         .ctl(&["logs", "web", "--host", "h2", "--lines", "5"])
         .expect_code(0)
@@ -198,7 +202,9 @@ stop_timeout = "2s"
             let size = |path: &PathBuf| std::fs::metadata(path).map(|m| m.len()).ok();
             matches!((size(&log), size(&rotated)), (Some(now), Some(old))
                 if now <= MAX_LOG_BYTES && old <= MAX_LOG_BYTES
-                    && std::fs::read_to_string(&log).is_ok_and(|t| t.contains("done-writing")))
+                    && [&log, &rotated].iter().any(|path| {
+                        std::fs::read_to_string(path).is_ok_and(|t| t.contains("done-writing"))
+                    }))
         },
     );
     for path in [&log, &rotated] {
