@@ -79,7 +79,10 @@ pub fn rotate_if_needed(log: &Path) -> std::io::Result<bool> {
         std::io::copy(&mut from, &mut to)?;
     }
     std::fs::rename(&partial, &old)?;
-    std::fs::OpenOptions::new().write(true).open(log)?.set_len(0)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)?
+        .set_len(0)?;
     Ok(true)
 }
 

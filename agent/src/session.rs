@@ -435,12 +435,20 @@ impl LogTasks {
             let (tail, mut follower) = match read {
                 Ok((Some(tail), follower)) => (tail, follower),
                 Ok((None, _)) => {
-                    let why = format!("app {} has no log on this host (it never ran here)", request.app);
+                    let why = format!(
+                        "app {} has no log on this host (it never ran here)",
+                        request.app
+                    );
                     send(Vec::new(), true, why).await;
                     return;
                 }
                 Err(e) => {
-                    send(Vec::new(), true, format!("cannot read the log of app {}: {e}", request.app)).await;
+                    send(
+                        Vec::new(),
+                        true,
+                        format!("cannot read the log of app {}: {e}", request.app),
+                    )
+                    .await;
                     return;
                 }
             };

@@ -87,7 +87,11 @@ impl LogRelay {
     /// The session ended: its host's open requests end with it (their callers see the end).
     pub fn detach(&self, host: &str, session: u64) {
         let mut inner = self.inner();
-        if inner.sessions.get(host).is_some_and(|(id, _)| *id == session) {
+        if inner
+            .sessions
+            .get(host)
+            .is_some_and(|(id, _)| *id == session)
+        {
             inner.sessions.remove(host);
             inner.pending.retain(|_, pending| pending.host != host);
         }
@@ -185,7 +189,10 @@ mod tests {
         relay.deliver("h2", &request_id, chunk.clone());
         relay.deliver("h1", &request_id, chunk.clone());
         assert_eq!(stream.rx.recv().await.unwrap(), chunk);
-        assert!(stream.rx.try_recv().is_err(), "another host's answer is dropped");
+        assert!(
+            stream.rx.try_recv().is_err(),
+            "another host's answer is dropped"
+        );
         drop(stream);
         assert_eq!(
             commands.recv().await.unwrap(),
@@ -198,7 +205,10 @@ mod tests {
         assert!(stream.rx.recv().await.is_none(), "ended with its session");
         let mut stream = relay.open("h1", "web", 5, true).unwrap();
         relay.detach("h1", 1);
-        assert!(stream.rx.try_recv().is_err(), "an older session's end changes nothing");
+        assert!(
+            stream.rx.try_recv().is_err(),
+            "an older session's end changes nothing"
+        );
         relay.detach("h1", 2);
         assert!(stream.rx.recv().await.is_none(), "ended with its session");
     }

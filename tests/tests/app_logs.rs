@@ -59,7 +59,10 @@ fn logs_show_every_host_follow_new_lines_and_are_the_agents_alone() {
     let stdout = follow.stdout.take().unwrap();
     let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if lines_tx.send(line).is_err() {
                 return;
             }
@@ -71,12 +74,16 @@ fn logs_show_every_host_follow_new_lines_and_are_the_agents_alone() {
     assert!(!first.is_empty());
     let marker = "/marker-seen-by-follow";
     let _ = http::get_ok(&fleet.agent("h1").advertise, marker);
-    let seen = wait_for(Duration::from_secs(20), "the follow to show the request", || {
-        lines_rx
-            .recv_timeout(Duration::from_millis(200))
-            .ok()
-            .filter(|line| line.contains(marker))
-    });
+    let seen = wait_for(
+        Duration::from_secs(20),
+        "the follow to show the request",
+        || {
+            lines_rx
+                .recv_timeout(Duration::from_millis(200))
+                .ok()
+                .filter(|line| line.contains(marker))
+        },
+    );
     assert!(seen.contains("404"), "{seen}");
     let _ = follow.kill();
     let _ = follow.wait();
@@ -85,8 +92,14 @@ fn logs_show_every_host_follow_new_lines_and_are_the_agents_alone() {
     let log = fleet.agent("h1").data_dir.join("logs/web.log");
     let meta = std::fs::metadata(&log).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "{}", log.display());
-    let agent_uid = std::fs::metadata(&fleet.agent("h1").data_dir).unwrap().uid();
-    assert_eq!(meta.uid(), agent_uid, "owned by the agent's user, not the app's");
+    let agent_uid = std::fs::metadata(&fleet.agent("h1").data_dir)
+        .unwrap()
+        .uid();
+    assert_eq!(
+        meta.uid(),
+        agent_uid,
+        "owned by the agent's user, not the app's"
+    );
 
     // Bad input says what exists.
     let out = fleet.ctl(&["logs", "nope"]);
@@ -201,10 +214,10 @@ stop_timeout = "2s"
         || {
             let size = |path: &PathBuf| std::fs::metadata(path).map(|m| m.len()).ok();
             matches!((size(&log), size(&rotated)), (Some(now), Some(old))
-                if now <= MAX_LOG_BYTES && old <= MAX_LOG_BYTES
-                    && [&log, &rotated].iter().any(|path| {
-                        std::fs::read_to_string(path).is_ok_and(|t| t.contains("done-writing"))
-                    }))
+            if now <= MAX_LOG_BYTES && old <= MAX_LOG_BYTES
+                && [&log, &rotated].iter().any(|path| {
+                    std::fs::read_to_string(path).is_ok_and(|t| t.contains("done-writing"))
+                }))
         },
     );
     for path in [&log, &rotated] {

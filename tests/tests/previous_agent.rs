@@ -57,7 +57,11 @@ fn an_agent_one_release_behind_works_with_this_controller() {
     // lines from it after a deadline, and the current host's lines still come.
     let logs = fleet.ctl(&["logs", "web", "--lines", "2"]);
     assert_eq!(logs.code, 1, "{}", logs.stderr);
-    assert!(logs.stderr.contains("could not be read on old"), "{}", logs.stderr);
+    assert!(
+        logs.stderr.contains("could not be read on old"),
+        "{}",
+        logs.stderr
+    );
     let lines = logs.json_lines();
     assert!(
         lines.iter().any(|l| l["host"] == "old"

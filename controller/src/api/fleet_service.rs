@@ -1001,7 +1001,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        super::logs::logs(self, request).await
+        super::logs::logs(&self.fleet, &self.logs, &self.shutdown, request).await
     }
 
     type ExportStoreStream = ReceiverStream<Result<pb::StoreDumpChunk, Status>>;

@@ -4,11 +4,13 @@
 //! within [`ANSWER_TIMEOUT`], and a follow ends when the client goes away (the agents are told
 //! to stop) or the controller shuts down.
 
-use super::fleet_service::FleetApi;
 use super::store_status;
 use crate::auth::{self, Role};
+use crate::fleet_state::FleetState;
+use crate::log_relay::LogRelay;
 use fleet_proto::{names, pb};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -30,11 +32,14 @@ fn line_error(host: &str, error: String) -> Result<pb::LogLine, Status> {
     })
 }
 
+/// The `Logs` call (`shutdown` turns true when the controller stops: follows end then).
 pub async fn logs(
-    api: &FleetApi,
+    fleet: &FleetState,
+    relay: &Arc<LogRelay>,
+    shutdown: &watch::Receiver<bool>,
     request: Request<pb::LogsRequest>,
 ) -> Result<Response<LogsStream>, Status> {
-    auth::require(&api.fleet, &request, Role::Deployer)?;
+    auth::require(fleet, &request, Role::Deployer)?;
     let request = request.into_inner();
     let app = request.app;
     names::check_app(&app).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -49,12 +54,12 @@ pub async fn logs(
     } else {
         request.lines
     };
-    let hosts = api.fleet.host_records().map_err(store_status)?;
+    let hosts = fleet.host_records().map_err(store_status)?;
     let runs_app = |host: &crate::model::HostRecord| {
-        host.desired.contains_key(&app) || api.fleet.instance(&host.name, &app).is_some()
+        host.desired.contains_key(&app) || fleet.instance(&host.name, &app).is_some()
     };
-    let known_app = !api.fleet.releases(&app).map_err(store_status)?.is_empty()
-        || hosts.iter().any(runs_app);
+    let known_app =
+        !fleet.releases(&app).map_err(store_status)?.is_empty() || hosts.iter().any(runs_app);
     if !known_app {
         return Err(Status::not_found(format!(
             "no app named {}: `fleetctl status` lists the apps the fleet runs, `fleetctl releases APP` the releases of one",
@@ -93,7 +98,7 @@ pub async fn logs(
     let (tx, rx) = mpsc::channel(256);
     for host in targets {
         let tx = tx.clone();
-        let Some(mut stream) = api.logs.open(&host, &app, lines, request.follow) else {
+        let Some(mut stream) = relay.open(&host, &app, lines, request.follow) else {
             let _ = tx
                 .send(line_error(
                     &host,
@@ -102,7 +107,7 @@ pub async fn logs(
                 .await;
             continue;
         };
-        let mut shutdown = api.shutdown.clone();
+        let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut answered = false;
             loop {
