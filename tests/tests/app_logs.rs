@@ -1,6 +1,7 @@
 //! User story: an operator reads an app's log without SSH. `fleetctl logs web` shows what the
 //! example app printed on every host, `--host h2 --lines 5` five lines of h2, and `--follow` a
-//! line the app prints after the call started; the log file is the agent's alone (0600) and
+//! line the app prints after the call started; an instance adopted by a restarted agent keeps
+//! logging; the log file is the agent's alone (0600) and
 //! stays bounded when the app writes more than the bound; a deployer may read logs, an agent's
 //! certificate may not. A broken release's rollout and `history` show the smoke check's answer
 //! and the app's last log lines on the failed host.
@@ -17,7 +18,7 @@ const MAX_LOG_BYTES: u64 = 1 << 20;
 
 #[test]
 fn logs_show_every_host_follow_new_lines_and_are_the_agents_alone() {
-    let fleet = Fleet::start(2);
+    let mut fleet = Fleet::start(2);
     fleet.create_web_releases(&["1.0.0"]);
     fleet.ctl_ok(&["rollout", "web", "1.0.0", "--batch", "2"]);
     fleet.wait_all_serve("1.0.0", Duration::from_secs(15));
@@ -87,6 +88,25 @@ fn logs_show_every_host_follow_new_lines_and_are_the_agents_alone() {
     assert!(seen.contains("404"), "{seen}");
     let _ = follow.kill();
     let _ = follow.wait();
+
+    // An instance adopted after the agent's restart keeps logging (it holds its own descriptor
+    // of the file), and the restarted agent serves its lines.
+    let pid = fleet.web_pid("h1").expect("a pid");
+    fleet.restart_agent("h1");
+    fleet.wait_hosts_ready(2);
+    assert_eq!(fleet.web_pid("h1"), Some(pid), "adopted, not restarted");
+    let marker = "/marker-after-agent-restart";
+    let _ = http::get_ok(&fleet.agent("h1").advertise, marker);
+    let after = fleet
+        .ctl(&["logs", "web", "--host", "h1", "--lines", "20"])
+        .expect_code(0)
+        .json_lines();
+    assert!(
+        after
+            .iter()
+            .any(|l| l["line"].as_str().unwrap().contains(marker)),
+        "{after:#?}"
+    );
 
     // The agent's alone.
     let log = fleet.agent("h1").data_dir.join("logs/web.log");
