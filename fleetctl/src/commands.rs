@@ -742,7 +742,9 @@ pub fn render_rollout(rollout: &pb::Rollout, now: i64) -> String {
                     "failed" | "rolled_back" | "skipped"
                 )
             {
-                text.push_str(&format!("    {}: {}\n", wave_host.host, wave_host.message));
+                // A failed check's message carries the app's last log lines, one per line.
+                let message = wave_host.message.replace('\n', "\n      ");
+                text.push_str(&format!("    {}: {message}\n", wave_host.host));
             }
         }
     }
