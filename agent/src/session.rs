@@ -459,10 +459,12 @@ impl LogTasks {
                     return;
                 }
             }
+            // An empty log still gets an answer: the controller takes silence for an agent
+            // too old to know log requests.
+            if tail.is_empty() && !send(Vec::new(), !request.follow, String::new()).await {
+                return;
+            }
             if !request.follow {
-                if tail.is_empty() {
-                    send(Vec::new(), true, String::new()).await;
-                }
                 return;
             }
             // Until cancelled (the task is aborted) or the session ends.
