@@ -442,6 +442,66 @@ pub struct EventRecord {
     pub message: String,
 }
 
+/// Every event kind the controller records: what `events` globs must match at least one of.
+pub const EVENT_KINDS: &[&str] = &[
+    "ca.rotation_finished",
+    "ca.rotation_started",
+    "credential.issued",
+    "credential.learned",
+    "credential.revoked",
+    "host.certificate_renewed",
+    "host.connected",
+    "host.converging",
+    "host.disconnected",
+    "host.drained",
+    "host.draining",
+    "host.joined",
+    "host.labeled",
+    "host.labels_ignored",
+    "host.lost",
+    "host.ready",
+    "host.registered",
+    "host.removed",
+    "host.undrained",
+    "instance.crashed",
+    "instance.failed",
+    "join_token.created",
+    "release.created",
+    "release.pruned",
+    "rollback.started",
+    "rollout.aborted",
+    "rollout.failed",
+    "rollout.halted",
+    "rollout.paused",
+    "rollout.recovered",
+    "rollout.resumed",
+    "rollout.rolled_back",
+    "rollout.started",
+    "rollout.succeeded",
+    "store.exported",
+    "webhook.failed",
+];
+
+/// Whether `text` matches `glob`, where `*` matches any run of characters (none too).
+pub fn glob_matches(glob: &str, text: &str) -> bool {
+    let parts: Vec<&str> = glob.split('*').collect();
+    if parts.len() == 1 {
+        return glob == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

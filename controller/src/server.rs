@@ -1,7 +1,8 @@
 //! Runs the controller: opens the store and the artifact store, picks up rollouts a previous
 //! process left under way, serves both gRPC services, and shuts down on one path: the
 //! shutdown future resolves, sessions and follow streams are told, in-flight calls get a
-//! grace period, and a warning says when it ran out.
+//! grace period, and a warning says when it ran out. The operators' HTTP listener and the
+//! webhooks (`http`) start before rollouts are recovered and stop on the same path.
 
 use crate::api::agent_service::AgentApi;
 use crate::api::fleet_service::FleetApi;
@@ -75,6 +76,17 @@ pub async fn run(
     let addr = listener.local_addr()?;
     write_addr_file(&config.addr_file, &addr.to_string())?;
     tracing::info!("listening on {addr}");
+
+    // Metrics, health, the status page and webhooks; before recovery, to see its events.
+    let ops = crate::http::start(
+        config.http,
+        &config.http_addr_file,
+        &config.webhooks,
+        &fleet,
+        &rollouts,
+        stop_rx.clone(),
+    )
+    .await?;
 
     let recovered = rollout::recover(&fleet, &rollouts).await?;
     let converger = tokio::spawn(crate::converge::run(
@@ -192,6 +204,12 @@ pub async fn run(
     if tokio::time::timeout_at(deadline, converger).await.is_err() {
         tracing::warn!("the converger did not stop within {SHUTDOWN_GRACE:?}");
     }
+    for task in ops.tasks {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            tracing::warn!("the HTTP listener or a webhook did not stop within {SHUTDOWN_GRACE:?}");
+            break;
+        }
+    }
     match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(result) => result??,
         Err(_) => tracing::warn!(
@@ -200,6 +218,9 @@ pub async fn run(
     }
     tracing::info!("stopped");
     let _ = std::fs::remove_file(&config.addr_file);
+    if ops.http_addr.is_some() {
+        let _ = std::fs::remove_file(&config.http_addr_file);
+    }
     Ok(())
 }
 

@@ -19,11 +19,13 @@
 #![forbid(unsafe_code)]
 
 pub mod bins;
+pub mod cgroup;
 pub mod faults;
 pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod net;
+pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod sshd;
