@@ -6,7 +6,7 @@
 //! files, which the app can read but not change, so a start costs the same for any release
 //! size; for an agent that is not root, a copy. The command runs in that directory, as the
 //! app's user, in its own process group (its pid is the group id), with stdin closed and
-//! stdout and stderr appended to `DATA/logs/<app>.log`. A relative `command[0]` is resolved
+//! stdout and stderr appended to `DATA/logs/<app>.log` (0600, rotated: [`crate::app_log`]). A relative `command[0]` is resolved
 //! inside the instance directory (a bare name that is not there is looked up on `PATH`), and
 //! `${VAR}` in the arguments is replaced from the instance environment.
 //!
@@ -334,11 +334,9 @@ impl Instance {
             path: log_path.clone(),
             source,
         };
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(log_error)?;
+        // Opened for the child itself (no pipe through the agent), so an instance adopted after
+        // the agent's restart keeps logging; see `crate::app_log` for the bounds.
+        let mut log = crate::app_log::open_append(&log_path).map_err(log_error)?;
         writeln!(
             log,
             "--- fleet-agent: starting {} {} at unix_ms {} ---",

@@ -16,6 +16,7 @@
 //! - [`releases`]: unpacking into immutable release directories and pruning old ones.
 //! - [`supervisor`]: one task per app running the instance lifecycle state machine.
 //! - [`instance`]: start from origin state, process groups, graceful stop.
+//! - [`app_log`]: the apps' logs (stdout and stderr), rotated and bounded, tailed and followed.
 //! - [`app_user`]: who an app runs as (never root), and its lasting directory.
 //! - [`smoke`]: http, tcp and exec smoke checks.
 //! - [`state`]: `state.json`, what survives the agent's own restart.
@@ -27,6 +28,7 @@
 //! domain types. The agent never writes outside its data directory.
 #![forbid(unsafe_code)]
 
+pub mod app_log;
 pub mod app_user;
 pub mod config;
 pub mod direct_io;
@@ -184,6 +186,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         channels,
     };
     let renew_task = tokio::spawn(renewer.run(renew_advice_rx, stop_session_rx.clone()));
+    let rotate_task = tokio::spawn(app_log::keep_rotated(
+        layout.logs_dir(),
+        stop_session_rx.clone(),
+    ));
     let mut session_task = tokio::spawn(session::run_session(
         session::SessionConfig::from_config(&config),
         channel,
@@ -247,6 +253,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!("the controller session did not close in time");
     }
     let _ = tokio::time::timeout(SESSION_GRACE, renew_task).await;
+    let _ = tokio::time::timeout(SESSION_GRACE, rotate_task).await;
     drop(supervisor_tx);
     let _ = supervisor_task.await;
     tracing::info!("stopped");

@@ -44,6 +44,8 @@ pub struct SessionConfig {
     pub host_name: String,
     pub labels: BTreeMap<String, String>,
     pub advertise: String,
+    /// Where the apps' logs are (`crate::app_log`), for the controller's log requests.
+    pub logs_dir: std::path::PathBuf,
 }
 
 impl SessionConfig {
@@ -52,6 +54,9 @@ impl SessionConfig {
             host_name: config.host_name.clone(),
             labels: config.labels.clone(),
             advertise: config.advertise.to_string(),
+            logs_dir: std::path::absolute(&config.data_dir)
+                .map(|dir| crate::model::DataLayout::new(&dir).logs_dir())
+                .unwrap_or_else(|_| crate::model::DataLayout::new(&config.data_dir).logs_dir()),
         }
     }
 }
@@ -297,6 +302,8 @@ async fn session_once(
         Ok(Err(status)) => return ended_by(false, &status),
         Ok(Ok(response)) => response.into_inner(),
     };
+    // Aborted when the session ends: a follow never outlives the session that asked for it.
+    let mut log_tasks = LogTasks::default();
     let mut welcomed = false;
     let mut period = DEFAULT_HEARTBEAT;
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -342,6 +349,14 @@ async fn session_once(
                             let _ = renew_advice.send(renew.reason);
                             None
                         }
+                        Some(pb::controller_message::Body::LogRequest(request)) => {
+                            log_tasks.start(&config.logs_dir, request, out_tx.clone());
+                            None
+                        }
+                        Some(pb::controller_message::Body::LogCancel(cancel)) => {
+                            log_tasks.cancel(&cancel.request_id);
+                            None
+                        }
                         None => None,
                     },
                     Ok(None) => return lost(welcomed, "the controller closed the session".into()),
@@ -361,6 +376,129 @@ async fn session_once(
                 Ok(Err(_)) => return lost(welcomed, "the session's send side closed".into()),
                 Err(_) => return lost(welcomed, "the controller stopped taking messages".into()),
             }
+        }
+    }
+}
+
+/// The log requests being answered on one session, by request id.
+#[derive(Default)]
+struct LogTasks(std::collections::HashMap<String, tokio::task::AbortHandle>);
+
+/// How often a follow looks for new lines.
+const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+/// At most this many lines go in one `LogLines` message.
+const LINES_PER_MESSAGE: usize = 500;
+
+impl LogTasks {
+    fn start(
+        &mut self,
+        logs_dir: &std::path::Path,
+        request: pb::LogRequest,
+        out: mpsc::Sender<pb::AgentMessage>,
+    ) {
+        self.0.retain(|_, task| !task.is_finished());
+        // The app name is checked here, at the edge: it becomes a file name.
+        let log = fleet_proto::names::check_app(&request.app)
+            .map(|()| logs_dir.join(format!("{}.log", request.app)));
+        let id = request.request_id.clone();
+        let task = tokio::spawn(async move {
+            let send = |lines: Vec<String>, done: bool, error: String| {
+                let out = out.clone();
+                let request_id = request.request_id.clone();
+                async move {
+                    out.send(pb::AgentMessage {
+                        body: Some(pb::agent_message::Body::LogLines(pb::LogLines {
+                            request_id,
+                            lines,
+                            done,
+                            error,
+                        })),
+                    })
+                    .await
+                    .is_ok()
+                }
+            };
+            let log = match log {
+                Ok(log) => log,
+                Err(e) => {
+                    send(Vec::new(), true, e.to_string()).await;
+                    return;
+                }
+            };
+            let (path, lines) = (log.clone(), request.lines);
+            let read = tokio::task::spawn_blocking(move || {
+                let follower = crate::app_log::Follower::from_end(&path);
+                crate::app_log::tail(&path, lines).map(|tail| (tail, follower))
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let (tail, mut follower) = match read {
+                Ok((Some(tail), follower)) => (tail, follower),
+                Ok((None, _)) => {
+                    let why = format!(
+                        "app {} has no log on this host (it never ran here)",
+                        request.app
+                    );
+                    send(Vec::new(), true, why).await;
+                    return;
+                }
+                Err(e) => {
+                    send(
+                        Vec::new(),
+                        true,
+                        format!("cannot read the log of app {}: {e}", request.app),
+                    )
+                    .await;
+                    return;
+                }
+            };
+            let mut chunks = tail.chunks(LINES_PER_MESSAGE).peekable();
+            while let Some(chunk) = chunks.next() {
+                let last = chunks.peek().is_none() && !request.follow;
+                if !send(chunk.to_vec(), last, String::new()).await {
+                    return;
+                }
+            }
+            // An empty log still gets an answer: the controller takes silence for an agent
+            // too old to know log requests.
+            if tail.is_empty() && !send(Vec::new(), !request.follow, String::new()).await {
+                return;
+            }
+            if !request.follow {
+                return;
+            }
+            // Until cancelled (the task is aborted) or the session ends.
+            loop {
+                tokio::time::sleep(FOLLOW_EVERY).await;
+                let polled = tokio::task::spawn_blocking(move || {
+                    let lines = follower.poll();
+                    (follower, lines)
+                })
+                .await;
+                let Ok((back, lines)) = polled else { return };
+                follower = back;
+                let lines = lines.unwrap_or_default();
+                for chunk in lines.chunks(LINES_PER_MESSAGE) {
+                    if !send(chunk.to_vec(), false, String::new()).await {
+                        return;
+                    }
+                }
+            }
+        });
+        self.0.insert(id, task.abort_handle());
+    }
+
+    fn cancel(&mut self, request_id: &str) {
+        if let Some(task) = self.0.remove(request_id) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for LogTasks {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
         }
     }
 }

@@ -186,13 +186,50 @@ async fn http_get(url: &str, expect_status: u16) -> Result<(), String> {
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("bad request: {e}"))?;
     let result = sender.send_request(request).await;
-    driver.abort();
-    let response = result.map_err(|e| format!("request failed: {e}"))?;
+    let response = match result {
+        Ok(response) => response,
+        Err(e) => {
+            driver.abort();
+            return Err(format!("request failed: {e}"));
+        }
+    };
     let status = response.status().as_u16();
     if status == expect_status {
-        Ok(())
+        driver.abort();
+        return Ok(());
+    }
+    // The first bytes of the body say why, more often than not (bounded in bytes and time).
+    let mut body = response.into_body();
+    let mut first = Vec::new();
+    let read = async {
+        use http_body_util::BodyExt;
+        while first.len() < MAX_QUOTED_OUTPUT {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        first.extend_from_slice(&data);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+    driver.abort();
+    let mut text = String::from_utf8_lossy(&first[..first.len().min(MAX_QUOTED_OUTPUT)])
+        .trim()
+        .to_string();
+    if first.len() > MAX_QUOTED_OUTPUT {
+        text.push('…');
+    }
+    if text.is_empty() {
+        Err(format!(
+            "answered {status}, expected {expect_status} (empty body)"
+        ))
     } else {
-        Err(format!("answered {status}, expected {expect_status}"))
+        Err(format!(
+            "answered {status}, expected {expect_status}: {text:?}"
+        ))
     }
 }
 

@@ -441,6 +441,38 @@ impl AppTask {
         });
     }
 
+    /// A failed check's message with the last lines of the app's log on this host (bounded:
+    /// [`crate::app_log::FAILED_REPORT_LINES`] lines of at most 200 bytes), for the rollout's
+    /// output and `history`.
+    async fn with_log_tail(&self, message: String) -> String {
+        let log = self.context.layout.log_file(&self.app);
+        let tail = tokio::task::spawn_blocking(move || {
+            crate::app_log::tail(&log, crate::app_log::FAILED_REPORT_LINES)
+        })
+        .await;
+        let Ok(Ok(Some(lines))) = tail else {
+            return message;
+        };
+        let lines: Vec<String> = lines
+            .iter()
+            .map(|line| {
+                let mut end = line.len().min(200);
+                while !line.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let cut = if end < line.len() { "…" } else { "" };
+                format!("  | {}{cut}", &line[..end])
+            })
+            .collect();
+        if lines.is_empty() {
+            return message;
+        }
+        format!(
+            "{message}\nthe app's last log lines on this host:\n{}",
+            lines.join("\n")
+        )
+    }
+
     fn record_instance(&self, saved: Option<crate::state::SavedInstance>) {
         if let Err(e) = self.context.store.set_instance(&self.app, saved) {
             tracing::error!(app = %self.app, "{e}");
@@ -795,7 +827,7 @@ impl AppTask {
             Ok(Err(message)) => {
                 instance.stop().await;
                 self.record_instance(None);
-                Started::Failed(message)
+                Started::Failed(self.with_log_tail(message).await)
             }
             Err(command) => {
                 let outcome = instance.stop().await;

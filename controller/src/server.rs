@@ -98,8 +98,10 @@ pub async fn run(
         tracing::info!("picked up {recovered} rollout(s) left under way");
     }
 
+    let logs = Arc::new(crate::log_relay::LogRelay::default());
     let agent_api = AgentApi {
         fleet: fleet.clone(),
+        logs: logs.clone(),
         trust: trust.clone(),
         shutdown: stop_rx.clone(),
         joins: Arc::new(tokio::sync::Semaphore::new(
@@ -108,6 +110,7 @@ pub async fn run(
     };
     let fleet_api = FleetApi {
         fleet: fleet.clone(),
+        logs,
         trust: trust.clone(),
         rollouts: rollouts.clone(),
         shutdown: stop_rx.clone(),

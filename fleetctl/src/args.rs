@@ -101,6 +101,25 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         limit: u32,
     },
+    /// The last lines of an app's log (stdout and stderr) on each host that runs it, kept by
+    /// the agents and relayed by the controller: no SSH needed
+    #[command(
+        after_help = "Examples:\n  fleetctl logs web\n  fleetctl logs web --host web-2 --lines 50\n  fleetctl logs web --follow"
+    )]
+    Logs {
+        /// The app whose log to show
+        #[arg(value_parser = parse_app)]
+        app: String,
+        /// Only this host (its lines are then not prefixed with its name)
+        #[arg(long, value_parser = parse_host)]
+        host: Option<String>,
+        /// How many of the last lines, per host (at most 10000)
+        #[arg(long, short = 'n', default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        lines: u32,
+        /// Keep printing new lines as the app writes them (Ctrl-C stops)
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// Roll a release out wave by wave, or act on a running rollout
     #[command(
         after_help = "Examples:\n  fleetctl rollout web 1.4.2 --selector env=prod --canary 1 --batch 25%\n  fleetctl rollout web 1.4.2 --pause-after-canary 10m --detach\n  fleetctl rollout status r7"

@@ -744,7 +744,9 @@ pub fn render_rollout(rollout: &pb::Rollout, now: i64) -> String {
                     "failed" | "rolled_back" | "skipped"
                 )
             {
-                text.push_str(&format!("    {}: {}\n", wave_host.host, wave_host.message));
+                // A failed check's message carries the app's last log lines, one per line.
+                let message = wave_host.message.replace('\n', "\n      ");
+                text.push_str(&format!("    {}: {message}\n", wave_host.host));
             }
         }
     }
@@ -773,6 +775,54 @@ pub async fn events(ctx: &Context, follow: bool, limit: u32) -> Result<(), CliEr
         println!("no events yet");
     }
     Ok(())
+}
+
+/// `fleetctl logs`: the app's last lines on each host (prefixed with the host's name unless
+/// one host was asked for), then, with `--follow`, new lines until Ctrl-C. A host whose log
+/// cannot be read is said on stderr, and the exit status is then 1.
+pub async fn logs(
+    ctx: &Context,
+    app: &str,
+    host: Option<String>,
+    lines: u32,
+    follow: bool,
+) -> Result<(), CliError> {
+    let one_host = host.is_some();
+    let mut stream = ctx
+        .client()
+        .logs(pb::LogsRequest {
+            app: app.to_string(),
+            host: host.unwrap_or_default(),
+            lines,
+            follow,
+        })
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    let mut failed_hosts = Vec::new();
+    while let Some(line) = stream.next().await {
+        let line = line.map_err(|status| ctx.error(status))?;
+        if ctx.json() {
+            output::print_json_line(&line);
+        } else if !line.error.is_empty() {
+            eprintln!("{}: {}", line.host, line.error);
+        } else if one_host {
+            println!("{}", line.line);
+        } else {
+            println!("{}: {}", line.host, line.line);
+        }
+        if !line.error.is_empty() {
+            failed_hosts.push(line.host);
+        }
+    }
+    if failed_hosts.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "the log of app {app} could not be read on {}",
+            failed_hosts.join(", ")
+        )))
+    }
 }
 
 /// One event as a line: time, kind, app and host, message, who.

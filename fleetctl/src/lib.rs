@@ -143,6 +143,12 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         }
         Command::History { app, limit } => commands::history(&ctx, &app, limit).await?,
         Command::Events { follow, limit } => commands::events(&ctx, follow, limit).await?,
+        Command::Logs {
+            app,
+            host,
+            lines,
+            follow,
+        } => commands::logs(&ctx, &app, host, lines, follow).await?,
         Command::Rollout(rollout_args) => {
             if let Some(action) = rollout_args.action {
                 let (kind, rollout_id) = match action {

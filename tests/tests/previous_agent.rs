@@ -2,7 +2,8 @@
 //! (the commit in `compat/previous-agent.rev`, built by `scripts/build-previous-agent.sh`, which
 //! `scripts/test.sh` runs) joins the new controller beside a current one, takes rollouts and a
 //! rollback, is drained and undrained like any host, and shows in `hosts` without the fields it
-//! does not send. The rule: the controller accepts agents one version behind it.
+//! does not send; a log request (newer than it) neither breaks its session nor gets lines from
+//! it. The rule: the controller accepts agents one version behind it.
 
 use fleet_tests::fleet::Fleet;
 use std::path::Path;
@@ -51,4 +52,29 @@ fn an_agent_one_release_behind_works_with_this_controller() {
     };
     assert_eq!(host("old")["agent_arch"], "", "{hosts:#}");
     assert_eq!(host("h1")["agent_arch"], std::env::consts::ARCH);
+
+    // It does not know log requests: its session survives one, `logs` says why it has no
+    // lines from it after a deadline, and the current host's lines still come.
+    let logs = fleet.ctl(&["logs", "web", "--lines", "2"]);
+    assert_eq!(logs.code, 1, "{}", logs.stderr);
+    assert!(
+        logs.stderr.contains("could not be read on old"),
+        "{}",
+        logs.stderr
+    );
+    let lines = logs.json_lines();
+    assert!(
+        lines.iter().any(|l| l["host"] == "old"
+            && l["error"]
+                .as_str()
+                .unwrap()
+                .contains("the agent of host old did not answer")),
+        "{}",
+        logs.stdout
+    );
+    assert!(lines.iter().any(|l| l["host"] == "h1"), "{}", logs.stdout);
+    fleet.ctl(&["drain", "old"]).expect_code(0);
+    fleet_tests::wait_until(Duration::from_secs(15), "old to stop web again", || {
+        fleet.web_get("old", "/").is_none()
+    });
 }

@@ -155,6 +155,8 @@ fn serve_connection(stream: TcpStream, state: &AppState) -> std::io::Result<()> 
         return respond(&stream, 405, "only GET is served\n");
     }
     let (status, body) = route(path, state);
+    // One line per request on stderr, as a web server's access log (`fleetctl logs web`).
+    eprintln!("fleet-example-web: GET {path} {status}");
     respond(&stream, status, &body)
 }
 

@@ -8,6 +8,7 @@ use super::{convert, store_status};
 use crate::auth::{self, Role};
 use crate::ca_trust::{self, Trust, TrustEvent};
 use crate::fleet_state::{FleetState, HostHello};
+use crate::log_relay::{LogChunk, LogCommand};
 use crate::model::AgentInfo;
 use crate::store::{CertificateRecord, TokenUse};
 use fleet_proto::pb::{
@@ -31,6 +32,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AgentApi {
     pub fleet: Arc<FleetState>,
+    /// Log requests go down the sessions, and their answers come back through it.
+    pub logs: Arc<crate::log_relay::LogRelay>,
     /// The fleet CA, which signs the certificates of joining and renewing hosts.
     pub trust: Arc<Trust>,
     /// Turns true when the controller shuts down, ending every session.
@@ -151,6 +154,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let mut trust_changes = self.trust.changes();
         let mut trust_event = Some(TrustEvent::Connected);
         let fleet = self.fleet.clone();
+        let logs = self.logs.clone();
+        let mut log_commands = logs.attach(&host, session.id);
         let mut shutdown = self.shutdown.clone();
         // Three missed heartbeats end the session.
         let silence = Duration::from_millis(self.fleet.heartbeat_interval_ms * 3);
@@ -225,6 +230,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             }
                             fleet.host_heartbeat(&host, session.id);
                         }
+                        Ok(Ok(Some(pb::AgentMessage { body: Some(AgentBody::LogLines(answer)) }))) => {
+                            let error = (!answer.error.is_empty()).then_some(answer.error);
+                            let chunk = LogChunk { lines: answer.lines, done: answer.done || error.is_some(), error };
+                            logs.deliver(&host, &answer.request_id, chunk);
+                        }
                         Ok(Ok(Some(_))) => tracing::warn!("host {host} sent an unexpected message"),
                         Ok(Ok(None)) => break,
                         Ok(Err(e)) => {
@@ -240,9 +250,23 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         Ok(()) => trust_event = Some(trust_changes.borrow_and_update().1),
                         Err(_) => break,
                     },
+                    Some(command) = log_commands.recv() => {
+                        let body = match command {
+                            LogCommand::Request { request_id, app, lines, follow } => {
+                                ControllerBody::LogRequest(pb::LogRequest { request_id, app, lines, follow })
+                            }
+                            LogCommand::Cancel { request_id } => {
+                                ControllerBody::LogCancel(pb::LogCancel { request_id })
+                            }
+                        };
+                        if tx.send(Ok(pb::ControllerMessage { body: Some(body) })).await.is_err() {
+                            break;
+                        }
+                    }
                     _ = shutdown.changed() => break,
                 }
             }
+            logs.detach(&host, session.id);
             fleet.host_disconnected(&host, session.id).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))

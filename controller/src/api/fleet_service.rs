@@ -22,6 +22,8 @@ const DEFAULT_BATCH: Batch = Batch::Percent(25);
 
 pub struct FleetApi {
     pub fleet: Arc<FleetState>,
+    /// App logs, relayed from the agents (`Logs`).
+    pub logs: Arc<crate::log_relay::LogRelay>,
     /// The fleet CA, which signs credentials (`IssueCredential`).
     pub trust: Arc<crate::ca_trust::Trust>,
     pub rollouts: Arc<Rollouts>,
@@ -1002,6 +1004,15 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .await
             .map_err(store_status)?;
         Ok(Response::new(pb::RemoveHostResponse { host: last }))
+    }
+
+    type LogsStream = super::logs::LogsStream;
+
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        super::logs::logs(&self.fleet, &self.logs, &self.shutdown, request).await
     }
 
     type ExportStoreStream = ReceiverStream<Result<pb::StoreDumpChunk, Status>>;

@@ -6,6 +6,7 @@ pub mod agent_service;
 pub mod certificates;
 pub mod convert;
 pub mod fleet_service;
+pub mod logs;
 
 pub use crate::status::{rollout_status, store_status};
 

@@ -73,7 +73,9 @@ pub fn settle_wave(record: &mut RolloutRecord, idx: usize, now_unix_ms: i64) -> 
                 .iter()
                 .flat_map(|w| &w.hosts)
                 .filter(|h| h.result == HostResult::Failed)
-                .map(|h| format!("{}: {}", h.host, h.message))
+                // The first line: a failed check's report goes on with the app's last log
+                // lines, which the host's own row keeps.
+                .map(|h| format!("{}: {}", h.host, h.message.lines().next().unwrap_or("")))
                 .collect::<Vec<_>>()
                 .join("; ");
             record.waves[idx].state = WaveState::Failed;
