@@ -21,6 +21,7 @@ pub mod host_lifecycle;
 pub mod model;
 pub mod planner;
 pub mod prune;
+pub mod reconnects;
 pub mod releases;
 pub mod rollout;
 pub mod server;
