@@ -278,12 +278,22 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
         auth::require(&self.fleet, &request, Role::Deployer)?;
+        let request = request.into_inner();
+        if !request.after.is_empty() {
+            fleet_proto::names::check_host(&request.after).map_err(|e| {
+                Status::invalid_argument(format!("--after: {e} (pass the name a page ended on)"))
+            })?;
+        }
         let hosts = self.fleet.host_records().map_err(store_status)?;
+        let total = hosts.len() as u32;
+        let (page, next_after) = convert::page(&hosts, request.limit, &request.after);
         Ok(Response::new(pb::ListHostsResponse {
-            hosts: hosts
+            hosts: page
                 .iter()
                 .map(|h| convert::host(&self.fleet, h, None))
                 .collect(),
+            next_after,
+            total,
         }))
     }
 
@@ -292,7 +302,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         auth::require(&self.fleet, &request, Role::Deployer)?;
-        let app = request.into_inner().app;
+        let pb::StatusRequest { app, all_hosts } = request.into_inner();
         let only_app = if app.is_empty() {
             None
         } else {
@@ -300,11 +310,19 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             Some(app.as_str())
         };
         let hosts = self.fleet.host_records().map_err(store_status)?;
-        let hosts = hosts
+        let mut hosts: Vec<pb::Host> = hosts
             .iter()
             .map(|h| convert::host(&self.fleet, h, only_app))
             .filter(|h| only_app.is_none() || !h.apps.is_empty())
             .collect();
+        let summary = convert::summary(&hosts);
+        // A large fleet's status is its summary: listing every host would make an answer of
+        // megabytes (past gRPC's 4 MiB message limit near 20,000 hosts) that no one reads.
+        let hosts_omitted = if !all_hosts && hosts.len() > convert::STATUS_LISTS_HOSTS_UP_TO {
+            std::mem::take(&mut hosts).len() as u32
+        } else {
+            0
+        };
         let active_rollouts = self
             .fleet
             .rollouts(only_app)
@@ -322,6 +340,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             hosts,
             active_rollouts,
             deployments,
+            hosts_omitted,
+            summary: Some(summary),
         }))
     }
 
