@@ -143,6 +143,9 @@ impl Rollouts {
     }
 }
 
+/// How often a wave under way writes its hosts' results (its end is written at once).
+const SAVE_DURING_WAVE: Duration = Duration::from_secs(1);
+
 /// Starts a rollout; returns its record and a receiver of its progress.
 pub async fn start(
     fleet: &Arc<FleetState>,
@@ -1022,17 +1025,26 @@ impl Executor {
     async fn wait_wave(&mut self, idx: usize, deadline: Instant) -> WaitEnd {
         let mut changes = self.fleet.changes();
         let deadline = tokio::time::Instant::from_std(deadline);
+        // Hosts' results are written at most every SAVE_DURING_WAVE (the whole record, every
+        // host of every wave, is one store value: a write per report made a 10,000-host
+        // rollout rewrite it 10,000 times); the wave's end is written when it settles.
+        let mut saved_at: Option<tokio::time::Instant> = None;
+        let mut unsaved = false;
         loop {
             changes.borrow_and_update();
             let observed = self.observe_wave(idx);
             let progress = step::observe_wave(&mut self.record, idx, &observed);
-            if !progress.lines.is_empty() {
+            unsaved |= !progress.lines.is_empty();
+            let save_due = saved_at.map_or(tokio::time::Instant::now(), |at| at + SAVE_DURING_WAVE);
+            if unsaved && !progress.done && tokio::time::Instant::now() >= save_due {
                 if let Err(e) = self.save().await {
                     tracing::error!("cannot save rollout {}: {e}", self.record.id);
                 }
-                for line in progress.lines {
-                    self.emit(line);
-                }
+                saved_at = Some(tokio::time::Instant::now());
+                unsaved = false;
+            }
+            for line in progress.lines {
+                self.emit(line);
             }
             if progress.done {
                 return WaitEnd::Done;
@@ -1040,6 +1052,7 @@ impl Executor {
             let deadline_passed = tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => true,
                 _ = changes.changed() => false,
+                _ = tokio::time::sleep_until(save_due), if unsaved => false,
                 changed = self.control.changed() => {
                     if changed.is_ok() {
                         if let (Control::Abort, actor) = self.control.borrow().clone() {
