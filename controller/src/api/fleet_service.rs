@@ -48,6 +48,8 @@ fn progress_stream(
 ) -> ProgressStream {
     let (tx, out) = mpsc::channel(64);
     tokio::spawn(async move {
+        // The (state, wave) the client last got the whole record at.
+        let mut sent: Option<(String, usize)> = None;
         loop {
             let progress = match rx.recv().await {
                 Ok(progress) => progress,
@@ -69,10 +71,21 @@ fn progress_stream(
                 }
             };
             let done = progress.rollout.state.is_final();
+            // The whole record (every host of every wave: megabytes in a large fleet) goes
+            // with the first line, when the rollout's state or wave changes, and at the end;
+            // a line about one host carries only the line (fleetctl keeps the last record).
+            let now = (
+                progress.rollout.state.as_str().to_string(),
+                progress.rollout.current_wave,
+            );
+            let whole = done || detach || sent.as_ref() != Some(&now);
             let message = pb::RolloutProgress {
-                rollout: Some(convert::rollout(&progress.rollout)),
+                rollout: whole.then(|| convert::rollout(&progress.rollout)),
                 line: progress.line,
             };
+            if whole {
+                sent = Some(now);
+            }
             if tx.send(Ok(message)).await.is_err() || done || detach {
                 return;
             }
