@@ -1142,6 +1142,38 @@ mod tests {
     }
 
     #[test]
+    fn a_large_fleet_status_is_a_summary() {
+        let response = pb::StatusResponse {
+            hosts_omitted: 10_000,
+            summary: Some(pb::StatusSummary {
+                hosts: 10_000,
+                connected: 9_999,
+                by_state: [("ready".to_string(), 9_999), ("lost".to_string(), 1)]
+                    .into_iter()
+                    .collect(),
+                apps: vec![pb::StatusCount {
+                    app: "sim".into(),
+                    desired_version: "1.0".into(),
+                    version: "1.0".into(),
+                    state: "running".into(),
+                    hosts: 9_999,
+                }],
+            }),
+            ..Default::default()
+        };
+        let text = render_status(&response, None, 100_000);
+        assert!(text.contains("10000 hosts ("), "{text}");
+        assert!(text.contains("9999 ready"), "{text}");
+        assert!(text.contains("9999 connected"), "{text}");
+        assert!(
+            text.contains("sim  1.0      1.0      running   9999"),
+            "{text}"
+        );
+        assert!(text.contains("fleetctl hosts --limit 100"), "{text}");
+        assert!(!text.contains("no hosts yet"), "{text}");
+    }
+
+    #[test]
     fn status_text_shows_drift_and_failures() {
         let response = pb::StatusResponse {
             hosts: vec![
@@ -1185,6 +1217,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let text = render_status(&response, None, 100_000);
         assert!(
