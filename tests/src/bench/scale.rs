@@ -763,6 +763,16 @@ fn ctl_latency_ms(fleet: &Fleet, args: &[&str]) -> (f64, Option<String>) {
     (median(samples), None)
 }
 
+/// The first `n` characters of `text`, and how much was left out.
+fn clip(text: &str, n: usize) -> String {
+    let count = text.chars().count();
+    if count <= n {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(n).collect();
+    format!("{head}... ({} more characters)", count - n)
+}
+
 /// One line of the result.
 struct Line {
     what: String,
@@ -771,10 +781,12 @@ struct Line {
     ok: Option<bool>,
 }
 
+/// A line for information (its value cut at 400 characters: a failed rollout names every
+/// host it lost).
 fn line(what: impl Into<String>, value: impl Into<String>) -> Line {
     Line {
         what: what.into(),
-        value: value.into(),
+        value: clip(&value.into(), 400),
         target: String::new(),
         ok: None,
     }
