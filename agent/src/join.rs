@@ -197,13 +197,7 @@ async fn join(
                 .join(request.clone())
                 .await
                 .map(|r| r.into_inner())
-                .map_err(|status| {
-                    let retry = matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                    );
-                    (retry, status.message().to_string())
-                })
+                .map_err(|status| (retried(status.code()), status.message().to_string()))
         };
         match attempt.await {
             Ok(response) => return Ok(response),
@@ -218,6 +212,22 @@ async fn join(
             }
         }
     }
+}
+
+/// Whether a join that ended with `code` is tried again. The controller pushes back on a crowd
+/// of joins by saying `UNAVAILABLE` (too many at once) and, at its edge, by closing connections
+/// past its limits right after the handshake, which the call sees as `CANCELLED` or `UNKNOWN`
+/// (a transport error): all of those are retried, so 10,000 hosts joining at once all join.
+/// A refusal (a bad token, a taken host name) is not. Pure.
+fn retried(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::ResourceExhausted
+    )
 }
 
 /// Keeps renewed credentials in `DATA/tls`: the CA bundle, then the new key and certificate
@@ -298,6 +308,25 @@ fn write_private(path: &Path, text: &str) -> Result<(), JoinError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn back_pressure_is_retried_and_refusals_are_not() {
+        use tonic::Code;
+        let table = [
+            (Code::Unavailable, true),
+            (Code::DeadlineExceeded, true),
+            (Code::Cancelled, true),
+            (Code::Unknown, true),
+            (Code::ResourceExhausted, true),
+            (Code::PermissionDenied, false),
+            (Code::FailedPrecondition, false),
+            (Code::InvalidArgument, false),
+            (Code::Unauthenticated, false),
+        ];
+        for (code, expected) in table {
+            assert_eq!(retried(code), expected, "{code:?}");
+        }
+    }
 
     #[test]
     fn a_renewal_cut_at_any_point_leaves_a_matching_pair() {

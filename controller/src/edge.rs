@@ -382,6 +382,26 @@ impl Drop for Registered {
     }
 }
 
+/// A log line at most once a second: [`OncePerSecond::say`] answers whether to write it, and
+/// how many were left unwritten since the last one.
+#[derive(Default)]
+struct OncePerSecond {
+    state: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl OncePerSecond {
+    fn say(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, unsaid) = &mut *state;
+        if last.is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1)) {
+            *unsaid += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(unsaid))
+    }
+}
+
 /// The TLS server config a connection accepted now is handshaken with (it changes when the
 /// fleet CA is rotated, see `crate::ca_trust`).
 pub type CurrentTls = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
@@ -398,6 +418,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let anonymous = Arc::new(AnonymousConnections::default());
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes));
+    let refusals_said = Arc::new(OncePerSecond::default());
     tokio::spawn(async move {
         loop {
             // Past the limit, connections wait in the kernel's backlog.
@@ -418,7 +439,12 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls());
-            let (tx, anonymous, connections) = (tx.clone(), anonymous.clone(), connections.clone());
+            let (tx, anonymous, connections, refusals_said) = (
+                tx.clone(),
+                anonymous.clone(),
+                connections.clone(),
+                refusals_said.clone(),
+            );
             tokio::spawn(async move {
                 let stream = EdgeTcp {
                     tcp,
@@ -466,7 +492,13 @@ pub fn incoming(
                                 Some(Box::pin(tokio::time::sleep(limits.anonymous_lifetime)));
                         }
                         Err(why) => {
-                            tracing::warn!("closed a connection from {peer}: {why}");
+                            // A crowd of joins meets this thousands of times a second: one
+                            // line a second says it, with how many were not written.
+                            if let Some(unsaid) = refusals_said.say(std::time::Instant::now()) {
+                                tracing::warn!(
+                                    "closed a connection from {peer}: {why} (and {unsaid} more since the last such line: hosts retry)"
+                                );
+                            }
                             return;
                         }
                     }
@@ -878,6 +910,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_logged_at_most_once_a_second_with_the_count_left_out() {
+        let said = OncePerSecond::default();
+        let t0 = std::time::Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        assert_eq!(said.say(ms(0)), Some(0));
+        assert_eq!(said.say(ms(10)), None);
+        assert_eq!(said.say(ms(999)), None);
+        assert_eq!(said.say(ms(1000)), Some(2));
+        assert_eq!(said.say(ms(5000)), Some(0));
+    }
 
     fn header(len: u32) -> Vec<u8> {
         let mut h = vec![0u8];

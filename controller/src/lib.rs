@@ -23,6 +23,7 @@ pub mod log_relay;
 pub mod model;
 pub mod planner;
 pub mod prune;
+pub mod reconnects;
 pub mod releases;
 pub mod rollout;
 pub mod server;

@@ -107,6 +107,8 @@ pub async fn run(
         joins: Arc::new(tokio::sync::Semaphore::new(
             crate::api::agent_service::MAX_CONCURRENT_JOINS,
         )),
+        reconnects: Arc::default(),
+        impostors_logged: Arc::default(),
     };
     let fleet_api = FleetApi {
         fleet: fleet.clone(),

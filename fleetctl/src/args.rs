@@ -61,14 +61,28 @@ pub enum Command {
         app: String,
     },
     /// List the hosts, what they run and when their certificates expire (each renews its own)
-    #[command(after_help = "Example:\n  fleetctl hosts --output json")]
-    Hosts,
+    #[command(
+        after_help = "Examples:\n  fleetctl hosts --output json\n  fleetctl hosts --limit 100\n  fleetctl hosts --limit 100 --after web-0099"
+    )]
+    Hosts {
+        /// Show one page of at most N hosts (in name order) instead of every host
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Start the page after this host (the name the page before ended on)
+        #[arg(long, value_name = "HOST", value_parser = parse_host, requires = "limit")]
+        after: Option<String>,
+    },
     /// What runs where, since when, and the rollouts in progress
-    #[command(after_help = "Examples:\n  fleetctl status\n  fleetctl status web")]
+    #[command(
+        after_help = "A fleet of more than 100 hosts is shown as counts (hosts by state, and by what they run); `fleetctl hosts --limit N` pages the hosts.\n\nExamples:\n  fleetctl status\n  fleetctl status web\n  fleetctl status --all-hosts"
+    )]
     Status {
         /// Only this app
         #[arg(value_parser = parse_app)]
         app: Option<String>,
+        /// List every host even in a fleet of more than 100
+        #[arg(long)]
+        all_hosts: bool,
     },
     /// The standing deployments (app, selector -> release), their hosts and drift
     #[command(after_help = "Example:\n  fleetctl deployments web")]

@@ -261,7 +261,7 @@ async fn join_token(
 async fn find_host(ctx: &Context, name: &str) -> Result<Option<pb::Host>, CliError> {
     let hosts = ctx
         .client()
-        .list_hosts(pb::ListHostsRequest {})
+        .list_hosts(pb::ListHostsRequest::default())
         .await
         .map_err(|status| ctx.error(status))?
         .into_inner();

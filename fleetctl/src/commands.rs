@@ -372,9 +372,19 @@ pub fn render_deployments(deployments: &[pb::Deployment], now: i64) -> String {
 
 // ---------------------------------------------------------------- hosts, status
 
-/// `fleetctl hosts`.
-pub async fn hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError> {
-    let response = list_hosts(ctx).await?;
+/// `fleetctl hosts [--limit N [--after HOST]]`: one page, or every host.
+pub async fn hosts(
+    ctx: &Context,
+    limit: Option<u32>,
+    after: Option<&str>,
+) -> Result<pb::ListHostsResponse, CliError> {
+    if limit == Some(0) {
+        return Err(crate::client::usage("--limit must be at least 1"));
+    }
+    let response = match limit {
+        Some(limit) => list_hosts_page(ctx, limit, after.unwrap_or_default()).await?,
+        None => list_hosts(ctx).await?,
+    };
     if ctx.json() {
         output::print_json(&response);
         return Ok(response);
@@ -425,14 +435,50 @@ pub async fn hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError> {
         ]);
     }
     table.print();
+    if !response.next_after.is_empty() {
+        println!(
+            "{} of {} hosts; the next page: fleetctl hosts --limit {} --after {}",
+            response.hosts.len(),
+            response.total,
+            limit.unwrap_or_default(),
+            response.next_after
+        );
+    }
     Ok(response)
 }
 
-/// ListHosts without printing (the demo polls it).
+/// Hosts fetched per call when every host is listed: each answer stays far below gRPC's
+/// 4 MiB message limit however large the fleet.
+const HOSTS_PAGE: u32 = 1000;
+
+/// Every host, page by page, without printing (the demo polls it).
 pub async fn list_hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError> {
+    let mut all = list_hosts_page(ctx, HOSTS_PAGE, "").await?;
+    // Bounded: each page moves past the last name of the one before.
+    while !all.next_after.is_empty() {
+        let mut page = list_hosts_page(ctx, HOSTS_PAGE, &all.next_after).await?;
+        if page.hosts.is_empty() {
+            break;
+        }
+        all.hosts.append(&mut page.hosts);
+        all.next_after = page.next_after;
+        all.total = page.total;
+    }
+    Ok(all)
+}
+
+/// One page of hosts: at most `limit`, named after `after`.
+pub async fn list_hosts_page(
+    ctx: &Context,
+    limit: u32,
+    after: &str,
+) -> Result<pb::ListHostsResponse, CliError> {
     Ok(ctx
         .client()
-        .list_hosts(pb::ListHostsRequest {})
+        .list_hosts(pb::ListHostsRequest {
+            limit,
+            after: after.to_string(),
+        })
         .await
         .map_err(|status| ctx.error(status))?
         .into_inner())
@@ -440,11 +486,16 @@ pub async fn list_hosts(ctx: &Context) -> Result<pb::ListHostsResponse, CliError
 
 /// `fleetctl status [APP]`: per host, each app's desired and running version and instance
 /// state, then the rollouts in progress.
-pub async fn status(ctx: &Context, app: Option<&str>) -> Result<pb::StatusResponse, CliError> {
+pub async fn status(
+    ctx: &Context,
+    app: Option<&str>,
+    all_hosts: bool,
+) -> Result<pb::StatusResponse, CliError> {
     let response = ctx
         .client()
         .status(pb::StatusRequest {
             app: app.unwrap_or_default().to_string(),
+            all_hosts,
         })
         .await
         .map_err(|status| ctx.error(status))?
@@ -521,7 +572,9 @@ pub fn render_status(response: &pb::StatusResponse, app: Option<&str>, now: i64)
             }
         }
     }
-    if table.is_empty() {
+    if response.hosts_omitted > 0 {
+        text.push_str(&render_summary(response));
+    } else if table.is_empty() {
         text.push_str("no hosts yet: start fleet-agent on a host (or run `fleetctl demo`)\n");
     } else {
         text.push_str(&table.render());
@@ -564,6 +617,39 @@ pub fn render_status(response: &pb::StatusResponse, app: Option<&str>, now: i64)
             ));
         }
     }
+    text
+}
+
+/// A large fleet's status: hosts counted by state and by what they run of each app.
+fn render_summary(response: &pb::StatusResponse) -> String {
+    let summary = response.summary.clone().unwrap_or_default();
+    let states = summary
+        .by_state
+        .iter()
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut text = format!(
+        "{} hosts ({states}), {} connected\n",
+        summary.hosts, summary.connected
+    );
+    let mut table = Table::new(&["APP", "DESIRED", "RUNNING", "INSTANCE", "HOSTS"]);
+    for count in &summary.apps {
+        table.row(vec![
+            count.app.clone(),
+            dash(&count.desired_version).to_string(),
+            dash(&count.version).to_string(),
+            dash(&count.state).to_string(),
+            count.hosts.to_string(),
+        ]);
+    }
+    if !table.is_empty() {
+        text.push_str(&table.render());
+    }
+    text.push_str(&format!(
+        "({} hosts not listed one by one: `fleetctl hosts --limit 100` pages them, `fleetctl status --all-hosts` lists them all)\n",
+        response.hosts_omitted
+    ));
     text
 }
 
@@ -1110,6 +1196,38 @@ mod tests {
     }
 
     #[test]
+    fn a_large_fleet_status_is_a_summary() {
+        let response = pb::StatusResponse {
+            hosts_omitted: 10_000,
+            summary: Some(pb::StatusSummary {
+                hosts: 10_000,
+                connected: 9_999,
+                by_state: [("ready".to_string(), 9_999), ("lost".to_string(), 1)]
+                    .into_iter()
+                    .collect(),
+                apps: vec![pb::StatusCount {
+                    app: "sim".into(),
+                    desired_version: "1.0".into(),
+                    version: "1.0".into(),
+                    state: "running".into(),
+                    hosts: 9_999,
+                }],
+            }),
+            ..Default::default()
+        };
+        let text = render_status(&response, None, 100_000);
+        assert!(text.contains("10000 hosts ("), "{text}");
+        assert!(text.contains("9999 ready"), "{text}");
+        assert!(text.contains("9999 connected"), "{text}");
+        assert!(
+            text.contains("sim  1.0      1.0      running   9999"),
+            "{text}"
+        );
+        assert!(text.contains("fleetctl hosts --limit 100"), "{text}");
+        assert!(!text.contains("no hosts yet"), "{text}");
+    }
+
+    #[test]
     fn status_text_shows_drift_and_failures() {
         let response = pb::StatusResponse {
             hosts: vec![
@@ -1153,6 +1271,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let text = render_status(&response, None, 100_000);
         assert!(

@@ -478,7 +478,7 @@ async fn run_steps(
     }
 
     println!("\n==> fleetctl status web");
-    commands::status(&ctx, Some("web")).await?;
+    commands::status(&ctx, Some("web"), false).await?;
     Ok(())
 }
 

@@ -135,11 +135,11 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Releases { app } => commands::releases(&ctx, &app).await?,
         Command::Deployments { app } => commands::deployments(&ctx, app.as_deref()).await?,
-        Command::Hosts => {
-            commands::hosts(&ctx).await?;
+        Command::Hosts { limit, after } => {
+            commands::hosts(&ctx, limit, after.as_deref()).await?;
         }
-        Command::Status { app } => {
-            commands::status(&ctx, app.as_deref()).await?;
+        Command::Status { app, all_hosts } => {
+            commands::status(&ctx, app.as_deref(), all_hosts).await?;
         }
         Command::History { app, limit } => commands::history(&ctx, &app, limit).await?,
         Command::Events { follow, limit } => commands::events(&ctx, follow, limit).await?,

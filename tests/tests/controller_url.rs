@@ -83,7 +83,7 @@ fn operators_ci_and_hosts_dial_the_url_init_recorded() {
             .await
             .expect("the certificate verifies as localhost");
         let hosts = pb::fleet_service_client::FleetServiceClient::new(channel)
-            .list_hosts(pb::ListHostsRequest {})
+            .list_hosts(pb::ListHostsRequest::default())
             .await
             .expect("list hosts over the URL")
             .into_inner();

@@ -40,7 +40,15 @@ pub struct AgentApi {
     pub shutdown: watch::Receiver<bool>,
     /// Joins under way at once ([`MAX_CONCURRENT_JOINS`]).
     pub joins: Arc<tokio::sync::Semaphore>,
+    /// How often each host opened a session lately ([`crate::reconnects`]).
+    pub reconnects: Arc<crate::reconnects::Reconnects>,
+    /// The certificates (serials) already logged speaking for another host: each is logged
+    /// once, however often it tries (every try is refused).
+    pub impostors_logged: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// The most impostor certificates remembered as logged; past it the set starts afresh.
+const IMPOSTORS_REMEMBERED: usize = 10_000;
 
 /// How many `Join` calls are handled at once; more are told to retry (agents do).
 pub const MAX_CONCURRENT_JOINS: usize = 16;
@@ -116,7 +124,38 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 ))
             }
         };
-        auth::host_scope::require_own_host(&identity, &hello.name)?;
+        // Before anything is logged or written: a certificate used in a loop costs a map lookup.
+        if !self.reconnects.admit(&identity.name) {
+            return Err(Status::unavailable(format!(
+                "host `{}` opens sessions too often (more than {} a second after a burst of {}): \
+                 wait a moment before reconnecting (the agent backs off by itself)",
+                identity.name,
+                crate::reconnects::PER_SECOND,
+                crate::reconnects::BURST
+            )));
+        }
+        if let Err(refused) = auth::host_scope::require_own_host(&identity, &hello.name) {
+            let first = {
+                let mut logged = self
+                    .impostors_logged
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if logged.len() >= IMPOSTORS_REMEMBERED {
+                    logged.clear();
+                }
+                logged.insert(identity.serial.clone())
+            };
+            if first {
+                // Names were checked above: the line holds no control characters.
+                tracing::warn!(
+                    "a session with the certificate of host {} (serial {}) tried to speak for host {}: refused (further tries of this certificate are refused without a log line)",
+                    identity.name,
+                    identity.serial,
+                    hello.name
+                );
+            }
+            return Err(refused);
+        }
         // The labels the host's join token named, if it did (the certificate records them).
         let joined_labels = self
             .fleet

@@ -80,6 +80,72 @@ pub fn assignment(a: &Assignment) -> pb::Assignment {
 }
 
 /// A host as `hosts` and `status` show it: desired releases joined with live reports.
+/// The most hosts a status lists; a larger fleet gets its summary (and `hosts` pages).
+pub const STATUS_LISTS_HOSTS_UP_TO: usize = 100;
+
+/// Hosts counted by state and by what they run of each app. Pure.
+pub fn summary(hosts: &[pb::Host]) -> pb::StatusSummary {
+    use std::collections::BTreeMap;
+    let mut by_state: BTreeMap<String, u32> = BTreeMap::new();
+    let mut apps: BTreeMap<(String, String, String, String), u32> = BTreeMap::new();
+    let mut connected = 0;
+    for host in hosts {
+        *by_state.entry(host.state.clone()).or_default() += 1;
+        connected += u32::from(host.connected);
+        for app in &host.apps {
+            let (version, state) = match &app.actual {
+                Some(actual) => (
+                    actual.version.clone(),
+                    InstanceState::from_report(actual)
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                ),
+                None => Default::default(),
+            };
+            *apps
+                .entry((app.app.clone(), app.desired_version.clone(), version, state))
+                .or_default() += 1;
+        }
+    }
+    pb::StatusSummary {
+        hosts: hosts.len() as u32,
+        connected,
+        by_state: by_state.into_iter().collect(),
+        apps: apps
+            .into_iter()
+            .map(
+                |((app, desired_version, version, state), hosts)| pb::StatusCount {
+                    app,
+                    desired_version,
+                    version,
+                    state,
+                    hosts,
+                },
+            )
+            .collect(),
+    }
+}
+
+/// One page of `hosts` (in name order): at most `limit` (0: no limit) of those named after
+/// `after` (empty: from the first), and the `after` of the next page (empty: this is the
+/// last). Pure.
+pub fn page<'a>(hosts: &'a [HostRecord], limit: u32, after: &str) -> (&'a [HostRecord], String) {
+    let start = if after.is_empty() {
+        0
+    } else {
+        hosts.partition_point(|h| h.name.as_str() <= after)
+    };
+    let rest = &hosts[start..];
+    if limit == 0 || rest.len() <= limit as usize {
+        return (rest, String::new());
+    }
+    let page = &rest[..limit as usize];
+    (
+        page,
+        page.last().map(|h| h.name.clone()).unwrap_or_default(),
+    )
+}
+
 pub fn host(fleet: &FleetState, h: &HostRecord, only_app: Option<&str>) -> pb::Host {
     let connected = fleet.is_connected(&h.name);
     let instances = fleet.instances(&h.name);
@@ -221,6 +287,103 @@ pub fn deployment(r: &crate::converge::DeploymentReport) -> pb::Deployment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(name: &str) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            labels: Default::default(),
+            advertise_addr: "127.0.0.2".into(),
+            registered_unix_ms: 0,
+            last_seen_unix_ms: 0,
+            desired: Default::default(),
+            drain: None,
+            agent: Default::default(),
+        }
+    }
+
+    #[test]
+    fn hosts_come_in_pages() {
+        let hosts: Vec<HostRecord> = ["a", "b", "c", "d", "e"].map(record).into();
+        let names = |page: &[HostRecord]| {
+            page.iter()
+                .map(|h| h.name.clone())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        // (limit, after) -> (names on the page, next after)
+        let table: &[(u32, &str, &str, &str)] = &[
+            (0, "", "a,b,c,d,e", ""),
+            (2, "", "a,b", "b"),
+            (2, "b", "c,d", "d"),
+            (2, "d", "e", ""),
+            (5, "", "a,b,c,d,e", ""),
+            (3, "bb", "c,d,e", ""),
+            (2, "z", "", ""),
+        ];
+        for &(limit, after, expected, next) in table {
+            let (page, next_after) = page(&hosts, limit, after);
+            assert_eq!(
+                (names(page).as_str(), next_after.as_str()),
+                (expected, next),
+                "limit {limit}, after {after:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_summary_counts_hosts_by_state_and_by_what_they_run() {
+        let host = |name: &str,
+                    state: &str,
+                    connected: bool,
+                    actual: Option<(&str, pb::InstanceState)>| pb::Host {
+            name: name.into(),
+            state: state.into(),
+            connected,
+            apps: vec![pb::HostApp {
+                app: "web".into(),
+                desired_version: "2".into(),
+                actual: actual.map(|(version, state)| {
+                    let mut r = pb::InstanceReport {
+                        app: "web".into(),
+                        version: version.into(),
+                        ..Default::default()
+                    };
+                    r.set_state(state);
+                    r
+                }),
+            }],
+            ..Default::default()
+        };
+        let summary = summary(&[
+            host("a", "ready", true, Some(("2", pb::InstanceState::Running))),
+            host("b", "ready", true, Some(("2", pb::InstanceState::Running))),
+            host("c", "ready", true, Some(("1", pb::InstanceState::Failed))),
+            host("d", "lost", false, None),
+        ]);
+        assert_eq!((summary.hosts, summary.connected), (4, 3));
+        assert_eq!(summary.by_state["ready"], 3);
+        assert_eq!(summary.by_state["lost"], 1);
+        let counts: Vec<(String, String, String, u32)> = summary
+            .apps
+            .iter()
+            .map(|c| {
+                (
+                    c.desired_version.clone(),
+                    c.version.clone(),
+                    c.state.clone(),
+                    c.hosts,
+                )
+            })
+            .collect();
+        assert_eq!(
+            counts,
+            vec![
+                ("2".into(), "".into(), "".into(), 1),
+                ("2".into(), "1".into(), "failed".into(), 1),
+                ("2".into(), "2".into(), "running".into(), 2),
+            ]
+        );
+    }
 
     fn report(state: Option<pb::InstanceState>, legacy: &str) -> pb::InstanceReport {
         let mut report = pb::InstanceReport {

@@ -50,6 +50,8 @@ fn progress_stream(
 ) -> ProgressStream {
     let (tx, out) = mpsc::channel(64);
     tokio::spawn(async move {
+        // The (state, wave) the client last got the whole record at.
+        let mut sent: Option<(String, usize)> = None;
         loop {
             let progress = match rx.recv().await {
                 Ok(progress) => progress,
@@ -71,10 +73,21 @@ fn progress_stream(
                 }
             };
             let done = progress.rollout.state.is_final();
+            // The whole record (every host of every wave: megabytes in a large fleet) goes
+            // with the first line, when the rollout's state or wave changes, and at the end;
+            // a line about one host carries only the line (fleetctl keeps the last record).
+            let now = (
+                progress.rollout.state.as_str().to_string(),
+                progress.rollout.current_wave,
+            );
+            let whole = done || detach || sent.as_ref() != Some(&now);
             let message = pb::RolloutProgress {
-                rollout: Some(convert::rollout(&progress.rollout)),
+                rollout: whole.then(|| convert::rollout(&progress.rollout)),
                 line: progress.line,
             };
+            if whole {
+                sent = Some(now);
+            }
             if tx.send(Ok(message)).await.is_err() || done || detach {
                 return;
             }
@@ -283,13 +296,25 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
         auth::require(&self.fleet, &request, Role::Deployer)?;
-        let records = self.fleet.host_records().map_err(store_status)?;
-        let mut hosts: Vec<pb::Host> = records
+        let request = request.into_inner();
+        if !request.after.is_empty() {
+            fleet_proto::names::check_host(&request.after).map_err(|e| {
+                Status::invalid_argument(format!("--after: {e} (pass the name a page ended on)"))
+            })?;
+        }
+        let hosts = self.fleet.host_records().map_err(store_status)?;
+        let total = hosts.len() as u32;
+        let (page, next_after) = convert::page(&hosts, request.limit, &request.after);
+        let mut page: Vec<pb::Host> = page
             .iter()
             .map(|h| convert::host(&self.fleet, h, None))
             .collect();
-        certificates::fill_certificate_expiry(&self.fleet, &self.trust, &mut hosts)?;
-        Ok(Response::new(pb::ListHostsResponse { hosts }))
+        certificates::fill_certificate_expiry(&self.fleet, &self.trust, &mut page)?;
+        Ok(Response::new(pb::ListHostsResponse {
+            hosts: page,
+            next_after,
+            total,
+        }))
     }
 
     async fn status(
@@ -297,7 +322,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         auth::require(&self.fleet, &request, Role::Deployer)?;
-        let app = request.into_inner().app;
+        let pb::StatusRequest { app, all_hosts } = request.into_inner();
         let only_app = if app.is_empty() {
             None
         } else {
@@ -310,6 +335,14 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .map(|h| convert::host(&self.fleet, h, only_app))
             .filter(|h| only_app.is_none() || !h.apps.is_empty())
             .collect();
+        let summary = convert::summary(&hosts);
+        // A large fleet's status is its summary: listing every host would make an answer of
+        // megabytes (past gRPC's 4 MiB message limit near 20,000 hosts) that no one reads.
+        let hosts_omitted = if !all_hosts && hosts.len() > convert::STATUS_LISTS_HOSTS_UP_TO {
+            std::mem::take(&mut hosts).len() as u32
+        } else {
+            0
+        };
         certificates::fill_certificate_expiry(&self.fleet, &self.trust, &mut hosts)?;
         let active_rollouts = self
             .fleet
@@ -328,6 +361,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             hosts,
             active_rollouts,
             deployments,
+            hosts_omitted,
+            summary: Some(summary),
         }))
     }
 

@@ -28,6 +28,9 @@
 //!   the old processes and starts and checks the new ones (1 ms polls), with nothing else, on
 //!   other loopback addresses. 10 interleaved pairs; the ratio of the medians. Target: 1.2x.
 //!
+//! - `scale --agents N [--output json]`: N simulated agents on one controller (see
+//!   `fleet_tests::bench::scale`); not part of `all`.
+//!
 //! Run it with `cargo run --release -p fleet-tests --bin fleet-bench -- [rollout|artifact|memory|bootstrap|start|all]`.
 //! When started by cargo it first runs `cargo build --workspace --bins` for its own profile so
 //! the controller, agent and app it measures are built the same way (when that build fails, it
@@ -78,6 +81,10 @@ impl Row {
 
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_string());
+    if which == "scale" {
+        build_binaries()?;
+        return fleet_tests::bench::scale::run(&std::env::args().skip(2).collect::<Vec<_>>());
+    }
     let parts: &[&str] = match which.as_str() {
         "rollout" => &["rollout"],
         "artifact" => &["artifact"],

@@ -412,7 +412,10 @@ async fn one_call(
     match (kind, create) {
         ("status", _) => {
             client
-                .status(pb::StatusRequest { app: "web".into() })
+                .status(pb::StatusRequest {
+                    app: "web".into(),
+                    all_hosts: false,
+                })
                 .await
                 .map_err(status)?;
         }

@@ -1,0 +1,4 @@
+//! Benchmarks of `fleet-bench` that live in modules of their own (the dispatch stays in
+//! `src/bin/fleet-bench.rs`): [`scale`], many simulated agents on one controller.
+
+pub mod scale;
