@@ -44,6 +44,8 @@ pub struct SessionConfig {
     pub host_name: String,
     pub labels: BTreeMap<String, String>,
     pub advertise: String,
+    /// Where this host serves peers (0: it does not), told in the hello.
+    pub peer_port: u16,
 }
 
 impl SessionConfig {
@@ -52,6 +54,7 @@ impl SessionConfig {
             host_name: config.host_name.clone(),
             labels: config.labels.clone(),
             advertise: config.advertise.to_string(),
+            peer_port: config.peer_port,
         }
     }
 }
@@ -282,6 +285,7 @@ async fn session_once(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         agent_arch: std::env::consts::ARCH.to_string(),
         instances: instances.iter().map(report_to_pb).collect(),
+        peer_port: config.peer_port.into(),
     };
     let _ = out_tx.try_send(pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(hello)),

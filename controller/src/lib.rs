@@ -19,6 +19,7 @@ pub mod edge;
 pub mod fleet_state;
 pub mod host_lifecycle;
 pub mod model;
+pub mod peers;
 pub mod planner;
 pub mod prune;
 pub mod releases;

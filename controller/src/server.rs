@@ -93,6 +93,7 @@ pub async fn run(
         joins: Arc::new(tokio::sync::Semaphore::new(
             crate::api::agent_service::MAX_CONCURRENT_JOINS,
         )),
+        peers: Arc::new(crate::peers::Directory::default()),
     };
     let fleet_api = FleetApi {
         fleet: fleet.clone(),

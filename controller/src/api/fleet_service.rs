@@ -322,6 +322,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             hosts,
             active_rollouts,
             deployments,
+            artifact_bytes_sent: crate::peers::bytes_sent(),
         }))
     }
 
