@@ -51,14 +51,23 @@ pub struct Holder {
 
 /// The peers (indices into `holders`) to tell `requester` for one fetch, best first: those
 /// that serve, are connected, are not the requester and were not dropped by this fetch
-/// (`exclude`). The first is the earliest holder still under [`FAN_OUT`] downloaders (the
+/// (`exclude`); when the requester is a holder already (it asks again), only those that began
+/// before it, so no two hosts ever wait on each other. The first is the earliest holder still under [`FAN_OUT`] downloaders (the
 /// earliest is furthest along), or else the least loaded; the rest follow in the same order.
 /// Empty: fetch from the controller.
 pub fn choose(requester: &str, holders: &[Holder], exclude: &[String], n: usize) -> Vec<usize> {
+    let requester_since = holders
+        .iter()
+        .find(|h| h.host == requester)
+        .map(|h| h.since);
     let mut candidates: Vec<usize> = (0..holders.len())
         .filter(|&i| {
             let h = &holders[i];
-            h.addr.is_some() && h.connected && h.host != requester && !exclude.contains(&h.host)
+            h.addr.is_some()
+                && h.connected
+                && h.host != requester
+                && !exclude.contains(&h.host)
+                && requester_since.is_none_or(|since| h.since < since)
         })
         .collect();
     candidates.sort_by_key(|&i| {
@@ -268,7 +277,8 @@ mod tests {
         for (what, requester, holders, exclude, expect) in [
             ("nobody holds it: the controller", "x", vec![], vec![], vec![]),
             ("the earliest first", "x", vec![c.clone(), b.clone(), a.clone()], vec![], vec!["a", "b", "c"]),
-            ("not itself", "a", vec![a.clone(), b.clone()], vec![], vec!["b"]),
+            ("not itself", "x", vec![a.clone(), holder("x", true, true, 0, 0), b.clone()], vec![], vec![]),
+            ("asking again: only those that began before it", "b", vec![c.clone(), b.clone(), a.clone()], vec![], vec!["a"]),
             ("not one that serves no peers, nor a disconnected one", "x", vec![off.clone(), gone.clone(), b.clone()], vec![], vec!["b"]),
             ("not one this fetch dropped", "x", vec![a.clone(), b.clone()], vec!["a".to_string()], vec!["b"]),
             ("a holder at its fan-out goes after those under it", "x", vec![a_full.clone(), b.clone()], vec![], vec!["b", "a"]),
@@ -305,6 +315,7 @@ mod tests {
         dir.session_opened("z", ip, 7702);
         dir.sources("z", "sha256:cc", &[]);
         let token = dir.session_opened("z", ip, 7702);
+        dir.session_opened("w", ip, 7702);
         assert_eq!(dir.sources("w", "sha256:cc", &[]).len(), 1);
         dir.session_closed("z", token);
         // z's session ended: only w, which fetches it too, is named.
