@@ -28,6 +28,9 @@
 //!   the old processes and starts and checks the new ones (1 ms polls), with nothing else, on
 //!   other loopback addresses. 10 interleaved pairs; the ratio of the medians. Target: 1.2x.
 //!
+//! - `artifact --agents N --size-mb M [--pairs P] [--output json]`: artifact fan-out through
+//!   peers against the direct fetch ([`fleet_tests::bench::fanout`]).
+//!
 //! Run it with `cargo run --release -p fleet-tests --bin fleet-bench -- [rollout|artifact|memory|bootstrap|start|all]`.
 //! When started by cargo it first runs `cargo build --workspace --bins` for its own profile so
 //! the controller, agent and app it measures are built the same way (when that build fails, it
@@ -78,6 +81,11 @@ impl Row {
 
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_string());
+    let rest: Vec<String> = std::env::args().skip(2).collect();
+    if which == "artifact" && !rest.is_empty() {
+        build_binaries()?;
+        return fleet_tests::bench::fanout::run(&rest);
+    }
     let parts: &[&str] = match which.as_str() {
         "rollout" => &["rollout"],
         "artifact" => &["artifact"],
