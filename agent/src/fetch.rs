@@ -24,9 +24,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
 use thiserror::Error;
 use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
 /// Attempts in a row that brought no new byte before a fetch gives up.
@@ -77,7 +77,7 @@ pub struct Fetcher {
     /// Fetches chunks from peers; `None`: every byte comes from the controller.
     peers: Option<crate::peer::PeerClient>,
     /// Downloads under way: digest -> (announced size, bytes of the partial file written).
-    under_way: Arc<Mutex<HashMap<String, (u64, watch::Receiver<u64>)>>>,
+    under_way: UnderWayMap,
 }
 
 /// What this host holds of an artifact, for the peer server.
@@ -93,9 +93,12 @@ pub enum Held {
     },
 }
 
+/// Downloads under way: digest -> (announced size, bytes of the partial file written).
+type UnderWayMap = Arc<Mutex<HashMap<String, (u64, watch::Receiver<u64>)>>>;
+
 /// Forgets a download under way when its fetch ends.
 struct UnderWay {
-    map: Arc<Mutex<HashMap<String, (u64, watch::Receiver<u64>)>>>,
+    map: UnderWayMap,
     digest: String,
 }
 
@@ -453,7 +456,8 @@ fn check_sources(answer: pb::ArtifactSourcesResponse, size: u64) -> Result<Sourc
     let mut sha256 = Vec::with_capacity(n as usize);
     for digest in &answer.chunk_sha256 {
         sha256.push(
-            <[u8; 32]>::try_from(digest.as_slice()).map_err(|_| "a chunk digest is not 32 bytes")?,
+            <[u8; 32]>::try_from(digest.as_slice())
+                .map_err(|_| "a chunk digest is not 32 bytes")?,
         );
     }
     let grant = answer.grant.ok_or("no grant")?;
@@ -528,8 +532,9 @@ impl Fetcher {
             offset = aligned;
         }
         let hasher = hash_prefix(partial, offset).await.map_err(io_error)?;
-        let (chunks, writer) = spawn_writer(partial, offset, size - offset, hasher, guard, progress)
-            .map_err(io_error)?;
+        let (chunks, writer) =
+            spawn_writer(partial, offset, size - offset, hasher, guard, progress)
+                .map_err(io_error)?;
         let mut next = offset / chunk_size;
         let first = next;
         let mut peers_left = sources.peers;
@@ -574,9 +579,15 @@ impl Fetcher {
                     match tokio::time::timeout(CHUNK_TIMEOUT, stream.message()).await {
                         Ok(Ok(Some(chunk))) => {
                             let expect_index = next + checking.len() as u64;
-                            let bad = chunk.index as u64 != expect_index || expect_index >= n_chunks;
-                            let expected = if bad { [0; 32] } else { sources.sha256[expect_index as usize] };
-                            let want_len = chunk_size.min(size.saturating_sub(expect_index * chunk_size));
+                            let bad =
+                                chunk.index as u64 != expect_index || expect_index >= n_chunks;
+                            let expected = if bad {
+                                [0; 32]
+                            } else {
+                                sources.sha256[expect_index as usize]
+                            };
+                            let want_len =
+                                chunk_size.min(size.saturating_sub(expect_index * chunk_size));
                             let data = chunk.data;
                             checking.push_back(tokio::task::spawn_blocking(move || {
                                 let ok = !bad
@@ -599,7 +610,9 @@ impl Fetcher {
                 let Some(check) = checking.pop_front() else {
                     break;
                 };
-                let (ok, data) = check.await.map_err(|e| io_error(std::io::Error::other(e)))?;
+                let (ok, data) = check
+                    .await
+                    .map_err(|e| io_error(std::io::Error::other(e)))?;
                 if !ok {
                     tracing::warn!(%digest, peer = %peer.host_name, chunk = next, "peer sent a chunk that does not match its digest: dropped for this fetch");
                     excluded.push(peer.host_name);

@@ -212,7 +212,9 @@ impl pb::peer_service_server::PeerService for PeerServer {
             &ca_pem,
         )?;
         let Ok(permit) = self.serving.clone().try_acquire_owned() else {
-            return Err(Status::resource_exhausted("this peer serves as many as it can"));
+            return Err(Status::resource_exhausted(
+                "this peer serves as many as it can",
+            ));
         };
         let held = self
             .fetcher
@@ -247,11 +249,10 @@ impl pb::peer_service_server::PeerService for PeerServer {
                 let start = index * chunk_size;
                 let end = (start + chunk_size).min(size);
                 if let Some(progress) = &mut on_disk {
-                    let waited =
-                        tokio::time::timeout(CHUNK_WAIT, async {
-                            progress.wait_for(|n| *n >= end).await.map(|_| ())
-                        })
-                        .await;
+                    let waited = tokio::time::timeout(CHUNK_WAIT, async {
+                        progress.wait_for(|n| *n >= end).await.map(|_| ())
+                    })
+                    .await;
                     match waited {
                         Ok(Ok(_)) => {}
                         // The download ended: complete (the same file, renamed) or given up.
@@ -282,7 +283,9 @@ impl pb::peer_service_server::PeerService for PeerServer {
                 let data = match read {
                     Ok(Ok(data)) => data,
                     _ => {
-                        let _ = tx.send(Err(Status::internal("cannot read the artifact"))).await;
+                        let _ = tx
+                            .send(Err(Status::internal("cannot read the artifact")))
+                            .await;
                         return;
                     }
                 };

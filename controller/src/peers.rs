@@ -261,7 +261,10 @@ mod tests {
     }
 
     fn names(holders: &[Holder], chosen: Vec<usize>) -> Vec<&str> {
-        chosen.into_iter().map(|i| holders[i].host.as_str()).collect()
+        chosen
+            .into_iter()
+            .map(|i| holders[i].host.as_str())
+            .collect()
     }
 
     #[test]
@@ -275,15 +278,74 @@ mod tests {
         let off = holder("off", false, true, 0, 0);
         let gone = holder("gone", true, false, 0, 0);
         for (what, requester, holders, exclude, expect) in [
-            ("nobody holds it: the controller", "x", vec![], vec![], vec![]),
-            ("the earliest first", "x", vec![c.clone(), b.clone(), a.clone()], vec![], vec!["a", "b", "c"]),
-            ("not itself", "x", vec![a.clone(), holder("x", true, true, 0, 0), b.clone()], vec![], vec![]),
-            ("asking again: only those that began before it", "b", vec![c.clone(), b.clone(), a.clone()], vec![], vec!["a"]),
-            ("not one that serves no peers, nor a disconnected one", "x", vec![off.clone(), gone.clone(), b.clone()], vec![], vec!["b"]),
-            ("not one this fetch dropped", "x", vec![a.clone(), b.clone()], vec!["a".to_string()], vec!["b"]),
-            ("a holder at its fan-out goes after those under it", "x", vec![a_full.clone(), b.clone()], vec![], vec!["b", "a"]),
-            ("all at their fan-out: the least loaded", "x", vec![a_fuller.clone(), b_full.clone()], vec![], vec!["b", "a"]),
-            ("at most PEERS_PER_FETCH", "x", vec![a.clone(), b.clone(), c.clone(), holder("d", true, true, 4, 0)], vec![], vec!["a", "b", "c"]),
+            (
+                "nobody holds it: the controller",
+                "x",
+                vec![],
+                vec![],
+                vec![],
+            ),
+            (
+                "the earliest first",
+                "x",
+                vec![c.clone(), b.clone(), a.clone()],
+                vec![],
+                vec!["a", "b", "c"],
+            ),
+            (
+                "not itself",
+                "x",
+                vec![a.clone(), holder("x", true, true, 0, 0), b.clone()],
+                vec![],
+                vec![],
+            ),
+            (
+                "asking again: only those that began before it",
+                "b",
+                vec![c.clone(), b.clone(), a.clone()],
+                vec![],
+                vec!["a"],
+            ),
+            (
+                "not one that serves no peers, nor a disconnected one",
+                "x",
+                vec![off.clone(), gone.clone(), b.clone()],
+                vec![],
+                vec!["b"],
+            ),
+            (
+                "not one this fetch dropped",
+                "x",
+                vec![a.clone(), b.clone()],
+                vec!["a".to_string()],
+                vec!["b"],
+            ),
+            (
+                "a holder at its fan-out goes after those under it",
+                "x",
+                vec![a_full.clone(), b.clone()],
+                vec![],
+                vec!["b", "a"],
+            ),
+            (
+                "all at their fan-out: the least loaded",
+                "x",
+                vec![a_fuller.clone(), b_full.clone()],
+                vec![],
+                vec!["b", "a"],
+            ),
+            (
+                "at most PEERS_PER_FETCH",
+                "x",
+                vec![
+                    a.clone(),
+                    b.clone(),
+                    c.clone(),
+                    holder("d", true, true, 4, 0),
+                ],
+                vec![],
+                vec!["a", "b", "c"],
+            ),
         ] {
             let chosen = choose(requester, &holders, &exclude, PEERS_PER_FETCH);
             assert_eq!(names(&holders, chosen), expect, "{what}");
@@ -319,7 +381,11 @@ mod tests {
         assert_eq!(dir.sources("w", "sha256:cc", &[]).len(), 1);
         dir.session_closed("z", token);
         // z's session ended: only w, which fetches it too, is named.
-        let named: Vec<String> = dir.sources("v", "sha256:cc", &[]).into_iter().map(|(h, _)| h).collect();
+        let named: Vec<String> = dir
+            .sources("v", "sha256:cc", &[])
+            .into_iter()
+            .map(|(h, _)| h)
+            .collect();
         assert_eq!(named, vec!["w".to_string()]);
     }
 }

@@ -1099,6 +1099,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let text = render_status(&response, None, 100_000);
         assert!(

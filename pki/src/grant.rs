@@ -113,8 +113,22 @@ mod tests {
         let g = grant("web-1", "sha256:aa", 1000);
         for (grant, signed, caller, asked, now, expect) in [
             (Some(&g), true, "web-1", "sha256:aa", 999, Ok(())),
-            (None, true, "web-1", "sha256:aa", 0, Err(GrantError::Missing)),
-            (Some(&g), false, "web-1", "sha256:aa", 0, Err(GrantError::BadSignature)),
+            (
+                None,
+                true,
+                "web-1",
+                "sha256:aa",
+                0,
+                Err(GrantError::Missing),
+            ),
+            (
+                Some(&g),
+                false,
+                "web-1",
+                "sha256:aa",
+                0,
+                Err(GrantError::BadSignature),
+            ),
             (
                 Some(&g),
                 true,
@@ -137,9 +151,20 @@ mod tests {
                     asked: "sha256:bb".into(),
                 }),
             ),
-            (Some(&g), true, "web-1", "sha256:aa", 1000, Err(GrantError::Expired(0))),
+            (
+                Some(&g),
+                true,
+                "web-1",
+                "sha256:aa",
+                1000,
+                Err(GrantError::Expired(0)),
+            ),
         ] {
-            assert_eq!(check(grant, signed, caller, asked, now), expect, "{caller} {asked} {now}");
+            assert_eq!(
+                check(grant, signed, caller, asked, now),
+                expect,
+                "{caller} {asked} {now}"
+            );
         }
     }
 
@@ -152,7 +177,11 @@ mod tests {
         let signature = authority.sign_grant(&g).unwrap();
         assert!(signed_by_ca(&ca_pem, &g, &signature));
         // A bundle during a rotation: the signing CA second.
-        assert!(signed_by_ca(&format!("{other_pem}{ca_pem}"), &g, &signature));
+        assert!(signed_by_ca(
+            &format!("{other_pem}{ca_pem}"),
+            &g,
+            &signature
+        ));
         assert!(!signed_by_ca(&other_pem, &g, &signature));
         // Another host, artifact or time under the same signature.
         for changed in [

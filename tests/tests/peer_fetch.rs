@@ -17,7 +17,10 @@ const BLOB_BYTES: usize = 12 << 20;
 /// digest.
 fn big_release(fleet: &Fleet, version: &str) -> (u64, String) {
     let blob = incompressible_bytes(BLOB_BYTES);
-    let artifact = fleet.web_artifact(&web_manifest("30s"), &[("data/blob", &blob), ("NOTE", version.as_bytes())]);
+    let artifact = fleet.web_artifact(
+        &web_manifest("30s"),
+        &[("data/blob", &blob), ("NOTE", version.as_bytes())],
+    );
     fleet
         .create_release("web", version, &artifact, &[])
         .expect_code(0);
@@ -64,7 +67,9 @@ fn most_chunks_come_from_peers_and_peers_refuse_without_a_grant() {
     let before = bytes_sent(&fleet);
     fleet
         .ctl_with_deadline(
-            &["rollout", "web", "1.0.0", "--canary", "1", "--batch", "100%"],
+            &[
+                "rollout", "web", "1.0.0", "--canary", "1", "--batch", "100%",
+            ],
             DEADLINE,
         )
         .expect_code(0);
@@ -81,7 +86,10 @@ fn most_chunks_come_from_peers_and_peers_refuse_without_a_grant() {
         .iter()
         .filter(|name| agent_log(&fleet, name).contains("artifact chunks fetched from peers"))
         .count();
-    assert!(from_peers >= 3, "only {from_peers} hosts fetched from peers");
+    assert!(
+        from_peers >= 3,
+        "only {from_peers} hosts fetched from peers"
+    );
 
     // The grant: h2 asks h1 for chunks. Without a grant, and with h3's grant, it is refused;
     // with its own, served.
@@ -132,7 +140,11 @@ fn most_chunks_come_from_peers_and_peers_refuse_without_a_grant() {
                     .await
                     .expect_err(&format!("h1 served h2 with {what}")),
             };
-            assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{what}: {refused:?}");
+            assert_eq!(
+                refused.code(),
+                tonic::Code::PermissionDenied,
+                "{what}: {refused:?}"
+            );
         }
         let mut stream = client
             .fetch_chunks(request(Some(own)))
@@ -151,7 +163,10 @@ fn a_peer_that_sends_a_bad_chunk_is_dropped_and_the_fetch_completes() {
     let (_, digest) = big_release(&fleet, "1.0.0");
     fleet.ctl_ok(&["label", "h1", "first=yes"]);
     fleet
-        .ctl_with_deadline(&["rollout", "web", "1.0.0", "--selector", "first=yes"], DEADLINE)
+        .ctl_with_deadline(
+            &["rollout", "web", "1.0.0", "--selector", "first=yes"],
+            DEADLINE,
+        )
         .expect_code(0);
     // h1's cached artifact goes bad on its disk; it serves it as it is.
     let cached = cached_artifact(&fleet, "h1").expect("h1 keeps the artifact");
@@ -197,11 +212,17 @@ fn with_peer_port_0_everything_comes_from_the_controller() {
     let before = bytes_sent(&fleet);
     fleet
         .ctl_with_deadline(
-            &["rollout", "web", "1.0.0", "--canary", "1", "--batch", "100%"],
+            &[
+                "rollout", "web", "1.0.0", "--canary", "1", "--batch", "100%",
+            ],
             DEADLINE,
         )
         .expect_code(0);
     fleet.wait_all_serve("1.0.0", DEADLINE);
     let sent = bytes_sent(&fleet) - before;
-    assert_eq!(sent, 3 * size, "each host fetched the whole artifact from the controller");
+    assert_eq!(
+        sent,
+        3 * size,
+        "each host fetched the whole artifact from the controller"
+    );
 }

@@ -73,12 +73,16 @@ fn switch_mode(fleet: &mut Fleet, port: &str) {
         fleet.restart_agent(name);
     }
     let listening = port != "0";
-    wait_until(RESTART_DEADLINE, "every agent's peer listener as asked", || {
-        names.iter().all(|name| {
-            let addr = (fleet.agent(name).advertise.as_str(), 7702);
-            std::net::TcpStream::connect(addr).is_ok() == listening
-        })
-    });
+    wait_until(
+        RESTART_DEADLINE,
+        "every agent's peer listener as asked",
+        || {
+            names.iter().all(|name| {
+                let addr = (fleet.agent(name).advertise.as_str(), 7702);
+                std::net::TcpStream::connect(addr).is_ok() == listening
+            })
+        },
+    );
     fleet.wait_hosts_ready(names.len());
 }
 
@@ -95,7 +99,13 @@ fn rollout(fleet: &Fleet, version: &str, blob: &[u8]) -> Result<Run> {
     let size = std::fs::metadata(&artifact)?.len();
     fleet
         .ctl_with_deadline(
-            &["release", "create", "web", version, &artifact.display().to_string()],
+            &[
+                "release",
+                "create",
+                "web",
+                version,
+                &artifact.display().to_string(),
+            ],
             ROLLOUT_DEADLINE,
         )
         .expect_code(0);
@@ -104,7 +114,9 @@ fn rollout(fleet: &Fleet, version: &str, blob: &[u8]) -> Result<Run> {
     let start = Instant::now();
     fleet
         .ctl_with_deadline(
-            &["rollout", "web", version, "--canary", "1", "--batch", "100%"],
+            &[
+                "rollout", "web", version, "--canary", "1", "--batch", "100%",
+            ],
             ROLLOUT_DEADLINE,
         )
         .expect_code(0);
@@ -184,10 +196,18 @@ pub fn run(args: &[String]) -> Result<()> {
     if args.json {
         println!("{result}");
     } else {
-        println!("artifact fan-out, {} agents, {} MB (medians of {} pairs)", args.agents, args.size_mb, args.pairs);
+        println!(
+            "artifact fan-out, {} agents, {} MB (medians of {} pairs)",
+            args.agents, args.size_mb, args.pairs
+        );
         println!("  peers : fetch {fetch_s:.2} s, controller egress {egress:.2}x the artifact (target <= 1.5x)");
-        println!("  direct: fetch {direct_s:.2} s, controller egress {direct_egress:.2}x the artifact");
-        println!("  peers / direct wall time: {:.2}x (target <= 1.1x on loopback)", fetch_s / direct_s);
+        println!(
+            "  direct: fetch {direct_s:.2} s, controller egress {direct_egress:.2}x the artifact"
+        );
+        println!(
+            "  peers / direct wall time: {:.2}x (target <= 1.1x on loopback)",
+            fetch_s / direct_s
+        );
     }
     Ok(())
 }
