@@ -18,6 +18,7 @@
 
 use crate::direct_io::ArtifactWriter;
 use crate::model::{digest_hex, DataLayout};
+use crate::peer::{Held, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fleet_proto::pb;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -40,10 +41,6 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITER_QUEUE: usize = 8;
 /// Bytes hashed and then copied at a time: well within a core's own cache.
 const HASH_PIECE: usize = 64 << 10;
-/// The largest gRPC message the agent accepts (one chunk).
-pub const MAX_CHUNK_BYTES: usize = 16 << 20;
-/// The smallest chunk size of the peer protocol the agent accepts.
-pub const MIN_CHUNK_BYTES: u32 = 64 << 10;
 /// Times a fetch asks the controller for more peers after the ones it named were dropped.
 const PEER_ROUNDS: u32 = 3;
 /// Chunks from a peer being checked at once (off the runtime thread).
@@ -78,19 +75,6 @@ pub struct Fetcher {
     peers: Option<crate::peer::PeerClient>,
     /// Downloads under way: digest -> (announced size, bytes of the partial file written).
     under_way: UnderWayMap,
-}
-
-/// What this host holds of an artifact, for the peer server.
-pub enum Held {
-    /// The verified artifact.
-    Complete(PathBuf),
-    /// A download under way: its partial file, the artifact's size and how much is written
-    /// (the sender is dropped when the download ends, either way).
-    Partial {
-        path: PathBuf,
-        size: u64,
-        on_disk: watch::Receiver<u64>,
-    },
 }
 
 /// Downloads under way: digest -> (announced size, bytes of the partial file written).
@@ -138,6 +122,12 @@ impl Fetcher {
     /// What this host holds of the artifact `digest`: the verified file, or a download under
     /// way whose size is known.
     pub fn held(&self, digest: &str) -> Option<Held> {
+        crate::peer::Holdings::held(self, digest)
+    }
+}
+
+impl crate::peer::Holdings for Fetcher {
+    fn held(&self, digest: &str) -> Option<Held> {
         if let Some(path) = self.cached(digest) {
             return Some(Held::Complete(path));
         }
@@ -149,7 +139,9 @@ impl Fetcher {
             on_disk: on_disk.clone(),
         })
     }
+}
 
+impl Fetcher {
     /// The verified artifact for `digest`, if it is in the local cache.
     pub fn cached(&self, digest: &str) -> Option<PathBuf> {
         let path = self.layout.artifact_file(digest_hex(digest));

@@ -155,7 +155,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
                 session_config.peer_port = config.peer_port;
-                let server = peer::PeerServer::new(fetcher.clone(), &data_dir);
+                let server = peer::PeerServer::new(Arc::new(fetcher.clone()), &data_dir);
                 tokio::spawn(async move {
                     if let Err(e) = server.serve(listener, stop_peers_rx).await {
                         tracing::warn!("the peer listener stopped: {e}");

@@ -1,6 +1,6 @@
 //! Artifact chunks between agents (`PeerService`), both halves: the server a host runs on its
 //! advertise address (`--peer-port`, default 7702; 0 turns it off) and the client a fetch uses
-//! ([`crate::fetch`]). Both are mutual TLS with the host's own certificate and the fleet CA
+//! (the `fetch` module). Both are mutual TLS with the host's own certificate and the fleet CA
 //! from `DATA/tls` (read at each connection, so a renewed certificate or a rotated CA is
 //! used at once by the client; the server takes the files of its start). A peer serves a chunk
 //! only to a caller whose agent certificate names the host a valid grant of the controller
@@ -8,16 +8,40 @@
 //! its own releases from peers too. It serves what it holds: the verified artifact, or a
 //! download under way, chunk by chunk as the chunks are written.
 
-use crate::fetch::{Fetcher, Held, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use crate::join::{CA_FILE, CERT_FILE, KEY_FILE, TLS_DIR};
 use fleet_proto::pb;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
+
+/// The largest gRPC message the agent accepts from the controller or a peer (one chunk).
+pub const MAX_CHUNK_BYTES: usize = 16 << 20;
+/// The smallest chunk size of the peer protocol the agent accepts.
+pub const MIN_CHUNK_BYTES: u32 = 64 << 10;
+
+/// What this host holds of an artifact, for the peer server.
+pub enum Held {
+    /// The verified artifact.
+    Complete(PathBuf),
+    /// A download under way: its partial file, the artifact's size and how much is written
+    /// (the sender is dropped when the download ends, either way).
+    Partial {
+        path: PathBuf,
+        size: u64,
+        on_disk: watch::Receiver<u64>,
+    },
+}
+
+/// What the server asks of the artifact cache (the fetcher, which implements it), without
+/// this module knowing the fetcher.
+pub trait Holdings: Send + Sync + 'static {
+    fn held(&self, digest: &str) -> Option<Held>;
+}
 
 /// Downloads a peer serves at once; more are refused (the caller goes to another peer or
 /// to the controller).
@@ -102,13 +126,13 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// The server half: serves what `fetcher` holds.
 pub struct PeerServer {
-    fetcher: Fetcher,
+    fetcher: Arc<dyn Holdings>,
     tls_dir: PathBuf,
     serving: Arc<tokio::sync::Semaphore>,
 }
 
 impl PeerServer {
-    pub fn new(fetcher: Fetcher, data_dir: &Path) -> PeerServer {
+    pub fn new(fetcher: Arc<dyn Holdings>, data_dir: &Path) -> PeerServer {
         PeerServer {
             fetcher,
             tls_dir: data_dir.join(TLS_DIR),
@@ -256,7 +280,9 @@ impl pb::peer_service_server::PeerService for PeerServer {
                     match waited {
                         Ok(Ok(_)) => {}
                         // The download ended: complete (the same file, renamed) or given up.
-                        Ok(Err(_)) if fetcher.cached(&digest).is_some() => on_disk = None,
+                        Ok(Err(_)) if matches!(fetcher.held(&digest), Some(Held::Complete(_))) => {
+                            on_disk = None
+                        }
                         Ok(Err(_)) => {
                             let _ = tx
                                 .send(Err(Status::unavailable("this peer's download failed")))
