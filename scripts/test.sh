@@ -5,10 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The SSH bootstrap tests start a real OpenSSH sshd on loopback (tests/src/sshd.rs); the unit
-# test checks packaging/systemd with systemd-analyze. Install whichever is missing.
+# test checks packaging/systemd with systemd-analyze; the status page test loads the page in a
+# headless Chromium; the contrib/ alert rules are checked with promtool (Debian's prometheus).
+# Install whichever is missing.
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi

@@ -1,6 +1,7 @@
 //! The `fleet-agent` binary: parses flags (or `--config FILE`), sets up tracing to stderr, and
-//! runs [`fleet_agent::run`] on a small runtime until SIGTERM or SIGINT.
-#![forbid(unsafe_code)]
+//! runs [`fleet_agent::run`] on a small runtime until SIGTERM or SIGINT. Before anything
+//! allocates much, it bounds glibc's malloc ([`bound_malloc`]: the one `unsafe` call).
+#![deny(unsafe_code)]
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -54,6 +55,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    bound_malloc();
     // Every file the agent makes (state, logs, artifacts, releases) is private to its user,
     // whatever umask it was started with; the app instances it starts inherit this.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -109,6 +111,38 @@ fn load_config(args: Args) -> anyhow::Result<Config> {
     };
     Ok(Config::build(file, flags)?)
 }
+
+/// Malloc arenas at most (glibc's default is 8 per core).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_ARENA_MAX: i32 = 2;
+/// Allocations from this size up are mapped on their own and given back to the system when
+/// freed (glibc's default threshold starts at 128 KiB but rises to the largest block freed,
+/// so the 1 MiB slices and 4 MiB write blocks of a fetch would stay in the heap after it).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_MMAP_THRESHOLD: i32 = 256 << 10;
+
+/// Bounds glibc's malloc so that the agent's resident memory stays flat across rollouts:
+/// every fetch and unpack runs on a blocking-pool thread, and under glibc's defaults each new
+/// thread got an arena of its own that kept the large buffers it freed, so a long-lived agent
+/// grew by some MiB with every rollout (RELIABILITY.md, "What broke", item 4). Two arenas, and
+/// large buffers mapped on their own, keep it at its first rollout's size. A
+/// `MALLOC_ARENA_MAX` or `MALLOC_MMAP_THRESHOLD_` in the environment wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn bound_malloc() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a tunable of the allocator; it is called first thing in
+        // main, before any other thread exists.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENA_MAX) };
+    }
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: as above.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) };
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn bound_malloc() {}
 
 fn run(config: Config) -> anyhow::Result<()> {
     // One thread is plenty for an agent and keeps its idle footprint small.

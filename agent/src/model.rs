@@ -158,6 +158,16 @@ impl Assignment {
             && self.rollout_id == other.rollout_id
             && self.artifact_digest == other.artifact_digest
     }
+
+    /// Whether an instance started for `self` runs exactly what `other` asks for, whatever the
+    /// rollout: the same release (version, artifact, configuration). The generation is left
+    /// out: every rollout and rollback hands out one of its own.
+    pub fn same_release(&self, other: &Assignment) -> bool {
+        self.version == other.version
+            && self.artifact_digest == other.artifact_digest
+            && self.env == other.env
+            && self.secrets == other.secrets
+    }
 }
 
 /// The instance lifecycle states: the one enum of `fleet-proto` that the controller and

@@ -38,7 +38,11 @@
 //!   group is left when `stopped` is reported.
 //!
 //! An assignment equal to the current one (version, generation, rollout id and digest) changes
-//! nothing unless the app failed, so a reconnect that resends the same state is harmless. A new
+//! nothing unless the app failed, so a reconnect that resends the same state is harmless. After
+//! a failed deploy, an assignment of the release the old instance still runs (the rollback of a
+//! host whose new release failed before replacing it) keeps that instance as it is: it is
+//! reported running under the new assignment, with nothing fetched, written or restarted (so a
+//! host whose disk filled up mid-unpack goes back at once, full disk or not). A new
 //! command arriving while fetching or checking interrupts that step (a download resumes later).
 
 use crate::fetch::Fetcher;
@@ -109,14 +113,20 @@ enum AppCommand {
 pub enum Decision {
     /// Already running (or converging to, or restarting) exactly this: nothing to do.
     Keep,
+    /// The target failed before replacing the instance that runs, and the new assignment is
+    /// that instance's release: it becomes the target's instance as it is.
+    KeepLive,
     /// Fetch, unpack, replace the instance, check.
     Converge,
 }
 
-/// Decides on a new assignment given the current one and the app's last state. Pure.
+/// Decides on a new assignment given the current one, the app's last state and the
+/// assignment of the instance that runs (`live`: the target's own, or the one a failed deploy
+/// left in place). Pure.
 pub fn decide(
     current: Option<&Assignment>,
     state: Option<InstanceState>,
+    live: Option<&Assignment>,
     new: &Assignment,
 ) -> Decision {
     match current {
@@ -128,6 +138,12 @@ pub fn decide(
                 ) =>
         {
             Decision::Keep
+        }
+        // A failed target leaves no process of its own: what runs is the instance before it.
+        _ if state == Some(InstanceState::Failed)
+            && live.is_some_and(|live| live.same_release(new)) =>
+        {
+            Decision::KeepLive
         }
         _ => Decision::Converge,
     }
@@ -342,10 +358,12 @@ impl AppTask {
                     if let Some((saved, instance)) = self.adopted.take() {
                         self.take_over(saved, instance, &assignment).await;
                     }
-                    if decide(self.target.as_ref(), self.state, &assignment) == Decision::Keep {
-                        continue;
+                    let live = self.live.as_ref().map(|live| &live.assignment);
+                    match decide(self.target.as_ref(), self.state, live, &assignment) {
+                        Decision::Keep => continue,
+                        Decision::KeepLive => self.keep_live(assignment),
+                        Decision::Converge => next = self.converge(assignment).await,
                     }
-                    next = self.converge(assignment).await;
                 }
                 Event::Command(AppCommand::Remove) => {
                     self.stop_live("no longer assigned to this host").await;
@@ -427,6 +445,26 @@ impl AppTask {
         if let Err(e) = self.context.store.set_instance(&self.app, saved) {
             tracing::error!(app = %self.app, "{e}");
         }
+    }
+
+    /// Makes the instance that runs (left in place by a failed deploy) the instance of
+    /// `assignment`, which asks for its release: nothing is fetched, written or restarted.
+    fn keep_live(&mut self, assignment: Assignment) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        live.assignment = assignment.clone();
+        let pid = live.instance.pid();
+        self.target = Some(assignment.clone());
+        self.restarts = 0;
+        self.consecutive_crashes = 0;
+        self.report(
+            InstanceState::Running,
+            format!(
+                "pid {pid}: kept running {} (the failed deploy before never replaced it)",
+                assignment.version
+            ),
+        );
     }
 
     /// Brings `assignment` up: fetch, unpack, replace the old instance, start, check.
@@ -986,12 +1024,65 @@ mod tests {
             (assignment("1.0", 1, "r2"), Some(Running), Converge),
         ] {
             assert_eq!(
-                decide(Some(&current), state, &new),
+                decide(Some(&current), state, None, &new),
                 expect,
                 "{new:?} in {state:?}"
             );
         }
-        assert_eq!(decide(None, None, &current), Converge);
+        assert_eq!(decide(None, None, None, &current), Converge);
+    }
+
+    #[test]
+    fn a_failed_deploy_keeps_the_instance_it_never_replaced_when_its_release_comes_back() {
+        use Decision::*;
+        use InstanceState::*;
+        // 1.1 (rollout r2) failed before replacing the instance of 1.0 (rollout r1).
+        let failed = assignment("1.1", 1, "r2");
+        let before = assignment("1.0", 1, "r1");
+        for (state, live, new, expect) in [
+            // The rollback of r2 gives 1.0 back (under a generation of its own, as every
+            // rollout): the instance of 1.0 is kept.
+            (
+                Some(Failed),
+                Some(&before),
+                assignment("1.0", 2, "r2"),
+                KeepLive,
+            ),
+            (
+                Some(Failed),
+                Some(&before),
+                assignment("1.0", 3, "r3"),
+                KeepLive,
+            ),
+            // Another release: deployed as usual.
+            (
+                Some(Failed),
+                Some(&before),
+                assignment("1.2", 3, "r3"),
+                Converge,
+            ),
+            (
+                Some(Failed),
+                Some(&before),
+                assignment("1.1", 1, "r2"),
+                Converge,
+            ),
+            // Nothing runs: deployed as usual.
+            (Some(Failed), None, assignment("1.0", 1, "r2"), Converge),
+            // Only after a failure: a running target is replaced by a new rollout as always.
+            (
+                Some(Running),
+                Some(&before),
+                assignment("1.0", 1, "r3"),
+                Converge,
+            ),
+        ] {
+            assert_eq!(
+                decide(Some(&failed), state, live, &new),
+                expect,
+                "{new:?} in {state:?} with {live:?} running"
+            );
+        }
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! `controller.toml`: where the controller listens, where it keeps its data, and the TLS files
 //! `fleetctl init` made (the fleet CA's certificate and key, the controller's certificate and
 //! key). Read once at start and validated; relative paths are taken relative to the file's own
-//! directory. The controller serves only mutual TLS, so it may listen on any address.
+//! directory. The controller serves only mutual TLS, so it may listen on any address; its
+//! operators' HTTP listener (`http_listen`: metrics, health, the status page) is
+//! unauthenticated, so it stays on loopback unless `http_allow_remote = true`. `[[webhook]]`
+//! entries are checked here too (see `http::webhooks`).
 
+use crate::model::{glob_matches, EVENT_KINDS};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +14,10 @@ use thiserror::Error;
 
 /// The name of the file the controller writes its bound address to, beside `controller.toml`.
 pub const ADDR_FILE: &str = "controller.addr";
+/// The name of the file the controller writes its HTTP listener's bound address to.
+pub const HTTP_ADDR_FILE: &str = "controller.http.addr";
+/// Where `fleetctl init` puts the HTTP listener unless told otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7701";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -51,6 +59,14 @@ pub struct ControllerFile {
     /// decompression bomb is refused at upload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_compression_ratio: Option<u64>,
+    /// How long a client's TLS handshake may take, in milliseconds (default 10000); a
+    /// connection that has not finished it by then is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// How long a connection may leave an answer unread, in milliseconds (default 60000): one
+    /// that took nothing of what the controller has to send it for that long is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_stall_timeout_ms: Option<u64>,
     /// How many events the event log keeps (default 10000); older ones are deleted in batches
     /// as new ones are written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,6 +75,16 @@ pub struct ControllerFile {
     /// days, at least 1 minute); agents renew theirs once two thirds of it passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_certificate_ttl: Option<String>,
+    /// The operators' HTTP listener (`/metrics`, `/healthz`, `/readyz`, the status page), like
+    /// `127.0.0.1:7701`; none when absent. Unauthenticated and read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<String>,
+    /// Allows `http_listen` on an address other machines reach (see SECURITY.md first).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http_allow_remote: bool,
+    /// `[[webhook]]`: where notifications of events go.
+    #[serde(default, rename = "webhook", skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookFile>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -83,7 +109,139 @@ pub struct ControllerConfig {
     pub tls: TlsPaths,
     /// How long the agent certificates the controller signs are valid.
     pub host_certificate_ttl: std::time::Duration,
+    /// `handshake_timeout_ms`: how long a TLS handshake may take.
+    pub handshake_timeout: std::time::Duration,
+    /// `write_stall_timeout_ms`: how long a connection may leave an answer unread.
+    pub write_stall_timeout: std::time::Duration,
+    /// The operators' HTTP listener, if any.
+    pub http: Option<HttpListen>,
+    /// Where the HTTP listener's bound address is written (`controller.http.addr`).
+    pub http_addr_file: PathBuf,
+    /// Checked `[[webhook]]` entries, in file order.
+    pub webhooks: Vec<Webhook>,
 }
+
+/// Where the operators' HTTP listener binds (`http_listen`), and whether a non-loopback
+/// address is allowed (`http_allow_remote`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpListen {
+    pub addr: SocketAddr,
+    pub allow_remote: bool,
+}
+
+/// The body a webhook is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `{"text": ...}`, for Slack, Mattermost and Rocket.Chat incoming webhooks.
+    Slack,
+    /// The event and, for a rollout's events, the rollout (and the same `text`).
+    #[default]
+    Json,
+}
+
+/// A `[[webhook]]` entry as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFile {
+    pub url: String,
+    /// Globs over event kinds (`*` matches anything, dots too): `rollout.*`, `host.lost`.
+    pub events: Vec<String>,
+    #[serde(default)]
+    pub format: Format,
+}
+
+/// A checked webhook.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// Its place in controller.toml, from 1: how messages name it.
+    pub idx: usize,
+    pub url: http::Uri,
+    pub events: Vec<String>,
+    pub format: Format,
+}
+
+impl Webhook {
+    /// Checks a `[[webhook]]` entry: the URL is http(s) with a host, every glob matches some
+    /// event kind.
+    pub fn check(idx: usize, file: &WebhookFile) -> Result<Webhook, String> {
+        let bad_url = |why: &str| {
+            format!(
+                "webhook {idx}: url {:?} {why}: write it like https://hooks.slack.com/services/T0/B0/XXXX or http://127.0.0.1:9000/hook",
+                file.url
+            )
+        };
+        let url: http::Uri = file.url.parse().map_err(|_| bad_url("is not a URL"))?;
+        match url.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err(bad_url("is not http:// or https://")),
+        }
+        if url.host().is_none_or(str::is_empty) {
+            return Err(bad_url("has no host"));
+        }
+        if file.events.is_empty() {
+            return Err(format!(
+                "webhook {idx}: events is empty: name the events to send, like events = [\"rollout.*\", \"host.lost\"]"
+            ));
+        }
+        for glob in &file.events {
+            if !EVENT_KINDS.iter().any(|kind| glob_matches(glob, kind)) {
+                return Err(format!(
+                    "webhook {idx}: events glob {glob:?} matches no event kind; the kinds are {}",
+                    EVENT_KINDS.join(", ")
+                ));
+            }
+        }
+        Ok(Webhook {
+            idx,
+            url,
+            events: file.events.clone(),
+            format: file.format,
+        })
+    }
+
+    /// The URL without its path and query (which may hold a secret).
+    pub fn display_url(&self) -> String {
+        format!(
+            "{}://{}/…",
+            self.url.scheme_str().unwrap_or("http"),
+            self.url.authority().map(|a| a.as_str()).unwrap_or("")
+        )
+    }
+
+    pub fn wants(&self, kind: &str) -> bool {
+        self.events.iter().any(|glob| glob_matches(glob, kind))
+    }
+}
+
+impl ControllerConfig {
+    /// `fleet-controller --http-listen ADDR`: replaces `http_listen`, checked the same way.
+    pub fn override_http_listen(&mut self, text: &str) -> Result<(), String> {
+        let allow_remote = self.http.is_some_and(|h| h.allow_remote);
+        let addr = check_http_listen(text, allow_remote)?;
+        self.http = Some(HttpListen { addr, allow_remote });
+        Ok(())
+    }
+}
+
+/// Parses `http_listen`: `IP:PORT` on a loopback address, or any address with
+/// `http_allow_remote = true`. The listener is unauthenticated.
+pub fn check_http_listen(text: &str, allow_remote: bool) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("http_listen {text:?} is not IP:PORT, like {DEFAULT_HTTP_LISTEN}"))?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(format!(
+            "http_listen {text:?} is not a loopback address: the HTTP listener (metrics, status page) has no authentication; keep it on 127.0.0.1, or set http_allow_remote = true after reading SECURITY.md (\"The operators' HTTP listener\")"
+        ));
+    }
+    Ok(addr)
+}
+
+/// The default `handshake_timeout_ms`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// The default `write_stall_timeout_ms`.
+pub const DEFAULT_WRITE_STALL_TIMEOUT_MS: u64 = 60_000;
 
 /// The default lifetime of a host's certificate.
 pub const DEFAULT_HOST_CERTIFICATE_TTL: std::time::Duration =
@@ -213,7 +371,42 @@ impl ControllerConfig {
         }
         let host_certificate_ttl =
             parse_host_certificate_ttl(file.host_certificate_ttl.as_deref()).map_err(invalid)?;
+        let http = match &file.http_listen {
+            Some(text) => Some(HttpListen {
+                addr: check_http_listen(text, file.http_allow_remote).map_err(invalid)?,
+                allow_remote: file.http_allow_remote,
+            }),
+            None => None,
+        };
+        let webhooks = file
+            .webhooks
+            .iter()
+            .enumerate()
+            .map(|(idx, hook)| Webhook::check(idx + 1, hook))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(invalid)?;
+        let handshake_timeout_ms = file
+            .handshake_timeout_ms
+            .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS);
+        if !(500..=120_000).contains(&handshake_timeout_ms) {
+            return Err(invalid(
+                "handshake_timeout_ms must be between 500 and 120000, like 10000".into(),
+            ));
+        }
+        let write_stall_timeout_ms = file
+            .write_stall_timeout_ms
+            .unwrap_or(DEFAULT_WRITE_STALL_TIMEOUT_MS);
+        if !(500..=3_600_000).contains(&write_stall_timeout_ms) {
+            return Err(invalid(
+                "write_stall_timeout_ms must be between 500 and 3600000, like 60000".into(),
+            ));
+        }
         Ok(ControllerConfig {
+            handshake_timeout: std::time::Duration::from_millis(handshake_timeout_ms),
+            write_stall_timeout: std::time::Duration::from_millis(write_stall_timeout_ms),
+            http,
+            http_addr_file: base.join(HTTP_ADDR_FILE),
+            webhooks,
             max_events,
             host_certificate_ttl,
             listen,
@@ -257,6 +450,58 @@ mod tests {
         assert!(check_listen("10.0.0.1:7700").is_ok());
         assert!(check_listen("localhost").is_err());
         assert!(check_listen("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn http_listen_is_loopback_unless_allowed() {
+        for (text, allow_remote, ok) in [
+            ("127.0.0.1:7701", false, true),
+            ("[::1]:0", false, true),
+            ("127.0.0.5:0", false, true),
+            ("0.0.0.0:7701", false, false),
+            ("10.0.0.1:7701", false, false),
+            ("0.0.0.0:7701", true, true),
+            ("localhost:7701", false, false),
+            ("127.0.0.1", false, false),
+        ] {
+            assert_eq!(
+                check_http_listen(text, allow_remote).is_ok(),
+                ok,
+                "{text} {allow_remote}"
+            );
+        }
+        let error = check_http_listen("0.0.0.0:7701", false).unwrap_err();
+        assert!(error.contains("http_allow_remote = true"), "{error}");
+    }
+
+    #[test]
+    fn webhooks_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        let tls = "ca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        let write = |hook: &str| {
+            std::fs::write(
+                &path,
+                format!(
+                    "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{tls}\n[[webhook]]\n{hook}\n"
+                ),
+            )
+            .unwrap();
+        };
+        write("url = \"http://127.0.0.1:9/hook\"\nevents = [\"rollout.*\"]\nformat = \"slack\"");
+        let config = ControllerConfig::load(&path).unwrap();
+        assert_eq!(config.webhooks.len(), 1);
+        write("url = \"not a url\"\nevents = [\"rollout.*\"]");
+        let error = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("webhook 1") && error.contains("url"),
+            "{error}"
+        );
+        write("url = \"http://127.0.0.1:9/\"\nevents = [\"rolout.*\"]");
+        let error = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("matches no event"), "{error}");
+        write("url = \"http://127.0.0.1:9/\"\nevents = [\"rollout.*\"]\nformat = \"xml\"");
+        assert!(ControllerConfig::load(&path).is_err());
     }
 
     #[test]

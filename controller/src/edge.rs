@@ -16,8 +16,20 @@
 //!   [`Limits::message_deadline`] (a stalled half-sent message holds its buffer), and at most
 //!   [`Limits::streams_per_connection`] streams may be open at once (set on the server).
 //!
+//! - A connection whose TLS handshake fails (garbage instead of a hello) is closed at once; one
+//!   that has not finished its handshake within [`Limits::handshake`] (a hello and then
+//!   nothing) is closed then. Each is logged once, with the peer's address.
+//! - A connection that leaves an answer unread (it asked for an artifact, or follows events, and
+//!   stopped reading: HTTP/2 flow control, or TCP, then stalls the controller's sends) is
+//!   closed once it took nothing of what was waiting for it for [`Limits::write_stall`], and
+//!   logged once with the peer's address, who it is and what it asked for. A response body
+//!   owes the peer data from the moment it handed hyper a frame until hyper asks for the next
+//!   one (which it does only once flow control and the socket took the last); a body with
+//!   nothing to send owes nothing, so an idle session or `events --follow` is never cut.
+//!
 //! Sessions, `events --follow` and the watchers of a paused rollout are idle *between*
-//! messages by design and keep working: only a message left half-sent is cut.
+//! messages by design and keep working: only a message left half-sent, or an answer left
+//! unread, is cut.
 
 use bytes::{Buf, Bytes};
 use std::collections::HashMap;
@@ -58,6 +70,9 @@ pub struct Limits {
     pub message_deadline: Duration,
     /// Concurrent streams per connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub streams_per_connection: u32,
+    /// How long an answer may wait for its peer to take any of it (no write progress while
+    /// something is to be sent) before the connection is closed.
+    pub write_stall: Duration,
 }
 
 impl Default for Limits {
@@ -72,6 +87,7 @@ impl Default for Limits {
             anonymous_call: Duration::from_secs(10),
             message_deadline: Duration::from_secs(60),
             streams_per_connection: 64,
+            write_stall: Duration::from_secs(60),
         }
     }
 }
@@ -192,6 +208,22 @@ pub struct EdgeTcp {
     tcp: TcpStream,
     _slot: Option<AnonymousSlot>,
     end_of_life: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Closes the connection from outside (a stalled answer), once it is handed over.
+    guard: Option<Registered>,
+}
+
+impl EdgeTcp {
+    /// The error every read and write returns once the connection was closed from outside.
+    fn closed_error(&mut self, cx: &Context<'_>) -> Option<std::io::Error> {
+        let guard = &self.guard.as_ref()?.guard;
+        guard.park(cx);
+        guard.is_closed().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "closed by the controller: an answer stayed unread",
+            )
+        })
+    }
 }
 
 impl Connected for EdgeTcp {
@@ -214,6 +246,9 @@ impl AsyncRead for EdgeTcp {
                 return Poll::Ready(Ok(()));
             }
         }
+        if let Some(e) = self.closed_error(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.tcp).poll_read(cx, buf)
     }
 }
@@ -224,6 +259,9 @@ impl AsyncWrite for EdgeTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.closed_error(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
 
@@ -240,11 +278,107 @@ impl AsyncWrite for EdgeTcp {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.closed_error(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.tcp.is_write_vectored()
+    }
+}
+
+/// One connection handed over to the server, as the request layer finds it (by its peer's
+/// address) to close it from outside.
+pub struct ConnectionGuard {
+    peer: std::net::SocketAddr,
+    closed: std::sync::atomic::AtomicBool,
+    /// The connection task's waker, from its last read or write: woken to see it is closed.
+    waker: Mutex<Option<std::task::Waker>>,
+}
+
+impl ConnectionGuard {
+    fn new(peer: std::net::SocketAddr) -> ConnectionGuard {
+        ConnectionGuard {
+            peer,
+            closed: std::sync::atomic::AtomicBool::new(false),
+            waker: Mutex::new(None),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Keeps the waker of the task that polls the connection.
+    fn park(&self, cx: &Context<'_>) {
+        let mut waker = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *waker = Some(cx.waker().clone());
+        }
+    }
+
+    /// Closes the connection (its next read or write fails) and logs why, once.
+    fn close(&self, why: &str) {
+        if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!("closed the connection from {}: {why}", self.peer);
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The connections handed over to the server, by their peer's address.
+#[derive(Default)]
+pub struct Connections {
+    by_peer: Mutex<HashMap<std::net::SocketAddr, Arc<ConnectionGuard>>>,
+}
+
+impl Connections {
+    fn register(self: &Arc<Self>, peer: std::net::SocketAddr) -> Registered {
+        let guard = Arc::new(ConnectionGuard::new(peer));
+        self.by_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, guard.clone());
+        Registered {
+            connections: self.clone(),
+            guard,
+        }
+    }
+
+    fn get(&self, peer: std::net::SocketAddr) -> Option<Arc<ConnectionGuard>> {
+        self.by_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&peer)
+            .cloned()
+    }
+}
+
+/// A connection's place in [`Connections`]; gives it back when the connection is dropped.
+struct Registered {
+    connections: Arc<Connections>,
+    guard: Arc<ConnectionGuard>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut by_peer = self
+            .connections
+            .by_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if by_peer
+            .get(&self.guard.peer)
+            .is_some_and(|g| Arc::ptr_eq(g, &self.guard))
+        {
+            by_peer.remove(&self.guard.peer);
+        }
     }
 }
 
@@ -259,6 +393,7 @@ pub fn incoming(
     listener: TcpListener,
     tls: CurrentTls,
     limits: Limits,
+    connections: Arc<Connections>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<EdgeTcp>>> {
     let (tx, rx) = mpsc::channel(64);
     let anonymous = Arc::new(AnonymousConnections::default());
@@ -283,25 +418,37 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls());
-            let (tx, anonymous) = (tx.clone(), anonymous.clone());
+            let (tx, anonymous, connections) = (tx.clone(), anonymous.clone(), connections.clone());
             tokio::spawn(async move {
                 let stream = EdgeTcp {
                     tcp,
                     _slot: None,
                     end_of_life: None,
+                    guard: None,
                 };
-                let mut tls =
-                    match tokio::time::timeout(limits.handshake, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!("TLS handshake with {peer} failed: {e}");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!("TLS handshake with {peer} took too long");
-                            return;
-                        }
-                    };
+                let mut tls = match tokio::time::timeout(limits.handshake, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    // Closed before it said anything: a port probe, nothing to report.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!("TLS handshake with {peer} failed: {e}");
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(
+                                "closed a connection from {peer}: its TLS handshake failed ({e}); it did not speak TLS, or not with this controller's CA"
+                            );
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                                "closed a connection from {peer}: it did not finish its TLS handshake within {:?}",
+                                limits.handshake
+                            );
+                        return;
+                    }
+                };
                 drop(handshake);
                 let (io, session) = tls.get_mut();
                 let has_certificate = session
@@ -324,6 +471,7 @@ pub fn incoming(
                         }
                     }
                 }
+                tls.get_mut().0.guard = Some(connections.register(peer));
                 let _ = tx.send(Ok(tls)).await;
             });
         }
@@ -362,11 +510,21 @@ fn client_certificate<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
     certs.first().map(|leaf| leaf.as_ref().to_vec())
 }
 
+/// The address of the peer a request came from.
+fn peer_of<B>(request: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.get_ref().remote_addr())
+}
+
 /// The tower layer that applies the per-request limits.
 #[derive(Clone)]
 pub struct EdgeLayer {
     pub limits: Limits,
     pub classify: Classify,
+    /// The connections `incoming` handed over, to close one whose answer stays unread.
+    pub connections: Arc<Connections>,
 }
 
 impl<S> tower::Layer<S> for EdgeLayer {
@@ -377,6 +535,7 @@ impl<S> tower::Layer<S> for EdgeLayer {
             inner,
             limits: self.limits,
             classify: self.classify.clone(),
+            connections: self.connections.clone(),
         }
     }
 }
@@ -386,6 +545,7 @@ pub struct EdgeService<S> {
     inner: S,
     limits: Limits,
     classify: Classify,
+    connections: Arc<Connections>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -398,9 +558,10 @@ where
         + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ResBody: Default + Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<BoxError>,
 {
-    type Response = http::Response<ResBody>;
+    type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
 
@@ -435,6 +596,22 @@ where
         if let Some(status) = refusal {
             return Box::pin(async move { Ok(status.into_http()) });
         }
+        // What a stalled answer is logged with: who asked for what.
+        let stall = peer_of(&request)
+            .and_then(|peer| self.connections.get(peer))
+            .map(|guard| {
+                let who = match &caller {
+                    Caller::Agent(identity) | Caller::Client(identity) => {
+                        format!("`{}`", identity.name)
+                    }
+                    _ => "a client without a certificate".to_string(),
+                };
+                let why = format!(
+                    "{who} asked for {path} and took nothing of the answer for {:?}: it stopped reading",
+                    limits.write_stall
+                );
+                (guard, why)
+            });
         let authenticated = caller != Caller::Anonymous;
         let cap = (!authenticated).then_some(limits.anonymous_request_bytes);
         let mut request = request;
@@ -449,12 +626,20 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let call = inner.call(request);
+        let watched = move |response: http::Response<ResBody>| {
+            response.map(|body| match stall {
+                Some((guard, why)) => {
+                    tonic::body::Body::new(WatchedBody::new(body, guard, why, limits.write_stall))
+                }
+                None => tonic::body::Body::new(body),
+            })
+        };
         if authenticated {
-            return Box::pin(call);
+            return Box::pin(async move { call.await.map(watched) });
         }
         Box::pin(async move {
             match tokio::time::timeout(limits.anonymous_call, call).await {
-                Ok(result) => result,
+                Ok(result) => result.map(watched),
                 Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
                     "a call without a client certificate must finish within {:?}: send the whole request at once (a join is a few kilobytes)",
                     limits.anonymous_call
@@ -593,6 +778,103 @@ impl http_body::Body for GuardedBody {
     }
 }
 
+/// Whether a response body owes its peer data, and since when: from the frame it handed
+/// hyper until hyper asks for the next one.
+#[derive(Default)]
+struct Owed {
+    since: Mutex<Option<tokio::time::Instant>>,
+    /// Wakes the watchdog when the body starts owing, or ends.
+    changed: tokio::sync::Notify,
+    ended: std::sync::atomic::AtomicBool,
+}
+
+/// A response body watched for an answer left unread: once it has owed its peer data for
+/// `stall` without hyper asking for more, its connection is closed ([`ConnectionGuard::close`]).
+struct WatchedBody<B> {
+    inner: B,
+    owed: Arc<Owed>,
+    /// Taken when the watchdog starts, with the body's first frame.
+    watchdog: Option<(Arc<ConnectionGuard>, String, Duration)>,
+}
+
+impl<B> WatchedBody<B> {
+    fn new(inner: B, guard: Arc<ConnectionGuard>, why: String, stall: Duration) -> Self {
+        WatchedBody {
+            inner,
+            owed: Arc::new(Owed::default()),
+            watchdog: Some((guard, why, stall)),
+        }
+    }
+}
+
+/// Closes the connection once `owed` has owed data for `stall`; ends with the body.
+async fn watch_owed(owed: Arc<Owed>, guard: Arc<ConnectionGuard>, why: String, stall: Duration) {
+    use std::sync::atomic::Ordering;
+    while !owed.ended.load(Ordering::Acquire) && !guard.is_closed() {
+        let since = *owed.since.lock().unwrap_or_else(|p| p.into_inner());
+        match since {
+            None => owed.changed.notified().await,
+            Some(since) if since.elapsed() >= stall => {
+                guard.close(&why);
+                return;
+            }
+            Some(since) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(since + stall) => {}
+                    () = owed.changed.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+impl<B> Drop for WatchedBody<B> {
+    fn drop(&mut self) {
+        self.owed
+            .ended
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.owed.changed.notify_one();
+    }
+}
+
+impl<B> http_body::Body for WatchedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        // Asked for more: whatever was owed was taken.
+        *this.owed.since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if frame.data_ref().is_some_and(|d| d.has_remaining()) {
+                *this.owed.since.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(tokio::time::Instant::now());
+                if let Some((guard, why, stall)) = this.watchdog.take() {
+                    tokio::spawn(watch_owed(this.owed.clone(), guard, why, stall));
+                }
+                this.owed.changed.notify_one();
+            }
+        }
+        polled.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -715,6 +997,50 @@ mod tests {
             .unwrap();
         let cut = next(&mut body).await.unwrap().unwrap_err();
         assert!(cut.to_string().contains("at most 1000 bytes"), "{cut}");
+    }
+
+    async fn next_watched(
+        body: &mut WatchedBody<tonic::body::Body>,
+    ) -> Option<Result<http_body::Frame<Bytes>, BoxError>> {
+        std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut *body), cx)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_left_unread_closes_its_connection_and_an_idle_stream_does_not() {
+        let stall = Duration::from_secs(60);
+        let peer: std::net::SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let data = || Ok(http_body::Frame::data(Bytes::from_static(b"abc")));
+        // Nothing to send (an idle session, events with no events): never cut.
+        let idle_guard = Arc::new(ConnectionGuard::new(peer));
+        let (_idle_tx, inner) = body_fed_by_hand();
+        let mut idle = WatchedBody::new(inner, idle_guard.clone(), "idle".into(), stall);
+        assert!(tokio::time::timeout(stall * 3, next_watched(&mut idle))
+            .await
+            .is_err());
+        assert!(!idle_guard.is_closed());
+
+        // An answer taken (hyper asks for more) within the stall, then nothing to send.
+        let guard = Arc::new(ConnectionGuard::new(peer));
+        let (tx, inner) = body_fed_by_hand();
+        let mut body = WatchedBody::new(inner, guard.clone(), "stalled".into(), stall);
+        tx.send(data()).await.unwrap();
+        assert!(next_watched(&mut body).await.unwrap().is_ok());
+        tokio::time::sleep(stall / 2).await;
+        let asked = tokio::time::timeout(Duration::from_millis(1), next_watched(&mut body)).await;
+        assert!(asked.is_err(), "nothing more to send yet");
+        tokio::time::sleep(stall * 2).await;
+        assert!(!guard.is_closed(), "taken, then nothing owed: kept");
+
+        // An answer handed over and never taken: closed at the stall, not before.
+        tx.send(data()).await.unwrap();
+        assert!(next_watched(&mut body).await.unwrap().is_ok());
+        tokio::time::sleep(stall - Duration::from_secs(1)).await;
+        assert!(!guard.is_closed(), "closed before the stall deadline");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(guard.is_closed(), "an answer left unread past the stall");
     }
 
     #[test]

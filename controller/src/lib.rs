@@ -18,6 +18,7 @@ pub mod converge;
 pub mod edge;
 pub mod fleet_state;
 pub mod host_lifecycle;
+pub mod http;
 pub mod model;
 pub mod peers;
 pub mod planner;

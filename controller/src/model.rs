@@ -274,6 +274,26 @@ pub struct WaveHost {
     pub previous_deployment: Option<String>,
     pub result: HostResult,
     pub message: String,
+    /// Where this rollout's rollback stands with the host: `None` until it reaches it. Written
+    /// in the same transaction as the desired state it hands back, so a restarted controller
+    /// goes on with the rollback where it stood.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackMark>,
+}
+
+/// A host's place in its rollout's rollback (see `step::rollback`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackMark {
+    /// Its previous release was handed back; once it runs it again, its result is
+    /// `rolled_back`.
+    Sent,
+    /// The rollback went on without it: its previous release failed, a later change took it
+    /// over, or its batch's deadline passed. Its message says which.
+    NotBack,
+    /// It was lost on its way back: it gets its previous release when it returns, and the
+    /// rollback went on without it.
+    Lost,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -420,6 +440,66 @@ pub struct EventRecord {
     pub app: String,
     pub host: String,
     pub message: String,
+}
+
+/// Every event kind the controller records: what `events` globs must match at least one of.
+pub const EVENT_KINDS: &[&str] = &[
+    "ca.rotation_finished",
+    "ca.rotation_started",
+    "credential.issued",
+    "credential.learned",
+    "credential.revoked",
+    "host.certificate_renewed",
+    "host.connected",
+    "host.converging",
+    "host.disconnected",
+    "host.drained",
+    "host.draining",
+    "host.joined",
+    "host.labeled",
+    "host.labels_ignored",
+    "host.lost",
+    "host.ready",
+    "host.registered",
+    "host.removed",
+    "host.undrained",
+    "instance.crashed",
+    "instance.failed",
+    "join_token.created",
+    "release.created",
+    "release.pruned",
+    "rollback.started",
+    "rollout.aborted",
+    "rollout.failed",
+    "rollout.halted",
+    "rollout.paused",
+    "rollout.recovered",
+    "rollout.resumed",
+    "rollout.rolled_back",
+    "rollout.started",
+    "rollout.succeeded",
+    "store.exported",
+    "webhook.failed",
+];
+
+/// Whether `text` matches `glob`, where `*` matches any run of characters (none too).
+pub fn glob_matches(glob: &str, text: &str) -> bool {
+    let parts: Vec<&str> = glob.split('*').collect();
+    if parts.len() == 1 {
+        return glob == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 #[cfg(test)]

@@ -5,8 +5,10 @@
 //! the rollout record), waits until every host of the wave reported `running` for this
 //! rollout (its smoke checks passed) or until one failed or the deadline passed, and only
 //! then widens. A failure halts the rollout and, unless disabled, puts every host it touched
-//! back on the release it ran before. A restarted controller finds running rollouts in the
-//! store and continues them at the wave they stood at; paused ones stay paused.
+//! back on the release it ran before, in batches that keep to its unavailability budget (the
+//! hosts already down first). A restarted controller finds running rollouts in the store and
+//! continues them at the wave they stood at, or with their rollback where it stood; paused
+//! ones stay paused.
 
 use crate::budget;
 use crate::fleet_state::FleetState;
@@ -235,6 +237,7 @@ async fn start_on(
                     host,
                     previous_version: None,
                     previous_deployment: None,
+                    rollback: None,
                     result: HostResult::Pending,
                     message: String::new(),
                 })
@@ -670,6 +673,19 @@ impl Executor {
     }
 
     async fn drive(&mut self) -> Result<(), StoreError> {
+        // A controller restarted during a rollback goes on with it where the record stands.
+        if step::is_rolling_back(&self.record) {
+            self.emit(format!(
+                "rollout {} halted before the controller restarted: continuing its rollback",
+                self.record.id
+            ));
+            let idx = self
+                .record
+                .current_wave
+                .min(self.record.waves.len().saturating_sub(1));
+            let deadline = self.wave_deadline(idx)?;
+            return self.roll_back(deadline).await;
+        }
         // A controller restarted during the canary pause waits out the rest of it.
         if self.record.hold_until_unix_ms > 0 {
             let left = self.record.hold_until_unix_ms - fleet_proto::now_unix_ms();
@@ -1058,8 +1074,11 @@ impl Executor {
         }
     }
 
-    /// Puts every host this rollout touched back on the release it ran before
-    /// ([`step::plan_rollback`]), and waits for them.
+    /// Puts every host this rollout changed back on the release it ran before, in the batches
+    /// [`step::next_rollback_step`] decides (the hosts already down first, then at most the
+    /// budget at a time), each handed back in one write with the record that says so
+    /// ([`step::send_back`]), and waits for each batch before the next. A controller restarted
+    /// meanwhile comes back here and goes on from the record.
     async fn roll_back(&mut self, deadline: Duration) -> Result<(), StoreError> {
         let app = self.record.app.clone();
         let names: Vec<String> = self
@@ -1069,71 +1088,73 @@ impl Executor {
             .flat_map(|w| &w.hosts)
             .map(|h| h.host.clone())
             .collect();
-        let observed = self.observe(names.iter().map(String::as_str))?;
-        let plan = step::plan_rollback(&self.record, &observed);
-        if plan.touched.is_empty() {
-            self.record.state = RolloutState::RolledBack;
-            let line = format!(
-                "rollout {} halted: no host had taken {}",
-                self.record.id, self.record.version
-            );
-            self.finish(line).await;
-            return Ok(());
+        // Bounded: every round settles at least one host (sent back, then back, failed, lost
+        // or past the deadline), and a round with nothing sent ends the rollback.
+        let rounds = 2 * names.len() + 2;
+        for _ in 0..rounds {
+            let observed = self.observe(names.iter().map(String::as_str))?;
+            match step::next_rollback_step(&self.record, &observed) {
+                step::RollbackStep::NothingToUndo => {
+                    self.record.state = RolloutState::RolledBack;
+                    let line = format!(
+                        "rollout {} halted: no host had taken {}",
+                        self.record.id, self.record.version
+                    );
+                    self.finish(line).await;
+                    return Ok(());
+                }
+                step::RollbackStep::Done => break,
+                step::RollbackStep::Wait => {}
+                step::RollbackStep::Send(batch) => {
+                    let restore = batch.restore;
+                    self.fleet
+                        .update_hosts_for_rollout(
+                            &batch.hosts,
+                            |host, record| {
+                                let back = restore.get(&host.name).cloned().flatten();
+                                step::send_back(record, host, back.as_ref());
+                            },
+                            &mut self.record,
+                        )
+                        .await?;
+                    self.emit(batch.line);
+                }
+            }
+            // Wait until each host of the batch runs its previous release again (or has
+            // stopped the app, failed, or was lost), or its deadline, or an abort: the hosts
+            // sent back still go back, the rollout stops waiting for them.
+            let fleet = self.fleet.clone();
+            let until = tokio::time::Instant::now() + deadline;
+            let mut control = self.control.clone();
+            let settled = tokio::select! {
+                settled = fleet.wait_until(until, || self.note_hosts_back()) => Ok(settled),
+                actor = abort_requested(&mut control) => Err(actor),
+            };
+            match settled {
+                Ok(true) => {}
+                Ok(false) => {
+                    let late = step::rollback_deadline_passed(&mut self.record);
+                    self.save().await?;
+                    self.emit(format!(
+                        "{} not back before the deadline: the rollback goes on without them",
+                        late.join(", ")
+                    ));
+                }
+                Err(actor) => {
+                    self.record.state = RolloutState::Aborted;
+                    self.record.message.push_str(&format!(
+                        "; aborted by {actor} while rolling back: the hosts sent back still go back to their previous releases, nobody waits for them, and the others keep {}: check `fleetctl status {app}`",
+                        self.record.version
+                    ));
+                    let line = format!("rollout {} {}", self.record.id, self.record.message);
+                    self.finish(line).await;
+                    return Ok(());
+                }
+            }
         }
-        self.emit(format!(
-            "rolling back {} to the releases they ran before",
-            plan.hosts.join(", ")
-        ));
-        let snapshot = self.record.clone();
-        self.fleet
-            .update_hosts(
-                &plan.hosts,
-                |host| match plan.restore.get(&host.name) {
-                    // Back to what it ran, as it was given (by a deployment or not).
-                    Some(Some(desired)) => {
-                        host.desired.insert(app.clone(), desired.clone());
-                    }
-                    _ => {
-                        host.desired.remove(&app);
-                    }
-                },
-                Some(&snapshot),
-            )
-            .await?;
-
-        // Wait until each host runs its previous release again (or has stopped the app), or
-        // until someone aborts: the hosts still go back, the rollout stops waiting for them.
-        let touched = plan.touched;
-        let mut lost_hosts: Vec<String> = Vec::new();
-        let fleet = self.fleet.clone();
-        let until = tokio::time::Instant::now() + deadline;
-        let mut control = self.control.clone();
-        let aborted_by = tokio::select! {
-            _ = fleet.wait_until(until, || self.note_hosts_back(&touched, &mut lost_hosts)) => None,
-            actor = abort_requested(&mut control) => Some(actor),
-        };
-        if let Some(actor) = aborted_by {
-            self.record.state = RolloutState::Aborted;
-            self.record.message.push_str(&format!(
-                "; aborted by {actor} while rolling back: the hosts still go back to their previous releases, nobody waits for them: check `fleetctl status {app}`"
-            ));
-            let line = format!("rollout {} {}", self.record.id, self.record.message);
-            self.finish(line).await;
-            return Ok(());
-        }
-        let not_back: Vec<String> = touched
-            .iter()
-            .map(|&(w, h)| &self.record.waves[w].hosts[h])
-            .filter(|e| e.result != HostResult::RolledBack && !lost_hosts.contains(&e.host))
-            .map(|e| e.host.clone())
-            .collect();
         self.record.state = RolloutState::RolledBack;
-        if !not_back.is_empty() {
-            self.record.message.push_str(&format!(
-                "; rollback did not finish on {} before the deadline: check `fleetctl status {}`",
-                not_back.join(", "),
-                app
-            ));
+        if let Some(note) = step::rollback_end_note(&self.record) {
+            self.record.message.push_str(&note);
         }
         let line = format!(
             "rollout {} rolled back: {}",
@@ -1144,21 +1165,21 @@ impl Executor {
     }
 
     /// One look at the hosts a rollback waits on ([`step::note_rollback_progress`]); says
-    /// whether every one is settled.
-    fn note_hosts_back(
-        &mut self,
-        touched: &[(usize, usize)],
-        lost_hosts: &mut Vec<String>,
-    ) -> bool {
-        let waiting: Vec<String> = touched
+    /// whether every one is settled (what settled is saved with the next batch, or the end).
+    fn note_hosts_back(&mut self) -> bool {
+        let waiting: Vec<String> = self
+            .record
+            .waves
             .iter()
-            .map(|&(w, h)| &self.record.waves[w].hosts[h])
-            .filter(|e| e.result != HostResult::RolledBack && !lost_hosts.contains(&e.host))
+            .flat_map(|w| &w.hosts)
+            .filter(|e| {
+                e.rollback == Some(crate::model::RollbackMark::Sent)
+                    && e.result != HostResult::RolledBack
+            })
             .map(|e| e.host.clone())
             .collect();
         let observed = self.observe_waiting(waiting.iter().map(String::as_str));
-        let progress =
-            step::note_rollback_progress(&mut self.record, touched, lost_hosts, &observed);
+        let progress = step::note_rollback_progress(&mut self.record, &observed);
         for line in progress.lines {
             self.emit(line);
         }

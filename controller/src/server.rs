@@ -1,7 +1,8 @@
 //! Runs the controller: opens the store and the artifact store, picks up rollouts a previous
 //! process left under way, serves both gRPC services, and shuts down on one path: the
 //! shutdown future resolves, sessions and follow streams are told, in-flight calls get a
-//! grace period, and a warning says when it ran out.
+//! grace period, and a warning says when it ran out. The operators' HTTP listener and the
+//! webhooks (`http`) start before rollouts are recovered and stop on the same path.
 
 use crate::api::agent_service::AgentApi;
 use crate::api::fleet_service::FleetApi;
@@ -76,6 +77,17 @@ pub async fn run(
     write_addr_file(&config.addr_file, &addr.to_string())?;
     tracing::info!("listening on {addr}");
 
+    // Metrics, health, the status page and webhooks; before recovery, to see its events.
+    let ops = crate::http::start(
+        config.http,
+        &config.http_addr_file,
+        &config.webhooks,
+        &fleet,
+        &rollouts,
+        stop_rx.clone(),
+    )
+    .await?;
+
     let recovered = rollout::recover(&fleet, &rollouts).await?;
     let converger = tokio::spawn(crate::converge::run(
         fleet.clone(),
@@ -102,7 +114,12 @@ pub async fn run(
         shutdown: stop_rx.clone(),
     };
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
-    let limits = edge::Limits::default();
+    let limits = edge::Limits {
+        handshake: config.handshake_timeout,
+        write_stall: config.write_stall_timeout,
+        ..edge::Limits::default()
+    };
+    let connections = Arc::new(edge::Connections::default());
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .max_concurrent_streams(limits.streams_per_connection)
@@ -116,6 +133,7 @@ pub async fn run(
         .initial_connection_window_size(Some(8 << 20))
         .layer(edge::EdgeLayer {
             limits,
+            connections: connections.clone(),
             classify: {
                 let (fleet, trust) = (fleet.clone(), trust.clone());
                 // A connection opened before its certificate's CA was retired is refused too.
@@ -143,6 +161,7 @@ pub async fn run(
                     Arc::new(move || trust.server_tls())
                 },
                 limits,
+                connections,
             ),
             async {
                 let _ = signalled_rx.await;
@@ -183,6 +202,12 @@ pub async fn run(
     if tokio::time::timeout_at(deadline, converger).await.is_err() {
         tracing::warn!("the converger did not stop within {SHUTDOWN_GRACE:?}");
     }
+    for task in ops.tasks {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            tracing::warn!("the HTTP listener or a webhook did not stop within {SHUTDOWN_GRACE:?}");
+            break;
+        }
+    }
     match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(result) => result??,
         Err(_) => tracing::warn!(
@@ -191,6 +216,9 @@ pub async fn run(
     }
     tracing::info!("stopped");
     let _ = std::fs::remove_file(&config.addr_file);
+    if ops.http_addr.is_some() {
+        let _ = std::fs::remove_file(&config.http_addr_file);
+    }
     Ok(())
 }
 

@@ -205,6 +205,11 @@ pub struct InitArgs {
     /// [default: https://LISTEN]
     #[arg(long, value_name = "URL[,URL...]", value_parser = parse_controller_urls)]
     pub url: Option<ControllerUrls>,
+    /// Where the controller serves metrics, /healthz, /readyz and the status page: plain HTTP
+    /// without authentication, so a loopback address (port 0: any free port, written to
+    /// controller.http.addr)
+    #[arg(long, value_name = "ADDR:PORT", default_value = crate::init::DEFAULT_HTTP_LISTEN)]
+    pub http_listen: String,
 }
 
 #[derive(Debug, Subcommand)]

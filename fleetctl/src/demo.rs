@@ -353,7 +353,7 @@ async fn run_steps(
     );
 
     // The controller, configured exactly as `fleetctl init` would.
-    let init_outcome = init::init_dir(&dir, "127.0.0.1:0", None)?;
+    let init_outcome = init::init_dir_with_http(&dir, "127.0.0.1:0", None, "127.0.0.1:0")?;
     fleet.spawn(
         "controller",
         &binaries.controller,
@@ -365,6 +365,10 @@ async fn run_steps(
     let addr = wait_for_controller_addr(fleet, &dir.join("controller.addr")).await?;
     let url = format!("https://{addr}");
     println!("==> controller listening on {addr} (mutual TLS)");
+    if let Ok(http_addr) = wait_for_controller_addr(fleet, &dir.join("controller.http.addr")).await
+    {
+        println!("==> status page and metrics on http://{http_addr}/ (open it in a browser)");
+    }
     let ctx = Context {
         connection: client::connect(&url, &dir).await?,
         output: OutputFormat::Text,

@@ -104,7 +104,37 @@ pub fn init_dir(
     listen: &str,
     urls: Option<&ControllerUrls>,
 ) -> Result<InitOutcome, CliError> {
+    init_dir_with_http(dir, listen, urls, DEFAULT_HTTP_LISTEN)
+}
+
+/// The HTTP listener (metrics, status page) `init` writes unless `--http-listen` says otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7701";
+
+/// Checks `--http-listen`: `IP:PORT` on loopback (the listener has no authentication; a wider
+/// address is a deliberate edit of controller.toml, see SECURITY.md).
+pub fn parse_http_listen(text: &str) -> Result<SocketAddr, CliError> {
+    let addr: SocketAddr = text.trim().parse().map_err(|_| {
+        usage(format!(
+            "--http-listen {text:?} is invalid: write it as IP:PORT, e.g. {DEFAULT_HTTP_LISTEN}"
+        ))
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(usage(format!(
+            "--http-listen {text:?} is not a loopback address: the HTTP listener (metrics, status page) has no authentication; keep it on 127.0.0.1 and put a proxy with authentication in front (see SECURITY.md), or set http_listen and http_allow_remote = true in controller.toml yourself"
+        )));
+    }
+    Ok(addr)
+}
+
+/// [`init_dir`] with the HTTP listener's address (`--http-listen`).
+pub fn init_dir_with_http(
+    dir: &Path,
+    listen: &str,
+    urls: Option<&ControllerUrls>,
+    http_listen: &str,
+) -> Result<InitOutcome, CliError> {
     let addr = parse_listen(listen)?;
+    let http_addr = parse_http_listen(http_listen)?;
     let controller_urls = controller_urls(addr, urls)?;
     std::fs::create_dir_all(dir).map_err(|e| {
         usage(format!(
@@ -157,6 +187,9 @@ pub fn init_dir(
         "# fleet-controller configuration, written by `fleetctl init`.\n\
          # Start the controller with: fleet-controller --config {}\n\
          listen = {}\n\
+         # Metrics (/metrics), /healthz, /readyz and the status page (/): plain HTTP without\n\
+         # authentication, so loopback only unless http_allow_remote = true (see SECURITY.md).\n\
+         http_listen = {}\n\
          # Relative paths are relative to this file's directory.\n\
          data_dir = \"data\"\n\
          # Mutual TLS: the fleet CA (it signs agents' and credentials' certificates) and the\n\
@@ -167,6 +200,7 @@ pub fn init_dir(
          key = \"{CONTROLLER_KEY_FILE}\"\n",
         controller_config.display(),
         toml_string(&addr.to_string()),
+        toml_string(&http_addr.to_string()),
     );
     write_new(&controller_config, &controller_text, 0o644)?;
     write_client_toml(&client_config, &controller_urls)?;
@@ -229,6 +263,31 @@ mod tests {
             assert_eq!(parse_listen(listen).is_ok(), ok, "{listen}");
         }
         assert_eq!(parse_listen("x").unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn the_http_listener_is_loopback_and_written_to_controller_toml() {
+        for (text, ok) in [
+            ("127.0.0.1:7701", true),
+            ("[::1]:0", true),
+            ("127.0.0.1:0", true),
+            ("0.0.0.0:7701", false),
+            ("10.0.0.1:7701", false),
+            ("7701", false),
+        ] {
+            assert_eq!(parse_http_listen(text).is_ok(), ok, "{text}");
+        }
+        assert_eq!(parse_http_listen("0.0.0.0:1").unwrap_err().exit_code(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(&dir.path().join("a"), "127.0.0.1:7700", None).unwrap();
+        init_dir_with_http(&dir.path().join("b"), "127.0.0.1:7700", None, "127.0.0.1:0").unwrap();
+        for (sub, expect) in [("a", DEFAULT_HTTP_LISTEN), ("b", "127.0.0.1:0")] {
+            let config: toml::Table = toml::from_str(
+                &std::fs::read_to_string(dir.path().join(sub).join("controller.toml")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(config["http_listen"].as_str(), Some(expect));
+        }
     }
 
     #[test]

@@ -44,7 +44,12 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Init(init_args) => {
             let dir = init_args.dir.unwrap_or(config_dir);
-            let outcome = init::init_dir(&dir, &init_args.listen, init_args.url.as_ref())?;
+            let outcome = init::init_dir_with_http(
+                &dir,
+                &init_args.listen,
+                init_args.url.as_ref(),
+                &init_args.http_listen,
+            )?;
             if cli.output == OutputFormat::Json {
                 output::print_json(&outcome);
             } else {

@@ -45,6 +45,8 @@ pub struct Agent {
     /// The URL this agent dials when not the controller's listen address: fixed when the agent
     /// is added, so each agent can have its own (a fault proxy of its own) across restarts.
     controller_url: Option<String>,
+    /// A command the agent runs under (`ip netns exec NS`), at this and every restart.
+    exec_prefix: Vec<String>,
 }
 
 /// What one `fleetctl` call did.
@@ -164,6 +166,8 @@ impl Fleet {
             &config_dir.display().to_string(),
             "--listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
         ]
         .iter()
         .chain(more_init_args)
@@ -221,6 +225,23 @@ impl Fleet {
     /// `https://IP:PORT` of the controller (it speaks only mutual TLS).
     pub fn controller_url(&self) -> String {
         format!("https://{}", self.controller_addr)
+    }
+
+    /// `IP:PORT` of the controller's HTTP listener (metrics, health, status page), as it wrote
+    /// it to controller.http.addr.
+    pub fn http_addr(&self) -> String {
+        let file = self.config_dir().join("controller.http.addr");
+        wait_for(
+            CONTROLLER_START_DEADLINE,
+            "the controller to write controller.http.addr",
+            || {
+                let text = std::fs::read_to_string(&file).ok()?;
+                let text = text.trim();
+                text.parse::<std::net::SocketAddr>()
+                    .ok()
+                    .map(|_| text.to_string())
+            },
+        )
     }
 
     pub fn controller_pid(&self) -> u32 {
@@ -387,6 +408,7 @@ impl Fleet {
             env: Vec::new(),
             binary: None,
             controller_url: self.agent_controller_url.clone(),
+            exec_prefix: Vec::new(),
         });
     }
 
@@ -403,6 +425,32 @@ impl Fleet {
         let before = self.agent_controller_url.replace(url.to_string());
         self.add_agent(name);
         self.agent_controller_url = before;
+        self.spawn_agent(name, None);
+    }
+
+    /// Starts a new agent called `name` that dials `url`, advertises `advertise` (instead of
+    /// the next loopback address of the range) and runs under `exec_prefix` (`ip netns exec
+    /// NS`: inside a network namespace), at this and every restart; `prepare` gets its data
+    /// directory (created, empty) before the agent first starts: to mount a small filesystem
+    /// there, say.
+    pub fn start_agent_custom(
+        &mut self,
+        name: &str,
+        url: &str,
+        advertise: Option<&str>,
+        exec_prefix: &[String],
+        prepare: impl FnOnce(&Path),
+    ) {
+        let before = self.agent_controller_url.replace(url.to_string());
+        self.add_agent(name);
+        self.agent_controller_url = before;
+        let agent = self.agent_mut(name);
+        if let Some(advertise) = advertise {
+            agent.advertise = advertise.to_string();
+        }
+        agent.exec_prefix = exec_prefix.to_vec();
+        let data_dir = agent.data_dir.clone();
+        prepare(&data_dir);
         self.spawn_agent(name, None);
     }
 
@@ -430,7 +478,14 @@ impl Fleet {
         };
         let agent = self.agent_mut(name);
         agent.process_started = true;
-        let mut command = Command::new(bin);
+        let mut command = match agent.exec_prefix.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(bin);
+                command
+            }
+            None => Command::new(bin),
+        };
         command
             .arg("--controller")
             .arg(&url)

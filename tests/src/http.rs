@@ -1,5 +1,6 @@
 //! A tiny HTTP/1.1 GET over a std `TcpStream` with timeouts, enough to read what an app instance
-//! serves (`/`, `/healthz`, `/origin`, `/pid`).
+//! serves (`/`, `/healthz`, `/origin`, `/pid`), the controller's HTTP listener and Prometheus'
+//! API (chunked answers included).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -54,7 +55,31 @@ fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
         .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| format!("no status line in {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    if chunked {
+        return Ok((status, dechunk(body)));
+    }
     Ok((status, body.to_string()))
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer (Prometheus' API sends larger ones so).
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            out.push_str(&rest[..size.min(rest.len())]);
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -66,5 +91,7 @@ mod tests {
         let raw = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 3\r\n\r\nno\n";
         assert_eq!(parse_response(raw), Ok((500, "no\n".to_string())));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nFlee\r\n9\r\ntHostLost\r\n0\r\n\r\n";
+        assert_eq!(parse_response(raw), Ok((200, "FleetHostLost".to_string())));
     }
 }

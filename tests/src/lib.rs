@@ -20,11 +20,13 @@
 
 pub mod bench;
 pub mod bins;
+pub mod cgroup;
 pub mod faults;
 pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod net;
+pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod sshd;

@@ -87,12 +87,22 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on `127.0.0.1:0` and forwards to `upstream`; `seed` seeds the byte counts.
     pub fn start(upstream: SocketAddr, seed: u64) -> std::io::Result<Proxy> {
+        Proxy::start_on(std::net::Ipv4Addr::LOCALHOST.into(), upstream, seed)
+    }
+
+    /// Like [`Proxy::start`], listening on `bind:0` (the host's end of a network namespace's
+    /// link, say).
+    pub fn start_on(
+        bind: std::net::IpAddr,
+        upstream: SocketAddr,
+        seed: u64,
+    ) -> std::io::Result<Proxy> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("fault-proxy")
             .enable_all()
             .build()?;
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0"))?;
+        let listener = runtime.block_on(TcpListener::bind((bind, 0)))?;
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(Mode::Pass);
         let shared = Arc::new(Shared {
@@ -117,7 +127,7 @@ impl Proxy {
         self.addr
     }
 
-    /// `https://127.0.0.1:PORT`, the URL to give an agent.
+    /// `https://ADDR:PORT`, the URL to give an agent.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
     }

@@ -18,15 +18,21 @@ pub struct Tmpfs {
 }
 
 impl Tmpfs {
-    /// Mounts a tmpfs of `mib` MiB at `dir` (created if missing); fails unless root.
+    /// Mounts a tmpfs of `mib` MiB at `dir` (created if missing), mode 0700; fails unless root.
     pub fn mount(dir: &Path, mib: u64) -> Result<Tmpfs, String> {
+        Tmpfs::mount_with_mode(dir, mib, 0o700)
+    }
+
+    /// Like [`Tmpfs::mount`] with the root directory's `mode` (0711 for an agent's data
+    /// directory, which apps running as users of their own pass through).
+    pub fn mount_with_mode(dir: &Path, mib: u64, mode: u32) -> Result<Tmpfs, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         mount(
             Some("tmpfs"),
             dir,
             Some("tmpfs"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some(format!("size={mib}m,mode=0700").as_str()),
+            Some(format!("size={mib}m,mode={mode:04o}").as_str()),
         )
         .map_err(|e| format!("mount a tmpfs at {} (needs root): {e}", dir.display()))?;
         Ok(Tmpfs {
@@ -60,6 +66,13 @@ impl Tmpfs {
             }
         }
         written
+    }
+
+    /// The bytes free on the filesystem now.
+    pub fn free_bytes(&self) -> u64 {
+        nix::sys::statvfs::statvfs(&self.dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .unwrap_or(0)
     }
 
     /// Removes the filler file.

@@ -1,6 +1,6 @@
 //! The fault runner's short run: a few faults of `fleet-faults`, each tried twice (the first
 //! two phases of a rollout: right after it starts, and while the canary deploys), every
-//! invariant checked after each try. The long run (`fleet-faults`, 20 tries of every fault)
+//! invariant checked after each try; a host's disk full mid-unpack once (root only). The long run (`fleet-faults`, 20 tries of every fault)
 //! is not part of the suite; its figures are in RELIABILITY.md.
 //!
 //! One invariant is printed here, not asserted: the agents' resident memory within 10% of
@@ -79,5 +79,29 @@ fn a_full_controller_disk_fails_calls_clearly_and_works_once_freed() {
         return;
     }
     assert_eq!(fault_report.tries.len(), 2);
+    assert_held_but_memory(fault_report);
+}
+
+/// A host's data directory (a tmpfs, so root only: skipped otherwise) fills up while it unpacks
+/// the canary's release: the host fails saying so, the rollout rolls back with the reason, the
+/// host's previous instance serves on, nothing of the release stays, and once space is freed
+/// the same release rolls out. One try (the canary's unpack).
+#[test]
+fn a_host_disk_full_mid_unpack_fails_clearly_and_rolls_out_once_freed() {
+    let options = Options {
+        repeat: 1,
+        seed: SEED,
+        faults: vec![Fault::HostDiskFull],
+        only_try: None,
+        verbose: true,
+        jobs: 1,
+    };
+    let reports = faults::run(&options);
+    let fault_report = &reports[0];
+    if let Some(why) = &fault_report.skipped {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    assert_eq!(fault_report.tries.len(), 1);
     assert_held_but_memory(fault_report);
 }

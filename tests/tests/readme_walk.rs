@@ -120,6 +120,13 @@ impl Walk {
                 if args.first().map(String::as_str) == Some("bootstrap") {
                     args = self.bootstrap_args(args);
                 }
+                // The metrics and status page listener on a free port, not the default 7701
+                // that other tests (or a real controller) may hold.
+                if args.first().map(String::as_str) == Some("init")
+                    && !args.iter().any(|a| a == "--http-listen")
+                {
+                    args.extend(["--http-listen".to_string(), "127.0.0.1:0".to_string()]);
+                }
                 let out = self.fleetctl(&args);
                 assert_eq!(
                     out.code, 0,

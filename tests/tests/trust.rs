@@ -160,7 +160,13 @@ fn plaintext_and_certificateless_connections_are_refused() {
     let init = fleetctl(
         &fleet,
         &other,
-        &["init", "--dir", &other.display().to_string()],
+        &[
+            "init",
+            "--dir",
+            &other.display().to_string(),
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
     );
     assert_eq!(init.code, 0, "{}", init.stderr);
     std::fs::copy(fleet.config_dir().join("ca.pem"), other.join("ca.pem")).unwrap();

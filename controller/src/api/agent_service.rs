@@ -473,12 +473,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 let chunk = artifact.slice(at..artifact.len().min(at + CHUNK_BYTES));
                 at += chunk.len();
                 std::hint::black_box(chunk.iter().step_by(PAGE_BYTES).fold(0, |a, b| a ^ b));
-                let n = chunk.len() as u64;
+                let n_bytes = chunk.len() as u64;
                 let message = pb::ArtifactChunk { data: chunk };
                 if tx.blocking_send(Ok(message)).is_err() {
                     return;
                 }
-                crate::peers::count_sent(n);
+                crate::peers::count_sent(n_bytes);
+                crate::http::metrics::note_artifact_bytes_sent(n_bytes);
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

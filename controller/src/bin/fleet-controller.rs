@@ -21,6 +21,10 @@ struct Flags {
     /// The controller.toml written by `fleetctl init`.
     #[arg(long, env = "FLEET_CONTROLLER_CONFIG", required = true)]
     config: Option<PathBuf>,
+    /// Serve metrics, /healthz, /readyz and the status page on this address instead of
+    /// controller.toml's http_listen (port 0: any free port, written to controller.http.addr).
+    #[arg(long, value_name = "ADDR:PORT")]
+    http_listen: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -96,7 +100,10 @@ fn main() -> ExitCode {
             config_dir,
         }) => restore(&from, &data_dir, config_dir.as_deref()),
         Some(Command::IssueAdmin { config, out, name }) => issue_admin(&config, &out, &name),
-        None => run(&flags.config.expect("clap requires --config")),
+        None => run(
+            &flags.config.expect("clap requires --config"),
+            flags.http_listen.as_deref(),
+        ),
     }
 }
 
@@ -117,11 +124,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn run(config_path: &std::path::Path) -> ExitCode {
-    let config = match load_config(config_path) {
+fn run(config_path: &std::path::Path, http_listen: Option<&str>) -> ExitCode {
+    let mut config = match load_config(config_path) {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if let Some(http_listen) = http_listen {
+        if let Err(e) = config.override_http_listen(http_listen) {
+            eprintln!("fleet-controller: --http-listen: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match runtime().block_on(fleet_controller::server::run(
         config,
         fleet_controller::shutdown_signal(),

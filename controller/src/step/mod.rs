@@ -12,14 +12,18 @@
 //!   wave's deadline.
 //! - `settle`: what a wave's end means (widen, pause after the canary, succeed, halt and roll
 //!   back) and what a rollout that succeeded leaves.
-//! - `rollback`: which hosts go back to which release, and when each is back.
+//! - `rollback`: which hosts go back to which release, in which batches (those already down
+//!   first, then at most the budget at a time), and when each is back or left behind.
 
 mod rollback;
 mod settle;
 mod start;
 mod wait;
 
-pub use rollback::{note_rollback_progress, plan_rollback, RollbackPlan, RollbackProgress};
+pub use rollback::{
+    is_rolling_back, next_rollback_step, note_rollback_progress, rollback_deadline_passed,
+    rollback_end_note, send_back, RollbackBatch, RollbackProgress, RollbackStep,
+};
 pub use settle::{settle_wave, succeed, wave_verdict, WaveEnd, WaveVerdict};
 pub use start::{
     explicit_budget, fit_wave, give_release, outside_wave, start_wave, wave_budget_spent, FitWave,
@@ -121,6 +125,7 @@ pub(crate) mod fixtures {
                             host: host.to_string(),
                             previous_version: None,
                             previous_deployment: None,
+                            rollback: None,
                             result: *result,
                             message: String::new(),
                         })

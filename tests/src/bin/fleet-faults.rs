@@ -6,17 +6,31 @@
 //!
 //! ```text
 //! fleet-faults [--repeat K] [--seed S] [--only FAULT[,FAULT]] [--try N] [--jobs J] [--write [PATH]] [--quiet]
+//! fleet-faults --soak DUR [--seed S] [--write [PATH]]
+//! fleet-faults --load [--seed S] [--write [PATH]]
 //! ```
 //!
-//! `--jobs J` tries J faults at once, each on a fleet of its own. Exits 1 when any invariant
-//! broke. The logic is `fleet_tests::faults`; this is flags only.
+//! `--jobs J` tries J faults at once, each on a fleet of its own. `--soak DUR` runs rollouts and
+//! rollbacks back to back on 10 hosts for DUR (`30m`) with a random fault every few seconds
+//! (`faults::soak`); `--load` measures the controller under 200 concurrent reads and 20 uploads
+//! from a CPU-limited load generator (`faults::load`; `--load-worker` is that generator, not
+//! for people). Exits 1 when any invariant broke. The logic is `fleet_tests::faults`; this is
+//! flags only.
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Context, Result};
 use fleet_tests::faults::{self, report, Fault, Options};
 use std::path::PathBuf;
 
-const USAGE: &str = "usage: fleet-faults [--repeat K] [--seed S] [--only FAULT[,FAULT...]] [--try N] [--jobs J] [--write [PATH]] [--quiet]";
+const USAGE: &str = "usage: fleet-faults [--repeat K] [--seed S] [--only FAULT[,FAULT...]] [--try N] [--jobs J] [--write [PATH]] [--quiet]\n       fleet-faults --soak DUR [--seed S] [--write [PATH]]\n       fleet-faults --load [--seed S] [--write [PATH]]";
+
+/// The markers of the soak's and the load run's figures in RELIABILITY.md.
+const SOAK_BEGIN: &str =
+    "<!-- fleet-faults soak: begin (written by `fleet-faults --soak DUR --write`) -->";
+const SOAK_END: &str = "<!-- fleet-faults soak: end -->";
+const LOAD_BEGIN: &str =
+    "<!-- fleet-faults load: begin (written by `fleet-faults --load --write`) -->";
+const LOAD_END: &str = "<!-- fleet-faults load: end -->";
 
 fn main() -> Result<()> {
     let mut options = Options {
@@ -30,7 +44,13 @@ fn main() -> Result<()> {
         jobs: 1,
     };
     let mut write: Option<PathBuf> = None;
+    let mut soak: Option<std::time::Duration> = None;
+    let mut load = false;
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--load-worker") {
+        let spec = args.get(1).context("--load-worker needs its spec")?;
+        return faults::load::worker_main(spec);
+    }
     let mut idx = 0;
     while idx < args.len() {
         let value = |idx: usize| -> Result<&String> {
@@ -77,6 +97,14 @@ fn main() -> Result<()> {
                 idx += 1;
             }
             "--quiet" => options.verbose = false,
+            "--soak" => {
+                let text = value(idx)?;
+                let duration = fleet_proto::duration::parse_duration(text)
+                    .map_err(|e| anyhow::anyhow!("--soak {text}: {e} (like 30m)"))?;
+                soak = Some(duration);
+                idx += 1;
+            }
+            "--load" => load = true,
             "-h" | "--help" => {
                 println!(
                     "{USAGE}\nfaults: {} (and none: the same rollouts without a fault)",
@@ -88,6 +116,42 @@ fn main() -> Result<()> {
         }
         idx += 1;
     }
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let command = format!("fleet-faults {}", args.join(" "));
+    if let Some(duration) = soak {
+        println!("fleet-faults: soak for {duration:?}, seed {}", options.seed);
+        let soak_report = faults::soak::run(duration, options.seed, options.verbose);
+        println!("{}", faults::soak::summary(&soak_report));
+        if let Some(path) = &write {
+            let table = faults::soak::table(&soak_report, &command, build);
+            report::write_between(path, SOAK_BEGIN, SOAK_END, &table)
+                .with_context(|| format!("write {}", path.display()))?;
+            println!("wrote the soak's figures into {}", path.display());
+        }
+        if soak_report.failed_to_start.is_some() || !soak_report.broken.is_empty() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    if load {
+        println!("fleet-faults: load, seed {}", options.seed);
+        let load_report = faults::load::run(options.seed, options.verbose);
+        println!("{}", faults::load::summary(&load_report));
+        if let Some(path) = &write {
+            let table = faults::load::table(&load_report, &command, build);
+            report::write_between(path, LOAD_BEGIN, LOAD_END, &table)
+                .with_context(|| format!("write {}", path.display()))?;
+            println!("wrote the load run's figures into {}", path.display());
+        }
+        if !load_report.broken.is_empty() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     println!(
         "fleet-faults: seed {}, {} tries per fault",
         options.seed,
@@ -98,12 +162,6 @@ fn main() -> Result<()> {
         println!("{}", report::line(fault_report));
     }
     if let Some(path) = write {
-        let command = format!("fleet-faults {}", args.join(" "));
-        let build = if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        };
         let table = report::table(&reports, &command, build);
         report::write_into(&path, &table).with_context(|| format!("write {}", path.display()))?;
         println!("wrote the table into {}", path.display());

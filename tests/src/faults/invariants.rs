@@ -168,7 +168,7 @@ pub fn converged_as_desired(
                 .as_str()?
                 .to_string();
             left.insert(name.to_string(), desired.clone());
-            allowed.contains(&desired.as_str()).then_some(desired)
+            (allowed.is_empty() || allowed.contains(&desired.as_str())).then_some(desired)
         },
         deadline,
     )?;

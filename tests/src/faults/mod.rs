@@ -7,12 +7,19 @@
 //! replay it (`--seed S --only FAULT --try N`: every try draws from a stream of its own), and
 //! the fleet is started afresh for the next try.
 //!
-//! Every wait is bounded; every process is killed by its pid when the bench is dropped.
+//! Beside the tries: [`soak`] (`--soak DUR`: rollouts and rollbacks back to back on 10 hosts
+//! with a random fault every few seconds) and [`load`] (`--load`: the controller under bursts
+//! of client calls from a CPU-limited generator).
+//!
+//! Every wait is bounded; every process is killed by its pid when the bench is dropped, and the
+//! tmpfs mounts and network namespaces it made are removed with it.
 
 pub mod bench;
 pub mod invariants;
+pub mod load;
 pub mod report;
 pub mod rng;
+pub mod soak;
 
 use bench::{Bench, LOST_AFTER};
 use rng::Rng;
@@ -44,11 +51,21 @@ pub enum Fault {
     /// meanwhile must fail with a clear error, and once space is freed the same call must
     /// work and the rollout under way must end as any other. Root only.
     ControllerDiskFull,
+    /// An agent's link to the controller cut for 0.3–8 s inside the network namespace the
+    /// agent runs in (a blackhole route to the controller: packets dropped, connections left
+    /// hanging, not closed as at the proxy). Root only.
+    NetnsLinkCut,
+    /// The data directory (a tmpfs) of the host deploying filled while it unpacks a release
+    /// of 24 MiB in 48 files, until the rollout ended: the host must fail saying so, the
+    /// rollout must halt or roll back with the reason, the host's previous instance serve on,
+    /// no part of the release stay; once space is freed the same release must roll out.
+    /// Root only.
+    HostDiskFull,
 }
 
 impl Fault {
     /// Every fault run by default, in order (`none`, the control, only when asked for).
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 9] = [
         Fault::ControllerKill,
         Fault::AgentKill,
         Fault::AgentStop,
@@ -56,6 +73,8 @@ impl Fault {
         Fault::ArtifactCut,
         Fault::ByteFlip,
         Fault::ControllerDiskFull,
+        Fault::NetnsLinkCut,
+        Fault::HostDiskFull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +87,8 @@ impl Fault {
             Fault::ArtifactCut => "artifact-cut",
             Fault::ByteFlip => "byte-flip",
             Fault::ControllerDiskFull => "controller-disk-full",
+            Fault::NetnsLinkCut => "netns-link-cut",
+            Fault::HostDiskFull => "host-disk-full",
         }
     }
 
@@ -81,6 +102,12 @@ impl Fault {
             Fault::ArtifactCut => "every host's next 2-4 connections cut after 32 KiB-1.5 MiB",
             Fault::ByteFlip => "one bit flipped from the controller on the next 1-3 connections",
             Fault::ControllerDiskFull => "the controller's data directory (tmpfs) full for 0.5-3 s",
+            Fault::NetnsLinkCut => {
+                "agent-controller link cut in the agent's network namespace for 0.3-8 s"
+            }
+            Fault::HostDiskFull => {
+                "the deploying host's data directory (tmpfs) full mid-unpack until the rollout ends"
+            }
         }
     }
 
@@ -92,8 +119,42 @@ impl Fault {
     pub fn may_halt(self) -> bool {
         matches!(
             self,
-            Fault::AgentStop | Fault::LinkCut | Fault::ControllerDiskFull
+            Fault::AgentStop
+                | Fault::LinkCut
+                | Fault::ControllerDiskFull
+                | Fault::NetnsLinkCut
+                | Fault::HostDiskFull
         )
+    }
+
+    /// Why the fault cannot be tried here, if it cannot (it needs root).
+    pub fn unavailable(self) -> Option<String> {
+        match self {
+            Fault::ControllerDiskFull | Fault::HostDiskFull => (!crate::tmpfs::Tmpfs::can_mount())
+                .then(|| "needs root to mount a tmpfs".to_string()),
+            Fault::NetnsLinkCut => crate::netns::unavailable(),
+            _ => None,
+        }
+    }
+
+    /// The fleet the fault is tried on.
+    pub fn setup(self) -> bench::Setup {
+        bench::Setup {
+            controller_disk: self == Fault::ControllerDiskFull,
+            host_disks: self == Fault::HostDiskFull,
+            netns: self == Fault::NetnsLinkCut,
+            ..bench::Setup::default()
+        }
+    }
+
+    /// The phase of try `try_idx`: the phases in turn; a full host disk comes during an
+    /// unpack, the canary's or a later wave's.
+    fn phase_of_try(self, try_idx: u32) -> Phase {
+        match self {
+            Fault::HostDiskFull if try_idx.is_multiple_of(2) => Phase::Canary,
+            Fault::HostDiskFull => Phase::LaterWave,
+            _ => Phase::of_try(try_idx),
+        }
     }
 
     pub fn from_name(name: &str) -> Option<Fault> {
@@ -257,17 +318,17 @@ fn run_fault(fault: Fault, options: &Options) -> FaultReport {
         Some(idx) => vec![idx],
         None => (0..options.repeat).collect(),
     };
-    if fault == Fault::ControllerDiskFull && !crate::tmpfs::Tmpfs::can_mount() {
-        report.skipped = Some("needs root to mount a tmpfs".to_string());
+    if let Some(why) = fault.unavailable() {
+        report.skipped = Some(why);
         return report;
     }
     let mut bench: Option<Bench> = None;
     for try_idx in tries {
         let seed = Rng::try_seed(options.seed, fault.index(), try_idx);
-        let phase = Phase::of_try(try_idx);
+        let phase = fault.phase_of_try(try_idx);
         let started = Instant::now();
         if bench.is_none() {
-            match catch(|| Bench::start(seed, fault == Fault::ControllerDiskFull)) {
+            match catch(|| Bench::start(seed, &fault.setup())) {
                 Ok(fresh) => bench = Some(fresh),
                 Err(why) => {
                     report.tries.push(TryOutcome {
@@ -385,7 +446,12 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
         usage: Default::default(),
     };
     let extra = rng.between(64 * 1024, 1024 * 1024) as usize;
-    let version = match bench.create_release(bad, extra) {
+    let made = if fault == Fault::HostDiskFull {
+        bench.create_release_of(bad, bench::BIG_RELEASE_BYTES, bench::BIG_RELEASE_FILE_BYTES)
+    } else {
+        bench.create_release(bad, extra)
+    };
+    let version = match made {
         Ok(version) => version,
         Err(e) => {
             outcome.broken.push(format!("{e:#}"));
@@ -420,13 +486,15 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
         std::thread::sleep(Duration::from_millis(50));
     }
     let delay = match phase {
+        // The disk fills at the moment the unpack is seen, not at random.
+        _ if fault == Fault::HostDiskFull => Duration::ZERO,
         Phase::Start => rng.millis(0, 300),
         Phase::Rollback => rng.millis(0, 500),
         _ => rng.millis(0, 1_500),
     };
     std::thread::sleep(delay);
     let target = pick_target(bench, phase, &seen, &mut rng);
-    if let Err(e) = inject(bench, fault, &target, &mut rng) {
+    if let Err(e) = inject(bench, fault, &target, &id, &mut rng) {
         broken.push(format!("injecting {}: {e}", fault.name()));
     }
 
@@ -445,6 +513,11 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
     for proxy in &bench.proxies {
         proxy.clear_rules();
         proxy.restore();
+    }
+    for netns in &mut bench.netns {
+        if let Err(e) = netns.restore() {
+            broken.push(format!("restoring {}: {e}", netns.name));
+        }
     }
     outcome.end = end["state"].as_str().unwrap_or("").to_string();
     if matches!(outcome.end.as_str(), "failed" | "rolled_back" | "aborted")
@@ -514,6 +587,12 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
     if let Err(e) = invariants::history(&bench.fleet, &bench.acknowledged) {
         broken.push(e);
     }
+    if fault == Fault::HostDiskFull {
+        match host_disk_full_aftermath(bench, &target, &version, &end) {
+            Ok(note) => outcome.note = note,
+            Err(e) => broken.push(e),
+        }
+    }
     // A process over its memory or files is reported; the fleet itself still works, so the
     // next try goes on with it (and the growth, if it is one, shows in the figures).
     outcome.fleet_sound = broken.is_empty() && !mixed;
@@ -538,8 +617,48 @@ fn pick_target(bench: &Bench, phase: Phase, status: &Value, rng: &mut Rng) -> St
         .unwrap_or_else(|| rng.pick(&bench.host_names()).clone())
 }
 
-fn inject(bench: &mut Bench, fault: Fault, target: &str, rng: &mut Rng) -> Result<(), String> {
+fn inject(
+    bench: &mut Bench,
+    fault: Fault,
+    target: &str,
+    rollout_id: &str,
+    rng: &mut Rng,
+) -> Result<(), String> {
     match fault {
+        Fault::NetnsLinkCut => {
+            let idx = host_index(target);
+            bench.netns[idx].cut()?;
+            std::thread::sleep(rng.millis(300, 8_000));
+            bench.netns[idx].restore()?;
+        }
+        Fault::HostDiskFull => {
+            let idx = host_index(target);
+            let releases = bench
+                .fleet
+                .agent(target)
+                .data_dir
+                .join("releases")
+                .join("web");
+            let until = Instant::now() + UNPACK_DEADLINE;
+            let mut unpacking = false;
+            // Bounded by the deadline; 2 ms apart, so an unpack of a moment is not missed.
+            while Instant::now() < until && !unpacking {
+                unpacking = unpack_dirs(&releases) > 0;
+                if !unpacking {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            if !unpacking {
+                return Err(format!(
+                    "{target} was never seen unpacking within {UNPACK_DEADLINE:?}"
+                ));
+            }
+            let disk = &bench.host_disks[idx];
+            disk.fill();
+            // Full until the rollout ended, so the host cannot simply try again meanwhile.
+            let _ = bench.wait_rollout_end(rollout_id, bench.rollout_deadline());
+            bench.host_disks[idx].free();
+        }
         Fault::Nothing => {}
         Fault::ControllerKill => {
             bench.fleet.kill_controller();
@@ -625,6 +744,89 @@ fn inject(bench: &mut Bench, fault: Fault, target: &str, rng: &mut Rng) -> Resul
         }
     }
     Ok(())
+}
+
+/// How long a full-disk try waits for the host to start unpacking.
+const UNPACK_DEADLINE: Duration = Duration::from_secs(60);
+
+/// `hN` -> `N - 1`.
+fn host_index(name: &str) -> usize {
+    name.trim_start_matches('h')
+        .parse::<usize>()
+        .expect("hosts are named hN")
+        - 1
+}
+
+/// The unpack directories (`.unpack-*`) in an app's releases directory.
+fn unpack_dirs(releases: &std::path::Path) -> usize {
+    std::fs::read_dir(releases).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".unpack-"))
+            .count()
+    })
+}
+
+/// After a host's disk was full mid-unpack: the rollout did not succeed and its record says
+/// why (no space), nothing of the release stays on the host (no unpack directory, no release
+/// directory), and once space is freed the same release rolls out. A note for the report.
+fn host_disk_full_aftermath(
+    bench: &mut Bench,
+    target: &str,
+    version: &str,
+    end: &Value,
+) -> Result<String, String> {
+    let releases = bench
+        .fleet
+        .agent(target)
+        .data_dir
+        .join("releases")
+        .join("web");
+    let mut note = String::new();
+    if end["state"] == "succeeded" {
+        // The unpack ended between the moment it was seen and the disk filling up.
+        note = "the unpack ended before the disk was full".to_string();
+    } else {
+        let said = end.to_string().to_lowercase();
+        if !said.contains("no space") && !said.contains("space left") {
+            return Err(format!(
+                "the rollout's record does not say {target}'s disk was full: {}; {}",
+                end["message"], end["waves"]
+            ));
+        }
+        if unpack_dirs(&releases) > 0 {
+            return Err(format!("{target} kept an unpack directory"));
+        }
+        let prefix = format!("{version}-");
+        let kept = std::fs::read_dir(&releases).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        });
+        if kept {
+            return Err(format!("{target} kept a release directory of {version}"));
+        }
+    }
+    // Space is free again: the same release rolls out.
+    let id = bench
+        .start_rollout(version, false)
+        .map_err(|e| format!("once space was freed: {e:#}"))?;
+    let again = bench
+        .wait_rollout_end(&id, bench.rollout_deadline())
+        .map_err(|e| format!("once space was freed: {e:#}"))?;
+    if again["state"] != "succeeded" {
+        return Err(format!(
+            "once space was freed, rollout {id} of {version} ended {}: {}",
+            again["state"], again["message"]
+        ));
+    }
+    invariants::converged(&bench.fleet, version, CONVERGE_DEADLINE)
+        .map_err(|e| format!("once space was freed, hosts did not all serve {version}: {e}"))?;
+    bench.current_version = version.to_string();
+    if note.is_empty() {
+        note = format!("{target} failed for lack of space; {version} rolled out once it was freed");
+    }
+    Ok(note)
 }
 
 /// Host `name`'s state in `hosts` (`ready`, `lost`, …), if the controller answers.

@@ -143,13 +143,24 @@ pub fn table(reports: &[FaultReport], command: &str, build: &str) -> String {
 
 /// Replaces the text between the markers of `path` (appending markers when it has none).
 pub fn write_into(path: &Path, table: &str) -> std::io::Result<()> {
+    write_between(path, BEGIN_MARKER, END_MARKER, table)
+}
+
+/// Replaces the text between the lines `begin_marker` and `end_marker` of `path` (appending
+/// both with the text when it has none).
+pub fn write_between(
+    path: &Path,
+    begin_marker: &str,
+    end_marker: &str,
+    text: &str,
+) -> std::io::Result<()> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
-    let block = format!("{BEGIN_MARKER}\n{table}{END_MARKER}\n");
-    let new = match (old.find(BEGIN_MARKER), old.find(END_MARKER)) {
+    let block = format!("{begin_marker}\n{text}{end_marker}\n");
+    let new = match (old.find(begin_marker), old.find(end_marker)) {
         (Some(begin), Some(end)) if end > begin => format!(
             "{}{block}{}",
             &old[..begin],
-            old[end + END_MARKER.len()..].trim_start_matches('\n')
+            old[end + end_marker.len()..].trim_start_matches('\n')
         ),
         _ => format!("{old}\n{block}"),
     };
