@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Artifact bytes as `bytes::Bytes`: decoding slices the received buffer instead of
         // copying every chunk once more.
         .bytes(".fleet.v1.ArtifactChunk.data")
+        .bytes(".fleet.v1.PeerChunk.data")
         .bytes(".fleet.v1.CreateReleaseRequest.chunk")
         .compile_fds(descriptors)?;
     Ok(())

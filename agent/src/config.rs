@@ -1,5 +1,6 @@
 //! The agent's configuration: from flags or a TOML file with the same keys (`controller`,
-//! `name`, `advertise`, `data_dir`, `labels = {k = "v"}`, `ca`, `join_token`, `stop_apps_on_exit`), validated
+//! `name`, `advertise`, `data_dir`, `labels = {k = "v"}`, `ca`, `join_token`, `stop_apps_on_exit`,
+//! `peer_port`), validated
 //! before anything starts. The controller speaks only mutual TLS, so its URL is `https://`.
 
 use serde::Deserialize;
@@ -29,7 +30,13 @@ pub struct Config {
     /// Stop every instance when the agent stops (a local fleet); by default they keep running
     /// and the agent's next run adopts them.
     pub stop_apps_on_exit: bool,
+    /// The port this host serves artifact chunks to its peers on, on `advertise`; 0: none
+    /// (every fetch then comes from the controller, and this host serves no peer).
+    pub peer_port: u16,
 }
+
+/// The default `--peer-port`.
+pub const DEFAULT_PEER_PORT: u16 = 7702;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -65,6 +72,8 @@ pub struct ConfigFile {
     /// `stop_apps_on_exit = true`: as `--stop-apps-on-exit`.
     #[serde(default)]
     pub stop_apps_on_exit: bool,
+    /// `peer_port = 7702`: as `--peer-port` (0 turns the peer listener off).
+    pub peer_port: Option<u16>,
 }
 
 impl ConfigFile {
@@ -107,6 +116,8 @@ pub struct ConfigFlags {
     pub join_token: Option<String>,
     /// `--stop-apps-on-exit` (either it or the file turns it on).
     pub stop_apps_on_exit: bool,
+    /// `--peer-port PORT`.
+    pub peer_port: Option<u16>,
 }
 
 impl Config {
@@ -158,6 +169,10 @@ impl Config {
             ca: flags.ca.or(file.ca),
             join_token,
             stop_apps_on_exit: flags.stop_apps_on_exit || file.stop_apps_on_exit,
+            peer_port: flags
+                .peer_port
+                .or(file.peer_port)
+                .unwrap_or(DEFAULT_PEER_PORT),
         })
     }
 }
@@ -191,6 +206,7 @@ mod tests {
             ca: None,
             join_token: None,
             stop_apps_on_exit: false,
+            peer_port: None,
         }
     }
 

@@ -160,6 +160,12 @@ impl ArtifactWriter {
         Ok(())
     }
 
+    /// Bytes of the file already written out (what a reader of the file sees); staged bytes
+    /// are not counted.
+    pub fn on_disk(&self) -> u64 {
+        self.file_offset
+    }
+
     /// Writes the staged bytes. Returns the file for the caller to `sync_all` (which covers
     /// every handle's writes: it syncs the file, not the handle).
     pub fn finish(mut self) -> io::Result<File> {

@@ -6,15 +6,28 @@
 //! partial file's length; the sha256 of the whole file is compared with the digest before the
 //! file is renamed to `DATA/artifacts/<hex>.tar.gz`, so nothing unverified is ever unpacked. A
 //! mismatch deletes the partial file and fails.
+//!
+//! With peers ([`crate::peer`]), a fetch first asks the controller for the artifact's sources
+//! (`ArtifactSources`: the per-chunk sha256 list, a few peers that hold or are fetching it,
+//! and a grant) and takes chunks from those peers in order, each checked against its sha256
+//! before it is written; a peer that sends a bad chunk, or none for [`CHUNK_TIMEOUT`], is
+//! dropped for this fetch. Whatever the peers did not bring comes from the controller as
+//! above, and the whole file's digest is checked all the same. While a download is under way,
+//! [`Fetcher::held`] tells the peer server how much of the partial file is written, so a host
+//! passes chunks on as they arrive.
 
 use crate::direct_io::ArtifactWriter;
 use crate::model::{digest_hex, DataLayout};
+use crate::peer::{Held, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fleet_proto::pb;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
 /// Attempts in a row that brought no new byte before a fetch gives up.
@@ -28,8 +41,10 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITER_QUEUE: usize = 8;
 /// Bytes hashed and then copied at a time: well within a core's own cache.
 const HASH_PIECE: usize = 64 << 10;
-/// The largest gRPC message the agent accepts (one chunk).
-const MAX_CHUNK_BYTES: usize = 16 << 20;
+/// Times a fetch asks the controller for more peers after the ones it named were dropped.
+const PEER_ROUNDS: u32 = 3;
+/// Chunks from a peer being checked at once (off the runtime thread).
+const VERIFY_AHEAD: usize = 4;
 
 #[derive(Debug, Error)]
 pub enum FetchError {
@@ -56,6 +71,35 @@ pub struct Fetcher {
     layout: DataLayout,
     /// One download at a time: two apps of the same release never write one partial file.
     one_at_a_time: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Fetches chunks from peers; `None`: every byte comes from the controller.
+    peers: Option<crate::peer::PeerClient>,
+    /// Downloads under way: digest -> (announced size, bytes of the partial file written).
+    under_way: UnderWayMap,
+}
+
+/// Downloads under way: digest -> (announced size, bytes of the partial file written).
+type UnderWayMap = Arc<Mutex<HashMap<String, (u64, watch::Receiver<u64>)>>>;
+
+/// Forgets a download under way when its fetch ends.
+struct UnderWay {
+    map: UnderWayMap,
+    digest: String,
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.digest);
+    }
+}
+
+/// The whole-file hash of the partial file's first bytes, carried from the peer phase to the
+/// controller's so the file is not read back.
+struct Resume {
+    offset: u64,
+    hasher: Sha256,
 }
 
 impl Fetcher {
@@ -64,9 +108,40 @@ impl Fetcher {
             channel,
             layout,
             one_at_a_time: Default::default(),
+            peers: None,
+            under_way: Default::default(),
         }
     }
 
+    /// Fetches from peers too (see the module's doc).
+    pub fn with_peers(mut self, peers: crate::peer::PeerClient) -> Fetcher {
+        self.peers = Some(peers);
+        self
+    }
+
+    /// What this host holds of the artifact `digest`: the verified file, or a download under
+    /// way whose size is known.
+    pub fn held(&self, digest: &str) -> Option<Held> {
+        crate::peer::Holdings::held(self, digest)
+    }
+}
+
+impl crate::peer::Holdings for Fetcher {
+    fn held(&self, digest: &str) -> Option<Held> {
+        if let Some(path) = self.cached(digest) {
+            return Some(Held::Complete(path));
+        }
+        let under_way = self.under_way.lock().unwrap_or_else(|e| e.into_inner());
+        let (size, on_disk) = under_way.get(digest)?;
+        Some(Held::Partial {
+            path: self.layout.partial_file(digest_hex(digest)),
+            size: *size,
+            on_disk: on_disk.clone(),
+        })
+    }
+}
+
+impl Fetcher {
     /// The verified artifact for `digest`, if it is in the local cache.
     pub fn cached(&self, digest: &str) -> Option<PathBuf> {
         let path = self.layout.artifact_file(digest_hex(digest));
@@ -89,11 +164,44 @@ impl Fetcher {
         let hex = digest_hex(digest);
         let partial = self.layout.partial_file(hex);
         let done = self.layout.artifact_file(hex);
+        // Dropped last (declared first): a peer server waiting for more sees the download end
+        // only once the file was renamed into place (or given up).
+        let progress = Arc::new(watch::channel(0u64).0);
+        let _under_way = (expected_size > 0).then(|| {
+            self.under_way
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(digest.to_string(), (expected_size, progress.subscribe()));
+            UnderWay {
+                map: self.under_way.clone(),
+                digest: digest.to_string(),
+            }
+        });
+        let mut resume = None;
+        if let (Some(peers), true) = (&self.peers, expected_size > 0) {
+            resume = self
+                .fetch_from_peers(
+                    peers,
+                    digest,
+                    expected_size,
+                    &partial,
+                    guard.clone(),
+                    progress.clone(),
+                )
+                .await?;
+        }
         let mut without_progress = 0;
         let mut backoff = Duration::from_millis(200);
         for attempt in 1..=MAX_ATTEMPTS {
             match self
-                .fetch_once(digest, expected_size, &partial, guard.clone())
+                .fetch_once(
+                    digest,
+                    expected_size,
+                    &partial,
+                    guard.clone(),
+                    resume.take(),
+                    progress.clone(),
+                )
                 .await
             {
                 Ok(Attempt::Complete(actual)) => {
@@ -150,6 +258,8 @@ impl Fetcher {
         expected_size: u64,
         partial: &Path,
         guard: std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>,
+        resume: Option<Resume>,
+        progress: Arc<watch::Sender<u64>>,
     ) -> Result<Attempt, FetchError> {
         let io_error = |source| FetchError::Io {
             path: partial.to_path_buf(),
@@ -163,24 +273,19 @@ impl Fetcher {
             tokio::fs::remove_file(partial).await.map_err(io_error)?;
             offset = 0;
         }
-        let hasher = hash_prefix(partial, offset).await.map_err(io_error)?;
-        let file = ArtifactWriter::open(partial, offset, expected_size.saturating_sub(offset))
-            .map_err(io_error)?;
-        // Chunks (shared `Bytes`, no copy) go to a blocking thread that writes and hashes them.
-        let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITER_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            let (mut file, mut hasher) = (file, hasher);
-            while let Some(chunk) = chunk_rx.blocking_recv() {
-                // Piece by piece, so the copy into the write buffer reads what hashing has
-                // just brought into the CPU cache, instead of the whole chunk from memory twice.
-                for piece in chunk.chunks(HASH_PIECE) {
-                    hasher.update(piece);
-                    file.write(piece)?;
-                }
-            }
-            Ok::<_, std::io::Error>((file.finish()?, hasher))
-        });
+        let hasher = match resume {
+            Some(resume) if resume.offset == offset => resume.hasher,
+            _ => hash_prefix(partial, offset).await.map_err(io_error)?,
+        };
+        let (chunks, writer) = spawn_writer(
+            partial,
+            offset,
+            expected_size.saturating_sub(offset),
+            hasher,
+            guard,
+            progress,
+        )
+        .map_err(io_error)?;
 
         let started = std::time::Instant::now();
         let mut written: u64 = 0;
@@ -266,6 +371,271 @@ impl Fetcher {
             "sha256:{}",
             hex::encode(hasher.finalize())
         )))
+    }
+}
+
+/// Starts the blocking thread that writes and hashes the chunks sent to it (shared `Bytes`, no
+/// copy) after the partial file's first `offset` bytes, and tells `progress` how much of the
+/// file is written.
+#[allow(clippy::type_complexity)]
+fn spawn_writer(
+    partial: &Path,
+    offset: u64,
+    expected_rest: u64,
+    hasher: Sha256,
+    guard: std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>,
+    progress: Arc<watch::Sender<u64>>,
+) -> std::io::Result<(
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    tokio::task::JoinHandle<std::io::Result<(std::fs::File, Sha256)>>,
+)> {
+    let file = ArtifactWriter::open(partial, offset, expected_rest)?;
+    progress.send_replace(offset);
+    let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITER_QUEUE);
+    let writer = tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        let (mut file, mut hasher) = (file, hasher);
+        let mut total = offset;
+        while let Some(chunk) = chunk_rx.blocking_recv() {
+            // Piece by piece, so the copy into the write buffer reads what hashing has
+            // just brought into the CPU cache, instead of the whole chunk from memory twice.
+            for piece in chunk.chunks(HASH_PIECE) {
+                hasher.update(piece);
+                file.write(piece)?;
+            }
+            total += chunk.len() as u64;
+            let on_disk = file.on_disk();
+            progress.send_if_modified(|seen| {
+                let grew = on_disk > *seen;
+                *seen = (*seen).max(on_disk);
+                grew
+            });
+        }
+        let file = file.finish()?;
+        progress.send_replace(total);
+        Ok::<_, std::io::Error>((file, hasher))
+    });
+    Ok((chunks, writer))
+}
+
+/// The checked answer of `ArtifactSources`.
+struct Sources {
+    chunk_size: u64,
+    sha256: Vec<[u8; 32]>,
+    peers: Vec<pb::ArtifactPeer>,
+    grant: pb::PeerGrant,
+}
+
+/// Checks the controller's answer against what the assignment announced.
+fn check_sources(answer: pb::ArtifactSourcesResponse, size: u64) -> Result<Sources, String> {
+    let chunk_size = answer.chunk_size;
+    if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES as u32).contains(&chunk_size) {
+        return Err(format!("chunk size {chunk_size} is out of range"));
+    }
+    if answer.size != size {
+        return Err(format!(
+            "the controller says {} bytes, the assignment {size}",
+            answer.size
+        ));
+    }
+    let n = size.div_ceil(chunk_size as u64);
+    if answer.chunk_sha256.len() as u64 != n {
+        return Err(format!(
+            "{} chunk digests for {n} chunks",
+            answer.chunk_sha256.len()
+        ));
+    }
+    let mut sha256 = Vec::with_capacity(n as usize);
+    for digest in &answer.chunk_sha256 {
+        sha256.push(
+            <[u8; 32]>::try_from(digest.as_slice())
+                .map_err(|_| "a chunk digest is not 32 bytes")?,
+        );
+    }
+    let grant = answer.grant.ok_or("no grant")?;
+    Ok(Sources {
+        chunk_size: chunk_size as u64,
+        sha256,
+        peers: answer.peers,
+        grant,
+    })
+}
+
+impl Fetcher {
+    /// Fetches what peers can bring of the artifact into the partial file, every chunk checked
+    /// before it is written. `None` when the controller names no sources (an older
+    /// controller, or an error): the caller fetches everything from the controller; otherwise
+    /// how far the partial file got and its hash so far.
+    async fn fetch_from_peers(
+        &self,
+        peers: &crate::peer::PeerClient,
+        digest: &str,
+        size: u64,
+        partial: &Path,
+        guard: std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>,
+        progress: Arc<watch::Sender<u64>>,
+    ) -> Result<Option<Resume>, FetchError> {
+        let io_error = |source| FetchError::Io {
+            path: partial.to_path_buf(),
+            source,
+        };
+        let client =
+            pb::agent_service_client::AgentServiceClient::new(self.channel.borrow().clone());
+        let ask = |exclude: Vec<String>| {
+            let mut client = client.clone();
+            let digest = digest.to_string();
+            async move {
+                let answer = client
+                    .artifact_sources(pb::ArtifactSourcesRequest {
+                        digest,
+                        exclude_hosts: exclude,
+                    })
+                    .await
+                    .map_err(|status| status_message(&status))?;
+                check_sources(answer.into_inner(), size)
+            }
+        };
+        let sources = match ask(Vec::new()).await {
+            Ok(sources) => sources,
+            Err(why) => {
+                tracing::info!(%digest, "no peer sources, fetching from the controller: {why}");
+                return Ok(None);
+            }
+        };
+        let chunk_size = sources.chunk_size;
+        let n_chunks = sources.sha256.len() as u64;
+        // Whole chunks only: a partial file left mid-chunk is cut back to a chunk's start.
+        let mut offset = match tokio::fs::metadata(partial).await {
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        };
+        if offset > size {
+            offset = 0;
+        }
+        let aligned = offset / chunk_size * chunk_size;
+        if aligned != offset || tokio::fs::metadata(partial).await.is_err() {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(partial)
+                .map_err(io_error)?;
+            file.set_len(aligned).map_err(io_error)?;
+            offset = aligned;
+        }
+        let hasher = hash_prefix(partial, offset).await.map_err(io_error)?;
+        let (chunks, writer) =
+            spawn_writer(partial, offset, size - offset, hasher, guard, progress)
+                .map_err(io_error)?;
+        let mut next = offset / chunk_size;
+        let first = next;
+        let mut peers_left = sources.peers;
+        let mut excluded: Vec<String> = Vec::new();
+        let mut grant = sources.grant;
+        let mut rounds = 0;
+        let started = std::time::Instant::now();
+        'peers: while next < n_chunks {
+            if peers_left.is_empty() {
+                if rounds >= PEER_ROUNDS || excluded.is_empty() {
+                    break;
+                }
+                rounds += 1;
+                match ask(excluded.clone()).await {
+                    Ok(more) if !more.peers.is_empty() && more.sha256 == sources.sha256 => {
+                        peers_left = more.peers;
+                        grant = more.grant;
+                    }
+                    _ => break,
+                }
+            }
+            let peer = peers_left.remove(0);
+            let request = pb::FetchChunksRequest {
+                digest: digest.to_string(),
+                grant: Some(grant.clone()),
+                first_chunk: next as u32,
+                chunk_size: chunk_size as u32,
+            };
+            let mut stream = match peers.fetch_chunks(&peer, request).await {
+                Ok(stream) => stream,
+                Err(why) => {
+                    tracing::info!(%digest, peer = %peer.host_name, "peer cannot serve: {why}");
+                    excluded.push(peer.host_name);
+                    continue;
+                }
+            };
+            let mut checking = std::collections::VecDeque::new();
+            let mut stream_done = false;
+            loop {
+                // Keep up to VERIFY_AHEAD chunks being hashed on the blocking pool.
+                while !stream_done && checking.len() < VERIFY_AHEAD {
+                    match tokio::time::timeout(CHUNK_TIMEOUT, stream.message()).await {
+                        Ok(Ok(Some(chunk))) => {
+                            let expect_index = next + checking.len() as u64;
+                            let bad =
+                                chunk.index as u64 != expect_index || expect_index >= n_chunks;
+                            let expected = if bad {
+                                [0; 32]
+                            } else {
+                                sources.sha256[expect_index as usize]
+                            };
+                            let want_len =
+                                chunk_size.min(size.saturating_sub(expect_index * chunk_size));
+                            let data = chunk.data;
+                            checking.push_back(tokio::task::spawn_blocking(move || {
+                                let ok = !bad
+                                    && data.len() as u64 == want_len
+                                    && <[u8; 32]>::from(Sha256::digest(&data)) == expected;
+                                (ok, data)
+                            }));
+                        }
+                        Ok(Ok(None)) => stream_done = true,
+                        Ok(Err(status)) => {
+                            tracing::info!(%digest, peer = %peer.host_name, "peer stream ended: {}", status_message(&status));
+                            stream_done = true;
+                        }
+                        Err(_) => {
+                            tracing::info!(%digest, peer = %peer.host_name, "peer sent nothing for {CHUNK_TIMEOUT:?}");
+                            stream_done = true;
+                        }
+                    }
+                }
+                let Some(check) = checking.pop_front() else {
+                    break;
+                };
+                let (ok, data) = check
+                    .await
+                    .map_err(|e| io_error(std::io::Error::other(e)))?;
+                if !ok {
+                    tracing::warn!(%digest, peer = %peer.host_name, chunk = next, "peer sent a chunk that does not match its digest: dropped for this fetch");
+                    excluded.push(peer.host_name);
+                    continue 'peers;
+                }
+                if chunks.send(data).await.is_err() {
+                    // The writer stopped on an error; it is reported below.
+                    break 'peers;
+                }
+                next += 1;
+                if next == n_chunks {
+                    break 'peers;
+                }
+            }
+            excluded.push(peer.host_name);
+        }
+        drop(chunks);
+        let (file, hasher) = writer
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e)))?
+            .map_err(io_error)?;
+        drop(file);
+        let offset = (next * chunk_size).min(size);
+        tracing::info!(
+            %digest,
+            from_peers = offset - first * chunk_size,
+            peers_dropped = excluded.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "artifact chunks fetched from peers"
+        );
+        Ok(Some(Resume { offset, hasher }))
     }
 }
 

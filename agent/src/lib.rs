@@ -10,7 +10,10 @@
 //! - [`session`]: the `AgentService.Session` stream, reconnecting forever.
 //! - [`renew`]: the certificate renewed over the agent's own connection before it ends, or
 //!   when the controller asks (CA rotation).
-//! - [`fetch`]: resumable, digest-verified artifact download.
+//! - [`fetch`]: resumable, digest-verified artifact download, chunk by checked chunk from
+//!   peers where they hold it.
+//! - [`peer`]: the peer listener (`--peer-port`) and client: artifact chunks between agents
+//!   over mutual TLS, only against a grant the controller signed.
 //! - [`direct_io`]: artifact files written and read around the page cache.
 //! - [`disk`]: whether a release fits on the data directory's disk before anything is written.
 //! - [`releases`]: unpacking into immutable release directories and pruning old ones.
@@ -24,7 +27,7 @@
 //! - [`removal`]: what a removed host's agent does on the controller's revoked answer (stop
 //!   every instance, purge, disable its unit, exit with [`removal::EXIT_REVOKED`]).
 //!
-//! **Architecture Invariant:** only [`session`], [`fetch`] and [`renew`] speak gRPC; the supervisor sees
+//! **Architecture Invariant:** only [`session`], [`fetch`], [`peer`] and [`renew`] speak gRPC; the supervisor sees
 //! domain types. The agent never writes outside its data directory.
 #![forbid(unsafe_code)]
 
@@ -38,6 +41,7 @@ pub mod hook;
 pub mod instance;
 pub mod join;
 pub mod model;
+pub mod peer;
 pub mod releases;
 pub mod removal;
 pub mod renew;
@@ -141,11 +145,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tokio::sync::watch::channel(session::lazy_channel(&config.controller, &credentials)?);
     let reporter = Arc::new(model::Reporter::new());
     let report_rx = reporter.take_receiver();
+    // The peer listener, bound before the session says hello with its port; one that cannot
+    // bind is reported and left off (fetches then use peers, and peers do not use this host).
+    let (stop_peers_tx, stop_peers_rx) = tokio::sync::watch::channel(false);
+    let mut fetcher = fetch::Fetcher::new(channel.clone(), layout.clone());
+    let mut session_config = session::SessionConfig::from_config(&config);
+    session_config.peer_port = 0;
+    if config.peer_port != 0 {
+        fetcher = fetcher.with_peers(peer::PeerClient::new(&data_dir));
+        let addr = std::net::SocketAddr::new(config.advertise, config.peer_port);
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                session_config.peer_port = config.peer_port;
+                let server = peer::PeerServer::new(Arc::new(fetcher.clone()), &data_dir);
+                tokio::spawn(async move {
+                    if let Err(e) = server.serve(listener, stop_peers_rx).await {
+                        tracing::warn!("the peer listener stopped: {e}");
+                    }
+                });
+                tracing::info!(%addr, "serving artifact chunks to peers");
+            }
+            Err(e) => tracing::warn!(
+                "cannot listen for peers on {addr} ({e}): this host serves no peers (--peer-port 0 turns the listener off)"
+            ),
+        }
+    }
     let context = Arc::new(supervisor::Context {
         layout: layout.clone(),
         host_name: config.host_name.clone(),
         advertise: config.advertise.to_string(),
-        fetcher: fetch::Fetcher::new(channel.clone(), layout.clone()),
+        fetcher,
         reporter: reporter.clone(),
         store: store.clone(),
         stop_apps_on_exit: config.stop_apps_on_exit,
@@ -191,7 +220,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_session_rx.clone(),
     ));
     let mut session_task = tokio::spawn(session::run_session(
-        session::SessionConfig::from_config(&config),
+        session_config,
         channel,
         renew_advice_tx,
         reporter.clone(),
@@ -253,6 +282,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!("the controller session did not close in time");
     }
     let _ = tokio::time::timeout(SESSION_GRACE, renew_task).await;
+    let _ = stop_peers_tx.send(true);
     let _ = tokio::time::timeout(SESSION_GRACE, rotate_task).await;
     drop(supervisor_tx);
     let _ = supervisor_task.await;

@@ -48,6 +48,10 @@ struct Args {
     /// instances keep running and the agent's next run (a restart, an upgrade) adopts them.
     #[arg(long)]
     stop_apps_on_exit: bool,
+    /// The port to serve artifact chunks to peers on, on the advertise address (default
+    /// 7702); 0 serves none, and every fetch comes from the controller.
+    #[arg(long, env = "FLEET_PEER_PORT", value_name = "PORT")]
+    peer_port: Option<u16>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -103,6 +107,7 @@ fn load_config(args: Args) -> anyhow::Result<Config> {
         ca: args.ca,
         join_token: args.join_token,
         stop_apps_on_exit: args.stop_apps_on_exit,
+        peer_port: args.peer_port,
     };
     Ok(Config::build(file, flags)?)
 }

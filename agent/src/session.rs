@@ -46,6 +46,8 @@ pub struct SessionConfig {
     pub advertise: String,
     /// Where the apps' logs are (`crate::app_log`), for the controller's log requests.
     pub logs_dir: std::path::PathBuf,
+    /// Where this host serves peers (0: it does not), told in the hello.
+    pub peer_port: u16,
 }
 
 impl SessionConfig {
@@ -57,6 +59,7 @@ impl SessionConfig {
             logs_dir: std::path::absolute(&config.data_dir)
                 .map(|dir| crate::model::DataLayout::new(&dir).logs_dir())
                 .unwrap_or_else(|_| crate::model::DataLayout::new(&config.data_dir).logs_dir()),
+            peer_port: config.peer_port,
         }
     }
 }
@@ -287,6 +290,7 @@ async fn session_once(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         agent_arch: std::env::consts::ARCH.to_string(),
         instances: instances.iter().map(report_to_pb).collect(),
+        peer_port: config.peer_port.into(),
     };
     let _ = out_tx.try_send(pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(hello)),

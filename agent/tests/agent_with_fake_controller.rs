@@ -86,6 +86,14 @@ impl AgentService for FakeController {
         ))
     }
 
+    async fn artifact_sources(
+        &self,
+        _request: Request<pb::ArtifactSourcesRequest>,
+    ) -> Result<Response<pb::ArtifactSourcesResponse>, Status> {
+        // A controller from before peer fetches: the agent fetches everything from it.
+        Err(Status::unimplemented("no peer fetches here"))
+    }
+
     async fn fetch_artifact(
         &self,
         request: Request<pb::FetchArtifactRequest>,
@@ -294,6 +302,8 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
         join_token: None,
         // As a local fleet runs it: its apps go with it.
         stop_apps_on_exit: true,
+        // Peers on: against this controller, which names none, every fetch falls back to it.
+        peer_port: fleet_agent::config::DEFAULT_PEER_PORT,
     };
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(fleet_agent::run(config, async {

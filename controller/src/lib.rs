@@ -21,6 +21,7 @@ pub mod host_lifecycle;
 pub mod http;
 pub mod log_relay;
 pub mod model;
+pub mod peers;
 pub mod planner;
 pub mod prune;
 pub mod reconnects;

@@ -109,6 +109,7 @@ pub async fn run(
         )),
         reconnects: Arc::default(),
         impostors_logged: Arc::default(),
+        peers: Arc::new(crate::peers::Directory::default()),
     };
     let fleet_api = FleetApi {
         fleet: fleet.clone(),

@@ -135,6 +135,15 @@ impl Authority {
         })
     }
 
+    /// Signs a peer-fetch grant with the CA's key (see [`crate::grant`]).
+    pub fn sign_grant(&self, grant: &crate::grant::Grant) -> Result<Vec<u8>, CaError> {
+        use rcgen::SigningKey;
+        self.issuer
+            .key()
+            .sign(&crate::grant::signed_text(grant))
+            .map_err(CaError::Generate)
+    }
+
     /// The CA certificate (PEM), what every side trusts.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
@@ -227,6 +236,16 @@ impl Authority {
         params.distinguished_name = distinguished_name(name, Some(role));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if role == Role::Agent {
+            // An agent also serves artifact chunks to its peers (mutual TLS both ways): its
+            // certificate is a server's too, under its host name.
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+            params.subject_alt_names = vec![SanType::DnsName(
+                name.try_into().map_err(CaError::Generate)?,
+            )];
+        }
         let (serial_number, serial) = random_serial()?;
         params.serial_number = Some(serial_number);
         let not_after_unix_ms = validity_window(&mut params, validity);

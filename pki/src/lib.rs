@@ -1,5 +1,6 @@
 //! The fleet's public-key infrastructure, the one copy that the controller, `fleetctl` and
-//! the agent share: the fleet CA and what it signs ([`ca`]), keys and certificate requests
+//! the agent share: the fleet CA and what it signs ([`ca`]; [`grant`]: the peer-fetch grants it
+//! signs), keys and certificate requests
 //! ([`request`]), and the identity a certificate carries ([`identity`]: CN = name, OU = role,
 //! the serial that revocation lists), and how long a certificate lives and when it is renewed
 //! ([`lifetime`]).
@@ -10,6 +11,7 @@
 
 pub mod ca;
 pub mod files;
+pub mod grant;
 pub mod identity;
 pub mod lifetime;
 pub mod request;

@@ -45,10 +45,18 @@ pub struct AgentApi {
     /// The certificates (serials) already logged speaking for another host: each is logged
     /// once, however often it tries (every try is refused).
     pub impostors_logged: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Which hosts hold which artifacts and serve them to peers (`ArtifactSources`).
+    pub peers: Arc<crate::peers::Directory>,
 }
 
 /// The most impostor certificates remembered as logged; past it the set starts afresh.
 const IMPOSTORS_REMEMBERED: usize = 10_000;
+
+/// How long a peer-fetch grant is valid: long enough for a large artifact over a slow link,
+/// short enough that a removed host's grant soon means nothing.
+const GRANT_TTL: Duration = Duration::from_secs(15 * 60);
+/// Peers a fetch may say it dropped, at most.
+const MAX_EXCLUDED_PEERS: usize = 64;
 
 /// How many `Join` calls are handled at once; more are told to retry (agents do).
 pub const MAX_CONCURRENT_JOINS: usize = 16;
@@ -116,8 +124,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
-        let hello = match first.and_then(|m| m.body) {
-            Some(AgentBody::Hello(hello)) => check_hello(hello)?,
+        let (hello, peer_port) = match first.and_then(|m| m.body) {
+            Some(AgentBody::Hello(hello)) => {
+                let peer_port = hello.peer_port;
+                (check_hello(hello)?, peer_port)
+            }
             _ => {
                 return Err(Status::invalid_argument(
                     "the first message of a session must be a hello",
@@ -163,6 +174,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map_err(store_status)?
             .and_then(|certificate| certificate.labels);
         let host = hello.name.clone();
+        let advertise: Option<IpAddr> = hello.advertise_addr.parse().ok();
         let Some(session) = self
             .fleet
             .host_connected(hello, joined_labels, &identity.serial)
@@ -179,6 +191,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 purge,
             ));
         };
+        let peers = self.peers.clone();
+        let peer_session = advertise.map(|ip| peers.session_opened(&host, ip, peer_port));
         let (tx, rx) = mpsc::channel::<Outbound>(16);
         let welcome = pb::ControllerMessage {
             body: Some(ControllerBody::Welcome(pb::Welcome {
@@ -306,6 +320,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 }
             }
             logs.detach(&host, session.id);
+            if let Some(token) = peer_session {
+                peers.session_closed(&host, token);
+            }
             fleet.host_disconnected(&host, session.id).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -524,10 +541,66 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 if tx.blocking_send(Ok(message)).is_err() {
                     return;
                 }
+                crate::peers::count_sent(n_bytes);
                 crate::http::metrics::note_artifact_bytes_sent(n_bytes);
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn artifact_sources(
+        &self,
+        request: Request<pb::ArtifactSourcesRequest>,
+    ) -> Result<Response<pb::ArtifactSourcesResponse>, Status> {
+        let identity = auth::require(&self.fleet, &request, Role::Agent)?;
+        let request = request.into_inner();
+        auth::host_scope::require_artifact_of_own_host(&self.fleet, &identity, &request.digest)?;
+        if request.exclude_hosts.len() > MAX_EXCLUDED_PEERS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_EXCLUDED_PEERS} excluded peers"
+            )));
+        }
+        let path = self
+            .fleet
+            .artifacts()
+            .path_of(&request.digest)
+            .ok_or_else(|| Status::invalid_argument("not a sha256 digest"))?;
+        let chunks = self
+            .peers
+            .chunk_list(&request.digest, &path)
+            .await
+            .map_err(|_| Status::not_found(format!("no artifact {}", request.digest)))?;
+        let peers = self
+            .peers
+            .sources(&identity.name, &request.digest, &request.exclude_hosts)
+            .into_iter()
+            .map(|(host_name, addr)| pb::ArtifactPeer {
+                host_name,
+                addr: addr.to_string(),
+            })
+            .collect();
+        let grant = fleet_pki::grant::Grant {
+            host_name: identity.name.clone(),
+            digest: request.digest.clone(),
+            expires_unix_ms: fleet_proto::now_unix_ms() + GRANT_TTL.as_millis() as i64,
+        };
+        let signature = self
+            .trust
+            .authority()
+            .sign_grant(&grant)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ArtifactSourcesResponse {
+            size: chunks.size,
+            chunk_size: chunks.chunk_size,
+            chunk_sha256: chunks.sha256.iter().map(|d| d.to_vec()).collect(),
+            peers,
+            grant: Some(pb::PeerGrant {
+                host_name: grant.host_name,
+                digest: grant.digest,
+                expires_unix_ms: grant.expires_unix_ms,
+                signature,
+            }),
+        }))
     }
 }
 

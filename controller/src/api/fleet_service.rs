@@ -363,6 +363,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             deployments,
             hosts_omitted,
             summary: Some(summary),
+            artifact_bytes_sent: crate::peers::bytes_sent(),
         }))
     }
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! REMOTE_DIR/bin/fleet-agent        the agent binary (replaced atomically)
-//! REMOTE_DIR/agent.toml             0600: controller, name, advertise, data_dir, labels, ca, join_token
+//! REMOTE_DIR/agent.toml             0600: controller, name, advertise, data_dir, labels, ca, join_token, peer_port
 //! REMOTE_DIR/ca.pem                 the fleet CA the agent trusts (with mTLS)
 //! REMOTE_DIR/                       0711: apps (users of their own) pass through to data/
 //! REMOTE_DIR/data/                  the agent's data dir (credentials, releases, instances)
@@ -61,8 +61,14 @@ pub struct AgentConfigFile {
     pub ca: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join_token: Option<String>,
+    /// Where the agent serves artifact chunks to its peers (0: not at all); must come before
+    /// `labels`, a table.
+    pub peer_port: u16,
     pub labels: BTreeMap<String, String>,
 }
+
+/// The port bootstrapped agents serve their peers on (the agent's own default).
+pub const AGENT_PEER_PORT: u16 = 7702;
 
 /// The agent binary to install, with its sha256 (reported, so an audit can tell which build a
 /// host got) computed once for every host.
@@ -127,6 +133,7 @@ impl InstallPlan<'_> {
             data_dir: dir.join("data"),
             ca: self.ca_pem.as_ref().map(|_| dir.join("ca.pem")),
             join_token: join_token.map(str::to_string),
+            peer_port: AGENT_PEER_PORT,
             labels: self.labels.clone(),
         };
         let body = toml::to_string(&file).map_err(|e| InstallError::Config(e.to_string()))?;

@@ -1,4 +1,6 @@
 //! Benchmarks of `fleet-bench` that live in modules of their own (the dispatch stays in
-//! `src/bin/fleet-bench.rs`): [`scale`], many simulated agents on one controller.
+//! `src/bin/fleet-bench.rs`): [`scale`], many simulated agents on one controller; [`fanout`],
+//! artifact fan-out through peers against the direct fetch.
 
+pub mod fanout;
 pub mod scale;

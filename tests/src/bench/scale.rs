@@ -487,6 +487,8 @@ async fn session_once(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         agent_arch: std::env::consts::ARCH.to_string(),
         instances,
+        // Simulated hosts serve no peers: each fetches from the controller.
+        peer_port: 0,
     };
     let _ = tx.try_send(pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(hello)),

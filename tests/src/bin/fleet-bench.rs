@@ -30,6 +30,8 @@
 //!
 //! - `scale --agents N [--output json]`: N simulated agents on one controller (see
 //!   `fleet_tests::bench::scale`); not part of `all`.
+//! - `artifact --agents N --size-mb M [--pairs P] [--output json]`: artifact fan-out through
+//!   peers against the direct fetch ([`fleet_tests::bench::fanout`]).
 //!
 //! Run it with `cargo run --release -p fleet-tests --bin fleet-bench -- [rollout|artifact|memory|bootstrap|start|all]`.
 //! When started by cargo it first runs `cargo build --workspace --bins` for its own profile so
@@ -81,9 +83,14 @@ impl Row {
 
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_string());
+    let rest: Vec<String> = std::env::args().skip(2).collect();
     if which == "scale" {
         build_binaries()?;
-        return fleet_tests::bench::scale::run(&std::env::args().skip(2).collect::<Vec<_>>());
+        return fleet_tests::bench::scale::run(&rest);
+    }
+    if which == "artifact" && !rest.is_empty() {
+        build_binaries()?;
+        return fleet_tests::bench::fanout::run(&rest);
     }
     let parts: &[&str] = match which.as_str() {
         "rollout" => &["rollout"],
