@@ -7,7 +7,8 @@
 #   bash scripts/package.sh           from a release build
 #   bash scripts/package.sh --debug   from the dev profile (faster to build; what the test uses)
 #
-# cargo-deb is installed with `cargo install cargo-deb --locked` when it is missing (minutes).
+# cargo-deb is installed with `cargo install cargo-deb --locked --version 3.8.0` when it is
+# missing (minutes; a version that still builds from the dev profile, which --debug needs).
 # The units are made from packaging/systemd/ (one source for bootstrap and the packages);
 # the completions and manual pages from the fleetctl just built. Exit 3: cargo-deb could not be
 # installed.
@@ -25,18 +26,20 @@ esac
 target="${CARGO_TARGET_DIR:-target}"
 
 if ! cargo deb --version >/dev/null 2>&1; then
-    echo "package.sh: installing cargo-deb (cargo install cargo-deb --locked); this takes minutes" >&2
-    if ! cargo install cargo-deb --locked; then
+    echo "package.sh: installing cargo-deb (cargo install cargo-deb --locked --version 3.8.0); this takes minutes" >&2
+    if ! cargo install cargo-deb --locked --version 3.8.0; then
         echo "package.sh: cargo-deb cannot be installed (see above); no package was built" >&2
         exit 3
     fi
 fi
 
-cargo build --profile "$profile" -p fleet-controller -p fleet-agent -p fleetctl --bins
+# The whole workspace, as the tests build it: the same features, so nothing is built twice.
+cargo build --profile "$profile" --workspace --bins
 bin="$target/$profile_dir"
 
-# What the packages hold beside the binaries, made fresh each time.
-assets="$target/package"
+# What the packages hold beside the binaries, made fresh each time, beside the binaries (the
+# assets' `target/release/` prefix stands for this profile's directory in cargo-deb).
+assets="$bin/package"
 rm -rf "$assets"
 mkdir -p "$assets/systemd" "$assets/completions" "$assets/man"
 
