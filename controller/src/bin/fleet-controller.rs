@@ -117,8 +117,7 @@ fn stderr_is_journal() -> bool {
     let Ok(stat) = nix::sys::stat::fstat(std::io::stderr()) else {
         return false;
     };
-    device.parse::<u64>() == Ok(stat.st_dev as u64)
-        && inode.parse::<u64>() == Ok(stat.st_ino as u64)
+    device.parse() == Ok(stat.st_dev) && inode.parse() == Ok(stat.st_ino)
 }
 
 fn load_config(

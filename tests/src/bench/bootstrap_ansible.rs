@@ -132,10 +132,11 @@ fn works(program: &Path) -> bool {
     process::run_with_deadline(command, Duration::from_secs(120)).code == 0
 }
 
-/// One side's measured round: wall time and where the CPU went.
+/// One side's measured round: wall time, where the CPU went, and how many SSH logins it made.
 struct Round {
     wall: Duration,
     cpu: CpuSplit,
+    logins: usize,
 }
 
 /// Everything the rounds share: the fleet, the sshd, the client key, Ansible's files.
@@ -150,18 +151,29 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// `n` fresh host names, each with a remote dir and an address of its own.
+    /// `n` fresh host names, each with a remote dir of its own and an address of its own
+    /// within the round (the agents of a round are stopped before the next one, and no app
+    /// runs, so rounds reuse the addresses).
     fn fresh_hosts(&mut self, n: usize, label: &str) -> Vec<(String, PathBuf, String)> {
         (0..n)
-            .map(|_| {
+            .map(|idx_in_round| {
                 let idx = self.next_idx;
                 self.next_idx += 1;
                 let name = format!("{label}{idx}");
                 let remote = self.fleet.dir().join("remote").join(&name);
                 self.agents.remote_dirs.push(remote.clone());
-                (name, remote, self.fleet.range.host_addr(idx))
+                (name, remote, self.fleet.range.host_addr(idx_in_round))
             })
             .collect()
+    }
+
+    /// How many logins the sshd accepted so far (its log's `Accepted publickey` lines).
+    fn logins(&self) -> usize {
+        std::fs::read_to_string(self.fleet.dir().join("sshd/sshd.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("Accepted publickey"))
+            .count()
     }
 
     /// `fleetctl bootstrap` of `n` fresh hosts in one command.
@@ -179,13 +191,15 @@ impl Bench<'_> {
             .collect();
         let file = self.dir.join(format!("targets-{label}.txt"));
         std::fs::write(&file, lines)?;
+        let logins_before = self.logins();
         let before = CpuSplit::read(self.fleet, self.sshd.pid(), &[]);
         let wall = timed_bootstrap(self.fleet, self.client, &file)?;
         let dirs: Vec<PathBuf> = hosts.iter().map(|(_, dir, _)| dir.clone()).collect();
         let cpu = CpuSplit::read(self.fleet, self.sshd.pid(), &dirs).minus(&before);
+        let logins = self.logins() - logins_before;
         self.check_registered(&hosts)?;
         dirs.iter().for_each(|dir| kill_remote_agent(dir));
-        Ok(Round { wall, cpu })
+        Ok(Round { wall, cpu, logins })
     }
 
     /// The playbook over `n` fresh hosts; the join tokens are made before the clock starts.
@@ -248,6 +262,7 @@ impl Bench<'_> {
             .env("ANSIBLE_CONFIG", round_dir.join("ansible.cfg"))
             .env("HOME", &round_dir)
             .env_remove("SSH_AUTH_SOCK");
+        let logins_before = self.logins();
         let before = CpuSplit::read(self.fleet, self.sshd.pid(), &[]);
         let start = Instant::now();
         let finished = process::run_with_deadline(command, LONG_CTL_DEADLINE);
@@ -262,6 +277,7 @@ impl Bench<'_> {
         }
         let dirs: Vec<PathBuf> = hosts.iter().map(|(_, dir, _)| dir.clone()).collect();
         let cpu = CpuSplit::read(self.fleet, self.sshd.pid(), &dirs).minus(&before);
+        let logins = self.logins() - logins_before;
         self.check_registered(&hosts)?;
         dirs.iter().for_each(|dir| kill_remote_agent(dir));
         // The play's SSH control masters (ControlPersist) are told to exit now.
@@ -275,7 +291,7 @@ impl Bench<'_> {
                 .arg("127.0.0.1");
             let _ = process::run_with_deadline(exit, Duration::from_secs(10));
         }
-        Ok(Round { wall, cpu })
+        Ok(Round { wall, cpu, logins })
     }
 
     /// Every host of a round is registered and connected (checked after the clock stopped).
@@ -368,6 +384,12 @@ pub fn run() -> Result<Vec<Row>> {
         let sum = |pick: fn(&CpuSplit) -> Duration| -> Duration {
             rounds.iter().map(|r| pick(&r.cpu)).sum::<Duration>() / n_host_rounds
         };
+        let logins: usize = rounds.iter().map(|r| r.logins).sum();
+        rows.push(Row::info(
+            BENCH,
+            format!("{side}: SSH logins per host"),
+            format!("{:.1}", logins as f64 / f64::from(n_host_rounds)),
+        ));
         for (what, per_host) in [
             (
                 "sshd peer (sessions, shell, tar or python)",
