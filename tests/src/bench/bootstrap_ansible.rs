@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 const BENCH: &str = "bootstrap-ansible";
 const HOSTS: usize = 10;
-const PAIRS: usize = 5;
+const PAIRS: usize = 3;
 const TARGET_SPEEDUP: f64 = 5.0;
 /// The Ansible release line installed from PyPI.
 const ANSIBLE_REQUIREMENT: &str = "ansible-core>=2.16,<2.19";
