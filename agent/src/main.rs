@@ -1,6 +1,7 @@
-//! The `fleet-agent` binary: parses flags (or `--config FILE`), sets up tracing to stderr, and
-//! runs [`fleet_agent::run`] on a small runtime until SIGTERM or SIGINT. Before anything
-//! allocates much, it bounds glibc's malloc ([`bound_malloc`]: the one `unsafe` call).
+//! The `fleet-agent` binary: parses flags (or `--config FILE`), sets up tracing to stderr (no
+//! timestamps of its own when stderr is the journal), and runs [`fleet_agent::run`] on a small
+//! runtime until SIGTERM or SIGINT. Before anything allocates much, it bounds glibc's malloc
+//! ([`bound_malloc`]: the one `unsafe` call).
 #![deny(unsafe_code)]
 
 use anyhow::Context as _;
@@ -60,14 +61,18 @@ fn main() -> std::process::ExitCode {
     // whatever umask it was started with; the app instances it starts inherit this.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args = Args::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        );
+    if stderr_is_journal() {
+        logs.without_time().with_ansi(false).init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let config = match load_config(args) {
         Ok(config) => config,
         Err(e) => {
@@ -91,6 +96,22 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(1)
         }
     }
+}
+
+/// Whether stderr is systemd's journal: `JOURNAL_STREAM` (set by systemd for a service whose
+/// output goes to the journal) names the device and inode of that stream, and stderr is it.
+/// The journal stamps every line itself, so the log lines then carry no time of their own.
+fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((device, inode)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
+    device.parse() == Ok(stat.st_dev) && inode.parse() == Ok(stat.st_ino)
 }
 
 fn load_config(args: Args) -> anyhow::Result<Config> {

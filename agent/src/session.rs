@@ -324,6 +324,11 @@ async fn session_once(
                         Some(pb::controller_message::Body::Welcome(welcome)) => {
                             if !welcomed {
                                 tracing::info!(host = %config.host_name, "connected to the controller");
+                                // Under systemd (Type=notify): ready once a session is up
+                                // (again after a reconnect, which systemd ignores).
+                                if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+                                    tracing::warn!("cannot tell systemd the agent is ready (NOTIFY_SOCKET): {e}");
+                                }
                             }
                             welcomed = true;
                             if welcome.heartbeat_interval_ms > 0 {

@@ -237,9 +237,12 @@ impl FleetState {
         self.store.get_host(name)
     }
 
-    /// Every host, ordered by name.
+    /// Every host, in natural order of names.
     pub fn host_records(&self) -> Result<Vec<HostRecord>, StoreError> {
-        self.store.list_hosts()
+        let mut hosts = self.store.list_hosts()?;
+        // `web-2` before `web-10`, as every list of hosts is shown.
+        hosts.sort_by(|a, b| fleet_proto::names::natural_cmp(&a.name, &b.name));
+        Ok(hosts)
     }
 
     pub fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>, StoreError> {

@@ -161,22 +161,31 @@ pub async fn start(
     start_on(fleet, rollouts, request, None).await
 }
 
-/// Starts a rollout over the hosts the selector matches, narrowed to `only` when given (a
-/// rollback goes only to the hosts that run the app).
-async fn start_on(
-    fleet: &Arc<FleetState>,
-    rollouts: &Arc<Rollouts>,
-    request: StartRequest,
-    only: Option<Vec<String>>,
-) -> Result<(RolloutRecord, broadcast::Receiver<Progress>), RolloutError> {
+/// A rollout as planned before anything is written: its waves and budget.
+struct Planned {
+    waves: Vec<Wave>,
+    /// The hosts it goes to, in rollout order.
+    host_names: Vec<String>,
+    /// Matching hosts left out because they are drained.
+    drained: Vec<String>,
+    max_unavailable: usize,
+    /// The selected hosts without a healthy instance already, each with why.
+    unavailable_at_start: Vec<String>,
+    /// Each selected host's desired release of the app now, by host.
+    desired_now: HashMap<String, String>,
+}
+
+/// Plans a rollout over the hosts the selector matches, narrowed to `only` when given (a
+/// rollback goes only to the hosts that run the app). Reads only: a dry run shows this plan.
+fn plan(
+    fleet: &FleetState,
+    app: &str,
+    version: &str,
+    policy: &RolloutPolicy,
+    only: Option<&[String]>,
+) -> Result<Planned, RolloutError> {
     let is_rollback = only.is_some();
-    let StartRequest {
-        app,
-        version,
-        policy,
-        actor,
-    } = request;
-    if fleet.release(&app, &version)?.is_none() {
+    if fleet.release(app, version)?.is_none() {
         return Err(RolloutError::NotFound(format!(
             "release {app}@{version} does not exist: create it with `fleetctl release create {app} {version} ARTIFACT`"
         )));
@@ -186,14 +195,14 @@ async fn start_on(
         .host_records()?
         .into_iter()
         .filter(|h| planner::matches(&policy.selector, &h.labels))
-        .filter(|h| only.as_ref().is_none_or(|only| only.contains(&h.name)))
+        .filter(|h| only.is_none_or(|only| only.contains(&h.name)))
         .collect();
     // What already spends the unavailability budget: (host, why).
     let down_at_start: Vec<(String, String)> = all_selected
         .iter()
         .filter_map(|h| {
-            let instance = fleet.instance(&h.name, &app);
-            budget::unavailable(h, &app, instance.as_ref(), fleet.is_lost(h))
+            let instance = fleet.instance(&h.name, app);
+            budget::unavailable(h, app, instance.as_ref(), fleet.is_lost(h))
                 .map(|why| (h.name.clone(), why))
         })
         .collect();
@@ -201,11 +210,15 @@ async fn start_on(
         .iter()
         .map(|(host, why)| format!("{host}: {why}"))
         .collect();
+    let desired_now: HashMap<String, String> = all_selected
+        .iter()
+        .filter_map(|h| Some((h.name.clone(), h.desired.get(app)?.version.clone())))
+        .collect();
     let n_selected = all_selected.len();
     let (drained, selected): (Vec<_>, Vec<_>) =
         all_selected.into_iter().partition(|h| h.drain.is_some());
     let mut host_names: Vec<String> = selected.into_iter().map(|h| h.name).collect();
-    host_names.sort();
+    fleet_proto::names::sort_naturally(&mut host_names);
     let drained: Vec<String> = drained.into_iter().map(|h| h.name).collect();
     if host_names.is_empty() && !drained.is_empty() {
         return Err(RolloutError::Invalid(format!(
@@ -269,6 +282,100 @@ async fn start_on(
             state: WaveState::Pending,
         })
         .collect();
+    Ok(Planned {
+        waves,
+        host_names,
+        drained,
+        max_unavailable,
+        unavailable_at_start,
+        desired_now,
+    })
+}
+
+/// The id a dry run's record carries: it is never stored.
+pub const DRY_RUN_ID: &str = "dry-run";
+
+/// `rollout --dry-run`: the plan a start would make now (waves, hosts, budget), refused for
+/// the same reasons a start would be, and nothing written, reserved or sent. Each wave host's
+/// `previous_version` is the release it runs now.
+pub fn dry_run(
+    fleet: &FleetState,
+    rollouts: &Rollouts,
+    request: StartRequest,
+) -> Result<Progress, RolloutError> {
+    let StartRequest {
+        app,
+        version,
+        policy,
+        actor,
+    } = request;
+    let mut planned = plan(fleet, &app, &version, &policy, None)?;
+    if let Some(id) = rollouts.active_for_app(&app) {
+        return Err(RolloutError::Conflict(format!(
+            "rollout {id} of {app} is still under way: wait for it (`fleetctl rollout status {id}`) or stop it with `fleetctl rollout abort {id}`"
+        )));
+    }
+    for wave_host in planned.waves.iter_mut().flat_map(|w| w.hosts.iter_mut()) {
+        wave_host.previous_version = planned.desired_now.get(&wave_host.host).cloned();
+    }
+    let record = RolloutRecord {
+        id: DRY_RUN_ID.to_string(),
+        app: app.clone(),
+        version: version.clone(),
+        // Not started; the API answers with the state "planned".
+        state: RolloutState::Running,
+        started_by: actor,
+        started_unix_ms: fleet_proto::now_unix_ms(),
+        finished_unix_ms: 0,
+        waves: planned.waves,
+        current_wave: 0,
+        message: String::new(),
+        policy,
+        is_rollback: false,
+        seq: 0,
+        hold_until_unix_ms: 0,
+        max_unavailable: planned.max_unavailable as u32,
+        unavailable_at_start: planned.unavailable_at_start,
+    };
+    let line = format!(
+        "dry run: {app} {version} would go to {} hosts: {}{}; nothing was changed",
+        planned.host_names.len(),
+        plan_text(&record),
+        if planned.drained.is_empty() {
+            String::new()
+        } else {
+            format!(" (left out, drained: {})", planned.drained.join(", "))
+        },
+    );
+    Ok(Progress {
+        rollout: Arc::new(record),
+        line,
+    })
+}
+
+/// Starts a rollout over the hosts the selector matches, narrowed to `only` when given (a
+/// rollback goes only to the hosts that run the app).
+async fn start_on(
+    fleet: &Arc<FleetState>,
+    rollouts: &Arc<Rollouts>,
+    request: StartRequest,
+    only: Option<Vec<String>>,
+) -> Result<(RolloutRecord, broadcast::Receiver<Progress>), RolloutError> {
+    let is_rollback = only.is_some();
+    let StartRequest {
+        app,
+        version,
+        policy,
+        actor,
+    } = request;
+    let Planned {
+        waves,
+        host_names,
+        drained,
+        max_unavailable,
+        unavailable_at_start,
+        desired_now: _,
+    } = plan(fleet, &app, &version, &policy, only.as_deref())?;
 
     // Reserve the app before anything is written, so two starts cannot both pass the check.
     let (control, control_rx) = watch::channel((Control::Run, String::new()));

@@ -173,6 +173,10 @@ pub async fn run(
             },
         );
     let mut server = tokio::spawn(server);
+    // Under systemd (Type=notify): ready once the listener is bound and served.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell systemd the controller is ready (NOTIFY_SOCKET): {e}");
+    }
     tokio::select! {
         result = &mut server => {
             result??;

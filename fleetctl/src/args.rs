@@ -136,7 +136,7 @@ pub enum Command {
     },
     /// Roll a release out wave by wave, or act on a running rollout
     #[command(
-        after_help = "Examples:\n  fleetctl rollout web 1.4.2 --selector env=prod --canary 1 --batch 25%\n  fleetctl rollout web 1.4.2 --pause-after-canary 10m --detach\n  fleetctl rollout status r7"
+        after_help = "Examples:\n  fleetctl rollout web 1.4.2 --selector env=prod --canary 1 --batch 25%\n  fleetctl rollout web 1.4.2 --dry-run\n  fleetctl rollout web 1.4.2 --pause-after-canary 10m --detach\n  fleetctl rollout status r7"
     )]
     Rollout(RolloutArgs),
     /// Roll an app back to the release it ran before (or to --to VERSION): the hosts that are
@@ -225,6 +225,33 @@ pub enum Command {
         after_help = "Examples:\n  fleetctl demo\n  fleetctl demo --hosts 5 --keep\n  fleetctl demo --stop /tmp/fleet-demo-AbC123"
     )]
     Demo(DemoArgs),
+    /// Print the shell completion script for bash, zsh or fish
+    #[command(
+        after_help = "Examples:\n  source <(fleetctl completions bash)\n  fleetctl completions zsh > \"${fpath[1]}/_fleetctl\"\n  fleetctl completions fish > ~/.config/fish/completions/fleetctl.fish"
+    )]
+    Completions {
+        /// The shell to complete in
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: CompletionShell,
+    },
+    /// Print fleetctl's manual page (roff) on stdout, or write every page (one per verb) into
+    /// --dir
+    #[command(
+        after_help = "Examples:\n  fleetctl man | man -l -\n  fleetctl man --dir /usr/local/share/man/man1"
+    )]
+    Man {
+        /// Write fleetctl.1 and a page per verb (fleetctl-rollout.1, ...) into this directory
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// The shells `fleetctl completions` writes a script for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Args)]
@@ -345,6 +372,10 @@ pub struct RolloutArgs {
     /// Leave out hosts that are lost instead of halting on them
     #[arg(long)]
     pub skip_lost: bool,
+    /// Print the plan (waves, hosts, budget) the controller would follow now, and change
+    /// nothing
+    #[arg(long, conflicts_with = "detach")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -591,6 +622,8 @@ impl CredentialRole {
 const IGNORED_GLOBAL_FLAGS: &[(&str, &[&str])] = &[
     ("init", &["controller"]),
     ("demo", &["config_dir", "controller"]),
+    ("completions", &["config_dir", "controller", "output"]),
+    ("man", &["config_dir", "controller", "output"]),
 ];
 
 /// fleetctl's clap command, as `main` parses with it: [`Cli`] with the global flags a verb

@@ -407,7 +407,7 @@ pub async fn hosts(
         "CERT EXPIRES",
         "APPS",
     ]);
-    for host in &response.hosts {
+    for host in naturally_sorted(&response.hosts) {
         let apps = host
             .apps
             .iter()
@@ -526,7 +526,7 @@ pub fn render_status(response: &pb::StatusResponse, app: Option<&str>, now: i64)
     ]);
     let mut problems = Vec::new();
     let mut any_drift = false;
-    for host in &response.hosts {
+    for host in naturally_sorted(&response.hosts) {
         let host_apps: Vec<&pb::HostApp> = host
             .apps
             .iter()
@@ -651,6 +651,13 @@ fn render_summary(response: &pb::StatusResponse) -> String {
         response.hosts_omitted
     ));
     text
+}
+
+/// Hosts in natural order of names (`web-2` before `web-10`), whatever order they came in.
+fn naturally_sorted(hosts: &[pb::Host]) -> Vec<&pb::Host> {
+    let mut sorted: Vec<&pb::Host> = hosts.iter().collect();
+    sorted.sort_by(|a, b| fleet_proto::names::natural_cmp(&a.name, &b.name));
+    sorted
 }
 
 fn yes_no(value: bool) -> String {
@@ -948,6 +955,8 @@ pub struct RolloutOptions {
     pub auto_rollback: bool,
     pub detach: bool,
     pub skip_lost: bool,
+    /// Only print the plan the controller would follow; nothing changes.
+    pub dry_run: bool,
 }
 
 /// How a followed rollout ended.
@@ -973,6 +982,7 @@ pub async fn rollout(ctx: &Context, options: &RolloutOptions) -> Result<RolloutO
         detach: options.detach,
         min_healthy_ms: options.min_healthy.map(duration_ms),
         max_unavailable: options.max_unavailable.clone().unwrap_or_default(),
+        dry_run: options.dry_run,
     };
     let started = Instant::now();
     let stream = ctx
@@ -981,7 +991,112 @@ pub async fn rollout(ctx: &Context, options: &RolloutOptions) -> Result<RolloutO
         .await
         .map_err(|status| ctx.error(status))?
         .into_inner();
+    if options.dry_run {
+        return print_plan(ctx, stream).await;
+    }
     follow_progress(ctx, stream, started, options.detach).await
+}
+
+/// `rollout --dry-run`: the one answer holds the plan; printed on stdout, it is the result.
+async fn print_plan(
+    ctx: &Context,
+    mut stream: tonic::Streaming<pb::RolloutProgress>,
+) -> Result<RolloutOutcome, CliError> {
+    let mut planned = None;
+    while let Some(progress) = stream.next().await {
+        let progress = progress.map_err(|status| ctx.error(status))?;
+        planned = progress.rollout.or(planned);
+    }
+    let rollout = planned.ok_or_else(|| {
+        CliError::Failed(
+            "the controller answered the dry run without a plan: is it older than this fleetctl? \
+             `fleetctl --version` and the controller's version should match"
+                .to_string(),
+        )
+    })?;
+    if rollout.state != "planned" {
+        // A controller that does not know dry runs would have started the rollout.
+        return Err(CliError::Failed(format!(
+            "the controller does not know --dry-run and started rollout {} instead; follow it with `fleetctl rollout status {}` or stop it with `fleetctl rollout abort {}`",
+            rollout.id, rollout.id, rollout.id
+        )));
+    }
+    if ctx.json() {
+        output::print_json(&rollout);
+    } else {
+        print!("{}", render_plan(&rollout));
+    }
+    Ok(RolloutOutcome {
+        rollout,
+        exit_code: EXIT_OK,
+    })
+}
+
+/// A dry run's plan for people: each wave and its hosts (with the release each runs now), the
+/// budget, the pause after the canary, and that nothing changed.
+pub fn render_plan(rollout: &pb::Rollout) -> String {
+    let request = rollout.request.clone().unwrap_or_default();
+    let n_hosts: usize = rollout.waves.iter().map(|wave| wave.hosts.len()).sum();
+    let mut text = format!(
+        "plan: {}@{} to {n_hosts} host(s) in {} wave(s) (dry run: nothing was changed)\n",
+        rollout.app,
+        rollout.version,
+        rollout.waves.len()
+    );
+    for (wave_idx, wave) in rollout.waves.iter().enumerate() {
+        let hosts = wave
+            .hosts
+            .iter()
+            .map(|wave_host| {
+                if wave_host.previous_version.is_empty() {
+                    format!("{} (new)", wave_host.host)
+                } else if wave_host.previous_version == rollout.version {
+                    format!("{} (runs {} already)", wave_host.host, rollout.version)
+                } else {
+                    format!("{} (from {})", wave_host.host, wave_host.previous_version)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        text.push_str(&format!(
+            "  wave {}{}: {hosts}\n",
+            wave_idx + 1,
+            if wave_idx == 0 && request.canary > 0 {
+                " (canary)"
+            } else {
+                ""
+            },
+        ));
+    }
+    text.push_str(&format!(
+        "  budget: at most {} host(s) unavailable at once{}\n",
+        rollout.max_unavailable,
+        if rollout.unavailable_at_start.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; already down: {}",
+                rollout.unavailable_at_start.join(", ")
+            )
+        }
+    ));
+    if request.pause_after_canary_ms > 0 {
+        text.push_str(&format!(
+            "  after the canary: a pause of {}\n",
+            fleet_proto::duration::format_duration(Duration::from_millis(
+                request.pause_after_canary_ms
+            ))
+        ));
+    }
+    text.push_str(&format!(
+        "  on failure: {}\n",
+        if request.no_auto_rollback {
+            "halt, hosts stay where they are"
+        } else {
+            "halt and roll back"
+        }
+    ));
+    text
 }
 
 /// `fleetctl rollback APP [--to VERSION] [--max-unavailable N|P%] [--detach]`.
@@ -1021,18 +1136,24 @@ async fn follow_progress(
     detach: bool,
 ) -> Result<RolloutOutcome, CliError> {
     let mut last: Option<pb::Rollout> = None;
+    // A bar on a terminal, else the lines alone (as scripts, CI logs and tests read them).
+    let printer = (!detach).then(|| output::ProgressPrinter::new(started));
     while let Some(progress) = stream.next().await {
         let progress = progress.map_err(|status| ctx.error(status))?;
-        if !progress.line.is_empty() && !detach {
-            eprintln!(
-                "[{:>6.1}s] {}",
-                started.elapsed().as_secs_f64(),
-                progress.line
-            );
+        if let Some(printer) = &printer {
+            if !progress.line.is_empty() {
+                printer.line(&progress.line);
+            }
+            if let Some(rollout) = &progress.rollout {
+                printer.update(rollout);
+            }
         }
         if let Some(rollout) = progress.rollout {
             last = Some(rollout);
         }
+    }
+    if let Some(printer) = printer {
+        printer.finish();
     }
     let rollout = last.ok_or_else(|| {
         CliError::Failed(
@@ -1292,6 +1413,69 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("no rollout in progress"), "{text}");
+    }
+
+    #[test]
+    fn status_lists_hosts_in_natural_order() {
+        let host = |name: &str| pb::Host {
+            name: name.into(),
+            state: "ready".into(),
+            ..Default::default()
+        };
+        let response = pb::StatusResponse {
+            hosts: vec![host("web-10"), host("web-2"), host("web-1")],
+            ..Default::default()
+        };
+        let text = render_status(&response, None, 0);
+        let order: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|first| first.starts_with("web-"))
+            .collect();
+        assert_eq!(order, ["web-1", "web-2", "web-10"], "{text}");
+    }
+
+    #[test]
+    fn a_plan_shows_waves_hosts_and_budget() {
+        let wave_host = |host: &str, previous: &str| pb::WaveHost {
+            host: host.into(),
+            previous_version: previous.into(),
+            result: "pending".into(),
+            ..Default::default()
+        };
+        let rollout = pb::Rollout {
+            id: "dry-run".into(),
+            app: "web".into(),
+            version: "1.1.0".into(),
+            state: "planned".into(),
+            waves: vec![
+                pb::Wave {
+                    state: "pending".into(),
+                    hosts: vec![wave_host("web-1", "1.0.0")],
+                },
+                pb::Wave {
+                    state: "pending".into(),
+                    hosts: vec![wave_host("web-2", "1.1.0"), wave_host("web-10", "")],
+                },
+            ],
+            max_unavailable: 2,
+            unavailable_at_start: vec!["web-3: drained".into()],
+            request: Some(pb::StartRolloutRequest {
+                canary: 1,
+                pause_after_canary_ms: 300_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            render_plan(&rollout),
+            "plan: web@1.1.0 to 3 host(s) in 2 wave(s) (dry run: nothing was changed)\n\
+             \x20 wave 1 (canary): web-1 (from 1.0.0)\n\
+             \x20 wave 2: web-2 (runs 1.1.0 already), web-10 (new)\n\
+             \x20 budget: at most 2 host(s) unavailable at once; already down: web-3: drained\n\
+             \x20 after the canary: a pause of 5m0s\n\
+             \x20 on failure: halt and roll back\n"
+        );
     }
 
     #[test]

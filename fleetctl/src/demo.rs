@@ -455,6 +455,7 @@ async fn run_steps(
             auto_rollback: true,
             detach: false,
             skip_lost: false,
+            dry_run: false,
         };
         let outcome = commands::rollout(&ctx, &options).await?;
         if outcome.exit_code != EXIT_OK {
@@ -510,6 +511,7 @@ async fn show_the_safety_net(ctx: &Context, dir: &Path, web_binary: &[u8]) -> Re
         auto_rollback: true,
         detach: false,
         skip_lost: false,
+        dry_run: false,
     };
     let outcome = commands::rollout(ctx, &options).await?;
     let rollout = &outcome.rollout;

@@ -1,7 +1,7 @@
 //! fleetctl, the one tool an operator or a CI job touches: the command line (`args`), how it
 //! reaches the controller and maps failures to exit codes (`client`), how its credential renews
-//! itself (`renewal`), how it prints (`output`),
-//! one function per verb (`commands`), `init` and the local `demo`. `run` dispatches a parsed
+//! itself (`renewal`), how it prints (`output`), one function per verb (`commands`), `init`,
+//! the local `demo` and the shell's completions and manual pages (`shell`). `run` dispatches a parsed
 //! command line and returns the process exit code; the binary only parses and calls it.
 //!
 //! **Architecture Invariant:** fleetctl talks to the controller only through FleetService; it
@@ -18,6 +18,7 @@ pub mod init;
 pub mod output;
 pub mod parse;
 pub mod renewal;
+pub mod shell;
 pub mod ssh;
 pub mod trust;
 pub mod upgrade;
@@ -85,6 +86,19 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             }
             return demo::run(demo_args.hosts, demo_args.keep).await;
         }
+        Command::Completions { shell } => {
+            shell::completions(shell, &mut std::io::stdout());
+            return Ok(EXIT_OK);
+        }
+        Command::Man { dir: None } => {
+            shell::man_page(&mut std::io::stdout())?;
+            return Ok(EXIT_OK);
+        }
+        Command::Man { dir: Some(dir) } => {
+            let n_pages = shell::man_pages_into(&dir)?;
+            eprintln!("wrote {n_pages} manual pages into {}", dir.display());
+            return Ok(EXIT_OK);
+        }
         _ => {}
     }
 
@@ -108,7 +122,9 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         output: cli.output,
     };
     match cli.command {
-        Command::Init(_) | Command::Demo(_) => unreachable!("handled above"),
+        Command::Init(_) | Command::Demo(_) | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled above")
+        }
         Command::Release(ReleaseCommand::Create(create)) => {
             let mut secrets = Vec::new();
             for text in &create.secrets {
@@ -178,6 +194,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
                 auto_rollback: !rollout_args.no_auto_rollback,
                 detach: rollout_args.detach,
                 skip_lost: rollout_args.skip_lost,
+                dry_run: rollout_args.dry_run,
             };
             return Ok(commands::rollout(&ctx, &options).await?.exit_code);
         }

@@ -1,11 +1,13 @@
 //! How fleetctl prints: aligned text tables for people, the proto response as JSON for scripts
 //! (`--output json`), and the small formatters both share: "3m ago", UTC timestamps, sizes and
-//! short digests. Results go to stdout; progress goes to stderr.
+//! short digests. Results go to stdout; progress goes to stderr: a bar when both are a
+//! terminal, else one timestamped line per step (`ProgressPrinter`).
 
 use fleet_proto::instance_state::InstanceState;
 use fleet_proto::pb;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use crate::args::OutputFormat;
 
@@ -211,8 +213,122 @@ pub fn instance_state_name(report: &pb::InstanceReport) -> &'static str {
     instance_state(report).map_or("unknown", InstanceState::as_str)
 }
 
+/// How a followed rollout's progress is shown on stderr: on a terminal (stdout and stderr
+/// both), a bar of the hosts done with the current wave beside it and each progress line
+/// printed above it; elsewhere (a pipe, a file, CI, tests) today's lines alone,
+/// `[   1.2s] line`, with no escape codes.
+pub enum ProgressPrinter {
+    Lines { started: Instant },
+    Bar { started: Instant, bar: ProgressBar },
+}
+
+impl ProgressPrinter {
+    /// A bar when stdout and stderr are a terminal, else lines.
+    pub fn new(started: Instant) -> ProgressPrinter {
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} hosts  {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            ProgressPrinter::Bar { started, bar }
+        } else {
+            ProgressPrinter::Lines { started }
+        }
+    }
+
+    /// One progress line from the controller.
+    pub fn line(&self, text: &str) {
+        match self {
+            ProgressPrinter::Lines { started } => eprintln!("{}", progress_line(*started, text)),
+            ProgressPrinter::Bar { started, bar } => bar.println(progress_line(*started, text)),
+        }
+    }
+
+    /// The rollout as it stands: the bar counts its hosts done.
+    pub fn update(&self, rollout: &pb::Rollout) {
+        if let ProgressPrinter::Bar { bar, .. } = self {
+            let (done, total) = hosts_done(rollout);
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(wave_text(rollout));
+        }
+    }
+
+    /// Takes the bar off the terminal, leaving the lines printed above it.
+    pub fn finish(self) {
+        if let ProgressPrinter::Bar { bar, .. } = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// `[   1.2s] text`: a progress line with the time since the command started.
+pub fn progress_line(started: Instant, text: &str) -> String {
+    format!("[{:>6.1}s] {text}", started.elapsed().as_secs_f64())
+}
+
+/// How many hosts of a rollout are done (a result other than pending or deploying), of all
+/// its hosts.
+pub fn hosts_done(rollout: &pb::Rollout) -> (u64, u64) {
+    let hosts = rollout.waves.iter().flat_map(|wave| wave.hosts.iter());
+    let total = hosts.clone().count() as u64;
+    let done = hosts
+        .filter(|host| !matches!(host.result.as_str(), "pending" | "deploying"))
+        .count() as u64;
+    (done, total)
+}
+
+/// `wave 2/5 running`: where a rollout stands, beside its bar.
+fn wave_text(rollout: &pb::Rollout) -> String {
+    if rollout.waves.is_empty() {
+        return rollout.state.clone();
+    }
+    format!(
+        "wave {}/{} {}",
+        (rollout.current_wave as usize + 1).min(rollout.waves.len()),
+        rollout.waves.len(),
+        rollout.state
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hosts_done_counts_every_result_but_pending_and_deploying() {
+        let host = |result: &str| pb::WaveHost {
+            host: "h".into(),
+            result: result.into(),
+            ..Default::default()
+        };
+        let rollout = pb::Rollout {
+            state: "running".into(),
+            current_wave: 1,
+            waves: vec![
+                pb::Wave {
+                    state: "passed".into(),
+                    hosts: vec![host("passed")],
+                },
+                pb::Wave {
+                    state: "running".into(),
+                    hosts: vec![host("passed"), host("deploying"), host("failed")],
+                },
+                pb::Wave {
+                    state: "pending".into(),
+                    hosts: vec![host("pending"), host("skipped")],
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(hosts_done(&rollout), (4, 6));
+        assert_eq!(wave_text(&rollout), "wave 2/3 running");
+        assert!(progress_line(Instant::now(), "wave 1 passed").ends_with("s] wave 1 passed"));
+    }
+
     use super::*;
 
     #[test]

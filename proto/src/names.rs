@@ -119,8 +119,88 @@ pub fn check_env_key(key: &str) -> bool {
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// Natural order of names: runs of digits compare as numbers, so `web-2` comes before
+/// `web-10`; everything else compares byte by byte. Names equal but for leading zeros
+/// (`web-02`, `web-2`) fall back to plain order, so the order is total. Every list of hosts
+/// (hosts, status, history, a rollout's waves) is sorted with it.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (a_bytes, b_bytes) = (a.as_bytes(), b.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    while i < a_bytes.len() && j < b_bytes.len() {
+        if a_bytes[i].is_ascii_digit() && b_bytes[j].is_ascii_digit() {
+            let a_end = i + a_bytes[i..]
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .count();
+            let b_end = j + b_bytes[j..]
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .count();
+            // Without leading zeros, a longer run of digits is a larger number.
+            let a_digits = a[i..a_end].trim_start_matches('0');
+            let b_digits = b[j..b_end].trim_start_matches('0');
+            let order = a_digits
+                .len()
+                .cmp(&b_digits.len())
+                .then_with(|| a_digits.cmp(b_digits));
+            if order != Ordering::Equal {
+                return order;
+            }
+            (i, j) = (a_end, b_end);
+        } else {
+            if a_bytes[i] != b_bytes[j] {
+                return a_bytes[i].cmp(&b_bytes[j]);
+            }
+            i += 1;
+            j += 1;
+        }
+    }
+    (a_bytes.len() - i)
+        .cmp(&(b_bytes.len() - j))
+        .then_with(|| a.cmp(b))
+}
+
+/// Sorts names in [`natural_cmp`] order.
+pub fn sort_naturally<T: AsRef<str>>(names: &mut [T]) {
+    names.sort_by(|a, b| natural_cmp(a.as_ref(), b.as_ref()));
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn natural_order() {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        for (a, b, expect) in [
+            ("web-2", "web-10", Less),
+            ("web-10", "web-2", Greater),
+            ("web-2", "web-2", Equal),
+            ("web-9", "web-10", Less),
+            ("web", "web-1", Less),
+            ("web-1", "web-1a", Less),
+            ("web-1a", "web-2", Less),
+            ("db-10", "web-2", Less),
+            ("a2b10", "a2b9", Greater),
+            ("a10b1", "a9b9", Greater),
+            ("web-02", "web-2", Less),
+            ("web-002", "web-02", Less),
+            ("web-007", "web-10", Less),
+            ("h1", "h01", Greater),
+            ("", "a", Less),
+            ("1", "", Greater),
+            ("99999999999999999999999", "100000000000000000000000", Less),
+            ("10.0.0.2", "10.0.0.10", Less),
+        ] {
+            assert_eq!(super::natural_cmp(a, b), expect, "{a} vs {b}");
+        }
+        let mut hosts = vec!["web-10", "web-2", "db-1", "web-1", "web-20", "web-3"];
+        super::sort_naturally(&mut hosts);
+        assert_eq!(
+            hosts,
+            ["db-1", "web-1", "web-2", "web-3", "web-10", "web-20"]
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -88,6 +88,9 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
                 // unit it names.
                 "RestartPreventExitStatus=78",
                 "Environment=FLEET_AGENT_UNIT=%n",
+                // READY=1 once its session is up (tests/tests/systemd_notify.rs).
+                "Type=notify",
+                "TimeoutStartSec=infinity",
             ][..],
         ),
         (
@@ -98,6 +101,8 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
                 "PrivateTmp=yes",
                 "Restart=on-failure",
                 "DynamicUser=yes",
+                // READY=1 once it listens (tests/tests/systemd_notify.rs).
+                "Type=notify",
             ][..],
         ),
     ] {

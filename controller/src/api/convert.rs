@@ -237,6 +237,7 @@ pub fn rollout(r: &RolloutRecord) -> pb::Rollout {
             smoke_timeout_ms: r.policy.smoke_timeout_ms,
             no_auto_rollback: !r.policy.auto_rollback,
             detach: false,
+            dry_run: false,
             skip_lost: r.policy.skip_lost,
             min_healthy_ms: r.policy.min_healthy_ms,
             max_unavailable: r

@@ -33,6 +33,10 @@ pub struct FleetApi {
 
 type ProgressStream = ReceiverStream<Result<pb::RolloutProgress, Status>>;
 
+/// The state of the rollout a dry run answers with (`rollout --dry-run`): planned, never
+/// started.
+const DRY_RUN_STATE: &str = "planned";
+
 fn bad(message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(message.to_string())
 }
@@ -415,6 +419,19 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             policy,
             actor,
         };
+        if request.dry_run {
+            // The plan alone, as one message: nothing is written, reserved or sent.
+            let progress =
+                rollout::dry_run(&self.fleet, &self.rollouts, start).map_err(rollout_status)?;
+            let mut planned = convert::rollout(&progress.rollout);
+            planned.state = DRY_RUN_STATE.to_string();
+            let (tx, out) = mpsc::channel(1);
+            let _ = tx.try_send(Ok(pb::RolloutProgress {
+                rollout: Some(planned),
+                line: progress.line,
+            }));
+            return Ok(Response::new(ReceiverStream::new(out)));
+        }
         let (record, rx) = rollout::start(&self.fleet, &self.rollouts, start)
             .await
             .map_err(rollout_status)?;

@@ -84,14 +84,18 @@ fn main() -> ExitCode {
     // its user, whatever umask it was started with.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let flags = Flags::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if stderr_is_journal() {
+        logs.without_time().with_ansi(false).init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     match flags.command {
         Some(Command::Backup { config, to }) => backup(&config, &to),
         Some(Command::Restore {
@@ -105,6 +109,22 @@ fn main() -> ExitCode {
             flags.http_listen.as_deref(),
         ),
     }
+}
+
+/// Whether stderr is systemd's journal: `JOURNAL_STREAM` (set by systemd for a service whose
+/// output goes to the journal) names the device and inode of that stream, and stderr is it.
+/// The journal stamps every line itself, so the log lines then carry no time of their own.
+fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((device, inode)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
+    device.parse() == Ok(stat.st_dev) && inode.parse() == Ok(stat.st_ino)
 }
 
 fn load_config(

@@ -310,7 +310,9 @@ pub async fn install(
 }
 
 /// The install script; `dir` is shell-quoted already. It starts as few processes as it can
-/// (each costs a host's sshd session real time): shell builtins wherever they do.
+/// (each costs a host's sshd session real time): shell builtins wherever they do. Under
+/// systemd the restart does not wait for the unit to be ready (Type=notify: ready once the
+/// agent's session is up); bootstrap waits for the host to register instead.
 fn install_script(dir: &str, arch_check: &str) -> String {
     let unit = shell_quote(AGENT_UNIT_PATH);
     // alive PID: the process exists and is not a zombie. The old detached agent is recognised
@@ -334,7 +336,7 @@ fn install_script(dir: &str, arch_check: &str) -> String {
            $SUDO install -m 0644 \"$staging/fleet-agent.service\" {unit}; \
            $SUDO systemctl daemon-reload; \
            $SUDO systemctl enable fleet-agent.service >/dev/null 2>&1; \
-           $SUDO systemctl restart fleet-agent.service; \
+           $SUDO systemctl restart --no-block fleet-agent.service; \
            echo mode=systemd; \
          else \
            alive() {{ [ -r /proc/$1/stat ] && read -r stat < /proc/$1/stat && \
@@ -368,9 +370,11 @@ pub async fn agent_health(
 ) -> Result<Result<(), String>, InstallError> {
     let dir = shell_quote(&remote_dir.display().to_string());
     let script = match mode {
+        // The unit is Type=notify: `activating` until its agent's first session is up.
         ServiceMode::Systemd => "SUDO=; [ \"$(id -u)\" = 0 ] || SUDO='sudo -n'; \
-             if $SUDO systemctl is-active --quiet fleet-agent.service; then echo alive=yes; \
-             else $SUDO journalctl -u fleet-agent.service -n 15 --no-pager 2>&1 | tail -n 15; fi"
+             case \"$($SUDO systemctl is-active fleet-agent.service)\" in \
+             active|activating|reloading) echo alive=yes;; \
+             *) $SUDO journalctl -u fleet-agent.service -n 15 --no-pager 2>&1 | tail -n 15;; esac"
             .to_string(),
         ServiceMode::Detached { pid } => format!(
             "if [ -r /proc/{pid}/stat ] && read -r stat < /proc/{pid}/stat && \

@@ -33,12 +33,20 @@
 //! - `artifact --agents N --size-mb M [--pairs P] [--output json]`: artifact fan-out through
 //!   peers against the direct fetch ([`fleet_tests::bench::fanout`]).
 //!
-//! Run it with `cargo run --release -p fleet-tests --bin fleet-bench -- [rollout|artifact|memory|bootstrap|start|all]`.
+//! - `bootstrap-ansible` (`src/fleet_bench/bootstrap_ansible.rs`, a module of this binary; not part of `all`: it installs
+//!   Ansible from PyPI the first time): `fleetctl bootstrap` of 10 hosts against an Ansible
+//!   playbook doing the same on 10 others, interleaved pairs. Target: at least 5x faster.
+//!
+//! Run it with `cargo run --release -p fleet-tests --bin fleet-bench -- [rollout|artifact|memory|bootstrap|start|pace|bootstrap-ansible|all]`.
 //! When started by cargo it first runs `cargo build --workspace --bins` for its own profile so
 //! the controller, agent and app it measures are built the same way (when that build fails, it
 //! measures the binaries already built and says so). Every process it starts is
 //! killed by pid at the end of each part; every wait is bounded.
 #![forbid(unsafe_code)]
+
+/// Benchmarks that use this binary's shared pieces (`Row`, `CpuSplit`, `timed_bootstrap`).
+#[path = "../fleet_bench/bootstrap_ansible.rs"]
+mod bootstrap_ansible;
 
 use anyhow::{bail, Context, Result};
 use fleet_tests::fleet::Fleet;
@@ -99,6 +107,7 @@ fn main() -> Result<()> {
         "bootstrap" => &["bootstrap"],
         "start" => &["start"],
         "pace" => &["pace"],
+        "bootstrap-ansible" => &["bootstrap-ansible"],
         "all" => &[
             "rollout",
             "artifact",
@@ -108,7 +117,7 @@ fn main() -> Result<()> {
             "pace",
         ],
         other => {
-            bail!("unknown benchmark {other:?}: use rollout, artifact, memory, bootstrap, start, pace or all")
+            bail!("unknown benchmark {other:?}: use rollout, artifact, memory, bootstrap, start, pace, bootstrap-ansible or all")
         }
     };
     build_binaries()?;
@@ -122,6 +131,7 @@ fn main() -> Result<()> {
             "bootstrap" => rows.extend(bench_bootstrap()?),
             "start" => rows.extend(bench_start()?),
             "pace" => rows.extend(bench_pace()?),
+            "bootstrap-ansible" => rows.extend(bootstrap_ansible::run()?),
             _ => rows.extend(bench_memory()?),
         }
         if let (Some(before), Some(after)) = (before, CpuTicks::read()) {
