@@ -18,6 +18,7 @@
 //! `127.0.0.1:0` (a port the kernel picks).
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod bins;
 pub mod faults;
 pub mod fleet;
