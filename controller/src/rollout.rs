@@ -727,8 +727,13 @@ impl Executor {
             match end {
                 WaveEnd::Passed { pause } => {
                     // The pause's end is in this save, with the canary's pass: a restart in
-                    // between cannot skip it.
-                    self.save().await?;
+                    // between cannot skip it. Without a pause the pass needs no commit of its
+                    // own: every host's pass is saved already (`wait_wave`), so a restart in
+                    // between settles the wave again, the same way, and the next commit (the
+                    // next wave's hosts with the record, or the rollout's end) writes it.
+                    if pause.is_some() {
+                        self.save().await?;
+                    }
                     self.emit(format!(
                         "{} passed in {}",
                         self.wave_label(idx),
