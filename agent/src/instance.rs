@@ -17,7 +17,8 @@
 //!
 //! Graceful stop: the manifest's stop signal to the process group, up to `stop_timeout` for the
 //! leader to exit, then SIGKILL to the group. Leftover processes that still carry the token in
-//! their environment are SIGKILLed one by one; a pid is never signalled on a guess.
+//! their environment (looked for among the processes started since the leader) are SIGKILLed
+//! one by one through their pidfds and waited for on them; a pid is never signalled on a guess.
 
 use crate::app_user::RunAs;
 use crate::model::DataLayout;
