@@ -553,11 +553,13 @@ fn token_holders(token: &str, since_ticks: Option<u64>) -> Vec<i32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| *pid != std::process::id() as i32)
-        .filter(|pid| match (since_ticks, since_ticks.and_then(|_| start_ticks(*pid))) {
-            (Some(since), Some(started)) => started >= since,
-            // Unknown (or gone meanwhile): read its environment.
-            _ => true,
-        })
+        .filter(
+            |pid| match (since_ticks, since_ticks.and_then(|_| start_ticks(*pid))) {
+                (Some(since), Some(started)) => started >= since,
+                // Unknown (or gone meanwhile): read its environment.
+                _ => true,
+            },
+        )
         .filter(|pid| has_token(*pid, token))
         .collect()
 }
