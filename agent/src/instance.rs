@@ -17,26 +17,26 @@
 //!
 //! Graceful stop: the manifest's stop signal to the process group, up to `stop_timeout` for the
 //! leader to exit, then SIGKILL to the group. Leftover processes that still carry the token in
-//! their environment are SIGKILLed one by one; a pid is never signalled on a guess.
+//! their environment (looked for among the processes started since the leader) are SIGKILLed
+//! one by one through their pidfds and waited for on them; a pid is never signalled on a guess.
 
 use crate::app_user::RunAs;
 use crate::model::DataLayout;
 use crate::state::{SavedInstance, INSTANCE_ID_VAR};
 use fleet_proto::manifest::{substitute, Manifest, StopSignal};
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// How long to wait for a SIGKILLed process to go away before giving up on it.
 const KILL_WAIT: Duration = Duration::from_secs(5);
-/// Polling interval while waiting for a process that is not our child.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Variables of the agent's own environment that instances inherit.
 const INHERITED_VARS: &[&str] = &["PATH", "HOME", "LANG", "TZ"];
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -504,7 +504,7 @@ impl Instance {
                 }
             }
         };
-        kill_token_holders(&self.token).await;
+        kill_token_holders(&self.token, self.start_ticks).await;
         self.stopped = true;
         outcome
     }
@@ -539,29 +539,103 @@ pub fn has_token(pid: i32, token: &str) -> bool {
 }
 
 /// Every live process that carries the token (an instance's leader and whatever it started).
-fn token_holders(token: &str) -> Vec<i32> {
+/// With `since_ticks` (when the leader started), only processes that started then or later are
+/// read: whatever carries the token was started by the instance, after its leader. Reading a
+/// process's start time (`/proc/PID/stat`) costs far less than its environment, and on a busy
+/// host most processes are older: a stop no longer reads every process's environment.
+fn token_holders(token: &str, since_ticks: Option<u64>) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != std::process::id() as i32 && has_token(*pid, token))
+        .filter(|pid| *pid != std::process::id() as i32)
+        .filter(
+            |pid| match (since_ticks, since_ticks.and_then(|_| start_ticks(*pid))) {
+                (Some(since), Some(started)) => started >= since,
+                // Unknown (or gone meanwhile): read its environment.
+                _ => true,
+            },
+        )
+        .filter(|pid| has_token(*pid, token))
         .collect()
 }
 
-/// SIGKILLs every process still carrying the token, and waits (bounded) for them to go.
-async fn kill_token_holders(token: &str) {
-    let deadline = Instant::now() + KILL_WAIT;
+/// SIGKILLs every process still carrying the token, and waits (bounded) for them to go: on
+/// each one's pidfd, so the wait ends when the last of them does, not at a poll.
+async fn kill_token_holders(token: &str, since_ticks: Option<u64>) {
+    let deadline = tokio::time::Instant::now() + KILL_WAIT;
     loop {
-        let holders = token_holders(token);
-        if holders.is_empty() || Instant::now() >= deadline {
+        let holders = token_holders(token, since_ticks);
+        if holders.is_empty() || tokio::time::Instant::now() >= deadline {
             return;
         }
+        let mut gone = Vec::new();
         for pid in holders {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            // The pidfd first, then the check: the signal goes to the process that was checked.
+            let Some(exit) = ProcessExit::watch(pid) else {
+                continue;
+            };
+            if has_token(pid, token) {
+                let _ = exit.send(Signal::SIGKILL);
+                gone.push(exit);
+            }
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        for exit in &gone {
+            exit.wait_until(deadline).await;
+        }
+    }
+}
+
+/// The exit of a process that need not be our child, through its pidfd (readable once the
+/// process has exited): a wait that ends when it does, with no polling.
+struct ProcessExit {
+    pidfd: Arc<std::os::fd::OwnedFd>,
+}
+
+impl ProcessExit {
+    /// `None` when `pid` is gone (or invalid).
+    fn watch(pid: i32) -> Option<ProcessExit> {
+        let pid = rustix::process::Pid::from_raw(pid)?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
+        Some(ProcessExit {
+            pidfd: Arc::new(pidfd),
+        })
+    }
+
+    /// Sends `signal` to the process (never to a later one that reuses its pid).
+    fn send(&self, signal: Signal) -> std::io::Result<()> {
+        let signal = rustix::process::Signal::from_named_raw(signal as i32)
+            .ok_or_else(|| std::io::Error::other("unknown signal"))?;
+        rustix::process::pidfd_send_signal(&*self.pidfd, signal).map_err(std::io::Error::from)
+    }
+
+    /// Waits until the process exits or `until`; whether it exited. The wait (a `poll` on the
+    /// pidfd) runs on the blocking pool, never on the agent's one runtime thread.
+    async fn wait_until(&self, until: tokio::time::Instant) -> bool {
+        let pidfd = self.pidfd.clone();
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        tokio::task::spawn_blocking(move || {
+            use rustix::event::{poll, PollFd, PollFlags, Timespec};
+            let deadline = Instant::now() + left;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let timeout = Timespec {
+                    tv_sec: left.as_secs() as _,
+                    tv_nsec: left.subsec_nanos() as _,
+                };
+                let mut fds = [PollFd::new(&*pidfd, PollFlags::IN)];
+                match poll(&mut fds, Some(&timeout)) {
+                    Ok(_) if !fds[0].revents().is_empty() => return true,
+                    Ok(_) if left.is_zero() => return false,
+                    Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
     }
 }
 
@@ -572,21 +646,27 @@ pub async fn kill_leftovers(saved: &BTreeMap<String, SavedInstance>) {
     let stops = saved.iter().map(|(app, instance)| async move {
         if !has_token(instance.pid, &instance.token) {
             tracing::info!(%app, pid = instance.pid, "the instance recorded by the last run is gone");
-            kill_token_holders(&instance.token).await;
+            kill_token_holders(&instance.token, instance.start_ticks).await;
             return;
         }
         tracing::info!(%app, pid = instance.pid, "stopping the instance left by the last run");
         let group = Pid::from_raw(instance.pid);
         let signal = signal_by_name(&instance.stop_signal).unwrap_or(Signal::SIGTERM);
+        // Watched before the signal, and checked again: the wait is on the process that was
+        // checked, not on a later one that reuses its pid.
+        let exit = ProcessExit::watch(instance.pid)
+            .filter(|_| has_token(instance.pid, &instance.token));
         let _ = killpg(group, signal);
-        let deadline = Instant::now() + Duration::from_millis(instance.stop_timeout_ms);
-        while has_token(instance.pid, &instance.token) && Instant::now() < deadline {
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-        if has_token(instance.pid, &instance.token) {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(instance.stop_timeout_ms);
+        let exited = match &exit {
+            Some(exit) => exit.wait_until(deadline).await,
+            None => true,
+        };
+        if !exited && has_token(instance.pid, &instance.token) {
             let _ = killpg(group, Signal::SIGKILL);
         }
-        kill_token_holders(&instance.token).await;
+        kill_token_holders(&instance.token, instance.start_ticks).await;
     });
     futures::future::join_all(stops).await;
 }
@@ -600,6 +680,7 @@ fn signal_by_name(name: &str) -> Option<Signal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::signal::kill;
 
     fn manifest(text: &str) -> Manifest {
         Manifest::parse(text).unwrap()
@@ -861,7 +942,7 @@ mod tests {
         let token = instance.token().to_string();
         // While the child execs `sleep`, its /proc/PID/environ may not be readable: wait.
         eventually("the leader and its child to carry the token", || {
-            token_holders(&token).len() >= 2
+            token_holders(&token, None).len() >= 2
         })
         .await;
         let started = Instant::now();
@@ -869,7 +950,7 @@ mod tests {
         assert!(outcome.contains("killed with SIGKILL"), "{outcome}");
         assert!(started.elapsed() >= Duration::from_millis(300));
         assert!(
-            token_holders(&token).is_empty(),
+            token_holders(&token, None).is_empty(),
             "nothing of the group survives"
         );
     }

@@ -22,7 +22,8 @@
 //!   instance still runs. Only after this is the old instance stopped (reported as
 //!   `stopping`/`stopped` with the *old* version).
 //! - **starting**: the instance directory was wiped and copied afresh from the release and the
-//!   process spawned in its own group; its pid and token are in `state.json`.
+//!   process spawned in its own group; its pid and token are being written to `state.json`
+//!   while the checks run (done before `running`).
 //! - **checking**: the process is up; every smoke check runs in order. The process exiting
 //!   meanwhile fails the checks at once with its exit status.
 //! - **running**: every smoke check passed. Only now does the instance count as deployed; old
@@ -499,6 +500,21 @@ impl AppTask {
         );
     }
 
+    /// Like [`AppTask::record_instance`], on the blocking pool: the caller awaits the handle
+    /// when the write must be done (before the next write of this app's instance, which then
+    /// cannot be overtaken by it).
+    fn record_instance_meanwhile(
+        &self,
+        saved: Option<crate::state::SavedInstance>,
+    ) -> JoinHandle<()> {
+        let (store, app) = (self.context.store.clone(), self.app.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.set_instance(&app, saved) {
+                tracing::error!(%app, "{e}");
+            }
+        })
+    }
+
     /// Brings `assignment` up: fetch, unpack, replace the old instance, start, check.
     /// Returns a command that interrupted it, to be handled next.
     async fn converge(&mut self, assignment: Assignment) -> Option<AppCommand> {
@@ -676,7 +692,10 @@ impl AppTask {
                 why,
             );
             let outcome = old.instance.stop().await;
-            self.record_instance(None);
+            // state.json keeps naming the old instance until the new one replaces it there
+            // (or a failed start clears it): one fsynced write fewer between the old instance's
+            // stop and the new one's start. After a crash in between, the old pid no longer
+            // carries its token, so the next run neither adopts nor signals it.
             self.publish(
                 InstanceState::Stopped,
                 old.assignment.version.clone(),
@@ -745,15 +764,24 @@ impl AppTask {
         crate::releases::touch(&release.dir);
         let vars = match self.instance_vars(assignment, &release.manifest).await {
             Ok(vars) => vars,
-            Err(message) => return Started::Failed(message),
+            Err(message) => {
+                self.record_instance(None);
+                return Started::Failed(message);
+            }
         };
         let started =
             Instance::start(&self.context.layout, &release.dir, &release.manifest, &vars).await;
         let mut instance = match started {
             Ok(instance) => instance,
-            Err(e) => return Started::Failed(e.to_string()),
+            Err(e) => {
+                self.record_instance(None);
+                return Started::Failed(e.to_string());
+            }
         };
-        self.record_instance(Some(
+        // The pid and token are written (fsynced) while the checks run, and the write is
+        // waited for before anything else: before `running` is reported, and before any later
+        // write of the app's instance.
+        let recorded = self.record_instance_meanwhile(Some(
             instance.saved(&assignment.version, &assignment.artifact_digest),
         ));
 
@@ -806,6 +834,9 @@ impl AppTask {
             };
             interruptible(&mut self.rx, assignment, race).await
         };
+        if recorded.await.is_err() {
+            tracing::error!(app = %self.app, "the write of state.json crashed");
+        }
         match outcome {
             Ok(Ok(checked_in)) => Started::Running(
                 instance,

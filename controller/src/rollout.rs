@@ -27,6 +27,10 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 
+/// The tracing target of the executor's timing lines (debug): when a wave begins, when a look
+/// at it saw hosts pass, when it settled. `fleet-bench pace` turns them into a breakdown per
+/// wave (`RUST_LOG=info,fleet::timing=debug`).
+pub const TIMING: &str = "fleet::timing";
 /// How long a wave may take when the operator gave no `--smoke-timeout`.
 const DEFAULT_WAVE_DEADLINE: Duration = Duration::from_secs(300);
 /// Added to `--smoke-timeout` for the fetch and start before the checks.
@@ -913,11 +917,18 @@ impl Executor {
                 WaitEnd::Aborted(actor) => return self.aborted(actor).await,
                 WaitEnd::Done | WaitEnd::Deadline => {}
             }
-            match step::settle_wave(&mut self.record, idx, fleet_proto::now_unix_ms()) {
+            let end = step::settle_wave(&mut self.record, idx, fleet_proto::now_unix_ms());
+            tracing::debug!(target: TIMING, rollout = %self.record.id, wave = idx + 1, "wave settled");
+            match end {
                 WaveEnd::Passed { pause } => {
                     // The pause's end is in this save, with the canary's pass: a restart in
-                    // between cannot skip it.
-                    self.save().await?;
+                    // between cannot skip it. Without a pause the pass needs no commit of its
+                    // own: every host's pass is saved already (`wait_wave`), so a restart in
+                    // between settles the wave again, the same way, and the next commit (the
+                    // next wave's hosts with the record, or the rollout's end) writes it.
+                    if pause.is_some() {
+                        self.save().await?;
+                    }
                     self.emit(format!(
                         "{} passed in {}",
                         self.wave_label(idx),
@@ -1163,6 +1174,7 @@ impl Executor {
             .iter()
             .map(|h| h.host.clone())
             .collect();
+        tracing::debug!(target: TIMING, rollout = %self.record.id, wave = idx + 1, "wave begins");
         let observed = self.observe(names.iter().map(String::as_str))?;
         let start = step::start_wave(&mut self.record, idx, &observed);
         if start.halted {
@@ -1226,6 +1238,9 @@ impl Executor {
             changes.borrow_and_update();
             let observed = self.observe_wave(idx);
             let progress = step::observe_wave(&mut self.record, idx, &observed);
+            if !progress.lines.is_empty() {
+                tracing::debug!(target: TIMING, rollout = %self.record.id, wave = idx + 1, done = progress.done, "wave observed");
+            }
             unsaved |= !progress.lines.is_empty();
             let save_due = saved_at.map_or(tokio::time::Instant::now(), |at| at + SAVE_DURING_WAVE);
             if unsaved && !progress.done && tokio::time::Instant::now() >= save_due {
