@@ -190,7 +190,9 @@ fn config_release_the_same_artifact_with_a_new_env_reaches_every_host() {
         .create_release("web", "1.0.1", &artifact, &["WEB_GREETING=bonjour"])
         .expect_code(0);
     fleet
-        .ctl(&["rollout", "web", "1.0.1", "--canary", "1", "--batch", "100%"])
+        .ctl(&[
+            "rollout", "web", "1.0.1", "--canary", "1", "--batch", "100%",
+        ])
         .expect_code(0);
     fleet.wait_all_serve("1.0.1", SERVE_DEADLINE);
     for name in fleet.host_names() {
