@@ -8,6 +8,8 @@
 //!   start, else `dirty`; at start the app writes `scratch.txt`, so a second start in the same
 //!   directory is caught
 //! - `GET /pid`     -> the process id
+//! - `GET /greeting` -> the value of `WEB_GREETING` (`hello` without it): configuration a
+//!   release carries in its `--env`, so a config-only release shows on every host
 //! - `GET /starts`  -> how many times the app started with this `FLEET_STATE_DIR` (each start
 //!   appends a line to `$FLEET_STATE_DIR/starts`, which outlives origin state); 0 without one
 //!
@@ -32,6 +34,8 @@ struct AppState {
     version: String,
     host: String,
     broken: bool,
+    /// `WEB_GREETING`, or `hello`.
+    greeting: String,
     origin_fresh: bool,
     pid: u32,
     /// Starts counted in `$FLEET_STATE_DIR/starts`, this one included.
@@ -72,6 +76,7 @@ fn main() {
         version: std::env::var("FLEET_VERSION").unwrap_or_else(|_| "unknown".into()),
         host: std::env::var("FLEET_HOST").unwrap_or_else(|_| "unknown".into()),
         broken: std::env::var("WEB_BROKEN").is_ok_and(|v| v == "1"),
+        greeting: std::env::var("WEB_GREETING").unwrap_or_else(|_| "hello".into()),
         origin_fresh,
         pid: std::process::id(),
         starts,
@@ -169,6 +174,7 @@ fn route(path: &str, state: &AppState) -> (u16, String) {
         "/origin" if state.origin_fresh => (200, "fresh\n".into()),
         "/origin" => (200, "dirty\n".into()),
         "/pid" => (200, format!("{}\n", state.pid)),
+        "/greeting" => (200, format!("{}\n", state.greeting)),
         "/starts" => (200, format!("{}\n", state.starts)),
         _ => (404, "not found\n".into()),
     }
@@ -199,6 +205,7 @@ mod tests {
             version: "1.2.3".into(),
             host: "h1".into(),
             broken,
+            greeting: "hello".into(),
             origin_fresh,
             pid: 42,
             starts: 3,
@@ -213,6 +220,7 @@ mod tests {
         assert_eq!(route("/origin", &good), (200, "fresh\n".into()));
         assert_eq!(route("/pid", &good), (200, "42\n".into()));
         assert_eq!(route("/starts", &good), (200, "3\n".into()));
+        assert_eq!(route("/greeting", &good), (200, "hello\n".into()));
         assert_eq!(route("/nope", &good).0, 404);
         let bad = state(true, false);
         assert_eq!(route("/healthz", &bad).0, 500);
