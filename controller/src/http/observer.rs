@@ -135,7 +135,10 @@ impl Observer {
 
     /// Follows rollout `id`'s progress (while its executor runs here) to time its waves: a
     /// wave's time runs from the first progress that shows it running to the first that shows
-    /// it passed or failed.
+    /// it passed or failed. Progress carries a snapshot of the record taken when the rollout's
+    /// state or wave changes, so a short wave may be seen ended without ever being seen
+    /// running: its time then runs from the end of the wave before it (or from the start of
+    /// the following), which is when it began.
     fn follow(self: Arc<Self>, id: &str, app: &str, mut stop: watch::Receiver<bool>) {
         let Some(mut progress) = self.rollouts.subscribe(id) else {
             return;
@@ -152,6 +155,8 @@ impl Observer {
         tokio::spawn(async move {
             let mut started: HashMap<usize, Instant> = HashMap::new();
             let mut ended: HashSet<usize> = HashSet::new();
+            // When the last wave seen to end ended (at first: when following began).
+            let mut last_end = Instant::now();
             loop {
                 let step = tokio::select! {
                     step = progress.recv() => step,
@@ -168,10 +173,10 @@ impl Observer {
                             started.entry(idx).or_insert_with(Instant::now);
                         }
                         WaveState::Passed | WaveState::Failed => {
-                            if let Some(start) = started.get(&idx) {
-                                if ended.insert(idx) {
-                                    self.metrics.wave_ended(&app, start.elapsed().as_secs_f64());
-                                }
+                            if ended.insert(idx) {
+                                let start = started.get(&idx).copied().unwrap_or(last_end);
+                                self.metrics.wave_ended(&app, start.elapsed().as_secs_f64());
+                                last_end = Instant::now();
                             }
                         }
                         WaveState::Pending => {}
