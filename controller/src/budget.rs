@@ -48,6 +48,12 @@ pub fn effective(
     }
 }
 
+/// The budget of a deployment whose last rollout ran with `max_unavailable` (0 or `None` for
+/// a rollout from before budgets, or one that is gone): the same, or 1.
+pub fn default_budget(max_unavailable: Option<u32>) -> usize {
+    max_unavailable.unwrap_or(0).max(1) as usize
+}
+
 /// How many more hosts may be taken down now, with `down` hosts already unavailable.
 pub fn room(budget: usize, down: usize) -> usize {
     budget.saturating_sub(down)

@@ -228,12 +228,6 @@ pub struct Candidate {
     pub standing: Standing,
 }
 
-/// The budget of a deployment whose last rollout ran with `max_unavailable` (0 or `None` for
-/// a rollout from before budgets, or one that is gone): the same, or 1.
-pub fn default_budget(max_unavailable: Option<u32>) -> usize {
-    max_unavailable.unwrap_or(0).max(1) as usize
-}
-
 /// Which of `candidates` converge now; the others wait until the converger is woken again.
 /// `down` counts, per deployment, the hosts it selects that are unavailable now (see
 /// [`budget::unavailable`]) or still converging; `budgets` is each deployment's budget (one
@@ -268,7 +262,7 @@ pub fn converge_now(
         let budget = budgets
             .get(&candidate.deployment)
             .copied()
-            .unwrap_or_else(|| default_budget(None));
+            .unwrap_or_else(|| budget::default_budget(None));
         let down = down.entry(candidate.deployment.clone()).or_default();
         if *down < budget {
             *down += 1;
@@ -435,7 +429,7 @@ async fn converge_once(fleet: &FleetState, rollouts: &Rollouts) -> Result<bool, 
         let rollout = fleet.rollout(&deployment.rollout_id)?;
         budgets.insert(
             DeploymentRecord::key(&deployment.app, &deployment.selector),
-            default_budget(rollout.map(|r| r.max_unavailable)),
+            budget::default_budget(rollout.map(|r| r.max_unavailable)),
         );
     }
     // Who is down per deployment: what the budget counts, and the convergences under way.
@@ -875,7 +869,7 @@ mod tests {
         }
         // The default budget: what the deployment's last rollout ran with, or 1.
         for (recorded, expect) in [(Some(3), 3), (Some(0), 1), (None, 1)] {
-            assert_eq!(default_budget(recorded), expect, "{recorded:?}");
+            assert_eq!(budget::default_budget(recorded), expect, "{recorded:?}");
         }
     }
 

@@ -11,7 +11,6 @@
 //! ones stay paused.
 
 use crate::budget;
-use crate::converge;
 use crate::fleet_state::FleetState;
 use crate::model::{
     Batch, DeploymentRecord, HostRecord, HostResult, RolloutPolicy, RolloutRecord, RolloutState,
@@ -490,7 +489,7 @@ pub struct RollbackRequest {
     pub selector: Option<std::collections::BTreeMap<String, String>>,
     /// The release to go back to; by default the one before the current one.
     pub to_version: Option<String>,
-    /// The budget asked for; by default the deployment's ([`converge::default_budget`]).
+    /// The budget asked for; by default the deployment's ([`budget::default_budget`]).
     pub max_unavailable: Option<Batch>,
     pub actor: String,
 }
@@ -578,7 +577,7 @@ pub async fn start_rollback(
                 Some(id) => fleet.rollout(&id)?,
                 None => None,
             };
-            converge::default_budget(last.map(|r| r.max_unavailable))
+            budget::default_budget(last.map(|r| r.max_unavailable))
         }
     };
     let policy = RolloutPolicy {
