@@ -29,6 +29,7 @@ pub mod net;
 pub mod netns;
 pub mod process;
 pub mod proxy;
+pub mod sampler;
 pub mod sshd;
 pub mod tmpfs;
 

@@ -4,9 +4,7 @@
 //! leaves. A budget already spent before the start is refused, naming the hosts that spend it.
 
 use fleet_tests::fleet::Fleet;
-use fleet_tests::http;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use fleet_tests::sampler::Sampler;
 use std::time::Duration;
 
 #[test]
@@ -24,27 +22,7 @@ fn a_budget_of_two_with_one_host_drained_takes_one_host_down_at_a_time() {
         .iter()
         .map(|h| fleet.agent(h).advertise.clone())
         .collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let worst = Arc::new(AtomicUsize::new(0));
-    let samples = Arc::new(AtomicUsize::new(0));
-    let sampler = {
-        let (stop, worst, samples) = (stop.clone(), worst.clone(), samples.clone());
-        std::thread::spawn(move || {
-            // Bounded by the stop flag, which the test sets, and by a count.
-            for _ in 0..50_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let down = addrs
-                    .iter()
-                    .filter(|addr| http::get_ok(addr, "/healthz").is_none())
-                    .count();
-                worst.fetch_max(down, Ordering::Relaxed);
-                samples.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
+    let sampler = Sampler::start(addrs);
     let out = fleet.ctl(&[
         "rollout",
         "web",
@@ -56,16 +34,11 @@ fn a_budget_of_two_with_one_host_drained_takes_one_host_down_at_a_time() {
         "--max-unavailable",
         "2",
     ]);
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().expect("the sampler");
+    let (worst, samples) = sampler.finish();
     let rollout = out.expect_code(0).json;
-    assert!(
-        samples.load(Ordering::Relaxed) > 10,
-        "the sampler must have run"
-    );
+    assert!(samples > 10, "the sampler must have run");
     assert_eq!(
-        worst.load(Ordering::Relaxed),
-        1,
+        worst, 1,
         "with h5 drained and a budget of 2, at most one other host may be down: {rollout:#}"
     );
     assert_eq!(rollout["max_unavailable"], 2, "{rollout:#}");

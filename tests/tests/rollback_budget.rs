@@ -7,9 +7,8 @@
 //! `fleetctl rollback` keeps to the deployment's budget the same way.
 
 use fleet_tests::fleet::Fleet;
-use fleet_tests::{http, web_manifest, WEB_PORT};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use fleet_tests::sampler::Sampler;
+use fleet_tests::{web_manifest, WEB_PORT};
 use std::time::Duration;
 
 /// The example app, started two seconds late: long enough for a sampler to see every host
@@ -21,56 +20,6 @@ fn slow_start_manifest() -> String {
             "command = [\"/bin/sh\", \"-c\", \"sleep 2 && exec bin/web --listen ${{FLEET_ADDR}}:{WEB_PORT}\"]"
         ),
     )
-}
-
-/// Samples `/healthz` on every host until stopped: the most seen down at once.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    worst: Arc<AtomicUsize>,
-    samples: Arc<AtomicUsize>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Sampler {
-    fn start(addrs: Vec<String>) -> Sampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let worst = Arc::new(AtomicUsize::new(0));
-        let samples = Arc::new(AtomicUsize::new(0));
-        let thread = {
-            let (stop, worst, samples) = (stop.clone(), worst.clone(), samples.clone());
-            std::thread::spawn(move || {
-                // Bounded by the stop flag, which the test sets, and by a count.
-                for _ in 0..200_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let down = addrs
-                        .iter()
-                        .filter(|addr| http::get_ok(addr, "/healthz").is_none())
-                        .count();
-                    worst.fetch_max(down, Ordering::Relaxed);
-                    samples.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        };
-        Sampler {
-            stop,
-            worst,
-            samples,
-            thread,
-        }
-    }
-
-    /// Stops it; (the most hosts seen down at once, how many samples).
-    fn finish(self) -> (usize, usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("the sampler");
-        (
-            self.worst.load(Ordering::Relaxed),
-            self.samples.load(Ordering::Relaxed),
-        )
-    }
 }
 
 /// Three hosts on 1.0.0 (slow to start), and 1.1.0, which fails its check on h3 only.
