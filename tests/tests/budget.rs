@@ -34,7 +34,8 @@ fn a_budget_of_two_with_one_host_drained_takes_one_host_down_at_a_time() {
         "--max-unavailable",
         "2",
     ]);
-    let (worst, samples) = sampler.finish();
+    let seen = sampler.finish();
+    let (worst, samples) = (seen.most_down, seen.samples);
     let rollout = out.expect_code(0).json;
     assert!(samples > 10, "the sampler must have run");
     assert_eq!(

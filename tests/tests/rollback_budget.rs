@@ -81,7 +81,8 @@ fn a_rollback_takes_no_more_hosts_down_than_the_budget() {
     let sampler = sampler_of(&fleet);
     // Generous: five starts of two seconds each, one after another, on a loaded machine.
     let out = fleet.ctl_with_deadline(&ROLLOUT, Duration::from_secs(180));
-    let (worst, samples) = sampler.finish();
+    let seen = sampler.finish();
+    let (worst, samples) = (seen.most_down, seen.samples);
     let rollout = out.expect_code(1).json;
     assert_eq!(rollout["state"], "rolled_back", "{rollout:#}");
     assert!(samples > 10, "the sampler must have run");
@@ -140,7 +141,7 @@ fn a_controller_killed_during_a_rollback_goes_on_from_where_it_was() {
     fleet.kill_controller();
     fleet.restart_controller();
     let ended = fleet.wait_rollout_ends(&id, Duration::from_secs(120));
-    let (worst, _) = sampler.finish();
+    let worst = sampler.finish().most_down;
     assert_eq!(ended["state"], "rolled_back", "{ended:#}");
     assert!(
         worst <= 2,
@@ -180,7 +181,8 @@ fn a_manual_rollback_keeps_to_the_deployments_budget() {
     // Back to 1.0.0 with no flag: the deployment's budget (1, from its last rollout) holds.
     let sampler = sampler_of(&fleet);
     let out = fleet.ctl_with_deadline(&["rollback", "web"], Duration::from_secs(180));
-    let (worst, samples) = sampler.finish();
+    let seen = sampler.finish();
+    let (worst, samples) = (seen.most_down, seen.samples);
     let rollback = out.expect_code(0).json;
     assert_eq!(rollback["state"], "succeeded", "{rollback:#}");
     assert!(samples > 10, "the sampler must have run");

@@ -6,7 +6,7 @@
 //! - no acknowledged record is lost: every rollout id the controller gave the runner is in
 //!   `history` ([`history`]);
 //! - never more hosts down at once than the rollout's budget beyond those the fault itself
-//!   took down ([`HealthSampler`], sampling every host's `/healthz` during the try);
+//!   took down ([`health_sampler`], sampling every host's `/healthz` during the try);
 //! - the open files of the controller and of each agent back to their baseline (a small slack),
 //!   and their resident memory within 10% of it ([`Baseline`], [`resources`]).
 //!
@@ -15,12 +15,10 @@
 use super::bench::Bench;
 use crate::fleet::Fleet;
 use crate::process::{peak_rss_kib, rss_kib};
-use crate::{http, WEB_PORT};
+use crate::sampler::Sampler;
+
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Open files a process may hold above its baseline (a connection being reestablished, a log
@@ -315,67 +313,15 @@ pub fn history(fleet: &Fleet, acknowledged: &[String]) -> Result<(), String> {
     }
 }
 
-/// Samples every host's `/healthz` until stopped; the most hosts seen down at once.
-pub struct HealthSampler {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<(usize, String)>>,
-}
-
-impl HealthSampler {
-    pub fn start(bench: &Bench) -> HealthSampler {
-        let hosts: Vec<(String, String)> = bench
+/// Samples every host's `/healthz` (by name) every 100 ms until [`Sampler::finish`].
+pub fn health_sampler(bench: &Bench) -> Sampler {
+    Sampler::named(
+        bench
             .fleet
             .agents()
             .iter()
             .map(|a| (a.name.clone(), a.advertise.clone()))
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut worst = (0, String::new());
-            // Bounded: the runner stops it when the try ends, within the try's deadlines.
-            for _ in 0..100_000 {
-                if stopping.load(Ordering::Relaxed) {
-                    break;
-                }
-                let down: Vec<&str> = hosts
-                    .iter()
-                    .filter(|(_, addr)| {
-                        !matches!(http::get(addr, WEB_PORT, "/healthz"), Ok((200, _)))
-                    })
-                    .map(|(name, _)| name.as_str())
-                    .collect();
-                if down.len() > worst.0 {
-                    worst = (
-                        down.len(),
-                        format!("{} at {} ms", down.join(", "), fleet_proto::now_unix_ms()),
-                    );
-                }
-                std::thread::sleep(SAMPLE_INTERVAL);
-            }
-            worst
-        });
-        HealthSampler {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops sampling; the most hosts down at once and which they were.
-    pub fn finish(mut self) -> (usize, String) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for HealthSampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+            .collect(),
+        SAMPLE_INTERVAL,
+    )
 }

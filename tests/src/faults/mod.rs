@@ -458,7 +458,7 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
             return outcome;
         }
     };
-    let sampler = invariants::HealthSampler::start(bench);
+    let sampler = invariants::health_sampler(bench);
     let id = match bench.start_rollout(&version, phase == Phase::CanaryPause) {
         Ok(id) => id,
         Err(e) => {
@@ -541,7 +541,8 @@ fn one_try(bench: &mut Bench, fault: Fault, phase: Phase, seed: u64) -> TryOutco
 
     // Budget: never more hosts down at once than --max-unavailable 1 (these faults take no
     // app down themselves).
-    let (most_down, which) = sampler.finish();
+    let seen = sampler.finish();
+    let (most_down, which) = (seen.most_down, seen.which);
     if most_down > 1 {
         broken.push(format!(
             "{most_down} hosts down at once ({which}), budget 1"

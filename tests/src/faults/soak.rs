@@ -170,7 +170,7 @@ fn one_rollout(
     let rollback =
         idx.is_multiple_of(2) && !idx.is_multiple_of(ROLLBACK_EVERY) && !previous.is_empty();
     let bad = idx.is_multiple_of(ROLLBACK_EVERY);
-    let sampler = invariants::HealthSampler::start(bench);
+    let sampler = invariants::health_sampler(bench);
     let (id, version) = if rollback {
         let out = bench.fleet.ctl(&["rollback", "web", "--detach"]);
         if out.code != 0 {
@@ -243,7 +243,8 @@ fn one_rollout(
     if bad && state == "succeeded" {
         broken.push(format!("rollout {id} of a failing release succeeded"));
     }
-    let (most_down, which) = sampler.finish();
+    let seen = sampler.finish();
+    let (most_down, which) = (seen.most_down, seen.which);
     // The faults themselves take no app down, so the budget is the rollout's (1).
     if most_down > 1 {
         broken.push(format!(
