@@ -181,9 +181,12 @@ fn probe(host: &str) -> Probe {
     }
 }
 
+/// A host's name and a span in which it was down.
+type Span = (String, Duration, Duration);
+
 /// The most spans that overlap at one moment, whose they are and that moment. Spans that only
 /// touch (one ends as the other starts) do not overlap.
-fn most_overlapping(spans: &[(String, Duration, Duration)]) -> (usize, Vec<String>, Duration) {
+fn most_overlapping(spans: &[Span]) -> (usize, Vec<String>, Duration) {
     // Ends sort before starts at the same time.
     let mut edges: Vec<(Duration, bool, usize)> = Vec::with_capacity(spans.len() * 2);
     for (i, (_, from, to)) in spans.iter().enumerate() {
@@ -220,7 +223,7 @@ mod tests {
     #[test]
     fn overlap_counts_only_spans_down_at_the_same_moment() {
         let span = |h: &str, a, b| (h.to_string(), ms(a), ms(b));
-        let cases: Vec<(Vec<(String, Duration, Duration)>, usize)> = vec![
+        let cases: Vec<(Vec<Span>, usize)> = vec![
             (vec![], 0),
             (vec![span("a", 0, 10)], 1),
             // One after the other: never two at once.
