@@ -470,6 +470,10 @@ pub struct BootstrapFlags {
     /// The fleet-agent binary to install [default: the one beside fleetctl]
     #[arg(long, value_name = "PATH")]
     pub agent_binary: Option<PathBuf>,
+    /// Install the agent from its .deb (target/debian/fleet-agent_*.deb of scripts/package.sh)
+    /// with the host's dpkg; its unit reads /var/lib/fleet-agent/agent.toml
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["agent_binary", "remote_dir"])]
+    pub agent_deb: Option<PathBuf>,
     /// The controller URL the host dials [default: the one fleetctl uses]
     #[arg(long, value_name = "URL")]
     pub controller_url: Option<String>,
