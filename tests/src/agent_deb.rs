@@ -65,9 +65,23 @@ fn append(tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, bytes: Option<
 /// Writes `DIR/PACKAGE_VERSION_ARCH.deb` holding `agent_binary` and returns its path. `package`
 /// is `fleet-agent` but for a test that needs a package of another name.
 pub fn build(dir: &Path, package: &str, version: &str, agent_binary: &[u8]) -> PathBuf {
+    build_with_depends(dir, package, version, agent_binary, None)
+}
+
+/// Like [`build`], with a `Depends:` field (a test of a package dpkg refuses to configure).
+pub fn build_with_depends(
+    dir: &Path,
+    package: &str,
+    version: &str,
+    agent_binary: &[u8],
+    depends: Option<&str>,
+) -> PathBuf {
     let arch = debian_architecture();
+    let depends = depends
+        .map(|d| format!("Depends: {d}\n"))
+        .unwrap_or_default();
     let control = format!(
-        "Package: {package}\nVersion: {version}\nArchitecture: {arch}\n\
+        "Package: {package}\nVersion: {version}\nArchitecture: {arch}\n{depends}\
          Maintainer: fleet maintainers\nSection: admin\nPriority: optional\n\
          Description: fleet agent (built by the tests from the debug binary)\n"
     );
@@ -125,6 +139,7 @@ pub fn build(dir: &Path, package: &str, version: &str, agent_binary: &[u8]) -> P
         header.set_mode(0o644);
         ar.append(&header, bytes).expect("ar member");
     }
+    std::fs::create_dir_all(dir).expect("the .deb's dir");
     let path = dir.join(format!("{package}_{version}_{arch}.deb"));
     std::fs::write(&path, ar.into_inner().expect("the .deb")).expect("write the .deb");
     path

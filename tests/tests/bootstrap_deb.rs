@@ -130,6 +130,32 @@ fn a_host_with_dpkg_gets_the_agent_from_its_deb_takes_a_rollout_and_upgrades_in_
             "--accept-new-host-key".into(),
         ]
     };
+    // A package dpkg cannot configure (a dependency the host lacks): the error shows dpkg's
+    // own words and what to do.
+    let unmet = agent_deb::build_with_depends(
+        &setup.fleet.dir().join("unmet"),
+        "fleet-agent",
+        "0.0.9-1",
+        b"#!/bin/sh\n",
+        Some("fleet-no-such-package"),
+    );
+    let unmet_args = args(&unmet.display().to_string());
+    let unmet_args: Vec<&str> = unmet_args.iter().map(String::as_str).collect();
+    let failed = setup.bootstrap(&unmet_args).expect_code(1);
+    let error = failed.json["results"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("dpkg -i of the agent package failed"),
+        "{error}"
+    );
+    assert!(
+        error.contains("fleet-no-such-package"),
+        "dpkg's words: {error}"
+    );
+    assert!(error.contains("apt-get -f install"), "what to do: {error}");
+
     let started = std::time::Instant::now();
     let first_args = args(&deb_v1_text);
     let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
