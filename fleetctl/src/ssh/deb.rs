@@ -258,6 +258,28 @@ mod tests {
     }
 
     #[test]
+    fn reads_what_dpkg_deb_builds_in_each_compression() {
+        for (name, bytes) in [
+            (
+                "xz",
+                &include_bytes!("../../testdata/deb/fleet-agent-xz.deb")[..],
+            ),
+            (
+                "zstd",
+                &include_bytes!("../../testdata/deb/fleet-agent-zstd.deb")[..],
+            ),
+            (
+                "gzip",
+                &include_bytes!("../../testdata/deb/fleet-agent-gzip.deb")[..],
+            ),
+        ] {
+            let deb = AgentDeb::read(bytes.to_vec()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(deb.version, "1.2.3-1", "{name}");
+            assert_eq!(deb.architecture, "arm64", "{name}");
+        }
+    }
+
+    #[test]
     fn reads_a_deb_and_refuses_others() {
         let agent = AgentDeb::read(deb("fleet-agent", "debian-binary")).unwrap();
         assert_eq!(agent.describe(), "fleet-agent 2.0.0 (amd64)");
