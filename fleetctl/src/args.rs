@@ -186,7 +186,7 @@ pub enum Command {
     },
     /// Install and start the agent on fresh hosts over SSH, and wait until they registered
     #[command(
-        after_help = "Examples:\n  fleetctl bootstrap ssh://root@web-1 ssh://root@web-2 --labels env=prod\n  fleetctl bootstrap --targets hosts.txt --known-hosts ./known_hosts"
+        after_help = "Examples:\n  fleetctl bootstrap ssh://root@web-1 ssh://root@web-2 --labels env=prod\n  fleetctl bootstrap --targets hosts.txt --known-hosts ./known_hosts\n  fleetctl bootstrap ssh://root@web-3 --agent-deb target/debian/fleet-agent_0.1.0-1_amd64.deb"
     )]
     Bootstrap(BootstrapArgs),
     /// Bring a new host in (over SSH) with every release OLD runs, then drain and remove OLD
