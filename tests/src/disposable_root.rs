@@ -96,6 +96,22 @@ impl DisposableRoot {
         command
     }
 
+    /// Hides `path` (absolute, under /usr, /etc or /var) from the root, as if this machine had
+    /// no such file: an overlayfs whiteout (a character device 0:0) in the upper dir. Call it
+    /// before the root's peer starts.
+    pub fn hide(&self, path: &Path) {
+        use nix::sys::stat::{mknod, Mode, SFlag};
+        let whiteout = self.written(path);
+        std::fs::create_dir_all(whiteout.parent().expect("a parent")).expect("the whiteout's dir");
+        mknod(
+            &whiteout,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o000),
+            0,
+        )
+        .unwrap_or_else(|e| panic!("mknod {} (a whiteout): {e}", whiteout.display()));
+    }
+
     /// Where what the root wrote to `path` (absolute, under /usr, /etc or /var) is kept.
     pub fn written(&self, path: &Path) -> PathBuf {
         let relative = path.strip_prefix("/").expect("an absolute path");

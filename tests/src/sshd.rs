@@ -119,6 +119,16 @@ impl Sshd {
         Sshd::start_with(dir, client_public_line, Some(root))
     }
 
+    /// Like [`Sshd::start_in_disposable_root`] in a root the caller made (and prepared, e.g.
+    /// with [`DisposableRoot::hide`]).
+    pub fn start_in_root(
+        dir: &Path,
+        client_public_line: &str,
+        root: DisposableRoot,
+    ) -> Option<Sshd> {
+        Sshd::start_with(dir, client_public_line, Some(root))
+    }
+
     fn start_with(
         dir: &Path,
         client_public_line: &str,

@@ -10,6 +10,7 @@
 //! pid.
 
 use fleet_tests::agent_deb;
+use fleet_tests::disposable_root::DisposableRoot;
 use fleet_tests::fleet::Fleet;
 use fleet_tests::process;
 use fleet_tests::sshd::{SshClient, Sshd};
@@ -146,6 +147,7 @@ fn a_host_with_dpkg_gets_the_agent_from_its_deb_takes_a_rollout_and_upgrades_in_
         .as_str()
         .unwrap_or_default()
         .to_string();
+    eprintln!("{error}");
     assert!(
         error.contains("dpkg -i of the agent package failed"),
         "{error}"
@@ -264,6 +266,59 @@ fn a_host_with_dpkg_gets_the_agent_from_its_deb_takes_a_rollout_and_upgrades_in_
     // This machine's own dpkg never heard of it.
     assert_eq!(dpkg_status_here(), dpkg_here_before);
     assert!(!Path::new("/var/lib/fleet-agent/agent.toml").exists());
+}
+
+#[test]
+fn a_host_without_dpkg_is_told_to_bootstrap_without_agent_deb() {
+    let fleet = Fleet::start(0);
+    let client = SshClient::new(&fleet.dir().join("ssh-client"));
+    let sshd_dir = fleet.dir().join("sshd");
+    let Some(root) = DisposableRoot::new(&sshd_dir.join("root")) else {
+        return;
+    };
+    // A host without dpkg: the root does not see /usr/bin/dpkg.
+    root.hide(Path::new("/usr/bin/dpkg"));
+    let Some(sshd) = Sshd::start_in_root(&sshd_dir, &client.public_line, root) else {
+        return;
+    };
+    let setup = Setup {
+        sshd,
+        client,
+        fleet,
+    };
+    assert_ne!(
+        setup
+            .sshd
+            .run_in_root(&["sh", "-c", "command -v dpkg"])
+            .code,
+        0,
+        "dpkg is hidden in the root"
+    );
+    let deb = agent_deb::build(setup.fleet.dir(), "fleet-agent", "0.1.0-1", b"#!/bin/sh\n");
+    let url = setup.sshd.url();
+    let out = setup
+        .bootstrap(&[
+            &url,
+            "--name",
+            "nodpkg1",
+            "--advertise",
+            &setup.fleet.range.host_addr(0),
+            "--agent-deb",
+            &deb.display().to_string(),
+            "--accept-new-host-key",
+        ])
+        .expect_code(1);
+    let error = out.json["results"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("{error}");
+    assert_eq!(
+        error,
+        "nodpkg1 has no dpkg; bootstrap without --agent-deb installs the binary"
+    );
+    let hosts = setup.fleet.ctl_ok(&["hosts"]);
+    assert!(host(&hosts, "nodpkg1").is_none(), "{hosts:#}");
 }
 
 #[test]

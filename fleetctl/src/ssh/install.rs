@@ -379,13 +379,9 @@ pub async fn install(
             })
         }
         (Some(EXIT_DPKG_FAILED), AgentSource::Package(_)) => {
-            let tail = answer
-                .lines()
-                .skip_while(|l| *l != "dpkg=failed")
-                .skip(1)
-                .collect::<Vec<_>>()
-                .join("\n");
-            return Err(InstallError::Dpkg { tail });
+            return Err(InstallError::Dpkg {
+                tail: dpkg_output_tail(&answer),
+            });
         }
         (Some(EXIT_NEEDS_ROOT), AgentSource::Package(_)) => {
             return Err(InstallError::PackageNeedsRoot)
@@ -535,6 +531,20 @@ fn package_install_script(package_arch: &str) -> String {
     )
 }
 
+/// dpkg's own lines in the package install script's answer: those after `dpkg=failed`.
+fn dpkg_output_tail(answer: &str) -> String {
+    let tail: Vec<&str> = answer
+        .lines()
+        .skip_while(|l| *l != "dpkg=failed")
+        .skip(1)
+        .collect();
+    if tail.is_empty() {
+        "(dpkg printed nothing)".to_string()
+    } else {
+        tail.join("\n")
+    }
+}
+
 /// Whether the agent still runs on the host, and if not, the tail of its log.
 pub async fn agent_health(
     session: &SshSession,
@@ -649,6 +659,34 @@ mod tests {
                 ("fleet-agent".to_string(), 0o755, binary.bytes.clone()),
                 ("agent.toml".to_string(), 0o600, b"name = \"x\"\n".to_vec()),
             ]
+        );
+    }
+
+    #[test]
+    fn dpkg_failures_show_dpkg_lines_only() {
+        for (answer, tail) in [
+            (
+                "dpkg=failed\ndpkg: error processing package fleet-agent (--install):\n dependency problems\n",
+                "dpkg: error processing package fleet-agent (--install):\n dependency problems",
+            ),
+            ("upgraded=yes\ndpkg=failed\nE: x\n", "E: x"),
+            ("dpkg=failed\n", "(dpkg printed nothing)"),
+            ("", "(dpkg printed nothing)"),
+        ] {
+            assert_eq!(dpkg_output_tail(answer), tail, "{answer:?}");
+        }
+    }
+
+    #[test]
+    fn the_package_script_checks_dpkg_and_architecture_before_reading_the_stream() {
+        let script = package_install_script("arm64");
+        let at = |what: &str| script.find(what).unwrap_or_else(|| panic!("{what}"));
+        assert!(at("command -v dpkg") < at("tar -xf -"));
+        assert!(at("dpkg --print-architecture") < at("tar -xf -"));
+        assert!(script.contains("case 'arm64' in all|"));
+        assert!(at("dpkg -i") < at("/var/lib/fleet-agent'/agent.toml"));
+        assert!(
+            script.contains("'/usr/bin/fleet-agent' --config '/var/lib/fleet-agent'/agent.toml")
         );
     }
 
