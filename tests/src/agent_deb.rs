@@ -65,18 +65,26 @@ fn append(tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, bytes: Option<
 /// Writes `DIR/PACKAGE_VERSION_ARCH.deb` holding `agent_binary` and returns its path. `package`
 /// is `fleet-agent` but for a test that needs a package of another name.
 pub fn build(dir: &Path, package: &str, version: &str, agent_binary: &[u8]) -> PathBuf {
-    build_with_depends(dir, package, version, agent_binary, None)
+    build_custom(
+        dir,
+        package,
+        version,
+        agent_binary,
+        None,
+        debian_architecture(),
+    )
 }
 
-/// Like [`build`], with a `Depends:` field (a test of a package dpkg refuses to configure).
-pub fn build_with_depends(
+/// Like [`build`], with a `Depends:` field (a package dpkg refuses to configure) and the
+/// `Architecture:` of the caller's choosing (a package for another machine).
+pub fn build_custom(
     dir: &Path,
     package: &str,
     version: &str,
     agent_binary: &[u8],
     depends: Option<&str>,
+    arch: &str,
 ) -> PathBuf {
-    let arch = debian_architecture();
     let depends = depends
         .map(|d| format!("Depends: {d}\n"))
         .unwrap_or_default();

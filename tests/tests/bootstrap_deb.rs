@@ -131,14 +131,46 @@ fn a_host_with_dpkg_gets_the_agent_from_its_deb_takes_a_rollout_and_upgrades_in_
             "--accept-new-host-key".into(),
         ]
     };
+    // A package for another architecture: refused on the host before dpkg sees it.
+    let here = agent_deb::debian_architecture();
+    let other_arch = if here == "arm64" { "amd64" } else { "arm64" };
+    let foreign = agent_deb::build_custom(
+        &setup.fleet.dir().join("foreign"),
+        "fleet-agent",
+        "0.1.0-1",
+        b"#!/bin/sh\n",
+        None,
+        other_arch,
+    );
+    let foreign_args = args(&foreign.display().to_string());
+    let foreign_args: Vec<&str> = foreign_args.iter().map(String::as_str).collect();
+    let refused = setup.bootstrap(&foreign_args).expect_code(1);
+    let error = refused.json["results"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("{error}");
+    assert!(
+        error.contains(&format!(
+            "the package is {other_arch} but the host's dpkg is {here}"
+        )),
+        "{error}"
+    );
+    assert_ne!(
+        setup.sshd.run_in_root(&["dpkg", "-s", "fleet-agent"]).code,
+        0,
+        "nothing was installed"
+    );
+
     // A package dpkg cannot configure (a dependency the host lacks): the error shows dpkg's
     // own words and what to do.
-    let unmet = agent_deb::build_with_depends(
+    let unmet = agent_deb::build_custom(
         &setup.fleet.dir().join("unmet"),
         "fleet-agent",
         "0.0.9-1",
         b"#!/bin/sh\n",
         Some("fleet-no-such-package"),
+        agent_deb::debian_architecture(),
     );
     let unmet_args = args(&unmet.display().to_string());
     let unmet_args: Vec<&str> = unmet_args.iter().map(String::as_str).collect();
