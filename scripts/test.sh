@@ -13,6 +13,10 @@ missing=()
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v promtool >/dev/null || missing+=(prometheus)
+# The --agent-deb bootstrap test runs sshd and the real dpkg -i in a disposable root made with
+# util-linux's unshare and entered with its nsenter (tests/src/disposable_root.rs).
+command -v unshare >/dev/null && command -v nsenter >/dev/null || missing+=(util-linux)
+command -v dpkg >/dev/null || missing+=(dpkg)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi

@@ -186,7 +186,7 @@ pub enum Command {
     },
     /// Install and start the agent on fresh hosts over SSH, and wait until they registered
     #[command(
-        after_help = "Examples:\n  fleetctl bootstrap ssh://root@web-1 ssh://root@web-2 --labels env=prod\n  fleetctl bootstrap --targets hosts.txt --known-hosts ./known_hosts"
+        after_help = "Examples:\n  fleetctl bootstrap ssh://root@web-1 ssh://root@web-2 --labels env=prod\n  fleetctl bootstrap --targets hosts.txt --known-hosts ./known_hosts\n  fleetctl bootstrap ssh://root@web-3 --agent-deb target/debian/fleet-agent_0.1.0-1_amd64.deb"
     )]
     Bootstrap(BootstrapArgs),
     /// Bring a new host in (over SSH) with every release OLD runs, then drain and remove OLD
@@ -470,6 +470,10 @@ pub struct BootstrapFlags {
     /// The fleet-agent binary to install [default: the one beside fleetctl]
     #[arg(long, value_name = "PATH")]
     pub agent_binary: Option<PathBuf>,
+    /// Install the agent from its .deb (target/debian/fleet-agent_*.deb of scripts/package.sh)
+    /// with the host's dpkg; its unit reads /var/lib/fleet-agent/agent.toml
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["agent_binary", "remote_dir"])]
+    pub agent_deb: Option<PathBuf>,
     /// The controller URL the host dials [default: the one fleetctl uses]
     #[arg(long, value_name = "URL")]
     pub controller_url: Option<String>,
