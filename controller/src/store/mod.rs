@@ -2,7 +2,7 @@
 //! log, as records. This module is the one narrow interface to state that the rest of the
 //! controller calls ([`Store`]); each record-level method is written once, over a backend
 //! transaction (`backend.rs`): the embedded redb file (`redb.rs`, the default) or an etcd
-//! cluster (`etcd.rs`, to come). A read-modify-write method is one transaction in either backend.
+//! cluster (`etcd.rs`). A read-modify-write method is one transaction in either backend.
 //! Records are stored as JSON so they stay readable with any tool and survive added fields.
 //!
 //! ## Export and import (backup and restore)
@@ -17,6 +17,7 @@
 //! refuses a store that holds records already, a table it does not know and a newer dump.
 
 pub mod backend;
+pub mod etcd;
 pub mod redb;
 
 use crate::model::{
@@ -1206,6 +1207,53 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    /// Where a test's store lives: a data directory (redb), or a prefix of a real etcd.
+    struct Place {
+        name: &'static str,
+        dir: tempfile::TempDir,
+        etcd: Option<super::etcd::EtcdConfig>,
+    }
+
+    impl Place {
+        /// The store there, opened again each time (as a restarted controller would).
+        fn open(&self) -> Store {
+            match &self.etcd {
+                None => Store::open(self.dir.path()).unwrap(),
+                Some(config) => Store::over(std::sync::Arc::new(
+                    super::etcd::EtcdBackend::open(config, "test-fleet").unwrap(),
+                )),
+            }
+        }
+    }
+
+    /// Runs `test` on redb, then on a real etcd (its own one-member server, killed at the
+    /// end), unless etcd is not installed and not required.
+    fn on_every_backend(test: impl Fn(&Place)) {
+        let redb = Place {
+            name: "redb",
+            dir: tempfile::tempdir().unwrap(),
+            etcd: None,
+        };
+        test(&redb);
+        let Some(server) = fleet_etcd_harness::Etcd::single() else {
+            return;
+        };
+        let etcd = Place {
+            name: "etcd",
+            dir: tempfile::tempdir().unwrap(),
+            etcd: Some(super::etcd::EtcdConfig {
+                endpoints: server.urls(),
+                prefix: "/fleet-test".into(),
+                ca: None,
+                cert: None,
+                key: None,
+            }),
+        };
+        eprintln!("on {}", etcd.name);
+        test(&etcd);
+        drop(server);
+    }
+
     fn release(version: &str, digest: &str) -> ReleaseRecord {
         ReleaseRecord {
             app: "web".into(),
@@ -1238,110 +1286,112 @@ mod tests {
 
     #[test]
     fn the_event_log_keeps_the_newest_max_events_trimmed_in_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap().with_max_events(20);
-        // Up to max_events plus a tenth, nothing goes.
-        for n in 1..=22 {
-            assert_eq!(store.append_event(event(n)).unwrap().seq, n);
-        }
-        assert_eq!(store.recent_events(1000).unwrap().len(), 22);
-        // The next write trims to the newest 20, numbers unchanged.
-        store.append_event(event(23)).unwrap();
-        let events = store.recent_events(1000).unwrap();
-        assert_eq!(events.len(), 20);
-        assert_eq!(events.first().unwrap().seq, 4);
-        assert_eq!(events.last().unwrap().message, "event 23");
-        for n in 24..=100 {
-            store.append_event(event(n)).unwrap();
-        }
-        let events = store.recent_events(1000).unwrap();
-        assert!((20..=22).contains(&events.len()), "{}", events.len());
-        assert_eq!(events.last().unwrap().seq, 100);
-        // Numbering goes on after a reopen with the default retention.
-        drop(store);
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.append_event(event(101)).unwrap().seq, 101);
+        on_every_backend(|place| {
+            let store = place.open().with_max_events(20);
+            // Up to max_events plus a tenth, nothing goes.
+            for n in 1..=22 {
+                assert_eq!(store.append_event(event(n)).unwrap().seq, n);
+            }
+            assert_eq!(store.recent_events(1000).unwrap().len(), 22);
+            // The next write trims to the newest 20, numbers unchanged.
+            store.append_event(event(23)).unwrap();
+            let events = store.recent_events(1000).unwrap();
+            assert_eq!(events.len(), 20);
+            assert_eq!(events.first().unwrap().seq, 4);
+            assert_eq!(events.last().unwrap().message, "event 23");
+            for n in 24..=100 {
+                store.append_event(event(n)).unwrap();
+            }
+            let events = store.recent_events(1000).unwrap();
+            assert!((20..=22).contains(&events.len()), "{}", events.len());
+            assert_eq!(events.last().unwrap().seq, 100);
+            // Numbering goes on after a reopen with the default retention.
+            drop(store);
+            let store = place.open();
+            assert_eq!(store.append_event(event(101)).unwrap().seq, 101);
+        });
     }
 
     #[test]
     fn prune_deletes_old_unused_releases_and_names_the_artifacts_no_one_shares() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        // 1.0 and 1.1 share an artifact (other config); 1.2 is desired on h1; 1.3 runs on h2.
-        for (idx, (version, digest)) in [
-            ("1.0", "sha256:a"),
-            ("1.1", "sha256:a"),
-            ("1.2", "sha256:b"),
-            ("1.3", "sha256:c"),
-            ("1.4", "sha256:d"),
-            ("1.5", "sha256:e"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let mut record = release(version, digest);
-            record.created_unix_ms = idx as i64;
-            store.insert_release(&record).unwrap();
-        }
-        let mut other_app = release("9.9", "sha256:d");
-        other_app.app = "api".into();
-        store.insert_release(&other_app).unwrap();
-        let host = HostRecord {
-            name: "h1".into(),
-            labels: BTreeMap::new(),
-            advertise_addr: "127.0.0.2".into(),
-            registered_unix_ms: 0,
-            last_seen_unix_ms: 0,
-            desired: BTreeMap::from([(
-                "web".to_string(),
-                crate::model::Desired {
-                    version: "1.2".into(),
-                    rollout_id: "r1".into(),
-                    generation: 1,
-                    smoke_timeout_ms: 0,
-                    run_release_hook: false,
-                    min_healthy_ms: None,
-                    deployment: None,
-                },
-            )]),
-            drain: None,
-            agent: Default::default(),
-        };
-        store.put_host(&host).unwrap();
-        let running = BTreeMap::from([("h2".to_string(), "1.3".to_string())]);
-
-        let outcome = store.prune_releases("web", 1, &running).unwrap();
-        let removed: Vec<&str> = outcome
-            .plan
-            .removed
-            .iter()
-            .map(|r| r.version.as_str())
-            .collect();
-        assert_eq!(removed, ["1.0", "1.1", "1.4"]);
-        let kept: Vec<String> = outcome
-            .plan
-            .kept
-            .iter()
-            .map(|(r, why)| format!("{}: {why}", r.version))
-            .collect();
-        assert_eq!(
-            kept,
-            [
-                "1.2: in use: desired on h1",
-                "1.3: in use: running on h2",
-                "1.5: one of the newest 1"
+        on_every_backend(|place| {
+            let store = place.open();
+            // 1.0 and 1.1 share an artifact (other config); 1.2 is desired on h1; 1.3 runs on h2.
+            for (idx, (version, digest)) in [
+                ("1.0", "sha256:a"),
+                ("1.1", "sha256:a"),
+                ("1.2", "sha256:b"),
+                ("1.3", "sha256:c"),
+                ("1.4", "sha256:d"),
+                ("1.5", "sha256:e"),
             ]
-        );
-        // sha256:d is still the artifact of api@9.9.
-        assert_eq!(outcome.orphaned_digests, ["sha256:a"]);
-        let left: Vec<String> = store
-            .list_releases("web")
-            .unwrap()
             .into_iter()
-            .map(|r| r.version)
-            .collect();
-        assert_eq!(left, ["1.2", "1.3", "1.5"]);
-        assert_eq!(store.list_releases("api").unwrap().len(), 1);
+            .enumerate()
+            {
+                let mut record = release(version, digest);
+                record.created_unix_ms = idx as i64;
+                store.insert_release(&record).unwrap();
+            }
+            let mut other_app = release("9.9", "sha256:d");
+            other_app.app = "api".into();
+            store.insert_release(&other_app).unwrap();
+            let host = HostRecord {
+                name: "h1".into(),
+                labels: BTreeMap::new(),
+                advertise_addr: "127.0.0.2".into(),
+                registered_unix_ms: 0,
+                last_seen_unix_ms: 0,
+                desired: BTreeMap::from([(
+                    "web".to_string(),
+                    crate::model::Desired {
+                        version: "1.2".into(),
+                        rollout_id: "r1".into(),
+                        generation: 1,
+                        smoke_timeout_ms: 0,
+                        run_release_hook: false,
+                        min_healthy_ms: None,
+                        deployment: None,
+                    },
+                )]),
+                drain: None,
+                agent: Default::default(),
+            };
+            store.put_host(&host).unwrap();
+            let running = BTreeMap::from([("h2".to_string(), "1.3".to_string())]);
+
+            let outcome = store.prune_releases("web", 1, &running).unwrap();
+            let removed: Vec<&str> = outcome
+                .plan
+                .removed
+                .iter()
+                .map(|r| r.version.as_str())
+                .collect();
+            assert_eq!(removed, ["1.0", "1.1", "1.4"]);
+            let kept: Vec<String> = outcome
+                .plan
+                .kept
+                .iter()
+                .map(|(r, why)| format!("{}: {why}", r.version))
+                .collect();
+            assert_eq!(
+                kept,
+                [
+                    "1.2: in use: desired on h1",
+                    "1.3: in use: running on h2",
+                    "1.5: one of the newest 1"
+                ]
+            );
+            // sha256:d is still the artifact of api@9.9.
+            assert_eq!(outcome.orphaned_digests, ["sha256:a"]);
+            let left: Vec<String> = store
+                .list_releases("web")
+                .unwrap()
+                .into_iter()
+                .map(|r| r.version)
+                .collect();
+            assert_eq!(left, ["1.2", "1.3", "1.5"]);
+            assert_eq!(store.list_releases("api").unwrap().len(), 1);
+        });
     }
 
     #[test]
@@ -1363,278 +1413,283 @@ mod tests {
 
     #[test]
     fn releases_are_inserted_once_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = Store::open(dir.path()).unwrap();
+        on_every_backend(|place| {
+            {
+                let store = place.open();
+                assert_eq!(
+                    store.insert_release(&release("1.0", "a")).unwrap(),
+                    ReleaseInsert::Created
+                );
+                assert_eq!(
+                    store.insert_release(&release("1.0", "b")).unwrap(),
+                    ReleaseInsert::Exists(Box::new(release("1.0", "a")))
+                );
+                assert_eq!(store.next_seq("rollout").unwrap(), 1);
+                assert_eq!(store.next_seq("rollout").unwrap(), 2);
+            }
+            let store = place.open();
             assert_eq!(
-                store.insert_release(&release("1.0", "a")).unwrap(),
-                ReleaseInsert::Created
+                store.list_releases("web").unwrap(),
+                vec![release("1.0", "a")]
             );
-            assert_eq!(
-                store.insert_release(&release("1.0", "b")).unwrap(),
-                ReleaseInsert::Exists(Box::new(release("1.0", "a")))
-            );
-            assert_eq!(store.next_seq("rollout").unwrap(), 1);
-            assert_eq!(store.next_seq("rollout").unwrap(), 2);
-        }
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(
-            store.list_releases("web").unwrap(),
-            vec![release("1.0", "a")]
-        );
-        assert!(store.list_releases("we").unwrap().is_empty());
-        assert_eq!(store.next_seq("rollout").unwrap(), 3);
+            assert!(store.list_releases("we").unwrap().is_empty());
+            assert_eq!(store.next_seq("rollout").unwrap(), 3);
+        });
     }
 
     #[test]
     fn join_tokens_are_spent_once_and_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let record = JoinTokenRecord {
-            expires_unix_ms: 1000,
-            created_by: "admin".into(),
-            used_unix_ms: None,
-            used_by_host: None,
-            used_with_key: None,
-            issued_certificate_pem: None,
-            host_removed_unix_ms: None,
-            labels: None,
-        };
-        store.insert_join_token("a", &record).unwrap();
-        store.insert_join_token("b", &record).unwrap();
-        store.insert_join_token("c", &record).unwrap();
-        let certificate = |serial: &str, name: &str| CertificateRecord {
-            serial: serial.into(),
-            name: name.into(),
-            role: "agent".into(),
-            issued_unix_ms: 1,
-            not_after_unix_ms: i64::MAX,
-            issued_by: "join token".into(),
-            labels: None,
-        };
-        assert_eq!(
-            store
-                .join_with_token("nope", &certificate("01", "h1"), "pem-01", "k1", 10)
-                .unwrap(),
-            TokenUse::Unknown
-        );
-        assert_eq!(
-            store
-                .join_with_token("a", &certificate("02", "h1"), "pem-02", "k1", 10)
-                .unwrap(),
-            TokenUse::Spent
-        );
-        assert_eq!(
-            store
-                .join_with_token("a", &certificate("03", "h2"), "pem-03", "k2", 20)
-                .unwrap(),
-            TokenUse::AlreadyUsed {
-                by_host: "h1".into()
-            }
-        );
-        assert_eq!(
-            store
-                .join_with_token("b", &certificate("04", "h2"), "pem-04", "k2", 1000)
-                .unwrap(),
-            TokenUse::Expired {
-                expired_unix_ms: 1000
-            }
-        );
-        // A second token for a host that joined already: refused, and the token stays unspent.
-        assert_eq!(
-            store
-                .join_with_token("c", &certificate("05", "h1"), "pem-05", "k9", 10)
-                .unwrap(),
-            TokenUse::HostHasCertificate
-        );
-        assert_eq!(
-            store
-                .join_with_token("c", &certificate("06", "h3"), "pem-06", "k3", 10)
-                .unwrap(),
-            TokenUse::Spent
-        );
-        // The same host and key again with its spent token (its answer was lost): retried;
-        // another key, or after the token expired: refused.
-        assert_eq!(
-            store
-                .join_with_token("a", &certificate("07", "h1"), "pem-07", "k1", 20)
-                .unwrap(),
-            TokenUse::Retried {
-                certificate_pem: "pem-02".into()
-            },
-            "a retry is answered with the certificate of the first answer"
-        );
-        assert_eq!(
-            store
-                .join_with_token("a", &certificate("08", "h1"), "pem-08", "k8", 20)
-                .unwrap(),
-            TokenUse::AlreadyUsed {
-                by_host: "h1".into()
-            }
-        );
-        assert_eq!(
-            store
-                .join_with_token("a", &certificate("09", "h1"), "pem-09", "k1", 1000)
-                .unwrap(),
-            TokenUse::AlreadyUsed {
-                by_host: "h1".into()
-            }
-        );
-        let serials: Vec<String> = store
-            .list_certificates()
-            .unwrap()
-            .into_iter()
-            .map(|c| c.serial)
-            .collect();
-        assert_eq!(
-            serials,
-            ["02", "06"],
-            "only admitted joins record a certificate; a retry signs nothing new"
-        );
+        on_every_backend(|place| {
+            let store = place.open();
+            let record = JoinTokenRecord {
+                expires_unix_ms: 1000,
+                created_by: "admin".into(),
+                used_unix_ms: None,
+                used_by_host: None,
+                used_with_key: None,
+                issued_certificate_pem: None,
+                host_removed_unix_ms: None,
+                labels: None,
+            };
+            store.insert_join_token("a", &record).unwrap();
+            store.insert_join_token("b", &record).unwrap();
+            store.insert_join_token("c", &record).unwrap();
+            let certificate = |serial: &str, name: &str| CertificateRecord {
+                serial: serial.into(),
+                name: name.into(),
+                role: "agent".into(),
+                issued_unix_ms: 1,
+                not_after_unix_ms: i64::MAX,
+                issued_by: "join token".into(),
+                labels: None,
+            };
+            assert_eq!(
+                store
+                    .join_with_token("nope", &certificate("01", "h1"), "pem-01", "k1", 10)
+                    .unwrap(),
+                TokenUse::Unknown
+            );
+            assert_eq!(
+                store
+                    .join_with_token("a", &certificate("02", "h1"), "pem-02", "k1", 10)
+                    .unwrap(),
+                TokenUse::Spent
+            );
+            assert_eq!(
+                store
+                    .join_with_token("a", &certificate("03", "h2"), "pem-03", "k2", 20)
+                    .unwrap(),
+                TokenUse::AlreadyUsed {
+                    by_host: "h1".into()
+                }
+            );
+            assert_eq!(
+                store
+                    .join_with_token("b", &certificate("04", "h2"), "pem-04", "k2", 1000)
+                    .unwrap(),
+                TokenUse::Expired {
+                    expired_unix_ms: 1000
+                }
+            );
+            // A second token for a host that joined already: refused, and the token stays unspent.
+            assert_eq!(
+                store
+                    .join_with_token("c", &certificate("05", "h1"), "pem-05", "k9", 10)
+                    .unwrap(),
+                TokenUse::HostHasCertificate
+            );
+            assert_eq!(
+                store
+                    .join_with_token("c", &certificate("06", "h3"), "pem-06", "k3", 10)
+                    .unwrap(),
+                TokenUse::Spent
+            );
+            // The same host and key again with its spent token (its answer was lost): retried;
+            // another key, or after the token expired: refused.
+            assert_eq!(
+                store
+                    .join_with_token("a", &certificate("07", "h1"), "pem-07", "k1", 20)
+                    .unwrap(),
+                TokenUse::Retried {
+                    certificate_pem: "pem-02".into()
+                },
+                "a retry is answered with the certificate of the first answer"
+            );
+            assert_eq!(
+                store
+                    .join_with_token("a", &certificate("08", "h1"), "pem-08", "k8", 20)
+                    .unwrap(),
+                TokenUse::AlreadyUsed {
+                    by_host: "h1".into()
+                }
+            );
+            assert_eq!(
+                store
+                    .join_with_token("a", &certificate("09", "h1"), "pem-09", "k1", 1000)
+                    .unwrap(),
+                TokenUse::AlreadyUsed {
+                    by_host: "h1".into()
+                }
+            );
+            let serials: Vec<String> = store
+                .list_certificates()
+                .unwrap()
+                .into_iter()
+                .map(|c| c.serial)
+                .collect();
+            assert_eq!(
+                serials,
+                ["02", "06"],
+                "only admitted joins record a certificate; a retry signs nothing new"
+            );
+        });
     }
 
     #[test]
     fn a_token_spent_before_the_upgrade_does_not_bring_a_removed_host_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let agent = |serial: &str| CertificateRecord {
-            serial: serial.into(),
-            name: "web-1".into(),
-            role: "agent".into(),
-            issued_unix_ms: 1,
-            not_after_unix_ms: i64::MAX,
-            issued_by: "join token".into(),
-            labels: None,
-        };
-        // As an older controller left it: spent by web-1 with key k, no certificate kept.
-        let token = JoinTokenRecord {
-            expires_unix_ms: 1000,
-            created_by: "admin".into(),
-            used_unix_ms: Some(1),
-            used_by_host: Some("web-1".into()),
-            used_with_key: Some("k".into()),
-            issued_certificate_pem: None,
-            host_removed_unix_ms: None,
-            labels: None,
-        };
-        store.insert_join_token("old", &token).unwrap();
-        store.record_certificate(&agent("01")).unwrap();
-        // Nothing to tell without the write: the precheck leaves it to join_with_token.
-        assert_eq!(store.join_precheck("old", "web-1", "k", 5).unwrap(), None);
-        assert_eq!(
-            store.join_precheck("nope", "web-1", "k", 5).unwrap(),
-            Some(TokenUse::Unknown)
-        );
-        assert_eq!(
-            store.join_precheck("old", "web-1", "other", 5).unwrap(),
-            Some(TokenUse::AlreadyUsed {
-                by_host: "web-1".into()
-            })
-        );
-        // Its certificate revoked by serial (as before revoke_host marked tokens dead):
-        store.revoke_certificate("01", "web-1").unwrap();
-        assert_eq!(
-            store
-                .join_with_token("old", &agent("02"), "pem-02", "k", 5)
-                .unwrap(),
-            TokenUse::HostRemoved {
-                host: "web-1".into()
-            }
-        );
+        on_every_backend(|place| {
+            let store = place.open();
+            let agent = |serial: &str| CertificateRecord {
+                serial: serial.into(),
+                name: "web-1".into(),
+                role: "agent".into(),
+                issued_unix_ms: 1,
+                not_after_unix_ms: i64::MAX,
+                issued_by: "join token".into(),
+                labels: None,
+            };
+            // As an older controller left it: spent by web-1 with key k, no certificate kept.
+            let token = JoinTokenRecord {
+                expires_unix_ms: 1000,
+                created_by: "admin".into(),
+                used_unix_ms: Some(1),
+                used_by_host: Some("web-1".into()),
+                used_with_key: Some("k".into()),
+                issued_certificate_pem: None,
+                host_removed_unix_ms: None,
+                labels: None,
+            };
+            store.insert_join_token("old", &token).unwrap();
+            store.record_certificate(&agent("01")).unwrap();
+            // Nothing to tell without the write: the precheck leaves it to join_with_token.
+            assert_eq!(store.join_precheck("old", "web-1", "k", 5).unwrap(), None);
+            assert_eq!(
+                store.join_precheck("nope", "web-1", "k", 5).unwrap(),
+                Some(TokenUse::Unknown)
+            );
+            assert_eq!(
+                store.join_precheck("old", "web-1", "other", 5).unwrap(),
+                Some(TokenUse::AlreadyUsed {
+                    by_host: "web-1".into()
+                })
+            );
+            // Its certificate revoked by serial (as before revoke_host marked tokens dead):
+            store.revoke_certificate("01", "web-1").unwrap();
+            assert_eq!(
+                store
+                    .join_with_token("old", &agent("02"), "pem-02", "k", 5)
+                    .unwrap(),
+                TokenUse::HostRemoved {
+                    host: "web-1".into()
+                }
+            );
+        });
     }
 
     #[test]
     fn revoking_a_host_revokes_its_agent_certificates_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        for (serial, name, role) in [
-            ("01", "web-1", "agent"),
-            ("02", "web-1", "deployer"),
-            ("03", "web-2", "agent"),
-        ] {
-            store
-                .record_certificate(&CertificateRecord {
-                    serial: serial.into(),
-                    name: name.into(),
-                    role: role.into(),
-                    issued_unix_ms: 1,
-                    not_after_unix_ms: i64::MAX,
-                    issued_by: "test".into(),
-                    labels: None,
-                })
-                .unwrap();
-        }
-        let token = JoinTokenRecord {
-            expires_unix_ms: 1000,
-            created_by: "admin".into(),
-            used_unix_ms: None,
-            used_by_host: None,
-            used_with_key: None,
-            issued_certificate_pem: None,
-            host_removed_unix_ms: None,
-            labels: None,
-        };
-        store.insert_join_token("t1", &token).unwrap();
-        store.insert_join_token("t2", &token).unwrap();
-        let rejoin = |serial: &str| CertificateRecord {
-            serial: serial.into(),
-            name: "web-1".into(),
-            role: "agent".into(),
-            issued_unix_ms: 5,
-            not_after_unix_ms: i64::MAX,
-            issued_by: "join token".into(),
-            labels: None,
-        };
-        // web-1's live agent certificate keeps a token from taking the name over ...
-        assert_eq!(
-            store
-                .join_with_token("t1", &rejoin("04"), "pem-04", "k", 5)
-                .unwrap(),
-            TokenUse::HostHasCertificate
-        );
-        assert_eq!(store.revoke_host("web-1", false).unwrap(), 1);
-        assert_eq!(store.revoke_host("web-1", false).unwrap(), 0);
-        assert!(store.is_revoked("01").unwrap());
-        assert!(!store.is_revoked("02").unwrap());
-        assert!(!store.is_revoked("03").unwrap());
-        // ... until it is revoked: the deployer certificate does not count.
-        assert_eq!(
-            store
-                .join_with_token("t2", &rejoin("05"), "pem-05", "k", 5)
-                .unwrap(),
-            TokenUse::Spent
-        );
-        // Removed again, web-1 cannot come back with that token, not even as a retry of the
-        // same key (its answer "lost") while the token is still valid.
-        store.revoke_host("web-1", false).unwrap();
-        assert_eq!(
-            store
-                .join_with_token("t2", &rejoin("06"), "pem-06", "k", 6)
-                .unwrap(),
-            TokenUse::HostRemoved {
-                host: "web-1".into()
+        on_every_backend(|place| {
+            let store = place.open();
+            for (serial, name, role) in [
+                ("01", "web-1", "agent"),
+                ("02", "web-1", "deployer"),
+                ("03", "web-2", "agent"),
+            ] {
+                store
+                    .record_certificate(&CertificateRecord {
+                        serial: serial.into(),
+                        name: name.into(),
+                        role: role.into(),
+                        issued_unix_ms: 1,
+                        not_after_unix_ms: i64::MAX,
+                        issued_by: "test".into(),
+                        labels: None,
+                    })
+                    .unwrap();
             }
-        );
+            let token = JoinTokenRecord {
+                expires_unix_ms: 1000,
+                created_by: "admin".into(),
+                used_unix_ms: None,
+                used_by_host: None,
+                used_with_key: None,
+                issued_certificate_pem: None,
+                host_removed_unix_ms: None,
+                labels: None,
+            };
+            store.insert_join_token("t1", &token).unwrap();
+            store.insert_join_token("t2", &token).unwrap();
+            let rejoin = |serial: &str| CertificateRecord {
+                serial: serial.into(),
+                name: "web-1".into(),
+                role: "agent".into(),
+                issued_unix_ms: 5,
+                not_after_unix_ms: i64::MAX,
+                issued_by: "join token".into(),
+                labels: None,
+            };
+            // web-1's live agent certificate keeps a token from taking the name over ...
+            assert_eq!(
+                store
+                    .join_with_token("t1", &rejoin("04"), "pem-04", "k", 5)
+                    .unwrap(),
+                TokenUse::HostHasCertificate
+            );
+            assert_eq!(store.revoke_host("web-1", false).unwrap(), 1);
+            assert_eq!(store.revoke_host("web-1", false).unwrap(), 0);
+            assert!(store.is_revoked("01").unwrap());
+            assert!(!store.is_revoked("02").unwrap());
+            assert!(!store.is_revoked("03").unwrap());
+            // ... until it is revoked: the deployer certificate does not count.
+            assert_eq!(
+                store
+                    .join_with_token("t2", &rejoin("05"), "pem-05", "k", 5)
+                    .unwrap(),
+                TokenUse::Spent
+            );
+            // Removed again, web-1 cannot come back with that token, not even as a retry of the
+            // same key (its answer "lost") while the token is still valid.
+            store.revoke_host("web-1", false).unwrap();
+            assert_eq!(
+                store
+                    .join_with_token("t2", &rejoin("06"), "pem-06", "k", 6)
+                    .unwrap(),
+                TokenUse::HostRemoved {
+                    host: "web-1".into()
+                }
+            );
+        });
     }
 
     #[test]
     fn events_are_numbered_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        for n in 0..5 {
-            let event = EventRecord {
-                seq: 0,
-                unix_ms: n,
-                actor: "a".into(),
-                kind: "k".into(),
-                app: String::new(),
-                host: String::new(),
-                message: format!("m{n}"),
-            };
-            assert_eq!(store.append_event(event).unwrap().seq, n as u64 + 1);
-        }
-        let recent = store.recent_events(2).unwrap();
-        assert_eq!(recent.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+        on_every_backend(|place| {
+            let store = place.open();
+            for n in 0..5 {
+                let event = EventRecord {
+                    seq: 0,
+                    unix_ms: n,
+                    actor: "a".into(),
+                    kind: "k".into(),
+                    app: String::new(),
+                    host: String::new(),
+                    message: format!("m{n}"),
+                };
+                assert_eq!(store.append_event(event).unwrap().seq, n as u64 + 1);
+            }
+            let recent = store.recent_events(2).unwrap();
+            assert_eq!(recent.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+        });
     }
 
     fn credential(
@@ -1771,82 +1826,84 @@ mod tests {
 
     #[test]
     fn credential_uses_are_recorded_and_unknown_credentials_learned() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let far = i64::MAX / 2;
-        store
-            .record_certificate(&credential("0a", "ci", "deployer", far))
-            .unwrap();
-        let seen = |serial: &str, name: &str, role: &str, at: i64| CredentialUse {
-            serial: serial.to_string(),
-            name: name.to_string(),
-            role: role.to_string(),
-            not_after_unix_ms: far,
-            used_unix_ms: at,
-        };
-        let learned = store
-            .record_credential_uses(&[
-                seen("0a", "ci", "deployer", 10),
-                seen("0b", "admin", "admin", 20),
-            ])
-            .unwrap();
-        assert_eq!(learned.len(), 1);
-        assert_eq!(
-            (learned[0].name.as_str(), learned[0].issued_by.as_str()),
-            ("admin", ISSUED_OUTSIDE)
-        );
-        // An older use never moves the time back; a known credential is not learned again.
-        assert!(store
-            .record_credential_uses(&[
-                seen("0a", "ci", "deployer", 5),
-                seen("0b", "admin", "admin", 30)
-            ])
-            .unwrap()
-            .is_empty());
-        let list = store.list_credentials().unwrap();
-        let summary: Vec<_> = list
-            .iter()
-            .map(|c| {
-                (
-                    c.certificate.name.as_str(),
-                    c.last_used_unix_ms,
-                    c.revoked_unix_ms,
-                )
-            })
-            .collect();
-        assert_eq!(summary, [("admin", Some(30), None), ("ci", Some(10), None)]);
+        on_every_backend(|place| {
+            let store = place.open();
+            let far = i64::MAX / 2;
+            store
+                .record_certificate(&credential("0a", "ci", "deployer", far))
+                .unwrap();
+            let seen = |serial: &str, name: &str, role: &str, at: i64| CredentialUse {
+                serial: serial.to_string(),
+                name: name.to_string(),
+                role: role.to_string(),
+                not_after_unix_ms: far,
+                used_unix_ms: at,
+            };
+            let learned = store
+                .record_credential_uses(&[
+                    seen("0a", "ci", "deployer", 10),
+                    seen("0b", "admin", "admin", 20),
+                ])
+                .unwrap();
+            assert_eq!(learned.len(), 1);
+            assert_eq!(
+                (learned[0].name.as_str(), learned[0].issued_by.as_str()),
+                ("admin", ISSUED_OUTSIDE)
+            );
+            // An older use never moves the time back; a known credential is not learned again.
+            assert!(store
+                .record_credential_uses(&[
+                    seen("0a", "ci", "deployer", 5),
+                    seen("0b", "admin", "admin", 30)
+                ])
+                .unwrap()
+                .is_empty());
+            let list = store.list_credentials().unwrap();
+            let summary: Vec<_> = list
+                .iter()
+                .map(|c| {
+                    (
+                        c.certificate.name.as_str(),
+                        c.last_used_unix_ms,
+                        c.revoked_unix_ms,
+                    )
+                })
+                .collect();
+            assert_eq!(summary, [("admin", Some(30), None), ("ci", Some(10), None)]);
 
-        assert_eq!(
-            store.revoke_credential("admin", 40).unwrap(),
-            CredentialRevocation::LastAdmin
-        );
-        match store.revoke_credential("ci", 40).unwrap() {
-            CredentialRevocation::Revoked(done) => assert_eq!(done.len(), 1),
-            other => panic!("{other:?}"),
-        }
-        assert!(store.is_revoked("0a").unwrap());
-        assert_eq!(
-            store.revoke_credential("ci", 41).unwrap(),
-            CredentialRevocation::AlreadyRevoked
-        );
-        assert_eq!(
-            store.list_credentials().unwrap()[1].revoked_unix_ms,
-            Some(40)
-        );
+            assert_eq!(
+                store.revoke_credential("admin", 40).unwrap(),
+                CredentialRevocation::LastAdmin
+            );
+            match store.revoke_credential("ci", 40).unwrap() {
+                CredentialRevocation::Revoked(done) => assert_eq!(done.len(), 1),
+                other => panic!("{other:?}"),
+            }
+            assert!(store.is_revoked("0a").unwrap());
+            assert_eq!(
+                store.revoke_credential("ci", 41).unwrap(),
+                CredentialRevocation::AlreadyRevoked
+            );
+            assert_eq!(
+                store.list_credentials().unwrap()[1].revoked_unix_ms,
+                Some(40)
+            );
+        });
     }
 
     #[test]
     fn a_purge_is_remembered_with_the_revocation() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store
-            .record_certificate(&credential("01", "web-1", "agent", i64::MAX / 2))
-            .unwrap();
-        store.revoke_host("web-1", false).unwrap();
-        assert!(!store.revocation("01").unwrap().unwrap().purge);
-        // Removed again with --purge (the host was gone already): the agent is told to wipe.
-        assert_eq!(store.revoke_host("web-1", true).unwrap(), 0);
-        assert!(store.revocation("01").unwrap().unwrap().purge);
-        assert_eq!(store.revocation("02").unwrap(), None);
+        on_every_backend(|place| {
+            let store = place.open();
+            store
+                .record_certificate(&credential("01", "web-1", "agent", i64::MAX / 2))
+                .unwrap();
+            store.revoke_host("web-1", false).unwrap();
+            assert!(!store.revocation("01").unwrap().unwrap().purge);
+            // Removed again with --purge (the host was gone already): the agent is told to wipe.
+            assert_eq!(store.revoke_host("web-1", true).unwrap(), 0);
+            assert!(store.revocation("01").unwrap().unwrap().purge);
+            assert_eq!(store.revocation("02").unwrap(), None);
+        });
     }
 }
