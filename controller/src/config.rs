@@ -13,6 +13,98 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+/// `[etcd]` in controller.toml, as written by `fleetctl init --etcd` (paths relative to the
+/// file's directory).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdFile {
+    /// `https://HOST:PORT` of each etcd member (`http://` only on loopback).
+    pub endpoints: Vec<String>,
+    /// The key prefix the fleet's records live under (default `/fleet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// The CA of etcd's certificate; required for https.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// A client certificate and key, for an etcd that requires them (both or neither).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Checks an `[etcd]` table (or `--etcd` flags) and makes it the store's config, paths taken
+/// relative to `base`: at least one URL, each `https://` (with a CA) or `http://` on a
+/// loopback address, a client certificate with its key, a prefix like `/fleet`. Pure.
+pub fn check_etcd(file: &EtcdFile, base: &Path) -> Result<crate::store::etcd::EtcdConfig, String> {
+    if file.endpoints.is_empty() {
+        return Err("etcd: give at least one URL, like https://10.0.0.5:2379".into());
+    }
+    for url in &file.endpoints {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| format!("etcd URL {url:?} is not a URL, like https://10.0.0.5:2379"))?;
+        let host = uri.host().unwrap_or("");
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") => {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let loopback = host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if !loopback {
+                    return Err(format!(
+                        "etcd URL {url} is plain http to another machine: use https://, with the CA of etcd's certificate (--etcd-ca)"
+                    ));
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "etcd URL {url:?} must start with https:// (or http:// on loopback), like https://10.0.0.5:2379"
+                ))
+            }
+        }
+        if host.is_empty() || uri.port_u16().is_none() {
+            return Err(format!(
+                "etcd URL {url:?} needs a host and a port, like https://10.0.0.5:2379"
+            ));
+        }
+    }
+    if file.endpoints.iter().any(|url| url.starts_with("https://")) && file.ca.is_none() {
+        return Err(
+            "etcd URLs are https: give the CA of etcd's certificate (--etcd-ca, or ca in [etcd])"
+                .into(),
+        );
+    }
+    if file.cert.is_some() != file.key.is_some() {
+        return Err(
+            "etcd: a client certificate needs its key and a key its certificate (--etcd-cert with --etcd-key)"
+                .into(),
+        );
+    }
+    let prefix = file
+        .prefix
+        .clone()
+        .unwrap_or_else(|| crate::store::etcd::DEFAULT_PREFIX.to_string());
+    if !prefix.starts_with('/')
+        || prefix.len() < 2
+        || prefix.ends_with('/')
+        || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "etcd prefix {prefix:?} must start with / and not end with one, without spaces, like /fleet"
+        ));
+    }
+    Ok(crate::store::etcd::EtcdConfig {
+        endpoints: file.endpoints.clone(),
+        prefix,
+        ca: file.ca.as_ref().map(|p| base.join(p)),
+        cert: file.cert.as_ref().map(|p| base.join(p)),
+        key: file.key.as_ref().map(|p| base.join(p)),
+    })
+}
+
 /// The name of the file the controller writes its bound address to, beside `controller.toml`.
 pub const ADDR_FILE: &str = "controller.addr";
 /// The name of the file the controller writes its HTTP listener's bound address to.
@@ -92,6 +184,9 @@ pub struct ControllerFile {
     /// `[[webhook]]`: where notifications of events go.
     #[serde(default, rename = "webhook", skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<WebhookFile>,
+    /// `[etcd]`: keep the store in etcd instead of the redb file in the data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdFile>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -104,6 +199,8 @@ pub struct ControllerFile {
 /// The validated configuration the controller runs with.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
+    /// The store in etcd (`[etcd]`); `None`: the redb file in `data_dir`.
+    pub etcd: Option<crate::store::etcd::EtcdConfig>,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     /// Where the bound address is written once listening (`controller.addr`).
@@ -402,7 +499,14 @@ impl ControllerConfig {
                 "write_stall_timeout_ms must be between 500 and 3600000, like 60000".into(),
             ));
         }
+        let etcd = file
+            .etcd
+            .as_ref()
+            .map(|etcd| check_etcd(etcd, base))
+            .transpose()
+            .map_err(invalid)?;
         Ok(ControllerConfig {
+            etcd,
             handshake_timeout: std::time::Duration::from_millis(handshake_timeout_ms),
             write_stall_timeout: std::time::Duration::from_millis(write_stall_timeout_ms),
             http,
@@ -592,5 +696,161 @@ mod tests {
         write("0");
         let error = ControllerConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("max_events must be between 100"), "{error}");
+    }
+
+    #[test]
+    fn etcd_tables_are_checked_at_the_edge() {
+        let file =
+            |endpoints: &[&str], ca: Option<&str>, cert: bool, key: bool, prefix: Option<&str>| {
+                EtcdFile {
+                    endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+                    prefix: prefix.map(str::to_string),
+                    ca: ca.map(str::to_string),
+                    cert: cert.then(|| "client.pem".to_string()),
+                    key: key.then(|| "client.key".to_string()),
+                }
+            };
+        let cases: Vec<(&str, EtcdFile, Result<(), &str>)> = vec![
+            (
+                "https with a CA",
+                file(
+                    &["https://10.0.0.5:2379", "https://etcd-2:2379"],
+                    Some("ca.pem"),
+                    true,
+                    true,
+                    None,
+                ),
+                Ok(()),
+            ),
+            (
+                "http on loopback",
+                file(
+                    &[
+                        "http://127.0.0.1:2379",
+                        "http://[::1]:2379",
+                        "http://localhost:2379",
+                    ],
+                    None,
+                    false,
+                    false,
+                    Some("/a/b"),
+                ),
+                Ok(()),
+            ),
+            (
+                "no URL",
+                file(&[], None, false, false, None),
+                Err("give at least one URL"),
+            ),
+            (
+                "http elsewhere",
+                file(&["http://10.0.0.5:2379"], None, false, false, None),
+                Err("plain http to another machine: use https://"),
+            ),
+            (
+                "https without a CA",
+                file(&["https://10.0.0.5:2379"], None, false, false, None),
+                Err("give the CA of etcd's certificate"),
+            ),
+            (
+                "another scheme",
+                file(&["etcd://10.0.0.5:2379"], None, false, false, None),
+                Err("must start with https://"),
+            ),
+            (
+                "no port",
+                file(&["https://10.0.0.5"], Some("ca.pem"), false, false, None),
+                Err("needs a host and a port"),
+            ),
+            (
+                "not a URL",
+                file(&["https://exa mple:1"], Some("ca.pem"), false, false, None),
+                Err("is not a URL"),
+            ),
+            (
+                "a certificate without its key",
+                file(
+                    &["https://10.0.0.5:2379"],
+                    Some("ca.pem"),
+                    true,
+                    false,
+                    None,
+                ),
+                Err("needs its key"),
+            ),
+            (
+                "a relative prefix",
+                file(
+                    &["http://127.0.0.1:2379"],
+                    None,
+                    false,
+                    false,
+                    Some("fleet"),
+                ),
+                Err("must start with /"),
+            ),
+            (
+                "a prefix ending in /",
+                file(
+                    &["http://127.0.0.1:2379"],
+                    None,
+                    false,
+                    false,
+                    Some("/fleet/"),
+                ),
+                Err("not end with one"),
+            ),
+            (
+                "the root",
+                file(&["http://127.0.0.1:2379"], None, false, false, Some("/")),
+                Err("must start with /"),
+            ),
+        ];
+        for (what, file, expect) in cases {
+            let checked = check_etcd(&file, Path::new("/etc/fleet"));
+            match (expect, checked) {
+                (Ok(()), Ok(config)) => {
+                    assert_eq!(config.endpoints, file.endpoints, "{what}");
+                    assert_eq!(
+                        config.prefix,
+                        file.prefix.clone().unwrap_or("/fleet".into()),
+                        "{what}"
+                    );
+                    assert_eq!(
+                        config.ca,
+                        file.ca.as_ref().map(|ca| Path::new("/etc/fleet").join(ca)),
+                        "{what}"
+                    );
+                }
+                (Err(text), Err(error)) => assert!(error.contains(text), "{what}: {error}"),
+                (expect, got) => panic!("{what}: expected {expect:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_etcd_table_in_controller_toml_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        let tls = "ca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        let write = |etcd: &str| {
+            std::fs::write(
+                &path,
+                format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{tls}\n{etcd}"),
+            )
+            .unwrap()
+        };
+        write("");
+        assert_eq!(ControllerConfig::load(&path).unwrap().etcd, None);
+        write("[etcd]\nendpoints = [\"https://10.0.0.5:2379\"]\nca = \"etcd-ca.pem\"\n");
+        let etcd = ControllerConfig::load(&path).unwrap().etcd.unwrap();
+        assert_eq!(etcd.ca, Some(dir.path().join("etcd-ca.pem")));
+        assert_eq!(etcd.prefix, "/fleet");
+        write("[etcd]\nendpoints = [\"https://10.0.0.5:2379\"]\n");
+        let error = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("give the CA of etcd's certificate"),
+            "{error}"
+        );
     }
 }

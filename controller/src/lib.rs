@@ -20,6 +20,7 @@ pub mod fleet_state;
 pub mod host_lifecycle;
 pub mod http;
 pub mod log_relay;
+pub mod migrate;
 pub mod model;
 pub mod peers;
 pub mod planner;

@@ -2,8 +2,9 @@
 //! the controller until SIGTERM or SIGINT. Three subcommands work beside it on the same host:
 //! `backup` (a consistent copy of the running controller's store, CA and artifacts),
 //! `restore` (an empty data directory filled from such a copy; see `fleet_controller::backup`)
-//! and `issue-admin` (a break-glass admin credential made with the CA key; see
-//! `fleet_controller::break_glass`).
+//! `issue-admin` (a break-glass admin credential made with the CA key; see
+//! `fleet_controller::break_glass`) and `migrate` (a one-node fleet's store copied into etcd;
+//! see `fleet_controller::migrate`).
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
@@ -77,6 +78,36 @@ enum Command {
         #[arg(long, default_value = "break-glass")]
         name: String,
     },
+    /// Copies a stopped one-node fleet's store (the redb file in its data directory) into
+    /// etcd, so that it can move to several controllers; refuses an etcd prefix that holds
+    /// data already, and prints the [etcd] table to add to controller.toml.
+    ///
+    /// Example: fleet-controller migrate --config /etc/fleet/controller.toml --to-etcd https://10.0.0.5:2379,https://10.0.0.6:2379 --etcd-ca /etc/fleet/etcd-ca.pem
+    Migrate {
+        /// The stopped controller's controller.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// The etcd members' URLs, comma-separated (https://, or http:// on loopback).
+        #[arg(
+            long,
+            value_name = "URL[,URL...]",
+            value_delimiter = ',',
+            required = true
+        )]
+        to_etcd: Vec<String>,
+        /// The key prefix to copy to; it must be empty.
+        #[arg(long, default_value = fleet_controller::store::etcd::DEFAULT_PREFIX)]
+        etcd_prefix: String,
+        /// The CA of etcd's certificate (required for https).
+        #[arg(long)]
+        etcd_ca: Option<PathBuf>,
+        /// A client certificate for etcd, with --etcd-key.
+        #[arg(long)]
+        etcd_cert: Option<PathBuf>,
+        /// The key of --etcd-cert.
+        #[arg(long)]
+        etcd_key: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,6 +135,26 @@ fn main() -> ExitCode {
             config_dir,
         }) => restore(&from, &data_dir, config_dir.as_deref()),
         Some(Command::IssueAdmin { config, out, name }) => issue_admin(&config, &out, &name),
+        Some(Command::Migrate {
+            config,
+            to_etcd,
+            etcd_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+        }) => {
+            let absolute = |path: Option<PathBuf>| {
+                path.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string())
+            };
+            let to = fleet_controller::config::EtcdFile {
+                endpoints: to_etcd,
+                prefix: Some(etcd_prefix),
+                ca: absolute(etcd_ca),
+                cert: absolute(etcd_cert),
+                key: absolute(etcd_key),
+            };
+            migrate(&config, &to)
+        }
         None => run(
             &flags.config.expect("clap requires --config"),
             flags.http_listen.as_deref(),
@@ -162,6 +213,38 @@ fn run(config_path: &std::path::Path, http_listen: Option<&str>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleet-controller: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate(config_path: &std::path::Path, to: &fleet_controller::config::EtcdFile) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let to = match fleet_controller::config::check_etcd(to, std::path::Path::new("")) {
+        Ok(to) => to,
+        Err(e) => {
+            eprintln!("fleet-controller: migrate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match fleet_controller::migrate::migrate(&config, &to) {
+        Ok(done) => {
+            println!(
+                "copied {} record(s) into etcd at {} prefix {}.\n\nNext: add this to {} and start the controller (the redb file in {} is no longer read; keep it as a backup until the fleet runs on etcd):\n\n{}",
+                done.records,
+                to.url(),
+                to.prefix,
+                config_path.display(),
+                config.data_dir.display(),
+                fleet_controller::migrate::etcd_table(&to)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet-controller: migrate: {e}");
             ExitCode::FAILURE
         }
     }

@@ -306,6 +306,27 @@ impl Store {
         )?)))
     }
 
+    /// The store a controller.toml names: in etcd when it has `[etcd]` (its marker checked
+    /// against the fleet CA in `ca_path`), else the redb file in `data_dir`. Blocks (on etcd):
+    /// call it outside the runtime's workers.
+    pub fn open_configured(
+        data_dir: &Path,
+        etcd: Option<&etcd::EtcdConfig>,
+        ca_path: &Path,
+    ) -> Result<Store, StoreError> {
+        let Some(etcd) = etcd else {
+            return Store::open(data_dir);
+        };
+        let ca = std::fs::read_to_string(ca_path).map_err(|e| {
+            StoreError::Etcd(format!(
+                "cannot read the fleet CA {} (its fingerprint marks the fleet's etcd prefix): {e}",
+                ca_path.display()
+            ))
+        })?;
+        let backend = etcd::EtcdBackend::open(etcd, &etcd::ca_fingerprint(&ca))?;
+        Ok(Store::over(Arc::new(backend)))
+    }
+
     /// The store over `backend`.
     pub fn over(backend: Arc<dyn Backend>) -> Store {
         Store {
