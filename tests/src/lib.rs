@@ -21,6 +21,7 @@
 pub mod bench;
 pub mod bins;
 pub mod cgroup;
+pub mod etcd;
 pub mod faults;
 pub mod fleet;
 pub mod grpc;
