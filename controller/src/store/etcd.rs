@@ -40,7 +40,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting to an endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The default key prefix.
-pub const DEFAULT_PREFIX: &str = "/fleet";
+pub const DEFAULT_PREFIX: &str = fleet_proto::etcd_config::DEFAULT_PREFIX;
 
 /// Where the store is: `[etcd]` in controller.toml, or `migrate --to-etcd`'s flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
