@@ -244,6 +244,21 @@ impl Webhook {
 
 impl ControllerConfig {
     /// `fleet-controller --http-listen ADDR`: replaces `http_listen`, checked the same way.
+    /// `--listen`: another address than controller.toml's `listen`.
+    pub fn override_listen(&mut self, text: &str) -> Result<(), String> {
+        self.listen = check_listen(text)?;
+        Ok(())
+    }
+
+    /// `--data-dir`: another data directory than controller.toml's, for a controller that
+    /// shares its config directory with others: what it writes for itself (its address files,
+    /// its artifact cache and uploads, its lock) goes there, not beside controller.toml.
+    pub fn override_data_dir(&mut self, dir: &Path) {
+        self.data_dir = dir.to_path_buf();
+        self.addr_file = dir.join(ADDR_FILE);
+        self.http_addr_file = dir.join(HTTP_ADDR_FILE);
+    }
+
     pub fn override_http_listen(&mut self, text: &str) -> Result<(), String> {
         let allow_remote = self.http.is_some_and(|h| h.allow_remote);
         let addr = check_http_listen(text, allow_remote)?;

@@ -15,6 +15,7 @@ pub mod budget;
 pub mod ca_trust;
 pub mod config;
 pub mod converge;
+pub mod data_lock;
 pub mod edge;
 pub mod fleet_state;
 pub mod host_lifecycle;

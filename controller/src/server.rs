@@ -49,6 +49,8 @@ pub async fn run(
                 )
             })?;
     }
+    // Held until the controller ends: another controller on this directory is refused.
+    let _data_lock = crate::data_lock::lock(&config.data_dir).map_err(anyhow::Error::msg)?;
     let store = {
         let (data_dir, etcd, ca) = (
             config.data_dir.clone(),

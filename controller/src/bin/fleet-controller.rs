@@ -26,6 +26,14 @@ struct Flags {
     /// controller.toml's http_listen (port 0: any free port, written to controller.http.addr).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<String>,
+    /// Listen on this address instead of controller.toml's listen (several controllers
+    /// sharing one config directory and CA).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// Keep this controller's own files (address files, artifact cache, uploads, its lock)
+    /// in DIR instead of controller.toml's data_dir; one directory per controller.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -157,7 +165,11 @@ fn main() -> ExitCode {
         }
         None => run(
             &flags.config.expect("clap requires --config"),
-            flags.http_listen.as_deref(),
+            Overrides {
+                http_listen: flags.http_listen.as_deref(),
+                listen: flags.listen.as_deref(),
+                data_dir: flags.data_dir.as_deref(),
+            },
         ),
     }
 }
@@ -195,12 +207,28 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn run(config_path: &std::path::Path, http_listen: Option<&str>) -> ExitCode {
+/// Flags that override controller.toml for this controller.
+struct Overrides<'a> {
+    http_listen: Option<&'a str>,
+    listen: Option<&'a str>,
+    data_dir: Option<&'a std::path::Path>,
+}
+
+fn run(config_path: &std::path::Path, overrides: Overrides<'_>) -> ExitCode {
     let mut config = match load_config(config_path) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Some(http_listen) = http_listen {
+    if let Some(listen) = overrides.listen {
+        if let Err(e) = config.override_listen(listen) {
+            eprintln!("fleet-controller: --listen: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(data_dir) = overrides.data_dir {
+        config.override_data_dir(&std::path::absolute(data_dir).unwrap_or(data_dir.into()));
+    }
+    if let Some(http_listen) = overrides.http_listen {
         if let Err(e) = config.override_http_listen(http_listen) {
             eprintln!("fleet-controller: --http-listen: {e}");
             return ExitCode::from(2);
