@@ -119,7 +119,7 @@ pub fn migrate_refusal(state: &PrefixState, ours: &str) -> Option<String> {
     }
 }
 
-type Job = Box<dyn FnOnce(KvClient<Channel>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+type Job = Box<dyn FnOnce(Channel) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// The etcd backend (see the module doc).
 pub struct EtcdBackend {
@@ -196,11 +196,10 @@ impl EtcdBackend {
                 };
                 runtime.block_on(async move {
                     let channel = Channel::balance_list(endpoints.into_iter());
-                    let client = KvClient::new(channel);
                     let _ = ready_tx.send(Ok(()));
                     // Ends when the backend (every sender) is dropped.
                     while let Some(job) = queue.recv().await {
-                        tokio::spawn(job(client.clone()));
+                        tokio::spawn(job(channel.clone()));
                     }
                 });
             })
@@ -327,10 +326,21 @@ impl EtcdBackend {
         F: FnOnce(KvClient<Channel>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, tonic::Status>> + Send + 'static,
     {
+        self.call_on_channel(CALL_TIMEOUT, move |channel| f(KvClient::new(channel)))
+    }
+
+    /// Runs `f` with the channel to etcd on the backend's runtime thread (where it may spawn
+    /// tasks) and waits at most `within` for its answer.
+    pub(crate) fn call_on_channel<T, F, Fut>(&self, within: Duration, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Channel) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, tonic::Status>> + Send + 'static,
+    {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let job: Job = Box::new(move |client| {
+        let job: Job = Box::new(move |channel| {
             Box::pin(async move {
-                let out = tokio::time::timeout(CALL_TIMEOUT, f(client)).await;
+                let out = tokio::time::timeout(within, f(channel)).await;
                 let _ = tx.send(out);
             })
         });
@@ -370,6 +380,11 @@ impl EtcdBackend {
             message,
             status.code()
         ))
+    }
+
+    /// The name of election `election` under the prefix.
+    pub(crate) fn election_name(&self, election: &str) -> Vec<u8> {
+        format!("{}/election/{election}", self.config.prefix).into_bytes()
     }
 
     fn table_key(&self, table: Table, key: &str) -> Vec<u8> {
