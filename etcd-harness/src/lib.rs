@@ -180,3 +180,30 @@ impl Drop for Etcd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: u32) -> bool {
+        // A zombie is reaped by the drop; kill(0) tells whether the pid is still there.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    }
+
+    #[test]
+    fn a_three_member_cluster_answers_on_every_member_and_is_killed_when_dropped() {
+        let Some(etcd) = Etcd::cluster(3) else {
+            return;
+        };
+        let urls = etcd.urls();
+        assert_eq!(urls.len(), 3);
+        for member in &etcd.members {
+            assert!(healthy(member.client), "{}", member.client);
+        }
+        let pids: Vec<u32> = (0..3).map(|i| etcd.pid(i)).collect();
+        drop(etcd);
+        for pid in pids {
+            assert!(!alive(pid), "member {pid} still runs");
+        }
+    }
+}
