@@ -31,7 +31,7 @@ struct Member {
 /// The etcd binary, if there is one.
 pub fn binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("FLEET_ETCD") {
-        return Some(PathBuf::from(path));
+        return Some(PathBuf::from(path)).filter(|path| path.is_file());
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
