@@ -49,14 +49,31 @@ pub async fn run(
                 )
             })?;
     }
-    let store = Store::open(&config.data_dir)
-        .with_context(|| {
-            format!(
-                "cannot open the store in {} (is another fleet-controller using it?)",
-                config.data_dir.display()
-            )
-        })?
-        .with_max_events(config.max_events);
+    // Held until the controller ends: another controller on this directory is refused.
+    let _data_lock = crate::data_lock::lock(&config.data_dir).map_err(anyhow::Error::msg)?;
+    let store = {
+        let (data_dir, etcd, ca) = (
+            config.data_dir.clone(),
+            config.etcd.clone(),
+            config.tls.ca.clone(),
+        );
+        tokio::task::spawn_blocking(move || Store::open_configured(&data_dir, etcd.as_ref(), &ca))
+            .await?
+    };
+    let store = match (&config.etcd, store) {
+        (_, Ok(store)) => store,
+        (Some(_), Err(e)) => return Err(anyhow::anyhow!("{e}")),
+        (None, Err(e)) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot open the store in {} (is another fleet-controller using it?)",
+                    config.data_dir.display()
+                )
+            })
+        }
+    }
+    .with_max_events(config.max_events);
+    tracing::info!("store: {}", store.describe());
     let artifacts = ArtifactStore::open(&config.data_dir, config.uploads)?;
     let trust = Trust::load(&config.tls, config.certificate_ttl)?;
     let fleet = Arc::new(FleetState::new(

@@ -279,6 +279,23 @@ pub struct InitArgs {
     /// after two thirds of it. Written to controller.toml as certificate_ttl [default: 30d]
     #[arg(long, value_name = "DUR", value_parser = parse_certificate_ttl)]
     pub certificate_ttl: Option<Duration>,
+    /// Keep the controller's state in etcd at these URLs (https://HOST:PORT, or http:// on
+    /// loopback) instead of the redb file in its data directory; written to controller.toml
+    /// as [etcd]
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The CA of etcd's certificate (required with https:// URLs)
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate for an etcd that requires one, with --etcd-key
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub etcd_key: Option<PathBuf>,
+    /// The etcd key prefix of this fleet's records [default: /fleet]
+    #[arg(long, value_name = "PREFIX", requires = "etcd")]
+    pub etcd_prefix: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@
 
 pub mod artifact;
 pub mod duration;
+pub mod etcd_config;
 pub mod instance_state;
 pub mod manifest;
 pub mod names;

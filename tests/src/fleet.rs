@@ -716,6 +716,14 @@ impl Fleet {
         }
     }
 
+    /// Runs `fleet-controller ARGS` (a subcommand, like `migrate`) in the test dir, within
+    /// `deadline`.
+    pub fn controller_command(&self, args: &[&str], deadline: Duration) -> process::Finished {
+        let mut command = Command::new(&self.bins.controller);
+        command.args(args).current_dir(self.dir.path());
+        process::run_with_deadline(command, deadline)
+    }
+
     /// Writes an artifact file made of `entries` into the test dir and returns its path.
     pub fn write_artifact(&self, entries: &[(&str, &[u8], u32)]) -> PathBuf {
         let bytes = fleet_proto::artifact::build_artifact(entries).expect("build an artifact");

@@ -23,6 +23,7 @@ pub mod bench;
 pub mod bins;
 pub mod cgroup;
 pub mod disposable_root;
+pub mod etcd;
 pub mod faults;
 pub mod fleet;
 pub mod grpc;
