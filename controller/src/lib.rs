@@ -19,6 +19,7 @@ pub mod edge;
 pub mod fleet_state;
 pub mod host_lifecycle;
 pub mod http;
+pub mod lanes;
 pub mod log_relay;
 pub mod model;
 pub mod peers;
