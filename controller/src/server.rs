@@ -1,7 +1,8 @@
 //! Runs the controller: opens the store and the artifact store, picks up rollouts a previous
-//! process left under way, serves both gRPC services, and shuts down on one path: the
-//! shutdown future resolves, sessions and follow streams are told, in-flight calls get a
-//! grace period, and a warning says when it ran out. The operators' HTTP listener and the
+//! process left under way, serves both gRPC services (on two lanes: agents' connections on the
+//! calling runtime, the rest on the clients' runtime, see `crate::lanes`), and shuts down on
+//! one path: the shutdown future resolves, sessions and follow streams are told, in-flight
+//! calls get a grace period, and a warning says when it ran out. The operators' HTTP listener and the
 //! webhooks (`http`) start before rollouts are recovered and stop on the same path.
 
 use crate::api::agent_service::AgentApi;
