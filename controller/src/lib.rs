@@ -20,6 +20,7 @@ pub mod edge;
 pub mod fleet_state;
 pub mod host_lifecycle;
 pub mod http;
+pub mod lanes;
 pub mod leader;
 pub mod log_relay;
 pub mod migrate;

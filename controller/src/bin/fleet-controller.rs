@@ -199,9 +199,13 @@ fn load_config(
     })
 }
 
+/// Worker threads of the main runtime (the agents' lane) and of the clients' lane.
+const WORKERS: usize = 2;
+const CLIENT_WORKERS: usize = 2;
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(WORKERS)
         .enable_all()
         .build()
         .expect("tokio runtime")
@@ -234,10 +238,23 @@ fn run(config_path: &std::path::Path, overrides: Overrides<'_>) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    match runtime().block_on(fleet_controller::server::run(
+    // The clients' lane: handshakes and client calls, at a lower priority than this runtime,
+    // which runs the agents' sessions and the rollouts (see `fleet_controller::lanes`).
+    let clients = match fleet_controller::lanes::clients_runtime(CLIENT_WORKERS) {
+        Ok(clients) => clients,
+        Err(e) => {
+            eprintln!("fleet-controller: cannot start the threads that serve clients: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime().block_on(fleet_controller::server::run(
         config,
+        clients.handle().clone(),
         fleet_controller::shutdown_signal(),
-    )) {
+    ));
+    // Calls still under way had their grace in `run`.
+    clients.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleet-controller: {e:#}");
