@@ -111,6 +111,13 @@ pub struct FleetState {
     /// one host at once).
     host_writes: Arc<tokio::sync::Mutex<()>>,
     changes: watch::Sender<u64>,
+    /// The runtime whose blocking pool runs every store write: the one the controller started
+    /// on (the agents' lane), caught at [`FleetState::new`]. A write asked for by a client's
+    /// call (`release create`) then runs at the controller's own priority, not at the clients'
+    /// lane's lower one: the store takes one writer at a time, and a commit held up on a
+    /// starved low-priority thread would hold up the rollout executor waiting behind it
+    /// (priority inversion). `None` outside a runtime (unit tests): the caller's.
+    writes_on: Option<tokio::runtime::Handle>,
     /// Ticks on the changes that can move a host to another release between rollouts (hosts
     /// that connect, are relabeled, drained, undrained or forgotten, go lost or come back;
     /// rollouts that end), but not on instance reports: what the converger wakes on.
@@ -171,6 +178,7 @@ impl FleetState {
                 ..Live::default()
             }),
             host_writes: Arc::new(tokio::sync::Mutex::new(())),
+            writes_on: tokio::runtime::Handle::try_current().ok(),
             changes: watch::channel(0).0,
             topology: watch::channel(0).0,
             settled: watch::channel(0).0,
@@ -194,9 +202,20 @@ impl FleetState {
         body: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || body(&store))
+        self.spawn_write(move || body(&store))
             .await
             .map_err(|e| StoreError::Interrupted(e.to_string()))?
+    }
+
+    /// Runs `work` on the blocking pool of [`FleetState::writes_on`].
+    fn spawn_write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        match &self.writes_on {
+            Some(home) => home.spawn_blocking(work),
+            None => tokio::task::spawn_blocking(work),
+        }
     }
 
     /// Takes the lock that serialises read-modify-write of host records.
@@ -214,7 +233,8 @@ impl FleetState {
         body: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<(T, HostLock), StoreError> {
         let store = self.store.clone();
-        let (result, lock) = tokio::task::spawn_blocking(move || (body(&store), lock))
+        let (result, lock) = self
+            .spawn_write(move || (body(&store), lock))
             .await
             .map_err(|e| StoreError::Interrupted(e.to_string()))?;
         Ok((result?, lock))
@@ -1347,6 +1367,34 @@ pub(crate) mod tests {
             .unwrap()
             .into_iter()
             .collect()
+    }
+
+    /// A store write asked for from another runtime (the clients' lane) runs on the blocking
+    /// pool of the runtime the state was made on, the agents' lane (no priority inversion on
+    /// the store's one writer).
+    #[test]
+    fn store_writes_run_on_the_runtime_the_state_was_made_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("fleet-home")
+            .build()
+            .unwrap();
+        let fleet = {
+            let _inside = home.enter();
+            let store = Store::open(dir.path()).unwrap();
+            let artifacts =
+                ArtifactStore::open(dir.path(), crate::config::UploadLimits::default()).unwrap();
+            FleetState::new(store, artifacts, 500, 6_000)
+        };
+        let clients = tokio::runtime::Builder::new_current_thread()
+            .thread_name("fleet-clients")
+            .build()
+            .unwrap();
+        let ran_on = clients
+            .block_on(fleet.write(|_| Ok(std::thread::current().name().map(str::to_string))))
+            .unwrap();
+        assert_eq!(ran_on.as_deref(), Some("fleet-home"));
     }
 
     /// A session that ends leaves when its host was last heard from readable at once, before
