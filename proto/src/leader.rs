@@ -162,7 +162,9 @@ mod tests {
             let status = not_leader_status(unknown);
             assert_eq!(status.code(), Code::Unavailable);
             assert!(
-                status.message().contains("no leader elected yet; try again in a few seconds"),
+                status
+                    .message()
+                    .contains("no leader elected yet; try again in a few seconds"),
                 "{}",
                 status.message()
             );
