@@ -2,14 +2,16 @@
 //! labels, advertise address, agent version and the latest report of every instance), then
 //! forwards every instance report and a heartbeat every `Welcome.heartbeat_interval_ms`; it
 //! hands each `DesiredState` to the supervisor. When the controller goes away or refuses it
-//! reconnects forever with a backoff from 200ms doubling to 5s; instances keep running
-//! meanwhile. The one exception is the controller's explicit revoked answer
+//! reconnects forever with a backoff from 200ms doubling to 5s, to the next configured
+//! controller each time, or first to the leader a follower's redirect names (see
+//! [`crate::controllers`]); instances keep running meanwhile. The one exception is the controller's explicit revoked answer
 //! (`fleet_proto::refusal`: the host was removed): the session ends for good with
 //! [`SessionEnd::Revoked`] and the agent ends (see `crate::run`).
 //!
 //! This is the gRPC edge: prost types are converted to and from [`crate::model`] here and go
 //! no further.
 
+use crate::controllers::{Dialer, Failure};
 use crate::model::{Assignment, InstanceState, Report, Reporter};
 use crate::supervisor::{Desired, SupervisorCommand};
 use crate::{AgentError, Config};
@@ -194,10 +196,17 @@ pub enum SessionEnd {
 enum Ended {
     /// The agent is shutting down.
     Stopped,
+    /// A renewed certificate brought a new channel: reconnect to the same controller.
+    Renewed,
     /// The explicit revoked answer: never retried.
     Revoked { purge: bool, why: String },
-    /// The controller went away or refused; `welcomed` says whether it had answered at all.
-    Lost { welcomed: bool, why: String },
+    /// The controller went away or refused; `welcomed` says whether it had answered at all,
+    /// `failure` whether it sent the agent to its leader.
+    Lost {
+        welcomed: bool,
+        why: String,
+        failure: Failure,
+    },
 }
 
 /// What a refused or failed session means: `Some` only for the controller's explicit revoked
@@ -210,7 +219,14 @@ fn ended_by(welcomed: bool, status: &tonic::Status) -> Ended {
             purge: revoked.purge,
             why: status.message().to_string(),
         },
-        None => Ended::Lost { welcomed, why },
+        None => Ended::Lost {
+            welcomed,
+            why,
+            failure: match fleet_proto::leader::leader_of(status) {
+                Some(leader) => Failure::NotLeader(Some(leader)),
+                None => Failure::Lost,
+            },
+        },
     }
 }
 
@@ -221,6 +237,7 @@ fn ended_by(welcomed: bool, status: &tonic::Status) -> Ended {
 #[allow(clippy::too_many_arguments)]
 pub async fn run_session(
     config: SessionConfig,
+    dialer: Arc<Dialer>,
     mut channel: watch::Receiver<Channel>,
     renew_advice: mpsc::UnboundedSender<String>,
     reporter: Arc<Reporter>,
@@ -239,19 +256,35 @@ pub async fn run_session(
             &mut report_rx,
             &supervisor,
             &mut stop,
+            &dialer,
         )
         .await;
         match ended {
             Ended::Stopped => return SessionEnd::Stopped,
             Ended::Revoked { purge, why } => return SessionEnd::Revoked { purge, why },
-            Ended::Lost { welcomed, why } => {
+            Ended::Renewed => {
+                tracing::info!("the certificate was renewed: reconnecting with it");
+                backoff = MIN_RECONNECT_BACKOFF;
+                was_connected = true;
+            }
+            Ended::Lost {
+                welcomed,
+                why,
+                failure,
+            } => {
                 if welcomed {
                     backoff = MIN_RECONNECT_BACKOFF;
                 }
-                if welcomed || was_connected {
-                    tracing::warn!("controller session lost, reconnecting: {why}");
+                let lost_url = dialer.current_url();
+                let next_url = dialer.move_on(&failure);
+                if let Failure::NotLeader(Some(leader)) = &failure {
+                    tracing::info!(
+                        "the controller at {lost_url} is not the leader; following it to {leader}"
+                    );
+                } else if welcomed || was_connected {
+                    tracing::warn!("the session with the controller at {lost_url} was lost ({why}); reconnecting to {next_url}");
                 } else {
-                    tracing::debug!("controller still unreachable: {why}");
+                    tracing::debug!("the controller at {lost_url} is still unreachable ({why}); trying {next_url}");
                 }
                 was_connected = welcomed;
             }
@@ -278,8 +311,13 @@ async fn session_once(
     report_rx: &mut mpsc::UnboundedReceiver<Report>,
     supervisor: &mpsc::UnboundedSender<SupervisorCommand>,
     stop: &mut watch::Receiver<bool>,
+    dialer: &Dialer,
 ) -> Ended {
-    let lost = |welcomed, why: String| Ended::Lost { welcomed, why };
+    let lost = |welcomed, why: String| Ended::Lost {
+        welcomed,
+        why,
+        failure: Failure::Lost,
+    };
     let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(256);
     // Everything queued before the snapshot is older than it: the Hello says it all.
     let instances = reporter.snapshot(report_rx);
@@ -315,15 +353,13 @@ async fn session_once(
     loop {
         let outgoing = tokio::select! {
             _ = stopped(stop) => return Ended::Stopped,
-            _ = channels.changed() => {
-                return lost(true, "the certificate was renewed: reconnecting with it".into())
-            }
+            _ = channels.changed() => return Ended::Renewed,
             message = inbound.message() => {
                 match message {
                     Ok(Some(message)) => match message.body {
                         Some(pb::controller_message::Body::Welcome(welcome)) => {
                             if !welcomed {
-                                tracing::info!(host = %config.host_name, "connected to the controller");
+                                tracing::info!(host = %config.host_name, controller = %dialer.current_url(), "connected to the controller");
                                 // Under systemd (Type=notify): ready once a session is up
                                 // (again after a reconnect, which systemd ignores).
                                 if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
