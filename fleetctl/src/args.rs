@@ -470,8 +470,9 @@ pub struct BootstrapFlags {
     /// The fleet-agent binary to install [default: the one beside fleetctl]
     #[arg(long, value_name = "PATH")]
     pub agent_binary: Option<PathBuf>,
-    /// The controller URL the host dials [default: the one fleetctl uses]
-    #[arg(long, value_name = "URL")]
+    /// The controller URLs the host dials, in turn (several: URL1,URL2) [default: every URL
+    /// fleetctl was given, by --controller or client.toml]
+    #[arg(long, value_name = "URL[,URL...]")]
     pub controller_url: Option<String>,
     /// Give each host at most this long, from connect until it registered, e.g. 5m [default: 3m]
     #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]
