@@ -124,3 +124,45 @@ fn an_agent_follows_its_controller_to_the_second_url() {
         .expect_code(0);
     fleet.wait_all_serve("1.1.0", Duration::from_secs(20));
 }
+
+/// A rollout followed by fleetctl whose controller dies in the middle: fleetctl says which
+/// controller it lost and how to watch the rollout again, and exits 3 (no verb re-attaches to
+/// a rollout's progress).
+#[test]
+fn a_followed_rollout_whose_controller_dies_says_how_to_watch_it_again() {
+    let mut fleet = Fleet::start(2);
+    fleet.create_web_releases(&["1.0.0", "1.1.0"]);
+    fleet
+        .ctl(&["rollout", "web", "1.0.0", "--batch", "100%"])
+        .expect_code(0);
+    let url = fleet.controller_url();
+    let log = fleet.dir().join("logs/fleetctl-rollout.log");
+    let mut command = std::process::Command::new(fleet_tests::bins::Bins::locate().fleetctl);
+    command
+        .args(["--config-dir", &fleet.config_dir().display().to_string()])
+        .args(["--controller", &url])
+        .args([
+            "rollout", "web", "1.1.0", "--canary", "1", "--batch", "100%",
+        ])
+        .args(["--pause-after-canary", "60s"])
+        .current_dir(fleet.dir())
+        .env("HOME", fleet.dir());
+    let mut rollout = fleet_tests::process::ChildGuard::spawn("fleetctl rollout", command, &log);
+    wait_until(
+        Duration::from_secs(30),
+        "the canary to pass and the pause to begin",
+        || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("canary passed: waiting")),
+    );
+    fleet.kill_controller();
+    let exit = rollout
+        .wait_exit(Duration::from_secs(30))
+        .expect("fleetctl ends once its controller is gone");
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(exit.code(), Some(3), "{said}");
+    assert!(
+        said.contains(&format!("lost the controller at {url}"))
+            && said.contains("fleetctl rollout status")
+            && said.contains("fleetctl history web"),
+        "{said}"
+    );
+}
