@@ -60,10 +60,9 @@ impl CliError {
             | Code::AlreadyExists
             | Code::FailedPrecondition
             | Code::OutOfRange => CliError::Usage(message),
+            // A redirect fleetctl could not follow (`crate::redirect` says why).
             Code::Unavailable if fleet_proto::leader::leader_of(&status).is_some() => {
-                CliError::Unreachable(format!(
-                    "the controller at {controller_url} sent this call to its leader, and the leader answered: {message}; fleetctl follows one redirect per call: try again in a few seconds"
-                ))
+                CliError::Unreachable(format!("the controller at {controller_url}: {message}"))
             }
             Code::Unavailable => CliError::Unreachable(format!(
                 "cannot reach the controller at {controller_url}: {message}; is fleet-controller running?"

@@ -140,7 +140,15 @@ impl tower::Service<http::Request<Body>> for RedirectChannel {
             let frames = match read_replayable(body).await? {
                 Read::Partial(body) => {
                     let response = this.inner.call(request_like(&parts, body)).await?;
-                    return Ok(response);
+                    return Ok(match leader_named(&response) {
+                        Some(leader_url) => answer(
+                            format!(
+                                "this controller is not the leader; the leader is at {leader_url}, and fleetctl sends a request this large only once: run the command again with --controller {leader_url}"
+                            ),
+                            &leader_url,
+                        ),
+                        None => response,
+                    });
                 }
                 Read::Whole(frames) => frames,
             };
@@ -148,26 +156,50 @@ impl tower::Service<http::Request<Body>> for RedirectChannel {
                 .inner
                 .call(request_like(&parts, replay(&frames)))
                 .await?;
-            let Some(leader_url) = tonic::Status::from_header_map(response.headers())
-                .as_ref()
-                .and_then(leader::leader_of)
-            else {
+            let Some(leader_url) = leader_named(&response) else {
                 return Ok(response);
             };
             let mut leader = match this.leader_channel(&leader_url).await {
                 Ok(channel) => channel,
                 Err(why) => {
-                    let status = tonic::Status::unavailable(format!(
-                        "this controller is not the leader, and the leader it named, {leader_url}, cannot be reached: {why}"
-                    ));
-                    return Ok(status.into_http());
+                    return Ok(answer(
+                        format!(
+                            "this controller is not the leader, and the leader it named, {leader_url}, cannot be reached: {why}"
+                        ),
+                        &leader_url,
+                    ))
                 }
             };
             std::future::poll_fn(|cx| tower::Service::poll_ready(&mut leader, cx)).await?;
             let response = leader.call(request_like(&parts, replay(&frames))).await?;
-            Ok(response)
+            // One hop per call: a leader that redirects again is not followed.
+            Ok(match leader_named(&response) {
+                Some(named_next) => answer(
+                    format!(
+                        "this controller is not the leader, and the leader it named, {leader_url}, answered that it is not the leader either (it names {named_next}): an election may be under way; try again in a few seconds"
+                    ),
+                    &leader_url,
+                ),
+                None => response,
+            })
         })
     }
+}
+
+/// The leader a response redirects to, when it is the redirect (a trailers-only answer).
+fn leader_named(response: &http::Response<Body>) -> Option<String> {
+    tonic::Status::from_header_map(response.headers())
+        .as_ref()
+        .and_then(leader::leader_of)
+}
+
+/// An answer made here about a redirect: `UNAVAILABLE` with `message`, naming `leader_url`.
+fn answer(message: String, leader_url: &str) -> http::Response<Body> {
+    let mut status = tonic::Status::unavailable(message);
+    if let Ok(value) = leader_url.parse() {
+        status.metadata_mut().insert(leader::LEADER_HEADER, value);
+    }
+    status.into_http()
 }
 
 #[cfg(test)]
@@ -309,16 +341,43 @@ mod tests {
         assert!(
             answered
                 .to_string()
-                .contains("follows one redirect per call"),
+                .contains("answered that it is not the leader either"),
             "{answered}"
         );
+
+        // A big upload is not sent twice: the answer names the leader to run it against.
+        follower.answer_with(leader::not_leader_status(Some(&leader.url)));
+        let connection = connect_any(std::slice::from_ref(&follower.url), pki.dir.path())
+            .await
+            .unwrap();
+        let chunks = (0..3).map(|_| pb::CreateReleaseRequest {
+            body: Some(pb::create_release_request::Body::Chunk(
+                vec![7; 200 * 1024].into(),
+            )),
+        });
+        let status = connection
+            .client
+            .clone()
+            .create_release(tokio_stream::iter(chunks))
+            .await
+            .unwrap_err();
+        let answered = connection.error(status).to_string();
+        assert!(
+            answered.contains(&format!(
+                "run the command again with --controller {}",
+                leader.url
+            )),
+            "{answered}"
+        );
+        assert_eq!((follower.calls(), leader.calls()), (3, 2));
+        follower.answer_with(leader::not_leader_status(Some(&leader.url)));
 
         // No leader known: the follower's answer, which says to try again.
         follower.answer_with(leader::not_leader_status(None));
         let answered = list_hosts(std::slice::from_ref(&follower.url), &pki)
             .await
             .unwrap_err();
-        assert_eq!((follower.calls(), leader.calls()), (3, 2));
+        assert_eq!((follower.calls(), leader.calls()), (4, 2));
         assert!(
             answered.to_string().contains("no leader elected yet"),
             "{answered}"
@@ -331,7 +390,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(answered.to_string().contains(&closed), "{answered}");
-        assert_eq!((follower.calls(), leader.calls()), (4, 2));
+        assert_eq!((follower.calls(), leader.calls()), (5, 2));
     }
 
     /// A loopback URL nothing listens on (a port bound, then freed).
