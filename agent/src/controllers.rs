@@ -1,14 +1,9 @@
 //! Which controller the agent dials. The configured URLs are tried in turn: a session that
 //! fails, or that a controller answers with the redirect to its leader
 //! (`fleet_proto::leader`), moves on, to the leader it named first when it named one. The
-//! choice is [`next`] (pure, table test); [`Dialer`] holds the choice and the channel every
-//! call takes (session, fetches, renewal), replaced when the choice or the certificate changes.
-
-use crate::join::Credentials;
-use crate::AgentError;
-use std::sync::Mutex;
-use tokio::sync::watch;
-use tonic::transport::Channel;
+//! choice is [`next`] (pure, table test); `session::Dialer` holds the choice and the channel
+//! every call takes (session, fetches, renewal), replaced when the choice or the certificate
+//! changes.
 
 /// The controller the agent dials now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,94 +44,6 @@ pub fn next(urls: &[String], current: &Target, failure: &Failure) -> Target {
         }
     }
     Target::Listed((listed + 1) % urls.len().max(1))
-}
-
-/// The controller list, the one dialled now, and the channel to it.
-pub struct Dialer {
-    urls: Vec<String>,
-    state: Mutex<(Target, Credentials)>,
-    channels: watch::Sender<Channel>,
-}
-
-impl Dialer {
-    /// Dials the first of `urls` (never empty: the config checked it). The receiver follows
-    /// the channel as it is replaced.
-    pub fn new(
-        urls: Vec<String>,
-        credentials: Credentials,
-    ) -> Result<(Dialer, watch::Receiver<Channel>), AgentError> {
-        let first = urls.first().cloned().unwrap_or_default();
-        let channel = crate::session::lazy_channel(&first, &credentials)?;
-        let (channels, receiver) = watch::channel(channel);
-        Ok((
-            Dialer {
-                urls,
-                state: Mutex::new((Target::Listed(0), credentials)),
-                channels,
-            },
-            receiver,
-        ))
-    }
-
-    /// The URL dialled now.
-    pub fn current_url(&self) -> String {
-        let state = self.state.lock().expect("dialer lock");
-        self.url_of(&state.0)
-    }
-
-    /// Whether more than one controller is configured.
-    pub fn several(&self) -> bool {
-        self.urls.len() > 1
-    }
-
-    fn url_of(&self, target: &Target) -> String {
-        match target {
-            Target::Listed(idx) => self.urls.get(*idx).cloned().unwrap_or_default(),
-            Target::Leader { url, .. } => url.clone(),
-        }
-    }
-
-    /// Moves on from the controller dialled now after `failure`; returns the URL dialled next.
-    /// With one controller and no redirect, the channel is left as it is (it reconnects by
-    /// itself).
-    pub fn move_on(&self, failure: &Failure) -> String {
-        let mut state = self.state.lock().expect("dialer lock");
-        let target = next(&self.urls, &state.0, failure);
-        if target == state.0 {
-            return self.url_of(&target);
-        }
-        let url = self.url_of(&target);
-        match crate::session::lazy_channel(&url, &state.1) {
-            Ok(channel) => {
-                state.0 = target;
-                self.channels.send_replace(channel);
-            }
-            // A leader URL the redirect check let through that tonic cannot use: skip it.
-            Err(e) => {
-                tracing::warn!("cannot dial {url}: {e}; trying the next controller");
-                let listed = next(&self.urls, &state.0, &Failure::Lost);
-                if let Ok(channel) = crate::session::lazy_channel(&self.url_of(&listed), &state.1) {
-                    state.0 = listed;
-                    self.channels.send_replace(channel);
-                }
-            }
-        }
-        self.url_of(&state.0)
-    }
-
-    /// A renewed certificate: a new channel to the controller dialled now, with it.
-    pub fn renewed(&self, credentials: Credentials) -> Result<(), AgentError> {
-        let mut state = self.state.lock().expect("dialer lock");
-        let channel = crate::session::lazy_channel(&self.url_of(&state.0), &credentials)?;
-        state.1 = credentials;
-        self.channels.send_replace(channel);
-        Ok(())
-    }
-
-    /// The channel dialled now.
-    pub fn channel(&self) -> Channel {
-        self.channels.borrow().clone()
-    }
 }
 
 #[cfg(test)]

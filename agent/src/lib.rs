@@ -5,11 +5,12 @@
 //!
 //! Code map:
 //! - [`config`]: flags and the TOML file, validated.
-//! - [`controllers`]: which of the configured controllers the agent dials, and the channel to
-//!   it; a failed session or a redirect to the leader moves on.
+//! - [`controllers`]: which of the configured controllers the agent dials next, after a failed
+//!   session or a redirect to the leader (pure); [`session::Dialer`] holds the channel to it.
 //! - [`join`]: the host's key and certificate in `DATA/tls`, joining with a one-time token on
 //!   the first start; the TLS setup of every connection to the controller.
-//! - [`session`]: the `AgentService.Session` stream, reconnecting forever.
+//! - [`session`]: the `AgentService.Session` stream, reconnecting forever, and the channel to
+//!   the controller dialled now.
 //! - [`renew`]: the certificate renewed over the agent's own connection before it ends, or
 //!   when the controller asks (CA rotation).
 //! - [`fetch`]: resumable, digest-verified artifact download, chunk by checked chunk from
@@ -144,8 +145,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let credentials = join::ensure_credentials(&config, &data_dir).await?;
-    let (dialer, channel) =
-        controllers::Dialer::new(config.controllers.clone(), credentials.clone())?;
+    let (dialer, channel) = session::Dialer::new(config.controllers.clone(), credentials.clone())?;
     let dialer = Arc::new(dialer);
     let reporter = Arc::new(model::Reporter::new());
     let report_rx = reporter.take_receiver();

@@ -58,7 +58,7 @@ pub struct Renewer {
     pub host_name: String,
     pub credentials: Credentials,
     /// The controller dialled now and the channel every call takes; replaced after a renewal.
-    pub dialer: std::sync::Arc<crate::controllers::Dialer>,
+    pub dialer: std::sync::Arc<crate::session::Dialer>,
 }
 
 impl Renewer {

@@ -8,16 +8,19 @@
 //! (`fleet_proto::refusal`: the host was removed): the session ends for good with
 //! [`SessionEnd::Revoked`] and the agent ends (see `crate::run`).
 //!
+//! [`Dialer`] holds which configured controller is dialled now (chosen by
+//! [`crate::controllers::next`]) and the channel to it.
+//!
 //! This is the gRPC edge: prost types are converted to and from [`crate::model`] here and go
 //! no further.
 
-use crate::controllers::{Dialer, Failure};
+use crate::controllers::{Failure, Target};
 use crate::model::{Assignment, InstanceState, Report, Reporter};
 use crate::supervisor::{Desired, SupervisorCommand};
 use crate::{AgentError, Config};
 use fleet_proto::pb;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -93,6 +96,94 @@ pub fn lazy_channel(
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .max_frame_size(HTTP2_MAX_FRAME)
         .connect_lazy())
+}
+
+/// The controller list, the one dialled now, and the channel to it.
+pub struct Dialer {
+    urls: Vec<String>,
+    state: Mutex<(Target, crate::join::Credentials)>,
+    channels: watch::Sender<Channel>,
+}
+
+impl Dialer {
+    /// Dials the first of `urls` (never empty: the config checked it). The receiver follows
+    /// the channel as it is replaced.
+    pub fn new(
+        urls: Vec<String>,
+        credentials: crate::join::Credentials,
+    ) -> Result<(Dialer, watch::Receiver<Channel>), AgentError> {
+        let first = urls.first().cloned().unwrap_or_default();
+        let channel = lazy_channel(&first, &credentials)?;
+        let (channels, receiver) = watch::channel(channel);
+        Ok((
+            Dialer {
+                urls,
+                state: Mutex::new((Target::Listed(0), credentials)),
+                channels,
+            },
+            receiver,
+        ))
+    }
+
+    /// The URL dialled now.
+    pub fn current_url(&self) -> String {
+        let state = self.state.lock().expect("dialer lock");
+        self.url_of(&state.0)
+    }
+
+    /// Whether more than one controller is configured.
+    pub fn several(&self) -> bool {
+        self.urls.len() > 1
+    }
+
+    fn url_of(&self, target: &Target) -> String {
+        match target {
+            Target::Listed(idx) => self.urls.get(*idx).cloned().unwrap_or_default(),
+            Target::Leader { url, .. } => url.clone(),
+        }
+    }
+
+    /// Moves on from the controller dialled now after `failure`; returns the URL dialled next.
+    /// With one controller and no redirect, the channel is left as it is (it reconnects by
+    /// itself).
+    pub fn move_on(&self, failure: &Failure) -> String {
+        let mut state = self.state.lock().expect("dialer lock");
+        let target = crate::controllers::next(&self.urls, &state.0, failure);
+        if target == state.0 {
+            return self.url_of(&target);
+        }
+        let url = self.url_of(&target);
+        match lazy_channel(&url, &state.1) {
+            Ok(channel) => {
+                state.0 = target;
+                self.channels.send_replace(channel);
+            }
+            // A leader URL the redirect check let through that tonic cannot use: skip it.
+            Err(e) => {
+                tracing::warn!("cannot dial {url}: {e}; trying the next controller");
+                let listed = crate::controllers::next(&self.urls, &state.0, &Failure::Lost);
+                if let Ok(channel) = lazy_channel(&self.url_of(&listed), &state.1) {
+                    state.0 = listed;
+                    self.channels.send_replace(channel);
+                }
+            }
+        }
+        self.url_of(&state.0)
+    }
+
+    /// A renewed certificate: a new channel to the controller dialled now, with it.
+    pub fn renewed(&self, credentials: crate::join::Credentials) -> Result<(), AgentError> {
+        let mut state = self.state.lock().expect("dialer lock");
+        let channel = lazy_channel(&self.url_of(&state.0), &credentials)?;
+        state.1 = credentials;
+        self.channels.send_replace(channel);
+        Ok(())
+    }
+
+    /// The channel dialled now.
+    pub fn channel(&self) -> Channel {
+        self.channels.borrow().clone()
+    }
 }
 
 /// Converts an instance report to its wire form.

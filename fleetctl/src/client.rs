@@ -400,7 +400,7 @@ async fn connect_one(
 }
 
 /// An error and its sources, joined with ": " (transport errors hide the useful part).
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     let mut depth = 0;
