@@ -52,7 +52,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{0} is missing: give it as a flag or in the config file")]
     Missing(&'static str),
-    #[error("controller {url:?} is invalid: {why}; write it like https://controller.example.com:7700 (the controller speaks only TLS; several: URL1,URL2)")]
+    #[error("controller {url:?} is invalid: {why}; write it like https://controller.example.com:7700 (several: URL1,URL2)")]
     Controller { url: String, why: &'static str },
     #[error("advertise address {0:?} is invalid: give an IP address like 127.0.0.2")]
     Advertise(String),
