@@ -856,7 +856,19 @@ pub async fn events(ctx: &Context, follow: bool, limit: u32) -> Result<(), CliEr
         .into_inner();
     let mut n_events = 0u64;
     while let Some(event) = stream.next().await {
-        let event = event.map_err(|status| ctx.error(status))?;
+        let event = match event {
+            Ok(event) => event,
+            // The connection went while following: say which controller, and how to go on.
+            Err(status) if follow && lost_mid_stream(&status) => {
+                return Err(CliError::Unreachable(format!(
+                    "lost the controller at {} while following events ({:?}: {}); `fleetctl events` shows what happened since, and `fleetctl events --follow` follows again",
+                    ctx.connection.url,
+                    status.code(),
+                    status.message()
+                )))
+            }
+            Err(status) => return Err(ctx.error(status)),
+        };
         n_events += 1;
         if ctx.json() {
             output::print_json_line(&event);

@@ -125,9 +125,9 @@ fn an_agent_follows_its_controller_to_the_second_url() {
     fleet.wait_all_serve("1.1.0", Duration::from_secs(20));
 }
 
-/// A rollout followed by fleetctl whose controller dies in the middle: fleetctl says which
-/// controller it lost and how to watch the rollout again, and exits 3 (no verb re-attaches to
-/// a rollout's progress).
+/// A rollout (and the event log) followed by fleetctl whose controller dies in the middle:
+/// fleetctl says which controller it lost and how to watch again, and exits 3 (no verb
+/// re-attaches to a rollout's progress).
 #[test]
 fn a_followed_rollout_whose_controller_dies_says_how_to_watch_it_again() {
     let mut fleet = Fleet::start(2);
@@ -153,7 +153,30 @@ fn a_followed_rollout_whose_controller_dies_says_how_to_watch_it_again() {
         "the canary to pass and the pause to begin",
         || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("canary passed: waiting")),
     );
+    let events_log = fleet.dir().join("logs/fleetctl-events.log");
+    let mut command = std::process::Command::new(fleet_tests::bins::Bins::locate().fleetctl);
+    command
+        .args(["--config-dir", &fleet.config_dir().display().to_string()])
+        .args(["--controller", &url, "events", "--follow"])
+        .current_dir(fleet.dir())
+        .env("HOME", fleet.dir());
+    let mut events =
+        fleet_tests::process::ChildGuard::spawn("fleetctl events", command, &events_log);
+    wait_until(Duration::from_secs(30), "events --follow to print", || {
+        std::fs::read_to_string(&events_log).is_ok_and(|text| text.contains("1.1.0"))
+    });
     fleet.kill_controller();
+    let exit = events
+        .wait_exit(Duration::from_secs(30))
+        .expect("events --follow ends once its controller is gone");
+    let said = std::fs::read_to_string(&events_log).unwrap_or_default();
+    assert_eq!(exit.code(), Some(3), "{said}");
+    assert!(
+        said.contains(&format!(
+            "lost the controller at {url} while following events"
+        )) && said.contains("`fleetctl events --follow` follows again"),
+        "{said}"
+    );
     let exit = rollout
         .wait_exit(Duration::from_secs(30))
         .expect("fleetctl ends once its controller is gone");
