@@ -9,6 +9,8 @@
 #
 # cargo-deb is installed with `cargo install cargo-deb --locked --version 3.8.0` when it is
 # missing (minutes; a version that still builds from the dev profile, which --debug needs).
+# `fleetctl bootstrap ssh://root@HOST --agent-deb target/debian/fleet-agent_*.deb` installs the
+# agent package on a host with dpkg, writes its agent.toml and starts it (README, "From packages").
 # The units are made from packaging/systemd/ (one source for bootstrap and the packages);
 # the completions and manual pages from the fleetctl just built. Exit 3: cargo-deb could not be
 # installed.

@@ -375,7 +375,9 @@ pub async fn run_session(
                 } else if welcomed || was_connected {
                     tracing::warn!("the session with the controller at {lost_url} was lost ({why}); reconnecting to {next_url}");
                 } else {
-                    tracing::debug!("controller still unreachable at {lost_url} ({why}); trying {next_url}");
+                    tracing::debug!(
+                        "controller still unreachable at {lost_url} ({why}); trying {next_url}"
+                    );
                 }
                 was_connected = welcomed;
             }

@@ -13,6 +13,21 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+pub use fleet_proto::etcd_config::EtcdFile;
+
+/// Checks an `[etcd]` table (or `--etcd` flags; see `fleet_proto::etcd_config::check`) and
+/// makes it the store's config, paths taken relative to `base`. Pure.
+pub fn check_etcd(file: &EtcdFile, base: &Path) -> Result<crate::store::etcd::EtcdConfig, String> {
+    let prefix = fleet_proto::etcd_config::check(file)?;
+    Ok(crate::store::etcd::EtcdConfig {
+        endpoints: file.endpoints.clone(),
+        prefix,
+        ca: file.ca.as_ref().map(|p| base.join(p)),
+        cert: file.cert.as_ref().map(|p| base.join(p)),
+        key: file.key.as_ref().map(|p| base.join(p)),
+    })
+}
+
 /// The name of the file the controller writes its bound address to, beside `controller.toml`.
 pub const ADDR_FILE: &str = "controller.addr";
 /// The name of the file the controller writes its HTTP listener's bound address to.
@@ -92,6 +107,9 @@ pub struct ControllerFile {
     /// `[[webhook]]`: where notifications of events go.
     #[serde(default, rename = "webhook", skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<WebhookFile>,
+    /// `[etcd]`: keep the store in etcd instead of the redb file in the data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdFile>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -104,6 +122,8 @@ pub struct ControllerFile {
 /// The validated configuration the controller runs with.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
+    /// The store in etcd (`[etcd]`); `None`: the redb file in `data_dir`.
+    pub etcd: Option<crate::store::etcd::EtcdConfig>,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     /// Where the bound address is written once listening (`controller.addr`).
@@ -224,6 +244,21 @@ impl Webhook {
 
 impl ControllerConfig {
     /// `fleet-controller --http-listen ADDR`: replaces `http_listen`, checked the same way.
+    /// `--listen`: another address than controller.toml's `listen`.
+    pub fn override_listen(&mut self, text: &str) -> Result<(), String> {
+        self.listen = check_listen(text)?;
+        Ok(())
+    }
+
+    /// `--data-dir`: another data directory than controller.toml's, for a controller that
+    /// shares its config directory with others: what it writes for itself (its address files,
+    /// its artifact cache and uploads, its lock) goes there, not beside controller.toml.
+    pub fn override_data_dir(&mut self, dir: &Path) {
+        self.data_dir = dir.to_path_buf();
+        self.addr_file = dir.join(ADDR_FILE);
+        self.http_addr_file = dir.join(HTTP_ADDR_FILE);
+    }
+
     pub fn override_http_listen(&mut self, text: &str) -> Result<(), String> {
         let allow_remote = self.http.is_some_and(|h| h.allow_remote);
         let addr = check_http_listen(text, allow_remote)?;
@@ -402,7 +437,14 @@ impl ControllerConfig {
                 "write_stall_timeout_ms must be between 500 and 3600000, like 60000".into(),
             ));
         }
+        let etcd = file
+            .etcd
+            .as_ref()
+            .map(|etcd| check_etcd(etcd, base))
+            .transpose()
+            .map_err(invalid)?;
         Ok(ControllerConfig {
+            etcd,
             handshake_timeout: std::time::Duration::from_millis(handshake_timeout_ms),
             write_stall_timeout: std::time::Duration::from_millis(write_stall_timeout_ms),
             http,
@@ -592,5 +634,31 @@ mod tests {
         write("0");
         let error = ControllerConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("max_events must be between 100"), "{error}");
+    }
+
+    #[test]
+    fn an_etcd_table_in_controller_toml_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        let tls = "ca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        let write = |etcd: &str| {
+            std::fs::write(
+                &path,
+                format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{tls}\n{etcd}"),
+            )
+            .unwrap()
+        };
+        write("");
+        assert_eq!(ControllerConfig::load(&path).unwrap().etcd, None);
+        write("[etcd]\nendpoints = [\"https://10.0.0.5:2379\"]\nca = \"etcd-ca.pem\"\n");
+        let etcd = ControllerConfig::load(&path).unwrap().etcd.unwrap();
+        assert_eq!(etcd.ca, Some(dir.path().join("etcd-ca.pem")));
+        assert_eq!(etcd.prefix, "/fleet");
+        write("[etcd]\nendpoints = [\"https://10.0.0.5:2379\"]\n");
+        let error = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("give the CA of etcd's certificate"),
+            "{error}"
+        );
     }
 }

@@ -11,7 +11,9 @@
 //!   [`Limits::anonymous_connections`] in all; more are closed after the handshake.
 //! - A client certificate that was revoked, or that cannot be read, is refused before its
 //!   request's body is read; an agent's certificate may call `AgentService` only.
-//! - At most [`Limits::handshakes`] TLS handshakes run at once.
+//! - At most [`Limits::handshakes`] TLS handshakes run at once, on the clients' lane (a peer
+//!   is not known before it); a connection is then served on the agents' lane when it
+//!   presented an agent certificate, on the clients' otherwise ([`lane_of`], `crate::lanes`).
 //! - On every connection, a gRPC message that was begun must be finished within
 //!   [`Limits::message_deadline`] (a stalled half-sent message holds its buffer), and at most
 //!   [`Limits::streams_per_connection`] streams may be open at once (set on the server).
@@ -406,20 +408,57 @@ impl OncePerSecond {
 /// fleet CA is rotated, see `crate::ca_trust`).
 pub type CurrentTls = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
 
+/// Which lane a connection is served on (see `crate::lanes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// An agent's session: served first.
+    Agents,
+    /// Everything else (`fleetctl`, CI, joins): served with what the agents leave.
+    Clients,
+}
+
+/// The lane of a connection that presented `certificate` (DER, verified against the fleet CA
+/// by the handshake), or none. Only the role is read: whether the certificate is revoked, or
+/// may make the call it makes, is checked on each request ([`EdgeLayer`]) whatever its lane.
+pub fn lane_of(certificate: Option<&[u8]>) -> Lane {
+    match certificate.map(fleet_pki::Identity::from_der) {
+        Some(Ok(identity)) if identity.role == fleet_pki::Role::Agent => Lane::Agents,
+        _ => Lane::Clients,
+    }
+}
+
+/// The connections [`incoming`] hands over, by lane.
+pub struct Lanes {
+    pub agents: tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<EdgeTcp>>>,
+    pub clients: tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<EdgeTcp>>>,
+}
+
 /// Accepts connections on `listener` and hands over those whose TLS handshake completed within
-/// the limits. Handshakes run concurrently, so a slow one holds up nobody. Ends when the
-/// receiver is dropped.
+/// the limits, each to its [`Lane`]. Connections are accepted (and their sockets registered)
+/// on the calling runtime; handshakes run concurrently on `handshakes_on` (the clients' lane:
+/// a peer is not known before it), so a slow one holds up nobody. Ends when both receivers
+/// are dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: CurrentTls,
     limits: Limits,
     connections: Arc<Connections>,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<EdgeTcp>>> {
-    let (tx, rx) = mpsc::channel(64);
+    handshakes_on: tokio::runtime::Handle,
+) -> Lanes {
+    let (agents_tx, agents_rx) = mpsc::channel(64);
+    let (clients_tx, clients_rx) = mpsc::channel(64);
     let anonymous = Arc::new(AnonymousConnections::default());
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes));
     let refusals_said = Arc::new(OncePerSecond::default());
     tokio::spawn(async move {
+        let both_closed = {
+            let (agents_tx, clients_tx) = (agents_tx.clone(), clients_tx.clone());
+            async move {
+                agents_tx.closed().await;
+                clients_tx.closed().await;
+            }
+        };
+        tokio::pin!(both_closed);
         loop {
             // Past the limit, connections wait in the kernel's backlog.
             let Ok(handshake) = handshakes.clone().acquire_owned().await else {
@@ -435,17 +474,18 @@ pub fn incoming(
                         continue;
                     }
                 },
-                () = tx.closed() => return,
+                () = &mut both_closed => return,
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls());
-            let (tx, anonymous, connections, refusals_said) = (
-                tx.clone(),
+            let (agents_tx, clients_tx, anonymous, connections, refusals_said) = (
+                agents_tx.clone(),
+                clients_tx.clone(),
                 anonymous.clone(),
                 connections.clone(),
                 refusals_said.clone(),
             );
-            tokio::spawn(async move {
+            handshakes_on.spawn(async move {
                 let stream = EdgeTcp {
                     tcp,
                     _slot: None,
@@ -477,10 +517,12 @@ pub fn incoming(
                 };
                 drop(handshake);
                 let (io, session) = tls.get_mut();
-                let has_certificate = session
+                let leaf = session
                     .peer_certificates()
-                    .is_some_and(|certs| !certs.is_empty());
-                if !has_certificate {
+                    .and_then(|certs| certs.first())
+                    .map(|leaf| leaf.as_ref());
+                let lane = lane_of(leaf);
+                if leaf.is_none() {
                     match anonymous.take(
                         peer.ip(),
                         limits.anonymous_connections_per_source,
@@ -504,11 +546,18 @@ pub fn incoming(
                     }
                 }
                 tls.get_mut().0.guard = Some(connections.register(peer));
+                let tx = match lane {
+                    Lane::Agents => agents_tx,
+                    Lane::Clients => clients_tx,
+                };
                 let _ = tx.send(Ok(tls)).await;
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    Lanes {
+        agents: tokio_stream::wrappers::ReceiverStream::new(agents_rx),
+        clients: tokio_stream::wrappers::ReceiverStream::new(clients_rx),
+    }
 }
 
 /// The prefix of every `AgentService` call: all an agent certificate may call.
@@ -1085,6 +1134,35 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(guard.is_closed(), "an answer left unread past the stall");
+    }
+
+    #[test]
+    fn only_an_agent_certificate_is_served_on_the_agents_lane() {
+        use fleet_pki::Role;
+        use rustls::pki_types::pem::PemObject;
+        let (ca_pem, ca_key_pem) = fleet_pki::ca::generate_ca().unwrap();
+        let ca = fleet_pki::ca::Authority::load(&ca_pem, &ca_key_pem).unwrap();
+        let der = |role: Role| {
+            let issued = ca
+                .issue_client("someone", role, Duration::from_secs(3600))
+                .unwrap();
+            rustls::pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())
+                .unwrap()
+                .to_vec()
+        };
+        for (what, certificate, lane) in [
+            ("an agent", Some(der(Role::Agent)), Lane::Agents),
+            ("an admin", Some(der(Role::Admin)), Lane::Clients),
+            ("a deployer", Some(der(Role::Deployer)), Lane::Clients),
+            ("no certificate (a join)", None, Lane::Clients),
+            (
+                "an unreadable certificate",
+                Some(vec![0x30, 0x03, 1, 2, 3]),
+                Lane::Clients,
+            ),
+        ] {
+            assert_eq!(lane_of(certificate.as_deref()), lane, "{what}");
+        }
     }
 
     #[test]

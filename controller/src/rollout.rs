@@ -83,16 +83,40 @@ pub struct Rollouts {
     executors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Turns true when the controller shuts down: every executor stops where it stands.
     stopping: watch::Sender<bool>,
+    /// The runtime executors run on (the agents' lane, `crate::lanes`), whichever runtime
+    /// starts them; none: the caller's.
+    home: Option<tokio::runtime::Handle>,
 }
 
 impl Rollouts {
+    /// Rollouts whose executors run on `home`, also when a client's call (served on the
+    /// clients' lane) starts them.
+    pub fn on(home: tokio::runtime::Handle) -> Rollouts {
+        Rollouts {
+            home: Some(home),
+            ..Rollouts::default()
+        }
+    }
+
+    /// Spawns `task` on the executors' runtime.
+    fn spawn_home<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.home {
+            Some(home) => home.spawn(task),
+            None => tokio::spawn(task),
+        }
+    }
+
     /// Runs an executor until its rollout ends or the controller shuts down. Stopped, it leaves
     /// the rollout as its last committed record says (every step is one transaction), and the
     /// next controller start picks it up there (`recover`).
     fn spawn(&self, executor: Executor) {
         let mut stopping = self.stopping.subscribe();
         let id = executor.record.id.clone();
-        let task = tokio::spawn(async move {
+        let task = self.spawn_home(async move {
             tokio::select! {
                 () = executor.run() => {}
                 _ = stopping.wait_for(|stop| *stop) => {
@@ -1467,6 +1491,32 @@ async fn abort_requested(control: &mut watch::Receiver<(Control, String)>) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_executor_started_from_a_clients_call_runs_on_the_agents_runtime() {
+        let runtime = |name: &str| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(name)
+                .build()
+                .unwrap()
+        };
+        let (agents, clients) = (runtime("agents-lane"), runtime("clients-lane"));
+        let rollouts = Arc::new(Rollouts::on(agents.handle().clone()));
+        let thread_name = || std::thread::current().name().map(str::to_string);
+        // Started by a call served on the clients' runtime, as `rollout start` is.
+        let ran_on = clients
+            .block_on(clients.spawn({
+                let rollouts = rollouts.clone();
+                async move {
+                    assert_eq!(thread_name().as_deref(), Some("clients-lane"));
+                    rollouts.spawn_home(async move { thread_name() }).await
+                }
+            }))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ran_on.as_deref(), Some("agents-lane"));
+    }
 
     #[test]
     fn a_wave_waits_as_long_as_the_release_may_take() {

@@ -1,7 +1,8 @@
 //! Runs the controller: opens the store and the artifact store, picks up rollouts a previous
-//! process left under way, serves both gRPC services, and shuts down on one path: the
-//! shutdown future resolves, sessions and follow streams are told, in-flight calls get a
-//! grace period, and a warning says when it ran out. The operators' HTTP listener and the
+//! process left under way, serves both gRPC services (on two lanes: agents' connections on the
+//! calling runtime, the rest on the clients' runtime, see `crate::lanes`), and shuts down on
+//! one path: the shutdown future resolves, sessions and follow streams are told, in-flight
+//! calls get a grace period, and a warning says when it ran out. The operators' HTTP listener and the
 //! webhooks (`http`) start before rollouts are recovered and stop on the same path.
 
 use crate::api::agent_service::AgentApi;
@@ -28,8 +29,12 @@ const MAX_FLEET_MESSAGE_BYTES: usize = 4 << 20;
 /// certificate is held to far less at the edge.)
 const MAX_AGENT_MESSAGE_BYTES: usize = 1 << 20;
 
+/// Runs the controller on the calling runtime (the agents' lane: sessions, rollout executors,
+/// the converger, the operators' HTTP listener) and `clients` (the clients' lane: handshakes
+/// and every connection without an agent certificate; see `crate::lanes`).
 pub async fn run(
     config: ControllerConfig,
+    clients: tokio::runtime::Handle,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -49,14 +54,31 @@ pub async fn run(
                 )
             })?;
     }
-    let store = Store::open(&config.data_dir)
-        .with_context(|| {
-            format!(
-                "cannot open the store in {} (is another fleet-controller using it?)",
-                config.data_dir.display()
-            )
-        })?
-        .with_max_events(config.max_events);
+    // Held until the controller ends: another controller on this directory is refused.
+    let _data_lock = crate::data_lock::lock(&config.data_dir).map_err(anyhow::Error::msg)?;
+    let store = {
+        let (data_dir, etcd, ca) = (
+            config.data_dir.clone(),
+            config.etcd.clone(),
+            config.tls.ca.clone(),
+        );
+        tokio::task::spawn_blocking(move || Store::open_configured(&data_dir, etcd.as_ref(), &ca))
+            .await?
+    };
+    let store = match (&config.etcd, store) {
+        (_, Ok(store)) => store,
+        (Some(_), Err(e)) => return Err(anyhow::anyhow!("{e}")),
+        (None, Err(e)) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot open the store in {} (is another fleet-controller using it?)",
+                    config.data_dir.display()
+                )
+            })
+        }
+    }
+    .with_max_events(config.max_events);
+    tracing::info!("store: {}", store.describe());
     let artifacts = ArtifactStore::open(&config.data_dir, config.uploads)?;
     let trust = Trust::load(&config.tls, config.certificate_ttl)?;
     let fleet = Arc::new(FleetState::new(
@@ -68,7 +90,8 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let lost_host_watcher = tokio::spawn(fleet.clone().watch_for_lost_hosts(stop_rx.clone()));
     let credential_uses = tokio::spawn(fleet.clone().keep_credential_uses(stop_rx.clone()));
-    let rollouts = Arc::new(Rollouts::default());
+    // Executors stay on this runtime even when a client's call starts them.
+    let rollouts = Arc::new(Rollouts::on(tokio::runtime::Handle::current()));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -118,7 +141,7 @@ pub async fn run(
         rollouts: rollouts.clone(),
         shutdown: stop_rx.clone(),
     };
-    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let (signalled_tx, signalled_rx) = watch::channel(false);
     let limits = edge::Limits {
         handshake: config.handshake_timeout,
         write_stall: config.write_stall_timeout,
@@ -155,30 +178,40 @@ pub async fn run(
         .add_service(
             pb::fleet_service_server::FleetServiceServer::new(fleet_api)
                 .max_decoding_message_size(MAX_FLEET_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(
-            // TLS at the edge (no Nagle there: an answer written in two parts must not wait
-            // for the peer's delayed ACK before its second part goes out).
-            edge::incoming(
-                listener,
-                {
-                    let trust = trust.clone();
-                    Arc::new(move || trust.server_tls())
-                },
-                limits,
-                connections,
-            ),
-            async {
-                let _ = signalled_rx.await;
-            },
         );
-    let mut server = tokio::spawn(server);
+    // TLS at the edge (no Nagle there: an answer written in two parts must not wait for the
+    // peer's delayed ACK before its second part goes out), each connection to its lane.
+    let lanes = edge::incoming(
+        listener,
+        {
+            let trust = trust.clone();
+            Arc::new(move || trust.server_tls())
+        },
+        limits,
+        connections,
+        clients.clone(),
+    );
+    let signalled = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|signalled| *signalled).await;
+    };
+    // Each server spawns its connections' tasks on the runtime it runs on.
+    let mut agents_server = tokio::spawn(
+        server
+            .clone()
+            .serve_with_incoming_shutdown(lanes.agents, signalled(signalled_rx.clone())),
+    );
+    let mut clients_server =
+        clients.spawn(server.serve_with_incoming_shutdown(lanes.clients, signalled(signalled_rx)));
     // Under systemd (Type=notify): ready once the listener is bound and served.
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot tell systemd the controller is ready (NOTIFY_SOCKET): {e}");
     }
     tokio::select! {
-        result = &mut server => {
+        result = &mut agents_server => {
+            result??;
+            return Ok(());
+        }
+        result = &mut clients_server => {
             result??;
             return Ok(());
         }
@@ -187,7 +220,7 @@ pub async fn run(
     tracing::info!("shutting down");
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     let _ = stop_tx.send(true);
-    let _ = signalled_tx.send(());
+    let _ = signalled_tx.send(true);
     // The rollout executors and the lost-host watcher stop at their next await; what they
     // wrote is committed (a write in flight finishes on the blocking pool).
     let late_executors = rollouts.shut_down(deadline).await;
@@ -217,11 +250,16 @@ pub async fn run(
             break;
         }
     }
-    match tokio::time::timeout_at(deadline, &mut server).await {
-        Ok(result) => result??,
-        Err(_) => tracing::warn!(
-            "in-flight calls did not finish within {SHUTDOWN_GRACE:?}; exiting anyway"
-        ),
+    for server in [&mut agents_server, &mut clients_server] {
+        match tokio::time::timeout_at(deadline, server).await {
+            Ok(result) => result??,
+            Err(_) => {
+                tracing::warn!(
+                    "in-flight calls did not finish within {SHUTDOWN_GRACE:?}; exiting anyway"
+                );
+                break;
+            }
+        }
     }
     tracing::info!("stopped");
     let _ = std::fs::remove_file(&config.addr_file);

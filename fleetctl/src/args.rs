@@ -186,7 +186,7 @@ pub enum Command {
     },
     /// Install and start the agent on fresh hosts over SSH, and wait until they registered
     #[command(
-        after_help = "Examples:\n  fleetctl bootstrap ssh://root@web-1 ssh://root@web-2 --labels env=prod\n  fleetctl bootstrap --targets hosts.txt --known-hosts ./known_hosts"
+        after_help = "Examples:\n  fleetctl bootstrap ssh://root@web-1 ssh://root@web-2 --labels env=prod\n  fleetctl bootstrap --targets hosts.txt --known-hosts ./known_hosts\n  fleetctl bootstrap ssh://root@web-3 --agent-deb target/debian/fleet-agent_0.1.0-1_amd64.deb"
     )]
     Bootstrap(BootstrapArgs),
     /// Bring a new host in (over SSH) with every release OLD runs, then drain and remove OLD
@@ -279,6 +279,23 @@ pub struct InitArgs {
     /// after two thirds of it. Written to controller.toml as certificate_ttl [default: 30d]
     #[arg(long, value_name = "DUR", value_parser = parse_certificate_ttl)]
     pub certificate_ttl: Option<Duration>,
+    /// Keep the controller's state in etcd at these URLs (https://HOST:PORT, or http:// on
+    /// loopback) instead of the redb file in its data directory; written to controller.toml
+    /// as [etcd]
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The CA of etcd's certificate (required with https:// URLs)
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate for an etcd that requires one, with --etcd-key
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub etcd_key: Option<PathBuf>,
+    /// The etcd key prefix of this fleet's records [default: /fleet]
+    #[arg(long, value_name = "PREFIX", requires = "etcd")]
+    pub etcd_prefix: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -470,6 +487,10 @@ pub struct BootstrapFlags {
     /// The fleet-agent binary to install [default: the one beside fleetctl]
     #[arg(long, value_name = "PATH")]
     pub agent_binary: Option<PathBuf>,
+    /// Install the agent from its .deb (target/debian/fleet-agent_*.deb of scripts/package.sh)
+    /// with the host's dpkg; its unit reads /var/lib/fleet-agent/agent.toml
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["agent_binary", "remote_dir"])]
+    pub agent_deb: Option<PathBuf>,
     /// The controller URLs the host dials, in turn (several: URL1,URL2) [default: every URL
     /// fleetctl was given, by --controller or client.toml]
     #[arg(long, value_name = "URL[,URL...]")]

@@ -13,7 +13,8 @@ use crate::client::{usage, CliError, CA_FILE, EXIT_FAILED, EXIT_OK};
 use crate::commands::Context;
 use crate::output;
 use crate::ssh::connection::{Credential, HostKeyPolicy};
-use crate::ssh::install::{AgentBinary, InstallOutcome, ServiceMode};
+use crate::ssh::deb::{AgentDeb, PACKAGE_REMOTE_DIR};
+use crate::ssh::install::{AgentBinary, AgentSource, InstallOutcome, ServiceMode};
 use crate::ssh::targets::{self, TargetSpec};
 use crate::ssh::{self as ssh_bootstrap, HostJob, SharedSettings};
 
@@ -75,8 +76,9 @@ fn local_user() -> String {
 pub(crate) struct Prepared {
     pub(crate) jobs: Vec<HostJob>,
     pub(crate) shared: SharedSettings,
-    pub(crate) agent_binary: Arc<AgentBinary>,
-    /// The binary as a tar entry, made once and sent to every host.
+    /// The binary or the .deb (`--agent-deb`).
+    pub(crate) agent: Arc<AgentSource>,
+    /// The binary (or the .deb) as a tar entry, made once and sent to every host.
     pub(crate) binary_entry: Arc<Vec<u8>>,
     pub(crate) deadline: Duration,
 }
@@ -129,10 +131,17 @@ pub(crate) async fn prepare(
                 .collect(),
             _ => BTreeMap::new(),
         };
-        let remote_dir = spec
-            .remote_dir
-            .clone()
-            .unwrap_or_else(|| flags.remote_dir.clone());
+        let remote_dir = match (&flags.agent_deb, &spec.remote_dir) {
+            // The package's unit reads its config from one place.
+            (Some(_), Some(dir)) => {
+                return Err(usage(format!(
+                    "{host_name} has remote_dir={} but --agent-deb installs the agent in {PACKAGE_REMOTE_DIR}: drop remote_dir= from the targets file",
+                    dir.display()
+                )))
+            }
+            (Some(_), None) => std::path::PathBuf::from(PACKAGE_REMOTE_DIR),
+            (None, dir) => dir.clone().unwrap_or_else(|| flags.remote_dir.clone()),
+        };
         crate::ssh::install::check_remote_dir(&remote_dir).map_err(|e| usage(e.to_string()))?;
         let place = (
             spec.address.host.clone(),
@@ -155,18 +164,7 @@ pub(crate) async fn prepare(
         });
     }
 
-    let agent_path = match &flags.agent_binary {
-        Some(path) => path.clone(),
-        None => ssh_bootstrap::default_agent_binary()
-            .ok_or_else(|| usage("no fleet-agent beside fleetctl: pass --agent-binary PATH"))?,
-    };
-    let agent_binary = tokio::fs::read(&agent_path).await.map_err(|e| {
-        usage(format!(
-            "cannot read the agent binary {}: {e}",
-            agent_path.display()
-        ))
-    })?;
-    let agent_binary = AgentBinary::new(agent_binary);
+    let agent = read_agent(flags).await?;
 
     let credential = match &flags.identity {
         Some(path) => {
@@ -220,10 +218,37 @@ pub(crate) async fn prepare(
             controller_urls,
             ca_pem,
         },
-        binary_entry: Arc::new(crate::ssh::install::binary_tar_entry(&agent_binary)),
-        agent_binary: Arc::new(agent_binary),
+        binary_entry: Arc::new(agent.tar_entry()),
+        agent: Arc::new(agent),
         deadline: flags.deadline.unwrap_or(DEFAULT_BOOTSTRAP_DEADLINE),
     })
+}
+
+/// The agent to install: `--agent-deb`'s package (checked here: a Debian package of
+/// fleet-agent), `--agent-binary`, or the fleet-agent beside fleetctl.
+async fn read_agent(flags: &BootstrapFlags) -> Result<AgentSource, CliError> {
+    if let Some(path) = &flags.agent_deb {
+        let bytes = tokio::fs::read(path).await.map_err(|e| {
+            usage(format!(
+                "cannot read the agent package {}: {e}",
+                path.display()
+            ))
+        })?;
+        let deb = AgentDeb::read(bytes).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+        return Ok(AgentSource::Package(deb));
+    }
+    let agent_path = match &flags.agent_binary {
+        Some(path) => path.clone(),
+        None => ssh_bootstrap::default_agent_binary()
+            .ok_or_else(|| usage("no fleet-agent beside fleetctl: pass --agent-binary PATH"))?,
+    };
+    let agent_binary = tokio::fs::read(&agent_path).await.map_err(|e| {
+        usage(format!(
+            "cannot read the agent binary {}: {e}",
+            agent_path.display()
+        ))
+    })?;
+    Ok(AgentSource::Binary(AgentBinary::new(agent_binary)))
 }
 
 /// The address to advertise when none is given: the SSH host's own IP.
@@ -299,7 +324,7 @@ async fn bootstrap_one(
     ctx: &Context,
     job: &HostJob,
     shared: &SharedSettings,
-    agent_binary: &AgentBinary,
+    agent: &AgentSource,
     binary_entry: &[u8],
     deadline: Duration,
     registrations: &Registrations,
@@ -324,16 +349,10 @@ async fn bootstrap_one(
                 .await
                 .map_err(|e| e.to_string())
         };
-        let done = ssh_bootstrap::bootstrap_host(
-            job,
-            shared,
-            agent_binary,
-            binary_entry,
-            token,
-            &progress,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let done =
+            ssh_bootstrap::bootstrap_host(job, shared, agent, binary_entry, token, &progress)
+                .await
+                .map_err(|e| e.to_string())?;
         result.host_key_fingerprint = done.session.host_key.fingerprint.clone();
         result.host_key_recorded = done.session.host_key.recorded;
         result.install = Some(done.outcome.clone());
@@ -496,6 +515,10 @@ fn render_result(result: &HostResult) -> String {
         ),
         None => "agent started".to_string(),
     };
+    let how = match result.install.as_ref().and_then(|i| i.package.as_ref()) {
+        Some(package) => format!("{package} installed with dpkg, {how}"),
+        None => how,
+    };
     let key = if result.host_key_recorded {
         format!(", new host key {} recorded", result.host_key_fingerprint)
     } else {
@@ -515,7 +538,7 @@ pub(crate) async fn run_jobs(ctx: &Context, prepared: &Prepared) -> Vec<HostResu
     for job in prepared.jobs.clone() {
         let ctx = ctx.clone();
         let shared = prepared.shared.clone();
-        let binary = prepared.agent_binary.clone();
+        let agent = prepared.agent.clone();
         let binary_entry = prepared.binary_entry.clone();
         let deadline = prepared.deadline;
         let semaphore = semaphore.clone();
@@ -526,7 +549,7 @@ pub(crate) async fn run_jobs(ctx: &Context, prepared: &Prepared) -> Vec<HostResu
                 &ctx,
                 &job,
                 &shared,
-                &binary,
+                &agent,
                 &binary_entry,
                 deadline,
                 &registrations,

@@ -141,6 +141,22 @@ pub fn parse_http_listen(text: &str) -> Result<SocketAddr, CliError> {
     Ok(addr)
 }
 
+/// The `[etcd]` table of controller.toml (empty without etcd).
+fn etcd_table(etcd: Option<&fleet_proto::etcd_config::EtcdFile>) -> String {
+    #[derive(serde::Serialize)]
+    struct Table<'a> {
+        etcd: &'a fleet_proto::etcd_config::EtcdFile,
+    }
+    match etcd {
+        None => String::new(),
+        Some(etcd) => format!(
+            "# The controller's state is in etcd (several controllers may share it), not in the\n\
+             # redb file of data_dir; data_dir keeps the artifact cache and uploads.\n{}",
+            toml::to_string(&Table { etcd }).expect("[etcd] serialises")
+        ),
+    }
+}
+
 /// [`init_dir`] with the HTTP listener's address (`--http-listen`).
 pub fn init_dir_with_http(
     dir: &Path,
@@ -161,6 +177,22 @@ pub fn init_dir_with_options(
     http_listen: &str,
     certificate_ttl: Option<Duration>,
 ) -> Result<InitOutcome, CliError> {
+    init_dir_with_etcd(dir, listen, urls, http_listen, certificate_ttl, None)
+}
+
+/// [`init_dir_with_options`] with the store in etcd (`--etcd` and its TLS flags), written to
+/// controller.toml as `[etcd]` after the same check the controller makes.
+pub fn init_dir_with_etcd(
+    dir: &Path,
+    listen: &str,
+    urls: Option<&ControllerUrls>,
+    http_listen: &str,
+    certificate_ttl: Option<Duration>,
+    etcd: Option<&fleet_proto::etcd_config::EtcdFile>,
+) -> Result<InitOutcome, CliError> {
+    if let Some(etcd) = etcd {
+        fleet_proto::etcd_config::check(etcd).map_err(usage)?;
+    }
     let lifetime = certificate_ttl.unwrap_or(fleet_pki::lifetime::DEFAULT_LIFETIME);
     fleet_pki::lifetime::check_lifetime(lifetime)
         .map_err(|e| usage(format!("--certificate-ttl {e}")))?;
@@ -239,10 +271,11 @@ pub fn init_dir_with_options(
          ca = \"{CA_FILE}\"\n\
          ca_key = \"{CA_KEY_FILE}\"\n\
          cert = \"{CONTROLLER_CERT_FILE}\"\n\
-         key = \"{CONTROLLER_KEY_FILE}\"\n",
+         key = \"{CONTROLLER_KEY_FILE}\"\n{}",
         controller_config.display(),
         toml_string(&addr.to_string()),
         toml_string(&http_addr.to_string()),
+        etcd_table(etcd),
     );
     write_new(&controller_config, &controller_text, 0o644)?;
     write_client_toml(&client_config, &controller_urls)?;
@@ -305,6 +338,53 @@ mod tests {
             assert_eq!(parse_listen(listen).is_ok(), ok, "{listen}");
         }
         assert_eq!(parse_listen("x").unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn init_etcd_writes_an_etcd_table_and_refuses_bad_flags_before_writing_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = fleet_proto::etcd_config::EtcdFile {
+            endpoints: vec![
+                "https://10.0.0.5:2379".into(),
+                "https://10.0.0.6:2379".into(),
+            ],
+            prefix: Some("/prod".into()),
+            ca: Some("/etc/fleet/etcd-ca.pem".into()),
+            cert: None,
+            key: None,
+        };
+        let at = dir.path().join("a");
+        init_dir_with_etcd(
+            &at,
+            "127.0.0.1:7700",
+            None,
+            "127.0.0.1:0",
+            None,
+            Some(&etcd),
+        )
+        .unwrap();
+        #[derive(serde::Deserialize)]
+        struct Written {
+            etcd: fleet_proto::etcd_config::EtcdFile,
+        }
+        let text = std::fs::read_to_string(at.join("controller.toml")).unwrap();
+        let written: Written = toml::from_str(&text).unwrap();
+        assert_eq!(written.etcd, etcd);
+
+        let no_ca = fleet_proto::etcd_config::EtcdFile { ca: None, ..etcd };
+        let refused = dir.path().join("b");
+        let error = init_dir_with_etcd(
+            &refused,
+            "127.0.0.1:7700",
+            None,
+            "127.0.0.1:0",
+            None,
+            Some(&no_ca),
+        )
+        .unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        assert!(error.to_string().contains("--etcd-ca"), "{error}");
+        assert!(!refused.exists(), "nothing is written for refused flags");
     }
 
     #[test]

@@ -49,12 +49,23 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Init(init_args) => {
             let dir = init_args.dir.unwrap_or(config_dir);
-            let outcome = init::init_dir_with_options(
+            let absolute = |path: Option<std::path::PathBuf>| {
+                path.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string())
+            };
+            let etcd = (!init_args.etcd.is_empty()).then(|| fleet_proto::etcd_config::EtcdFile {
+                endpoints: init_args.etcd.clone(),
+                prefix: init_args.etcd_prefix.clone(),
+                ca: absolute(init_args.etcd_ca.clone()),
+                cert: absolute(init_args.etcd_cert.clone()),
+                key: absolute(init_args.etcd_key.clone()),
+            });
+            let outcome = init::init_dir_with_etcd(
                 &dir,
                 &init_args.listen,
                 init_args.url.as_ref(),
                 &init_args.http_listen,
                 init_args.certificate_ttl,
+                etcd.as_ref(),
             )?;
             if cli.output == OutputFormat::Json {
                 output::print_json(&outcome);

@@ -140,7 +140,7 @@ pub async fn upgrade_agents(
         let wave = Prepared {
             jobs: wave_jobs,
             shared: prepared.shared.clone(),
-            agent_binary: prepared.agent_binary.clone(),
+            agent: prepared.agent.clone(),
             binary_entry: prepared.binary_entry.clone(),
             deadline: prepared.deadline,
         };

@@ -95,6 +95,9 @@ pub struct Fleet {
     controller_addr: String,
     /// The URL agents dial, when not the controller's listen address (`https://IP:PORT`).
     agent_controller_url: Option<String>,
+    /// What the controller runs under (`ip netns exec NAME`), when it runs in a network
+    /// namespace ([`Fleet::start_with_controller_in`]).
+    controller_prefix: Vec<String>,
     agents: Vec<Agent>,
     /// Declared last so it is removed only after every process is gone.
     dir: tempfile::TempDir,
@@ -121,6 +124,22 @@ impl Fleet {
         Fleet::start_prepared(n_hosts, extra, more_init_args, |_| {})
     }
 
+    /// Like [`Fleet::start`], with the controller inside network namespace `netns`, listening
+    /// on the namespace's end of its link: every byte between the controller and the agents
+    /// (which stay on loopback addresses of this host) crosses that link, which a benchmark
+    /// may cap ([`crate::netns::Netns::cap_egress`]). Its HTTP listener is on the namespace's
+    /// own loopback, out of the tests' reach.
+    pub fn start_with_controller_in(n_hosts: usize, netns: &crate::netns::Netns) -> Fleet {
+        Fleet::start_fleet(
+            n_hosts,
+            "",
+            &[],
+            |_| {},
+            &netns.inside_addr().to_string(),
+            netns.exec_prefix(),
+        )
+    }
+
     /// Like [`Fleet::start_with_controller_config`], calling `prepare` with the controller's
     /// data directory (empty, not yet used) before the controller first starts: to mount a
     /// small filesystem there, say.
@@ -137,6 +156,24 @@ impl Fleet {
         extra: &str,
         more_init_args: &[&str],
         prepare: impl FnOnce(&Path),
+    ) -> Fleet {
+        Fleet::start_fleet(
+            n_hosts,
+            extra,
+            more_init_args,
+            prepare,
+            "127.0.0.1",
+            Vec::new(),
+        )
+    }
+
+    fn start_fleet(
+        n_hosts: usize,
+        extra: &str,
+        more_init_args: &[&str],
+        prepare: impl FnOnce(&Path),
+        listen_ip: &str,
+        controller_prefix: Vec<String>,
     ) -> Fleet {
         let bins = Bins::locate();
         let dir = tempfile::Builder::new()
@@ -156,16 +193,18 @@ impl Fleet {
             controller: None,
             controller_addr: String::new(),
             agent_controller_url: None,
+            controller_prefix,
             agents: Vec::new(),
             dir,
         };
         let config_dir = fleet.config_dir();
+        let listen = format!("{listen_ip}:0");
         let init_args: Vec<String> = [
             "init",
             "--dir",
             &config_dir.display().to_string(),
             "--listen",
-            "127.0.0.1:0",
+            &listen,
             "--http-listen",
             "127.0.0.1:0",
         ]
@@ -255,7 +294,7 @@ impl Fleet {
         let config_dir = self.config_dir();
         let addr_file = config_dir.join("controller.addr");
         let _ = std::fs::remove_file(&addr_file);
-        let mut command = Command::new(&self.bins.controller);
+        let mut command = command_under(&self.controller_prefix, &self.bins.controller);
         command
             .arg("--config")
             .arg(config_dir.join("controller.toml"))
@@ -500,14 +539,7 @@ impl Fleet {
         };
         let agent = self.agent_mut(name);
         agent.process_started = true;
-        let mut command = match agent.exec_prefix.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(bin);
-                command
-            }
-            None => Command::new(bin),
-        };
+        let mut command = command_under(&agent.exec_prefix, &bin);
         command
             .arg("--controller")
             .arg(&url)
@@ -724,6 +756,14 @@ impl Fleet {
         }
     }
 
+    /// Runs `fleet-controller ARGS` (a subcommand, like `migrate`) in the test dir, within
+    /// `deadline`.
+    pub fn controller_command(&self, args: &[&str], deadline: Duration) -> process::Finished {
+        let mut command = Command::new(&self.bins.controller);
+        command.args(args).current_dir(self.dir.path());
+        process::run_with_deadline(command, deadline)
+    }
+
     /// Writes an artifact file made of `entries` into the test dir and returns its path.
     pub fn write_artifact(&self, entries: &[(&str, &[u8], u32)]) -> PathBuf {
         let bytes = fleet_proto::artifact::build_artifact(entries).expect("build an artifact");
@@ -888,5 +928,18 @@ impl Drop for Fleet {
         }
         self.kill_controller();
         process::kill_everything_inside(self.dir.path());
+    }
+}
+
+/// A command that runs `program` under `prefix` (`ip netns exec NAME`), or directly when the
+/// prefix is empty.
+fn command_under(prefix: &[String], program: &Path) -> Command {
+    match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(program);
+            command
+        }
+        None => Command::new(program),
     }
 }

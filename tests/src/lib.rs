@@ -18,9 +18,12 @@
 //! `127.0.0.1:0` (a port the kernel picks).
 #![forbid(unsafe_code)]
 
+pub mod agent_deb;
 pub mod bench;
 pub mod bins;
 pub mod cgroup;
+pub mod disposable_root;
+pub mod etcd;
 pub mod faults;
 pub mod fleet;
 pub mod grpc;

@@ -30,6 +30,7 @@ const IP_DEADLINE: Duration = Duration::from_secs(20);
 pub struct Netns {
     pub name: String,
     host_if: String,
+    ns_if: String,
     base: u32,
     cut: bool,
 }
@@ -77,10 +78,11 @@ impl Netns {
         let netns = Netns {
             name: format!("{PREFIX}{pid}-{idx}"),
             host_if: format!("fv{pid}x{idx}"),
+            ns_if: format!("fv{pid}n{idx}"),
             base: subnet_base(pid, idx),
             cut: false,
         };
-        let ns_if = format!("fv{pid}n{idx}");
+        let ns_if = netns.ns_if.clone();
         // From here on the guard removes whatever was made, also when a step fails.
         ip(&["netns", "add", &netns.name])?;
         let cidr = |last: u32| format!("{}/29", Ipv4Addr::from(netns.base + last));
@@ -143,6 +145,39 @@ impl Netns {
             "blackhole",
             &to,
         ])
+    }
+
+    /// Caps what leaves the namespace over its link at `megabytes_per_s` (a token bucket,
+    /// `tc qdisc ... tbf`, on the namespace's end), as a real uplink would be.
+    pub fn cap_egress(&self, megabytes_per_s: u32) -> Result<(), String> {
+        let rate = format!("{}mbit", megabytes_per_s * 8);
+        let mut command = Command::new("ip");
+        command.args([
+            "netns",
+            "exec",
+            &self.name,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            &self.ns_if,
+        ]);
+        // A burst of 4 MB keeps the bucket from starving a 1 GB/s-class sender between
+        // refills; 200 ms of queue before drops.
+        command.args([
+            "root", "tbf", "rate", &rate, "burst", "4mb", "latency", "200ms",
+        ]);
+        let done = crate::process::run_with_deadline(command, IP_DEADLINE);
+        if done.code == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "tc qdisc add dev {} root tbf rate {rate} exited {}: {}",
+                self.ns_if,
+                done.code,
+                done.stderr.trim()
+            ))
+        }
     }
 
     /// Cuts the link to the controller: every packet to it is dropped inside the namespace.

@@ -6,10 +6,15 @@
 //! [`Sshd::start`] returns None (after printing why) when there is no sshd on this machine, so
 //! a test can skip; `scripts/test.sh` installs openssh-server, so in CI it is always there.
 //!
+//! [`Sshd::start_in_disposable_root`] runs the same sshd inside a
+//! [`DisposableRoot`]: what its sessions write to /usr, /etc and /var (dpkg -i) stays in the
+//! test's dir.
+//!
 //! [`SshAgent`] is a real OpenSSH `ssh-agent` on a socket in the test's dir, for logging in
 //! through `SSH_AUTH_SOCK`; keys go into it through russh's agent client (no `ssh-add`).
 
-use crate::process::{self, ChildGuard};
+use crate::disposable_root::DisposableRoot;
+use crate::process::{self, ChildGuard, Finished};
 use crate::wait_until;
 use russh::keys::ssh_key::private::{Ed25519Keypair, PrivateKey};
 use russh::keys::ssh_key::{HashAlg, LineEnding};
@@ -36,6 +41,8 @@ pub struct Sshd {
     user: String,
     host_key: PrivateKey,
     child: Option<ChildGuard>,
+    /// The root sshd runs in, when it runs in one (then `child` is its `unshare`).
+    root: Option<DisposableRoot>,
 }
 
 /// 32 random bytes from the kernel, the seed of an ed25519 key.
@@ -101,6 +108,32 @@ impl Sshd {
     /// Starts sshd with its files in `dir` (created), authorizing `client_public_line`.
     /// None when this machine has no sshd.
     pub fn start(dir: &Path, client_public_line: &str) -> Option<Sshd> {
+        Sshd::start_with(dir, client_public_line, None)
+    }
+
+    /// Like [`Sshd::start`], with sshd (and so everything its sessions start) inside a
+    /// disposable root made in `dir/root`. None (after printing why) when this machine has no
+    /// sshd or cannot make namespaces.
+    pub fn start_in_disposable_root(dir: &Path, client_public_line: &str) -> Option<Sshd> {
+        let root = DisposableRoot::new(&dir.join("root"))?;
+        Sshd::start_with(dir, client_public_line, Some(root))
+    }
+
+    /// Like [`Sshd::start_in_disposable_root`] in a root the caller made (and prepared, e.g.
+    /// with [`DisposableRoot::hide`]).
+    pub fn start_in_root(
+        dir: &Path,
+        client_public_line: &str,
+        root: DisposableRoot,
+    ) -> Option<Sshd> {
+        Sshd::start_with(dir, client_public_line, Some(root))
+    }
+
+    fn start_with(
+        dir: &Path,
+        client_public_line: &str,
+        root: Option<DisposableRoot>,
+    ) -> Option<Sshd> {
         if !Path::new(SSHD_PATH).is_file() {
             // In CI a missing sshd is a broken setup, not a reason to pass without testing.
             assert!(
@@ -129,6 +162,7 @@ impl Sshd {
             user: current_user(),
             host_key: new_ed25519_key(),
             child: None,
+            root,
         };
         sshd.spawn();
         Some(sshd)
@@ -167,8 +201,7 @@ impl Sshd {
                 ),
             )
             .expect("write sshd_config");
-            let mut command = Command::new(SSHD_PATH);
-            command.arg("-D").arg("-e").arg("-f").arg(&config);
+            let command = self.command(&config);
             let log = self.dir.join("sshd.log");
             let mut child = ChildGuard::spawn("sshd", command, &log);
             let mut exited = false;
@@ -192,6 +225,36 @@ impl Sshd {
         panic!("sshd did not start in {START_ATTEMPTS} attempts");
     }
 
+    /// `sshd -D -e -f CONFIG`, inside the disposable root when there is one.
+    fn command(&self, config: &Path) -> Command {
+        let args = [
+            "-D".as_ref(),
+            "-e".as_ref(),
+            "-f".as_ref(),
+            config.as_os_str(),
+        ];
+        match &self.root {
+            Some(root) => root.command(Path::new(SSHD_PATH), &args),
+            None => {
+                let mut command = Command::new(SSHD_PATH);
+                command.args(args);
+                command
+            }
+        }
+    }
+
+    /// The disposable root sshd runs in, if it runs in one.
+    pub fn root(&self) -> Option<&DisposableRoot> {
+        self.root.as_ref()
+    }
+
+    /// Runs `args` inside sshd's disposable root (what a session on the "host" would see).
+    pub fn run_in_root(&self, args: &[&str]) -> Finished {
+        assert!(self.root.is_some(), "this sshd runs in no disposable root");
+        let pid = self.pid().expect("sshd runs");
+        DisposableRoot::run_inside(pid, args)
+    }
+
     /// Restarts sshd on the same port with a NEW host key (a reinstalled host, or an attacker).
     pub fn restart_with_new_host_key(&mut self) {
         self.kill();
@@ -200,8 +263,7 @@ impl Sshd {
         let host_key_path = self.dir.join("ssh_host_ed25519_key");
         write_private_key(&self.host_key, &host_key_path);
         let config = self.dir.join("sshd_config");
-        let mut command = Command::new(SSHD_PATH);
-        command.arg("-D").arg("-e").arg("-f").arg(&config);
+        let command = self.command(&config);
         let log = self.dir.join("sshd.log");
         let mut child = ChildGuard::spawn("sshd", command, &log);
         wait_until(

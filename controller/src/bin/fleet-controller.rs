@@ -2,8 +2,9 @@
 //! the controller until SIGTERM or SIGINT. Three subcommands work beside it on the same host:
 //! `backup` (a consistent copy of the running controller's store, CA and artifacts),
 //! `restore` (an empty data directory filled from such a copy; see `fleet_controller::backup`)
-//! and `issue-admin` (a break-glass admin credential made with the CA key; see
-//! `fleet_controller::break_glass`).
+//! `issue-admin` (a break-glass admin credential made with the CA key; see
+//! `fleet_controller::break_glass`) and `migrate` (a one-node fleet's store copied into etcd;
+//! see `fleet_controller::migrate`).
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,14 @@ struct Flags {
     /// controller.toml's http_listen (port 0: any free port, written to controller.http.addr).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<String>,
+    /// Listen on this address instead of controller.toml's listen (several controllers
+    /// sharing one config directory and CA).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// Keep this controller's own files (address files, artifact cache, uploads, its lock)
+    /// in DIR instead of controller.toml's data_dir; one directory per controller.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -77,6 +86,36 @@ enum Command {
         #[arg(long, default_value = "break-glass")]
         name: String,
     },
+    /// Copies a stopped one-node fleet's store (the redb file in its data directory) into
+    /// etcd, so that it can move to several controllers; refuses an etcd prefix that holds
+    /// data already, and prints the [etcd] table to add to controller.toml.
+    ///
+    /// Example: fleet-controller migrate --config /etc/fleet/controller.toml --to-etcd https://10.0.0.5:2379,https://10.0.0.6:2379 --etcd-ca /etc/fleet/etcd-ca.pem
+    Migrate {
+        /// The stopped controller's controller.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// The etcd members' URLs, comma-separated (https://, or http:// on loopback).
+        #[arg(
+            long,
+            value_name = "URL[,URL...]",
+            value_delimiter = ',',
+            required = true
+        )]
+        to_etcd: Vec<String>,
+        /// The key prefix to copy to; it must be empty.
+        #[arg(long, default_value = fleet_controller::store::etcd::DEFAULT_PREFIX)]
+        etcd_prefix: String,
+        /// The CA of etcd's certificate (required for https).
+        #[arg(long)]
+        etcd_ca: Option<PathBuf>,
+        /// A client certificate for etcd, with --etcd-key.
+        #[arg(long)]
+        etcd_cert: Option<PathBuf>,
+        /// The key of --etcd-cert.
+        #[arg(long)]
+        etcd_key: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,9 +143,33 @@ fn main() -> ExitCode {
             config_dir,
         }) => restore(&from, &data_dir, config_dir.as_deref()),
         Some(Command::IssueAdmin { config, out, name }) => issue_admin(&config, &out, &name),
+        Some(Command::Migrate {
+            config,
+            to_etcd,
+            etcd_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+        }) => {
+            let absolute = |path: Option<PathBuf>| {
+                path.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string())
+            };
+            let to = fleet_controller::config::EtcdFile {
+                endpoints: to_etcd,
+                prefix: Some(etcd_prefix),
+                ca: absolute(etcd_ca),
+                cert: absolute(etcd_cert),
+                key: absolute(etcd_key),
+            };
+            migrate(&config, &to)
+        }
         None => run(
             &flags.config.expect("clap requires --config"),
-            flags.http_listen.as_deref(),
+            Overrides {
+                http_listen: flags.http_listen.as_deref(),
+                listen: flags.listen.as_deref(),
+                data_dir: flags.data_dir.as_deref(),
+            },
         ),
     }
 }
@@ -136,32 +199,97 @@ fn load_config(
     })
 }
 
+/// Worker threads of the main runtime (the agents' lane) and of the clients' lane.
+const WORKERS: usize = 2;
+const CLIENT_WORKERS: usize = 2;
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(WORKERS)
         .enable_all()
         .build()
         .expect("tokio runtime")
 }
 
-fn run(config_path: &std::path::Path, http_listen: Option<&str>) -> ExitCode {
+/// Flags that override controller.toml for this controller.
+struct Overrides<'a> {
+    http_listen: Option<&'a str>,
+    listen: Option<&'a str>,
+    data_dir: Option<&'a std::path::Path>,
+}
+
+fn run(config_path: &std::path::Path, overrides: Overrides<'_>) -> ExitCode {
     let mut config = match load_config(config_path) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Some(http_listen) = http_listen {
+    if let Some(listen) = overrides.listen {
+        if let Err(e) = config.override_listen(listen) {
+            eprintln!("fleet-controller: --listen: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(data_dir) = overrides.data_dir {
+        config.override_data_dir(&std::path::absolute(data_dir).unwrap_or(data_dir.into()));
+    }
+    if let Some(http_listen) = overrides.http_listen {
         if let Err(e) = config.override_http_listen(http_listen) {
             eprintln!("fleet-controller: --http-listen: {e}");
             return ExitCode::from(2);
         }
     }
-    match runtime().block_on(fleet_controller::server::run(
+    // The clients' lane: handshakes and client calls, at a lower priority than this runtime,
+    // which runs the agents' sessions and the rollouts (see `fleet_controller::lanes`).
+    let clients = match fleet_controller::lanes::clients_runtime(CLIENT_WORKERS) {
+        Ok(clients) => clients,
+        Err(e) => {
+            eprintln!("fleet-controller: cannot start the threads that serve clients: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime().block_on(fleet_controller::server::run(
         config,
+        clients.handle().clone(),
         fleet_controller::shutdown_signal(),
-    )) {
+    ));
+    // Calls still under way had their grace in `run`.
+    clients.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleet-controller: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate(config_path: &std::path::Path, to: &fleet_controller::config::EtcdFile) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let to = match fleet_controller::config::check_etcd(to, std::path::Path::new("")) {
+        Ok(to) => to,
+        Err(e) => {
+            eprintln!("fleet-controller: migrate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match fleet_controller::migrate::migrate(&config, &to) {
+        Ok(done) => {
+            println!(
+                "copied {} record(s) into etcd at {} prefix {}.\n\nNext: add this to {} and start the controller (the redb file in {} is no longer read; keep it as a backup until the fleet runs on etcd):\n\n{}",
+                done.records,
+                to.url(),
+                to.prefix,
+                config_path.display(),
+                config.data_dir.display(),
+                fleet_controller::migrate::etcd_table(&to)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet-controller: migrate: {e}");
             ExitCode::FAILURE
         }
     }

@@ -14,8 +14,15 @@
 //! Bootstrapping a host again upgrades it in place: the old agent is stopped (systemctl
 //! restart, or the pid from the pid file), the binary and config replaced, the data dir and the
 //! agent's credentials kept.
+//!
+//! With `--agent-deb` ([`AgentSource::Package`]) the host's dpkg installs the fleet-agent
+//! package instead (`dpkg -i`, as root or through `sudo -n`): the binary is
+//! `/usr/bin/fleet-agent`, the unit the package's own, and the remote dir the one that unit
+//! reads, `/var/lib/fleet-agent` (agent.toml, ca.pem, data/, and the pid file and log when no
+//! systemd runs). Installing a newer package upgrades in place the same way.
 
 use crate::ssh::connection::{SshError, SshSession};
+use crate::ssh::deb::{AgentDeb, PACKAGE_AGENT_PATH, PACKAGE_REMOTE_DIR};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +55,25 @@ pub enum InstallError {
     Config(String),
     #[error("no join token from the controller: {0}")]
     JoinToken(String),
+    #[error("{host} has no dpkg; bootstrap without --agent-deb installs the binary")]
+    NoDpkg { host: String },
+    #[error(
+        "the package is {package} but the host's dpkg is {host} (dpkg --print-architecture): \
+         build the fleet-agent package for {host} and pass it with --agent-deb"
+    )]
+    PackageArchitecture { package: String, host: String },
+    #[error(
+        "dpkg -i of the agent package failed on the host; the end of its output:\n{tail}\n\
+         fix what dpkg says (missing dependencies: `apt-get -f install` on the host) and run \
+         bootstrap again; the agent that ran before (if any) still runs"
+    )]
+    Dpkg { tail: String },
+    #[error(
+        "the host runs no systemd and the login user is not root: the packaged agent lives in \
+         /var/lib/fleet-agent and must be started as root; log in as root, or bootstrap \
+         without --agent-deb"
+    )]
+    PackageNeedsRoot,
 }
 
 /// The agent's config file, as the agent reads it (`fleet-agent --config`).
@@ -102,10 +128,39 @@ impl AgentBinary {
     }
 }
 
+/// What is installed on each host: the agent binary (`--agent-binary`, or the one beside
+/// fleetctl) or the fleet-agent package (`--agent-deb`).
+#[derive(Debug)]
+pub enum AgentSource {
+    Binary(AgentBinary),
+    Package(AgentDeb),
+}
+
+impl AgentSource {
+    /// The sha256 of what is sent: the binary, or the .deb file.
+    pub fn sha256(&self) -> &str {
+        match self {
+            AgentSource::Binary(binary) => &binary.sha256,
+            AgentSource::Package(deb) => &deb.sha256,
+        }
+    }
+
+    /// The first entry of the tar stream sent to every host, made once.
+    pub fn tar_entry(&self) -> Vec<u8> {
+        match self {
+            AgentSource::Binary(binary) => binary_tar_entry(binary),
+            AgentSource::Package(deb) => tar_entry(PACKAGE_FILE, &deb.bytes, 0o644),
+        }
+    }
+}
+
+/// The name the .deb has in the staging dir on the host.
+const PACKAGE_FILE: &str = "fleet-agent.deb";
+
 /// Everything one host gets.
 pub struct InstallPlan<'a> {
     pub remote_dir: PathBuf,
-    pub agent_binary: &'a AgentBinary,
+    pub agent: &'a AgentSource,
     /// The controllers the agent dials, in turn.
     pub controller_urls: Vec<String>,
     pub host_name: String,
@@ -135,8 +190,11 @@ pub struct InstallOutcome {
     /// round trip beats asking first).
     pub binary_uploaded: bool,
     pub remote_dir: PathBuf,
-    /// The sha256 of the agent binary now on the host.
+    /// The sha256 of the agent binary now on the host (with `--agent-deb`: of the .deb).
     pub agent_sha256: String,
+    /// The package installed with `--agent-deb`, e.g. `fleet-agent 0.1.0 (amd64)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub package: Option<String>,
 }
 
 impl InstallPlan<'_> {
@@ -215,6 +273,16 @@ fn elf_machines(binary: &[u8]) -> Option<(&'static str, &'static [&'static str])
 
 /// The exit status the install script uses when the host's architecture does not fit.
 const EXIT_WRONG_ARCH: u32 = 42;
+/// The package install script's exit status when the host has no dpkg.
+const EXIT_NO_DPKG: u32 = 43;
+/// The package install script's exit status when `dpkg -i` failed (its output's tail follows
+/// a `dpkg=failed` line).
+const EXIT_DPKG_FAILED: u32 = 44;
+/// The package install script's exit status when it would have to start the agent detached as
+/// a user other than root.
+const EXIT_NEEDS_ROOT: u32 = 45;
+/// How many lines of dpkg's output a failure shows.
+const DPKG_TAIL_LINES: u32 = 15;
 
 /// One file of the tar stream sent to the host: a ustar header, the bytes, padding to 512.
 fn tar_entry(name: &str, bytes: &[u8], mode: u32) -> Vec<u8> {
@@ -275,14 +343,24 @@ pub async fn install(
         Ok::<_, InstallError>(entries)
     };
 
-    let arch_check = match elf_machines(&plan.agent_binary.bytes) {
+    let script = match plan.agent {
+        AgentSource::Binary(binary) => {
+            let arch_check = match elf_machines(&binary.bytes) {
         Some((_, accepted)) => format!(
             "case \"$(uname -m)\" in {}) ;; *) echo \"arch=$(uname -m)\"; exit {EXIT_WRONG_ARCH};; esac; ",
             accepted.join("|")
         ),
-        None => String::new(),
+                None => String::new(),
+            };
+            install_script(&dir, &arch_check)
+        }
+        AgentSource::Package(deb) => {
+            if plan.remote_dir != Path::new(PACKAGE_REMOTE_DIR) {
+                return Err(InstallError::RemoteDir(plan.remote_dir.clone()));
+            }
+            package_install_script(&deb.architecture)
+        }
     };
-    let script = install_script(&dir, &arch_check);
     let (output, tail_error) = session
         .exec_then(&script, binary_entry, small_entries)
         .await?;
@@ -290,16 +368,43 @@ pub async fn install(
         return Err(error);
     }
     let answer = output.stdout_text();
-    if output.exit_status == Some(EXIT_WRONG_ARCH) {
-        let host = answer
+    let host_arch = || {
+        answer
             .lines()
             .find_map(|l| l.strip_prefix("arch="))
             .unwrap_or("unknown")
-            .to_string();
-        let binary = elf_machines(&plan.agent_binary.bytes)
-            .map(|(arch, _)| arch.to_string())
-            .unwrap_or_default();
-        return Err(InstallError::Architecture { binary, host });
+            .to_string()
+    };
+    match (output.exit_status, plan.agent) {
+        (Some(EXIT_WRONG_ARCH), AgentSource::Binary(binary)) => {
+            let binary = elf_machines(&binary.bytes)
+                .map(|(arch, _)| arch.to_string())
+                .unwrap_or_default();
+            return Err(InstallError::Architecture {
+                binary,
+                host: host_arch(),
+            });
+        }
+        (Some(EXIT_WRONG_ARCH), AgentSource::Package(deb)) => {
+            return Err(InstallError::PackageArchitecture {
+                package: deb.architecture.clone(),
+                host: host_arch(),
+            });
+        }
+        (Some(EXIT_NO_DPKG), AgentSource::Package(_)) => {
+            return Err(InstallError::NoDpkg {
+                host: plan.host_name.clone(),
+            })
+        }
+        (Some(EXIT_DPKG_FAILED), AgentSource::Package(_)) => {
+            return Err(InstallError::Dpkg {
+                tail: dpkg_output_tail(&answer),
+            });
+        }
+        (Some(EXIT_NEEDS_ROOT), AgentSource::Package(_)) => {
+            return Err(InstallError::PackageNeedsRoot)
+        }
+        _ => {}
     }
     session.check_exit("install and start the agent", &output)?;
 
@@ -323,7 +428,11 @@ pub async fn install(
         upgraded,
         binary_uploaded,
         remote_dir: plan.remote_dir.clone(),
-        agent_sha256: plan.agent_binary.sha256.clone(),
+        agent_sha256: plan.agent.sha256().to_string(),
+        package: match plan.agent {
+            AgentSource::Package(deb) => Some(deb.describe()),
+            AgentSource::Binary(_) => None,
+        },
     })
 }
 
@@ -380,6 +489,80 @@ fn install_script(dir: &str, arch_check: &str) -> String {
     )
 }
 
+/// The script that installs the fleet-agent package of `package_arch` (a Debian architecture
+/// name, checked by [`check_control`](crate::ssh::deb::check_control)-read values only, but
+/// quoted anyway). It checks dpkg and the architecture before reading the stream (a .deb, then
+/// agent.toml and maybe ca.pem), runs `dpkg -i`, puts the config where the package's unit reads
+/// it, then restarts the unit, or, without systemd, replaces the detached agent as
+/// [`install_script`] does. Upgrades in place: dpkg replaces the binary under the running agent,
+/// which is then restarted; the apps keep running and the new agent adopts them.
+fn package_install_script(package_arch: &str) -> String {
+    let arch = shell_quote(package_arch);
+    let dir = shell_quote(PACKAGE_REMOTE_DIR);
+    let agent = shell_quote(PACKAGE_AGENT_PATH);
+    let unit = shell_quote(AGENT_UNIT_PATH);
+    format!(
+        "set -e; umask 077; \
+         command -v dpkg >/dev/null 2>&1 || exit {EXIT_NO_DPKG}; \
+         host_arch=$(dpkg --print-architecture); \
+         case {arch} in all|\"$host_arch\") ;; *) echo \"arch=$host_arch\"; exit {EXIT_WRONG_ARCH};; esac; \
+         SUDO=; [ \"$(id -u)\" = 0 ] || SUDO='sudo -n'; \
+         if [ ! -d /run/systemd/system ] && [ -n \"$SUDO\" ]; then exit {EXIT_NEEDS_ROOT}; fi; \
+         staging=$(mktemp -d); trap 'rm -rf \"$staging\"' EXIT; \
+         tar -xf - -C \"$staging\"; \
+         if ! $SUDO dpkg -i \"$staging/{PACKAGE_FILE}\" > \"$staging/dpkg.log\" 2>&1 < /dev/null; then \
+           echo dpkg=failed; tail -n {DPKG_TAIL_LINES} \"$staging/dpkg.log\"; exit {EXIT_DPKG_FAILED}; \
+         fi; \
+         $SUDO mkdir -p {dir}/data; $SUDO chmod 711 {dir}; \
+         $SUDO install -m 0600 \"$staging/agent.toml\" {dir}/agent.toml; \
+         if [ -f \"$staging/ca.pem\" ]; then $SUDO install -m 0644 \"$staging/ca.pem\" {dir}/ca.pem; fi; \
+         if [ -d /run/systemd/system ]; then \
+           if $SUDO systemctl is-active --quiet fleet-agent.service; then echo upgraded=yes; fi; \
+           if [ -f {unit} ] && grep -q 'fleetctl bootstrap' {unit}; then \
+             $SUDO rm -f {unit}; echo bootstrap_unit=removed; \
+           fi; \
+           $SUDO systemctl daemon-reload; \
+           $SUDO systemctl enable fleet-agent.service >/dev/null 2>&1; \
+           $SUDO systemctl restart --no-block fleet-agent.service; \
+           echo mode=systemd; \
+         else \
+           cd {dir}; \
+           alive() {{ [ -r /proc/$1/stat ] && read -r stat < /proc/$1/stat && \
+             case \"${{stat##*) }}\" in Z*) false;; *) true;; esac; }}; \
+           if [ -f fleet-agent.pid ]; then \
+             read -r old < fleet-agent.pid || old=; \
+             if [ -n \"$old\" ] && alive \"$old\" && tr '\\0' ' ' < /proc/$old/cmdline | grep -q fleet-agent; then \
+               kill -TERM \"$old\" 2>/dev/null || true; i=0; \
+               while alive \"$old\" && [ $i -lt {STOP_WAIT_TENTHS} ]; do sleep 0.1; i=$((i+1)); done; \
+               if alive \"$old\"; then kill -KILL \"$old\" 2>/dev/null || true; fi; \
+               echo upgraded=yes; \
+             fi; \
+           fi; \
+           if command -v setsid >/dev/null 2>&1; then \
+             setsid {agent} --config {dir}/agent.toml >> {dir}/fleet-agent.log 2>&1 < /dev/null & \
+           else \
+             nohup {agent} --config {dir}/agent.toml >> {dir}/fleet-agent.log 2>&1 < /dev/null & \
+           fi; \
+           pid=$!; echo $pid > fleet-agent.pid; \
+           echo mode=detached; echo pid=$pid; \
+         fi"
+    )
+}
+
+/// dpkg's own lines in the package install script's answer: those after `dpkg=failed`.
+fn dpkg_output_tail(answer: &str) -> String {
+    let tail: Vec<&str> = answer
+        .lines()
+        .skip_while(|l| *l != "dpkg=failed")
+        .skip(1)
+        .collect();
+    if tail.is_empty() {
+        "(dpkg printed nothing)".to_string()
+    } else {
+        tail.join("\n")
+    }
+}
+
 /// Whether the agent still runs on the host, and if not, the tail of its log.
 pub async fn agent_health(
     session: &SshSession,
@@ -413,10 +596,10 @@ pub async fn agent_health(
 mod tests {
     use super::*;
 
-    fn plan(binary: &AgentBinary) -> InstallPlan<'_> {
+    fn plan(binary: &AgentSource) -> InstallPlan<'_> {
         InstallPlan {
             remote_dir: PathBuf::from("/opt/fleet"),
-            agent_binary: binary,
+            agent: binary,
             controller_urls: vec!["https://10.0.0.1:7700".into()],
             host_name: "web-1".into(),
             advertise: "10.0.0.5".into(),
@@ -427,7 +610,7 @@ mod tests {
 
     #[test]
     fn the_config_is_toml_the_agent_reads() {
-        let empty = AgentBinary::new(Vec::new());
+        let empty = AgentSource::Binary(AgentBinary::new(Vec::new()));
         let text = plan(&empty).config_toml(Some("tok\"en")).unwrap();
         let value: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(value["controller"].as_str(), Some("https://10.0.0.1:7700"));
@@ -459,7 +642,7 @@ mod tests {
 
     #[test]
     fn the_unit_names_the_remote_dir() {
-        let empty = AgentBinary::new(Vec::new());
+        let empty = AgentSource::Binary(AgentBinary::new(Vec::new()));
         let unit = plan(&empty).unit_file();
         assert!(!unit.contains("@REMOTE_DIR@"));
         assert!(
@@ -509,6 +692,34 @@ mod tests {
                 ("fleet-agent".to_string(), 0o755, binary.bytes.clone()),
                 ("agent.toml".to_string(), 0o600, b"name = \"x\"\n".to_vec()),
             ]
+        );
+    }
+
+    #[test]
+    fn dpkg_failures_show_dpkg_lines_only() {
+        for (answer, tail) in [
+            (
+                "dpkg=failed\ndpkg: error processing package fleet-agent (--install):\n dependency problems\n",
+                "dpkg: error processing package fleet-agent (--install):\n dependency problems",
+            ),
+            ("upgraded=yes\ndpkg=failed\nE: x\n", "E: x"),
+            ("dpkg=failed\n", "(dpkg printed nothing)"),
+            ("", "(dpkg printed nothing)"),
+        ] {
+            assert_eq!(dpkg_output_tail(answer), tail, "{answer:?}");
+        }
+    }
+
+    #[test]
+    fn the_package_script_checks_dpkg_and_architecture_before_reading_the_stream() {
+        let script = package_install_script("arm64");
+        let at = |what: &str| script.find(what).unwrap_or_else(|| panic!("{what}"));
+        assert!(at("command -v dpkg") < at("tar -xf -"));
+        assert!(at("dpkg --print-architecture") < at("tar -xf -"));
+        assert!(script.contains("case 'arm64' in all|"));
+        assert!(at("dpkg -i") < at("/var/lib/fleet-agent'/agent.toml"));
+        assert!(
+            script.contains("'/usr/bin/fleet-agent' --config '/var/lib/fleet-agent'/agent.toml")
         );
     }
 

@@ -2,7 +2,8 @@
 //! `targets` (what to work on: `ssh://` addresses and the targets file), `known_hosts` (which
 //! host keys are trusted; fail closed), `connection` (one russh connection: host-key check, key-file or
 //! ssh-agent login, commands with stdin), `pacing` (uploads that do not flood the server),
-//! `install` (what is uploaded and run on the host).
+//! `install` (what is uploaded and run on the host), `deb` (the fleet-agent package of
+//! `--agent-deb`, read and checked before any host is touched).
 //!
 //! [`bootstrap_host`] does one host up to a started agent; the CLI (the `bootstrap` verb) adds what
 //! needs the controller (a join token before, waiting for the host to register after), so this
@@ -16,13 +17,14 @@
 #![allow(clippy::result_large_err)]
 
 pub mod connection;
+pub mod deb;
 pub mod install;
 pub mod known_hosts;
 pub mod pacing;
 pub mod targets;
 
 use connection::{Credential, HostKeyPolicy, SshError, SshSession};
-use install::{AgentBinary, InstallError, InstallOutcome, InstallPlan};
+use install::{AgentSource, InstallError, InstallOutcome, InstallPlan};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -70,12 +72,13 @@ pub struct Bootstrapped {
 /// Logs in to one host, uploads the agent, its config, the CA and the token `join_token`
 /// resolves to (awaited only once the binary is on its way), and starts the
 /// agent (under systemd where it runs, detached otherwise). `binary_entry` is
-/// [`install::binary_tar_entry`] of `agent_binary`, made once for all hosts. `progress` hears
+/// [`AgentSource::tar_entry`] of `agent` (the binary, or the .deb dpkg installs), made once
+/// for all hosts. `progress` hears
 /// each step.
 pub async fn bootstrap_host(
     job: &HostJob,
     shared: &SharedSettings,
-    agent_binary: &AgentBinary,
+    agent: &AgentSource,
     binary_entry: &[u8],
     join_token: impl std::future::Future<Output = Result<Option<String>, String>>,
     progress: &(dyn Fn(&str) + Sync),
@@ -101,7 +104,7 @@ pub async fn bootstrap_host(
     ));
     let plan = InstallPlan {
         remote_dir: job.remote_dir.clone(),
-        agent_binary,
+        agent,
         controller_urls: shared.controller_urls.clone(),
         host_name: job.host_name.clone(),
         advertise: job.advertise.clone(),

@@ -67,6 +67,9 @@ const LATENCY_SAMPLES: usize = 3;
 struct Opts {
     agents: usize,
     json: bool,
+    /// The idle window (`--idle-s`), [`IDLE_WINDOW`] unless given: longer for a profiler to
+    /// attach to the controller (its pid is printed when the window opens).
+    idle: Duration,
 }
 
 impl Opts {
@@ -74,6 +77,7 @@ impl Opts {
         let mut opts = Opts {
             agents: 1000,
             json: false,
+            idle: IDLE_WINDOW,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -87,13 +91,23 @@ impl Opts {
                         bail!("--agents must be between 2 and 200000");
                     }
                 }
+                "--idle-s" => {
+                    let s = it.next().context("--idle-s needs a number of seconds")?;
+                    let secs: u64 = s
+                        .parse()
+                        .with_context(|| format!("--idle-s {s:?} is not a number"))?;
+                    if !(1..=3600).contains(&secs) {
+                        bail!("--idle-s must be between 1 and 3600");
+                    }
+                    opts.idle = Duration::from_secs(secs);
+                }
                 "--output" => match it.next().map(String::as_str) {
                     Some("json") => opts.json = true,
                     Some("text") => opts.json = false,
                     other => bail!("--output takes text or json, not {other:?}"),
                 },
                 other => bail!(
-                    "unknown argument {other:?}: fleet-bench scale [--agents N] [--output json]"
+                    "unknown argument {other:?}: fleet-bench scale [--agents N] [--idle-s S] [--output json]"
                 ),
             }
         }
@@ -935,11 +949,14 @@ pub fn run(args: &[String]) -> Result<()> {
         ));
         json.insert("controller_rss_per_agent_kb".into(), per_agent.into());
         json.insert("controller_rss_kb".into(), rss_after.into());
+        eprintln!(
+            "idle window of {} s begins (controller pid {pid})",
+            opts.idle.as_secs()
+        );
         let idle_before = cpu_ticks(pid)?;
-        std::thread::sleep(IDLE_WINDOW);
+        std::thread::sleep(opts.idle);
         let idle_pct =
-            (cpu_ticks(pid)? - idle_before) as f64 / TICKS_PER_S / IDLE_WINDOW.as_secs_f64()
-                * 100.0;
+            (cpu_ticks(pid)? - idle_before) as f64 / TICKS_PER_S / opts.idle.as_secs_f64() * 100.0;
         lines.push(checked(
             "controller CPU while idle (heartbeats, keepalives)",
             idle_pct,
