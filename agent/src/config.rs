@@ -1,7 +1,9 @@
 //! The agent's configuration: from flags or a TOML file with the same keys (`controller`,
 //! `name`, `advertise`, `data_dir`, `labels = {k = "v"}`, `ca`, `join_token`, `stop_apps_on_exit`,
 //! `peer_port`), validated
-//! before anything starts. The controller speaks only mutual TLS, so its URL is `https://`.
+//! before anything starts. `controller` is one URL or several (`--controller URL1,URL2`, or a
+//! TOML array): the controllers of one fleet, dialled in turn (see [`crate::controllers`]).
+//! The controller speaks only mutual TLS, so each URL is `https://`.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -12,8 +14,9 @@ use thiserror::Error;
 /// A validated agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// `https://HOST:PORT` of the controller.
-    pub controller: String,
+    /// `https://HOST:PORT` of each controller of the fleet, never empty, in the order they are
+    /// tried.
+    pub controllers: Vec<String>,
     /// This host's name, as the controller knows it.
     pub host_name: String,
     /// The address instances bind and the controller shows; given to instances as FLEET_ADDR.
@@ -49,8 +52,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{0} is missing: give it as a flag or in the config file")]
     Missing(&'static str),
-    #[error("controller {0:?} is invalid: write it like https://controller.example.com:7700 (the controller speaks only TLS)")]
-    Controller(String),
+    #[error("controller {url:?} is invalid: {why}; write it like https://controller.example.com:7700 (several: URL1,URL2)")]
+    Controller { url: String, why: &'static str },
     #[error("advertise address {0:?} is invalid: give an IP address like 127.0.0.2")]
     Advertise(String),
     #[error(transparent)]
@@ -61,7 +64,8 @@ pub enum ConfigError {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
-    pub controller: Option<String>,
+    /// `controller = "https://…"` or `controller = ["https://…", "https://…"]`.
+    pub controller: Option<ControllerField>,
     pub name: Option<String>,
     pub advertise: Option<String>,
     pub data_dir: Option<PathBuf>,
@@ -74,6 +78,14 @@ pub struct ConfigFile {
     pub stop_apps_on_exit: bool,
     /// `peer_port = 7702`: as `--peer-port` (0 turns the peer listener off).
     pub peer_port: Option<u16>,
+}
+
+/// agent.toml's `controller`: one URL, or an array of them (several controllers).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ControllerField {
+    One(String),
+    Several(Vec<String>),
 }
 
 impl ConfigFile {
@@ -106,6 +118,7 @@ impl ConfigFile {
 /// The flags, each overriding the config file's key of the same meaning.
 #[derive(Debug, Default, Clone)]
 pub struct ConfigFlags {
+    /// `URL` or `URL1,URL2,…`; replaces the file's list when given.
     pub controller: Option<String>,
     pub name: Option<String>,
     pub advertise: Option<String>,
@@ -123,10 +136,20 @@ pub struct ConfigFlags {
 impl Config {
     /// Merges flags over the file (flags win) and validates the result.
     pub fn build(file: ConfigFile, flags: ConfigFlags) -> Result<Config, ConfigError> {
-        let controller = flags
-            .controller
-            .or(file.controller)
-            .ok_or(ConfigError::Missing("--controller"))?;
+        let controllers: Vec<String> = match (flags.controller, file.controller) {
+            (Some(flag), _) => flag.split(',').map(str::to_string).collect(),
+            (None, Some(ControllerField::One(url))) => vec![url],
+            (None, Some(ControllerField::Several(urls))) => urls,
+            (None, None) => Vec::new(),
+        }
+        .iter()
+        .map(|url| url.trim())
+        .filter(|url| !url.is_empty())
+        .map(|url| url.trim_end_matches('/').to_string())
+        .collect();
+        if controllers.is_empty() {
+            return Err(ConfigError::Missing("--controller"));
+        }
         let host_name = flags
             .name
             .or(file.name)
@@ -151,7 +174,14 @@ impl Config {
             }
         };
         fleet_proto::names::check_host(&host_name)?;
-        check_controller_url(&controller)?;
+        for url in &controllers {
+            fleet_proto::leader::check_controller_url(url).map_err(|why| {
+                ConfigError::Controller {
+                    url: url.clone(),
+                    why,
+                }
+            })?;
+        }
         let advertise: IpAddr = advertise
             .parse()
             .map_err(|_| ConfigError::Advertise(advertise.clone()))?;
@@ -161,7 +191,7 @@ impl Config {
             .map(|token| token.trim().to_string())
             .filter(|token| !token.is_empty());
         Ok(Config {
-            controller,
+            controllers,
             host_name,
             advertise,
             data_dir,
@@ -175,21 +205,6 @@ impl Config {
                 .unwrap_or(DEFAULT_PEER_PORT),
         })
     }
-}
-
-/// A controller URL is `https://HOST:PORT` with nothing after the authority but an optional `/`.
-fn check_controller_url(url: &str) -> Result<(), ConfigError> {
-    let bad = || ConfigError::Controller(url.to_string());
-    let rest = url.strip_prefix("https://").ok_or_else(bad)?;
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
-        return Err(bad());
-    }
-    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(bad());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -221,6 +236,20 @@ mod tests {
                 true,
             ),
             ("https://127.0.0.1:7070/", "web-1", "::1", None, true),
+            (
+                "https://127.0.0.1:7070,https://127.0.0.2:7070",
+                "web-1",
+                "127.0.0.2",
+                None,
+                true,
+            ),
+            (
+                "https://127.0.0.1:7070,http://127.0.0.2:7070",
+                "web-1",
+                "127.0.0.2",
+                None,
+                false,
+            ),
             ("https://localhost:7070", "h", "127.0.0.2", None, true),
             ("http://127.0.0.1:7070", "web-1", "127.0.0.2", None, false),
             ("127.0.0.1:7070", "web-1", "127.0.0.2", None, false),
@@ -288,6 +317,43 @@ mod tests {
 
         let err = Config::build(ConfigFile::default(), ConfigFlags::default()).unwrap_err();
         assert!(err.to_string().contains("--controller"), "{err}");
+
+        // Several controllers: an array in the file, a list in the flag (which wins); a bad
+        // entry is named.
+        std::fs::write(
+            &path,
+            "controller = [\"https://127.0.0.1:1\", \"https://127.0.0.9:2/\"]\nname = \"a\"\n\
+             advertise = \"127.0.0.3\"\ndata_dir = \"d\"\n",
+        )
+        .unwrap();
+        let file = ConfigFile::load(&path).unwrap();
+        let config = Config::build(file.clone(), ConfigFlags::default()).unwrap();
+        assert_eq!(
+            config.controllers,
+            ["https://127.0.0.1:1", "https://127.0.0.9:2"]
+        );
+        let config = Config::build(
+            file.clone(),
+            ConfigFlags {
+                controller: Some("https://127.0.0.5:5, https://127.0.0.6:6".into()),
+                ..ConfigFlags::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            config.controllers,
+            ["https://127.0.0.5:5", "https://127.0.0.6:6"]
+        );
+        let err = Config::build(
+            file,
+            ConfigFlags {
+                controller: Some("https://127.0.0.5:5,127.0.0.6:6".into()),
+                ..ConfigFlags::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("\"127.0.0.6:6\""), "{err}");
+        assert!(err.to_string().contains("not https://"), "{err}");
 
         std::fs::write(&path, "bogus = 1\n").unwrap();
         assert!(ConfigFile::load(&path).is_err());

@@ -7,6 +7,7 @@
 //! up TLS to the controller, for the session and for fetches alike.
 
 use crate::config::Config;
+use crate::controllers::{Failure, Target};
 use fleet_proto::pb;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -137,7 +138,7 @@ pub async fn ensure_credentials(
     let csr_pem = fleet_pki::request::request_for(&config.host_name, &key_pem)
         .map_err(|e| JoinError::Key(e.to_string()))?;
     let response = join(
-        &config.controller,
+        &config.controllers,
         &ca_pem,
         token,
         &config.host_name,
@@ -156,29 +157,23 @@ pub async fn ensure_credentials(
     })
 }
 
-/// Calls `Join`, retrying while the controller cannot be reached (it may still be starting),
-/// failing at once when it refuses.
+/// Calls `Join` on each controller of `urls` in turn (on the leader first when one sends the
+/// agent there), retrying while none can be reached (they may still be starting), failing at
+/// once when one refuses.
 async fn join(
-    url: &str,
+    urls: &[String],
     ca_pem: &str,
     token: &str,
     host: &str,
     csr_pem: String,
 ) -> Result<pb::JoinResponse, JoinError> {
-    let unreachable = |message: String| JoinError::Unreachable {
+    let unreachable = |url: &str, message: String| JoinError::Unreachable {
         url: url.to_string(),
         message,
     };
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(fleet_pki::CONTROLLER_TLS_NAME);
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| unreachable(e.to_string()))?
-        .tls_config(tls)
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .timeout(JOIN_ATTEMPT_TIMEOUT);
     let request = pb::JoinRequest {
         token: token.to_string(),
         host_name: host.to_string(),
@@ -186,27 +181,66 @@ async fn join(
     };
     let started = Instant::now();
     let mut backoff = Duration::from_millis(200);
+    let mut target = Target::Listed(0);
+    // The last failure of each controller tried, for the error when none answers.
+    let mut failures: Vec<(String, String)> = Vec::new();
     loop {
-        // Err((retry, message)): retry when the controller could not be reached.
+        let url = match &target {
+            Target::Listed(idx) => urls.get(*idx).cloned().unwrap_or_default(),
+            Target::Leader { url, .. } => url.clone(),
+        };
+        // Err((retry, failure, message)): retry when the controller could not be reached.
         let attempt = async {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| (true, Failure::Lost, e.to_string()))?
+                .tls_config(tls.clone())
+                .map_err(|e| (true, Failure::Lost, e.to_string()))?
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true)
+                .timeout(JOIN_ATTEMPT_TIMEOUT);
             let channel: Channel = endpoint
                 .connect()
                 .await
-                .map_err(|e| (true, error_chain(&e)))?;
+                .map_err(|e| (true, Failure::Lost, error_chain(&e)))?;
             pb::agent_service_client::AgentServiceClient::new(channel)
                 .join(request.clone())
                 .await
                 .map(|r| r.into_inner())
-                .map_err(|status| (retried(status.code()), status.message().to_string()))
+                .map_err(|status| {
+                    let failure = match fleet_proto::leader::leader_of(&status) {
+                        Some(leader) => Failure::NotLeader(Some(leader)),
+                        None => Failure::Lost,
+                    };
+                    (
+                        retried(status.code()),
+                        failure,
+                        status.message().to_string(),
+                    )
+                })
         };
         match attempt.await {
             Ok(response) => return Ok(response),
-            Err((false, message)) => return Err(JoinError::Refused(message)),
-            Err((true, message)) => {
+            Err((false, _, message)) => return Err(JoinError::Refused(message)),
+            Err((true, failure, message)) => {
+                failures.retain(|(tried, _)| tried != &url);
+                failures.push((url.clone(), message.clone()));
                 if started.elapsed() >= JOIN_DEADLINE {
-                    return Err(unreachable(message));
+                    return Err(match failures.as_slice() {
+                        [(url, message)] => unreachable(url, message.clone()),
+                        _ => unreachable(
+                            &urls.join(","),
+                            failures
+                                .iter()
+                                .map(|(url, message)| format!("{url}: {message}"))
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                        ),
+                    });
                 }
-                tracing::warn!("cannot reach the controller to join yet, retrying: {message}");
+                tracing::warn!(
+                    "cannot join through the controller at {url} yet, retrying: {message}"
+                );
+                target = crate::controllers::next(urls, &target, &failure);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -5,9 +5,12 @@
 //!
 //! Code map:
 //! - [`config`]: flags and the TOML file, validated.
+//! - [`controllers`]: which of the configured controllers the agent dials next, after a failed
+//!   session or a redirect to the leader (pure); [`session::Dialer`] holds the channel to it.
 //! - [`join`]: the host's key and certificate in `DATA/tls`, joining with a one-time token on
 //!   the first start; the TLS setup of every connection to the controller.
-//! - [`session`]: the `AgentService.Session` stream, reconnecting forever.
+//! - [`session`]: the `AgentService.Session` stream, reconnecting forever, and the channel to
+//!   the controller dialled now.
 //! - [`renew`]: the certificate renewed over the agent's own connection before it ends, or
 //!   when the controller asks (CA rotation).
 //! - [`fetch`]: resumable, digest-verified artifact download, chunk by checked chunk from
@@ -34,6 +37,7 @@
 pub mod app_log;
 pub mod app_user;
 pub mod config;
+pub mod controllers;
 pub mod direct_io;
 pub mod disk;
 pub mod fetch;
@@ -141,8 +145,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let credentials = join::ensure_credentials(&config, &data_dir).await?;
-    let (channels, channel) =
-        tokio::sync::watch::channel(session::lazy_channel(&config.controller, &credentials)?);
+    let (dialer, channel) = session::Dialer::new(config.controllers.clone(), credentials.clone())?;
+    let dialer = Arc::new(dialer);
     let reporter = Arc::new(model::Reporter::new());
     let report_rx = reporter.take_receiver();
     // The peer listener, bound before the session says hello with its port; one that cannot
@@ -210,9 +214,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let renewer = renew::Renewer {
         data_dir: data_dir.clone(),
         host_name: config.host_name.clone(),
-        controller: config.controller.clone(),
         credentials,
-        channels,
+        dialer: dialer.clone(),
     };
     let renew_task = tokio::spawn(renewer.run(renew_advice_rx, stop_session_rx.clone()));
     let rotate_task = tokio::spawn(app_log::keep_rotated(
@@ -221,6 +224,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
     let mut session_task = tokio::spawn(session::run_session(
         session_config,
+        dialer,
         channel,
         renew_advice_tx,
         reporter.clone(),

@@ -18,7 +18,8 @@ struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     /// The controller, like https://controller.example.com:7700 (what `fleetctl init --url`
-    /// recorded; https only: the controller speaks only mutual TLS).
+    /// recorded; https only: the controller speaks only mutual TLS). Several controllers of
+    /// one fleet: URL1,URL2,URL3, tried in turn; a follower's redirect to its leader is followed.
     #[arg(long)]
     controller: Option<String>,
     /// This host's name.

@@ -17,7 +17,6 @@ use fleet_proto::pb;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
 
 /// The longest time between two checks of the certificate's lifetime.
 pub const MAX_CHECK: Duration = Duration::from_secs(3600);
@@ -57,10 +56,9 @@ fn now_unix() -> i64 {
 pub struct Renewer {
     pub data_dir: PathBuf,
     pub host_name: String,
-    pub controller: String,
     pub credentials: Credentials,
-    /// The channel every call to the controller takes; replaced after a renewal.
-    pub channels: watch::Sender<Channel>,
+    /// The controller dialled now and the channel every call takes; replaced after a renewal.
+    pub dialer: std::sync::Arc<crate::session::Dialer>,
 }
 
 impl Renewer {
@@ -115,7 +113,7 @@ impl Renewer {
         let key_pem = fleet_pki::request::new_key().map_err(|e| e.to_string())?;
         let csr_pem = fleet_pki::request::request_for(&self.host_name, &key_pem)
             .map_err(|e| e.to_string())?;
-        let channel = self.channels.borrow().clone();
+        let channel = self.dialer.channel();
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
         let response =
             tokio::time::timeout(CALL_TIMEOUT, client.renew(pb::RenewRequest { csr_pem }))
@@ -138,7 +136,8 @@ impl Renewer {
             cert_pem: response.certificate_pem,
             key_pem,
         };
-        let channel = crate::session::lazy_channel(&self.controller, &credentials)
+        // Checked before anything is kept: the dialer makes the same channel below.
+        crate::session::lazy_channel(&self.dialer.current_url(), &credentials)
             .map_err(|e| e.to_string())?;
         join::keep_renewed(&self.data_dir, &credentials).map_err(|e| e.to_string())?;
         if let Some(facts) = fleet_pki::identity::facts_of_pem(&credentials.cert_pem) {
@@ -148,8 +147,10 @@ impl Renewer {
                 facts.not_after_unix - now_unix()
             );
         }
-        self.credentials = credentials;
-        self.channels.send_replace(channel);
+        self.credentials = credentials.clone();
+        self.dialer
+            .renewed(credentials)
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 }

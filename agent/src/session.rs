@@ -2,20 +2,25 @@
 //! labels, advertise address, agent version and the latest report of every instance), then
 //! forwards every instance report and a heartbeat every `Welcome.heartbeat_interval_ms`; it
 //! hands each `DesiredState` to the supervisor. When the controller goes away or refuses it
-//! reconnects forever with a backoff from 200ms doubling to 5s; instances keep running
-//! meanwhile. The one exception is the controller's explicit revoked answer
+//! reconnects forever with a backoff from 200ms doubling to 5s, to the next configured
+//! controller each time, or first to the leader a follower's redirect names (see
+//! [`crate::controllers`]); instances keep running meanwhile. The one exception is the controller's explicit revoked answer
 //! (`fleet_proto::refusal`: the host was removed): the session ends for good with
 //! [`SessionEnd::Revoked`] and the agent ends (see `crate::run`).
+//!
+//! [`Dialer`] holds which configured controller is dialled now (chosen by
+//! [`crate::controllers::next`]) and the channel to it.
 //!
 //! This is the gRPC edge: prost types are converted to and from [`crate::model`] here and go
 //! no further.
 
+use crate::controllers::{Failure, Target};
 use crate::model::{Assignment, InstanceState, Report, Reporter};
 use crate::supervisor::{Desired, SupervisorCommand};
 use crate::{AgentError, Config};
 use fleet_proto::pb;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -91,6 +96,94 @@ pub fn lazy_channel(
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .max_frame_size(HTTP2_MAX_FRAME)
         .connect_lazy())
+}
+
+/// The controller list, the one dialled now, and the channel to it.
+pub struct Dialer {
+    urls: Vec<String>,
+    state: Mutex<(Target, crate::join::Credentials)>,
+    channels: watch::Sender<Channel>,
+}
+
+impl Dialer {
+    /// Dials the first of `urls` (never empty: the config checked it). The receiver follows
+    /// the channel as it is replaced.
+    pub fn new(
+        urls: Vec<String>,
+        credentials: crate::join::Credentials,
+    ) -> Result<(Dialer, watch::Receiver<Channel>), AgentError> {
+        let first = urls.first().cloned().unwrap_or_default();
+        let channel = lazy_channel(&first, &credentials)?;
+        let (channels, receiver) = watch::channel(channel);
+        Ok((
+            Dialer {
+                urls,
+                state: Mutex::new((Target::Listed(0), credentials)),
+                channels,
+            },
+            receiver,
+        ))
+    }
+
+    /// The URL dialled now.
+    pub fn current_url(&self) -> String {
+        let state = self.state.lock().expect("dialer lock");
+        self.url_of(&state.0)
+    }
+
+    /// Whether more than one controller is configured.
+    pub fn several(&self) -> bool {
+        self.urls.len() > 1
+    }
+
+    fn url_of(&self, target: &Target) -> String {
+        match target {
+            Target::Listed(idx) => self.urls.get(*idx).cloned().unwrap_or_default(),
+            Target::Leader { url, .. } => url.clone(),
+        }
+    }
+
+    /// Moves on from the controller dialled now after `failure`; returns the URL dialled next.
+    /// With one controller and no redirect, the channel is left as it is (it reconnects by
+    /// itself).
+    pub fn move_on(&self, failure: &Failure) -> String {
+        let mut state = self.state.lock().expect("dialer lock");
+        let target = crate::controllers::next(&self.urls, &state.0, failure);
+        if target == state.0 {
+            return self.url_of(&target);
+        }
+        let url = self.url_of(&target);
+        match lazy_channel(&url, &state.1) {
+            Ok(channel) => {
+                state.0 = target;
+                self.channels.send_replace(channel);
+            }
+            // A leader URL the redirect check let through that tonic cannot use: skip it.
+            Err(e) => {
+                tracing::warn!("cannot dial {url}: {e}; trying the next controller");
+                let listed = crate::controllers::next(&self.urls, &state.0, &Failure::Lost);
+                if let Ok(channel) = lazy_channel(&self.url_of(&listed), &state.1) {
+                    state.0 = listed;
+                    self.channels.send_replace(channel);
+                }
+            }
+        }
+        self.url_of(&state.0)
+    }
+
+    /// A renewed certificate: a new channel to the controller dialled now, with it.
+    pub fn renewed(&self, credentials: crate::join::Credentials) -> Result<(), AgentError> {
+        let mut state = self.state.lock().expect("dialer lock");
+        let channel = lazy_channel(&self.url_of(&state.0), &credentials)?;
+        state.1 = credentials;
+        self.channels.send_replace(channel);
+        Ok(())
+    }
+
+    /// The channel dialled now.
+    pub fn channel(&self) -> Channel {
+        self.channels.borrow().clone()
+    }
 }
 
 /// Converts an instance report to its wire form.
@@ -194,10 +287,17 @@ pub enum SessionEnd {
 enum Ended {
     /// The agent is shutting down.
     Stopped,
+    /// A renewed certificate brought a new channel: reconnect to the same controller.
+    Renewed,
     /// The explicit revoked answer: never retried.
     Revoked { purge: bool, why: String },
-    /// The controller went away or refused; `welcomed` says whether it had answered at all.
-    Lost { welcomed: bool, why: String },
+    /// The controller went away or refused; `welcomed` says whether it had answered at all,
+    /// `failure` whether it sent the agent to its leader.
+    Lost {
+        welcomed: bool,
+        why: String,
+        failure: Failure,
+    },
 }
 
 /// What a refused or failed session means: `Some` only for the controller's explicit revoked
@@ -210,7 +310,14 @@ fn ended_by(welcomed: bool, status: &tonic::Status) -> Ended {
             purge: revoked.purge,
             why: status.message().to_string(),
         },
-        None => Ended::Lost { welcomed, why },
+        None => Ended::Lost {
+            welcomed,
+            why,
+            failure: match fleet_proto::leader::leader_of(status) {
+                Some(leader) => Failure::NotLeader(Some(leader)),
+                None => Failure::Lost,
+            },
+        },
     }
 }
 
@@ -221,6 +328,7 @@ fn ended_by(welcomed: bool, status: &tonic::Status) -> Ended {
 #[allow(clippy::too_many_arguments)]
 pub async fn run_session(
     config: SessionConfig,
+    dialer: Arc<Dialer>,
     mut channel: watch::Receiver<Channel>,
     renew_advice: mpsc::UnboundedSender<String>,
     reporter: Arc<Reporter>,
@@ -239,19 +347,37 @@ pub async fn run_session(
             &mut report_rx,
             &supervisor,
             &mut stop,
+            &dialer,
         )
         .await;
         match ended {
             Ended::Stopped => return SessionEnd::Stopped,
             Ended::Revoked { purge, why } => return SessionEnd::Revoked { purge, why },
-            Ended::Lost { welcomed, why } => {
+            Ended::Renewed => {
+                tracing::info!("the certificate was renewed: reconnecting with it");
+                backoff = MIN_RECONNECT_BACKOFF;
+                was_connected = true;
+            }
+            Ended::Lost {
+                welcomed,
+                why,
+                failure,
+            } => {
                 if welcomed {
                     backoff = MIN_RECONNECT_BACKOFF;
                 }
-                if welcomed || was_connected {
-                    tracing::warn!("controller session lost, reconnecting: {why}");
+                let lost_url = dialer.current_url();
+                let next_url = dialer.move_on(&failure);
+                if let Failure::NotLeader(Some(leader)) = &failure {
+                    tracing::info!(
+                        "the controller at {lost_url} is not the leader; following it to {leader}"
+                    );
+                } else if welcomed || was_connected {
+                    tracing::warn!("the session with the controller at {lost_url} was lost ({why}); reconnecting to {next_url}");
                 } else {
-                    tracing::debug!("controller still unreachable: {why}");
+                    tracing::debug!(
+                        "controller still unreachable at {lost_url} ({why}); trying {next_url}"
+                    );
                 }
                 was_connected = welcomed;
             }
@@ -278,8 +404,13 @@ async fn session_once(
     report_rx: &mut mpsc::UnboundedReceiver<Report>,
     supervisor: &mpsc::UnboundedSender<SupervisorCommand>,
     stop: &mut watch::Receiver<bool>,
+    dialer: &Dialer,
 ) -> Ended {
-    let lost = |welcomed, why: String| Ended::Lost { welcomed, why };
+    let lost = |welcomed, why: String| Ended::Lost {
+        welcomed,
+        why,
+        failure: Failure::Lost,
+    };
     let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(256);
     // Everything queued before the snapshot is older than it: the Hello says it all.
     let instances = reporter.snapshot(report_rx);
@@ -315,15 +446,13 @@ async fn session_once(
     loop {
         let outgoing = tokio::select! {
             _ = stopped(stop) => return Ended::Stopped,
-            _ = channels.changed() => {
-                return lost(true, "the certificate was renewed: reconnecting with it".into())
-            }
+            _ = channels.changed() => return Ended::Renewed,
             message = inbound.message() => {
                 match message {
                     Ok(Some(message)) => match message.body {
                         Some(pb::controller_message::Body::Welcome(welcome)) => {
                             if !welcomed {
-                                tracing::info!(host = %config.host_name, "connected to the controller");
+                                tracing::info!(host = %config.host_name, controller = %dialer.current_url(), "connected to the controller");
                                 // Under systemd (Type=notify): ready once a session is up
                                 // (again after a reconnect, which systemd ignores).
                                 if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {

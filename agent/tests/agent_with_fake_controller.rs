@@ -293,7 +293,7 @@ async fn converges_crashes_restarts_and_survives_its_own_sigkill() {
     );
 
     let config = fleet_agent::Config {
-        controller: format!("https://{controller_addr}"),
+        controllers: vec![format!("https://{controller_addr}")],
         host_name: "h1".into(),
         advertise: "127.0.0.1".parse().unwrap(),
         data_dir: data_dir.clone(),
@@ -524,4 +524,166 @@ fn state_of(report: &pb::InstanceReport) -> &'static str {
         "the two state fields disagree"
     );
     state.as_str()
+}
+
+/// A controller that is not the leader: every call is answered with the redirect to
+/// `leader_url` (`fleet_proto::leader`), counted.
+struct Follower {
+    leader_url: String,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Follower {
+    fn refuse<T>(&self) -> Result<T, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(fleet_proto::leader::not_leader_status(Some(
+            &self.leader_url,
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Follower {
+    type SessionStream = BoxStream<pb::ControllerMessage>;
+    type FetchArtifactStream = BoxStream<pb::ArtifactChunk>;
+
+    async fn session(
+        &self,
+        _request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        self.refuse()
+    }
+    async fn join(
+        &self,
+        _request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        self.refuse()
+    }
+    async fn renew(
+        &self,
+        _request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        self.refuse()
+    }
+    async fn artifact_sources(
+        &self,
+        _request: Request<pb::ArtifactSourcesRequest>,
+    ) -> Result<Response<pb::ArtifactSourcesResponse>, Status> {
+        self.refuse()
+    }
+    async fn fetch_artifact(
+        &self,
+        _request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        self.refuse()
+    }
+}
+
+/// Serves `service` with `tls` on a loopback port until the returned sender fires.
+fn serve_agent_service<S: AgentService>(
+    service: S,
+    tls: tonic::transport::ServerTlsConfig,
+    listener: tokio::net::TcpListener,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(AgentServiceServer::new(service))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    (stop, server)
+}
+
+/// An agent whose list names a closed port, then a follower: it moves past the closed port,
+/// follows the follower's redirect to the leader (not in its list) once, and stays there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_list_and_the_redirect_to_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let tls = provision_tls(&data_dir, "h1");
+    let (_desired_tx, desired_rx) = watch::channel(pb::DesiredState::default());
+    let (from_agent_tx, mut from_agent) = mpsc::unbounded_channel();
+    let leader = FakeController {
+        artifacts: HashMap::new(),
+        cut_next_fetch: AtomicBool::new(false),
+        fetch_offsets: Arc::default(),
+        from_agent: from_agent_tx,
+        desired: desired_rx,
+    };
+    let leader_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let leader_url = format!("https://{}", leader_listener.local_addr().unwrap());
+    let (stop_leader, leader_server) = serve_agent_service(leader, tls.clone(), leader_listener);
+    let follower_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let follower = Follower {
+        leader_url: leader_url.clone(),
+        calls: follower_calls.clone(),
+    };
+    let follower_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let follower_url = format!("https://{}", follower_listener.local_addr().unwrap());
+    let (stop_follower, follower_server) = serve_agent_service(follower, tls, follower_listener);
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_url = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+
+    let config = fleet_agent::Config {
+        controllers: vec![closed_url, follower_url],
+        host_name: "h1".into(),
+        advertise: "127.0.0.1".parse().unwrap(),
+        data_dir,
+        labels: BTreeMap::new(),
+        ca: None,
+        join_token: None,
+        stop_apps_on_exit: true,
+        peer_port: 0,
+    };
+    let started = Instant::now();
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(fleet_agent::run(config, async {
+        let _ = agent_stopped.await;
+    }));
+    let hello = tokio::time::timeout(Duration::from_secs(20), from_agent.recv())
+        .await
+        .expect("the agent reaches the leader")
+        .unwrap();
+    assert!(
+        matches!(hello.body, Some(pb::agent_message::Body::Hello(_))),
+        "{hello:?}"
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(follower_calls.load(Ordering::SeqCst), 1);
+    // The session stays with the leader: heartbeats (every 200 ms here) keep arriving there,
+    // and the follower is asked nothing more.
+    for _ in 0..5 {
+        let message = tokio::time::timeout(Duration::from_secs(5), from_agent.recv())
+            .await
+            .expect("the session goes on with the leader")
+            .unwrap();
+        assert!(
+            matches!(message.body, Some(pb::agent_message::Body::Heartbeat(_))),
+            "{message:?}"
+        );
+    }
+    assert_eq!(follower_calls.load(Ordering::SeqCst), 1);
+
+    let _ = stop_agent.send(());
+    tokio::time::timeout(Duration::from_secs(20), agent)
+        .await
+        .expect("the agent stops")
+        .unwrap()
+        .unwrap();
+    let _ = stop_leader.send(());
+    let _ = stop_follower.send(());
+    let _ = leader_server.await;
+    let _ = follower_server.await;
 }

@@ -491,8 +491,9 @@ pub struct BootstrapFlags {
     /// with the host's dpkg; its unit reads /var/lib/fleet-agent/agent.toml
     #[arg(long, value_name = "PATH", conflicts_with_all = ["agent_binary", "remote_dir"])]
     pub agent_deb: Option<PathBuf>,
-    /// The controller URL the host dials [default: the one fleetctl uses]
-    #[arg(long, value_name = "URL")]
+    /// The controller URLs the host dials, in turn (several: URL1,URL2) [default: every URL
+    /// fleetctl was given, by --controller or client.toml]
+    #[arg(long, value_name = "URL[,URL...]")]
     pub controller_url: Option<String>,
     /// Give each host at most this long, from connect until it registered, e.g. 5m [default: 3m]
     #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]

@@ -184,13 +184,16 @@ pub(crate) async fn prepare(
             }
         },
     };
-    // What fleetctl dials: client.toml's URL (`fleetctl init --url`), the first one when it
-    // names several controllers (an agent dials one; failover is not built yet).
-    let controller_url = flags
-        .controller_url
-        .clone()
-        .unwrap_or_else(|| ctx.connection.url.clone());
-    let ca_pem = if controller_url.starts_with("https://") {
+    // What fleetctl was given (`--controller`, or client.toml's URLs from `fleetctl init
+    // --url`), every one: the agent dials them in turn.
+    let controller_urls = match &flags.controller_url {
+        Some(text) => agent_controller_urls(text)?,
+        None => ctx.connection.controller_urls.clone(),
+    };
+    let ca_pem = if controller_urls
+        .iter()
+        .all(|url| url.starts_with("https://"))
+    {
         let path = config_dir.join(CA_FILE);
         Some(std::fs::read_to_string(&path).map_err(|e| {
             usage(format!(
@@ -212,7 +215,7 @@ pub(crate) async fn prepare(
                 accept_new: flags.accept_new_host_key,
             },
             credential,
-            controller_url,
+            controller_urls,
             ca_pem,
         },
         binary_entry: Arc::new(agent.tar_entry()),
@@ -263,6 +266,29 @@ async fn default_advertise(host: &str, port: u16) -> Result<String, CliError> {
             "{host} resolves to no address: give --advertise IP"
         ))
     })
+}
+
+/// `--controller-url URL1,URL2`: each checked, named when it is not `https://HOST:PORT`.
+fn agent_controller_urls(text: &str) -> Result<Vec<String>, CliError> {
+    let urls: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| url.trim_end_matches('/').to_string())
+        .collect();
+    if urls.is_empty() {
+        return Err(usage(
+            "--controller-url is empty: write the URL hosts dial, e.g. https://controller.example.com:7700",
+        ));
+    }
+    for url in &urls {
+        fleet_proto::leader::check_controller_url(url).map_err(|why| {
+            usage(format!(
+                "--controller-url {url:?} is invalid: {why}; write it like https://controller.example.com:7700 (several: URL1,URL2)"
+            ))
+        })?;
+    }
+    Ok(urls)
 }
 
 /// A fresh join token that gives the host `labels`, or None when the controller issues none

@@ -20,8 +20,11 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code: the controller could not be reached or refused the credentials.
 pub const EXIT_UNREACHABLE: u8 = 3;
 
-/// How long fleetctl waits for the controller to accept a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long fleetctl waits for one controller to accept a connection (TLS included) before it
+/// tries the next URL.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long connecting may take in all, however many URLs are configured.
+pub const CONNECT_BUDGET: Duration = Duration::from_secs(12);
 
 /// Every way a fleetctl verb can fail, each with the exit code the CLI contract gives it.
 #[derive(Debug, Error)]
@@ -57,6 +60,10 @@ impl CliError {
             | Code::AlreadyExists
             | Code::FailedPrecondition
             | Code::OutOfRange => CliError::Usage(message),
+            // A redirect fleetctl could not follow (`crate::redirect` says why).
+            Code::Unavailable if fleet_proto::leader::leader_of(&status).is_some() => {
+                CliError::Unreachable(format!("the controller at {controller_url}: {message}"))
+            }
             Code::Unavailable => CliError::Unreachable(format!(
                 "cannot reach the controller at {controller_url}: {message}; is fleet-controller running?"
             )),
@@ -116,8 +123,8 @@ pub fn resolve_controller_url(
 
 /// Every address of the controller, never empty: `--controller`/`FLEET_CONTROLLER` win (one
 /// URL, or several separated by commas), else `CONFIG_DIR/client.toml`, whose `controller` is
-/// a URL or an array of URLs. fleetctl dials the first for now (failing over to the others
-/// is not built yet); `credentials create` passes them all on. When a URL names port 0 (a
+/// a URL or an array of URLs. fleetctl dials them in order ([`connect_any`]);
+/// `credentials create` passes them all on. When a URL names port 0 (a
 /// controller told to pick a port), the port the controller wrote to
 /// `CONFIG_DIR/controller.addr` is used instead, with the URL's host.
 pub fn resolve_controller_urls(
@@ -289,7 +296,8 @@ fn sanitize_actor(actor: &str) -> String {
 }
 
 /// The client every verb uses.
-pub type FleetClient = FleetServiceClient<InterceptedService<Channel, ActorInterceptor>>;
+pub type FleetClient =
+    FleetServiceClient<InterceptedService<crate::redirect::RedirectChannel, ActorInterceptor>>;
 
 /// A connected client plus the URL it talks to, for error messages.
 #[derive(Clone)]
@@ -310,44 +318,85 @@ impl Connection {
 
 /// Connects to the controller at `url` (https only) with the TLS files of `config_dir`.
 pub async fn connect(url: &str, config_dir: &Path) -> Result<Connection, CliError> {
-    if !url.starts_with("https://") {
-        return Err(usage(format!(
-            "controller URL {url:?} is not https://: the controller speaks only mutual TLS; write it like https://127.0.0.1:7700"
-        )));
+    connect_any(&[url.to_string()], config_dir).await
+}
+
+/// Connects to the first of `urls` that answers as a fleet controller, trying them in order:
+/// one that refuses, times out ([`CONNECT_TIMEOUT`]) or fails the TLS check (not this fleet's
+/// controller) is skipped for the next; all of them together take at most
+/// [`CONNECT_BUDGET`]. Every URL is checked before any is dialled (a bad one is a usage
+/// error naming it); when none answers, the error names each URL tried and why it failed.
+pub async fn connect_any(urls: &[String], config_dir: &Path) -> Result<Connection, CliError> {
+    for url in urls {
+        if let Err(why) = fleet_proto::leader::check_controller_url(url.trim_end_matches('/')) {
+            return Err(usage(format!(
+                "controller URL {url:?} is invalid: {why}; write it like https://127.0.0.1:7700 (several: URL1,URL2)"
+            )));
+        }
+    }
+    if urls.is_empty() {
+        return Err(usage(
+            "no controller configured: run `fleetctl init`, pass --controller URL or set FLEET_CONTROLLER",
+        ));
     }
     let tls = tls_config(config_dir)?;
+    let started = tokio::time::Instant::now();
+    let mut failures: Vec<String> = Vec::new();
+    for url in urls {
+        let left = CONNECT_BUDGET.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            failures.push(format!(
+                "{url}: not tried, the {}s for connecting ran out",
+                CONNECT_BUDGET.as_secs()
+            ));
+            continue;
+        }
+        match connect_one(url, &tls, CONNECT_TIMEOUT.min(left)).await {
+            Ok(channel) => {
+                let channel = crate::redirect::RedirectChannel::new(channel, tls.clone());
+                let client = FleetServiceClient::with_interceptor(
+                    channel,
+                    ActorInterceptor::for_current_user(),
+                );
+                return Ok(Connection {
+                    client,
+                    url: url.to_string(),
+                    controller_urls: urls.to_vec(),
+                });
+            }
+            Err(why) => failures.push(format!("{url}: {why}")),
+        }
+    }
+    Err(CliError::Unreachable(match failures.as_slice() {
+        [one] => format!("cannot reach the controller at {one}; is fleet-controller running?"),
+        _ => format!(
+            "cannot reach any of the {} controllers: {}; is fleet-controller running, and is each URL one of this fleet's controllers?",
+            failures.len(),
+            failures.join("; ")
+        ),
+    }))
+}
+
+/// One connection attempt, TLS handshake included; the error says why it failed.
+async fn connect_one(
+    url: &str,
+    tls: &ClientTlsConfig,
+    timeout: Duration,
+) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| {
-            usage(format!(
-                "controller URL {url:?} is invalid: {e}; write it like https://127.0.0.1:7700"
-            ))
-        })?
-        .tls_config(tls)
-        .map_err(|e| usage(format!("cannot set up TLS: {}", error_chain(&e))))?
-        .connect_timeout(CONNECT_TIMEOUT)
+        .map_err(|e| format!("invalid URL: {e}"))?
+        .tls_config(tls.clone())
+        .map_err(|e| format!("cannot set up TLS: {}", error_chain(&e)))?
+        .connect_timeout(timeout)
         .tcp_nodelay(true);
-    let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
-        Ok(Ok(channel)) => channel,
-        Ok(Err(e)) => {
-            return Err(CliError::Unreachable(format!(
-                "cannot reach the controller at {url}: {}; is fleet-controller running?",
-                error_chain(&e)
-            )))
-        }
-        Err(_) => {
-            return Err(CliError::Unreachable(format!(
-                "cannot reach the controller at {url}: no answer within {}s; is fleet-controller running?",
-                CONNECT_TIMEOUT.as_secs()
-            )))
-        }
-    };
-    let client =
-        FleetServiceClient::with_interceptor(channel, ActorInterceptor::for_current_user());
-    Ok(Connection {
-        client,
-        url: url.to_string(),
-        controller_urls: vec![url.to_string()],
-    })
+    match tokio::time::timeout(timeout, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(error_chain(&e)),
+        Err(_) => Err(format!(
+            "no answer within {}s (a TLS server that is not a fleet controller, or none)",
+            timeout.as_secs_f32()
+        )),
+    }
 }
 
 /// An error and its sources, joined with ": " (transport errors hide the useful part).

@@ -856,7 +856,19 @@ pub async fn events(ctx: &Context, follow: bool, limit: u32) -> Result<(), CliEr
         .into_inner();
     let mut n_events = 0u64;
     while let Some(event) = stream.next().await {
-        let event = event.map_err(|status| ctx.error(status))?;
+        let event = match event {
+            Ok(event) => event,
+            // The connection went while following: say which controller, and how to go on.
+            Err(status) if follow && lost_mid_stream(&status) => {
+                return Err(CliError::Unreachable(format!(
+                    "lost the controller at {} while following events ({:?}: {}); `fleetctl events` shows what happened since, and `fleetctl events --follow` follows again",
+                    ctx.connection.url,
+                    status.code(),
+                    status.message()
+                )))
+            }
+            Err(status) => return Err(ctx.error(status)),
+        };
         n_events += 1;
         if ctx.json() {
             output::print_json_line(&event);
@@ -1137,9 +1149,23 @@ async fn follow_progress(
 ) -> Result<RolloutOutcome, CliError> {
     let mut last: Option<pb::Rollout> = None;
     // A bar on a terminal, else the lines alone (as scripts, CI logs and tests read them).
-    let printer = (!detach).then(|| output::ProgressPrinter::new(started));
+    let mut printer = (!detach).then(|| output::ProgressPrinter::new(started));
     while let Some(progress) = stream.next().await {
-        let progress = progress.map_err(|status| ctx.error(status))?;
+        let progress = match (progress, &last) {
+            (Ok(progress), _) => progress,
+            // The connection went in the middle: the rollout goes on without fleetctl.
+            (Err(status), Some(rollout)) if lost_mid_stream(&status) => {
+                if let Some(printer) = printer.take() {
+                    printer.finish();
+                }
+                return Err(CliError::Unreachable(lost_rollout_stream(
+                    &ctx.connection.url,
+                    rollout,
+                    &status,
+                )));
+            }
+            (Err(status), _) => return Err(ctx.error(status)),
+        };
         if let Some(printer) = &printer {
             if !progress.line.is_empty() {
                 printer.line(&progress.line);
@@ -1186,6 +1212,27 @@ async fn follow_progress(
         }
     }
     Ok(RolloutOutcome { rollout, exit_code })
+}
+
+/// Whether a rollout stream's error is the connection lost (the controller died or went
+/// away) rather than the controller's own answer.
+fn lost_mid_stream(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    ) || std::error::Error::source(status).is_some()
+}
+
+/// The error for a rollout stream lost in the middle: which controller went, and how to watch
+/// the rollout again (it goes on without fleetctl; no verb re-attaches to its progress).
+fn lost_rollout_stream(url: &str, rollout: &pb::Rollout, status: &tonic::Status) -> String {
+    format!(
+        "lost the controller at {url} while following rollout {id} of {app} ({code:?}: {message}); the rollout goes on without fleetctl: watch it with `fleetctl rollout status {id}` and see how it ended with `fleetctl history {app}`",
+        id = rollout.id,
+        app = rollout.app,
+        code = status.code(),
+        message = status.message(),
+    )
 }
 
 /// What the user can do next when a followed rollout did not succeed.

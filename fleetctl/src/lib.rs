@@ -17,6 +17,7 @@ pub mod host_commands;
 pub mod init;
 pub mod output;
 pub mod parse;
+pub mod redirect;
 pub mod renewal;
 pub mod shell;
 pub mod ssh;
@@ -113,7 +114,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         _ => {}
     }
 
-    // Several controllers: fleetctl dials the first for now (failover is not built yet).
+    // Several controllers: the first that answers (a follower sends writes to its leader).
     let urls = client::resolve_controller_urls(cli.controller.as_deref(), &config_dir)?;
     // The credential renews itself once two thirds of its lifetime passed (`renewal`); not in
     // `ca rotate`, which re-issues it itself.
@@ -123,8 +124,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
             .ok()
             .and_then(|cert_pem| renewal::before_connect(&config_dir, &cert_pem)),
     };
-    let mut connection = client::connect(&urls[0], &config_dir).await?;
-    connection.controller_urls = urls;
+    let connection = client::connect_any(&urls, &config_dir).await?;
     if let Some(identity) = &renew {
         renewal::renew(&connection, &config_dir, identity).await;
     }

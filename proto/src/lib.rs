@@ -1,6 +1,7 @@
 //! The contract shared by `fleet-controller`, `fleetctl` and `fleet-agent`: the gRPC types
 //! generated from `fleet.proto`, the artifact format (`fleet.toml` and the tarball rules), and
-//! the rules for names, versions and durations, and the revoked answer ([`refusal`]).
+//! the rules for names, versions and durations, the revoked answer ([`refusal`]) and the
+//! redirect to the leader ([`leader`]).
 //!
 //! **Architecture Invariant:** controller and agent never depend on each other; this crate is
 //! all they share. It does no I/O beyond reading an artifact it is handed.
@@ -10,6 +11,7 @@ pub mod artifact;
 pub mod duration;
 pub mod etcd_config;
 pub mod instance_state;
+pub mod leader;
 pub mod manifest;
 pub mod names;
 pub mod refusal;

@@ -370,6 +370,28 @@ impl Fleet {
         self.start_controller();
     }
 
+    /// SIGKILLs the controller and starts it again with the same config and data dir on
+    /// `listen` (`IP:PORT`, another address than before): the controller of a fleet that
+    /// moved, for clients and agents that know it under several URLs.
+    pub fn move_controller(&mut self, listen: &str) {
+        self.kill_controller();
+        let path = self.config_dir().join("controller.toml");
+        let text = std::fs::read_to_string(&path).expect("controller.toml");
+        let moved: Vec<String> = text
+            .lines()
+            .map(|line| {
+                if line.trim_start().starts_with("listen") {
+                    format!("listen = \"{listen}\"")
+                } else {
+                    line.to_string()
+                }
+            })
+            .collect();
+        std::fs::write(&path, moved.join("\n") + "\n").expect("rewrite controller.toml");
+        self.controller_addr.clear();
+        self.start_controller();
+    }
+
     /// Starts a new agent called `name` on the next address of the fleet's range; it joins with
     /// a fresh one-time token.
     pub fn start_agent(&mut self, name: &str) {
@@ -646,6 +668,24 @@ impl Fleet {
         let full: Vec<String> = [
             "--config-dir",
             &config_dir.display().to_string(),
+            "--output",
+            "json",
+        ]
+        .iter()
+        .chain(args)
+        .map(|arg| arg.to_string())
+        .collect();
+        self.run_fleetctl(&full, None, CTL_DEADLINE)
+    }
+
+    /// Runs `fleetctl --config-dir D --controller CONTROLLERS --output json ARGS...`:
+    /// `controllers` is a URL or several (`URL1,URL2`), instead of the controller's address.
+    pub fn ctl_via(&self, controllers: &str, args: &[&str]) -> CtlOutput {
+        let full: Vec<String> = [
+            "--config-dir",
+            &self.config_dir().display().to_string(),
+            "--controller",
+            controllers,
             "--output",
             "json",
         ]

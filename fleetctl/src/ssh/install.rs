@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! REMOTE_DIR/bin/fleet-agent        the agent binary (replaced atomically)
-//! REMOTE_DIR/agent.toml             0600: controller, name, advertise, data_dir, labels, ca, join_token, peer_port
+//! REMOTE_DIR/agent.toml             0600: controller (a URL, or an array of them), name, advertise, data_dir, labels, ca, join_token, peer_port
 //! REMOTE_DIR/ca.pem                 the fleet CA the agent trusts (with mTLS)
 //! REMOTE_DIR/                       0711: apps (users of their own) pass through to data/
 //! REMOTE_DIR/data/                  the agent's data dir (credentials, releases, instances)
@@ -79,7 +79,7 @@ pub enum InstallError {
 /// The agent's config file, as the agent reads it (`fleet-agent --config`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AgentConfigFile {
-    pub controller: String,
+    pub controller: ControllerValue,
     pub name: String,
     pub advertise: String,
     pub data_dir: PathBuf,
@@ -91,6 +91,23 @@ pub struct AgentConfigFile {
     /// `labels`, a table.
     pub peer_port: u16,
     pub labels: BTreeMap<String, String>,
+}
+
+/// agent.toml's `controller`: a string for one controller, an array for several.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum ControllerValue {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl ControllerValue {
+    pub fn of(urls: &[String]) -> ControllerValue {
+        match urls {
+            [one] => ControllerValue::One(one.clone()),
+            several => ControllerValue::Several(several.to_vec()),
+        }
+    }
 }
 
 /// The port bootstrapped agents serve their peers on (the agent's own default).
@@ -144,7 +161,8 @@ const PACKAGE_FILE: &str = "fleet-agent.deb";
 pub struct InstallPlan<'a> {
     pub remote_dir: PathBuf,
     pub agent: &'a AgentSource,
-    pub controller_url: String,
+    /// The controllers the agent dials, in turn.
+    pub controller_urls: Vec<String>,
     pub host_name: String,
     pub advertise: String,
     pub labels: BTreeMap<String, String>,
@@ -185,7 +203,7 @@ impl InstallPlan<'_> {
     pub fn config_toml(&self, join_token: Option<&str>) -> Result<String, InstallError> {
         let dir = &self.remote_dir;
         let file = AgentConfigFile {
-            controller: self.controller_url.clone(),
+            controller: ControllerValue::of(&self.controller_urls),
             name: self.host_name.clone(),
             advertise: self.advertise.clone(),
             data_dir: dir.join("data"),
@@ -582,7 +600,7 @@ mod tests {
         InstallPlan {
             remote_dir: PathBuf::from("/opt/fleet"),
             agent: binary,
-            controller_url: "https://10.0.0.1:7700".into(),
+            controller_urls: vec!["https://10.0.0.1:7700".into()],
             host_name: "web-1".into(),
             advertise: "10.0.0.5".into(),
             labels: [("env".to_string(), "prod".to_string())].into(),
@@ -597,6 +615,21 @@ mod tests {
         let value: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(value["controller"].as_str(), Some("https://10.0.0.1:7700"));
         assert_eq!(value["data_dir"].as_str(), Some("/opt/fleet/data"));
+        // Several controllers: an array, in order.
+        let mut several = plan(&empty);
+        several.controller_urls = vec![
+            "https://10.0.0.1:7700".to_string(),
+            "https://10.0.0.2:7700".to_string(),
+        ];
+        let text = several.config_toml(None).unwrap();
+        let other: toml::Value = toml::from_str(&text).unwrap();
+        let listed: Vec<&str> = other["controller"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(toml::Value::as_str)
+            .collect();
+        assert_eq!(listed, ["https://10.0.0.1:7700", "https://10.0.0.2:7700"]);
         assert_eq!(value["ca"].as_str(), Some("/opt/fleet/ca.pem"));
         assert_eq!(value["join_token"].as_str(), Some("tok\"en"));
         assert_eq!(value["labels"]["env"].as_str(), Some("prod"));

@@ -57,8 +57,8 @@ pub struct HostJob {
 pub struct SharedSettings {
     pub policy: HostKeyPolicy,
     pub credential: Credential,
-    /// The URL the agent dials.
-    pub controller_url: String,
+    /// The URLs the agent dials, in turn.
+    pub controller_urls: Vec<String>,
     pub ca_pem: Option<String>,
 }
 
@@ -105,7 +105,7 @@ pub async fn bootstrap_host(
     let plan = InstallPlan {
         remote_dir: job.remote_dir.clone(),
         agent,
-        controller_url: shared.controller_url.clone(),
+        controller_urls: shared.controller_urls.clone(),
         host_name: job.host_name.clone(),
         advertise: job.advertise.clone(),
         labels: job.labels.clone(),
