@@ -198,10 +198,13 @@ async fn join(
                 .connect_timeout(Duration::from_secs(3))
                 .tcp_nodelay(true)
                 .timeout(JOIN_ATTEMPT_TIMEOUT);
-            let channel: Channel = endpoint
-                .connect()
-                .await
-                .map_err(|e| (true, Failure::Lost, error_chain(&e)))?;
+            let channel: Channel = endpoint.connect().await.map_err(|e| {
+                (
+                    true,
+                    Failure::Lost,
+                    fleet_proto::error_text::with_sources(&e),
+                )
+            })?;
             pb::agent_service_client::AgentServiceClient::new(channel)
                 .join(request.clone())
                 .await
@@ -295,21 +298,6 @@ fn finish_renewal(dir: &Path) -> Result<(), JoinError> {
         let _ = std::fs::remove_file(&renewed_key);
     }
     Ok(())
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    for _ in 0..8 {
-        let Some(inner) = source else { break };
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 fn read(path: &Path) -> Result<String, JoinError> {

@@ -102,7 +102,12 @@ impl PeerClient {
             .max_frame_size(MAX_FRAME)
             .connect()
             .await
-            .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "cannot connect to {addr}: {}",
+                    fleet_proto::error_text::with_sources(&e)
+                )
+            })?;
         let mut client = pb::peer_service_client::PeerServiceClient::new(channel)
             .max_decoding_message_size(MAX_CHUNK_BYTES + 1024);
         let response = client
@@ -111,17 +116,6 @@ impl PeerClient {
             .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
         Ok(response.into_inner())
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// The server half: serves what `fetcher` holds.
@@ -166,7 +160,7 @@ impl PeerServer {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             })
             .await
-            .map_err(|e| error_chain(&e))
+            .map_err(|e| fleet_proto::error_text::with_sources(&e))
     }
 }
 

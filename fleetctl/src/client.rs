@@ -76,7 +76,7 @@ impl CliError {
             _ if std::error::Error::source(&status).is_some() => {
                 CliError::Unreachable(format!(
                     "the connection to the controller at {controller_url} failed: {}; if this keeps happening, check that --config-dir holds a credential from this fleet's CA",
-                    error_chain(&status)
+                    fleet_proto::error_text::with_sources(&status)
                 ))
             }
             _ => CliError::Failed(format!("the controller answered: {message}")),
@@ -386,37 +386,22 @@ async fn connect_one(
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("invalid URL: {e}"))?
         .tls_config(tls.clone())
-        .map_err(|e| format!("cannot set up TLS: {}", error_chain(&e)))?
+        .map_err(|e| {
+            format!(
+                "cannot set up TLS: {}",
+                fleet_proto::error_text::with_sources(&e)
+            )
+        })?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
     match tokio::time::timeout(timeout, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(e)) => Err(error_chain(&e)),
+        Ok(Err(e)) => Err(fleet_proto::error_text::with_sources(&e)),
         Err(_) => Err(format!(
             "no answer within {}s (a TLS server that is not a fleet controller, or none)",
             timeout.as_secs_f32()
         )),
     }
-}
-
-/// An error and its sources, joined with ": " (transport errors hide the useful part).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    let mut depth = 0;
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-        depth += 1;
-        if depth >= 8 {
-            break;
-        }
-    }
-    text
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ impl RedirectChannel {
             .tcp_nodelay(true);
         let channel = match tokio::time::timeout(LEADER_CONNECT_TIMEOUT, endpoint.connect()).await {
             Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => return Err(with_sources(&e)),
+            Ok(Err(e)) => return Err(fleet_proto::error_text::with_sources(&e)),
             Err(_) => {
                 return Err(format!(
                     "no answer within {}s",
@@ -71,22 +71,6 @@ impl RedirectChannel {
             .insert(url.to_string(), channel.clone());
         Ok(channel)
     }
-}
-
-/// An error and its sources, joined with ": " (a transport error hides the useful part in
-/// its sources).
-fn with_sources(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    for _ in 0..8 {
-        let Some(inner) = source else { break };
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text = format!("{text}: {inner_text}");
-        }
-        source = inner.source();
-    }
-    text
 }
 
 /// A request body read up to [`REPLAYABLE_BYTES`]: whole (it can be sent again), or the frames

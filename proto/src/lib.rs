@@ -9,6 +9,7 @@
 
 pub mod artifact;
 pub mod duration;
+pub mod error_text;
 pub mod etcd_config;
 pub mod instance_state;
 pub mod leader;

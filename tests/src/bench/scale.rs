@@ -223,17 +223,6 @@ struct Shared {
     counters: Counters,
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
-
 fn agent_endpoint(shared: &Shared, host: &SimHost) -> Result<Endpoint> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&shared.ca_pem))
@@ -302,7 +291,12 @@ async fn join_one(shared: Arc<Shared>, index: usize, token: String) -> Result<Si
             let channel = endpoint
                 .connect_with_connector(BoundConnector { source })
                 .await
-                .map_err(|e| (true, format!("connect: {}", error_chain(&e))))?;
+                .map_err(|e| {
+                    (
+                        true,
+                        format!("connect: {}", fleet_proto::error_text::with_sources(&e)),
+                    )
+                })?;
             pb::agent_service_client::AgentServiceClient::new(channel)
                 .join(request.clone())
                 .await
@@ -470,7 +464,7 @@ async fn session_once(
     let channel = tokio::select! {
         channel = endpoint.connect_with_connector(BoundConnector { source: host.source }) => match channel {
             Ok(channel) => channel,
-            Err(e) => return lost(false, format!("connect: {}", error_chain(&e))),
+            Err(e) => return lost(false, format!("connect: {}", fleet_proto::error_text::with_sources(&e))),
         },
         _ = stop.changed() => return Ended::Stopped,
     };
@@ -672,7 +666,12 @@ async fn one_session(shared: &Shared, host: &SimHost, claimed: &str) -> Result<(
             source: host.source,
         })
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("connect: {}", error_chain(&e))))?;
+        .map_err(|e| {
+            tonic::Status::unavailable(format!(
+                "connect: {}",
+                fleet_proto::error_text::with_sources(&e)
+            ))
+        })?;
     let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
     let _ = tx.try_send(pb::AgentMessage {
