@@ -440,10 +440,41 @@ pub async fn install(
 /// (each costs a host's sshd session real time): shell builtins wherever they do. Under
 /// systemd the restart does not wait for the unit to be ready (Type=notify: ready once the
 /// agent's session is up); bootstrap waits for the host to register instead.
+/// The shell that replaces a detached agent (no systemd) in the current directory, its data
+/// dir `dir`: stops the one `fleet-agent.pid` names (recognised by its command line, so a
+/// recycled pid is left alone; SIGTERM, then SIGKILL after a while), runs `between`, then starts
+/// `agent` detached and records its pid. Both install scripts end with it.
+fn detached_restart(dir: &str, agent: &str, between: &str) -> String {
+    format!(
+        "alive() {{ [ -r /proc/$1/stat ] && read -r stat < /proc/$1/stat && \
+           case \"${{stat##*) }}\" in Z*) false;; *) true;; esac; }}; \
+         if [ -f fleet-agent.pid ]; then \
+           read -r old < fleet-agent.pid || old=; \
+           if [ -n \"$old\" ] && alive \"$old\" && tr '\\0' ' ' < /proc/$old/cmdline | grep -q fleet-agent; then \
+             kill -TERM \"$old\" 2>/dev/null || true; i=0; \
+             while alive \"$old\" && [ $i -lt {STOP_WAIT_TENTHS} ]; do sleep 0.1; i=$((i+1)); done; \
+             if alive \"$old\"; then kill -KILL \"$old\" 2>/dev/null || true; fi; \
+             echo upgraded=yes; \
+           fi; \
+         fi; \
+         {between}\
+         if command -v setsid >/dev/null 2>&1; then \
+           setsid {agent} --config {dir}/agent.toml >> {dir}/fleet-agent.log 2>&1 < /dev/null & \
+         else \
+           nohup {agent} --config {dir}/agent.toml >> {dir}/fleet-agent.log 2>&1 < /dev/null & \
+         fi; \
+         pid=$!; echo $pid > fleet-agent.pid; \
+         echo mode=detached; echo pid=$pid; "
+    )
+}
+
 fn install_script(dir: &str, arch_check: &str) -> String {
     let unit = shell_quote(AGENT_UNIT_PATH);
-    // alive PID: the process exists and is not a zombie. The old detached agent is recognised
-    // by its command line before it is signalled, so a recycled pid is left alone.
+    let detached = detached_restart(
+        dir,
+        &format!("{dir}/bin/fleet-agent"),
+        "mv -f \"$staging/fleet-agent\" bin/fleet-agent; ",
+    );
     format!(
         "set -e; umask 077; {arch_check}\
          staging={dir}/.incoming.$$; \
@@ -466,25 +497,7 @@ fn install_script(dir: &str, arch_check: &str) -> String {
            $SUDO systemctl restart --no-block fleet-agent.service; \
            echo mode=systemd; \
          else \
-           alive() {{ [ -r /proc/$1/stat ] && read -r stat < /proc/$1/stat && \
-             case \"${{stat##*) }}\" in Z*) false;; *) true;; esac; }}; \
-           if [ -f fleet-agent.pid ]; then \
-             read -r old < fleet-agent.pid || old=; \
-             if [ -n \"$old\" ] && alive \"$old\" && tr '\\0' ' ' < /proc/$old/cmdline | grep -q fleet-agent; then \
-               kill -TERM \"$old\" 2>/dev/null || true; i=0; \
-               while alive \"$old\" && [ $i -lt {STOP_WAIT_TENTHS} ]; do sleep 0.1; i=$((i+1)); done; \
-               if alive \"$old\"; then kill -KILL \"$old\" 2>/dev/null || true; fi; \
-               echo upgraded=yes; \
-             fi; \
-           fi; \
-           mv -f \"$staging/fleet-agent\" bin/fleet-agent; \
-           if command -v setsid >/dev/null 2>&1; then \
-             setsid {dir}/bin/fleet-agent --config {dir}/agent.toml >> {dir}/fleet-agent.log 2>&1 < /dev/null & \
-           else \
-             nohup {dir}/bin/fleet-agent --config {dir}/agent.toml >> {dir}/fleet-agent.log 2>&1 < /dev/null & \
-           fi; \
-           pid=$!; echo $pid > fleet-agent.pid; \
-           echo mode=detached; echo pid=$pid; \
+           {detached}\
          fi"
     )
 }
@@ -501,6 +514,7 @@ fn package_install_script(package_arch: &str) -> String {
     let dir = shell_quote(PACKAGE_REMOTE_DIR);
     let agent = shell_quote(PACKAGE_AGENT_PATH);
     let unit = shell_quote(AGENT_UNIT_PATH);
+    let detached = detached_restart(&dir, &agent, "");
     format!(
         "set -e; umask 077; \
          command -v dpkg >/dev/null 2>&1 || exit {EXIT_NO_DPKG}; \
@@ -527,24 +541,7 @@ fn package_install_script(package_arch: &str) -> String {
            echo mode=systemd; \
          else \
            cd {dir}; \
-           alive() {{ [ -r /proc/$1/stat ] && read -r stat < /proc/$1/stat && \
-             case \"${{stat##*) }}\" in Z*) false;; *) true;; esac; }}; \
-           if [ -f fleet-agent.pid ]; then \
-             read -r old < fleet-agent.pid || old=; \
-             if [ -n \"$old\" ] && alive \"$old\" && tr '\\0' ' ' < /proc/$old/cmdline | grep -q fleet-agent; then \
-               kill -TERM \"$old\" 2>/dev/null || true; i=0; \
-               while alive \"$old\" && [ $i -lt {STOP_WAIT_TENTHS} ]; do sleep 0.1; i=$((i+1)); done; \
-               if alive \"$old\"; then kill -KILL \"$old\" 2>/dev/null || true; fi; \
-               echo upgraded=yes; \
-             fi; \
-           fi; \
-           if command -v setsid >/dev/null 2>&1; then \
-             setsid {agent} --config {dir}/agent.toml >> {dir}/fleet-agent.log 2>&1 < /dev/null & \
-           else \
-             nohup {agent} --config {dir}/agent.toml >> {dir}/fleet-agent.log 2>&1 < /dev/null & \
-           fi; \
-           pid=$!; echo $pid > fleet-agent.pid; \
-           echo mode=detached; echo pid=$pid; \
+           {detached}\
          fi"
     )
 }
@@ -721,6 +718,30 @@ mod tests {
         assert!(
             script.contains("'/usr/bin/fleet-agent' --config '/var/lib/fleet-agent'/agent.toml")
         );
+    }
+
+    /// Both install scripts are valid shell (`sh -n`: parsed, not run), with and without an
+    /// architecture check.
+    #[test]
+    fn the_install_scripts_parse() {
+        for script in [
+            install_script("'/opt/fleet'", ""),
+            install_script(
+                "'/opt/fleet'",
+                "case \"$(uname -m)\" in x86_64) ;; *) exit 3;; esac; ",
+            ),
+            package_install_script("amd64"),
+        ] {
+            let out = std::process::Command::new("sh")
+                .args(["-n", "-c", &script])
+                .output()
+                .expect("sh");
+            assert!(
+                out.status.success(),
+                "{}\n{script}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     #[test]
