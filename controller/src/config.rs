@@ -110,6 +110,11 @@ pub struct ControllerFile {
     /// `[etcd]`: keep the store in etcd instead of the redb file in the data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdFile>,
+    /// Where fleetctl and agents reach this controller, `https://HOST:PORT`: what the other
+    /// controllers of a fleet on etcd name in their redirects. Default: `https://` and the
+    /// address it listens on (which must then not be 0.0.0.0 or [::]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
     /// The fleet CA's certificate: clients and agents must present a certificate it signed.
     pub ca: String,
     /// The fleet CA's private key: the controller signs agents' and credentials' certificates.
@@ -124,6 +129,9 @@ pub struct ControllerFile {
 pub struct ControllerConfig {
     /// The store in etcd (`[etcd]`); `None`: the redb file in `data_dir`.
     pub etcd: Option<crate::store::etcd::EtcdConfig>,
+    /// `advertise` (or `--advertise`): this controller's URL for the others; `None`: from
+    /// the address it listens on ([`ControllerConfig::advertise_url`]).
+    pub advertise: Option<String>,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     /// Where the bound address is written once listening (`controller.addr`).
@@ -259,12 +267,39 @@ impl ControllerConfig {
         self.http_addr_file = dir.join(HTTP_ADDR_FILE);
     }
 
+    /// `--advertise URL`: another URL than controller.toml's `advertise`.
+    pub fn override_advertise(&mut self, url: &str) -> Result<(), String> {
+        check_advertise(url)?;
+        self.advertise = Some(url.trim_end_matches('/').to_string());
+        Ok(())
+    }
+
+    /// This controller's URL for the other controllers of its fleet (and so for the clients
+    /// and agents they redirect): `advertise`, else `https://` and the bound address `bound`.
+    pub fn advertise_url(&self, bound: SocketAddr) -> Result<String, String> {
+        if let Some(url) = &self.advertise {
+            return Ok(url.trim_end_matches('/').to_string());
+        }
+        if bound.ip().is_unspecified() {
+            return Err(format!(
+                "this controller listens on {bound}, which names no one address that others can reach: set advertise = \"https://HOST:PORT\" in controller.toml (or pass --advertise) to the URL clients and agents reach it at"
+            ));
+        }
+        Ok(format!("https://{bound}"))
+    }
+
     pub fn override_http_listen(&mut self, text: &str) -> Result<(), String> {
         let allow_remote = self.http.is_some_and(|h| h.allow_remote);
         let addr = check_http_listen(text, allow_remote)?;
         self.http = Some(HttpListen { addr, allow_remote });
         Ok(())
     }
+}
+
+/// Checks `advertise`: a controller URL, `https://HOST:PORT`.
+fn check_advertise(url: &str) -> Result<(), String> {
+    fleet_proto::leader::check_controller_url(url)
+        .map_err(|why| format!("advertise {url:?} is not a controller URL: {why}; write it like https://c1.example.com:7700"))
 }
 
 /// Parses `http_listen`: `IP:PORT` on a loopback address, or any address with
@@ -443,8 +478,12 @@ impl ControllerConfig {
             .map(|etcd| check_etcd(etcd, base))
             .transpose()
             .map_err(invalid)?;
+        if let Some(url) = &file.advertise {
+            check_advertise(url).map_err(invalid)?;
+        }
         Ok(ControllerConfig {
             etcd,
+            advertise: file.advertise.clone(),
             handshake_timeout: std::time::Duration::from_millis(handshake_timeout_ms),
             write_stall_timeout: std::time::Duration::from_millis(write_stall_timeout_ms),
             http,

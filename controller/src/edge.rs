@@ -606,6 +606,9 @@ pub struct EdgeLayer {
     pub classify: Classify,
     /// The connections `incoming` handed over, to close one whose answer stays unread.
     pub connections: Arc<Connections>,
+    /// This controller's role: a follower sends what only the leader serves to the leader
+    /// (`crate::follower`).
+    pub role: tokio::sync::watch::Receiver<crate::leader::Role>,
 }
 
 impl<S> tower::Layer<S> for EdgeLayer {
@@ -617,6 +620,7 @@ impl<S> tower::Layer<S> for EdgeLayer {
             limits: self.limits,
             classify: self.classify.clone(),
             connections: self.connections.clone(),
+            role: self.role.clone(),
         }
     }
 }
@@ -627,6 +631,7 @@ pub struct EdgeService<S> {
     limits: Limits,
     classify: Classify,
     connections: Arc<Connections>,
+    role: tokio::sync::watch::Receiver<crate::leader::Role>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -672,7 +677,7 @@ where
                     identity.name
                 )))
             }
-            _ => None,
+            _ => crate::follower::refusal(&self.role.borrow(), path),
         };
         if let Some(status) = refusal {
             return Box::pin(async move { Ok(status.into_http()) });

@@ -104,8 +104,9 @@ pub struct FleetState {
     artifacts: ArtifactStore,
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
-    /// When this controller process started: nobody is lost before it had a chance to hear.
-    started_unix_ms: i64,
+    /// Since when this controller hears from agents (it started, or began to lead): nobody is
+    /// lost before it had a chance to hear ([`FleetState::hearing_from_now`]).
+    hearing_since_unix_ms: std::sync::atomic::AtomicI64,
     live: Mutex<Live>,
     /// Serialises read-modify-write of host records (two rollouts of different apps may touch
     /// one host at once).
@@ -172,7 +173,7 @@ impl FleetState {
             artifacts,
             heartbeat_interval_ms,
             lost_after_ms,
-            started_unix_ms: fleet_proto::now_unix_ms(),
+            hearing_since_unix_ms: std::sync::atomic::AtomicI64::new(fleet_proto::now_unix_ms()),
             live: Mutex::new(Live {
                 pending,
                 ..Live::default()
@@ -1038,13 +1039,31 @@ impl FleetState {
         }
     }
 
+    /// From now on, as when the process started: no host is counted lost before it had
+    /// `lost_after_ms` to be heard. A controller that begins to lead calls it, since the
+    /// agents were talking to the leader before it, not to it.
+    pub fn hearing_from_now(&self) {
+        self.hearing_since_unix_ms.store(
+            fleet_proto::now_unix_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// What the store is, for messages and `fleetctl controllers`.
+    pub fn describe_store(&self) -> String {
+        self.store.describe()
+    }
+
     /// Whether nothing was heard from the host for `lost_after_ms`.
     pub fn is_lost(&self, record: &HostRecord) -> bool {
         let last_seen = self
             .last_seen(&record.name)
             .unwrap_or(record.last_seen_unix_ms)
             .max(record.last_seen_unix_ms)
-            .max(self.started_unix_ms);
+            .max(
+                self.hearing_since_unix_ms
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
         fleet_proto::now_unix_ms() - last_seen > self.lost_after_ms as i64
     }
 

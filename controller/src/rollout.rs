@@ -143,6 +143,17 @@ impl Rollouts {
         late
     }
 
+    /// Stops every executor, as at shutdown, because this controller no longer leads; then
+    /// forgets them and is ready to run rollouts again should it lead again (`recover` picks
+    /// them up from the store, where the leader that came between left them). Returns how many
+    /// executors had not stopped by `deadline`.
+    pub async fn stand_down(&self, deadline: tokio::time::Instant) -> usize {
+        let late = self.shut_down(deadline).await;
+        self.active().clear();
+        self.stopping.send_replace(false);
+        late
+    }
+
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }

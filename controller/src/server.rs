@@ -1,8 +1,11 @@
-//! Runs the controller: opens the store and the artifact store, picks up rollouts a previous
-//! process left under way, serves both gRPC services (on two lanes: agents' connections on the
-//! calling runtime, the rest on the clients' runtime, see `crate::lanes`), and shuts down on
-//! one path: the shutdown future resolves, sessions and follow streams are told, in-flight
-//! calls get a grace period, and a warning says when it ran out. The operators' HTTP listener and the
+//! Runs the controller: opens the store and the artifact store, joins the election when the
+//! fleet is on etcd (`leader`; on redb it is the only controller), runs the leader's work
+//! ([`duties`]: rollouts picked up where they were, convergence, the lost-host watcher) while
+//! it leads, serves both gRPC services (on two lanes: agents' connections on the calling
+//! runtime, the rest on the clients' runtime, see `crate::lanes`; a follower redirects what it
+//! does not serve, `crate::follower`), and shuts down on one path: the shutdown future
+//! resolves, a leader resigns, sessions and follow streams are told, in-flight calls get a
+//! grace period, and a warning says when it ran out. The operators' HTTP listener and the
 //! webhooks (`http`) start before rollouts are recovered and stop on the same path.
 
 use crate::api::agent_service::AgentApi;
@@ -12,6 +15,8 @@ use crate::ca_trust::Trust;
 use crate::config::ControllerConfig;
 use crate::edge;
 use crate::fleet_state::FleetState;
+use crate::leader::Role;
+use crate::registry::{ControllerEntry, Membership};
 use crate::rollout::{self, Rollouts};
 use crate::store::Store;
 use anyhow::Context;
@@ -56,7 +61,7 @@ pub async fn run(
     }
     // Held until the controller ends: another controller on this directory is refused.
     let _data_lock = crate::data_lock::lock(&config.data_dir).map_err(anyhow::Error::msg)?;
-    let store = {
+    let opened = {
         let (data_dir, etcd, ca) = (
             config.data_dir.clone(),
             config.etcd.clone(),
@@ -65,8 +70,8 @@ pub async fn run(
         tokio::task::spawn_blocking(move || Store::open_configured(&data_dir, etcd.as_ref(), &ca))
             .await?
     };
-    let store = match (&config.etcd, store) {
-        (_, Ok(store)) => store,
+    let (store, etcd) = match (&config.etcd, opened) {
+        (_, Ok(opened)) => opened,
         (Some(_), Err(e)) => return Err(anyhow::anyhow!("{e}")),
         (None, Err(e)) => {
             return Err(e).with_context(|| {
@@ -76,8 +81,8 @@ pub async fn run(
                 )
             })
         }
-    }
-    .with_max_events(config.max_events);
+    };
+    let store = store.with_max_events(config.max_events);
     tracing::info!("store: {}", store.describe());
     let artifacts = ArtifactStore::open(&config.data_dir, config.uploads)?;
     let trust = Trust::load(&config.tls, config.certificate_ttl)?;
@@ -88,8 +93,6 @@ pub async fn run(
         config.lost_after_ms,
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let lost_host_watcher = tokio::spawn(fleet.clone().watch_for_lost_hosts(stop_rx.clone()));
-    let credential_uses = tokio::spawn(fleet.clone().keep_credential_uses(stop_rx.clone()));
     // Executors stay on this runtime even when a client's call starts them.
     let rollouts = Arc::new(Rollouts::on(tokio::runtime::Handle::current()));
 
@@ -97,8 +100,33 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    write_addr_file(&config.addr_file, &addr.to_string())?;
-    tracing::info!("listening on {addr}");
+    let url = config.advertise_url(addr).map_err(anyhow::Error::msg)?;
+
+    // Who leads: on etcd, the election decides (`leader::run` publishes what it won as
+    // `elected`); on redb this controller is the only one. What the rest acts on is `role`,
+    // which `duties` publishes once the leader's work is started (or stopped).
+    let (elected_tx, elected) = watch::channel(match &etcd {
+        Some(_) => Role::Follower { leader: None },
+        None => Role::sole(),
+    });
+    let (role_tx, role) = watch::channel(Role::Follower { leader: None });
+    let mut background = Vec::new();
+    if let Some(etcd) = &etcd {
+        background.push(tokio::spawn(crate::leader::run(
+            etcd.clone(),
+            url.clone(),
+            crate::leader::DEFAULT_LEASE,
+            elected_tx,
+            stop_rx.clone(),
+        )));
+    }
+    let duties = tokio::spawn(duties(
+        fleet.clone(),
+        rollouts.clone(),
+        elected,
+        role_tx,
+        stop_rx.clone(),
+    ));
 
     // Metrics, health, the status page and webhooks; before recovery, to see its events.
     let ops = crate::http::start(
@@ -110,16 +138,32 @@ pub async fn run(
         stop_rx.clone(),
     )
     .await?;
-
-    let recovered = rollout::recover(&fleet, &rollouts).await?;
-    let converger = tokio::spawn(crate::converge::run(
-        fleet.clone(),
-        rollouts.clone(),
-        stop_rx.clone(),
-    ));
-    if recovered > 0 {
-        tracing::info!("picked up {recovered} rollout(s) left under way");
+    let me = ControllerEntry {
+        url: url.clone(),
+        http: ops.http_addr.map(|addr| addr.to_string()),
+        up_since_unix_ms: fleet_proto::now_unix_ms(),
+        leading_since_unix_ms: None,
+    };
+    if let Some(etcd) = &etcd {
+        background.push(tokio::spawn(crate::registry::run(
+            etcd.clone(),
+            me.clone(),
+            role.clone(),
+            stop_rx.clone(),
+        )));
     }
+    let membership = Arc::new(Membership {
+        etcd: etcd.clone(),
+        me,
+        role: role.clone(),
+    });
+    if etcd.is_none() {
+        // One controller: it serves once the rollouts a previous run left are picked up.
+        let mut leading = role.clone();
+        crate::leader::until(&mut leading, Role::is_leader).await;
+    }
+    write_addr_file(&config.addr_file, &addr.to_string())?;
+    tracing::info!("listening on {addr} ({url})");
 
     let logs = Arc::new(crate::log_relay::LogRelay::default());
     let agent_api = AgentApi {
@@ -133,6 +177,7 @@ pub async fn run(
         reconnects: Arc::default(),
         impostors_logged: Arc::default(),
         peers: Arc::new(crate::peers::Directory::default()),
+        role: role.clone(),
     };
     let fleet_api = FleetApi {
         fleet: fleet.clone(),
@@ -140,6 +185,7 @@ pub async fn run(
         trust: trust.clone(),
         rollouts: rollouts.clone(),
         shutdown: stop_rx.clone(),
+        membership,
     };
     let (signalled_tx, signalled_rx) = watch::channel(false);
     let limits = edge::Limits {
@@ -162,6 +208,7 @@ pub async fn run(
         .layer(edge::EdgeLayer {
             limits,
             connections: connections.clone(),
+            role: role.clone(),
             classify: {
                 let (fleet, trust) = (fleet.clone(), trust.clone());
                 // A connection opened before its certificate's CA was retired is refused too.
@@ -192,7 +239,7 @@ pub async fn run(
         clients.clone(),
     );
     let signalled = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|signalled| *signalled).await;
+        crate::leader::until(&mut rx, |signalled| *signalled).await;
     };
     // Each server spawns its connections' tasks on the runtime it runs on.
     let mut agents_server = tokio::spawn(
@@ -221,28 +268,23 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     let _ = stop_tx.send(true);
     let _ = signalled_tx.send(true);
-    // The rollout executors and the lost-host watcher stop at their next await; what they
-    // wrote is committed (a write in flight finishes on the blocking pool).
-    let late_executors = rollouts.shut_down(deadline).await;
-    if late_executors > 0 {
-        tracing::warn!(
+    // The leader's work stops (the rollout executors and the lost-host watcher at their next
+    // await; what they wrote is committed, a write in flight finishes on the blocking pool)
+    // and a leader resigns, so that another takes over at once.
+    match tokio::time::timeout_at(deadline, duties).await {
+        Ok(Ok(late_executors)) if late_executors > 0 => tracing::warn!(
             "{late_executors} rollout executor(s) did not stop within {SHUTDOWN_GRACE:?}"
-        );
+        ),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("the leader's work did not stop within {SHUTDOWN_GRACE:?}"),
     }
-    if tokio::time::timeout_at(deadline, lost_host_watcher)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the lost-host watcher did not stop within {SHUTDOWN_GRACE:?}");
-    }
-    if tokio::time::timeout_at(deadline, credential_uses)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the credentials' last uses were not written within {SHUTDOWN_GRACE:?}");
-    }
-    if tokio::time::timeout_at(deadline, converger).await.is_err() {
-        tracing::warn!("the converger did not stop within {SHUTDOWN_GRACE:?}");
+    for task in background {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            tracing::warn!(
+                "the election or the registration did not end within {SHUTDOWN_GRACE:?}"
+            );
+            break;
+        }
     }
     for task in ops.tasks {
         if tokio::time::timeout_at(deadline, task).await.is_err() {
@@ -276,4 +318,74 @@ fn write_addr_file(path: &std::path::Path, addr: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// What only the leader runs, started each time this controller comes to lead (`elected`) and
+/// stopped when it no longer does or shuts down: the rollouts (those under way picked up from
+/// the store first), the converger, the lost-host watcher (which gives every host
+/// `lost_after_ms` from this moment: the agents were talking to the previous leader) and the
+/// credentials' last uses. `role` is published from here, so that calls and sessions are
+/// served only while the work runs. Returns how many executors were late to stop at the end.
+async fn duties(
+    fleet: Arc<FleetState>,
+    rollouts: Arc<Rollouts>,
+    mut elected: watch::Receiver<Role>,
+    role: watch::Sender<Role>,
+    mut stop: watch::Receiver<bool>,
+) -> usize {
+    loop {
+        // Follow: name the leader in redirects until this controller is elected.
+        let since_unix_ms = loop {
+            let now = elected.borrow_and_update().clone();
+            if let Role::Leader { since_unix_ms } = now {
+                break since_unix_ms;
+            }
+            role.send_replace(now);
+            tokio::select! {
+                changed = elected.changed() => if changed.is_err() { return 0 },
+                _ = crate::leader::until(&mut stop, |stop| *stop) => return 0,
+            }
+        };
+        fleet.hearing_from_now();
+        let (term_tx, term) = watch::channel(false);
+        let lost_host_watcher = tokio::spawn(fleet.clone().watch_for_lost_hosts(term.clone()));
+        let credential_uses = tokio::spawn(fleet.clone().keep_credential_uses(term.clone()));
+        match rollout::recover(&fleet, &rollouts).await {
+            Ok(0) => {}
+            Ok(recovered) => tracing::info!("picked up {recovered} rollout(s) left under way"),
+            Err(e) => tracing::error!("cannot pick up the rollouts left under way: {e}"),
+        }
+        let converger = tokio::spawn(crate::converge::run(
+            fleet.clone(),
+            rollouts.clone(),
+            term.clone(),
+        ));
+        role.send_replace(Role::Leader { since_unix_ms });
+        let stopping = tokio::select! {
+            _ = crate::leader::until(&mut elected, |elected| !elected.is_leader()) => false,
+            _ = crate::leader::until(&mut stop, |stop| *stop) => true,
+        };
+        // Calls and sessions go elsewhere first, then the work stops.
+        role.send_replace(elected.borrow().clone());
+        if !stopping {
+            tracing::warn!(
+                "no longer the leader: rollouts, convergence and the lost-host watcher stop here"
+            );
+        }
+        let _ = term_tx.send(true);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        let late = rollouts.stand_down(deadline).await;
+        for (task, what) in [
+            (lost_host_watcher, "the lost-host watcher"),
+            (credential_uses, "the credentials' last uses"),
+            (converger, "the converger"),
+        ] {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                tracing::warn!("{what} did not stop within {SHUTDOWN_GRACE:?}");
+            }
+        }
+        if stopping {
+            return late;
+        }
+    }
 }

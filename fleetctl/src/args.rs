@@ -84,6 +84,10 @@ pub enum Command {
         #[arg(long)]
         all_hosts: bool,
     },
+    /// The fleet's controllers: each one's URL, whether it leads, since when (on etcd; one
+    /// controller on the embedded store)
+    #[command(after_help = "Example:\n  fleetctl controllers --output json")]
+    Controllers,
     /// The standing deployments (app, selector -> release), their hosts and drift
     #[command(after_help = "Example:\n  fleetctl deployments web")]
     Deployments {

@@ -300,6 +300,56 @@ pub async fn release_prune(ctx: &Context, app: &str, keep: u32) -> Result<(), Cl
     Ok(())
 }
 
+/// `fleetctl controllers`.
+pub async fn controllers(ctx: &Context) -> Result<(), CliError> {
+    let response = ctx
+        .client()
+        .list_controllers(pb::ListControllersRequest {})
+        .await
+        .map_err(|status| ctx.error(status))?
+        .into_inner();
+    if ctx.json() {
+        output::print_json(&response);
+        return Ok(());
+    }
+    print!(
+        "{}",
+        render_controllers(&response, fleet_proto::now_unix_ms())
+    );
+    Ok(())
+}
+
+/// The controllers table: the leader first, then the others by URL, and where the state is.
+pub fn render_controllers(response: &pb::ListControllersResponse, now: i64) -> String {
+    let mut controllers = response.controllers.clone();
+    controllers.sort_by(|a, b| b.leader.cmp(&a.leader).then(a.url.cmp(&b.url)));
+    let mut table = Table::new(&["CONTROLLER", "ROLE", "SINCE", "UP", "HTTP"]);
+    for c in &controllers {
+        let (role, since) = if c.leader {
+            ("leader", output::ago(c.leading_since_unix_ms, now))
+        } else {
+            ("follower", "-".to_string())
+        };
+        table.row(vec![
+            c.url.clone(),
+            role.to_string(),
+            since,
+            output::ago(c.up_since_unix_ms, now),
+            if c.http.is_empty() {
+                "-".to_string()
+            } else {
+                c.http.clone()
+            },
+        ]);
+    }
+    let mut text = table.render();
+    if !controllers.iter().any(|c| c.leader) {
+        text.push_str("no leader right now: one is elected within a few seconds of the last one's lease ending\n");
+    }
+    text.push_str(&format!("state: {}\n", response.store));
+    text
+}
+
 /// `fleetctl deployments [APP]`.
 pub async fn deployments(ctx: &Context, app: Option<&str>) -> Result<(), CliError> {
     let response = ctx

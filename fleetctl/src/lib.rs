@@ -162,6 +162,7 @@ async fn run_command(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Releases { app } => commands::releases(&ctx, &app).await?,
         Command::Deployments { app } => commands::deployments(&ctx, app.as_deref()).await?,
+        Command::Controllers => commands::controllers(&ctx).await?,
         Command::Hosts { limit, after } => {
             commands::hosts(&ctx, limit, after.as_deref()).await?;
         }

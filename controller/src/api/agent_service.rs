@@ -47,6 +47,9 @@ pub struct AgentApi {
     pub impostors_logged: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Which hosts hold which artifacts and serve them to peers (`ArtifactSources`).
     pub peers: Arc<crate::peers::Directory>,
+    /// This controller's role: a session ends, with the redirect to the new leader, when it
+    /// stops leading.
+    pub role: watch::Receiver<crate::leader::Role>,
 }
 
 /// The most impostor certificates remembered as logged; past it the set starts afresh.
@@ -210,6 +213,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let logs = self.logs.clone();
         let mut log_commands = logs.attach(&host, session.id);
         let mut shutdown = self.shutdown.clone();
+        let mut role = self.role.clone();
         // Three missed heartbeats end the session.
         let silence = Duration::from_millis(self.fleet.heartbeat_interval_ms * 3);
         tokio::spawn(async move {
@@ -317,6 +321,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         }
                     }
                     _ = shutdown.changed() => break,
+                    _ = crate::leader::until(&mut role, |role| !role.is_leader()) => {
+                        // Deposed: the agent follows the redirect once a new leader is known
+                        // (until then it tries its other controllers).
+                        let leader = role.borrow().leader_url().map(str::to_string);
+                        let _ = tx.send(Err(fleet_proto::leader::not_leader_status(leader.as_deref()))).await;
+                        break;
+                    }
                 }
             }
             logs.detach(&host, session.id);

@@ -29,6 +29,8 @@ pub struct FleetApi {
     pub rollouts: Arc<Rollouts>,
     /// Turns true when the controller shuts down, ending `events --follow` streams.
     pub shutdown: watch::Receiver<bool>,
+    /// The fleet's controllers (`ListControllers`).
+    pub membership: Arc<crate::registry::Membership>,
 }
 
 type ProgressStream = ReceiverStream<Result<pb::RolloutProgress, Status>>;
@@ -936,6 +938,36 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .map_err(store_status)?;
         Ok(Response::new(pb::ListDeploymentsResponse {
             deployments: reports.iter().map(convert::deployment).collect(),
+        }))
+    }
+
+    async fn list_controllers(
+        &self,
+        request: Request<pb::ListControllersRequest>,
+    ) -> Result<Response<pb::ListControllersResponse>, Status> {
+        auth::require(&self.fleet, &request, Role::Deployer)?;
+        let membership = self.membership.clone();
+        let listed = tokio::task::spawn_blocking(move || membership.list())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListControllersResponse {
+            controllers: listed
+                .into_iter()
+                .map(|listed| pb::Controller {
+                    url: listed.entry.url,
+                    leader: listed.leader,
+                    leading_since_unix_ms: listed
+                        .entry
+                        .leading_since_unix_ms
+                        .filter(|_| listed.leader)
+                        .unwrap_or(0),
+                    up_since_unix_ms: listed.entry.up_since_unix_ms,
+                    http: listed.entry.http.unwrap_or_default(),
+                })
+                .collect(),
+            store: self.fleet.describe_store(),
+            answered_by: self.membership.me.url.clone(),
         }))
     }
 

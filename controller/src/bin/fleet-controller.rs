@@ -34,6 +34,10 @@ struct Flags {
     /// in DIR instead of controller.toml's data_dir; one directory per controller.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// The URL other controllers of a fleet on etcd send clients and agents to when this one
+    /// leads, instead of controller.toml's advertise (default: https:// and --listen).
+    #[arg(long, value_name = "https://HOST:PORT")]
+    advertise: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -169,6 +173,7 @@ fn main() -> ExitCode {
                 http_listen: flags.http_listen.as_deref(),
                 listen: flags.listen.as_deref(),
                 data_dir: flags.data_dir.as_deref(),
+                advertise: flags.advertise.as_deref(),
             },
         ),
     }
@@ -216,6 +221,7 @@ struct Overrides<'a> {
     http_listen: Option<&'a str>,
     listen: Option<&'a str>,
     data_dir: Option<&'a std::path::Path>,
+    advertise: Option<&'a str>,
 }
 
 fn run(config_path: &std::path::Path, overrides: Overrides<'_>) -> ExitCode {
@@ -231,6 +237,12 @@ fn run(config_path: &std::path::Path, overrides: Overrides<'_>) -> ExitCode {
     }
     if let Some(data_dir) = overrides.data_dir {
         config.override_data_dir(&std::path::absolute(data_dir).unwrap_or(data_dir.into()));
+    }
+    if let Some(advertise) = overrides.advertise {
+        if let Err(e) = config.override_advertise(advertise) {
+            eprintln!("fleet-controller: --advertise: {e}");
+            return ExitCode::from(2);
+        }
     }
     if let Some(http_listen) = overrides.http_listen {
         if let Err(e) = config.override_http_listen(http_listen) {

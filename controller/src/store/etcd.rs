@@ -382,6 +382,16 @@ impl EtcdBackend {
         ))
     }
 
+    /// The key `rest` under the prefix, outside the store's tables (the controllers' registry).
+    pub(crate) fn prefixed(&self, rest: &str) -> Vec<u8> {
+        format!("{}/{rest}", self.config.prefix).into_bytes()
+    }
+
+    /// The end of the key range of every key that starts with `start`.
+    pub(crate) fn range_end(start: &[u8]) -> Vec<u8> {
+        prefix_end(start)
+    }
+
     /// The name of election `election` under the prefix.
     pub(crate) fn election_name(&self, election: &str) -> Vec<u8> {
         format!("{}/election/{election}", self.config.prefix).into_bytes()

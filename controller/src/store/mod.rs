@@ -309,13 +309,15 @@ impl Store {
     /// The store a controller.toml names: in etcd when it has `[etcd]` (its marker checked
     /// against the fleet CA in `ca_path`), else the redb file in `data_dir`. Blocks (on etcd):
     /// call it outside the runtime's workers.
+    /// Also returns the etcd backend, for what a controller on etcd does with it beside the
+    /// store (its election, its registration).
     pub fn open_configured(
         data_dir: &Path,
         etcd: Option<&etcd::EtcdConfig>,
         ca_path: &Path,
-    ) -> Result<Store, StoreError> {
+    ) -> Result<(Store, Option<Arc<etcd::EtcdBackend>>), StoreError> {
         let Some(etcd) = etcd else {
-            return Store::open(data_dir);
+            return Ok((Store::open(data_dir)?, None));
         };
         let ca = std::fs::read_to_string(ca_path).map_err(|e| {
             StoreError::Etcd(format!(
@@ -323,8 +325,8 @@ impl Store {
                 ca_path.display()
             ))
         })?;
-        let backend = etcd::EtcdBackend::open(etcd, &etcd::ca_fingerprint(&ca))?;
-        Ok(Store::over(Arc::new(backend)))
+        let backend = Arc::new(etcd::EtcdBackend::open(etcd, &etcd::ca_fingerprint(&ca))?);
+        Ok((Store::over(backend.clone()), Some(backend)))
     }
 
     /// The store over `backend`.
