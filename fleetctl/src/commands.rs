@@ -1346,6 +1346,42 @@ pub async fn rollout_action(
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_controllers_table_puts_the_leader_first_and_says_when_there_is_none() {
+        let controller = |url: &str, leader: bool| pb::Controller {
+            url: url.into(),
+            leader,
+            leading_since_unix_ms: if leader { 40_000 } else { 0 },
+            up_since_unix_ms: 10_000,
+            http: String::new(),
+        };
+        let mut response = pb::ListControllersResponse {
+            controllers: vec![
+                controller("https://127.0.0.1:7701", false),
+                controller("https://127.0.0.1:7702", true),
+            ],
+            store: "etcd at http://127.0.0.1:2379 prefix /fleet".into(),
+            answered_by: "https://127.0.0.1:7701".into(),
+        };
+        let text = render_controllers(&response, 100_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[1].starts_with("https://127.0.0.1:7702") && lines[1].contains("leader"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("https://127.0.0.1:7701") && lines[2].contains("follower"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("state: etcd at http://127.0.0.1:2379 prefix /fleet\n"),
+            "{text}"
+        );
+        assert!(!text.contains("no leader"), "{text}");
+        response.controllers[1].leader = false;
+        assert!(render_controllers(&response, 100_000).contains("no leader right now"));
+    }
+
     fn sample_rollout() -> pb::Rollout {
         pb::Rollout {
             id: "r-1".into(),
