@@ -24,6 +24,7 @@ pub mod bins;
 pub mod cgroup;
 pub mod disposable_root;
 pub mod etcd;
+pub mod etcd_fleet;
 pub mod faults;
 pub mod fleet;
 pub mod grpc;

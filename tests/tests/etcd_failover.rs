@@ -7,79 +7,18 @@
 //! acting as leader before its lease could end, and another takes over.
 
 use fleet_tests::etcd::Etcd;
+use fleet_tests::etcd_fleet::{
+    free_addr, leader_via, pids_serving, slow_manifest, start_controller,
+};
 use fleet_tests::fleet::Fleet;
-use fleet_tests::process::ChildGuard;
 use fleet_tests::proxy::Proxy;
 use fleet_tests::{wait_for, wait_until};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The leader's lease (`fleet_controller::leader::DEFAULT_LEASE`).
 const LEASE: Duration = Duration::from_secs(5);
-
-/// A loopback `IP:PORT` nothing listens on (bound, then freed).
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("its address").to_string()
-}
-
-/// Starts another controller of the fleet with `config` (in the fleet's config directory) on
-/// `listen`, with a data directory of its own.
-fn start_controller(fleet: &Fleet, config: &Path, name: &str, listen: &str) -> ChildGuard {
-    let data = fleet.dir().join(format!("{name}-data"));
-    let mut command = Command::new(&fleet.bins.controller);
-    command
-        .arg("--config")
-        .arg(config)
-        .args(["--listen", listen])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("RUST_LOG", "info")
-        .current_dir(fleet.dir());
-    let log = fleet.dir().join(format!("logs/{name}.log"));
-    ChildGuard::spawn(name, command, &log)
-}
-
-/// `fleetctl controllers` through `via`: (URL of the leader if any, number listed).
-fn leader_via(fleet: &Fleet, via: &str) -> Option<(Option<String>, usize)> {
-    let out = fleet.ctl_via(via, &["controllers"]);
-    if out.code != 0 {
-        return None;
-    }
-    let listed = out.json["controllers"].as_array()?.clone();
-    let leader = listed
-        .iter()
-        .find(|c| c["leader"] == Value::Bool(true))
-        .and_then(|c| c["url"].as_str())
-        .map(str::to_string);
-    Some((leader, listed.len()))
-}
-
-/// Each host's web pid while it serves `version` (hosts not serving it are left out).
-fn pids_serving(fleet: &Fleet, version: &str) -> BTreeMap<String, u32> {
-    let mut pids = BTreeMap::new();
-    for name in fleet.host_names() {
-        let serving = fleet.web_get(&name, "/").as_deref()
-            == Some(format!("web {version} on {name}\n").as_str());
-        if serving {
-            if let Some(pid) = fleet.web_pid(&name) {
-                pids.insert(name, pid);
-            }
-        }
-    }
-    pids
-}
-
-/// A web manifest whose instances must stay up `min_healthy` to pass: waves that take seconds.
-fn slow_manifest(min_healthy: &str) -> String {
-    fleet_tests::web_manifest("10s").replace(
-        "stop_timeout = \"5s\"\n",
-        &format!("stop_timeout = \"5s\"\nmin_healthy = \"{min_healthy}\"\n"),
-    )
-}
 
 #[test]
 fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_moves_on() {

@@ -102,6 +102,10 @@ fn main() -> Result<()> {
         build_binaries()?;
         return fleet_tests::bench::scale::run(&rest);
     }
+    if which == "failover" {
+        build_binaries()?;
+        return fleet_tests::bench::failover::run(&rest);
+    }
     if which == "artifact" && !rest.is_empty() {
         build_binaries()?;
         return fleet_tests::bench::fanout::run(&rest);
@@ -123,7 +127,7 @@ fn main() -> Result<()> {
             "pace",
         ],
         other => {
-            bail!("unknown benchmark {other:?}: use rollout, artifact, memory, bootstrap, start, pace, bootstrap-ansible or all")
+            bail!("unknown benchmark {other:?}: use rollout, artifact, memory, bootstrap, start, pace, bootstrap-ansible, scale, failover or all")
         }
     };
     build_binaries()?;
