@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".fleet.v1.ArtifactChunk.data")
         .bytes(".fleet.v1.PeerChunk.data")
         .bytes(".fleet.v1.CreateReleaseRequest.chunk")
+        .bytes(".fleet.v1.PushArtifactRequest.data")
         .compile_fds(descriptors)?;
     Ok(())
 }

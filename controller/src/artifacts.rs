@@ -1,7 +1,9 @@
 //! The content-addressed artifact store: `DATA/artifacts/sha256/<hex>`. An upload is streamed
 //! to a temporary file while it is hashed (never whole in memory), checked as a release
 //! artifact, and only then renamed into place under its digest. A stored artifact never
-//! changes; the same bytes uploaded twice are stored once.
+//! changes; the same bytes uploaded twice are stored once. A copy another controller sends
+//! (`crate::replicas`) goes the same way, and is kept only when its bytes hash to the digest
+//! it was sent under.
 
 use crate::config::UploadLimits;
 use fleet_proto::artifact::{self, ArtifactError, Limits};
@@ -26,6 +28,8 @@ pub enum ArtifactStoreError {
     Invalid(#[from] ArtifactError),
     #[error("{0} release uploads are under way, the most the controller takes at once: try again when one has ended")]
     Busy(usize),
+    #[error("the bytes received for {expected} hash to {actual}: the copy was dropped")]
+    DigestMismatch { expected: String, actual: String },
     #[error("the controller's disk has {free_mb} MiB free, and uploads leave {reserve_mb} MiB free (min_free_disk_mb in controller.toml): delete old artifacts or grow the disk, then upload again")]
     DiskFull { free_mb: u64, reserve_mb: u64 },
 }
@@ -54,7 +58,9 @@ pub struct Upload {
     next_check: u64,
     root: PathBuf,
     min_free_bytes: u64,
-    _slot: UploadSlot,
+    /// `None` for a copy from another controller: those do not count against the uploads
+    /// under way (one at a time per digest, see `crate::replicas`).
+    _slot: Option<UploadSlot>,
 }
 
 /// One place among the uploads in progress, given back when the upload ends either way.
@@ -145,6 +151,16 @@ impl ArtifactStore {
             return Err(ArtifactStoreError::Busy(max));
         }
         let slot = UploadSlot(self.uploads.clone());
+        self.begin(Some(slot))
+    }
+
+    /// Starts receiving a copy of an artifact from another controller, like an upload but
+    /// outside the limit of uploads under way (the disk's free space is checked all the same).
+    pub fn begin_replica(&self) -> Result<Upload, ArtifactStoreError> {
+        self.begin(None)
+    }
+
+    fn begin(&self, slot: Option<UploadSlot>) -> Result<Upload, ArtifactStoreError> {
         let tmp = self.root.join("tmp");
         check_free_space(&tmp, self.limits.min_free_bytes)?;
         let named = tempfile::NamedTempFile::new_in(&tmp).map_err(|e| self.io(e))?;
@@ -216,6 +232,29 @@ impl ArtifactStore {
             },
             temp,
         })
+    }
+
+    /// Checks a copy received from another controller as an upload is checked, and that its
+    /// bytes hash to `expected`, the digest it was sent under; dropped otherwise.
+    pub fn check_replica(
+        &self,
+        upload: Upload,
+        expected: &str,
+    ) -> Result<CheckedArtifact, ArtifactStoreError> {
+        // The digest first: bytes that are not what was asked for are not worth unpacking.
+        let actual = format!("sha256:{}", hex::encode(upload.hasher.clone().finalize()));
+        if actual != expected {
+            return Err(ArtifactStoreError::DigestMismatch {
+                expected: expected.to_string(),
+                actual,
+            });
+        }
+        self.check_upload(upload)
+    }
+
+    /// Whether the artifact with `digest` is stored here.
+    pub fn holds(&self, digest: &str) -> bool {
+        self.path_of(digest).is_some_and(|path| path.is_file())
     }
 
     /// Stores a checked artifact under its digest.
@@ -334,5 +373,51 @@ mod tests {
             0
         );
         assert!(store.path_of("sha256:../../etc").is_none());
+    }
+
+    #[test]
+    fn a_copy_is_kept_only_under_the_digest_its_bytes_hash_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = UploadLimits {
+            max_concurrent: 1,
+            min_free_bytes: 0,
+            ..UploadLimits::default()
+        };
+        let store = ArtifactStore::open(dir.path(), limits).unwrap();
+        let bytes =
+            artifact::build_artifact(&[("fleet.toml", b"[process]\ncommand = [\"x\"]\n", 0o644)])
+                .unwrap();
+        let digest = artifact::digest_of(&bytes);
+        // An upload under way takes the one slot; a copy does not need one.
+        let _upload = store.begin_upload().unwrap();
+        assert!(matches!(
+            store.begin_upload(),
+            Err(ArtifactStoreError::Busy(1))
+        ));
+
+        let mut wrong = store.begin_replica().unwrap();
+        wrong.write(&bytes[..bytes.len() - 1]).unwrap();
+        let refused = store.check_replica(wrong, &digest).err().unwrap();
+        assert!(
+            matches!(&refused, ArtifactStoreError::DigestMismatch { expected, .. } if *expected == digest),
+            "{refused}"
+        );
+        assert!(!store.holds(&digest));
+
+        let mut copy = store.begin_replica().unwrap();
+        copy.write(&bytes).unwrap();
+        let stored = store
+            .keep(store.check_replica(copy, &digest).unwrap())
+            .unwrap();
+        assert_eq!(stored.digest, digest);
+        assert!(store.holds(&digest));
+        assert!(!store.holds("sha256:nonsense"));
+        // Only the upload under way is left in the temporary area.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("artifacts/tmp"))
+                .unwrap()
+                .count(),
+            1
+        );
     }
 }

@@ -135,6 +135,9 @@ pub struct FleetState {
     /// [`CREDENTIAL_USE_FLUSH`] (and before `credentials list` and `revoke`), so a call never
     /// costs a store write.
     credential_uses: Mutex<std::collections::HashMap<String, crate::store::CredentialUse>>,
+    /// Artifact copies on the other controllers, set once at start when the state is in etcd
+    /// (several controllers); unset with the redb store (one controller).
+    replicas: std::sync::OnceLock<Arc<crate::replicas::Replicas>>,
 }
 
 /// How often the credentials' last uses are written to the store.
@@ -186,7 +189,20 @@ impl FleetState {
             events: broadcast::channel(1024).0,
             event_order: Arc::new(Mutex::new(())),
             credential_uses: Mutex::new(Default::default()),
+            replicas: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets how artifacts are copied to the other controllers (once, at start, on etcd).
+    pub fn set_replicas(&self, replicas: Arc<crate::replicas::Replicas>) {
+        if self.replicas.set(replicas).is_err() {
+            tracing::warn!("the artifact replicas were set twice; the first setting stays");
+        }
+    }
+
+    /// How artifacts are copied to the other controllers, when there are others (etcd).
+    pub fn replicas(&self) -> Option<&Arc<crate::replicas::Replicas>> {
+        self.replicas.get()
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -377,9 +393,13 @@ impl FleetState {
     }
 
     /// Notes a call by an operator or CI credential (in memory only; see
-    /// [`FleetState::flush_credential_uses`]). Agents are not tracked: their sessions are.
+    /// [`FleetState::flush_credential_uses`]). Agents are not tracked (their sessions are),
+    /// nor controllers (their certificates are their own, issued at each start).
     pub fn note_credential_use(&self, identity: &fleet_pki::Identity) {
-        if identity.role == fleet_pki::Role::Agent {
+        if matches!(
+            identity.role,
+            fleet_pki::Role::Agent | fleet_pki::Role::Controller
+        ) {
             return;
         }
         let seen = crate::store::CredentialUse {

@@ -1,6 +1,7 @@
 //! What a controller that does not lead answers itself and what it sends to the leader. A
 //! follower serves `fleetctl`'s reads that come whole from the shared store (releases, history,
-//! a rollout's record, credentials, a store export, the controllers); everything
+//! a rollout's record, credentials, a store export, the controllers) and the artifact copies
+//! other controllers push or pull (`crate::replicas`); everything
 //! else (every write, the agents' calls, and the reads that show what only the leader knows
 //! live: `status`, `hosts`, deployments, a watched rollout, events, logs) is answered with
 //! the redirect of `fleet_proto::leader`, which fleetctl and the agent follow. The edge asks
@@ -28,7 +29,8 @@ pub fn route(path: &str) -> Route {
         "/fleet.v1.FleetService/ListControllers",
         "/grpc.health.v1.Health/Check",
     ];
-    if ANY.contains(&path) {
+    // Artifact copies between controllers: every controller takes and gives them.
+    if ANY.contains(&path) || path.starts_with("/fleet.v1.ReplicaService/") {
         Route::Any
     } else {
         Route::Leader
@@ -72,6 +74,8 @@ mod tests {
             ("/fleet.v1.AgentService/Join", false),
             ("/fleet.v1.AgentService/FetchArtifact", false),
             ("/fleet.v1.FleetService/NoSuchCall", false),
+            ("/fleet.v1.ReplicaService/PushArtifact", true),
+            ("/fleet.v1.ReplicaService/PullArtifact", true),
         ] {
             assert_eq!(
                 refusal(&follower, path).is_none(),

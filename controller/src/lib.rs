@@ -32,6 +32,7 @@ pub mod prune;
 pub mod reconnects;
 pub mod registry;
 pub mod releases;
+pub mod replicas;
 pub mod rollout;
 pub mod server;
 pub mod status;

@@ -2,7 +2,10 @@
 //! checked, its uploaded artifact checked (the same reader the agent unpacks with) and kept in
 //! the artifact store, and the record `APP@VERSION -> sha256:...` written. Releases are
 //! immutable: a version that exists with other bytes or other config is refused, and the
-//! refused bytes are not kept; the same bytes and config again is a no-op.
+//! refused bytes are not kept; the same bytes and config again is a no-op. With several
+//! controllers (state in etcd) a release is recorded, and so acknowledged, only once its
+//! artifact is stored on another controller too (`crate::replicas`); with only one up it is
+//! refused before any byte is taken.
 //!
 //! The gRPC handler only decodes the stream, authorizes, and calls [`begin`], [`Upload::write`]
 //! and [`create`].
@@ -44,6 +47,24 @@ pub enum ReleaseError {
     Exhausted(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No other controller is up to keep a copy of the artifact.
+    #[error("{0}")]
+    OneController(String),
+    /// The other controllers up did not store a copy.
+    #[error("{0}")]
+    NotReplicated(String),
+}
+
+impl From<crate::replicas::ReplicaError> for ReleaseError {
+    fn from(e: crate::replicas::ReplicaError) -> ReleaseError {
+        use crate::replicas::ReplicaError;
+        match e {
+            e @ ReplicaError::OnlyOneController => ReleaseError::OneController(e.to_string()),
+            ReplicaError::Store(e) => e.into(),
+            e @ ReplicaError::Internal(_) => ReleaseError::Internal(e.to_string()),
+            e => ReleaseError::NotReplicated(e.to_string()),
+        }
+    }
 }
 
 impl From<ArtifactStoreError> for ReleaseError {
@@ -140,8 +161,11 @@ impl Upload {
     }
 }
 
-/// Starts an upload.
-pub fn begin(fleet: &FleetState) -> Result<Upload, ReleaseError> {
+/// Starts an upload; with several controllers, only when another one is up to keep a copy.
+pub async fn begin(fleet: &FleetState) -> Result<Upload, ReleaseError> {
+    if let Some(replicas) = fleet.replicas() {
+        replicas.require_another_controller().await?;
+    }
     Ok(Upload {
         inner: fleet.artifacts().begin_upload()?,
     })
@@ -180,6 +204,13 @@ pub async fn create(
     let stored = tokio::task::spawn_blocking(move || artifacts.keep(checked))
         .await
         .map_err(|e| ReleaseError::Internal(format!("keeping the artifact crashed: {e}")))??;
+    // Stored on another controller before the release is recorded: a release anyone can see
+    // is never held by one controller only. (A retry of the same release pushes again; a
+    // controller that holds it answers at once.)
+    if let Some(replicas) = fleet.replicas() {
+        let peer = replicas.replicate(&stored.digest).await?;
+        tracing::info!(digest = %stored.digest, "artifact of {}@{} stored on {peer} too", new.app, new.version);
+    }
 
     let record = ReleaseRecord {
         app: new.app,

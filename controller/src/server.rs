@@ -127,6 +127,19 @@ pub async fn run(
         role_tx,
         stop_rx.clone(),
     ));
+    if let Some(etcd) = &etcd {
+        // Several controllers: a release is kept on two of them (`crate::replicas`).
+        let peers = Arc::new(crate::replicas::RegisteredPeers {
+            etcd: etcd.clone(),
+            me: url.clone(),
+        });
+        fleet.set_replicas(Arc::new(crate::replicas::Replicas::new(
+            fleet.artifacts().clone(),
+            trust.clone(),
+            peers,
+            url.clone(),
+        )));
+    }
 
     // Metrics, health, the status page and webhooks; before recovery, to see its events.
     let ops = crate::http::start(
@@ -225,6 +238,14 @@ pub async fn run(
         .add_service(
             pb::fleet_service_server::FleetServiceServer::new(fleet_api)
                 .max_decoding_message_size(MAX_FLEET_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::replica_service_server::ReplicaServiceServer::new(
+                crate::api::replica_service::ReplicaApi {
+                    fleet: fleet.clone(),
+                },
+            )
+            .max_decoding_message_size(MAX_FLEET_MESSAGE_BYTES),
         );
     // TLS at the edge (no Nagle there: an answer written in two parts must not wait for the
     // peer's delayed ACK before its second part goes out), each connection to its lane.

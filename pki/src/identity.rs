@@ -1,5 +1,6 @@
 //! The identity in a fleet certificate: subject CN is the name (a host name for agents, a
-//! person or CI job for credentials), subject OU is the role (`admin`, `deployer`, `agent`),
+//! person or CI job for credentials), subject OU is the role (`admin`, `deployer`, `agent`,
+//! `controller`),
 //! and the serial number (lowercase hex) is what revocation lists. The certificate has already
 //! been verified against the fleet CA by rustls when this reads it.
 
@@ -12,6 +13,10 @@ pub enum Role {
     Admin,
     Deployer,
     Agent,
+    /// Another controller of the same fleet (they share the CA key): it may only replicate
+    /// artifacts (`ReplicaService`). Each controller issues itself one at start; nobody else
+    /// is given one.
+    Controller,
 }
 
 impl Role {
@@ -20,6 +25,7 @@ impl Role {
             "admin" => Some(Role::Admin),
             "deployer" => Some(Role::Deployer),
             "agent" => Some(Role::Agent),
+            "controller" => Some(Role::Controller),
             _ => None,
         }
     }
@@ -29,11 +35,13 @@ impl Role {
             Role::Admin => "admin",
             Role::Deployer => "deployer",
             Role::Agent => "agent",
+            Role::Controller => "controller",
         }
     }
 
     /// Whether a holder of `self` may make a call that needs `needed`. Admin covers deployer;
-    /// agent calls need an agent certificate (they speak for a host, which an operator is not).
+    /// agent calls need an agent certificate (they speak for a host, which an operator is not);
+    /// a controller's calls need a controller certificate, which grants nothing else.
     pub fn grants(self, needed: Role) -> bool {
         matches!(
             (self, needed),
@@ -41,6 +49,7 @@ impl Role {
                 | (Role::Admin, Role::Deployer)
                 | (Role::Deployer, Role::Deployer)
                 | (Role::Agent, Role::Agent)
+                | (Role::Controller, Role::Controller)
         )
     }
 }
@@ -87,8 +96,9 @@ impl Identity {
                 .collect(),
             "organizational unit (OU) naming its role",
         )?;
-        let role = Role::parse(&role_text)
-            .ok_or_else(|| format!("its role {role_text:?} is not admin, deployer or agent"))?;
+        let role = Role::parse(&role_text).ok_or_else(|| {
+            format!("its role {role_text:?} is not admin, deployer, agent or controller")
+        })?;
         Ok(Identity {
             name,
             role,
@@ -212,10 +222,16 @@ mod tests {
             (Agent, Agent, true),
             (Agent, Deployer, false),
             (Agent, Admin, false),
+            (Controller, Controller, true),
+            (Controller, Admin, false),
+            (Controller, Deployer, false),
+            (Controller, Agent, false),
+            (Admin, Controller, false),
+            (Agent, Controller, false),
         ] {
             assert_eq!(have.grants(need), ok, "{have:?} {need:?}");
         }
-        for role in [Admin, Deployer, Agent] {
+        for role in [Admin, Deployer, Agent, Controller] {
             assert_eq!(Role::parse(role.as_str()), Some(role));
         }
         assert_eq!(Role::parse("root"), None);

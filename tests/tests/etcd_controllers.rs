@@ -1,14 +1,15 @@
 //! User story: a fleet made with `fleetctl init --etcd URL` keeps its state in etcd; a second
 //! controller started on the same config directory and CA with `--data-dir`, `--listen` and
 //! `--http-listen` of its own writes its address file in its own data directory and serves the
-//! same records (a release created through the first is listed by the second); a third started
+//! same records (a release created through the first, once it sees the second, is listed by
+//! the second); a third started
 //! on the first one's data directory is refused with a message that says what to do.
 //! (Without leader election both would run rollouts; this test only reads through the second.)
 
 use fleet_tests::etcd::Etcd;
 use fleet_tests::fleet::Fleet;
 use fleet_tests::process::{run_with_deadline, ChildGuard};
-use fleet_tests::wait_for;
+use fleet_tests::{wait_for, wait_until};
 use std::process::Command;
 use std::time::Duration;
 
@@ -28,7 +29,6 @@ fn two_controllers_share_one_fleet_in_etcd_and_a_shared_data_directory_is_refuse
         !fleet.controller_data_dir().join("fleet.redb").exists(),
         "a controller on etcd keeps no redb store"
     );
-    fleet.create_web_releases(&["1.0.0"]);
 
     let config = fleet.config_dir().join("controller.toml");
     let second_data = fleet.dir().join("second-data");
@@ -56,6 +56,25 @@ fn two_controllers_share_one_fleet_in_etcd_and_a_shared_data_directory_is_refuse
         },
     );
     assert_ne!(fleet.controller_url(), format!("https://{addr}"));
+    // A release is acknowledged once two controllers hold it (`etcd_replicas.rs`): created
+    // once the first controller, leading, lists the second.
+    wait_until(
+        Duration::from_secs(30),
+        "the first controller to lead and list the second",
+        || {
+            let out = fleet.ctl(&["controllers"]);
+            let controllers = out.json["controllers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            out.code == 0
+                && controllers.len() == 2
+                && controllers
+                    .iter()
+                    .any(|c| c["url"] == fleet.controller_url() && c["leader"] == true)
+        },
+    );
+    fleet.create_web_releases(&["1.0.0"]);
     let releases = fleet
         .ctl_in(
             &fleet.config_dir(),

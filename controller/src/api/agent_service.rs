@@ -2,7 +2,8 @@
 //! heartbeats) and artifact fetches, streamed from an offset so a cut fetch resumes, and
 //! `Join`, where a new host trades a one-time token and its certificate request for a
 //! certificate naming it. Every call but `Join` needs an agent certificate, and an agent
-//! speaks only for the host its certificate names (see `crate::auth`).
+//! speaks only for the host its certificate names (see `crate::auth`). An artifact this
+//! controller does not hold (several controllers) is fetched from another one first.
 
 use super::{convert, store_status};
 use crate::auth::{self, Role};
@@ -498,6 +499,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let identity = auth::require(&self.fleet, &request, Role::Agent)?;
         let request = request.into_inner();
         auth::host_scope::require_artifact_of_own_host(&self.fleet, &identity, &request.digest)?;
+        super::replica_service::ensure_local(&self.fleet, &request.digest).await?;
         let path = self
             .fleet
             .artifacts()
@@ -571,6 +573,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 "at most {MAX_EXCLUDED_PEERS} excluded peers"
             )));
         }
+        super::replica_service::ensure_local(&self.fleet, &request.digest).await?;
         let path = self
             .fleet
             .artifacts()

@@ -215,7 +215,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         let new =
             releases::NewRelease::check(header.app, header.version, header.env, header.secrets)
                 .map_err(release_status)?;
-        let mut upload = releases::begin(&self.fleet).map_err(release_status)?;
+        let mut upload = releases::begin(&self.fleet).await.map_err(release_status)?;
         let idle = self.fleet.artifacts().limits().idle_timeout;
         loop {
             let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
@@ -1281,6 +1281,11 @@ fn release_status(e: releases::ReleaseError) -> Status {
     match e {
         ReleaseError::Invalid(m) => Status::invalid_argument(m),
         ReleaseError::Exhausted(m) => Status::resource_exhausted(m),
+        ReleaseError::OneController(m) => Status::failed_precondition(m),
+        ReleaseError::NotReplicated(m) => {
+            tracing::warn!("{m}");
+            Status::aborted(m)
+        }
         e @ ReleaseError::Immutable { .. } => Status::already_exists(e.to_string()),
         ReleaseError::Store(e) => store_status(e),
         e @ (ReleaseError::Artifacts(_) | ReleaseError::Internal(_)) => {

@@ -7,6 +7,7 @@ pub mod certificates;
 pub mod convert;
 pub mod fleet_service;
 pub mod logs;
+pub mod replica_service;
 
 pub use crate::status::{rollout_status, store_status};
 

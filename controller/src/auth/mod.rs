@@ -9,6 +9,7 @@
 //! | `admin` | every FleetService call |
 //! | `deployer` | release create, rollout, rollback, rollout status/pause/resume/abort, the read verbs (hosts, releases, status, history, events), and `RenewCredential` for its own credential |
 //! | `agent` | only `AgentService.Session`, `FetchArtifact` and `Renew`, and only for its own host |
+//! | `controller` | only `ReplicaService` (artifact copies between the controllers of one fleet, `crate::replicas`) |
 //!
 //! A certificate whose serial is on the revoked list (`Store::revoke_host`,
 //! `Store::revoke_credential`) is refused on every call, also on a connection opened before it
