@@ -321,6 +321,13 @@ impl Supervisor {
         }
         tasks.extend(std::mem::take(&mut self.retiring).into_values());
         futures::future::join_all(tasks).await;
+        // Assignments that arrived in the last half second, not yet written: the next run
+        // starts from them.
+        let store = self.context.store.clone();
+        let written = tokio::task::spawn_blocking(move || store.flush_to(store.last_change()));
+        if let Ok(Err(e)) = written.await {
+            tracing::error!("{e}");
+        }
     }
 }
 
