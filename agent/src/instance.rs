@@ -375,7 +375,13 @@ fn remove_moved_aside(old_prefix: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&*prefix) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // The prefix and a token (32 hex digits): `.old-web-` must not take `.old-web-api-…`.
+        let ours = name
+            .strip_prefix(&*prefix)
+            .is_some_and(|token| token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()));
+        if ours {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
