@@ -4,7 +4,10 @@
 //! on *every* start, so nothing an earlier instance wrote survives: for an app that runs as a
 //! user of its own (a root agent, see [`crate::app_user`]), of hard links to the release's
 //! files, which the app can read but not change, so a start costs the same for any release
-//! size; for an agent that is not root, a copy. The command runs in that directory, as the
+//! size; for an agent that is not root, a copy. When a linked instance replaces another, its
+//! directory is made beside the live one (`.next-<app>`) while the old instance stops, then
+//! renamed into place, the old directory moved aside and removed in the background
+//! ([`Instance::stage`], [`Instance::start_staged`]). The command runs in that directory, as the
 //! app's user, in its own process group (its pid is the group id), with stdin closed and
 //! stdout and stderr appended to `DATA/logs/<app>.log` (0600, rotated: [`crate::app_log`]). A relative `command[0]` is resolved
 //! inside the instance directory (a bare name that is not there is looked up on `PATH`), and
@@ -271,6 +274,52 @@ enum Leader {
     Adopted(tokio::sync::watch::Receiver<bool>),
 }
 
+/// `/proc/PID` entries are stamped (ctime) when the kernel first makes them, with its coarse
+/// clock, which lags the precise one by up to a tick (10 ms at HZ=100): an entry must be this
+/// much older than a spawn to count as older than it.
+const COARSE_CLOCK_LAG: Duration = Duration::from_millis(50);
+/// How far the wall clock may have moved apart from the monotonic one between a spawn and a
+/// stop (a step of the clock, a suspend) before entries' stamps are not trusted any more.
+const CLOCK_DRIFT_ALLOWED: Duration = Duration::from_secs(1);
+
+/// The clocks just before an instance's leader was spawned: what tells the processes surely
+/// older than the instance (nothing of it) apart from the others, from a `stat` of their
+/// `/proc` entry alone ([`older_cutoff`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SpawnClocks {
+    wall: std::time::SystemTime,
+    mono: Instant,
+}
+
+impl SpawnClocks {
+    fn now() -> SpawnClocks {
+        SpawnClocks {
+            wall: std::time::SystemTime::now(),
+            mono: Instant::now(),
+        }
+    }
+}
+
+/// The stamp before which a `/proc/PID` entry belongs to a process that started before an
+/// instance spawned at `spawned_wall`, `mono_elapsed` ago on the monotonic clock, given the
+/// wall clock now. An entry is made at the first lookup of a live process, so never before
+/// the process started; every process the instance started (and so every one carrying its
+/// token) has an entry stamped after the spawn, less the coarse clock's lag. `None` when the
+/// wall clock did not move with the monotonic one (stepped or suspended): then no stamp is
+/// trusted. Pure.
+pub fn older_cutoff(
+    spawned_wall: std::time::SystemTime,
+    mono_elapsed: Duration,
+    now_wall: std::time::SystemTime,
+) -> Option<std::time::SystemTime> {
+    let wall_elapsed = now_wall.duration_since(spawned_wall).ok()?;
+    let drift = wall_elapsed.abs_diff(mono_elapsed);
+    if drift > CLOCK_DRIFT_ALLOWED {
+        return None;
+    }
+    spawned_wall.checked_sub(COARSE_CLOCK_LAG)
+}
+
 /// A running (or just exited) instance process.
 pub struct Instance {
     leader: Leader,
@@ -278,6 +327,8 @@ pub struct Instance {
     /// When the leader started, in clock ticks after boot (`/proc/PID/stat`): with the token,
     /// what tells it from a later process that reuses its pid.
     start_ticks: Option<u64>,
+    /// The clocks just before the spawn, when this run of the agent spawned it.
+    spawned: Option<SpawnClocks>,
     token: String,
     stop_signal: Signal,
     stop_timeout: Duration,
@@ -289,7 +340,80 @@ pub struct Instance {
     pub started_at: Instant,
 }
 
+/// An instance directory made afresh from a release beside the app's instance directory
+/// (`DATA/instances/.next-<app>`, a name no app can have), while the instance before still
+/// runs or stops: [`Instance::start_staged`] then only renames it into place. Made only by
+/// linking (an app of its own user): a copy would need the release's bytes twice on disk.
+#[derive(Debug)]
+pub struct Staged {
+    dir: PathBuf,
+}
+
+/// Where the directory of the next instance of the app whose instance directory is
+/// `instance_dir` is made, and the prefix of where its last ones go while they are removed.
+fn staging_dirs(instance_dir: &Path) -> (PathBuf, PathBuf) {
+    let name = instance_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = instance_dir.parent().unwrap_or(Path::new("."));
+    (
+        parent.join(format!(".next-{name}")),
+        parent.join(format!(".old-{name}-")),
+    )
+}
+
+/// Removes what is left of an app's earlier instance directories moved aside (by a start that a
+/// crash of the agent interrupted, or whose removal is still under way: then one of the two
+/// removals gives up, and the next start takes what is left). Blocking.
+fn remove_moved_aside(old_prefix: &Path) {
+    let (Some(parent), Some(prefix)) = (old_prefix.parent(), old_prefix.file_name()) else {
+        return;
+    };
+    let prefix = prefix.to_string_lossy();
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // The prefix and a token (32 hex digits): `.old-web-` must not take `.old-web-api-…`.
+        let ours = name
+            .strip_prefix(&*prefix)
+            .is_some_and(|token| token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()));
+        if ours {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn absolute_instance_dir(layout: &DataLayout, app: &str) -> PathBuf {
+    std::path::absolute(layout.instance_dir(app)).unwrap_or_else(|_| layout.instance_dir(app))
+}
+
 impl Instance {
+    /// Makes the next instance's directory from `release_dir` beside the live one, for an app
+    /// that runs as a user of its own (`None` otherwise: [`Instance::start`] copies then).
+    pub async fn stage(
+        layout: &DataLayout,
+        release_dir: &Path,
+        vars: &InstanceVars,
+    ) -> Option<Result<Staged, InstanceError>> {
+        vars.run_as.ids()?;
+        let (next, old_prefix) = staging_dirs(&absolute_instance_dir(layout, &vars.app));
+        let (from, to, run_as) = (release_dir.to_path_buf(), next.clone(), vars.run_as.clone());
+        let made = tokio::task::spawn_blocking(move || {
+            remove_moved_aside(&old_prefix);
+            prepare_from_origin(&from, &to, &run_as)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        Some(
+            made.map(|()| Staged { dir: next.clone() })
+                .map_err(|source| InstanceError::Prepare { path: next, source }),
+        )
+    }
+
     /// Starts a fresh instance of a release from origin state.
     pub async fn start(
         layout: &DataLayout,
@@ -297,8 +421,7 @@ impl Instance {
         manifest: &Manifest,
         vars: &InstanceVars,
     ) -> Result<Instance, InstanceError> {
-        let instance_dir = std::path::absolute(layout.instance_dir(&vars.app))
-            .unwrap_or_else(|_| layout.instance_dir(&vars.app));
+        let instance_dir = absolute_instance_dir(layout, &vars.app);
         let (from, to, run_as) = (
             release_dir.to_path_buf(),
             instance_dir.clone(),
@@ -311,7 +434,48 @@ impl Instance {
                 path: instance_dir.clone(),
                 source,
             })?;
+        Instance::spawn(layout, manifest, vars, instance_dir).await
+    }
 
+    /// Starts a fresh instance in a directory [`Instance::stage`] made: the last instance's
+    /// directory (its process stopped) is moved aside and removed on the blocking pool, the
+    /// staged one renamed into its place, and the process spawned there.
+    pub async fn start_staged(
+        layout: &DataLayout,
+        staged: Staged,
+        manifest: &Manifest,
+        vars: &InstanceVars,
+    ) -> Result<Instance, InstanceError> {
+        let instance_dir = absolute_instance_dir(layout, &vars.app);
+        let (_, old_prefix) = staging_dirs(&instance_dir);
+        let mut old = old_prefix.into_os_string();
+        old.push(crate::state::new_token());
+        let old = PathBuf::from(old);
+        let swap = || -> std::io::Result<()> {
+            match std::fs::rename(&instance_dir, &old) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            std::fs::rename(&staged.dir, &instance_dir)
+        };
+        swap().map_err(|source| InstanceError::Prepare {
+            path: instance_dir.clone(),
+            source,
+        })?;
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(&old);
+        });
+        Instance::spawn(layout, manifest, vars, instance_dir).await
+    }
+
+    /// Spawns the instance's process in `instance_dir`, made afresh from the release.
+    async fn spawn(
+        layout: &DataLayout,
+        manifest: &Manifest,
+        vars: &InstanceVars,
+        instance_dir: PathBuf,
+    ) -> Result<Instance, InstanceError> {
         if let Some((uid, _)) = vars.run_as.ids() {
             // The instance directory is the app's own; every one above it must be searchable.
             let above = instance_dir.parent().unwrap_or(&instance_dir);
@@ -360,6 +524,7 @@ impl Instance {
             .process_group(0)
             .kill_on_drop(false);
         vars.run_as.apply(&mut cmd);
+        let spawned = SpawnClocks::now();
         let child = cmd.spawn().map_err(|source| InstanceError::Spawn {
             program: command[0].clone(),
             source,
@@ -369,6 +534,7 @@ impl Instance {
             leader: Leader::Child(child),
             pid,
             start_ticks: start_ticks(pid),
+            spawned: Some(spawned),
             token,
             stop_signal: nix_signal(manifest.process.stop_signal),
             stop_timeout: manifest.process.stop_timeout,
@@ -412,6 +578,7 @@ impl Instance {
             leader: Leader::Adopted(exited),
             pid: saved.pid,
             start_ticks: start_ticks(saved.pid),
+            spawned: None,
             token: saved.token.clone(),
             stop_signal: signal_by_name(&saved.stop_signal).unwrap_or(Signal::SIGTERM),
             stop_timeout: Duration::from_millis(saved.stop_timeout_ms),
@@ -504,7 +671,7 @@ impl Instance {
                 }
             }
         };
-        kill_token_holders(&self.token, self.start_ticks).await;
+        kill_token_holders(&self.token, self.start_ticks, self.spawned).await;
         self.stopped = true;
         outcome
     }
@@ -539,18 +706,40 @@ pub fn has_token(pid: i32, token: &str) -> bool {
 }
 
 /// Every live process that carries the token (an instance's leader and whatever it started).
-/// With `since_ticks` (when the leader started), only processes that started then or later are
-/// read: whatever carries the token was started by the instance, after its leader. Reading a
-/// process's start time (`/proc/PID/stat`) costs far less than its environment, and on a busy
-/// host most processes are older: a stop no longer reads every process's environment.
-fn token_holders(token: &str, since_ticks: Option<u64>) -> Vec<i32> {
+/// Whatever carries the token was started by the instance, after its leader, so only younger
+/// processes are read: with `spawned` (when the leader was spawned, by this run of the agent),
+/// a process whose `/proc` entry is stamped before it ([`older_cutoff`]) is passed over on a
+/// `stat` of that entry, which costs a few microseconds; with `since_ticks` (when the leader
+/// started), a process that started before it, read from `/proc/PID/stat`, which costs tens
+/// of microseconds on a busy host. What is left has its environment read. On a host where the
+/// agent's apps run beside hundreds of other processes, a stop then reads almost nothing.
+fn token_holders(token: &str, since_ticks: Option<u64>, spawned: Option<SpawnClocks>) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
+    };
+    let cutoff = spawned.and_then(|spawned| {
+        older_cutoff(
+            spawned.wall,
+            spawned.mono.elapsed(),
+            std::time::SystemTime::now(),
+        )
+    });
+    let surely_older = |pid: i32| {
+        let Some(cutoff) = cutoff else {
+            return false;
+        };
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|meta| {
+            let stamp = std::time::UNIX_EPOCH
+                + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().max(0) as u32);
+            stamp < cutoff
+        })
     };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| *pid != std::process::id() as i32)
+        .filter(|pid| !surely_older(*pid))
         .filter(
             |pid| match (since_ticks, since_ticks.and_then(|_| start_ticks(*pid))) {
                 (Some(since), Some(started)) => started >= since,
@@ -564,10 +753,10 @@ fn token_holders(token: &str, since_ticks: Option<u64>) -> Vec<i32> {
 
 /// SIGKILLs every process still carrying the token, and waits (bounded) for them to go: on
 /// each one's pidfd, so the wait ends when the last of them does, not at a poll.
-async fn kill_token_holders(token: &str, since_ticks: Option<u64>) {
+async fn kill_token_holders(token: &str, since_ticks: Option<u64>, spawned: Option<SpawnClocks>) {
     let deadline = tokio::time::Instant::now() + KILL_WAIT;
     loop {
-        let holders = token_holders(token, since_ticks);
+        let holders = token_holders(token, since_ticks, spawned);
         if holders.is_empty() || tokio::time::Instant::now() >= deadline {
             return;
         }
@@ -646,7 +835,7 @@ pub async fn kill_leftovers(saved: &BTreeMap<String, SavedInstance>) {
     let stops = saved.iter().map(|(app, instance)| async move {
         if !has_token(instance.pid, &instance.token) {
             tracing::info!(%app, pid = instance.pid, "the instance recorded by the last run is gone");
-            kill_token_holders(&instance.token, instance.start_ticks).await;
+            kill_token_holders(&instance.token, instance.start_ticks, None).await;
             return;
         }
         tracing::info!(%app, pid = instance.pid, "stopping the instance left by the last run");
@@ -666,7 +855,7 @@ pub async fn kill_leftovers(saved: &BTreeMap<String, SavedInstance>) {
         if !exited && has_token(instance.pid, &instance.token) {
             let _ = killpg(group, Signal::SIGKILL);
         }
-        kill_token_holders(&instance.token, instance.start_ticks).await;
+        kill_token_holders(&instance.token, instance.start_ticks, None).await;
     });
     futures::future::join_all(stops).await;
 }
@@ -789,6 +978,66 @@ mod tests {
         let log = std::fs::read_to_string(layout.log_file("app")).unwrap();
         assert_eq!(log.matches("--- fleet-agent: starting app 1.0").count(), 2);
         // The release itself was never written to.
+        assert!(!release_dir.join("written").exists());
+    }
+
+    #[tokio::test]
+    async fn a_replacement_made_beside_the_live_instance_begins_from_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DataLayout::new(dir.path());
+        layout.create_all().unwrap();
+        let release_dir = release(
+            &layout,
+            &[("bin/run.sh", "echo up > written\nexec sleep 30\n", 0o755)],
+        );
+        let m = manifest("[process]\ncommand = [\"/bin/sh\", \"bin/run.sh\"]\n");
+        let vars = vars(&layout, "app");
+        let Some(_) = vars.run_as.ids() else {
+            // An agent that is not root copies, in place.
+            assert!(Instance::stage(&layout, &release_dir, &vars)
+                .await
+                .is_none());
+            return;
+        };
+        let inst = layout.instance_dir("app");
+        let mut first = Instance::start(&layout, &release_dir, &m, &vars)
+            .await
+            .unwrap();
+        eventually("the first instance to write", || {
+            inst.join("written").exists()
+        })
+        .await;
+        std::fs::write(inst.join("junk"), "x").unwrap();
+        // Made while the first instance still runs, beside its directory.
+        let staged = Instance::stage(&layout, &release_dir, &vars)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            inst.join("junk").exists(),
+            "the live instance's directory is left alone"
+        );
+        first.stop().await;
+        let mut second = Instance::start_staged(&layout, staged, &m, &vars)
+            .await
+            .unwrap();
+        assert!(
+            !inst.join("junk").exists(),
+            "what the earlier instance left is gone"
+        );
+        eventually("the second instance to write", || {
+            inst.join("written").exists()
+        })
+        .await;
+        let instances = inst.parent().unwrap().to_path_buf();
+        eventually("the old directory to be removed", || {
+            std::fs::read_dir(&instances)
+                .unwrap()
+                .flatten()
+                .all(|e| e.file_name() == "app")
+        })
+        .await;
+        second.stop().await;
         assert!(!release_dir.join("written").exists());
     }
 
@@ -942,7 +1191,7 @@ mod tests {
         let token = instance.token().to_string();
         // While the child execs `sleep`, its /proc/PID/environ may not be readable: wait.
         eventually("the leader and its child to carry the token", || {
-            token_holders(&token, None).len() >= 2
+            token_holders(&token, None, None).len() >= 2
         })
         .await;
         let started = Instant::now();
@@ -950,8 +1199,72 @@ mod tests {
         assert!(outcome.contains("killed with SIGKILL"), "{outcome}");
         assert!(started.elapsed() >= Duration::from_millis(300));
         assert!(
-            token_holders(&token, None).is_empty(),
+            token_holders(&token, None, None).is_empty(),
             "nothing of the group survives"
+        );
+    }
+
+    #[test]
+    fn proc_entries_are_trusted_only_while_the_wall_clock_keeps_time() {
+        let spawned = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        for (mono_elapsed, wall_now, expect) in [
+            // The clocks moved together: entries stamped 50 ms before the spawn are older.
+            (ms(200), spawned + ms(200), Some(spawned - COARSE_CLOCK_LAG)),
+            (
+                s(3600),
+                spawned + s(3600) + ms(900),
+                Some(spawned - COARSE_CLOCK_LAG),
+            ),
+            (
+                s(3600),
+                spawned + s(3600) - ms(900),
+                Some(spawned - COARSE_CLOCK_LAG),
+            ),
+            // Stepped forward or back, or suspended: nothing is trusted.
+            (ms(200), spawned + s(5), None),
+            (s(10), spawned + s(2), None),
+            (ms(200), spawned - s(1), None),
+        ] {
+            assert_eq!(
+                older_cutoff(spawned, mono_elapsed, wall_now),
+                expect,
+                "{mono_elapsed:?} on the monotonic clock, {wall_now:?} on the wall"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_process_that_left_the_group_is_found_by_its_token_and_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DataLayout::new(dir.path());
+        layout.create_all().unwrap();
+        let release_dir = release(&layout, &[]);
+        // The child moves to a session (and group) of its own: only its token gives it away.
+        let m = manifest(
+            "[process]\ncommand = [\"/bin/sh\", \"-c\", \"setsid -f sleep 60; echo ready > ready; exec sleep 60\"]\nstop_timeout = \"5s\"\n",
+        );
+        let mut instance = Instance::start(&layout, &release_dir, &m, &vars(&layout, "app"))
+            .await
+            .unwrap();
+        let ready = layout.instance_dir("app").join("ready");
+        eventually("the instance to be ready", || ready.exists()).await;
+        let token = instance.token().to_string();
+        eventually(
+            "the leader and the escaped child to carry the token",
+            || token_holders(&token, None, None).len() >= 2,
+        )
+        .await;
+        // Found by the same scan a stop makes (the entries' stamps and start times first).
+        assert!(
+            token_holders(&token, instance.start_ticks, instance.spawned).len() >= 2,
+            "the filters pass over nothing of the instance"
+        );
+        instance.stop().await;
+        assert!(
+            token_holders(&token, None, None).is_empty(),
+            "the process that left the group is stopped too"
         );
     }
 

@@ -1,12 +1,14 @@
 //! Smoke checks: `http` (GET must answer `expect_status`; hyper 1 over a tokio `TcpStream`,
 //! `http://` only), `tcp` (a connection must open) and `exec` (must exit 0; runs in the
 //! instance directory with the instance environment). `${VAR}` in a check is replaced from the
-//! instance environment. Each check is retried, first after [`FIRST_RETRY`] and then doubling to
-//! [`FAST_RETRY_CAP`] (10 ms) for the first [`FAST_PHASE`] (most apps are up within it, and each try
-//! that is too early costs the rollout up to one pause), then to [`RETRY_INTERVAL`]
-//! ([`retry_pause`]), until its timeout, capped
-//! by the assignment's smoke timeout when that is non-zero and smaller; the checks run in order
-//! and the first that runs out of time fails the lot, naming itself and its last error.
+//! instance environment. Each check is tried at once, then again after pauses of a tenth of how
+//! long it has run so far, from [`FIRST_RETRY`] (1 ms) to [`FAST_RETRY_CAP`] (10 ms), for its
+//! first [`FAST_PHASE`] (most apps are up within it, and a try that comes too early costs the
+//! rollout up to one pause: so at most a tenth of the app's own start, and a failed try is a
+//! refused connection on this host, microseconds), then doubling to [`RETRY_INTERVAL`]
+//! ([`retry_pause`]), until its timeout, capped by the assignment's smoke timeout when that is
+//! non-zero and smaller; the checks run in order and the first that runs out of time fails the
+//! lot, naming itself and its last error.
 //!
 //! Whether the instance exits meanwhile is the supervisor's business: it races these checks
 //! against the process.
@@ -21,23 +23,26 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// The pause before the second try of a check.
-pub const FIRST_RETRY: Duration = Duration::from_millis(5);
+/// The shortest pause between two tries of one check.
+pub const FIRST_RETRY: Duration = Duration::from_millis(1);
 /// The longest pause between two tries of one check while it is young.
 pub const FAST_RETRY_CAP: Duration = Duration::from_millis(10);
 /// How long a check is retried at most [`FAST_RETRY_CAP`] apart.
 pub const FAST_PHASE: Duration = Duration::from_secs(2);
 /// The longest pause between two tries of one check.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(150);
+/// While a check is young, the pause after a failed try is this fraction of how long it ran.
+const FAST_PAUSE_DIVISOR: u32 = 10;
 
-/// The pause after a failed try, given the one before and how long the check has run. Pure.
+/// The pause after a failed try, given the one before and how long the check has run: a tenth
+/// of `running_for` within [`FIRST_RETRY`]..=[`FAST_RETRY_CAP`] while it is young, then
+/// doubling to [`RETRY_INTERVAL`]. Pure.
 pub fn retry_pause(previous: Duration, running_for: Duration) -> Duration {
-    let cap = if running_for < FAST_PHASE {
-        FAST_RETRY_CAP
+    if running_for < FAST_PHASE {
+        (running_for / FAST_PAUSE_DIVISOR).clamp(FIRST_RETRY, FAST_RETRY_CAP)
     } else {
-        RETRY_INTERVAL
-    };
-    (previous * 2).min(cap)
+        (previous * 2).clamp(FAST_RETRY_CAP, RETRY_INTERVAL)
+    }
 }
 /// One try never takes longer than this (nor past the check's deadline).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -339,20 +344,60 @@ mod tests {
     #[test]
     fn retries_come_fast_while_the_check_is_young() {
         let ms = Duration::from_millis;
+        let us = Duration::from_micros;
         for (previous, running_for, expect) in [
-            (ms(5), ms(5), ms(10)),
-            (ms(10), ms(15), ms(10)),
+            // Young: a tenth of the time run so far, at least 1 ms, at most 10 ms.
+            (ms(1), us(0), ms(1)),
+            (ms(1), us(1500), ms(1)),
+            (ms(1), ms(9), ms(1)),
+            (ms(1), ms(15), us(1500)),
+            (ms(3), ms(40), ms(4)),
+            (ms(8), ms(80), ms(8)),
+            (ms(10), ms(150), ms(10)),
             (ms(10), ms(1999), ms(10)),
+            // Then doubling to 150 ms.
             (ms(10), ms(2000), ms(20)),
             (ms(40), ms(2500), ms(80)),
             (ms(80), ms(3000), ms(150)),
             (ms(150), ms(9000), ms(150)),
+            // A check that went past the young phase on its first pause doubles from 10 ms.
+            (ms(1), ms(2100), ms(10)),
         ] {
             assert_eq!(
                 retry_pause(previous, running_for),
                 expect,
                 "{previous:?} after {running_for:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_young_check_is_never_late_by_more_than_a_tenth_of_its_run() {
+        // Simulated tries: the app is up at `up`; the check's first passing try comes at
+        // most a pause after it, and a pause is at most max(1 ms, a tenth of the run).
+        let ms = Duration::from_millis;
+        for up in [
+            ms(0),
+            ms(1),
+            ms(3),
+            ms(7),
+            ms(25),
+            ms(80),
+            ms(300),
+            ms(1900),
+        ] {
+            let (mut at, mut pause, mut tries) = (Duration::ZERO, FIRST_RETRY, 0u32);
+            while at < up {
+                at += pause;
+                pause = retry_pause(pause, at);
+                tries += 1;
+            }
+            let late = at - up;
+            assert!(
+                late <= (up / 10).max(FIRST_RETRY) + FIRST_RETRY,
+                "app up at {up:?}: passed at {at:?}"
+            );
+            assert!(tries <= 250, "app up at {up:?}: {tries} tries");
         }
     }
 

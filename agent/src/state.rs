@@ -5,8 +5,12 @@
 //! and each app's last release hook run (so a hook never runs twice for one rollout, and a
 //! release whose hook failed is never started).
 //!
-//! Every change rewrites the file atomically: write a temp file, fsync it, rename it over the
-//! old one, fsync the directory.
+//! Every write rewrites the file atomically: write a temp file, fsync it, rename it over the
+//! old one, fsync the directory. A change is either written through (`set_*`: durable when
+//! they return) or staged (`stage_*`: in memory at once, durable once a later
+//! [`StateStore::flush_to`] of its number returns). Writes are group commits: one write takes
+//! every change staged before it, so changes staged while a write is under way share the next
+//! one, and a write that finds its change already on disk does nothing.
 
 use crate::model::Assignment;
 use serde::{Deserialize, Serialize};
@@ -85,10 +89,14 @@ pub struct SavedInstance {
     pub stop_timeout_ms: u64,
 }
 
-/// The state file and its in-memory copy; every change is written through.
+/// The state file and its in-memory copy.
 pub struct StateStore {
     path: PathBuf,
-    state: Mutex<AgentState>,
+    /// The state as changed so far, and how many changes that is.
+    state: Mutex<(AgentState, u64)>,
+    /// How many changes are on disk; held while the file is written, so writes go one at a
+    /// time and never put an older state over a newer one.
+    durable: Mutex<u64>,
 }
 
 impl StateStore {
@@ -104,30 +112,65 @@ impl StateStore {
         };
         Ok(StateStore {
             path,
-            state: Mutex::new(state),
+            state: Mutex::new((state, 0)),
+            durable: Mutex::new(0),
         })
     }
 
     pub fn snapshot(&self) -> AgentState {
-        self.lock().clone()
+        self.lock().0.clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, AgentState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (AgentState, u64)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn update(&self, change: impl FnOnce(&mut AgentState)) -> Result<(), StateError> {
-        let mut state = self.lock();
-        change(&mut state);
+    /// Changes the state in memory only; returns the change's number, for [`Self::flush_to`].
+    fn stage(&self, change: impl FnOnce(&mut AgentState)) -> u64 {
+        let mut guard = self.lock();
+        let (state, changes) = &mut *guard;
+        change(state);
         state.hooks_recorded = true;
+        *changes += 1;
+        *changes
+    }
+
+    /// Changes the state and writes it through: durable when this returns.
+    fn update(&self, change: impl FnOnce(&mut AgentState)) -> Result<(), StateError> {
+        let change = self.stage(change);
+        self.flush_to(change)
+    }
+
+    /// Makes change number `change` (and every one before it) durable: at once when a write
+    /// already took it, else by one write of everything staged so far. Blocking (an fsync):
+    /// call it off the runtime thread.
+    pub fn flush_to(&self, change: u64) -> Result<(), StateError> {
+        let mut durable = self.durable.lock().unwrap_or_else(|p| p.into_inner());
+        if *durable >= change {
+            return Ok(());
+        }
+        let (state, changes) = self.lock().clone();
         write_atomically(&self.path, &state).map_err(|source| StateError::Write {
             path: self.path.clone(),
             source,
-        })
+        })?;
+        *durable = changes;
+        Ok(())
+    }
+
+    /// The number of the last change staged: [`Self::flush_to`] it to make everything so far
+    /// durable.
+    pub fn last_change(&self) -> u64 {
+        self.lock().1
     }
 
     pub fn set_assignments(&self, assignments: Vec<Assignment>) -> Result<(), StateError> {
         self.update(|s| s.assignments = assignments)
+    }
+
+    /// Like [`Self::set_assignments`], in memory only: durable with the next write.
+    pub fn stage_assignments(&self, assignments: Vec<Assignment>) -> u64 {
+        self.stage(|s| s.assignments = assignments)
     }
 
     pub fn set_instance(
@@ -135,7 +178,13 @@ impl StateStore {
         app: &str,
         instance: Option<SavedInstance>,
     ) -> Result<(), StateError> {
-        self.update(|s| match instance {
+        let change = self.stage_instance(app, instance);
+        self.flush_to(change)
+    }
+
+    /// Like [`Self::set_instance`], in memory only: durable with the next write.
+    pub fn stage_instance(&self, app: &str, instance: Option<SavedInstance>) -> u64 {
+        self.stage(|s| match instance {
             Some(instance) => {
                 s.instances.insert(app.to_string(), instance);
             }
@@ -146,7 +195,7 @@ impl StateStore {
     }
 
     pub fn hook_run(&self, app: &str) -> Option<HookRun> {
-        self.lock().hooks.get(app).cloned()
+        self.lock().0.hooks.get(app).cloned()
     }
 
     pub fn record_hook_run(&self, app: &str, run: HookRun) -> Result<(), StateError> {
@@ -249,5 +298,40 @@ mod tests {
             Err(StateError::Corrupt { .. })
         ));
         assert_ne!(new_token(), new_token());
+    }
+
+    #[test]
+    fn staged_changes_share_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = StateStore::open(path.clone()).unwrap();
+        let instance = |pid| SavedInstance {
+            version: "1.0".into(),
+            artifact_digest: String::new(),
+            start_ticks: None,
+            pid,
+            token: "t".into(),
+            stop_signal: "TERM".into(),
+            stop_timeout_ms: 1000,
+        };
+        // Staged: in memory at once, nothing on disk yet.
+        let first = store.stage_instance("web", Some(instance(1)));
+        let second = store.stage_instance("api", Some(instance(2)));
+        assert_eq!(store.snapshot().instances.len(), 2);
+        assert!(!path.exists());
+        // Flushing the first writes both.
+        store.flush_to(first).unwrap();
+        let on_disk = StateStore::open(path.clone()).unwrap().snapshot();
+        assert_eq!(on_disk.instances.len(), 2);
+        // The second is on disk already: no write (the file removed stays removed).
+        std::fs::remove_file(&path).unwrap();
+        store.flush_to(second).unwrap();
+        assert!(!path.exists());
+        // A write-through change writes everything again.
+        store.set_instance("api", None).unwrap();
+        let on_disk = StateStore::open(path.clone()).unwrap().snapshot();
+        assert_eq!(on_disk.instances.keys().collect::<Vec<_>>(), ["web"]);
+        assert_eq!(store.last_change(), 3);
+        store.flush_to(store.last_change()).unwrap();
     }
 }

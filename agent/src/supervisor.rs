@@ -21,12 +21,17 @@
 //! - **unpacking**: the release directory exists whole and its manifest parses; the old
 //!   instance still runs. Only after this is the old instance stopped (reported as
 //!   `stopping`/`stopped` with the *old* version).
-//! - **starting**: the instance directory was wiped and copied afresh from the release and the
+//! - **starting**: the instance directory was wiped and copied afresh from the release (for a
+//!   replacement, made beside the old one while it stopped, then renamed into place) and the
 //!   process spawned in its own group; its pid and token are being written to `state.json`
 //!   while the checks run (done before `running`).
 //! - **checking**: the process is up; every smoke check runs in order. The process exiting
 //!   meanwhile fails the checks at once with its exit status.
-//! - **running**: every smoke check passed. Only now does the instance count as deployed; old
+//! - **running**: every smoke check passed, and `state.json` holds the assignment and the
+//!   instance: a write takes every change made before it, so the instance's write, awaited
+//!   here, takes the new assignments too (they are not written on their own before the apps
+//!   begin converging, only half a second later if nothing wrote them by then: one fsynced
+//!   write per deploy instead of two). Only now does the instance count as deployed; old
 //!   releases beyond the kept ones are pruned.
 //! - **failed** (from any state before running): the reason is in the message and no process
 //!   of the new release is left; the app stays failed until the controller sends an assignment
@@ -47,7 +52,7 @@
 //! command arriving while fetching or checking interrupts that step (a download resumes later).
 
 use crate::fetch::Fetcher;
-use crate::instance::{Exit, Instance, InstanceVars};
+use crate::instance::{Exit, Instance, InstanceVars, Staged};
 use crate::model::{
     digest_hex, release_dir_name, Assignment, DataLayout, InstanceState, Report, Reporter,
 };
@@ -66,6 +71,9 @@ pub const MIN_CRASH_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_CRASH_BACKOFF: Duration = Duration::from_secs(30);
 /// An instance that ran this long before crashing starts the backoff afresh.
 const STABLE_RUN: Duration = Duration::from_secs(60);
+/// New assignments are on disk at the latest this long after they arrive, when no write of an
+/// instance (which takes them too) came first.
+const ASSIGNMENTS_WRITTEN_WITHIN: Duration = Duration::from_millis(500);
 
 /// What every app task shares.
 pub struct Context {
@@ -235,13 +243,23 @@ impl Supervisor {
                 kept.insert(last.app.clone(), last);
             }
         }
-        if let Err(e) = self
+        // Not written before the apps begin converging: a `running` report waits for its
+        // instance's write, which takes this change too (it is staged first), a report of
+        // `running` without a start waits for it ([`AppTask::durable_so_far`]), and what is
+        // left is written [`ASSIGNMENTS_WRITTEN_WITHIN`] from now, on the blocking pool (at
+        // once a no-op when an instance's write took it meanwhile, as in a rollout).
+        let change = self
             .context
             .store
-            .set_assignments(kept.into_values().collect())
-        {
-            tracing::error!("{e}");
-        }
+            .stage_assignments(kept.into_values().collect());
+        let store = self.context.store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ASSIGNMENTS_WRITTEN_WITHIN).await;
+            let written = tokio::task::spawn_blocking(move || store.flush_to(change)).await;
+            if let Ok(Err(e)) = written {
+                tracing::error!("{e}");
+            }
+        });
         self.retiring.retain(|_, task| !task.is_finished());
         let unassigned = unassigned(self.apps.keys(), &desired, &update.refused);
         for app in unassigned {
@@ -303,6 +321,13 @@ impl Supervisor {
         }
         tasks.extend(std::mem::take(&mut self.retiring).into_values());
         futures::future::join_all(tasks).await;
+        // Assignments that arrived in the last half second, not yet written: the next run
+        // starts from them.
+        let store = self.context.store.clone();
+        let written = tokio::task::spawn_blocking(move || store.flush_to(store.last_change()));
+        if let Ok(Err(e)) = written.await {
+            tracing::error!("{e}");
+        }
     }
 }
 
@@ -362,7 +387,7 @@ impl AppTask {
                     let live = self.live.as_ref().map(|live| &live.assignment);
                     match decide(self.target.as_ref(), self.state, live, &assignment) {
                         Decision::Keep => continue,
-                        Decision::KeepLive => self.keep_live(assignment),
+                        Decision::KeepLive => self.keep_live(assignment).await,
                         Decision::Converge => next = self.converge(assignment).await,
                     }
                 }
@@ -482,7 +507,11 @@ impl AppTask {
 
     /// Makes the instance that runs (left in place by a failed deploy) the instance of
     /// `assignment`, which asks for its release: nothing is fetched, written or restarted.
-    fn keep_live(&mut self, assignment: Assignment) {
+    async fn keep_live(&mut self, assignment: Assignment) {
+        if self.live.is_none() {
+            return;
+        }
+        self.durable_so_far().await;
         let Some(live) = self.live.as_mut() else {
             return;
         };
@@ -507,12 +536,27 @@ impl AppTask {
         &self,
         saved: Option<crate::state::SavedInstance>,
     ) -> JoinHandle<()> {
+        let change = self.context.store.stage_instance(&self.app, saved);
         let (store, app) = (self.context.store.clone(), self.app.clone());
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.set_instance(&app, saved) {
+            if let Err(e) = store.flush_to(change) {
                 tracing::error!(%app, "{e}");
             }
         })
+    }
+
+    /// Waits until every change of `state.json` staged so far is on disk (at once when it is
+    /// already): before a `running` that no write of the instance precedes, so what it
+    /// reports (the assignment) survives the agent's crash.
+    async fn durable_so_far(&self) {
+        let store = self.context.store.clone();
+        let app = self.app.clone();
+        let written = tokio::task::spawn_blocking(move || store.flush_to(store.last_change()));
+        match written.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(%app, "{e}"),
+            Err(e) => tracing::error!(%app, "the write of state.json crashed: {e}"),
+        }
     }
 
     /// Brings `assignment` up: fetch, unpack, replace the old instance, start, check.
@@ -683,6 +727,7 @@ impl AppTask {
             None => {}
         }
 
+        let mut staged = None;
         if let Some(mut old) = self.live.take() {
             let why = format!("replacing it with {}", assignment.version);
             self.publish(
@@ -691,7 +736,13 @@ impl AppTask {
                 old.assignment.rollout_id.clone(),
                 why,
             );
-            let outcome = old.instance.stop().await;
+            // While the old instance stops, the new one's directory is made beside it, so the
+            // start after the stop only renames it into place and spawns.
+            let (outcome, next) = tokio::join!(
+                old.instance.stop(),
+                self.stage(&assignment, &release.manifest, &release.dir)
+            );
+            staged = next;
             // state.json keeps naming the old instance until the new one replaces it there
             // (or a failed start clears it): one fsynced write fewer between the old instance's
             // stop and the new one's start. After a crash in between, the old pid no longer
@@ -704,7 +755,7 @@ impl AppTask {
             );
         }
 
-        match self.start_and_check(&assignment, &release).await {
+        match self.start_and_check(&assignment, &release, staged).await {
             Started::Running(instance, message) => {
                 self.live = Some(Live {
                     assignment: assignment.clone(),
@@ -753,24 +804,54 @@ impl AppTask {
         })
     }
 
+    /// The next instance's variables and its directory made beside the live one
+    /// ([`Instance::stage`]), for an app that runs as a user of its own; `None` otherwise or
+    /// when either fails (the start then does both again, and reports what failed).
+    async fn stage(
+        &self,
+        assignment: &Assignment,
+        manifest: &fleet_proto::manifest::Manifest,
+        release_dir: &std::path::Path,
+    ) -> Option<(InstanceVars, Staged)> {
+        let vars = self.instance_vars(assignment, manifest).await.ok()?;
+        match Instance::stage(&self.context.layout, release_dir, &vars).await? {
+            Ok(staged) => Some((vars, staged)),
+            Err(e) => {
+                tracing::warn!(app = %self.app, "cannot make the next instance's directory beside the live one, making it in place: {e}");
+                None
+            }
+        }
+    }
+
     /// Starts a fresh instance from origin and runs the smoke checks against it. On anything
     /// but success no process of it is left.
-    async fn start_and_check(&mut self, assignment: &Assignment, release: &Release) -> Started {
+    async fn start_and_check(
+        &mut self,
+        assignment: &Assignment,
+        release: &Release,
+        staged: Option<(InstanceVars, Staged)>,
+    ) -> Started {
         self.report_for(
             assignment,
             InstanceState::Starting,
             "starting a fresh instance from the release".to_string(),
         );
         crate::releases::touch(&release.dir);
-        let vars = match self.instance_vars(assignment, &release.manifest).await {
-            Ok(vars) => vars,
-            Err(message) => {
-                self.record_instance(None);
-                return Started::Failed(message);
-            }
+        let (vars, staged) = match staged {
+            Some((vars, staged)) => (vars, Some(staged)),
+            None => match self.instance_vars(assignment, &release.manifest).await {
+                Ok(vars) => (vars, None),
+                Err(message) => {
+                    self.record_instance(None);
+                    return Started::Failed(message);
+                }
+            },
         };
-        let started =
-            Instance::start(&self.context.layout, &release.dir, &release.manifest, &vars).await;
+        let layout = &self.context.layout;
+        let started = match staged {
+            Some(staged) => Instance::start_staged(layout, staged, &release.manifest, &vars).await,
+            None => Instance::start(layout, &release.dir, &release.manifest, &vars).await,
+        };
         let mut instance = match started {
             Ok(instance) => instance,
             Err(e) => {
@@ -907,6 +988,7 @@ impl AppTask {
             instance,
         });
         self.target = Some(assignment.clone());
+        self.durable_so_far().await;
         self.report(
             InstanceState::Running,
             format!("pid {pid}: adopted after the agent's restart (it kept running)"),
@@ -956,7 +1038,7 @@ impl AppTask {
             if let Err(command) = interruptible(&mut self.rx, &assignment, sleep).await {
                 return Some(command);
             }
-            match self.start_and_check(&assignment, &release).await {
+            match self.start_and_check(&assignment, &release, None).await {
                 Started::Running(instance, checked) => {
                     if let Some(live) = self.live.as_mut() {
                         live.instance = instance;

@@ -26,6 +26,48 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, watch};
 
+/// An event to record: what [`FleetState::event`] takes, for the writes that record one in
+/// their own transaction ([`FleetState::begin_rollout`], [`FleetState::end_rollout`]).
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub actor: String,
+    pub kind: String,
+    pub app: String,
+    pub host: String,
+    pub message: String,
+}
+
+impl NewEvent {
+    pub fn new(
+        actor: &str,
+        kind: &str,
+        app: &str,
+        host: &str,
+        message: impl Into<String>,
+    ) -> NewEvent {
+        NewEvent {
+            actor: actor.to_string(),
+            kind: kind.to_string(),
+            app: app.to_string(),
+            host: host.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The record, stamped now (numbered when it is appended).
+    fn into_record(self) -> EventRecord {
+        EventRecord {
+            seq: 0,
+            unix_ms: fleet_proto::now_unix_ms(),
+            actor: self.actor,
+            kind: self.kind,
+            app: self.app,
+            host: self.host,
+            message: self.message,
+        }
+    }
+}
+
 /// One app's instance on a host, as its agent last reported it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceStatus {
@@ -343,17 +385,40 @@ impl FleetState {
         self.store.list_deployments(app)
     }
 
-    /// Saves a completed rollout with the deployment it leaves, in one transaction, then
-    /// wakes the converger.
-    pub async fn complete_rollout(
+    /// Starts a rollout in one fsynced commit: its number, the record `make` builds with it
+    /// and the event `started` says about it (see [`Store::begin_rollout`]); then tells the
+    /// event's followers. Returns the record.
+    pub async fn begin_rollout(
+        &self,
+        make: impl Fn(u64) -> RolloutRecord + Send + 'static,
+        started: impl Fn(&RolloutRecord) -> NewEvent + Send + 'static,
+    ) -> Result<RolloutRecord, StoreError> {
+        self.write_with_event(move |store| {
+            store.begin_rollout(make, |record| started(record).into_record())
+        })
+        .await
+    }
+
+    /// Ends a rollout in one fsynced commit: its record, the deployment it leaves when it
+    /// completed, and the event `ended`; then tells the event's followers and, with a
+    /// deployment, wakes the converger.
+    pub async fn end_rollout(
         &self,
         record: &RolloutRecord,
-        deployment: DeploymentRecord,
+        deployment: Option<DeploymentRecord>,
+        ended: NewEvent,
     ) -> Result<(), StoreError> {
         let record = record.clone();
-        self.write(move |store| store.put_rollout_and_deployment(&record, Some(&deployment)))
-            .await?;
-        self.bump();
+        let completes = deployment.is_some();
+        let ended = ended.into_record();
+        self.write_with_event(move |store| {
+            let event = store.end_rollout(&record, deployment.as_ref(), &ended)?;
+            Ok(((), event))
+        })
+        .await?;
+        if completes {
+            self.bump();
+        }
         Ok(())
     }
 
@@ -673,30 +738,31 @@ impl FleetState {
         host: &str,
         message: impl Into<String>,
     ) {
-        let event = EventRecord {
-            seq: 0,
-            unix_ms: fleet_proto::now_unix_ms(),
-            actor: actor.to_string(),
-            kind: kind.to_string(),
-            app: app.to_string(),
-            host: host.to_string(),
-            message: message.into(),
-        };
-        // Appended and told to followers under one lock, so followers see events in the order
-        // of their numbers (a follower skips any number it has seen).
-        let (events, order) = (self.events.clone(), self.event_order.clone());
+        let event = NewEvent::new(actor, kind, app, host, message).into_record();
         let appended = self
-            .write(move |store| {
-                let _in_order = order.lock().unwrap_or_else(|p| p.into_inner());
-                let event = store.append_event(event)?;
-                tracing::info!(kind = %event.kind, app = %event.app, host = %event.host, "{}", event.message);
-                let _ = events.send(event);
-                Ok(())
-            })
+            .write_with_event(move |store| Ok(((), store.append_event(event)?)))
             .await;
         if let Err(e) = appended {
             tracing::error!("cannot record event: {e}");
         }
+    }
+
+    /// Runs a store write that appends one event (`body` returns it, numbered, with its own
+    /// result), then tells followers of the event, under one lock, so followers see events in
+    /// the order of their numbers (a follower skips any number it has seen).
+    async fn write_with_event<T: Send + 'static>(
+        &self,
+        body: impl FnOnce(&Store) -> Result<(T, EventRecord), StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (events, order) = (self.events.clone(), self.event_order.clone());
+        self.write(move |store| {
+            let _in_order = order.lock().unwrap_or_else(|p| p.into_inner());
+            let (out, event) = body(store)?;
+            tracing::info!(kind = %event.kind, app = %event.app, host = %event.host, "{}", event.message);
+            let _ = events.send(event);
+            Ok(out)
+        })
+        .await
     }
 
     /// The certificate the controller signed with `serial`.

@@ -11,7 +11,7 @@
 //! ones stay paused.
 
 use crate::budget;
-use crate::fleet_state::FleetState;
+use crate::fleet_state::{FleetState, NewEvent};
 use crate::model::{
     Batch, DeploymentRecord, HostRecord, HostResult, RolloutPolicy, RolloutRecord, RolloutState,
     Wave, WaveHost, WaveState,
@@ -435,60 +435,63 @@ async fn start_on(
         );
     }
     let reserved = format!("reserved-{app}");
-    let seq = match fleet.next_seq("rollout").await {
-        Ok(seq) => seq,
+    // Its number, its record and the event that says it started: one commit.
+    let kind = if is_rollback {
+        "rollback.started"
+    } else {
+        "rollout.started"
+    };
+    let make = {
+        let (app, version, actor) = (app.clone(), version.clone(), actor.clone());
+        move |seq: u64| RolloutRecord {
+            id: format!("r{seq}"),
+            app: app.clone(),
+            version: version.clone(),
+            state: RolloutState::Running,
+            started_by: actor.clone(),
+            started_unix_ms: fleet_proto::now_unix_ms(),
+            finished_unix_ms: 0,
+            waves: waves.clone(),
+            current_wave: 0,
+            message: String::new(),
+            policy: policy.clone(),
+            is_rollback,
+            seq,
+            hold_until_unix_ms: 0,
+            max_unavailable: max_unavailable as u32,
+            unavailable_at_start: unavailable_at_start.clone(),
+        }
+    };
+    let started = {
+        let (app, version, actor) = (app.clone(), version.clone(), actor.clone());
+        move |record: &RolloutRecord| {
+            NewEvent::new(
+                &actor,
+                kind,
+                &app,
+                "",
+                format!(
+                    "{} {} of {app}@{version} started by {actor}: {}",
+                    if is_rollback { "rollback" } else { "rollout" },
+                    record.id,
+                    plan_text(record)
+                ),
+            )
+        }
+    };
+    let record = match fleet.begin_rollout(make, started).await {
+        Ok(record) => record,
         Err(e) => {
             rollouts.active().remove(&reserved);
             return Err(e.into());
         }
     };
-    let record = RolloutRecord {
-        id: format!("r{seq}"),
-        app: app.clone(),
-        version: version.clone(),
-        state: RolloutState::Running,
-        started_by: actor.clone(),
-        started_unix_ms: fleet_proto::now_unix_ms(),
-        finished_unix_ms: 0,
-        waves,
-        current_wave: 0,
-        message: String::new(),
-        policy,
-        is_rollback,
-        seq,
-        hold_until_unix_ms: 0,
-        max_unavailable: max_unavailable as u32,
-        unavailable_at_start,
-    };
-    if let Err(e) = fleet.save_rollout(&record).await {
-        rollouts.active().remove(&reserved);
-        return Err(e.into());
-    }
     {
         let mut active = rollouts.active();
         if let Some(handle) = active.remove(&reserved) {
             active.insert(record.id.clone(), handle);
         }
     }
-    let kind = if is_rollback {
-        "rollback.started"
-    } else {
-        "rollout.started"
-    };
-    fleet
-        .event(
-            &actor,
-            kind,
-            &app,
-            "",
-            format!(
-                "{} {} of {app}@{version} started by {actor}: {}",
-                if is_rollback { "rollback" } else { "rollout" },
-                record.id,
-                plan_text(&record)
-            ),
-        )
-        .await;
     let first = Progress {
         rollout: Arc::new(record.clone()),
         line: format!(
@@ -1019,12 +1022,7 @@ impl Executor {
             "rollout {} succeeded: {}",
             self.record.id, self.record.message
         );
-        if let Some(deployment) = deployment {
-            self.fleet
-                .complete_rollout(&self.record, deployment)
-                .await?;
-        }
-        self.finish(line).await;
+        self.finish_leaving(line, deployment).await;
         Ok(())
     }
 
@@ -1438,13 +1436,33 @@ impl Executor {
     }
 
     async fn finish(&mut self, line: String) {
+        self.finish_leaving(line, None).await;
+    }
+
+    /// Ends the rollout: its record, the deployment it leaves when it completed and the event
+    /// that says how it ended, in one commit ([`FleetState::end_rollout`]); then the last line.
+    async fn finish_leaving(&mut self, line: String, deployment: Option<DeploymentRecord>) {
         self.record.finished_unix_ms = fleet_proto::now_unix_ms();
+        let ended = NewEvent::new(
+            &self.record.started_by,
+            &format!("rollout.{}", self.record.state.as_str()),
+            &self.record.app,
+            "",
+            format!(
+                "rollout {} of {}@{}: {}",
+                self.record.id, self.record.app, self.record.version, self.record.message
+            ),
+        );
         // The end must be written: a rollout whose record still says `running` with no executor
         // behind it would hold its app until the next controller start. A store that failed
         // (a full disk) works again once the cause is gone, so try again until then.
         let mut pause = END_SAVE_FIRST_PAUSE;
         for attempt in 1..=END_SAVE_ATTEMPTS {
-            let Err(e) = self.save().await else {
+            let written = self
+                .fleet
+                .end_rollout(&self.record, deployment.clone(), ended.clone())
+                .await;
+            let Err(e) = written else {
                 break;
             };
             if attempt == END_SAVE_ATTEMPTS {
@@ -1463,19 +1481,6 @@ impl Executor {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(END_SAVE_MAX_PAUSE);
         }
-        let kind = format!("rollout.{}", self.record.state.as_str());
-        self.fleet
-            .event(
-                &self.record.started_by,
-                &kind,
-                &self.record.app,
-                "",
-                format!(
-                    "rollout {} of {}@{}: {}",
-                    self.record.id, self.record.app, self.record.version, self.record.message
-                ),
-            )
-            .await;
         self.emit(line);
     }
 }

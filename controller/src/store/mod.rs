@@ -281,6 +281,44 @@ fn all_in<T: DeserializeOwned>(txn: &mut dyn Txn, table: Table) -> Result<Vec<T>
         .collect()
 }
 
+/// The next number of a named counter, in `txn`.
+fn next_seq_in(txn: &mut dyn Txn, counter: &str) -> Result<u64, StoreError> {
+    let current: u64 = match txn.get(Table::Counters, counter)? {
+        Some(bytes) => number(Table::Counters, counter, &bytes)?,
+        None => 0,
+    };
+    let next = current + 1;
+    txn.put(Table::Counters, counter, next.to_string().as_bytes())?;
+    Ok(next)
+}
+
+/// Appends `event` in `txn`, numbered after the last one, trimming the log as
+/// [`Store::append_event`] says; returns it numbered.
+fn append_event_in(
+    txn: &mut dyn Txn,
+    event: &EventRecord,
+    max_events: u64,
+) -> Result<EventRecord, StoreError> {
+    let seq_of = |found: Vec<(String, Vec<u8>)>| -> Result<Option<u64>, StoreError> {
+        found
+            .first()
+            .map(|(key, _)| number(Table::Events, key, key.as_bytes()))
+            .transpose()
+    };
+    let last = seq_of(txn.range(Table::Events, &Range::last())?)?.unwrap_or(0);
+    let mut event = event.clone();
+    event.seq = last + 1;
+    let first = seq_of(txn.range(Table::Events, &Range::first())?)?.unwrap_or(event.seq);
+    put_in(txn, Table::Events, &event_key(event.seq), &event)?;
+    // Numbers are consecutive, so the first and the last say how many there are.
+    let n_events = event.seq - first + 1;
+    if n_events > max_events + trim_batch(max_events) {
+        let keep_from = event.seq - max_events + 1;
+        txn.delete_below(Table::Events, &event_key(keep_from))?;
+    }
+    Ok(event)
+}
+
 fn put_in<T: Serialize>(
     txn: &mut dyn Txn,
     table: Table,
@@ -541,15 +579,7 @@ impl Store {
 
     /// The next number of a named counter, starting at 1; durable once returned.
     pub fn next_seq(&self, counter: &str) -> Result<u64, StoreError> {
-        self.write(|txn| {
-            let current: u64 = match txn.get(Table::Counters, counter)? {
-                Some(bytes) => number(Table::Counters, counter, &bytes)?,
-                None => 0,
-            };
-            let next = current + 1;
-            txn.put(Table::Counters, counter, next.to_string().as_bytes())?;
-            Ok(next)
-        })
+        self.write(|txn| next_seq_in(txn, counter))
     }
 
     /// Appends an event, numbering it; returns it with its number. Once the log holds a tenth
@@ -557,25 +587,43 @@ impl Store {
     /// `max_events`, so the cost of trimming is spread over many writes.
     pub fn append_event(&self, event: EventRecord) -> Result<EventRecord, StoreError> {
         let max_events = self.max_events;
+        self.write(|txn| append_event_in(txn, &event, max_events))
+    }
+
+    /// Starts a rollout in one transaction: the next number of the `rollout` counter, the
+    /// record `make` builds with it and the event `started` says about that record. Returns
+    /// both (the event numbered). Either all three are written or none.
+    pub fn begin_rollout(
+        &self,
+        make: impl Fn(u64) -> RolloutRecord,
+        started: impl Fn(&RolloutRecord) -> EventRecord,
+    ) -> Result<(RolloutRecord, EventRecord), StoreError> {
+        let max_events = self.max_events;
         self.write(|txn| {
-            let seq_of = |found: Vec<(String, Vec<u8>)>| -> Result<Option<u64>, StoreError> {
-                found
-                    .first()
-                    .map(|(key, _)| number(Table::Events, key, key.as_bytes()))
-                    .transpose()
-            };
-            let last = seq_of(txn.range(Table::Events, &Range::last())?)?.unwrap_or(0);
-            let mut event = event.clone();
-            event.seq = last + 1;
-            let first = seq_of(txn.range(Table::Events, &Range::first())?)?.unwrap_or(event.seq);
-            put_in(txn, Table::Events, &event_key(event.seq), &event)?;
-            // Numbers are consecutive, so the first and the last say how many there are.
-            let n_events = event.seq - first + 1;
-            if n_events > max_events + trim_batch(max_events) {
-                let keep_from = event.seq - max_events + 1;
-                txn.delete_below(Table::Events, &event_key(keep_from))?;
+            let seq = next_seq_in(txn, "rollout")?;
+            let record = make(seq);
+            put_in(txn, Table::Rollouts, &record.id, &record)?;
+            let event = append_event_in(txn, &started(&record), max_events)?;
+            Ok((record, event))
+        })
+    }
+
+    /// Ends a rollout in one transaction: its record, the deployment it leaves when it
+    /// completed, and the event that says so. Returns the event, numbered.
+    pub fn end_rollout(
+        &self,
+        rollout: &RolloutRecord,
+        deployment: Option<&DeploymentRecord>,
+        ended: &EventRecord,
+    ) -> Result<EventRecord, StoreError> {
+        let max_events = self.max_events;
+        self.write(|txn| {
+            put_in(txn, Table::Rollouts, &rollout.id, rollout)?;
+            if let Some(deployment) = deployment {
+                let key = DeploymentRecord::key(&deployment.app, &deployment.selector);
+                put_in(txn, Table::Deployments, &key, deployment)?;
             }
-            Ok(event)
+            append_event_in(txn, ended, max_events)
         })
     }
 
@@ -1691,6 +1739,66 @@ mod tests {
                     host: "web-1".into()
                 }
             );
+        });
+    }
+
+    #[test]
+    fn a_rollout_begins_and_ends_in_one_write_each_with_its_event() {
+        use crate::model::RolloutState;
+        on_every_backend(|place| {
+            let store = place.open();
+            store.append_event(event(1)).unwrap();
+            let seq_before = store.next_seq("rollout").unwrap();
+            let (record, started) = store
+                .begin_rollout(
+                    |seq| {
+                        let mut record = crate::step::fixtures::record(&[]);
+                        record.id = format!("r{seq}");
+                        record.seq = seq;
+                        record
+                    },
+                    |record| EventRecord {
+                        message: format!("{} started", record.id),
+                        ..event(2)
+                    },
+                )
+                .unwrap();
+            // The counter's next number, the record under it, the event after the last one.
+            assert_eq!(record.seq, seq_before + 1);
+            assert_eq!(record.id, format!("r{}", seq_before + 1));
+            assert_eq!(store.get_rollout(&record.id).unwrap(), Some(record.clone()));
+            assert_eq!(started.seq, 2);
+            assert_eq!(started.message, format!("{} started", record.id));
+            assert_eq!(store.recent_events(1).unwrap(), vec![started]);
+
+            let mut ended = record.clone();
+            ended.state = RolloutState::Succeeded;
+            let deployment = DeploymentRecord {
+                app: ended.app.clone(),
+                selector: ended.policy.selector.clone(),
+                version: ended.version.clone(),
+                rollout_id: ended.id.clone(),
+                updated_unix_ms: 5,
+                updated_by: "ci".into(),
+                seq: ended.seq,
+            };
+            let completed = store
+                .end_rollout(&ended, Some(&deployment), &event(3))
+                .unwrap();
+            assert_eq!(completed.seq, 3);
+            assert_eq!(store.get_rollout(&ended.id).unwrap(), Some(ended.clone()));
+            assert_eq!(
+                store.list_deployments(Some("web")).unwrap(),
+                vec![deployment]
+            );
+            // Without a deployment (a rollout that failed), the record and the event only.
+            ended.state = RolloutState::Failed;
+            store.end_rollout(&ended, None, &event(4)).unwrap();
+            assert_eq!(
+                store.get_rollout(&ended.id).unwrap().unwrap().state,
+                RolloutState::Failed
+            );
+            assert_eq!(store.recent_events(1).unwrap()[0].seq, 4);
         });
     }
 
