@@ -46,8 +46,10 @@ impl AgentService for FakeController {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let welcome = pb::ControllerMessage {
+                // A controller one version behind: heartbeats go unanswered.
                 body: Some(pb::controller_message::Body::Welcome(pb::Welcome {
                     heartbeat_interval_ms: 200,
+                    answers_heartbeats: false,
                 })),
             };
             if tx.send(Ok(welcome)).await.is_err() {

@@ -18,6 +18,7 @@ pub mod converge;
 pub mod data_lock;
 pub mod edge;
 pub mod fleet_state;
+pub mod heartbeat;
 pub mod host_lifecycle;
 pub mod http;
 pub mod lanes;
