@@ -1,7 +1,10 @@
 //! The agent's one long-lived `AgentService.Session` stream. On connect it sends `Hello` (name,
 //! labels, advertise address, agent version and the latest report of every instance), then
-//! forwards every instance report and a heartbeat every `Welcome.heartbeat_interval_ms`; it
-//! hands each `DesiredState` to the supervisor. When the controller goes away or refuses it
+//! forwards every instance report and a heartbeat every `Welcome.heartbeat_interval_ms` (the
+//! controller stretches it as the fleet grows, and says so in answer to a heartbeat); it
+//! hands each `DesiredState` to the supervisor. A controller that answers heartbeats
+//! (`Welcome.answers_heartbeats`) and leaves one unanswered for [`ANSWER_TIMEOUT`] counts as
+//! gone; the answers are what keep the connection's HTTP/2 keepalive pings from being sent. When the controller goes away or refuses it
 //! reconnects forever with a backoff from 200ms doubling to 5s, to the next configured
 //! controller each time, or first to the leader a follower's redirect names (see
 //! [`crate::controllers`]); instances keep running meanwhile. The one exception is the controller's explicit revoked answer
@@ -38,6 +41,14 @@ pub const MIN_RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
 pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// Heartbeat interval until the controller's `Welcome` says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a heartbeat may go unanswered by a controller that answers them.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The connection's HTTP/2 keepalive: a ping after this long without a frame from the
+/// controller. Longer than the longest heartbeat interval a controller tells (60 s), so it is
+/// never sent while heartbeats are answered: at 10,000 hosts, pings every 5 s were half of
+/// the controller's idle wake-ups. With a controller that does not answer heartbeats (one
+/// version behind), it is what notices a controller gone silent.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(75);
 /// A session whose stream does not open within this is retried.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A controller that does not take a message within this counts as gone.
@@ -70,8 +81,8 @@ impl SessionConfig {
 }
 
 /// A mutual-TLS channel to the controller (see [`crate::join::client_tls`]) that connects on
-/// first use and reconnects by itself; HTTP/2 keepalives notice a controller that stopped
-/// answering. The session and artifact fetches share it.
+/// first use and reconnects by itself; HTTP/2 keepalives ([`KEEPALIVE_INTERVAL`]) notice a
+/// controller that stopped answering while nothing else does. The session and artifact fetches share it.
 pub fn lazy_channel(
     url: &str,
     credentials: &crate::join::Credentials,
@@ -87,7 +98,7 @@ pub fn lazy_channel(
     Ok(endpoint
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
         // HTTP/2's default 64 KiB window stalls an artifact download every 64 KiB waiting for
@@ -440,6 +451,9 @@ async fn session_once(
     // Aborted when the session ends: a follow never outlives the session that asked for it.
     let mut log_tasks = LogTasks::default();
     let mut welcomed = false;
+    // Whether the controller answers heartbeats, and by when the last one must be.
+    let mut answers = false;
+    let mut answer_due: Option<tokio::time::Instant> = None;
     let mut period = DEFAULT_HEARTBEAT;
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -447,7 +461,14 @@ async fn session_once(
         let outgoing = tokio::select! {
             _ = stopped(stop) => return Ended::Stopped,
             _ = channels.changed() => return Ended::Renewed,
+            _ = tokio::time::sleep_until(answer_due.unwrap_or_else(tokio::time::Instant::now)), if answer_due.is_some() => {
+                return lost(welcomed, format!("the controller left a heartbeat unanswered for {}s", ANSWER_TIMEOUT.as_secs()));
+            }
             message = inbound.message() => {
+                if matches!(message, Ok(Some(_))) {
+                    // Whatever the controller sends shows it hears this host.
+                    answer_due = None;
+                }
                 match message {
                     Ok(Some(message)) => match message.body {
                         Some(pb::controller_message::Body::Welcome(welcome)) => {
@@ -460,6 +481,7 @@ async fn session_once(
                                 }
                             }
                             welcomed = true;
+                            answers = welcome.answers_heartbeats;
                             if welcome.heartbeat_interval_ms > 0 {
                                 let asked = Duration::from_millis(welcome.heartbeat_interval_ms)
                                     .max(Duration::from_millis(50));
@@ -504,9 +526,14 @@ async fn session_once(
             report = report_rx.recv() => report.map(|report| pb::AgentMessage {
                 body: Some(pb::agent_message::Body::Report(report_to_pb(&report))),
             }),
-            _ = heartbeat.tick() => Some(pb::AgentMessage {
-                body: Some(pb::agent_message::Body::Heartbeat(pb::Heartbeat {})),
-            }),
+            _ = heartbeat.tick() => {
+                if answers && answer_due.is_none() {
+                    answer_due = Some(tokio::time::Instant::now() + ANSWER_TIMEOUT);
+                }
+                Some(pb::AgentMessage {
+                    body: Some(pb::agent_message::Body::Heartbeat(pb::Heartbeat {})),
+                })
+            }
         };
         if let Some(message) = outgoing {
             match tokio::time::timeout(SEND_TIMEOUT, out_tx.send(message)).await {

@@ -1,7 +1,9 @@
 //! The agent against an in-process fake controller: a resumed, verified fetch, a converge to
 //! `running`, idempotent resends, a crash and its restart, unassignment, graceful shutdown, and
 //! the agent binary brought back after a SIGKILL (it adopts its instance, which a graceful stop
-//! leaves running too, unless `--stop-apps-on-exit`).
+//! leaves running too, unless `--stop-apps-on-exit`); the controller list and a follower's
+//! redirect; heartbeats at the interval a controller's answers tell, and a controller that
+//! stops answering them left for a new session.
 
 use fleet_proto::pb;
 use fleet_proto::pb::agent_service_server::{AgentService, AgentServiceServer};
@@ -46,8 +48,10 @@ impl AgentService for FakeController {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let welcome = pb::ControllerMessage {
+                // A controller one version behind: heartbeats go unanswered.
                 body: Some(pb::controller_message::Body::Welcome(pb::Welcome {
                     heartbeat_interval_ms: 200,
+                    answers_heartbeats: false,
                 })),
             };
             if tx.send(Ok(welcome)).await.is_err() {
@@ -686,4 +690,158 @@ async fn follows_the_list_and_the_redirect_to_the_leader() {
     let _ = stop_follower.send(());
     let _ = leader_server.await;
     let _ = follower_server.await;
+}
+
+/// A controller that answers heartbeats (`Welcome.answers_heartbeats`) with a longer interval,
+/// until `answering` turns false; it counts the sessions opened and timestamps heartbeats.
+struct Answering {
+    answering: Arc<AtomicBool>,
+    sessions: Arc<std::sync::atomic::AtomicUsize>,
+    heartbeats: mpsc::UnboundedSender<(usize, Instant)>,
+}
+
+#[tonic::async_trait]
+impl AgentService for Answering {
+    type SessionStream = BoxStream<pb::ControllerMessage>;
+    type FetchArtifactStream = BoxStream<pb::ArtifactChunk>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let session = self.sessions.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let welcome = |interval_ms| {
+            Ok(pb::ControllerMessage {
+                body: Some(pb::controller_message::Body::Welcome(pb::Welcome {
+                    heartbeat_interval_ms: interval_ms,
+                    answers_heartbeats: true,
+                })),
+            })
+        };
+        let _ = tx.send(welcome(200)).await;
+        let (answering, heartbeats) = (self.answering.clone(), self.heartbeats.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                if let Some(pb::agent_message::Body::Heartbeat(_)) = message.body {
+                    let _ = heartbeats.send((session, Instant::now()));
+                    if answering.load(Ordering::SeqCst) && tx.send(welcome(400)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+    async fn join(
+        &self,
+        _request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
+    async fn renew(
+        &self,
+        _request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
+    async fn artifact_sources(
+        &self,
+        _request: Request<pb::ArtifactSourcesRequest>,
+    ) -> Result<Response<pb::ArtifactSourcesResponse>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
+    async fn fetch_artifact(
+        &self,
+        _request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
+}
+
+async fn next_beat(heartbeats: &mut mpsc::UnboundedReceiver<(usize, Instant)>) -> (usize, Instant) {
+    tokio::time::timeout(Duration::from_secs(20), heartbeats.recv())
+        .await
+        .expect("a heartbeat within 20 s")
+        .unwrap()
+}
+
+/// The agent heartbeats at the interval the controller's answers tell (400 ms after a welcome
+/// of 200 ms); when the controller stops answering, with the connection still up, the agent
+/// leaves the session within `ANSWER_TIMEOUT` and opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takes_the_interval_from_answers_and_leaves_a_controller_that_stops_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let tls = provision_tls(&data_dir, "h1");
+    let answering = Arc::new(AtomicBool::new(true));
+    let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (heartbeats_tx, mut heartbeats) = mpsc::unbounded_channel();
+    let controller = Answering {
+        answering: answering.clone(),
+        sessions: sessions.clone(),
+        heartbeats: heartbeats_tx,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let (stop_controller, server) = serve_agent_service(controller, tls, listener);
+    let config = fleet_agent::Config {
+        controllers: vec![url],
+        host_name: "h1".into(),
+        advertise: "127.0.0.1".parse().unwrap(),
+        data_dir,
+        labels: BTreeMap::new(),
+        ca: None,
+        join_token: None,
+        stop_apps_on_exit: true,
+        peer_port: 0,
+    };
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(fleet_agent::run(config, async {
+        let _ = agent_stopped.await;
+    }));
+    // The first heartbeat comes 200 ms after the welcome; its answer says 400 ms.
+    let (_, mut last) = next_beat(&mut heartbeats).await;
+    for _ in 0..4 {
+        let (session, at) = next_beat(&mut heartbeats).await;
+        assert_eq!(
+            session, 1,
+            "the session goes on while heartbeats are answered"
+        );
+        let gap = at - last;
+        assert!(
+            gap >= Duration::from_millis(350),
+            "heartbeats {gap:?} apart"
+        );
+        last = at;
+    }
+
+    answering.store(false, Ordering::SeqCst);
+    let stopped_answering = Instant::now();
+    let deadline = stopped_answering + Duration::from_secs(20);
+    loop {
+        let (session, _) = next_beat(&mut heartbeats).await;
+        if session == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new session within 20 s");
+    }
+    let took = stopped_answering.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(15),
+        "a new session {took:?} after the answers stopped (the timeout is {:?})",
+        fleet_agent::session::ANSWER_TIMEOUT
+    );
+
+    let _ = stop_agent.send(());
+    tokio::time::timeout(Duration::from_secs(20), agent)
+        .await
+        .expect("the agent stops")
+        .unwrap()
+        .unwrap();
+    let _ = stop_controller.send(());
+    let _ = server.await;
 }

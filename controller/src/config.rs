@@ -58,6 +58,10 @@ pub struct ControllerFile {
     /// How long a host may stay silent before it shows as lost, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_after_ms: Option<u64>,
+    /// Heartbeats a second the controller aims to take at most: past that many hosts per
+    /// heartbeat interval, the interval (and `lost_after_ms` with it) grows (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeats_per_second: Option<u64>,
     /// Release uploads at once; more are refused until one ends (default 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_uploads: Option<u32>,
@@ -138,6 +142,8 @@ pub struct ControllerConfig {
     pub addr_file: PathBuf,
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
+    /// `heartbeats_per_second`: see [`crate::heartbeat`].
+    pub heartbeats_per_second: u64,
     pub uploads: UploadLimits,
     /// How many events the event log keeps (`max_events`).
     pub max_events: u64,
@@ -396,6 +402,14 @@ impl ControllerConfig {
                 "lost_after_ms must be at least two heartbeat intervals and at most 600000".into(),
             ));
         }
+        let heartbeats_per_second = file
+            .heartbeats_per_second
+            .unwrap_or(crate::heartbeat::DEFAULT_PER_SECOND);
+        if !(10..=100_000).contains(&heartbeats_per_second) {
+            return Err(invalid(
+                "heartbeats_per_second must be between 10 and 100000 (the heartbeats a second the controller aims to take at most; 100 unless set)".into(),
+            ));
+        }
         let defaults = UploadLimits::default();
         let max_uploads = file.max_uploads.unwrap_or(defaults.max_concurrent as u32);
         if !(1..=64).contains(&max_uploads) {
@@ -496,6 +510,7 @@ impl ControllerConfig {
             addr_file: base.join(ADDR_FILE),
             heartbeat_interval_ms,
             lost_after_ms,
+            heartbeats_per_second,
             uploads: UploadLimits {
                 max_concurrent: max_uploads as usize,
                 idle_timeout: std::time::Duration::from_millis(upload_idle_ms),
@@ -629,6 +644,38 @@ mod tests {
                 (Ok(config), Ok(secs)) => {
                     assert_eq!(config.certificate_ttl, Duration::from_secs(secs), "{lines}")
                 }
+                (Err(error), Err(part)) => {
+                    let error = error.to_string();
+                    assert!(error.contains(part), "{lines}: {error}");
+                }
+                (got, expect) => panic!("{lines}: got {got:?}, expected {expect:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn heartbeats_per_second_defaults_to_a_hundred_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        let tls = "ca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        // (lines added to controller.toml, the rate, or a part of the error)
+        for (lines, expect) in [
+            ("", Ok(100)),
+            ("heartbeats_per_second = 10", Ok(10)),
+            ("heartbeats_per_second = 2000", Ok(2000)),
+            ("heartbeats_per_second = 9", Err("between 10 and 100000")),
+            (
+                "heartbeats_per_second = 100001",
+                Err("between 10 and 100000"),
+            ),
+        ] {
+            std::fs::write(
+                &path,
+                format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{lines}\n{tls}"),
+            )
+            .unwrap();
+            match (ControllerConfig::load(&path), expect) {
+                (Ok(config), Ok(rate)) => assert_eq!(config.heartbeats_per_second, rate, "{lines}"),
                 (Err(error), Err(part)) => {
                     let error = error.to_string();
                     assert!(error.contains(part), "{lines}: {error}");

@@ -9,11 +9,14 @@
 //! `settled_changes()` (reports that end a transition); it reads here why a host last changed
 //! shape, and the convergences still under way.
 //!
-//! A host is `lost` when nothing was heard from it for `lost_after_ms`; a controller that just
-//! started counts its own start as the last time it heard from everyone, so a restart does not
-//! make the whole fleet lost at once.
+//! A host is `lost` when nothing was heard from it for `lost_after_ms`, stretched with the fleet
+//! as its heartbeat interval is ([`crate::heartbeat`]: the interval and the silence a host was
+//! last told, or the fleet's now, whichever is longer); a controller that just started counts
+//! its own start as the last time it heard from everyone, so a restart does not make the whole
+//! fleet lost at once.
 
 use crate::artifacts::ArtifactStore;
+use crate::heartbeat::{Cadence, Policy};
 use crate::model::{
     AgentInfo, ConvergenceRecord, ConvergenceResult, DeploymentRecord, DrainRecord, EventRecord,
     HostRecord, HostState, ReleaseRecord, RolloutRecord,
@@ -23,6 +26,7 @@ use crate::store::{
 };
 use fleet_proto::instance_state::InstanceState;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, watch};
 
@@ -119,6 +123,8 @@ struct LiveHost {
     desired_tx: watch::Sender<DesiredAssignments>,
     instances: BTreeMap<String, InstanceStatus>,
     last_seen_unix_ms: i64,
+    /// The `lost_after_ms` of the cadence the host's agent was last told.
+    lost_after_ms: u64,
 }
 
 #[derive(Default)]
@@ -136,7 +142,8 @@ struct Live {
     /// without this, a reader in between found neither and took the stored time of the
     /// host's last connect, so a host cut off for an instant mid-wave was "lost: nothing heard
     /// from it for 13s" (found by fleet-faults' artifact-cut).
-    heard_before_disconnect: HashMap<String, i64>,
+    /// With it, the `lost_after_ms` the host was last told.
+    heard_before_disconnect: HashMap<String, (i64, u64)>,
 }
 
 pub struct FleetState {
@@ -144,8 +151,11 @@ pub struct FleetState {
     /// the blocking pool ([`FleetState::write`]).
     store: Store,
     artifacts: ArtifactStore,
-    pub heartbeat_interval_ms: u64,
-    pub lost_after_ms: u64,
+    /// The configured heartbeat figures, which [`FleetState::cadence`] stretches with the fleet.
+    pub heartbeat: Policy,
+    /// Hosts in the store at the lost-host watcher's last look: with the connected ones, what
+    /// the cadence counts (after a restart, the hosts not yet back count too).
+    registered: AtomicUsize,
     /// Since when this controller hears from agents (it started, or began to lead): nobody is
     /// lost before it had a chance to hear ([`FleetState::hearing_from_now`]).
     hearing_since_unix_ms: std::sync::atomic::AtomicI64,
@@ -188,20 +198,16 @@ pub const CREDENTIAL_USE_FLUSH: std::time::Duration = std::time::Duration::from_
 /// The host lock, owned, so it can travel into a blocking write.
 type HostLock = tokio::sync::OwnedMutexGuard<()>;
 
-/// A connected agent's session: its number (a newer session of the same host replaces it) and
-/// the channel its desired state arrives on.
+/// A connected agent's session: its number (a newer session of the same host replaces it), the
+/// channel its desired state arrives on, and the cadence to tell its agent in `Welcome`.
 pub struct Session {
     pub id: u64,
     pub desired: watch::Receiver<DesiredAssignments>,
+    pub cadence: Cadence,
 }
 
 impl FleetState {
-    pub fn new(
-        store: Store,
-        artifacts: ArtifactStore,
-        heartbeat_interval_ms: u64,
-        lost_after_ms: u64,
-    ) -> FleetState {
+    pub fn new(store: Store, artifacts: ArtifactStore, heartbeat: Policy) -> FleetState {
         let pending = match store.list_convergences(None) {
             Ok(all) => all
                 .into_iter()
@@ -216,8 +222,8 @@ impl FleetState {
         FleetState {
             store,
             artifacts,
-            heartbeat_interval_ms,
-            lost_after_ms,
+            heartbeat,
+            registered: AtomicUsize::new(0),
             hearing_since_unix_ms: std::sync::atomic::AtomicI64::new(fleet_proto::now_unix_ms()),
             live: Mutex::new(Live {
                 pending,
@@ -854,10 +860,14 @@ impl FleetState {
         };
         let assignments = self.assignments_for(&record);
         let (desired_tx, desired) = watch::channel(assignments);
-        let id = {
+        let (id, cadence) = {
             let mut live = self.live();
             live.next_session += 1;
             let id = live.next_session;
+            // Counting this host: the first hosts of a fleet that grows are told the longer
+            // interval at their next heartbeat.
+            let connected = live.hosts.len() + usize::from(!live.hosts.contains_key(&hello.name));
+            let cadence = self.cadence_for(connected);
             live.hosts.insert(
                 hello.name.clone(),
                 LiveHost {
@@ -869,9 +879,10 @@ impl FleetState {
                         .map(|i| (i.app.clone(), i))
                         .collect(),
                     last_seen_unix_ms: now,
+                    lost_after_ms: cadence.lost_after_ms,
                 },
             );
-            id
+            (id, cadence)
         };
         drop(held);
         self.event(
@@ -883,7 +894,11 @@ impl FleetState {
         )
         .await;
         self.bump();
-        Ok(Some(Session { id, desired }))
+        Ok(Some(Session {
+            id,
+            desired,
+            cadence,
+        }))
     }
 
     /// Records an instance transition reported by a host's current session.
@@ -1126,7 +1141,7 @@ impl FleetState {
     }
 
     /// From now on, as when the process started: no host is counted lost before it had
-    /// `lost_after_ms` to be heard. A controller that begins to lead calls it, since the
+    /// its `lost_after_ms` to be heard. A controller that begins to lead calls it, since the
     /// agents were talking to the leader before it, not to it.
     pub fn hearing_from_now(&self) {
         self.hearing_since_unix_ms.store(
@@ -1140,17 +1155,34 @@ impl FleetState {
         self.store.describe()
     }
 
-    /// Whether nothing was heard from the host for `lost_after_ms`.
+    /// Whether nothing was heard from the host for its `lost_after_ms`: the one it was last
+    /// told, or the fleet's now, whichever is longer.
     pub fn is_lost(&self, record: &HostRecord) -> bool {
-        let last_seen = self
-            .last_seen(&record.name)
-            .unwrap_or(record.last_seen_unix_ms)
+        let (heard, connected) = {
+            let live = self.live();
+            (Self::heard(&live, &record.name), live.hosts.len())
+        };
+        let (last_seen, told) = heard.unwrap_or((record.last_seen_unix_ms, 0));
+        let last_seen = last_seen
             .max(record.last_seen_unix_ms)
             .max(
                 self.hearing_since_unix_ms
                     .load(std::sync::atomic::Ordering::Relaxed),
             );
-        fleet_proto::now_unix_ms() - last_seen > self.lost_after_ms as i64
+        let lost_after = told.max(self.cadence_for(connected).lost_after_ms);
+        fleet_proto::now_unix_ms() - last_seen > lost_after as i64
+    }
+
+    /// The heartbeat interval and lost-after for the fleet as it stands: stretched by the
+    /// hosts connected or registered, whichever are more ([`crate::heartbeat::cadence`]).
+    pub fn cadence(&self) -> Cadence {
+        let connected = self.live().hosts.len();
+        self.cadence_for(connected)
+    }
+
+    fn cadence_for(&self, connected: usize) -> Cadence {
+        let registered = self.registered.load(Ordering::Relaxed);
+        crate::heartbeat::cadence(&self.heartbeat, connected.max(registered))
     }
 
     /// How long ago the host was last heard from, in whole seconds.
@@ -1163,19 +1195,22 @@ impl FleetState {
     }
 
     /// Watches for hosts going lost, records it, and wakes waiters, one check per heartbeat
-    /// interval, until `stop` turns true.
+    /// interval (the fleet's, as it stretches: a check reads every host), until `stop` turns
+    /// true. Each check also counts the registered hosts, for [`FleetState::cadence`].
     pub async fn watch_for_lost_hosts(self: std::sync::Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut lost = std::collections::HashSet::new();
-        let period = std::time::Duration::from_millis(self.heartbeat_interval_ms);
-        let mut tick = tokio::time::interval(period);
+        // The first check at once, as the configured interval's ticks began.
+        let mut period = std::time::Duration::ZERO;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(period) => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
+            period = std::time::Duration::from_millis(self.cadence().interval_ms);
             let Ok(hosts) = self.store.list_hosts() else {
                 continue;
             };
+            self.registered.store(hosts.len(), Ordering::Relaxed);
             let mut changed = false;
             for host in &hosts {
                 let is_lost = host.drain.is_none() && self.is_lost(host);
@@ -1207,11 +1242,15 @@ impl FleetState {
         }
     }
 
-    pub fn host_heartbeat(&self, host: &str, session: u64) {
+    /// Notes a heartbeat of `host`'s current session; the cadence to answer it with, which
+    /// the host's lost-after follows from now on (None: the session was replaced).
+    pub fn host_heartbeat(&self, host: &str, session: u64) -> Option<Cadence> {
         let mut live = self.live();
-        if let Some(live_host) = live.hosts.get_mut(host).filter(|h| h.session == session) {
-            live_host.last_seen_unix_ms = fleet_proto::now_unix_ms();
-        }
+        let cadence = self.cadence_for(live.hosts.len());
+        let live_host = live.hosts.get_mut(host).filter(|h| h.session == session)?;
+        live_host.last_seen_unix_ms = fleet_proto::now_unix_ms();
+        live_host.lost_after_ms = cadence.lost_after_ms;
+        Some(cadence)
     }
 
     /// Removes the live entry of `host` if it is still `session`'s, keeping when it was last
@@ -1220,10 +1259,12 @@ impl FleetState {
         let mut live = self.live();
         match live.hosts.get(host) {
             Some(h) if h.session == session => {
-                let last_seen = live.hosts.remove(host).map(|h| h.last_seen_unix_ms)?;
-                live.heard_before_disconnect
-                    .insert(host.to_string(), last_seen);
-                Some(last_seen)
+                let gone = live.hosts.remove(host)?;
+                live.heard_before_disconnect.insert(
+                    host.to_string(),
+                    (gone.last_seen_unix_ms, gone.lost_after_ms),
+                );
+                Some(gone.last_seen_unix_ms)
             }
             _ => None,
         }
@@ -1259,10 +1300,14 @@ impl FleetState {
 
     /// When the host was last heard from while connected (this run of the controller).
     pub fn last_seen(&self, host: &str) -> Option<i64> {
-        let live = self.live();
+        Self::heard(&self.live(), host).map(|(last_seen, _)| last_seen)
+    }
+
+    /// When the host was last heard from while connected, and the lost-after it was told then.
+    fn heard(live: &Live, host: &str) -> Option<(i64, u64)> {
         live.hosts
             .get(host)
-            .map(|h| h.last_seen_unix_ms)
+            .map(|h| (h.last_seen_unix_ms, h.lost_after_ms))
             .or_else(|| live.heard_before_disconnect.get(host).copied())
     }
 
@@ -1466,6 +1511,97 @@ pub fn labels_on_connect(
 pub(crate) mod tests {
     use super::*;
 
+    /// Heartbeats every 500 ms, lost after 6 s, 100 a second at most (tests of other modules
+    /// use it too).
+    pub(crate) fn test_policy() -> Policy {
+        Policy {
+            interval_ms: 500,
+            lost_after_ms: 6_000,
+            per_second: 100,
+        }
+    }
+
+    fn live_host(last_seen_unix_ms: i64, lost_after_ms: u64) -> LiveHost {
+        LiveHost {
+            session: 1,
+            desired_tx: watch::channel(DesiredAssignments::default()).0,
+            instances: BTreeMap::new(),
+            last_seen_unix_ms,
+            lost_after_ms,
+        }
+    }
+
+    fn host_record(name: &str, last_seen_unix_ms: i64) -> HostRecord {
+        HostRecord {
+            name: name.to_string(),
+            labels: BTreeMap::new(),
+            advertise_addr: "127.0.0.2".to_string(),
+            registered_unix_ms: last_seen_unix_ms,
+            last_seen_unix_ms,
+            desired: BTreeMap::new(),
+            drain: None,
+            agent: AgentInfo::default(),
+        }
+    }
+
+    /// A host is lost after the silence it was last told, or the fleet's now, whichever is
+    /// longer: a host told a long interval is not lost when the fleet shrinks before its next
+    /// heartbeat, and every host gets the longer silence at once when the fleet grows.
+    #[test]
+    fn a_host_is_lost_after_what_it_was_told_or_the_fleets_silence_whichever_is_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let artifacts =
+            ArtifactStore::open(dir.path(), crate::config::UploadLimits::default()).unwrap();
+        // 10 heartbeats a second: past 5 hosts the interval stretches from 500 ms.
+        let policy = Policy {
+            per_second: 10,
+            ..test_policy()
+        };
+        let mut fleet = FleetState::new(store, artifacts, policy);
+        let now = fleet_proto::now_unix_ms();
+        // As if the controller had started long ago.
+        fleet.started_unix_ms = now - 3_600_000;
+        let eight_s_ago = now - 8_000;
+        fleet
+            .live()
+            .hosts
+            .insert("told-long".into(), live_host(eight_s_ago, 12_000));
+        fleet
+            .live()
+            .hosts
+            .insert("told-short".into(), live_host(eight_s_ago, 6_000));
+        assert_eq!(fleet.cadence(), crate::heartbeat::cadence(&policy, 2));
+        assert_eq!(fleet.cadence().lost_after_ms, 6_000);
+        assert!(!fleet.is_lost(&host_record("told-long", eight_s_ago)));
+        assert!(fleet.is_lost(&host_record("told-short", eight_s_ago)));
+        // A host never connected in this run: the fleet's silence, from its stored time.
+        assert!(fleet.is_lost(&host_record("stored", eight_s_ago)));
+        assert!(!fleet.is_lost(&host_record("stored", now - 5_000)));
+
+        // Six hosts registered (the watcher counted them): 1 s heartbeats, lost after 12 s.
+        fleet.registered.store(6, Ordering::Relaxed);
+        assert_eq!(
+            fleet.cadence(),
+            Cadence {
+                interval_ms: 1_000,
+                lost_after_ms: 12_000
+            }
+        );
+        assert!(!fleet.is_lost(&host_record("told-short", eight_s_ago)));
+        assert!(!fleet.is_lost(&host_record("stored", eight_s_ago)));
+
+        // A heartbeat is answered with the fleet's cadence, which the host is held to from
+        // then on; a stale session's heartbeat is not answered.
+        assert_eq!(fleet.host_heartbeat("told-short", 2), None);
+        assert_eq!(fleet.host_heartbeat("told-short", 1), Some(fleet.cadence()));
+        assert_eq!(fleet.live().hosts["told-short"].lost_after_ms, 12_000);
+        // The host's session ends: it keeps the silence it was told.
+        fleet.registered.store(0, Ordering::Relaxed);
+        assert!(fleet.forget_session("told-long", 1).is_some());
+        assert!(!fleet.is_lost(&host_record("told-long", eight_s_ago)));
+    }
+
     /// `k=v,...` as a label map (tests of other modules use it too).
     pub(crate) fn labels(text: &str) -> BTreeMap<String, String> {
         fleet_proto::names::parse_labels(text)
@@ -1490,7 +1626,7 @@ pub(crate) mod tests {
             let store = Store::open(dir.path()).unwrap();
             let artifacts =
                 ArtifactStore::open(dir.path(), crate::config::UploadLimits::default()).unwrap();
-            FleetState::new(store, artifacts, 500, 6_000)
+            FleetState::new(store, artifacts, test_policy())
         };
         let clients = tokio::runtime::Builder::new_current_thread()
             .thread_name("fleet-clients")
@@ -1510,7 +1646,7 @@ pub(crate) mod tests {
         let store = Store::open(dir.path()).unwrap();
         let artifacts =
             ArtifactStore::open(dir.path(), crate::config::UploadLimits::default()).unwrap();
-        let fleet = FleetState::new(store, artifacts, 500, 6_000);
+        let fleet = FleetState::new(store, artifacts, test_policy());
         let heard = fleet_proto::now_unix_ms() - 100;
         fleet.live().hosts.insert(
             "h1".to_string(),
@@ -1519,6 +1655,7 @@ pub(crate) mod tests {
                 desired_tx: watch::channel(DesiredAssignments::default()).0,
                 instances: BTreeMap::new(),
                 last_seen_unix_ms: heard,
+                lost_after_ms: 6_000,
             },
         );
         // A stale session's end changes nothing.

@@ -19,6 +19,7 @@ pub mod data_lock;
 pub mod edge;
 pub mod fleet_state;
 pub mod follower;
+pub mod heartbeat;
 pub mod host_lifecycle;
 pub mod http;
 pub mod lanes;

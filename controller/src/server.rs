@@ -89,8 +89,11 @@ pub async fn run(
     let fleet = Arc::new(FleetState::new(
         store,
         artifacts,
-        config.heartbeat_interval_ms,
-        config.lost_after_ms,
+        crate::heartbeat::Policy {
+            interval_ms: config.heartbeat_interval_ms,
+            lost_after_ms: config.lost_after_ms,
+            per_second: config.heartbeats_per_second,
+        },
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
     // Executors stay on this runtime even when a client's call starts them.
@@ -208,7 +211,11 @@ pub async fn run(
     };
     let connections = Arc::new(edge::Connections::default());
     let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        // A ping after this long without a frame from the peer: longer than the longest
+        // heartbeat interval (`heartbeat::MAX_INTERVAL_MS`), so an agent's session, which
+        // heartbeats, is never pinged (at 10,000 hosts, pings would be most of the controller's
+        // idle wake-ups); an idle `events --follow` is, as before.
+        .http2_keepalive_interval(Some(crate::heartbeat::KEEPALIVE_INTERVAL))
         .max_concurrent_streams(limits.streams_per_connection)
         // Bounded header lists and reset-stream floods (RUSTSEC-2024-0003: tonic leaves
         // hyper's limits off).

@@ -9,6 +9,7 @@ use super::{convert, store_status};
 use crate::auth::{self, Role};
 use crate::ca_trust::{self, Trust, TrustEvent};
 use crate::fleet_state::{FleetState, HostHello};
+use crate::heartbeat::Cadence;
 use crate::log_relay::{LogChunk, LogCommand};
 use crate::model::AgentInfo;
 use crate::store::{CertificateRecord, TokenUse};
@@ -198,12 +199,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let peers = self.peers.clone();
         let peer_session = advertise.map(|ip| peers.session_opened(&host, ip, peer_port));
         let (tx, rx) = mpsc::channel::<Outbound>(16);
-        let welcome = pb::ControllerMessage {
-            body: Some(ControllerBody::Welcome(pb::Welcome {
-                heartbeat_interval_ms: self.fleet.heartbeat_interval_ms,
-            })),
-        };
-        let _ = tx.send(Ok(welcome)).await;
+        let mut cadence = session.cadence;
+        let _ = tx.send(Ok(welcome(cadence))).await;
         // Counted by the CA of its certificate while it lasts (`ca rotate --finish` asks), and
         // told to renew when that CA no longer signs.
         self.trust.session_opened(&host, &presented);
@@ -215,8 +212,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let mut log_commands = logs.attach(&host, session.id);
         let mut shutdown = self.shutdown.clone();
         let mut role = self.role.clone();
-        // Three missed heartbeats end the session.
-        let silence = Duration::from_millis(self.fleet.heartbeat_interval_ms * 3);
         tokio::spawn(async move {
             let mut desired = session.desired;
             let mut send_desired = true;
@@ -259,6 +254,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     }
                     send_desired = false;
                 }
+                // Three missed heartbeats end the session.
+                let silence = Duration::from_millis(cadence.interval_ms * 3);
                 tokio::select! {
                     changed = desired.changed() => match changed {
                         Ok(()) => send_desired = true,
@@ -286,7 +283,17 @@ impl pb::agent_service_server::AgentService for AgentApi {
                                 let _ = tx.send(Err(revoked)).await;
                                 break;
                             }
-                            fleet.host_heartbeat(&host, session.id);
+                            if let Some(now) = fleet.host_heartbeat(&host, session.id) {
+                                cadence = now;
+                                // The answer: the agent knows it is heard (it needs no HTTP/2
+                                // pings of its own) and takes the interval as it stands. An
+                                // agent that does not read its answers is not waited for.
+                                if let Err(mpsc::error::TrySendError::Closed(_)) =
+                                    tx.try_send(Ok(welcome(cadence)))
+                                {
+                                    break;
+                                }
+                            }
                         }
                         Ok(Ok(Some(pb::AgentMessage { body: Some(AgentBody::LogLines(answer)) }))) => {
                             let error = (!answer.error.is_empty()).then_some(answer.error);
@@ -648,5 +655,16 @@ fn join_answer(outcome: TokenUse, host: &str) -> Result<Option<String>, Status> 
         TokenUse::Expired { .. } => Err(Status::permission_denied(
             "the join token has expired: create a new one with `fleetctl join-token create`",
         )),
+    }
+}
+
+/// The controller's `Welcome`: the heartbeat interval as it stands, and the promise that every
+/// heartbeat is answered (with another `Welcome`).
+fn welcome(cadence: Cadence) -> pb::ControllerMessage {
+    pb::ControllerMessage {
+        body: Some(ControllerBody::Welcome(pb::Welcome {
+            heartbeat_interval_ms: cadence.interval_ms,
+            answers_heartbeats: true,
+        })),
     }
 }

@@ -299,7 +299,11 @@ mod tests {
             crate::config::UploadLimits::default(),
         )
         .unwrap();
-        let fleet = Arc::new(FleetState::new(store, artifacts, 500, 6_000));
+        let fleet = Arc::new(FleetState::new(
+            store,
+            artifacts,
+            crate::fleet_state::tests::test_policy(),
+        ));
         let in_progress = Arc::new(InProgress::default());
         // A rollout the store does not know (it ended while the observer lagged, say).
         in_progress.insert("r1", "web");

@@ -2,8 +2,10 @@
 //!
 //! One process speaks the agents' real protocol over mutual TLS: each host makes its own key,
 //! joins with a one-time token minted through the controller's token API (what `fleetctl
-//! join-token create` calls), then holds its `Session` (hello, heartbeats at the controller's
-//! interval, reconnects with the agent's backoff) and answers assignments as an agent would:
+//! join-token create` calls), then holds its `Session` (hello, heartbeats at the interval the
+//! controller tells, which grows with the fleet, a session left when the controller stops
+//! answering heartbeats, HTTP/2 keepalives as the agent's, reconnects with the agent's
+//! backoff) and answers assignments as an agent would:
 //! it fetches the artifact (`FetchArtifact`, checked against the digest), then reports
 //! `starting` and `running` without running a process. Every host dials from a loopback
 //! source address of its own (`127.A.B.C`, bound before connecting, through a connector of
@@ -189,6 +191,9 @@ struct Counters {
     welcomed: AtomicUsize,
     sessions_opened: AtomicU64,
     sessions_lost: AtomicU64,
+    /// Heartbeats sent, and the longest interval a controller's welcome or answer told.
+    heartbeats: AtomicU64,
+    interval_ms: AtomicU64,
     desired_messages: AtomicU64,
     fetches: AtomicU64,
     fetched_bytes: AtomicU64,
@@ -228,12 +233,13 @@ fn agent_endpoint(shared: &Shared, host: &SimHost) -> Result<Endpoint> {
         .ca_certificate(Certificate::from_pem(&shared.ca_pem))
         .domain_name(fleet_pki::CONTROLLER_TLS_NAME)
         .identity(Identity::from_pem(&host.cert_pem, &host.key_pem));
-    // The agent's own channel settings (agent/src/session.rs), keepalives included.
+    // The agent's own channel settings (agent/src/session.rs), keepalives included (a ping
+    // after 75 s without a frame from the controller: never, while heartbeats are answered).
     Ok(Endpoint::from_shared(shared.url.clone())?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(75))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true))
 }
@@ -514,14 +520,25 @@ async fn session_once(
     };
     counters.sessions_opened.fetch_add(1, Ordering::Relaxed);
     let mut welcomed = false;
+    // As the agent: a controller that answers heartbeats and leaves one unanswered is gone
+    // (here after 20 s, as this one process's 10,000 sessions may answer late, not the agent's
+    // 10 s).
+    let mut answers = false;
+    let mut answer_due: Option<tokio::time::Instant> = None;
     let mut period = Duration::from_secs(5);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let ended = loop {
         tokio::select! {
             _ = stop.changed() => break Ended::Stopped,
+            _ = tokio::time::sleep_until(answer_due.unwrap_or_else(tokio::time::Instant::now)), if answer_due.is_some() => {
+                break lost(welcomed, "a heartbeat left unanswered for 20 s".into());
+            }
             message = inbound.message() => match message {
                 Ok(Some(message)) => match message.body {
                     Some(pb::controller_message::Body::Welcome(welcome)) => {
+                        answer_due = None;
+                        answers = welcome.answers_heartbeats;
+                        counters.interval_ms.fetch_max(welcome.heartbeat_interval_ms, Ordering::Relaxed);
                         if !welcomed {
                             welcomed = true;
                             counters.welcomed.fetch_add(1, Ordering::Relaxed);
@@ -533,17 +550,22 @@ async fn session_once(
                         }
                     }
                     Some(pb::controller_message::Body::Desired(desired)) => {
+                        answer_due = None;
                         counters.desired_messages.fetch_add(1, Ordering::Relaxed);
                         if converge(desired, &channel, &tx, state, counters).await.is_err() {
                             break lost(welcomed, "the session's send side closed".into());
                         }
                     }
-                    _ => {}
+                    _ => answer_due = None,
                 },
                 Ok(None) => break lost(welcomed, "the controller closed the session".into()),
                 Err(status) => break lost(welcomed, format!("{:?}: {}", status.code(), status.message())),
             },
             _ = heartbeat.tick() => {
+                if answers && answer_due.is_none() {
+                    answer_due = Some(tokio::time::Instant::now() + Duration::from_secs(20));
+                }
+                counters.heartbeats.fetch_add(1, Ordering::Relaxed);
                 let beat = pb::AgentMessage { body: Some(pb::agent_message::Body::Heartbeat(pb::Heartbeat {})) };
                 if tx.send(beat).await.is_err() {
                     break lost(welcomed, "the session's send side closed".into());
@@ -953,9 +975,12 @@ pub fn run(args: &[String]) -> Result<()> {
             opts.idle.as_secs()
         );
         let idle_before = cpu_ticks(pid)?;
+        let beats_before = counters.heartbeats.load(Ordering::Relaxed);
         std::thread::sleep(opts.idle);
         let idle_pct =
             (cpu_ticks(pid)? - idle_before) as f64 / TICKS_PER_S / opts.idle.as_secs_f64() * 100.0;
+        let beats_per_s = (counters.heartbeats.load(Ordering::Relaxed) - beats_before) as f64
+            / opts.idle.as_secs_f64();
         lines.push(checked(
             "controller CPU while idle (heartbeats, keepalives)",
             idle_pct,
@@ -963,7 +988,17 @@ pub fn run(args: &[String]) -> Result<()> {
             TARGET_IDLE_CPU_PCT,
             true,
         ));
+        let interval_ms = counters.interval_ms.load(Ordering::Relaxed);
+        lines.push(line(
+            "  heartbeats meanwhile",
+            format!(
+                "{beats_per_s:.0} a second (the longest interval told: {:.1} s)",
+                interval_ms as f64 / 1000.0
+            ),
+        ));
         json.insert("idle_cpu_pct".into(), idle_pct.into());
+        json.insert("idle_heartbeats_per_s".into(), beats_per_s.into());
+        json.insert("heartbeat_interval_ms".into(), interval_ms.into());
 
         let (status_ms, status_err) = ctl_latency_ms(&fleet, &["status"]);
         lines.push(checked(
