@@ -1558,10 +1558,12 @@ pub(crate) mod tests {
             per_second: 10,
             ..test_policy()
         };
-        let mut fleet = FleetState::new(store, artifacts, policy);
+        let fleet = FleetState::new(store, artifacts, policy);
         let now = fleet_proto::now_unix_ms();
         // As if the controller had started long ago.
-        fleet.started_unix_ms = now - 3_600_000;
+        fleet
+            .hearing_since_unix_ms
+            .store(now - 3_600_000, std::sync::atomic::Ordering::Relaxed);
         let eight_s_ago = now - 8_000;
         fleet
             .live()
