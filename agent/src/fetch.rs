@@ -10,15 +10,20 @@
 //! With peers ([`crate::peer`]), a fetch first asks the controller for the artifact's sources
 //! (`ArtifactSources`: the per-chunk sha256 list, a few peers that hold or are fetching it,
 //! and a grant) and takes chunks from those peers in order, each checked against its sha256
-//! before it is written; a peer that sends a bad chunk, or none for [`CHUNK_TIMEOUT`], is
-//! dropped for this fetch. Whatever the peers did not bring comes from the controller as
-//! above, and the whole file's digest is checked all the same. While a download is under way,
-//! [`Fetcher::held`] tells the peer server how much of the partial file is written, so a host
-//! passes chunks on as they arrive.
+//! before it is written or passed on; a peer that sends a bad chunk, or none for
+//! [`CHUNK_TIMEOUT`], is dropped for this fetch. Whatever the peers did not bring comes from
+//! the controller as above. With that list every byte is hashed once ([`Check::Chunks`]): each
+//! chunk against its entry, whoever sent it (the controller made the list from the stored
+//! artifact whose digest it checked, so a file whose every chunk matches is that artifact),
+//! instead of once per chunk and again for the whole file. A partial file left by an earlier
+//! attempt is checked chunk by chunk too, and cut back to its first bad chunk. While a
+//! download is under way, [`Fetcher::held`] tells the peer server how far it got and hands it
+//! the last verified chunks ([`crate::peer::Recent`]), so a host passes a chunk on as soon as
+//! it is verified.
 
 use crate::direct_io::ArtifactWriter;
 use crate::model::{digest_hex, DataLayout};
-use crate::peer::{Held, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+use crate::peer::{Held, Progress, Recent, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fleet_proto::pb;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -73,12 +78,14 @@ pub struct Fetcher {
     one_at_a_time: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// Fetches chunks from peers; `None`: every byte comes from the controller.
     peers: Option<crate::peer::PeerClient>,
-    /// Downloads under way: digest -> (announced size, bytes of the partial file written).
+    /// Downloads under way: digest -> what the peer server needs of it.
     under_way: UnderWayMap,
 }
 
-/// Downloads under way: digest -> (announced size, bytes of the partial file written).
-type UnderWayMap = Arc<Mutex<HashMap<String, (u64, watch::Receiver<u64>)>>>;
+/// A download under way, for the peer server: its announced size, how far it got and its
+/// last verified chunks.
+type UnderWayEntry = (u64, watch::Receiver<Progress>, Arc<Recent>);
+type UnderWayMap = Arc<Mutex<HashMap<String, UnderWayEntry>>>;
 
 /// Forgets a download under way when its fetch ends.
 struct UnderWay {
@@ -95,11 +102,162 @@ impl Drop for UnderWay {
     }
 }
 
-/// The whole-file hash of the partial file's first bytes, carried from the peer phase to the
-/// controller's so the file is not read back.
+/// How far the partial file got and the state of its check, carried from one attempt to the
+/// next (the peer phase, then the controller's) so the file is not read back.
 struct Resume {
     offset: u64,
-    hasher: Sha256,
+    check: Check,
+}
+
+/// The artifact's chunks as the controller listed them.
+struct ChunkPlan {
+    size: u64,
+    chunk_size: u64,
+    sha256: Vec<[u8; 32]>,
+}
+
+impl ChunkPlan {
+    fn n_chunks(&self) -> u64 {
+        self.sha256.len() as u64
+    }
+
+    /// The length of chunk `index` (the last may be short).
+    fn len_of(&self, index: u64) -> u64 {
+        self.chunk_size
+            .min(self.size.saturating_sub(index * self.chunk_size))
+    }
+}
+
+/// How a download's bytes are checked.
+enum Check {
+    /// The sha256 of the whole file, compared with the digest at the end (no chunk list: peers
+    /// are off, or the controller named no sources).
+    Whole(Sha256),
+    /// Chunk by chunk against the controller's list: every chunk before `index` matched,
+    /// `current` holds the `filled` bytes of chunk `index` received so far.
+    Chunks {
+        plan: Arc<ChunkPlan>,
+        index: u64,
+        current: Sha256,
+        filled: u64,
+    },
+}
+
+/// What the download loop hands the writer thread.
+enum Piece {
+    /// A whole chunk already checked against the list (from a peer).
+    Checked(bytes::Bytes),
+    /// Bytes to check here (from the controller).
+    Unchecked(bytes::Bytes),
+}
+
+/// The error the writer reports for a chunk that does not match the list.
+fn chunk_mismatch(index: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("chunk {index} does not match its sha256"),
+    )
+}
+
+impl Check {
+    /// Bytes from the start checked so far, `total` being what was received.
+    fn verified(&self, total: u64) -> u64 {
+        match self {
+            Check::Whole(_) => total,
+            Check::Chunks { plan, index, .. } => (index * plan.chunk_size).min(plan.size),
+        }
+    }
+
+    /// Hashes and writes `data` (received after everything before it); in chunk mode each
+    /// chunk is compared with its entry as it completes, and a chunk that came whole in `data`
+    /// is kept in `recent` for the peer server.
+    fn write_unchecked(
+        &mut self,
+        data: &bytes::Bytes,
+        file: &mut ArtifactWriter,
+        recent: &Recent,
+    ) -> std::io::Result<()> {
+        match self {
+            Check::Whole(hasher) => {
+                // Piece by piece, so the copy into the write buffer reads what hashing has
+                // just brought into the CPU cache, instead of the whole chunk from memory twice.
+                for piece in data.chunks(HASH_PIECE) {
+                    hasher.update(piece);
+                    file.write(piece)?;
+                }
+            }
+            Check::Chunks {
+                plan,
+                index,
+                current,
+                filled,
+            } => {
+                let mut at = 0;
+                let mut began = (*filled == 0).then_some(0);
+                while at < data.len() {
+                    if *index >= plan.n_chunks() {
+                        return Err(chunk_mismatch(*index));
+                    }
+                    let want = plan.len_of(*index) - *filled;
+                    let n = (want as usize).min(data.len() - at).min(HASH_PIECE);
+                    let piece = &data[at..at + n];
+                    current.update(piece);
+                    file.write(piece)?;
+                    at += n;
+                    *filled += n as u64;
+                    if *filled == plan.len_of(*index) {
+                        let got: [u8; 32] = current.finalize_reset().into();
+                        if got != plan.sha256[*index as usize] {
+                            return Err(chunk_mismatch(*index));
+                        }
+                        if let Some(began) = began {
+                            recent.keep(*index * plan.chunk_size, data.slice(began..at));
+                        }
+                        *index += 1;
+                        *filled = 0;
+                        began = Some(at);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a chunk the caller checked against the list.
+    fn write_checked(
+        &mut self,
+        data: &bytes::Bytes,
+        file: &mut ArtifactWriter,
+        recent: &Recent,
+    ) -> std::io::Result<()> {
+        match self {
+            Check::Chunks { index, filled, .. } if *filled == 0 => {
+                file.write(data)?;
+                *index += 1;
+                Ok(())
+            }
+            // Not at a chunk's start (cannot happen: peers fill whole chunks from a chunk's
+            // start): checked again here.
+            _ => self.write_unchecked(data, file, recent),
+        }
+    }
+
+    /// What the file's check says once every byte is in: the digest it has (`Whole`), or
+    /// `digest` itself when every chunk matched the controller's list.
+    fn outcome(self, digest: &str) -> String {
+        match self {
+            Check::Whole(hasher) => format!("sha256:{}", hex::encode(hasher.finalize())),
+            Check::Chunks {
+                plan,
+                index,
+                filled,
+                ..
+            } if index == plan.n_chunks() && filled == 0 => digest.to_string(),
+            Check::Chunks { plan, index, .. } => {
+                format!("only {index} of {} chunks checked", plan.n_chunks())
+            }
+        }
+    }
 }
 
 impl Fetcher {
@@ -132,11 +290,12 @@ impl crate::peer::Holdings for Fetcher {
             return Some(Held::Complete(path));
         }
         let under_way = self.under_way.lock().unwrap_or_else(|e| e.into_inner());
-        let (size, on_disk) = under_way.get(digest)?;
+        let (size, progress, recent) = under_way.get(digest)?;
         Some(Held::Partial {
             path: self.layout.partial_file(digest_hex(digest)),
             size: *size,
-            on_disk: on_disk.clone(),
+            progress: progress.clone(),
+            recent: recent.clone(),
         })
     }
 }
@@ -166,46 +325,52 @@ impl Fetcher {
         let done = self.layout.artifact_file(hex);
         // Dropped last (declared first): a peer server waiting for more sees the download end
         // only once the file was renamed into place (or given up).
-        let progress = Arc::new(watch::channel(0u64).0);
+        let progress = Arc::new(watch::channel(Progress::default()).0);
+        let recent = Arc::new(Recent::default());
         let _under_way = (expected_size > 0).then(|| {
             self.under_way
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(digest.to_string(), (expected_size, progress.subscribe()));
+                .insert(
+                    digest.to_string(),
+                    (expected_size, progress.subscribe(), recent.clone()),
+                );
             UnderWay {
                 map: self.under_way.clone(),
                 digest: digest.to_string(),
             }
         });
         let mut resume = None;
+        let mut plan = None;
         if let (Some(peers), true) = (&self.peers, expected_size > 0) {
-            resume = self
-                .fetch_from_peers(
-                    peers,
-                    digest,
-                    expected_size,
-                    &partial,
-                    guard.clone(),
-                    progress.clone(),
-                )
-                .await?;
+            let download = Download {
+                digest,
+                size: expected_size,
+                partial: &partial,
+                guard: guard.clone(),
+                progress: progress.clone(),
+                recent: recent.clone(),
+            };
+            (plan, resume) = self.fetch_from_peers(peers, &download).await?;
         }
         let mut without_progress = 0;
         let mut backoff = Duration::from_millis(200);
         for attempt in 1..=MAX_ATTEMPTS {
+            let download = Download {
+                digest,
+                size: expected_size,
+                partial: &partial,
+                guard: guard.clone(),
+                progress: progress.clone(),
+                recent: recent.clone(),
+            };
             match self
-                .fetch_once(
-                    digest,
-                    expected_size,
-                    &partial,
-                    guard.clone(),
-                    resume.take(),
-                    progress.clone(),
-                )
+                .fetch_once(&download, resume.take(), plan.clone())
                 .await
             {
                 Ok(Attempt::Complete(actual)) => {
                     if actual != digest {
+                        // Never the case in chunk mode: a bad chunk fails as it completes.
                         let _ = tokio::fs::remove_file(&partial).await;
                         return Err(FetchError::Mismatch {
                             digest: digest.to_string(),
@@ -224,7 +389,9 @@ impl Fetcher {
                 Ok(Attempt::Cut {
                     progressed,
                     message,
+                    resume: carried,
                 }) => {
+                    resume = carried;
                     if progressed {
                         without_progress = 0;
                         backoff = Duration::from_millis(200);
@@ -254,39 +421,26 @@ impl Fetcher {
     /// One request from the partial file's current length to the end of the stream.
     async fn fetch_once(
         &self,
-        digest: &str,
-        expected_size: u64,
-        partial: &Path,
-        guard: std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>,
+        download: &Download<'_>,
         resume: Option<Resume>,
-        progress: Arc<watch::Sender<u64>>,
+        plan: Option<Arc<ChunkPlan>>,
     ) -> Result<Attempt, FetchError> {
+        let (digest, expected_size, partial) = (download.digest, download.size, download.partial);
         let io_error = |source| FetchError::Io {
             path: partial.to_path_buf(),
             source,
         };
-        let mut offset = match tokio::fs::metadata(partial).await {
+        let length = match tokio::fs::metadata(partial).await {
             Ok(meta) => meta.len(),
             Err(_) => 0,
         };
-        if expected_size > 0 && offset > expected_size {
-            tokio::fs::remove_file(partial).await.map_err(io_error)?;
-            offset = 0;
-        }
-        let hasher = match resume {
-            Some(resume) if resume.offset == offset => resume.hasher,
-            _ => hash_prefix(partial, offset).await.map_err(io_error)?,
+        let (offset, check) = match resume {
+            Some(resume) if resume.offset == length => (resume.offset, resume.check),
+            _ => prepare(partial, expected_size, plan)
+                .await
+                .map_err(io_error)?,
         };
-        let (chunks, writer) = spawn_writer(
-            partial,
-            offset,
-            expected_size.saturating_sub(offset),
-            hasher,
-            guard,
-            progress,
-        )
-        .map_err(io_error)?;
-
+        let (chunks, writer) = spawn_writer(download, offset, check).map_err(io_error)?;
         let started = std::time::Instant::now();
         let mut written: u64 = 0;
         let mut cut: Option<String> = None;
@@ -324,7 +478,7 @@ impl Fetcher {
                                         expected: expected_size,
                                     });
                                 }
-                                if chunks.send(chunk.data).await.is_err() {
+                                if chunks.send(Piece::Unchecked(chunk.data)).await.is_err() {
                                     // The writer stopped on an error; it is reported below.
                                     break;
                                 }
@@ -336,14 +490,21 @@ impl Fetcher {
             }
         }
         drop(chunks);
-        let (file, hasher) = writer
+        let (file, check, total) = match writer
             .await
             .map_err(|e| io_error(std::io::Error::other(e)))?
-            .map_err(io_error)?;
+        {
+            Ok(done) => done,
+            Err(e) => return Err(written_off(partial, digest, e).await),
+        };
         if let Some(message) = cut {
             return Ok(Attempt::Cut {
                 progressed: written > 0,
                 message,
+                resume: Some(Resume {
+                    offset: total,
+                    check,
+                }),
             });
         }
         if expected_size > 0 && offset + written < expected_size {
@@ -353,6 +514,10 @@ impl Fetcher {
                     "stream ended after {} of {expected_size} bytes",
                     offset + written
                 ),
+                resume: Some(Resume {
+                    offset: total,
+                    check,
+                }),
             });
         }
         let received = started.elapsed();
@@ -367,53 +532,96 @@ impl Fetcher {
             synced_ms = (started.elapsed() - received).as_millis() as u64,
             "artifact received"
         );
-        Ok(Attempt::Complete(format!(
-            "sha256:{}",
-            hex::encode(hasher.finalize())
-        )))
+        Ok(Attempt::Complete(check.outcome(digest)))
     }
 }
 
-/// Starts the blocking thread that writes and hashes the chunks sent to it (shared `Bytes`, no
-/// copy) after the partial file's first `offset` bytes, and tells `progress` how much of the
-/// file is written.
+/// What one attempt writes: the artifact, its partial file, and what the peer server is told.
+struct Download<'a> {
+    digest: &'a str,
+    /// The announced size (0: unknown).
+    size: u64,
+    partial: &'a Path,
+    guard: std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>,
+    progress: Arc<watch::Sender<Progress>>,
+    recent: Arc<Recent>,
+}
+
+/// The error of a writer that stopped: a chunk that does not match its entry deletes the
+/// partial file (the next attempt starts afresh), like a whole-file mismatch.
+async fn written_off(partial: &Path, digest: &str, e: std::io::Error) -> FetchError {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        let _ = tokio::fs::remove_file(partial).await;
+        return FetchError::Mismatch {
+            digest: digest.to_string(),
+            actual: e.to_string(),
+        };
+    }
+    FetchError::Io {
+        path: partial.to_path_buf(),
+        source: e,
+    }
+}
+
+/// Raises what `progress` says, never lowers it.
+fn raise(progress: &watch::Sender<Progress>, on_disk: u64, verified: u64) {
+    progress.send_if_modified(|seen| {
+        let next = Progress {
+            on_disk: seen.on_disk.max(on_disk),
+            verified: seen.verified.max(verified),
+        };
+        let grew = next != *seen;
+        *seen = next;
+        grew
+    });
+}
+
+/// Starts the blocking thread that checks and writes the pieces sent to it (shared `Bytes`, no
+/// copy) after the partial file's first `offset` bytes, and tells the download's progress how
+/// much of the file is written and verified. It returns the file, the check's state and the
+/// file's length.
 #[allow(clippy::type_complexity)]
 fn spawn_writer(
-    partial: &Path,
+    download: &Download<'_>,
     offset: u64,
-    expected_rest: u64,
-    hasher: Sha256,
-    guard: std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>,
-    progress: Arc<watch::Sender<u64>>,
+    check: Check,
 ) -> std::io::Result<(
-    tokio::sync::mpsc::Sender<bytes::Bytes>,
-    tokio::task::JoinHandle<std::io::Result<(std::fs::File, Sha256)>>,
+    tokio::sync::mpsc::Sender<Piece>,
+    tokio::task::JoinHandle<std::io::Result<(std::fs::File, Check, u64)>>,
 )> {
-    let file = ArtifactWriter::open(partial, offset, expected_rest)?;
-    progress.send_replace(offset);
-    let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITER_QUEUE);
+    let file = ArtifactWriter::open(
+        download.partial,
+        offset,
+        download.size.saturating_sub(offset),
+    )?;
+    raise(&download.progress, offset, check.verified(offset));
+    let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<Piece>(WRITER_QUEUE);
+    let (guard, progress, recent) = (
+        download.guard.clone(),
+        download.progress.clone(),
+        download.recent.clone(),
+    );
     let writer = tokio::task::spawn_blocking(move || {
         let _guard = guard;
-        let (mut file, mut hasher) = (file, hasher);
+        let (mut file, mut check) = (file, check);
         let mut total = offset;
-        while let Some(chunk) = chunk_rx.blocking_recv() {
-            // Piece by piece, so the copy into the write buffer reads what hashing has
-            // just brought into the CPU cache, instead of the whole chunk from memory twice.
-            for piece in chunk.chunks(HASH_PIECE) {
-                hasher.update(piece);
-                file.write(piece)?;
-            }
-            total += chunk.len() as u64;
-            let on_disk = file.on_disk();
-            progress.send_if_modified(|seen| {
-                let grew = on_disk > *seen;
-                *seen = (*seen).max(on_disk);
-                grew
-            });
+        while let Some(piece) = chunk_rx.blocking_recv() {
+            let n = match &piece {
+                Piece::Checked(data) => {
+                    check.write_checked(data, &mut file, &recent)?;
+                    data.len()
+                }
+                Piece::Unchecked(data) => {
+                    check.write_unchecked(data, &mut file, &recent)?;
+                    data.len()
+                }
+            };
+            total += n as u64;
+            raise(&progress, file.on_disk(), check.verified(total));
         }
         let file = file.finish()?;
-        progress.send_replace(total);
-        Ok::<_, std::io::Error>((file, hasher))
+        raise(&progress, total, check.verified(total));
+        Ok::<_, std::io::Error>((file, check, total))
     });
     Ok((chunks, writer))
 }
@@ -463,18 +671,16 @@ fn check_sources(answer: pb::ArtifactSourcesResponse, size: u64) -> Result<Sourc
 
 impl Fetcher {
     /// Fetches what peers can bring of the artifact into the partial file, every chunk checked
-    /// before it is written. `None` when the controller names no sources (an older
-    /// controller, or an error): the caller fetches everything from the controller; otherwise
-    /// how far the partial file got and its hash so far.
+    /// before it is written or passed on. `(None, None)` when the controller names no sources
+    /// (an older controller, or an error): the caller fetches everything from the controller
+    /// and checks the whole file; otherwise the controller's chunk list, how far the partial
+    /// file got and the state of its check.
     async fn fetch_from_peers(
         &self,
         peers: &crate::peer::PeerClient,
-        digest: &str,
-        size: u64,
-        partial: &Path,
-        guard: std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>,
-        progress: Arc<watch::Sender<u64>>,
-    ) -> Result<Option<Resume>, FetchError> {
+        download: &Download<'_>,
+    ) -> Result<(Option<Arc<ChunkPlan>>, Option<Resume>), FetchError> {
+        let (digest, size, partial) = (download.digest, download.size, download.partial);
         let io_error = |source| FetchError::Io {
             path: partial.to_path_buf(),
             source,
@@ -499,34 +705,36 @@ impl Fetcher {
             Ok(sources) => sources,
             Err(why) => {
                 tracing::info!(%digest, "no peer sources, fetching from the controller: {why}");
-                return Ok(None);
+                return Ok((None, None));
             }
         };
         let chunk_size = sources.chunk_size;
         let n_chunks = sources.sha256.len() as u64;
-        // Whole chunks only: a partial file left mid-chunk is cut back to a chunk's start.
-        let mut offset = match tokio::fs::metadata(partial).await {
-            Ok(meta) => meta.len(),
-            Err(_) => 0,
-        };
-        if offset > size {
-            offset = 0;
+        let plan = Arc::new(ChunkPlan {
+            size,
+            chunk_size,
+            sha256: sources.sha256.clone(),
+        });
+        // What an earlier attempt left is checked chunk by chunk; peers bring whole chunks
+        // only, so a partial file left mid-chunk is cut back to a chunk's start.
+        let (mut offset, mut check) = prepare(partial, size, Some(plan.clone()))
+            .await
+            .map_err(io_error)?;
+        if let Check::Chunks {
+            index,
+            current,
+            filled,
+            ..
+        } = &mut check
+        {
+            if *filled > 0 {
+                offset = *index * chunk_size;
+                cut_to(partial, offset).map_err(io_error)?;
+                *current = Sha256::new();
+                *filled = 0;
+            }
         }
-        let aligned = offset / chunk_size * chunk_size;
-        if aligned != offset || tokio::fs::metadata(partial).await.is_err() {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(partial)
-                .map_err(io_error)?;
-            file.set_len(aligned).map_err(io_error)?;
-            offset = aligned;
-        }
-        let hasher = hash_prefix(partial, offset).await.map_err(io_error)?;
-        let (chunks, writer) =
-            spawn_writer(partial, offset, size - offset, hasher, guard, progress)
-                .map_err(io_error)?;
+        let (chunks, writer) = spawn_writer(download, offset, check).map_err(io_error)?;
         let mut next = offset / chunk_size;
         let first = next;
         let mut peers_left = sources.peers;
@@ -610,7 +818,12 @@ impl Fetcher {
                     excluded.push(peer.host_name);
                     continue 'peers;
                 }
-                if chunks.send(data).await.is_err() {
+                // Verified: the peers this host serves may have it now, before it is written.
+                let start = next * chunk_size;
+                let end = start + data.len() as u64;
+                download.recent.keep(start, data.clone());
+                raise(&download.progress, 0, end);
+                if chunks.send(Piece::Checked(data)).await.is_err() {
                     // The writer stopped on an error; it is reported below.
                     break 'peers;
                 }
@@ -622,12 +835,14 @@ impl Fetcher {
             excluded.push(peer.host_name);
         }
         drop(chunks);
-        let (file, hasher) = writer
+        let (file, check, offset) = match writer
             .await
             .map_err(|e| io_error(std::io::Error::other(e)))?
-            .map_err(io_error)?;
+        {
+            Ok(done) => done,
+            Err(e) => return Err(written_off(partial, digest, e).await),
+        };
         drop(file);
-        let offset = (next * chunk_size).min(size);
         tracing::info!(
             %digest,
             from_peers = offset - first * chunk_size,
@@ -635,15 +850,109 @@ impl Fetcher {
             ms = started.elapsed().as_millis() as u64,
             "artifact chunks fetched from peers"
         );
-        Ok(Some(Resume { offset, hasher }))
+        Ok((Some(plan), Some(Resume { offset, check })))
     }
 }
 
 enum Attempt {
     /// The stream ended; the digest of everything in the partial file.
     Complete(String),
-    /// The stream broke; resume from the partial file's length.
-    Cut { progressed: bool, message: String },
+    /// The stream broke; resume from the partial file's length (with the check's state, when
+    /// the file is as the attempt left it).
+    Cut {
+        progressed: bool,
+        message: String,
+        resume: Option<Resume>,
+    },
+}
+
+/// Where an attempt starts when nothing is carried over from the one before: the partial
+/// file's length (none if it is longer than the artifact) and its check so far, from reading
+/// the file back. With a chunk list the file is checked chunk by chunk and cut back to its
+/// first chunk that does not match; without one its bytes are hashed.
+async fn prepare(
+    partial: &Path,
+    size: u64,
+    plan: Option<Arc<ChunkPlan>>,
+) -> std::io::Result<(u64, Check)> {
+    let mut length = match tokio::fs::metadata(partial).await {
+        Ok(meta) => meta.len(),
+        Err(_) => 0,
+    };
+    if size > 0 && length > size {
+        tokio::fs::remove_file(partial).await?;
+        length = 0;
+    }
+    let Some(plan) = plan else {
+        return Ok((length, Check::Whole(hash_prefix(partial, length).await?)));
+    };
+    if length == 0 {
+        let check = Check::Chunks {
+            plan,
+            index: 0,
+            current: Sha256::new(),
+            filled: 0,
+        };
+        return Ok((0, check));
+    }
+    let partial = partial.to_path_buf();
+    tokio::task::spawn_blocking(move || check_prefix(&partial, length, plan))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Checks the first `length` bytes of the partial file chunk by chunk (see [`prepare`]).
+fn check_prefix(
+    partial: &Path,
+    length: u64,
+    plan: Arc<ChunkPlan>,
+) -> std::io::Result<(u64, Check)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(partial)?.take(length);
+    let mut buf = vec![0u8; HASH_PIECE];
+    let (mut index, mut filled, mut current) = (0u64, 0u64, Sha256::new());
+    loop {
+        let want = (plan.len_of(index) - filled).min(buf.len() as u64) as usize;
+        let n = file.read(&mut buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        current.update(&buf[..n]);
+        filled += n as u64;
+        if filled == plan.len_of(index) {
+            let got: [u8; 32] = current.finalize_reset().into();
+            if got != plan.sha256[index as usize] {
+                tracing::warn!(
+                    chunk = index,
+                    "the partial download has a chunk that does not match its sha256: cut back to it"
+                );
+                cut_to(partial, index * plan.chunk_size)?;
+                filled = 0;
+                break;
+            }
+            index += 1;
+            filled = 0;
+            if index == plan.n_chunks() {
+                break;
+            }
+        }
+    }
+    let offset = index * plan.chunk_size + filled;
+    let check = Check::Chunks {
+        plan,
+        index,
+        current,
+        filled,
+    };
+    Ok((offset.min(length), check))
+}
+
+/// Cuts the partial file back to `length` bytes.
+fn cut_to(partial: &Path, length: u64) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(partial)?
+        .set_len(length)
 }
 
 /// Hashes the first `len` bytes already in the partial file, to continue from there.
@@ -671,4 +980,184 @@ async fn sync_dir(dir: &Path) {
 
 fn status_message(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: u64 = 64 << 10;
+
+    fn bytes_of(n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(13) ^ (i >> 9) as u8)
+            .collect()
+    }
+
+    fn plan_of(data: &[u8]) -> Arc<ChunkPlan> {
+        Arc::new(ChunkPlan {
+            size: data.len() as u64,
+            chunk_size: CHUNK,
+            sha256: data
+                .chunks(CHUNK as usize)
+                .map(|c| Sha256::digest(c).into())
+                .collect(),
+        })
+    }
+
+    fn fresh(plan: &Arc<ChunkPlan>) -> Check {
+        Check::Chunks {
+            plan: plan.clone(),
+            index: 0,
+            current: Sha256::new(),
+            filled: 0,
+        }
+    }
+
+    /// Feeds `data` to a chunk check in messages of `split` bytes (the first `checked` whole
+    /// chunks as checked by the caller); the outcome, the file's bytes and the chunks kept.
+    fn feed(
+        data: &[u8],
+        plan: &Arc<ChunkPlan>,
+        split: usize,
+        checked: u64,
+    ) -> (std::io::Result<String>, Vec<u8>, Vec<u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.partial");
+        let mut file = ArtifactWriter::open(&path, 0, data.len() as u64).unwrap();
+        let recent = Recent::default();
+        let mut check = fresh(plan);
+        let head = (checked * CHUNK) as usize;
+        let mut result = Ok(());
+        for chunk in data[..head].chunks(CHUNK as usize) {
+            let chunk = bytes::Bytes::copy_from_slice(chunk);
+            result = result.and_then(|()| check.write_checked(&chunk, &mut file, &recent));
+        }
+        for message in data[head..].chunks(split) {
+            let message = bytes::Bytes::copy_from_slice(message);
+            result = result.and_then(|()| check.write_unchecked(&message, &mut file, &recent));
+        }
+        file.finish().unwrap();
+        let kept = (0..plan.n_chunks())
+            .filter(|i| {
+                recent
+                    .get(i * CHUNK, plan.len_of(*i))
+                    .is_some_and(|b| b[..] == data[(i * CHUNK) as usize..][..b.len()])
+            })
+            .collect();
+        let outcome = result.map(|()| check.outcome("sha256:the-digest"));
+        (outcome, std::fs::read(&path).unwrap(), kept)
+    }
+
+    #[test]
+    fn every_chunk_is_checked_once_whatever_the_messages() {
+        let data = bytes_of(5 * CHUNK as usize + 1234);
+        let plan = plan_of(&data);
+        // (messages of, chunks checked by the caller first, chunks kept for peers)
+        for (split, checked, kept) in [
+            // Messages of a chunk each, as the controller sends: every chunk is kept.
+            (CHUNK as usize, 0, vec![0, 1, 2, 3, 4, 5]),
+            // Larger messages: the chunks inside them are kept.
+            (3 * CHUNK as usize, 0, vec![0, 1, 2, 3, 4, 5]),
+            // A chunk split over two messages is checked but not kept.
+            (CHUNK as usize / 2 + 1, 0, vec![]),
+            (7777, 0, vec![5]),
+            // Peers first (kept by the peer phase, not here), then the controller.
+            (CHUNK as usize, 2, vec![2, 3, 4, 5]),
+            (CHUNK as usize, 5, vec![5]),
+        ] {
+            let (outcome, written, got_kept) = feed(&data, &plan, split, checked);
+            assert_eq!(
+                outcome.unwrap(),
+                "sha256:the-digest",
+                "split {split}, {checked} checked"
+            );
+            assert_eq!(written, data, "split {split}");
+            assert_eq!(got_kept, kept, "split {split}, {checked} checked");
+        }
+    }
+
+    #[test]
+    fn a_bad_chunk_stops_the_writer_and_is_never_kept() {
+        let data = bytes_of(4 * CHUNK as usize);
+        let plan = plan_of(&data);
+        for (bad_byte, split) in [(0, CHUNK as usize), (2 * CHUNK as usize + 5, 1000)] {
+            let mut bad = data.clone();
+            bad[bad_byte] ^= 1;
+            let (outcome, _, kept) = feed(&bad, &plan, split, 0);
+            let error = outcome.unwrap_err();
+            assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+            let index = bad_byte as u64 / CHUNK;
+            assert!(error.to_string().contains(&format!("chunk {index} ")));
+            assert!(kept.iter().all(|i| *i < index), "kept {kept:?}");
+        }
+        // More bytes than the list has chunks.
+        let mut longer = data.clone();
+        longer.extend_from_slice(b"tail");
+        let (outcome, _, _) = feed(&longer, &plan, CHUNK as usize, 0);
+        assert_eq!(outcome.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn an_incomplete_check_is_not_the_digest() {
+        let data = bytes_of(3 * CHUNK as usize);
+        let plan = plan_of(&data);
+        let (outcome, _, _) = feed(&data[..2 * CHUNK as usize + 10], &plan, 4096, 0);
+        assert_eq!(outcome.unwrap(), "only 2 of 3 chunks checked");
+    }
+
+    #[tokio::test]
+    async fn a_partial_file_is_checked_and_cut_back_to_its_first_bad_chunk() {
+        let data = bytes_of(4 * CHUNK as usize + 100);
+        let plan = plan_of(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.partial");
+        // (bytes left by an earlier attempt, a byte spoiled, where the next attempt starts)
+        for (left, spoiled, start) in [
+            (0, None, 0),
+            (2 * CHUNK + 10, None, 2 * CHUNK + 10),
+            (4 * CHUNK + 100, None, 4 * CHUNK + 100),
+            (3 * CHUNK, Some(CHUNK + 7), CHUNK),
+            (2 * CHUNK + 10, Some(2 * CHUNK + 3), 2 * CHUNK + 10),
+            (CHUNK / 2, Some(0), CHUNK / 2),
+            // Longer than the artifact: removed.
+            (4 * CHUNK + 101, None, 0),
+        ] {
+            let mut bytes = data.clone();
+            bytes.push(0);
+            bytes.truncate(left as usize);
+            if let Some(at) = spoiled {
+                bytes[at as usize] ^= 1;
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            let (offset, check) = prepare(&path, data.len() as u64, Some(plan.clone()))
+                .await
+                .unwrap();
+            assert_eq!(offset, start, "left {left}, spoiled {spoiled:?}");
+            let on_disk = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            assert_eq!(on_disk, start, "left {left}, spoiled {spoiled:?}");
+            // Whole chunks are verified (the short last one too).
+            let whole = match offset == data.len() as u64 {
+                true => offset,
+                false => offset / CHUNK * CHUNK,
+            };
+            assert_eq!(check.verified(offset), whole, "left {left}");
+            // A bad byte in the unfinished last chunk is found when that chunk completes.
+            let mut check = check;
+            let mut file = ArtifactWriter::open(&path, offset, 0).unwrap();
+            let rest = bytes::Bytes::copy_from_slice(&data[offset as usize..]);
+            let result = check.write_unchecked(&rest, &mut file, &Recent::default());
+            file.finish().unwrap();
+            match spoiled {
+                Some(at) if at >= offset / CHUNK * CHUNK && at < offset => {
+                    assert!(result.is_err())
+                }
+                _ => {
+                    result.unwrap();
+                    assert_eq!(check.outcome("d"), "d");
+                    assert_eq!(std::fs::read(&path).unwrap(), data);
+                }
+            }
+        }
+    }
 }

@@ -6,13 +6,17 @@
 //! only to a caller whose agent certificate names the host a valid grant of the controller
 //! names, for that artifact, before the grant expires ([`fleet_pki::grant`]): a host gets only
 //! its own releases from peers too. It serves what it holds: the verified artifact, or a
-//! download under way, chunk by chunk as the chunks are written.
+//! download under way, chunk by chunk as the chunks are verified: the last few verified chunks
+//! are kept in memory ([`Recent`]), so a chunk is passed on as soon as it was checked, before
+//! its block is written and without reading it back; an older one is read from the partial
+//! file once it is written.
 
 use crate::join::{CA_FILE, CERT_FILE, KEY_FILE, TLS_DIR};
 use fleet_proto::pb;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,16 +28,59 @@ pub const MAX_CHUNK_BYTES: usize = 16 << 20;
 /// The smallest chunk size of the peer protocol the agent accepts.
 pub const MIN_CHUNK_BYTES: u32 = 64 << 10;
 
+/// Verified chunks a download keeps in memory for the peers it serves: enough for callers a
+/// few chunks behind it (the usual case: they fetch at the pace it verifies); one further
+/// behind reads from the partial file.
+const RECENT_CHUNKS: usize = 8;
+
+/// How far a download under way has got, for the peer server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes of the partial file written out (a read of the file sees them).
+    pub on_disk: u64,
+    /// Bytes from the start that were checked chunk by chunk against the controller's list:
+    /// only these are served. Without a list (an older controller): what is on disk.
+    pub verified: u64,
+}
+
+/// The last [`RECENT_CHUNKS`] chunks a download verified, by their offset in the artifact
+/// (shared `Bytes`: no copy).
+#[derive(Default)]
+pub struct Recent {
+    chunks: Mutex<VecDeque<(u64, bytes::Bytes)>>,
+}
+
+impl Recent {
+    /// Keeps the verified chunk that starts at `offset`, forgetting the oldest one kept.
+    pub fn keep(&self, offset: u64, data: bytes::Bytes) {
+        let mut chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+        if chunks.len() >= RECENT_CHUNKS {
+            chunks.pop_front();
+        }
+        chunks.push_back((offset, data));
+    }
+
+    /// The kept chunk of `len` bytes at `offset`, if it is still kept.
+    pub fn get(&self, offset: u64, len: u64) -> Option<bytes::Bytes> {
+        let chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+        chunks
+            .iter()
+            .find(|(at, data)| *at == offset && data.len() as u64 == len)
+            .map(|(_, data)| data.clone())
+    }
+}
+
 /// What this host holds of an artifact, for the peer server.
 pub enum Held {
     /// The verified artifact.
     Complete(PathBuf),
-    /// A download under way: its partial file, the artifact's size and how much is written
-    /// (the sender is dropped when the download ends, either way).
+    /// A download under way: its partial file, the artifact's size, how far it got (the
+    /// sender is dropped when the download ends, either way) and its last verified chunks.
     Partial {
         path: PathBuf,
         size: u64,
-        on_disk: watch::Receiver<u64>,
+        progress: watch::Receiver<Progress>,
+        recent: Arc<Recent>,
     },
 }
 
@@ -238,7 +285,7 @@ impl pb::peer_service_server::PeerService for PeerServer {
             .fetcher
             .held(&request.digest)
             .ok_or_else(|| Status::not_found("this peer holds no such artifact"))?;
-        let (path, size, mut on_disk) = match held {
+        let (path, size, mut under_way) = match held {
             Held::Complete(path) => {
                 let size = std::fs::metadata(&path)
                     .map_err(|e| Status::internal(e.to_string()))?
@@ -248,8 +295,9 @@ impl pb::peer_service_server::PeerService for PeerServer {
             Held::Partial {
                 path,
                 size,
-                on_disk,
-            } => (path, size, Some(on_disk)),
+                progress,
+                recent,
+            } => (path, size, Some((progress, recent))),
         };
         let file = Arc::new(
             std::fs::File::open(&path)
@@ -263,19 +311,27 @@ impl pb::peer_service_server::PeerService for PeerServer {
             let _permit = permit;
             let chunk_size = chunk_size as u64;
             let mut index = first;
+            let (mut from_memory, mut from_file) = (0u64, 0u64);
             while index * chunk_size < size {
                 let start = index * chunk_size;
                 let end = (start + chunk_size).min(size);
-                if let Some(progress) = &mut on_disk {
+                let mut kept = None;
+                if let Some((progress, recent)) = &mut under_way {
+                    // Verified first; then from memory, or from the file once it is written.
                     let waited = tokio::time::timeout(CHUNK_WAIT, async {
-                        progress.wait_for(|n| *n >= end).await.map(|_| ())
+                        progress.wait_for(|p| p.verified >= end).await?;
+                        kept = recent.get(start, end - start);
+                        if kept.is_none() {
+                            progress.wait_for(|p| p.on_disk >= end).await?;
+                        }
+                        Ok::<_, watch::error::RecvError>(())
                     })
                     .await;
                     match waited {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(())) => {}
                         // The download ended: complete (the same file, renamed) or given up.
                         Ok(Err(_)) if matches!(fetcher.held(&digest), Some(Held::Complete(_))) => {
-                            on_disk = None
+                            under_way = None
                         }
                         Ok(Err(_)) => {
                             let _ = tx
@@ -293,32 +349,48 @@ impl pb::peer_service_server::PeerService for PeerServer {
                         }
                     }
                 }
-                let file = file.clone();
-                let read = tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    let mut buf = vec![0u8; (end - start) as usize];
-                    file.read_exact_at(&mut buf, start).map(|()| buf)
-                })
-                .await;
-                let data = match read {
-                    Ok(Ok(data)) => data,
-                    _ => {
-                        let _ = tx
-                            .send(Err(Status::internal("cannot read the artifact")))
-                            .await;
-                        return;
+                let data = match kept {
+                    Some(data) => {
+                        from_memory += 1;
+                        data
+                    }
+                    None => {
+                        from_file += 1;
+                        let file = file.clone();
+                        let read = tokio::task::spawn_blocking(move || {
+                            use std::os::unix::fs::FileExt;
+                            let mut buf = vec![0u8; (end - start) as usize];
+                            file.read_exact_at(&mut buf, start).map(|()| buf)
+                        })
+                        .await;
+                        match read {
+                            Ok(Ok(data)) => data.into(),
+                            _ => {
+                                let _ = tx
+                                    .send(Err(Status::internal("cannot read the artifact")))
+                                    .await;
+                                return;
+                            }
+                        }
                     }
                 };
                 let chunk = pb::PeerChunk {
                     index: index as u32,
-                    data: data.into(),
+                    data,
                 };
                 if tx.send(Ok(chunk)).await.is_err() {
                     return;
                 }
                 index += 1;
             }
-            tracing::debug!(%caller, %digest, chunks = index - first, "served a peer");
+            tracing::info!(
+                %caller,
+                %digest,
+                chunks = index - first,
+                from_memory,
+                from_file,
+                "served a peer"
+            );
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

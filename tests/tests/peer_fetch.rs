@@ -1,8 +1,9 @@
 //! Artifact fan-out through peers, with real agents: a rollout where most chunks come from
 //! peers (the controller's egress counter stays under 1.5x the artifact), a peer whose cached
 //! artifact is corrupted is dropped and the fetch still ends with the right bytes, a peer
-//! refuses chunks without a valid grant for the caller, and with `--peer-port 0` everything
-//! comes from the controller as before.
+//! refuses chunks without a valid grant for the caller, a partial download left with a bad
+//! chunk is cut back to it and completed, and with `--peer-port 0` everything comes from the
+//! controller as before.
 
 use fleet_proto::pb;
 use fleet_tests::fleet::Fleet;
@@ -16,6 +17,12 @@ const BLOB_BYTES: usize = 12 << 20;
 /// A web release whose artifact carries `BLOB_BYTES` of incompressible data; its size and
 /// digest.
 fn big_release(fleet: &Fleet, version: &str) -> (u64, String) {
+    let bytes = big_release_bytes(fleet, version);
+    (bytes.len() as u64, fleet_proto::artifact::digest_of(&bytes))
+}
+
+/// The same, returning the artifact's bytes.
+fn big_release_bytes(fleet: &Fleet, version: &str) -> Vec<u8> {
     let blob = incompressible_bytes(BLOB_BYTES);
     let artifact = fleet.web_artifact(
         &web_manifest("30s"),
@@ -24,8 +31,7 @@ fn big_release(fleet: &Fleet, version: &str) -> (u64, String) {
     fleet
         .create_release("web", version, &artifact, &[])
         .expect_code(0);
-    let bytes = std::fs::read(&artifact).unwrap();
-    (bytes.len() as u64, fleet_proto::artifact::digest_of(&bytes))
+    std::fs::read(&artifact).unwrap()
 }
 
 fn bytes_sent(fleet: &Fleet) -> u64 {
@@ -193,6 +199,38 @@ fn a_peer_that_sends_a_bad_chunk_is_dropped_and_the_fetch_completes() {
             "{name} kept other bytes"
         );
     }
+}
+
+#[test]
+fn a_partial_download_with_a_bad_chunk_is_cut_back_to_it_and_completed() {
+    let fleet = Fleet::start(1);
+    let bytes = big_release_bytes(&fleet, "1.0.0");
+    let digest = fleet_proto::artifact::digest_of(&bytes);
+    // What an earlier download of h1 left: three chunks, the second spoiled on its disk.
+    let artifacts = fleet.agent("h1").data_dir.join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let mut left = bytes[..3 << 20].to_vec();
+    left[(1 << 20) + 4321] ^= 0xff;
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    std::fs::write(artifacts.join(format!("{hex}.partial")), &left).unwrap();
+    let before = bytes_sent(&fleet);
+
+    fleet
+        .ctl_with_deadline(&["rollout", "web", "1.0.0"], DEADLINE)
+        .expect_code(0);
+    fleet.wait_all_serve("1.0.0", DEADLINE);
+    assert!(
+        agent_log(&fleet, "h1").contains("does not match its sha256: cut back"),
+        "h1 did not say it cut its partial download back"
+    );
+    let path = cached_artifact(&fleet, "h1").expect("the artifact is cached");
+    assert_eq!(
+        fleet_proto::artifact::digest_of(&std::fs::read(&path).unwrap()),
+        digest,
+        "h1 kept other bytes"
+    );
+    // The good first chunk was kept: the controller sent everything after it.
+    assert_eq!(bytes_sent(&fleet) - before, bytes.len() as u64 - (1 << 20));
 }
 
 #[test]
