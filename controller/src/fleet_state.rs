@@ -1163,12 +1163,10 @@ impl FleetState {
             (Self::heard(&live, &record.name), live.hosts.len())
         };
         let (last_seen, told) = heard.unwrap_or((record.last_seen_unix_ms, 0));
-        let last_seen = last_seen
-            .max(record.last_seen_unix_ms)
-            .max(
-                self.hearing_since_unix_ms
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            );
+        let last_seen = last_seen.max(record.last_seen_unix_ms).max(
+            self.hearing_since_unix_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         let lost_after = told.max(self.cadence_for(connected).lost_after_ms);
         fleet_proto::now_unix_ms() - last_seen > lost_after as i64
     }

@@ -127,17 +127,17 @@ pub fn follower_fence(backend: &EtcdBackend) -> Fence {
     }
 }
 
-/// Campaigns for `election` (under the backend's prefix) with `value` (this controller's
-/// URL), waiting at most `within`; once won, the backend's commits are fenced by the leader
-/// key. Blocks: call it on the blocking pool.
-pub fn campaign(
-    backend: &Arc<EtcdBackend>,
-    election: &str,
-    value: &str,
-    lease: Duration,
-    within: Duration,
-) -> Result<Leadership, StoreError> {
-    let ttl = lease.as_secs().max(1) as i64;
+/// A lease granted by etcd and kept alive on the backend's runtime until `keeping` is aborted.
+pub(crate) struct KeptLease {
+    pub id: i64,
+    /// Turns true once it could not be renewed in time ([`keep_alive`]).
+    pub lost: watch::Receiver<bool>,
+    pub keeping: tokio::task::AbortHandle,
+}
+
+/// Asks etcd for a lease of `ttl` (whole seconds, at least one) and keeps it alive. Blocks.
+pub(crate) fn keep_lease(backend: &EtcdBackend, ttl: Duration) -> Result<KeptLease, StoreError> {
+    let ttl = ttl.as_secs().max(1) as i64;
     let asked = Instant::now();
     let granted = backend.call_on_channel(Duration::from_secs(5), move |channel| async move {
         Ok(LeaseClient::new(channel)
@@ -148,11 +148,28 @@ pub fn campaign(
     let id = granted.id;
     let ttl = Duration::from_secs(granted.ttl.max(1) as u64);
     let (lost_tx, lost) = watch::channel(false);
-    let keep_alive =
-        backend.call_on_channel(Duration::from_secs(5), move |channel| async move {
-            let task = tokio::spawn(keep_alive(channel, id, ttl, asked, lost_tx));
-            Ok(task.abort_handle())
-        })?;
+    let keeping = backend.call_on_channel(Duration::from_secs(5), move |channel| async move {
+        let task = tokio::spawn(keep_alive(channel, id, ttl, asked, lost_tx));
+        Ok(task.abort_handle())
+    })?;
+    Ok(KeptLease { id, lost, keeping })
+}
+
+/// Campaigns for `election` (under the backend's prefix) with `value` (this controller's
+/// URL), waiting at most `within`; once won, the backend's commits are fenced by the leader
+/// key. Blocks: call it on the blocking pool.
+pub fn campaign(
+    backend: &Arc<EtcdBackend>,
+    election: &str,
+    value: &str,
+    lease: Duration,
+    within: Duration,
+) -> Result<Leadership, StoreError> {
+    let KeptLease {
+        id,
+        lost,
+        keeping: keep_alive,
+    } = keep_lease(backend, lease)?;
     let name = backend.election_name(election);
     let value = value.as_bytes().to_vec();
     let won = backend.call_on_channel(within, move |channel| async move {

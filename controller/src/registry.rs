@@ -7,9 +7,7 @@
 use crate::leader::Role;
 use crate::store::etcd::EtcdBackend;
 use crate::store::StoreError;
-use etcd_api::etcdserverpb::{
-    kv_client::KvClient, lease_client::LeaseClient, LeaseGrantRequest, PutRequest, RangeRequest,
-};
+use etcd_api::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,24 +109,8 @@ pub async fn run(
             let backend = backend.clone();
             let entry = entry_for(&base, &role.borrow_and_update());
             move || -> Result<(i64, watch::Receiver<bool>, tokio::task::AbortHandle), StoreError> {
-                let ttl = LEASE.as_secs() as i64;
-                let asked = tokio::time::Instant::now();
-                let granted =
-                    backend.call_on_channel(Duration::from_secs(5), move |channel| async move {
-                        Ok(LeaseClient::new(channel)
-                            .lease_grant(LeaseGrantRequest { ttl, id: 0 })
-                            .await?
-                            .into_inner())
-                    })?;
-                let id = granted.id;
-                let (lost_tx, lost) = watch::channel(false);
-                let keeping =
-                    backend.call_on_channel(Duration::from_secs(5), move |channel| async move {
-                        let task = tokio::spawn(crate::leader::keep_alive(
-                            channel, id, LEASE, asked, lost_tx,
-                        ));
-                        Ok(task.abort_handle())
-                    })?;
+                let crate::leader::KeptLease { id, lost, keeping } =
+                    crate::leader::keep_lease(&backend, LEASE)?;
                 put(&backend, &entry, id)?;
                 Ok((id, lost, keeping))
             }
