@@ -307,12 +307,49 @@ pub struct Connection {
     /// Every address of the controller, `url` first: what `credentials create` writes into
     /// the client.toml it makes.
     pub controller_urls: Vec<String>,
+    /// What a connection to another controller of the fleet (its leader) uses.
+    tls: ClientTlsConfig,
 }
 
 impl Connection {
     /// Maps a gRPC status from this controller to a `CliError`.
     pub fn error(&self, status: tonic::Status) -> CliError {
         CliError::from_status(status, &self.url)
+    }
+
+    /// The same connection, to the fleet's leader when the controller it reached follows
+    /// another: asked with `controllers` (a controller that does not know the call, or names
+    /// no leader, is kept). For a call a follower could not send on itself: an artifact's
+    /// upload is sent once, and a follower answers it with the redirect only.
+    pub async fn to_leader(&self) -> Connection {
+        let mut client = self.client.clone();
+        let Ok(answer) = client
+            .list_controllers(fleet_proto::pb::ListControllersRequest {})
+            .await
+        else {
+            return self.clone();
+        };
+        let answer = answer.into_inner();
+        let Some(leader) = answer.controllers.iter().find(|c| c.leader) else {
+            return self.clone();
+        };
+        if leader.url == answer.answered_by
+            || fleet_proto::leader::check_controller_url(&leader.url).is_err()
+        {
+            return self.clone();
+        }
+        match connect_one(&leader.url, &self.tls, CONNECT_TIMEOUT).await {
+            Ok(channel) => Connection {
+                client: FleetServiceClient::with_interceptor(
+                    crate::redirect::RedirectChannel::new(channel, self.tls.clone()),
+                    ActorInterceptor::for_current_user(),
+                ),
+                url: leader.url.clone(),
+                controller_urls: self.controller_urls.clone(),
+                tls: self.tls.clone(),
+            },
+            Err(_) => self.clone(),
+        }
     }
 }
 
@@ -362,6 +399,7 @@ pub async fn connect_any(urls: &[String], config_dir: &Path) -> Result<Connectio
                     client,
                     url: url.to_string(),
                     controller_urls: urls.to_vec(),
+                    tls: tls.clone(),
                 });
             }
             Err(why) => failures.push(format!("{url}: {why}")),

@@ -89,6 +89,11 @@ pub async fn release_create(
     let (read_error_tx, read_error_rx) = tokio::sync::oneshot::channel::<std::io::Error>();
     let requests = artifact_stream(header, file, read_error_tx);
 
+    // Sent once: to the leader, when the controller reached follows it.
+    let ctx = &Context {
+        connection: ctx.connection.to_leader().await,
+        output: ctx.output,
+    };
     let mut client = ctx.client();
     let call = client.create_release(requests);
     let response = tokio::select! {

@@ -43,7 +43,8 @@ fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_moves_on() {
             || leader_via(&fleet, via) == Some((Some(c1.clone()), 3)),
         );
     }
-    // A follower serves reads of the store and sends writes to the leader.
+    // A follower serves reads of the store and sends writes to the leader; fleetctl sends an
+    // upload (sent once) straight to the leader the follower names.
     fleet.set_agent_controller_url(&list);
     for name in ["h1", "h2", "h3", "h4"] {
         fleet.start_agent(name);
@@ -53,7 +54,7 @@ fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_moves_on() {
         let artifact = fleet.web_artifact(&manifest, &[]);
         fleet
             .ctl_via(
-                &list,
+                &u2,
                 &[
                     "release",
                     "create",
