@@ -64,6 +64,23 @@ fn every_read_verb_prints_json() {
     assert_eq!(rollout["state"], "succeeded");
     assert!(rollout["id"].as_str().is_some_and(|id| !id.is_empty()));
 
+    // One controller on the embedded store: it leads, since it started.
+    let controllers = fleet.ctl_ok(&["controllers"]);
+    let listed = controllers["controllers"].as_array().expect("a list");
+    assert_eq!(listed.len(), 1, "{controllers:#}");
+    assert_eq!(listed[0]["url"], fleet.controller_url().as_str());
+    assert_eq!(listed[0]["leader"], true);
+    assert!(
+        listed[0]["leading_since_unix_ms"].as_i64() > Some(0),
+        "{controllers:#}"
+    );
+    assert!(
+        controllers["store"]
+            .as_str()
+            .is_some_and(|s| s.contains("redb")),
+        "{controllers:#}"
+    );
+
     let events = fleet.ctl(&["events"]).expect_code(0);
     let events = events.json_lines();
     assert!(!events.is_empty(), "events prints one JSON event per line");
