@@ -572,6 +572,49 @@ mod tests {
     }
 
     #[test]
+    fn a_controller_names_itself_by_advertise_or_its_listen_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        let tls = "ca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        let load = |extra: &str| {
+            std::fs::write(
+                &path,
+                format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{extra}{tls}"),
+            )
+            .unwrap();
+            ControllerConfig::load(&path)
+        };
+        let bound: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        let anywhere: SocketAddr = "0.0.0.0:7700".parse().unwrap();
+        let plain = load("").unwrap();
+        assert_eq!(
+            plain.advertise_url(bound).unwrap(),
+            "https://127.0.0.1:7700"
+        );
+        let error = plain.advertise_url(anywhere).unwrap_err();
+        assert!(error.contains("set advertise = "), "{error}");
+        let mut named = load("advertise = \"https://c1.example.com:7700/\"\n").unwrap();
+        assert_eq!(
+            named.advertise_url(anywhere).unwrap(),
+            "https://c1.example.com:7700"
+        );
+        named
+            .override_advertise("https://c2.example.com:7700")
+            .unwrap();
+        assert_eq!(
+            named.advertise_url(bound).unwrap(),
+            "https://c2.example.com:7700"
+        );
+        for bad in ["http://c1:7700", "https://c1", "c1:7700"] {
+            let error = load(&format!("advertise = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("is not a controller URL"), "{bad}: {error}");
+            assert!(named.override_advertise(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn webhooks_are_checked_at_load() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("controller.toml");
