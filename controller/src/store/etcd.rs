@@ -226,7 +226,13 @@ impl EtcdBackend {
             return Err(backend.refused(&why));
         }
         if state == PrefixState::Empty {
-            backend.claim(fingerprint)?;
+            if let Err(lost) = backend.claim(fingerprint) {
+                // Another controller of the same fleet, started at the same moment, claimed
+                // it first: that is this fleet's prefix too.
+                if backend.prefix_state()? != PrefixState::Fleet(fingerprint.to_string()) {
+                    return Err(lost);
+                }
+            }
         }
         Ok(backend)
     }
@@ -245,6 +251,16 @@ impl EtcdBackend {
 
     /// What the prefix holds: nothing, a fleet's marker, or keys without one.
     pub fn prefix_state(&self) -> Result<PrefixState, StoreError> {
+        let state = self.prefix_state_once()?;
+        if state == PrefixState::Unmarked {
+            // The marker may have come between the two reads (another controller of a fleet
+            // claiming the empty prefix): it is never deleted, so a second look settles it.
+            return self.prefix_state_once();
+        }
+        Ok(state)
+    }
+
+    fn prefix_state_once(&self) -> Result<PrefixState, StoreError> {
         let marker = self.marker_key();
         let found = self.call({
             let marker = marker.clone();
@@ -811,6 +827,28 @@ mod against_etcd {
         all.extend(from_b.join().unwrap());
         all.sort();
         assert_eq!(all, (1..=80).collect::<Vec<u64>>(), "every number once");
+        drop(server);
+    }
+
+    #[test]
+    fn controllers_of_one_fleet_started_at_once_on_an_empty_prefix_all_open_it() {
+        let Some(server) = fleet_etcd_harness::Etcd::single() else {
+            return;
+        };
+        // Several rounds: the claims race for the marker each time.
+        for round in 0..5 {
+            let config = config(&server, &format!("/race{round}"));
+            let opens: Vec<_> = (0..3)
+                .map(|_| {
+                    let config = config.clone();
+                    std::thread::spawn(move || EtcdBackend::open(&config, "fleet-a").map(|_| ()))
+                })
+                .collect();
+            for open in opens {
+                open.join().unwrap().unwrap();
+            }
+            assert!(EtcdBackend::open(&config, "fleet-b").is_err());
+        }
         drop(server);
     }
 
