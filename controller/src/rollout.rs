@@ -88,6 +88,12 @@ pub struct Rollouts {
     home: Option<tokio::runtime::Handle>,
 }
 
+/// The key a rollout of `app` is held under in `Rollouts::active` while it is being started,
+/// before it has its id.
+fn reserved_key(app: &str) -> String {
+    format!("reserved-{app}")
+}
+
 impl Rollouts {
     /// Rollouts whose executors run on `home`, also when a client's call (served on the
     /// clients' lane) starts them.
@@ -174,6 +180,17 @@ impl Rollouts {
     /// Follows an active rollout's progress; None when it is not running.
     pub fn subscribe(&self, id: &str) -> Option<broadcast::Receiver<Progress>> {
         self.active().get(id).map(|h| h.progress.subscribe())
+    }
+
+    /// Like [`Rollouts::subscribe`], also in the moment between a new rollout's first commit
+    /// (which announces it, `rollout.started`) and its handle taking its id: the handle is then
+    /// still reserved under its app, with the same progress.
+    pub fn subscribe_new(&self, id: &str, app: &str) -> Option<broadcast::Receiver<Progress>> {
+        let active = self.active();
+        active
+            .get(id)
+            .or_else(|| active.get(&reserved_key(app)))
+            .map(|h| h.progress.subscribe())
     }
 
     fn control(&self, id: &str, control: Control, actor: &str) -> bool {
@@ -426,7 +443,7 @@ async fn start_on(
             )));
         }
         active.insert(
-            format!("reserved-{app}"),
+            reserved_key(&app),
             Handle {
                 app: app.clone(),
                 control: control.clone(),
@@ -434,7 +451,7 @@ async fn start_on(
             },
         );
     }
-    let reserved = format!("reserved-{app}");
+    let reserved = reserved_key(&app);
     // Its number, its record and the event that says it started: one commit.
     let kind = if is_rollback {
         "rollback.started"

@@ -140,7 +140,7 @@ impl Observer {
     /// running: its time then runs from the end of the wave before it (or from the start of
     /// the following), which is when it began.
     fn follow(self: Arc<Self>, id: &str, app: &str, mut stop: watch::Receiver<bool>) {
-        let Some(mut progress) = self.rollouts.subscribe(id) else {
+        let Some(mut progress) = self.rollouts.subscribe_new(id, app) else {
             return;
         };
         if !self
