@@ -7,6 +7,7 @@
 //! - [`config`]: flags and the TOML file, validated.
 //! - [`controllers`]: which of the configured controllers the agent dials next, after a failed
 //!   session or a redirect to the leader (pure); [`session::Dialer`] holds the channel to it.
+//! - [`memory`]: the heap's free memory given back to the system after a transfer.
 //! - [`join`]: the host's key and certificate in `DATA/tls`, joining with a one-time token on
 //!   the first start; the TLS setup of every connection to the controller.
 //! - [`session`]: the `AgentService.Session` stream, reconnecting forever, and the channel to
@@ -32,7 +33,11 @@
 //!
 //! **Architecture Invariant:** only [`session`], [`fetch`], [`peer`] and [`renew`] speak gRPC; the supervisor sees
 //! domain types. The agent never writes outside its data directory.
-#![forbid(unsafe_code)]
+//!
+//! No unsafe code but two calls: a memory map the peer server reads a complete artifact
+//! through (`peer::ArtifactFile`, as the controller serves its own), and `malloc_trim`
+//! ([`memory`]).
+#![deny(unsafe_code)]
 
 pub mod app_log;
 pub mod app_user;
@@ -44,6 +49,7 @@ pub mod fetch;
 pub mod hook;
 pub mod instance;
 pub mod join;
+pub mod memory;
 pub mod model;
 pub mod peer;
 pub mod releases;

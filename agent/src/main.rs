@@ -137,18 +137,27 @@ fn load_config(args: Args) -> anyhow::Result<Config> {
 /// Malloc arenas at most (glibc's default is 8 per core).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MALLOC_ARENA_MAX: i32 = 2;
-/// Allocations from this size up are mapped on their own and given back to the system when
-/// freed (glibc's default threshold starts at 128 KiB but rises to the largest block freed,
-/// so the 1 MiB slices and 4 MiB write blocks of a fetch would stay in the heap after it).
+/// Allocations from this size up are mapped on their own (glibc's largest threshold): every
+/// buffer of a transfer comes from the heap and is reused there. With a threshold of 256 KiB,
+/// each 1 MiB chunk received, encoded or read was mapped, faulted in page by page, zeroed and
+/// unmapped: half the CPU of a fetch through peers, 2.7 CPU-seconds of 7.4 in the 10-host
+/// fan-out (docs/benchmarks.md).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MALLOC_MMAP_THRESHOLD: i32 = 256 << 10;
+const MALLOC_MMAP_THRESHOLD: i32 = 32 << 20;
+/// Free memory at the top of a heap beyond this is returned at once; below it, it is kept for
+/// the next buffer while a transfer runs, and returned when the transfer is over
+/// (`fleet_agent::memory::give_back`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_TRIM_THRESHOLD: i32 = 64 << 20;
 
 /// Bounds glibc's malloc so that the agent's resident memory stays flat across rollouts:
 /// every fetch and unpack runs on a blocking-pool thread, and under glibc's defaults each new
 /// thread got an arena of its own that kept the large buffers it freed, so a long-lived agent
 /// grew by some MiB with every rollout (RELIABILITY.md, "What broke", item 4). Two arenas, and
-/// large buffers mapped on their own, keep it at its first rollout's size. A
-/// `MALLOC_ARENA_MAX` or `MALLOC_MMAP_THRESHOLD_` in the environment wins.
+/// the heaps' free memory given back after every deploy and peer transfer
+/// (`fleet_agent::memory`), keep it at its first rollout's size; large fixed thresholds keep
+/// a transfer's buffers in the heap while it runs. A `MALLOC_ARENA_MAX`,
+/// `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` in the environment wins.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn bound_malloc() {
@@ -160,6 +169,10 @@ fn bound_malloc() {
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
         // SAFETY: as above.
         unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) };
+    }
+    if std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_none() {
+        // SAFETY: as above.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) };
     }
 }
 

@@ -629,6 +629,7 @@ impl AppTask {
                 match interruptible(&mut self.rx, &assignment, fetch).await {
                     Err(command) => return Some(command),
                     Ok(Err(e)) => {
+                        crate::memory::give_back_soon();
                         self.report(InstanceState::Failed, e.to_string());
                         return None;
                     }
@@ -645,7 +646,11 @@ impl AppTask {
             assignment.artifact_digest.clone(),
         );
         let unpacked = tokio::task::spawn_blocking(move || {
-            crate::releases::ensure_unpacked(&layout, &app, &version, &digest, &artifact)
+            let unpacked =
+                crate::releases::ensure_unpacked(&layout, &app, &version, &digest, &artifact);
+            // The fetch's and the unpack's buffers are free now.
+            crate::memory::give_back();
+            unpacked
         })
         .await;
         let release = match unpacked {
