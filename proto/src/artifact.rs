@@ -192,6 +192,7 @@ fn read_entries<R: Read>(
     limits: Limits,
 ) -> Result<(Manifest, u64), ArtifactError> {
     let format = |e: io::Error| ArtifactError::Format(e.to_string());
+    let mut block: Option<Vec<u8>> = None;
     if let Some(dest) = dest {
         std::fs::create_dir(dest).map_err(|source| ArtifactError::Write {
             path: dest.to_path_buf(),
@@ -276,8 +277,9 @@ fn read_entries<R: Read>(
                     let path = prepare_parent(dest, &rel)?;
                     let mut file = create_file(&path, mode)?;
                     // A full disk is the host's problem, not the artifact's: say so.
-                    let copied =
-                        io::copy(&mut (&mut entry).take(size), &mut file).map_err(|e| {
+                    let block = block.get_or_insert_with(|| vec![0u8; WRITE_BLOCK]);
+                    let copied = copy_in_blocks(&mut (&mut entry).take(size), &mut file, block)
+                        .map_err(|e| {
                             if matches!(
                                 e.kind(),
                                 io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
@@ -514,6 +516,39 @@ fn prepare_parent(dest: &Path, rel: &Path) -> Result<PathBuf, ArtifactError> {
         });
     }
     Ok(path)
+}
+
+/// Bytes a file is written in at unpack: large writes, each a whole buffer, cost the kernel
+/// less than the 8 KiB ones `io::copy` makes (fewer calls, and fewer page-cache pages zeroed
+/// ahead of a short write).
+const WRITE_BLOCK: usize = 1 << 20;
+
+/// Copies `reader` to `writer` a full `block` at a time (the last one short).
+fn copy_in_blocks(
+    reader: &mut impl Read,
+    writer: &mut impl io::Write,
+    block: &mut [u8],
+) -> io::Result<u64> {
+    let mut copied = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < block.len() {
+            match reader.read(&mut block[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(copied);
+        }
+        writer.write_all(&block[..filled])?;
+        copied += filled as u64;
+        if filled < block.len() {
+            return Ok(copied);
+        }
+    }
 }
 
 fn create_file(path: &Path, mode: u32) -> Result<std::fs::File, ArtifactError> {
