@@ -22,6 +22,7 @@
 //! it is verified.
 
 use crate::direct_io::ArtifactWriter;
+use crate::follow::Following;
 use crate::model::{digest_hex, DataLayout};
 use crate::peer::{Held, Progress, Recent, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fleet_proto::pb;
@@ -310,6 +311,18 @@ impl Fetcher {
     /// Returns the verified artifact's path, downloading (or resuming) it when not cached.
     /// `expected_size` is the announced size, or 0 when unknown.
     pub async fn fetch(&self, digest: &str, expected_size: u64) -> Result<PathBuf, FetchError> {
+        self.fetch_followed(digest, expected_size, None).await
+    }
+
+    /// [`Fetcher::fetch`], handing `follow` a reader of the download's verified bytes as it
+    /// starts ([`crate::follow`]). `follow` is dropped unsent when nothing is downloaded (the
+    /// artifact is cached, or its size is not announced).
+    pub async fn fetch_followed(
+        &self,
+        digest: &str,
+        expected_size: u64,
+        follow: Option<tokio::sync::oneshot::Sender<Following>>,
+    ) -> Result<PathBuf, FetchError> {
         if !fleet_proto::artifact::check_digest(digest) {
             return Err(FetchError::BadDigest(digest.to_string()));
         }
@@ -340,6 +353,16 @@ impl Fetcher {
                 digest: digest.to_string(),
             }
         });
+        if let (Some(follow), true) = (follow, expected_size > 0) {
+            let _ = follow.send(Following::new(
+                Arc::new(self.clone()),
+                digest,
+                expected_size,
+                progress.subscribe(),
+                recent.clone(),
+                partial.clone(),
+            ));
+        }
         let mut resume = None;
         let mut plan = None;
         if let (Some(peers), true) = (&self.peers, expected_size > 0) {
@@ -564,11 +587,12 @@ async fn written_off(partial: &Path, digest: &str, e: std::io::Error) -> FetchEr
 }
 
 /// Raises what `progress` says, never lowers it.
-fn raise(progress: &watch::Sender<Progress>, on_disk: u64, verified: u64) {
+fn raise(progress: &watch::Sender<Progress>, on_disk: u64, verified: u64, by_chunks: bool) {
     progress.send_if_modified(|seen| {
         let next = Progress {
             on_disk: seen.on_disk.max(on_disk),
             verified: seen.verified.max(verified),
+            by_chunks,
         };
         let grew = next != *seen;
         *seen = next;
@@ -594,7 +618,13 @@ fn spawn_writer(
         offset,
         download.size.saturating_sub(offset),
     )?;
-    raise(&download.progress, offset, check.verified(offset));
+    let by_chunks = matches!(check, Check::Chunks { .. });
+    raise(
+        &download.progress,
+        offset,
+        check.verified(offset),
+        by_chunks,
+    );
     let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<Piece>(WRITER_QUEUE);
     let (guard, progress, recent) = (
         download.guard.clone(),
@@ -617,10 +647,10 @@ fn spawn_writer(
                 }
             };
             total += n as u64;
-            raise(&progress, file.on_disk(), check.verified(total));
+            raise(&progress, file.on_disk(), check.verified(total), by_chunks);
         }
         let file = file.finish()?;
-        raise(&progress, total, check.verified(total));
+        raise(&progress, total, check.verified(total), by_chunks);
         Ok::<_, std::io::Error>((file, check, total))
     });
     Ok((chunks, writer))
@@ -822,7 +852,7 @@ impl Fetcher {
                 let start = next * chunk_size;
                 let end = start + data.len() as u64;
                 download.recent.keep(start, data.clone());
-                raise(&download.progress, 0, end);
+                raise(&download.progress, 0, end, true);
                 if chunks.send(Piece::Checked(data)).await.is_err() {
                     // The writer stopped on an error; it is reported below.
                     break 'peers;

@@ -7,6 +7,7 @@
 //! - [`config`]: flags and the TOML file, validated.
 //! - [`controllers`]: which of the configured controllers the agent dials next, after a failed
 //!   session or a redirect to the leader (pure); [`session::Dialer`] holds the channel to it.
+//! - [`follow`]: a download's verified bytes read as it runs, so a release unpacks alongside.
 //! - [`memory`]: the heap's free memory given back to the system after a transfer.
 //! - [`join`]: the host's key and certificate in `DATA/tls`, joining with a one-time token on
 //!   the first start; the TLS setup of every connection to the controller.
@@ -46,6 +47,7 @@ pub mod controllers;
 pub mod direct_io;
 pub mod disk;
 pub mod fetch;
+pub mod follow;
 pub mod hook;
 pub mod instance;
 pub mod join;

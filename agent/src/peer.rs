@@ -41,6 +41,9 @@ pub struct Progress {
     /// Bytes from the start that were checked chunk by chunk against the controller's list:
     /// only these are served. Without a list (an older controller): what is on disk.
     pub verified: u64,
+    /// Whether `verified` was checked chunk by chunk (a list), rather than being only what is
+    /// on disk, whose whole-file digest is known at the end.
+    pub by_chunks: bool,
 }
 
 /// The last [`RECENT_CHUNKS`] chunks a download verified, by their offset in the artifact
@@ -58,6 +61,15 @@ impl Recent {
             chunks.pop_front();
         }
         chunks.push_back((offset, data));
+    }
+
+    /// The kept chunk that holds the byte at `position`, and the chunk's offset.
+    pub fn holding(&self, position: u64) -> Option<(u64, bytes::Bytes)> {
+        let chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+        chunks
+            .iter()
+            .find(|(at, data)| *at <= position && position < at + data.len() as u64)
+            .cloned()
     }
 
     /// The kept chunk of `len` bytes at `offset`, if it is still kept.

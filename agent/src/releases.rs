@@ -53,6 +53,23 @@ pub fn ensure_unpacked(
     digest: &str,
     artifact: &Path,
 ) -> Result<Release, ReleaseError> {
+    ensure_unpacked_from(layout, app, version, digest, || {
+        crate::direct_io::ArtifactReader::open(artifact).map_err(|source| ReleaseError::Io {
+            path: artifact.to_path_buf(),
+            source,
+        })
+    })
+}
+
+/// [`ensure_unpacked`] from the artifact's bytes as `open` gives them: the verified file, or a
+/// download as it runs ([`crate::follow`]). Blocking.
+pub fn ensure_unpacked_from<R: std::io::Read>(
+    layout: &DataLayout,
+    app: &str,
+    version: &str,
+    digest: &str,
+    open: impl FnOnce() -> Result<R, ReleaseError>,
+) -> Result<Release, ReleaseError> {
     let hex = digest_hex(digest);
     let dir = layout.release_dir(app, version, hex);
     if dir.is_dir() {
@@ -64,19 +81,19 @@ pub fn ensure_unpacked(
         move |source| ReleaseError::Io { path, source }
     };
     std::fs::create_dir_all(&app_dir).map_err(io(&app_dir))?;
-    remove_stale_unpacks(&app_dir);
     let tmp = app_dir.join(format!(
         "{UNPACK_PREFIX}{}-{}",
         release_dir_name(version, hex),
         &crate::state::new_token()[..8]
     ));
-    let file = crate::direct_io::ArtifactReader::open(artifact).map_err(io(artifact))?;
-    let result = read_artifact(file, Some(&tmp), Limits::default());
+    let _active = Active::claim(&tmp);
+    remove_stale_unpacks(&app_dir);
+    let result = open().and_then(|bytes| Ok(read_artifact(bytes, Some(&tmp), Limits::default())?));
     let manifest = match result {
         Ok(manifest) => manifest,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e.into());
+            return Err(e);
         }
     };
     std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
@@ -107,6 +124,35 @@ pub fn touch(dir: &Path) {
     }
 }
 
+/// Unpack directories being written by this process now: an unpack that outlived its deploy
+/// (one that followed a download, which ends on its own when the download does) may still
+/// write while the next deploy of the app starts, and must not lose its directory to it.
+static ACTIVE: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// An unpack directory claimed in [`ACTIVE`] until dropped.
+struct Active(PathBuf);
+
+impl Active {
+    fn claim(dir: &Path) -> Active {
+        let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+        active.insert(dir.to_path_buf());
+        Active(dir.to_path_buf())
+    }
+
+    fn is_claimed(dir: &Path) -> bool {
+        let active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+        active.contains(dir)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+        active.remove(&self.0);
+    }
+}
+
+/// Removes what unpacks cut short (the agent stopped mid-way) left, but none still running.
 fn remove_stale_unpacks(app_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(app_dir) else {
         return;
@@ -116,6 +162,7 @@ fn remove_stale_unpacks(app_dir: &Path) {
             .file_name()
             .to_string_lossy()
             .starts_with(UNPACK_PREFIX)
+            && !Active::is_claimed(&entry.path())
         {
             let _ = std::fs::remove_dir_all(entry.path());
         }

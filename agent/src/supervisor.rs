@@ -440,6 +440,39 @@ impl AppTask {
         }
     }
 
+    /// Unpacks the release while the download runs, from the reader the fetch hands over as it
+    /// starts ([`crate::follow`]): the answer is `None` when no download ran (nothing was sent)
+    /// or the download is checked only whole, at its end.
+    /// It ends on its own with the download, whichever way that ends, also when the deploy is
+    /// given up meanwhile.
+    fn unpack_alongside(
+        &self,
+        assignment: &Assignment,
+        following: tokio::sync::oneshot::Receiver<crate::follow::Following>,
+    ) -> tokio::task::JoinHandle<
+        Option<Result<crate::releases::Release, crate::releases::ReleaseError>>,
+    > {
+        let layout = self.context.layout.clone();
+        let (app, version, digest) = (
+            self.app.clone(),
+            assignment.version.clone(),
+            assignment.artifact_digest.clone(),
+        );
+        tokio::spawn(async move {
+            let mut following = following.await.ok()?;
+            if !following.by_chunks().await {
+                return None;
+            }
+            tokio::task::spawn_blocking(move || {
+                crate::releases::ensure_unpacked_from(&layout, &app, &version, &digest, || {
+                    Ok(following)
+                })
+            })
+            .await
+            .ok()
+        })
+    }
+
     fn report(&mut self, state: InstanceState, message: impl Into<String>) {
         let (version, rollout_id) = match &self.target {
             Some(a) => (a.version.clone(), a.rollout_id.clone()),
@@ -612,6 +645,7 @@ impl AppTask {
             Ok(Err(e)) => tracing::warn!("cannot tell the free space of {}: {e}", root.display()),
             Err(e) => tracing::warn!("the free-space check crashed: {e}"),
         }
+        let mut alongside = None;
         let artifact = match fetcher.cached(&assignment.artifact_digest) {
             Some(path) => {
                 self.report(InstanceState::Fetching, "artifact is in the local cache");
@@ -625,7 +659,13 @@ impl AppTask {
                         assignment.artifact_digest, assignment.artifact_size
                     ),
                 );
-                let fetch = fetcher.fetch(&assignment.artifact_digest, assignment.artifact_size);
+                let (follow, following) = tokio::sync::oneshot::channel();
+                alongside = Some(self.unpack_alongside(&assignment, following));
+                let fetch = fetcher.fetch_followed(
+                    &assignment.artifact_digest,
+                    assignment.artifact_size,
+                    Some(follow),
+                );
                 match interruptible(&mut self.rx, &assignment, fetch).await {
                     Err(command) => return Some(command),
                     Ok(Err(e)) => {
@@ -645,14 +685,37 @@ impl AppTask {
             assignment.version.clone(),
             assignment.artifact_digest.clone(),
         );
-        let unpacked = tokio::task::spawn_blocking(move || {
-            let unpacked =
-                crate::releases::ensure_unpacked(&layout, &app, &version, &digest, &artifact);
-            // The fetch's and the unpack's buffers are free now.
-            crate::memory::give_back();
-            unpacked
-        })
-        .await;
+        // Unpacked while it was fetched, or else (that unpack could not follow the download to
+        // its end) from the verified file, which also says what is wrong with an artifact.
+        let followed = match alongside {
+            Some(unpack) => match unpack.await {
+                Ok(Some(Ok(release))) => Some(release),
+                Ok(Some(Err(e))) => {
+                    tracing::info!(app = %self.app, "unpacking while fetching did not complete, unpacking the file: {e}");
+                    None
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        let unpacked = match followed {
+            Some(release) => {
+                tracing::info!(app = %self.app, version = %assignment.version, "release unpacked while it was fetched");
+                crate::memory::give_back_soon();
+                Ok(Ok(release))
+            }
+            None => {
+                tokio::task::spawn_blocking(move || {
+                    let unpacked = crate::releases::ensure_unpacked(
+                        &layout, &app, &version, &digest, &artifact,
+                    );
+                    // The fetch's and the unpack's buffers are free now.
+                    crate::memory::give_back();
+                    unpacked
+                })
+                .await
+            }
+        };
         let release = match unpacked {
             Ok(Ok(release)) => release,
             Ok(Err(e)) => {

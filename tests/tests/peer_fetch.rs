@@ -96,6 +96,13 @@ fn most_chunks_come_from_peers_and_peers_refuse_without_a_grant() {
         from_peers >= 3,
         "only {from_peers} hosts fetched from peers"
     );
+    // Each host unpacked the release from the chunks as they were checked, while fetching.
+    for name in fleet.host_names() {
+        assert!(
+            agent_log(&fleet, &name).contains("release unpacked while it was fetched"),
+            "{name} did not unpack while fetching"
+        );
+    }
 
     // The grant: h2 asks h1 for chunks. Without a grant, and with h3's grant, it is refused;
     // with its own, served.
@@ -223,6 +230,12 @@ fn a_partial_download_with_a_bad_chunk_is_cut_back_to_it_and_completed() {
         agent_log(&fleet, "h1").contains("does not match its sha256: cut back"),
         "h1 did not say it cut its partial download back"
     );
+    // The unpack followed the download from the kept first chunk on (read back from the
+    // partial file) to the controller's last.
+    assert!(
+        agent_log(&fleet, "h1").contains("release unpacked while it was fetched"),
+        "h1 did not unpack while fetching"
+    );
     let path = cached_artifact(&fleet, "h1").expect("the artifact is cached");
     assert_eq!(
         fleet_proto::artifact::digest_of(&std::fs::read(&path).unwrap()),
@@ -263,4 +276,11 @@ fn with_peer_port_0_everything_comes_from_the_controller() {
         3 * size,
         "each host fetched the whole artifact from the controller"
     );
+    // Checked whole at its end, so unpacked from the verified file afterwards.
+    for name in ["h1", "h2", "h3"] {
+        assert!(
+            !agent_log(&fleet, name).contains("release unpacked while it was fetched"),
+            "{name} unpacked bytes not checked yet"
+        );
+    }
 }
