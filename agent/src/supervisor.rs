@@ -441,8 +441,8 @@ impl AppTask {
     }
 
     /// Unpacks the release while the download runs, from the reader the fetch hands over as it
-    /// starts ([`crate::follow`]): the answer is `None` when no download ran (nothing was sent)
-    /// or the download is checked only whole, at its end.
+    /// starts ([`crate::follow`]): the answer is `None` when no download ran (nothing was sent),
+    /// the release is unpacked already, or the download is checked only whole, at its end.
     /// It ends on its own with the download, whichever way that ends, also when the deploy is
     /// given up meanwhile.
     fn unpack_alongside(
@@ -460,7 +460,9 @@ impl AppTask {
         );
         tokio::spawn(async move {
             let mut following = following.await.ok()?;
-            if !following.by_chunks().await {
+            // A release still unpacked from an earlier fetch needs no unpack at all.
+            let unpacked = layout.release_dir(&app, &version, crate::model::digest_hex(&digest));
+            if unpacked.is_dir() || !following.by_chunks().await {
                 return None;
             }
             tokio::task::spawn_blocking(move || {
