@@ -355,12 +355,12 @@ impl Fetcher {
         });
         if let (Some(follow), true) = (follow, expected_size > 0) {
             let _ = follow.send(Following::new(
-                Arc::new(self.clone()),
                 digest,
                 expected_size,
                 progress.subscribe(),
                 recent.clone(),
                 partial.clone(),
+                done.clone(),
             ));
         }
         let mut resume = None;

@@ -4,13 +4,14 @@
 //! memory rather than read back from the disk. It hands out only bytes the download checked
 //! chunk by chunk against the controller's list (`Progress::by_chunks`); a download without
 //! that list is checked whole at its end, so the reader gives up at once (an error of kind
-//! `Unsupported`) and the release is unpacked from the verified file as before. Each byte comes from the chunks the download keeps in memory
-//! ([`crate::peer::Recent`]) when it is still there, otherwise from the file once it is
-//! written. A download that ends without its artifact, or brings nothing new for
+//! `Unsupported`) and the release is unpacked from the verified file as before. Each byte
+//! comes from the chunks the download keeps in memory ([`crate::peer::Recent`]) when it is
+//! still there, otherwise from the file once it is written. A download that ends without its
+//! artifact renamed into place, or brings nothing new for
 //! [`STALL`], ends the read with an error: whatever was unpacked from it is then thrown away by
 //! the unpack itself ([`crate::releases`]).
 
-use crate::peer::{Held, Holdings, Progress, Recent};
+use crate::peer::{Progress, Recent};
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,13 +23,14 @@ pub const STALL: Duration = Duration::from_secs(60);
 
 /// The verified bytes of a download, in order, as they come (see the module's doc).
 pub struct Following {
-    holdings: Arc<dyn Holdings>,
     digest: String,
     size: u64,
     progress: watch::Receiver<Progress>,
     recent: Arc<Recent>,
     /// The partial file; once the download completed, the artifact it was renamed to.
     partial: PathBuf,
+    /// Where the download renames the verified artifact: there once it completed.
+    done: PathBuf,
     /// The file read from: the partial file, the same inode once renamed into place.
     file: Option<std::fs::File>,
     /// Whether the download completed: the file is the whole verified artifact.
@@ -38,23 +40,23 @@ pub struct Following {
 }
 
 impl Following {
-    /// Follows the download of `digest` (`size` bytes) into `partial`. Call it within the
-    /// runtime: the reader waits on it.
+    /// Follows the download of `digest` (`size` bytes) into `partial`, renamed to `done` when
+    /// complete. Call it within the runtime: the reader waits on it.
     pub fn new(
-        holdings: Arc<dyn Holdings>,
         digest: &str,
         size: u64,
         progress: watch::Receiver<Progress>,
         recent: Arc<Recent>,
         partial: PathBuf,
+        done: PathBuf,
     ) -> Following {
         Following {
-            holdings,
             digest: digest.to_string(),
             size,
             progress,
             recent,
             partial,
+            done,
             file: None,
             complete: false,
             position: 0,
@@ -162,22 +164,18 @@ impl Read for Following {
             }
             if !self.wait()? {
                 // The download ended: complete (the same file, renamed into place) or not.
-                match self.holdings.held(&self.digest) {
-                    Some(Held::Complete(_)) if !self.progress.borrow().by_chunks => {
-                        return Err(not_by_chunks())
-                    }
-                    Some(Held::Complete(path)) => {
-                        // Renamed into place: a file not opened yet is found there.
-                        self.partial = path;
-                        self.complete = true;
-                    }
-                    _ => {
-                        return Err(std::io::Error::other(format!(
-                            "the download of {} ended unfinished",
-                            self.digest
-                        )))
-                    }
+                if !self.done.is_file() {
+                    return Err(std::io::Error::other(format!(
+                        "the download of {} ended unfinished",
+                        self.digest
+                    )));
                 }
+                if !self.progress.borrow().by_chunks {
+                    return Err(not_by_chunks());
+                }
+                // A file not opened yet is found where it was renamed to.
+                self.partial = self.done.clone();
+                self.complete = true;
             }
         }
     }
@@ -186,133 +184,134 @@ impl Read for Following {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::sync::Mutex;
-
-    /// A download's holdings as the fetcher would tell them: complete once `done` is set.
-    #[derive(Default)]
-    struct Done(Mutex<Option<PathBuf>>);
-
-    impl Holdings for Done {
-        fn held(&self, _digest: &str) -> Option<Held> {
-            self.0.lock().unwrap().clone().map(Held::Complete)
-        }
-    }
 
     const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
-    fn setup(
-        size: u64,
-    ) -> (
-        tempfile::TempDir,
-        PathBuf,
-        Arc<Done>,
-        watch::Sender<Progress>,
-        Arc<Recent>,
-        Following,
-    ) {
+    /// A download's partial file, `done` where it is renamed to, its progress and kept chunks,
+    /// and a follower of it.
+    struct Download {
+        _dir: tempfile::TempDir,
+        partial: PathBuf,
+        done: PathBuf,
+        progress: watch::Sender<Progress>,
+        recent: Arc<Recent>,
+    }
+
+    fn download(size: u64) -> (Download, Following) {
         let dir = tempfile::tempdir().unwrap();
         let partial = dir.path().join("a.partial");
+        let done = dir.path().join("a.tar.gz");
         std::fs::File::create(&partial).unwrap();
-        let done = Arc::new(Done::default());
-        let (tx, rx) = watch::channel(Progress::default());
+        let (progress, rx) = watch::channel(Progress::default());
         let recent = Arc::new(Recent::default());
         let following = Following::new(
-            done.clone(),
             DIGEST,
             size,
             rx,
             recent.clone(),
             partial.clone(),
+            done.clone(),
         );
-        (dir, partial, done, tx, recent, following)
+        let download = Download {
+            _dir: dir,
+            partial,
+            done,
+            progress,
+            recent,
+        };
+        (download, following)
     }
 
-    fn append(path: &PathBuf, bytes: &[u8]) {
-        let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
-        file.write_all(bytes).unwrap();
+    fn write_at(path: &PathBuf, offset: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(bytes, offset).unwrap();
+    }
+
+    fn progress(on_disk: u64, verified: u64, by_chunks: bool) -> Progress {
+        Progress {
+            on_disk,
+            verified,
+            by_chunks,
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hands_out_only_what_was_checked_chunk_by_chunk_from_memory_or_disk() {
         let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
-        let (_dir, partial, _done, tx, recent, mut following) = setup(3000);
+        let (d, mut following) = download(3000);
+        // Written but not yet checked (and, here, wrong): not to be handed out.
+        write_at(&d.partial, 0, &[0xee; 1000]);
+        d.progress.send_replace(progress(1000, 0, true));
         let reader = tokio::task::spawn_blocking(move || {
-            let mut got = Vec::new();
-            following.read_to_end(&mut got).map(|_| got)
+            let mut first = vec![0u8; 2000];
+            following
+                .read_exact(&mut first)
+                .map(|()| (first, following))
         });
-        // Written but not yet checked: nothing may be handed out.
-        append(&partial, &data[..1000]);
-        tx.send_replace(Progress {
-            on_disk: 1000,
-            verified: 0,
-            by_chunks: true,
+        // The check found it bad; the right bytes are written again and checked.
+        write_at(&d.partial, 0, &data[..1000]);
+        d.progress.send_replace(progress(1000, 1000, true));
+        // Checked and kept in memory, not yet written out: only memory has them (the file
+        // holds other bytes there, beyond what is on disk).
+        d.recent
+            .keep(1000, bytes::Bytes::copy_from_slice(&data[1000..2000]));
+        write_at(&d.partial, 1000, &[0u8; 1000]);
+        d.progress.send_replace(progress(1000, 2000, true));
+        let (first, mut following) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the checked bytes are handed out")
+            .unwrap()
+            .expect("the first 2000 bytes");
+        assert!(
+            first == data[..2000],
+            "the reader handed out other bytes than the checked ones"
+        );
+
+        // The rest written and checked; the download completes: renamed into place, and
+        // read from there.
+        write_at(&d.partial, 1000, &data[1000..]);
+        d.progress.send_replace(progress(3000, 3000, true));
+        std::fs::rename(&d.partial, &d.done).unwrap();
+        drop(d.progress);
+        let rest = tokio::task::spawn_blocking(move || {
+            let mut rest = Vec::new();
+            following.read_to_end(&mut rest).map(|_| rest)
         });
-        // Written and checked, read back from the file.
-        tx.send_replace(Progress {
-            on_disk: 1000,
-            verified: 1000,
-            by_chunks: true,
-        });
-        // Checked and kept in memory, not yet written.
-        recent.keep(1000, bytes::Bytes::copy_from_slice(&data[1000..2000]));
-        tx.send_replace(Progress {
-            on_disk: 1000,
-            verified: 2000,
-            by_chunks: true,
-        });
-        // The rest, written and checked; then the download ends, complete.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        append(&partial, &data[1000..3000]);
-        tx.send_replace(Progress {
-            on_disk: 3000,
-            verified: 3000,
-            by_chunks: true,
-        });
-        let got = tokio::time::timeout(Duration::from_secs(10), reader)
+        let rest = tokio::time::timeout(Duration::from_secs(10), rest)
             .await
             .expect("the reader ends")
             .unwrap()
-            .expect("the whole artifact");
-        assert_eq!(got, data);
+            .expect("the rest of the artifact");
+        assert!(rest == data[2000..], "the rest differs");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_a_chunk_list_gives_up_and_fails_with_the_download() {
         // Without a list, bytes on disk are not checked until the end: none is handed out.
-        let (_dir, partial, _done, tx, _recent, mut following) = setup(500);
-        append(&partial, &[7u8; 500]);
+        let (d, mut following) = download(500);
+        write_at(&d.partial, 0, &[7u8; 500]);
         let reader = tokio::task::spawn_blocking(move || following.read(&mut [0u8; 100]));
-        tx.send_replace(Progress {
-            on_disk: 500,
-            verified: 500,
-            by_chunks: false,
-        });
+        d.progress.send_replace(progress(500, 500, false));
         let err = reader
             .await
             .unwrap()
             .expect_err("unchecked bytes were handed out");
         assert_eq!(err.kind(), std::io::ErrorKind::Unsupported, "{err}");
         // Told as soon as the download writes: checked whole, or chunk by chunk.
-        let (_dir, _partial, _done, tx, _recent, mut following) = setup(500);
-        tx.send_replace(Progress {
-            on_disk: 500,
-            verified: 500,
-            by_chunks: false,
-        });
+        let (d, mut following) = download(500);
+        d.progress.send_replace(progress(500, 500, false));
         assert!(!following.by_chunks().await);
-        let (_dir, _partial, _done, tx, _recent, mut following) = setup(500);
-        tx.send_replace(Progress {
-            on_disk: 0,
-            verified: 0,
-            by_chunks: true,
-        });
+        let (d2, mut following) = download(500);
+        d2.progress.send_replace(progress(0, 0, true));
         assert!(following.by_chunks().await);
+        drop(d);
 
-        // A download that ends unfinished ends the read with an error.
-        let (_dir, _partial, _done, tx, _recent, mut following) = setup(500);
+        // A download that ends unfinished (nothing renamed into place) ends the read with an
+        // error.
+        let (d, mut following) = download(500);
         let reader = tokio::task::spawn_blocking(move || following.read(&mut [0u8; 10]));
-        drop(tx);
+        drop(d.progress);
         let err = reader.await.unwrap().expect_err("the download failed");
         assert!(err.to_string().contains("ended unfinished"), "{err}");
     }
