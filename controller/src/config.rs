@@ -282,11 +282,13 @@ impl ControllerConfig {
 
     /// This controller's URL for the other controllers of its fleet (and so for the clients
     /// and agents they redirect): `advertise`, else `https://` and the bound address `bound`.
+    /// A controller on etcd listening on every address (0.0.0.0) must name one; one on redb is
+    /// the only controller, redirects no one, and goes by its bound address.
     pub fn advertise_url(&self, bound: SocketAddr) -> Result<String, String> {
         if let Some(url) = &self.advertise {
             return Ok(url.trim_end_matches('/').to_string());
         }
-        if bound.ip().is_unspecified() {
+        if bound.ip().is_unspecified() && self.etcd.is_some() {
             return Err(format!(
                 "this controller listens on {bound}, which names no one address that others can reach: set advertise = \"https://HOST:PORT\" in controller.toml (or pass --advertise) to the URL clients and agents reach it at"
             ));
@@ -591,8 +593,26 @@ mod tests {
             plain.advertise_url(bound).unwrap(),
             "https://127.0.0.1:7700"
         );
-        let error = plain.advertise_url(anywhere).unwrap_err();
+        // One controller on redb, listening everywhere (what `fleetctl init --listen
+        // 0.0.0.0:7700` writes): no one is redirected to it, it starts.
+        assert_eq!(
+            plain.advertise_url(anywhere).unwrap(),
+            "https://0.0.0.0:7700"
+        );
+        let mut shared = plain.clone();
+        shared.etcd = Some(crate::store::etcd::EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/fleet".into(),
+            ca: None,
+            cert: None,
+            key: None,
+        });
+        let error = shared.advertise_url(anywhere).unwrap_err();
         assert!(error.contains("set advertise = "), "{error}");
+        assert_eq!(
+            shared.advertise_url(bound).unwrap(),
+            "https://127.0.0.1:7700"
+        );
         let mut named = load("advertise = \"https://c1.example.com:7700/\"\n").unwrap();
         assert_eq!(
             named.advertise_url(anywhere).unwrap(),
