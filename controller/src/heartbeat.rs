@@ -132,15 +132,15 @@ mod tests {
     #[test]
     fn a_configured_interval_above_the_cap_or_lost_after_above_ten_minutes_stays() {
         let long = Policy {
-            interval_ms: 60_000,
-            lost_after_ms: 600_000,
+            interval_ms: 90_000,
+            lost_after_ms: 900_000,
             per_second: 100,
         };
         assert_eq!(
             cadence(&long, 100_000),
             Cadence {
-                interval_ms: 60_000,
-                lost_after_ms: 600_000
+                interval_ms: 90_000,
+                lost_after_ms: 900_000
             }
         );
         let odd = Policy {

@@ -130,9 +130,11 @@ fn a_release_is_kept_on_two_controllers_and_served_by_a_third_after_the_first_di
     let first_data = fleet.controller_data_dir();
     assert_eq!(files_in(&first_data.join("artifacts/sha256")), 0);
     assert_eq!(files_in(&first_data.join("artifacts/tmp")), 0);
-    assert!(fleet.ctl(&["releases", "web"]).json["releases"]
-        .as_array()
-        .is_none_or(Vec::is_empty));
+    assert!(
+        fleet.ctl(&["releases", "web"]).expect_code(0).json["releases"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    );
 
     // A second one up: acknowledged once the second holds it too.
     let second_addr = free_addr();
