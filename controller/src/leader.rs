@@ -37,6 +37,22 @@ pub const ELECTION: &str = "leader";
 const CAMPAIGN_ROUND: Duration = Duration::from_secs(10);
 /// How often a follower asks etcd who leads (to name it in redirects).
 const LOOK_EVERY: Duration = Duration::from_millis(500);
+/// The first and the longest pause after campaign rounds that failed at once.
+const FIRST_PAUSE: Duration = Duration::from_millis(250);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// The pause before the next campaign round after one that ended without winning, `took`
+/// long, the pause before it having been `last`: none after a round that ran for most of its
+/// time (another leads; the next round asks again), else one that doubles from
+/// [`FIRST_PAUSE`] to [`MAX_PAUSE`] (etcd refused at once: the prefix's permissions, a lease
+/// quota), so that a refusal is not retried in a tight loop.
+pub fn pause_after_round(took: Duration, round: Duration, last: Duration) -> Duration {
+    if took >= round / 2 {
+        Duration::ZERO
+    } else {
+        (last * 2).clamp(FIRST_PAUSE, MAX_PAUSE)
+    }
+}
 
 /// What this controller is in its fleet right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,8 +330,10 @@ pub async fn run(
     role: watch::Sender<Role>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut pause = Duration::ZERO;
     loop {
         backend.set_fence(Some(follower_fence(&backend)));
+        let round_began = std::time::Instant::now();
         let mut campaigning = tokio::task::spawn_blocking({
             let (backend, url) = (backend.clone(), url.clone());
             move || campaign(&backend, ELECTION, &url, lease, CAMPAIGN_ROUND)
@@ -353,7 +371,18 @@ pub async fn run(
         let leadership = match won {
             Ok(Ok(leadership)) => leadership,
             Ok(Err(e)) => {
-                tracing::debug!("campaign round ended: {e}");
+                pause = pause_after_round(round_began.elapsed(), CAMPAIGN_ROUND, pause);
+                if pause.is_zero() {
+                    tracing::debug!("campaign round ended: {e}");
+                } else {
+                    tracing::warn!("campaigning to lead the fleet failed at once: {e}; trying again in {pause:?}: check that etcd is reachable and lets this controller write under its prefix");
+                    if tokio::time::timeout(pause, crate::leader::until(&mut stop, |stop| *stop))
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
                 continue;
             }
             Err(e) => {
@@ -395,6 +424,29 @@ mod tests {
                 renew_every(Duration::from_secs(ttl)).as_millis(),
                 every_ms,
                 "{ttl}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_round_that_failed_at_once_is_retried_after_a_growing_pause() {
+        let round = Duration::from_secs(10);
+        let ms = Duration::from_millis;
+        for (took, last, pause) in [
+            // A round that ran its course: another leads, ask again at once.
+            (ms(10_000), ms(0), ms(0)),
+            (ms(5_000), ms(4_000), ms(0)),
+            // Refused at once: 250 ms, doubling, at most 5 s.
+            (ms(3), ms(0), ms(250)),
+            (ms(3), ms(250), ms(500)),
+            (ms(4_999), ms(2_000), ms(4_000)),
+            (ms(3), ms(4_000), ms(5_000)),
+            (ms(3), ms(5_000), ms(5_000)),
+        ] {
+            assert_eq!(
+                pause_after_round(took, round, last),
+                pause,
+                "{took:?} after {last:?}"
             );
         }
     }
